@@ -1,0 +1,47 @@
+"""autoprec: find which Keras layers may compute in 16-bit floats, under an accuracy budget.
+
+>>> import autoprec
+>>> result = autoprec.tune(model, (x_val, y_val), budget="0.5%")  # doctest: +SKIP
+>>> result.policy.save("policy.json")                              # doctest: +SKIP
+
+``import autoprec`` is cheap: Keras (and so TensorFlow), Optuna and
+matplotlib are imported when a function that needs them is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it. Resolved on first access (PEP 562),
+# so that importing autoprec pulls in neither TensorFlow nor Optuna.
+_EXPORTS = {
+    "PrecisionPolicy": "autoprec.policy",
+    "apply_policy": "autoprec.apply",
+    "build_graph": "autoprec.graph",
+    "profile": "autoprec.profile",
+    "tune": "autoprec.tune",
+    "TuneResult": "autoprec.tune",
+    "Budget": "autoprec.budget",
+    "errors": "autoprec.errors",
+    "reasons": "autoprec.reasons",
+    "examples": "autoprec.examples",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'autoprec' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if module_name.endswith("." + name) else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,89 @@
+"""The few pieces that need a backend's own machinery, chosen by ``keras.backend.backend()``.
+
+Everything else in autoprec is written against Keras itself. A backend that
+lacks a piece raises :class:`autoprec.errors.BackendError` naming it.
+
+>>> from autoprec import backends
+>>> callable(backends.compile_function)
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from autoprec.errors import BackendError
+
+
+def name() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
+def compile_function(fn: Callable) -> Callable:
+    """Trace ``fn`` once per input signature: ``tf.function`` on TensorFlow, ``jax.jit`` on JAX.
+
+    Arguments that change between calls (the precision switches) must be
+    passed as tensors, never closed over, so that changing them never retraces.
+    """
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        # reduce_retracing: a smaller last batch gives one generic trace, not one per size.
+        return tf.function(fn, reduce_retracing=True)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn  # torch / numpy: eager, one "trace" per call is not counted as a retrace
+
+
+def gradient_pass(forward: Callable, loss_fn: Callable, x: Any, y: Any, variables: list) -> tuple:
+    """Run ``forward`` under a tape; return (predictions, loss, output grads, variable grads).
+
+    ``forward(x, watch)`` calls ``watch(tensor)`` on every layer output it wants a
+    gradient for, and returns the predictions. Only TensorFlow is supported.
+    """
+    backend = name()
+    if backend != "tensorflow":
+        raise BackendError(
+            f"Gradient statistics at layer outputs need the TensorFlow backend. Received KERAS_BACKEND={backend!r}. "
+            "Use profile(..., method='ablation') for ablation only, or run with KERAS_BACKEND=tensorflow."
+        )
+    from autoprec.backends import tensorflow as tf_backend
+
+    return tf_backend.gradient_pass(forward, loss_fn, x, y, variables)
+
+
+def is_cuda_gpu_available() -> bool:
+    """True when the active backend sees a CUDA GPU."""
+    backend = name()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return bool(tf.config.list_physical_devices("GPU"))
+        if backend == "jax":
+            import jax
+
+            return any(d.platform == "gpu" for d in jax.devices())
+        if backend == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available())
+    except Exception:  # a broken driver means no usable GPU, not a crash
+        return False
+    return False
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has AVX512_BF16 or AMX (oneDNN then runs bfloat16 fast)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

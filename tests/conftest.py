@@ -1,0 +1,97 @@
+"""Shared fixtures: seed everything, restore the global dtype policy, clear the Keras session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _clean_keras_state():
+    policy = keras.config.dtype_policy()
+    keras.utils.set_random_seed(0)
+    yield
+    keras.config.set_dtype_policy(policy)
+    keras.backend.clear_session()
+
+
+def functional_model():
+    inputs = keras.Input((12,), name="x")
+    h = keras.layers.Dense(16, activation="relu", name="h1")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Dense(16, activation="relu", name="h2")(h)
+    out = keras.layers.Dense(3, activation="softmax", name="out")(h)
+    model = keras.Model(inputs, out, name="func")
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def sequential_model():
+    model = keras.Sequential(
+        [keras.Input((12,)), keras.layers.Dense(16, activation="relu", name="s1"),
+         keras.layers.Dense(16, activation="relu", name="s2"), keras.layers.Dense(3, activation="softmax", name="s_out")],
+        name="seq",
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def nested_model():
+    inner_in = keras.Input((16,), name="inner_x")
+    inner_h = keras.layers.Dense(16, activation="relu", name="inner_dense")(inner_in)
+    inner_h = keras.layers.BatchNormalization(name="inner_bn")(inner_h)
+    inner = keras.Model(inner_in, inner_h, name="inner")
+    inputs = keras.Input((12,), name="x")
+    h = keras.layers.Dense(16, activation="relu", name="outer_dense")(inputs)
+    h = inner(h)
+    h = keras.layers.Add(name="skip")([h, keras.layers.Dense(16, name="proj")(inputs)])
+    out = keras.layers.Dense(3, activation="softmax", name="outer_out")(h)
+    model = keras.Model(inputs, out, name="nested")
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+@keras.saving.register_keras_serializable(package="autoprec_tests")
+class SubclassedModel(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.d1 = keras.layers.Dense(16, activation="relu", name="sub_d1")
+        self.d2 = keras.layers.Dense(16, activation="relu", name="sub_d2")
+        self.head = keras.layers.Dense(3, activation="softmax", name="sub_out")
+
+    def call(self, x, training=False):
+        return self.head(self.d2(self.d1(x)))
+
+
+def subclassed_model():
+    model = SubclassedModel(name="subclassed")
+    model(np.zeros((1, 12), "float32"))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def small_data(n=96, features=12, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    w = rng.normal(size=(features, classes))
+    y = np.argmax(x @ w, axis=1).astype("int32")
+    return x, y
+
+
+def trained(model, n=96, epochs=3):
+    x, y = small_data(n)
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+MODEL_BUILDERS = {
+    "functional": functional_model,
+    "sequential": sequential_model,
+    "nested": nested_model,
+    "subclassed": subclassed_model,
+}

@@ -1,0 +1,109 @@
+import json
+
+import keras
+import pytest
+
+from autoprec import PrecisionPolicy
+from autoprec.errors import ModelMismatchError, PolicyError, SchemaError
+
+
+def make_policy():
+    return PrecisionPolicy(
+        {"h1": "mixed_float16", "h2": "mixed_bfloat16", "out": "float32", "wide": "float64"},
+        target="mixed_float16",
+        layers={"h1": {"class": "Dense", "params": 100, "flops": 300.0}, "h2": {"class": "Dense", "params": 50, "flops": 100.0},
+                "out": {"class": "Dense", "params": 50, "flops": 100.0}, "wide": {"class": "Dense", "params": 0, "flops": 0.0}},
+    )
+
+
+def test_mapping_and_summary():
+    p = make_policy()
+    assert p["h1"] == "mixed_float16" and len(p) == 4
+    assert p.counts() == {"mixed_float16": 1, "mixed_bfloat16": 1, "float32": 1, "float64": 1}
+    share = p.low_precision_share()
+    assert share["params"] == pytest.approx(150 / 200)
+    assert share["flops"] == pytest.approx(400 / 500)
+    assert "16-bit share of FLOPs" in p.summary()
+    assert repr(p).startswith("PrecisionPolicy(4 layers")
+    assert p.uses_float16
+
+
+def test_immutable():
+    p = make_policy()
+    with pytest.raises(TypeError):
+        p["h1"] = "float32"  # type: ignore[index]
+    q = p.replace({"h1": "float32"})
+    assert p["h1"] == "mixed_float16" and q["h1"] == "float32"
+
+
+def test_json_round_trip(tmp_path):
+    p = make_policy()
+    path = tmp_path / "policy.json"
+    p.save(path)
+    q = PrecisionPolicy.load(path)
+    assert q == p
+    assert q.layers == p.layers
+    doc = json.loads(path.read_text())
+    assert doc["schema_version"] == 1 and doc["keras_version"] == keras.__version__
+    assert doc["target"] == "mixed_float16" and "autoprec_version" in doc
+
+
+def test_to_keras_has_explicit_default_and_survives_config():
+    m = make_policy().to_keras()
+    assert m.default_policy.name == "float32"
+    restored = keras.dtype_policies.DTypePolicyMap.from_config(m.get_config())
+    assert restored["h1"].name == "mixed_float16" and restored["h2"].name == "mixed_bfloat16"
+    assert PrecisionPolicy.from_keras(restored, target="mixed_float16") == make_policy()
+
+
+@pytest.mark.parametrize("name", ["float16", "int8", "", None, "mixed_float8"])
+def test_unknown_policy_name(name):
+    with pytest.raises(PolicyError, match="Expected a policy"):
+        PrecisionPolicy({"a": name})
+
+
+def test_float16_hint_names_mixed():
+    with pytest.raises(PolicyError, match="mixed_float16"):
+        PrecisionPolicy({"a": "float16"})
+
+
+def test_malformed_json(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(SchemaError, match="not valid JSON"):
+        PrecisionPolicy.load(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SchemaError, match="does not exist"):
+        PrecisionPolicy.load(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(schema_version=99), "schema_version"),
+        (lambda d: d.update(format="other"), "format"),
+        (lambda d: d.update(layers={"a": 1}), "'layers' to be a list"),
+        (lambda d: d["layers"].append({"path": "x", "policy": "float8"}), "policy should be one of"),
+        (lambda d: d["layers"].append(dict(d["layers"][0])), "appears twice"),
+        (lambda d: d["layers"][0].update(params=-3), "params should be a number"),
+        (lambda d: d.update(target="float16"), "target"),
+    ],
+)
+def test_schema_violations(tmp_path, mutate, message):
+    doc = make_policy().to_json_dict()
+    mutate(doc)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SchemaError, match=message):
+        PrecisionPolicy.load(path)
+
+
+def test_check_fits_names_missing_and_extra():
+    p = make_policy()
+    with pytest.raises(ModelMismatchError, match="'wide'.*'other'|in the policy but not in the model: 'wide'") as info:
+        p.check_fits([("h1", "Dense"), ("h2", "Dense"), ("out", "Dense"), ("other", "Dense")])
+    assert "in the model but not in the policy: 'other'" in str(info.value)
+    with pytest.raises(ModelMismatchError, match="another class"):
+        p.check_fits([("h1", "Conv2D"), ("h2", "Dense"), ("out", "Dense"), ("wide", "Dense")])
