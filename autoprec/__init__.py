@@ -21,9 +21,9 @@ _EXPORTS = {
     "PrecisionPolicy": "autoprec.policy",
     "apply_policy": "autoprec.apply",
     "build_graph": "autoprec.graph",
-    "profile": "autoprec.profile",
-    "tune": "autoprec.tune",
-    "TuneResult": "autoprec.tune",
+    "profile": "autoprec.sensitivity",
+    "tune": "autoprec.tuner",
+    "TuneResult": "autoprec.tuner",
     "Budget": "autoprec.budget",
     "errors": "autoprec.errors",
     "reasons": "autoprec.reasons",
@@ -38,7 +38,7 @@ def __getattr__(name: str) -> Any:
     if module_name is None:
         raise AttributeError(f"module 'autoprec' has no attribute {name!r}")
     module = importlib.import_module(module_name)
-    value = module if module_name.endswith("." + name) else getattr(module, name)
+    value = module if module_name == f"autoprec.{name}" else getattr(module, name)
     globals()[name] = value
     return value
 

@@ -70,7 +70,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from autoprec.profile import profile
+    from autoprec.sensitivity import profile
 
     model = _load_model(args.model, unsafe=args.unsafe)
     frame = profile(model, _load_npz(args.data), target=args.target, method=args.method, verbose=args.verbose)
@@ -83,7 +83,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from autoprec.tune import tune
+    from autoprec.tuner import tune
 
     model = _load_model(args.model, unsafe=args.unsafe)
     train = _load_npz(args.train_data) if args.train_data else None
