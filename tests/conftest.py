@@ -95,3 +95,21 @@ MODEL_BUILDERS = {
     "nested": nested_model,
     "subclassed": subclassed_model,
 }
+
+
+@pytest.fixture(scope="session")
+def planted():
+    """The bundled planted MLP (trained once per session): (model, train, val, fragile)."""
+    from autoprec import examples
+
+    return examples.planted_mlp()
+
+
+@pytest.fixture(scope="session")
+def digits_cnn():
+    """The bundled digits CNN, trained briefly once per session: (model, train, val)."""
+    from autoprec import examples
+
+    train, val = examples.digits_data()
+    model = examples.train(examples.digits_model(), *train, epochs=4)
+    return model, train, val
