@@ -1,0 +1,126 @@
+"""The cost model: an estimated speed-up for an assignment, before running it.
+
+Each layer is charged a roofline-style time: its FLOPs at the device's
+float32 rate plus the bytes it moves (reading its inputs, writing its
+output, and reading its weights once per batch) at the device's bandwidth.
+A 16-bit layer divides the compute by the device's speed factor for that
+format and moves its activations at half the width. Every precision
+boundary, a tensor that crosses from a float32 layer to a 16-bit one or
+back, is charged a cast: reading the tensor and writing it at the new width.
+The estimate is ``time(all float32) / time(assignment)``.
+
+On a GPU, float16/bfloat16 matmuls and convolutions whose dimensions are not
+multiples of 8 miss the tensor cores; such layers get no compute speed-up
+and are flagged.
+
+>>> dev = DEVICES["cpu"]
+>>> dev.speed["mixed_bfloat16"] > 1 > dev.speed["mixed_float16"]
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoprec.errors import PolicyError, describe
+from autoprec.graph import ModelGraph
+
+_ALIGNED_CLASSES = {"Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
+                    "Conv3DTranspose", "SeparableConv1D", "SeparableConv2D", "MultiHeadAttention", "LSTM", "GRU"}
+
+
+@dataclass(frozen=True)
+class Device:
+    """Throughput figures for the cost model (ratios matter, not the absolute values)."""
+
+    name: str
+    flops_per_s: float
+    bytes_per_s: float
+    speed: Mapping[str, float] = field(default_factory=dict)
+    tensor_cores: bool = False
+
+
+# Figures: the CPU factors are those measured on this project's oneDNN CPUs
+# (bf16 trains 1.6-1.9x faster, float16 1.4-7x slower, DESIGN.md); the GPU
+# ones are a conservative tensor-core gain for a datacentre GPU.
+DEVICES = {
+    "cpu": Device("cpu", 1.0e11, 2.0e10, {"mixed_bfloat16": 1.8, "mixed_float16": 0.3}),
+    "cpu_no_bf16": Device("cpu_no_bf16", 1.0e11, 2.0e10, {"mixed_bfloat16": 0.8, "mixed_float16": 0.3}),
+    "gpu": Device("gpu", 2.0e13, 2.0e12, {"mixed_bfloat16": 4.0, "mixed_float16": 4.0}, tensor_cores=True),
+}
+
+
+def misaligned(info: Any) -> bool:
+    """True when a matmul/conv layer has a dimension that is not a multiple of 8."""
+    if info.class_name not in _ALIGNED_CLASSES or info.layer is None:
+        return False
+    dims = []
+    for name in ("units", "filters"):
+        value = getattr(info.layer, name, None)
+        if isinstance(value, int):
+            dims.append(value)
+    kernel = getattr(info.layer, "kernel", None)
+    if kernel is not None and len(kernel.shape) >= 2:
+        dims.append(int(kernel.shape[-2]))
+    return any(d % 8 for d in dims)
+
+
+class CostModel:
+    """Estimated step time per assignment on one device profile.
+
+    Args:
+        graph: the model graph (FLOPs, bytes, producers).
+        device: a key of :data:`DEVICES` or a :class:`Device`.
+        batch_size: the training batch the weight reads are shared by.
+
+    Example:
+        >>> cm = CostModel(graph, device="gpu")                 # doctest: +SKIP
+        >>> cm.speedup(graph.resolve({"dense": "mixed_float16"}))  # doctest: +SKIP
+    """
+
+    def __init__(self, graph: ModelGraph, *, device: str | Device = "cpu", batch_size: int = 64) -> None:
+        self.batch_size = batch_size
+        if isinstance(device, str):
+            if device not in DEVICES:
+                raise PolicyError(f"Expected device to be one of {sorted(DEVICES)}. Received: device={describe(device)}.")
+            device = DEVICES[device]
+        self.graph, self.device = graph, device
+        self._misaligned = {i.path for i in graph.layers if device.tensor_cores and misaligned(i)}
+        self._baseline = self.time({})
+
+    @property
+    def flagged(self) -> set[str]:
+        """Layers whose 16-bit matmuls would miss the tensor cores (dimension not a multiple of 8)."""
+        return set(self._misaligned)
+
+    def _layer_time(self, info: Any, name: str, input_bytes: float) -> float:
+        d = self.device
+        # weights are read once per batch, not per sample
+        weight_bytes = 4.0 * info.params / self.batch_size
+        activations = info.output_bytes + input_bytes
+        if name in ("float32", "float64") or name not in d.speed:
+            factor = 0.5 if name == "float64" else 1.0
+            return info.flops / (d.flops_per_s * factor) + (activations + weight_bytes) / d.bytes_per_s
+        speed = 1.0 if info.path in self._misaligned else d.speed[name]
+        return info.flops / (d.flops_per_s * speed) + (activations / 2.0 + weight_bytes) / d.bytes_per_s
+
+    def time(self, names: Mapping[str, str]) -> float:
+        """Estimated seconds per sample for a resolved ``{path: policy}`` (missing: float32)."""
+        total = 0.0
+        by_path = {i.path: i for i in self.graph.layers}
+        for info in self.graph.layers:
+            mine = names.get(info.path, "float32")
+            total += self._layer_time(info, mine, sum(by_path[p].output_bytes for p in info.producers))
+            for producer in info.producers:
+                theirs = names.get(producer, "float32")
+                if theirs != mine:
+                    # a cast reads the tensor at one width and writes it at the other
+                    total += 1.5 * by_path[producer].output_bytes / self.device.bytes_per_s
+        return total
+
+    def speedup(self, names: Mapping[str, str]) -> float:
+        """``time(all float32) / time(names)``."""
+        t = self.time(names)
+        return self._baseline / t if t > 0 else 1.0
