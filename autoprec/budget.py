@@ -68,14 +68,9 @@ class Budget:
         if match:
             relative = True
             text = (match.group("a") or match.group("b")).strip()
+        percent = text.endswith("%")
         try:
-            if text.endswith("%"):
-                number = float(text[:-1].strip())
-                if number > 100:
-                    raise BudgetError(f"Expected a percentage of at most 100%. Received: budget={value!r}.")
-                number /= 100.0
-            else:
-                number = float(text)
+            number = float(text[:-1].strip() if percent else text)
         except ValueError:
             raise BudgetError(
                 f"Expected a budget such as '0.5%', '0.005', '1% relative' or 'rel:1%'. Received: budget={value!r}, "
@@ -83,6 +78,10 @@ class Budget:
             ) from None
         if math.isnan(number):
             raise BudgetError(f"Expected a number for the budget. Received: budget={value!r} (NaN).")
+        if percent:
+            if number > 100:
+                raise BudgetError(f"Expected a percentage of at most 100%. Received: budget={value!r}.")
+            number /= 100.0
         return cls(number, relative=relative)
 
     def allowed(self, baseline: float) -> float:

@@ -210,7 +210,7 @@ def profile(
 
 def _graph_row(info: Any, total_flops: float) -> dict[str, Any]:
     return {
-        "path": info.path, "class": info.class_name, "params": info.params, "flops": info.flops,
+        "order": info.order, "path": info.path, "class": info.class_name, "params": info.params, "flops": info.flops,
         "flops_share": info.flops / total_flops if total_flops else 0.0, "decision_unit": info.is_unit,
         "pinned": info.pinned or "", "follows": info.follows,
     }

@@ -386,9 +386,9 @@ def tune(
         bar.update(min(search.finished(), n_trials), [("best_speedup", search.best_speedup())], finalize=True)
     assignment = expand(best.assignment) if best else {}
 
-    measured = None
+    measured, measured_by_trial = None, {}
     if cost == "measured":
-        assignment, measured = _measure_best(work, ctx, search, expand)
+        assignment, measured, measured_by_trial = _measure_best(work, ctx, search, expand)
 
     # Verification: real Keras policies on this device, falling back by sensitivity.
     sens_order = [p for p in sensitivity["path"] if p in set(units)]
@@ -428,7 +428,7 @@ def tune(
         logger.warning("autoprec: %r is subclassed, so its layers now carry the tuned policies in place.", model.name)
     policy = PrecisionPolicy(names, target=target, layers=ctx.graph.layer_facts())
     sensitivity = _with_decisions(sensitivity, ctx, names, forced, fallbacks, allowed)
-    trials = _trials_frame(study, keys)
+    trials = _trials_frame(study, keys, measured_by_trial)
     result = TuneResult(
         policy=policy, model=tuned, sensitivity=sensitivity, trials=trials, study=study,
         baseline_metric=ctx.baseline, metric=real["metric"], budget=budget,
@@ -494,12 +494,16 @@ def _train_fallback(sensitivity, assignment, forced, sens_order) -> str | None:
 
 
 def _measure_best(work, ctx, search, expand, *, top: int = 3, steps: int = 10):
-    """Time the real training step of the best feasible candidates; pick the fastest."""
+    """Time the real training step of the best feasible candidates, interleaved; pick the fastest.
+
+    Returns the winning unit assignment, its measured speed-up over float32,
+    and the measured speed-up per trial number.
+    """
     from autoprec.verify import train_steps as run
 
     feasible = sorted((o for o in search.cache.values() if o.feasible), key=lambda o: -o.speedup)[:top]
     if not feasible:
-        return {}, None
+        return {}, None, {}
     batches = [ctx.data.batches[i % len(ctx.data.batches)] for i in range(steps)]
     models = {"float32": apply_policy(work, {}, graph=ctx.graph)}
     for i, o in enumerate(feasible):
@@ -514,11 +518,9 @@ def _measure_best(work, ctx, search, expand, *, top: int = 3, steps: int = 10):
             times[k].append(time.perf_counter() - t)
     base = float(np.median(times["float32"]))
     speed = {i: base / float(np.median(times[i])) for i in range(len(feasible))}
-    for i, o in enumerate(feasible):
-        if o.trial is not None:
-            search.study._storage.set_trial_user_attr(search.study.trials[o.trial]._trial_id, "measured_speedup", speed[i])
+    by_trial = {o.trial: speed[i] for i, o in enumerate(feasible) if o.trial is not None}
     winner = max(speed, key=speed.get)
-    return expand(feasible[winner].assignment), speed[winner]
+    return expand(feasible[winner].assignment), speed[winner], by_trial
 
 
 def _with_decisions(sensitivity, ctx: Context, names: dict[str, str], forced, fallbacks, allowed):
@@ -561,7 +563,7 @@ def _num(row, name: str) -> float:
     return 0.0 if math.isnan(value) else value
 
 
-def _trials_frame(study: Any, keys: list[str]):
+def _trials_frame(study: Any, keys: list[str], measured: dict[int, float]):
     import pandas as pd
 
     rows = []
@@ -572,7 +574,7 @@ def _trials_frame(study: Any, keys: list[str]):
             "trial": t.number, "state": t.state.name, "phase": a.get("phase", ""), "worker": a.get("worker", ""),
             "speedup_estimate": t.value, "metric": a.get("metric"), "drop": a.get("drop"), "feasible": a.get("feasible"),
             "nonfinite_outputs": a.get("nonfinite_outputs"), "output_error": a.get("output_error"),
-            "n_16bit": a.get("n_16bit"), "cached": a.get("cached"), "measured_speedup": a.get("measured_speedup"),
+            "n_16bit": a.get("n_16bit"), "cached": a.get("cached"), "measured_speedup": measured.get(t.number),
             "float32_units": ";".join(k for k in keys if params.get(k, FLOAT32) == FLOAT32) if params else "",
         })
     return pd.DataFrame(rows)

@@ -83,7 +83,7 @@ def small_data(n=96, features=12, classes=3, seed=0):
     return x, y
 
 
-def trained(model, n=96, epochs=3):
+def trained(model, n=96, epochs=30):
     x, y = small_data(n)
     model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
     return model

@@ -1,0 +1,247 @@
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import autoprec
+from autoprec import reasons
+from autoprec.errors import BudgetError, DataError, PolicyError, UntrainedModelError
+from autoprec.graph import keyed_layers
+
+from conftest import MODEL_BUILDERS, small_data, trained
+
+HERE = os.path.dirname(__file__)
+
+
+def other_flops_share(result, fragile):
+    units = result.units
+    others = units[~units["path"].isin(fragile)]
+    low = others[others["decision"].isin(["mixed_float16", "mixed_bfloat16"])]
+    return low["flops"].sum() / others["flops"].sum()
+
+
+@pytest.mark.parametrize("target", ["mixed_float16", "mixed_bfloat16"])
+def test_planted_regions_end_float32_and_the_rest_16bit(planted, target):
+    model, _, val, fragile = planted
+    result = autoprec.tune(model, val, budget="0.5%", target=target, n_trials=30, verbose=0)
+    decisions = result.sensitivity.set_index("path")["decision"]
+    assert all(decisions[p] == "float32" for p in fragile[target])
+    assert other_flops_share(result, fragile[target]) >= 0.9
+    # verified for real with Keras policies on this device
+    assert result.verification["feasible"] and result.drop <= 0.005
+    tuned = keyed_layers(result.model)
+    assert all(tuned[p].compute_dtype == "float32" for p in fragile[target])
+    assert isinstance(result.model.optimizer, keras.optimizers.LossScaleOptimizer) == (target == "mixed_float16")
+    why = result.sensitivity.set_index("path")["reason"]
+    assert why["out"] == reasons.PINNED_OUTPUT
+    if target == "mixed_float16":
+        assert why["d3"] == reasons.OVERFLOW
+    assert repr(result).startswith("TuneResult(metric=") and "trials=" in repr(result)
+    assert "verified with Keras policies" in result.summary()
+
+
+def test_three_way_candidates_put_overflow_layers_in_bfloat16(planted):
+    model, _, val, _ = planted
+    result = autoprec.tune(model, val, budget="0.5%", target="mixed_float16",
+                           candidates=("float32", "mixed_bfloat16", "mixed_float16"), n_trials=40, verbose=0)
+    policy = result.policy
+    assert policy["d3"] == policy["d4"] == "mixed_bfloat16"  # bf16 has float32's range: no overflow
+    assert policy["d1"] == "mixed_float16"
+    assert result.verification["feasible"]
+
+
+def test_same_seed_same_policy(planted):
+    model, _, val, _ = planted
+    a = autoprec.tune(model, val, budget="1%", target="mixed_float16", n_trials=20, seed=3, verbose=0)
+    b = autoprec.tune(model, val, budget="1%", target="mixed_float16", n_trials=20, seed=3, verbose=0)
+    assert a.policy == b.policy
+    assert list(a.trials["float32_units"]) == list(b.trials["float32_units"])
+
+
+def test_resume_after_exception(planted, tmp_path, monkeypatch):
+    from autoprec import sensitivity
+
+    model, _, val, _ = planted
+    reference = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=25, verbose=0)
+    storage = str(tmp_path / "journal.log")
+    original = sensitivity.Context.evaluate
+    seen = []
+
+    class Interrupt(Exception):
+        pass
+
+    def flaky(self, assignment):
+        if self.engine.passes >= len(self.graph.units) + 2:  # past the profile: search trials
+            if len(seen) == 5:
+                raise Interrupt()
+            seen.append(tuple(sorted(assignment.items())))
+        return original(self, assignment)
+
+    monkeypatch.setattr(sensitivity.Context, "evaluate", flaky)
+    with pytest.raises(Interrupt):
+        autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=25, storage=storage, study_name="s", verbose=0)
+    monkeypatch.setattr(sensitivity.Context, "evaluate", original)
+    resumed = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=25, storage=storage, study_name="s", verbose=0)
+    complete = resumed.trials[resumed.trials["state"] == "COMPLETE"]
+    evaluated = complete[~complete["cached"].astype(bool)]
+    assert evaluated["float32_units"].is_unique  # no finished trial was run twice
+    assert resumed.stats["evaluations"] == len(evaluated) - 5
+    assert resumed.policy == reference.policy
+
+
+@pytest.mark.slow
+def test_resume_after_killed_process_and_two_workers(planted, tmp_path):
+    model, _, val, _ = planted
+    model_path, data_path = str(tmp_path / "m.keras"), str(tmp_path / "d.npz")
+    model.save(model_path)
+    np.savez(data_path, x=val[0], y=val[1])
+    worker = [sys.executable, os.path.join(HERE, "tune_worker.py"), model_path, data_path]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
+
+    # A worker killed (SIGKILL) after 4 search trials, then resumed: same policy as one uninterrupted run.
+    killed = subprocess.run(worker + [str(tmp_path / "k.log"), "k", "25", "--kill-after", "4"], env=env, capture_output=True, timeout=300)
+    assert killed.returncode != 0
+    subprocess.run(worker + [str(tmp_path / "k.log"), "k", "25", "--out", str(tmp_path / "resumed.json")], env=env, check=True, timeout=300)
+    reference = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=25, seed=0, verbose=0)
+    assert autoprec.PrecisionPolicy.load(tmp_path / "resumed.json") == reference.policy
+
+    # Two workers on one journal file contribute trials to one study.
+    journal = str(tmp_path / "shared.log")
+    procs = [subprocess.Popen(worker + [journal, "shared", "30", "--sleep", "0.15"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="shared", storage=optuna.storages.JournalStorage(JournalFileBackend(journal)))
+    workers = {t.user_attrs.get("worker") for t in study.trials if t.state.name == "COMPLETE"}
+    assert len(workers) == 2
+    assert len(study.trials) >= 20
+
+
+def test_verify_train_records_loss_scale(digits_cnn):
+    model, train, val = digits_cnn
+    result = autoprec.tune(model, val, budget="1%", target="mixed_float16", n_trials=10, verify="train",
+                           train_data=train, steps=30, verbose=0)
+    check = result.training
+    assert check is not None and check.steps == 30 and len(check.tuned_losses) == 30
+    if result.policy.uses_float16:
+        assert len(check.loss_scale) == 30 and check.loss_scale[0] > 1
+    assert check.passed, check.reason
+    assert np.isfinite(check.float32_metric) and np.isfinite(check.tuned_metric)
+
+
+def test_block_granularity_and_measured_cost(digits_cnn):
+    model, _, val = digits_cnn
+    result = autoprec.tune(model, val, budget="1%", target="mixed_bfloat16", granularity="block", cost="measured",
+                           n_trials=8, verbose=0)
+    assert result.stats["decision_keys"] < len(result.units)
+    assert result.measured_speedup is not None and result.measured_speedup > 0
+    assert result.trials["measured_speedup"].notna().any()
+
+
+def test_untrained_model_needs_training_data():
+    model = MODEL_BUILDERS["functional"]()
+    keras.utils.set_random_seed(1)
+    x, y = small_data(300)
+    # an untrained head that always answers class 1: accuracy = share of class 1, chance level
+    out = model.get_layer("out")
+    out.kernel.assign(np.zeros(out.kernel.shape, "float32"))
+    out.bias.assign(np.array([0.0, 1.0, 0.0], "float32"))
+    chance = np.bincount(y).max() / len(y)
+    with pytest.raises(UntrainedModelError, match="chance level"):
+        autoprec.tune(model, (x, y), budget="1%", n_trials=5, verbose=0)
+    result = autoprec.tune(model, (x, y), budget="1%", n_trials=5, train_data=(x, y), pretrain_steps=150, verbose=0)
+    assert result.pretrain_steps == 150
+    assert result.baseline_metric > chance + 0.1
+    assert model.get_layer("out").bias.numpy()[1] == 1.0  # the user's model was not trained in place
+
+
+def test_loss_metric_direction():
+    model = trained(MODEL_BUILDERS["sequential"]())
+    result = autoprec.tune(model, small_data(), budget="5% relative", metric="sparse_categorical_crossentropy",
+                           target="mixed_bfloat16", n_trials=5, verbose=0)
+    assert not result.higher_is_better
+    assert result.drop == pytest.approx(result.metric - result.baseline_metric)
+    assert result.drop <= result.allowed_drop + 1e-9
+
+
+def test_subclassed_model_is_tuned_in_place():
+    model = trained(MODEL_BUILDERS["subclassed"]())
+    result = autoprec.tune(model, small_data(), budget="2%", target="mixed_bfloat16", n_trials=5, verbose=0)
+    assert result.stats["engine"] == "real"
+    assert result.model is model
+
+
+def test_save_writes_everything_and_round_trips(planted, tmp_path):
+    model, _, val, _ = planted
+    result = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=12, verbose=0)
+    written = result.save(tmp_path / "run")
+    names = {os.path.basename(p) for p in written}
+    assert {"policy.json", "sensitivity.csv", "trials.csv", "result.json", "model.keras", "report.md", "report.html"} <= names
+    policy = autoprec.PrecisionPolicy.load(tmp_path / "run" / "policy.json")
+    assert policy == result.policy
+    again = autoprec.apply_policy(model, policy)
+    loaded = keras.models.load_model(tmp_path / "run" / "model.keras")
+    for key, layer in keyed_layers(loaded).items():
+        assert layer.compute_dtype == keyed_layers(again)[key].compute_dtype
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"budget": "-1%"}, BudgetError, ">= 0"),
+    ({"budget": "150%"}, BudgetError, "100%"),
+    ({"budget": float("nan")}, BudgetError, "finite"),
+    ({"budget": "lots"}, BudgetError, "does not parse"),
+    ({"n_trials": 0}, PolicyError, "n_trials"),
+    ({"granularity": "layerwise"}, PolicyError, "granularity"),
+    ({"candidates": ("mixed_float16",)}, PolicyError, "candidates"),
+    ({"verify": "train"}, DataError, "train_data"),
+    ({"timeout": -1}, PolicyError, "timeout"),
+    ({"cost": "guess"}, PolicyError, "cost"),
+    ({"keep_float32": ["nope"]}, PolicyError, "matches none"),
+])
+def test_bad_arguments(kwargs, error, message):
+    model = MODEL_BUILDERS["functional"]()
+    args = {"budget": "1%", "n_trials": 5, "verbose": 0, **kwargs}
+    with pytest.raises(error, match=message):
+        autoprec.tune(model, small_data(), **args)
+
+
+def test_resumed_study_for_another_model_is_refused(planted, tmp_path):
+    model, _, val, _ = planted
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    autoprec.tune(model, val, budget="0.5%", n_trials=3, storage=storage, study_name="x", verbose=0)
+    other = trained(MODEL_BUILDERS["functional"]())
+    with pytest.raises(PolicyError, match="same units"):
+        autoprec.tune(other, small_data(), budget="1%", n_trials=3, storage=storage, study_name="x", verbose=0)
+
+
+def _application(name, size):
+    rng = np.random.default_rng(0)
+    extra = {"include_preprocessing": False} if "MobileNetV3" in name else {}
+    model = getattr(keras.applications, name)(input_shape=(size, size, 3), weights=None, classes=10, **extra)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    x = rng.normal(size=(32, size, size, 3)).astype("float32")
+    return model, (x, rng.integers(0, 10, 32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, size, granularity", [("MobileNetV3Small", 32, "layer"), ("ResNet50", 32, "block")])
+def test_applications(name, size, granularity, tmp_path):
+    """Untrained applications on generated data: pretrain briefly, tune, emit, save/load."""
+    model, data = _application(name, size)
+    result = autoprec.tune(model, data, budget="2%", target="mixed_bfloat16", n_trials=6, granularity=granularity,
+                           train_data=data, pretrain_steps=2, batch_size=32, verbose=0)
+    assert result.stats["traces"] <= 2
+    result.policy.save(tmp_path / "p.json")
+    policy = autoprec.PrecisionPolicy.load(tmp_path / "p.json")
+    applied = autoprec.apply_policy(model, policy)
+    applied.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    got = {k: l.compute_dtype for k, l in keyed_layers(loaded).items() if l.weights}
+    assert got == {k: l.compute_dtype for k, l in keyed_layers(applied).items() if l.weights}
+    assert "bfloat16" in got.values() or result.all_float32
