@@ -74,8 +74,28 @@ def predict_batches(model: Any, data: EvalData) -> Any:
     """The model's own predictions over all batches, concatenated (NumPy)."""
     import keras
 
-    outs = [model.predict_on_batch(x) for x, _ in data.batches]
+    with quiet_retracing():
+        outs = [model.predict_on_batch(x) for x, _ in data.batches]
     return keras.tree.map_structure(lambda *parts: np.concatenate(parts), *outs)
+
+
+class quiet_retracing:
+    """Silence TensorFlow's "N of the last M calls triggered retracing" warning for a block.
+
+    Each candidate model traces its own functions once or twice by design;
+    the warning would blame the user's code. The logger level is restored on exit.
+    """
+
+    def __enter__(self):
+        import logging
+
+        self._logger = logging.getLogger("tensorflow")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.setLevel(self._level)
 
 
 class SimEngine:

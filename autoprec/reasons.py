@@ -22,5 +22,6 @@ LOW_PRECISION_OK = "LOW_PRECISION_OK"  # the unit runs in 16-bit
 FORCED_16BIT = "FORCED_16BIT"  # force_16bit=[...]
 FOLLOWS = "FOLLOWS"  # a layer without weights that takes the precision of its producers
 VERIFY_FALLBACK = "VERIFY_FALLBACK"  # returned to float32 by the real-policy verification
+TRAIN_FALLBACK = "TRAIN_FALLBACK"  # returned to float32 by the loss-scaled training check
 
 PINNED = (PINNED_OUTPUT, PINNED_SOFTMAX, PINNED_USER, PINNED_DTYPE)

@@ -127,6 +127,10 @@ def reason_sentence(row: Any, meta: dict) -> str:
         return head + effect + (f"; {share * 100:.2g}% of the model's FLOPs" if not math.isnan(share) else "")
     if reason == reasons.VERIFY_FALLBACK:
         facts.insert(0, "returned to float32 when the real Keras policies missed the budget")
+    elif reason == reasons.TRAIN_FALLBACK:
+        failed = (meta.get("verification") or {}).get("train_fallbacks") or []
+        reason_text = next((f["reason"] for f in failed if f.get("path") == row.get("path")), "")
+        facts.insert(0, "returned to float32 by the loss-scaled training check" + (f" (with it in 16-bit: {reason_text})" if reason_text else ""))
     elif reason == reasons.NO_GAIN:
         facts.append("no measurable drop alone, but 16-bit here does not pay: the casts at its boundaries cost more than it saves")
     elif reason == reasons.METRIC_DROP and facts and not math.isnan(drop) and drop <= float(meta.get("budget", {}).get("allowed", math.inf)):

@@ -370,21 +370,16 @@ def tune(
         r = ctx.evaluate(expand(assignment))
         return {"metric": r["metric"], "drop": r["drop"], "output_error": r["output_error"], "nonfinite_outputs": r["nonfinite_outputs"]}
 
-    name = study_name or f"autoprec-{getattr(model, 'name', 'model')}-{target}-{budget.max_drop:g}{'rel' if budget.relative else ''}-seed{seed}"
-    study = optuna.create_study(
-        study_name=name, storage=_storage(storage), direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed),
-    )
-    _check_study(study, keys=keys, choices=choices, baseline=ctx.baseline)
-    space = Space(tuple(keys), choices, target, tuple(order))
-    bar = _progress(verbose, n_trials)
-    search = Search(space, evaluate, estimate, allowed, study, n_trials=n_trials, timeout=timeout, seed=seed,
-                    on_trial=(lambda s: bar.update(s.finished(), [("best_speedup", s.best_speedup())])) if bar else None)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    best = search.run()
-    if bar is not None:
-        bar.update(min(search.finished(), n_trials), [("best_speedup", search.best_speedup())], finalize=True)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar replaces Optuna's per-trial log
+    try:
+        study, search, best = _search(optuna, ctx, model, target, budget, seed, storage, study_name, keys, choices,
+                                      order, estimate, evaluate, allowed, n_trials, timeout, verbose)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     assignment = expand(best.assignment) if best else {}
+    if best is None:
+        _say(verbose, "autoprec: no assignment with a unit in 16-bit met the budget; the result is all float32.")
 
     measured, measured_by_trial = None, {}
     if cost == "measured":
@@ -392,7 +387,7 @@ def tune(
 
     # Verification: real Keras policies on this device, falling back by sensitivity.
     sens_order = [p for p in sensitivity["path"] if p in set(units)]
-    fallbacks, discrepancies = [], []
+    fallbacks, discrepancies, train_fallbacks = [], [], []
     simulated = ctx.evaluate(assignment) if assignment else {"drop": 0.0, "metric": ctx.baseline}
     while True:
         names = ctx.graph.resolve(assignment)
@@ -420,6 +415,7 @@ def tune(
                 break
             _say(verbose, f"autoprec: training check failed ({training.reason}); returning {back!r} to float32.")
             fallbacks.append(back)
+            train_fallbacks.append({"path": back, "reason": training.reason})
             assignment = {k: v for k, v in assignment.items() if k != back}
         names = ctx.graph.resolve(assignment)
         tuned, real = verify_eval(work, ctx.graph, names, ctx)
@@ -427,22 +423,41 @@ def tune(
     if ctx.graph.kind == SUBCLASSED:
         logger.warning("autoprec: %r is subclassed, so its layers now carry the tuned policies in place.", model.name)
     policy = PrecisionPolicy(names, target=target, layers=ctx.graph.layer_facts())
-    sensitivity = _with_decisions(sensitivity, ctx, names, forced, fallbacks, allowed)
+    sensitivity = _with_decisions(sensitivity, ctx, names, forced, fallbacks, train_fallbacks)
     trials = _trials_frame(study, keys, measured_by_trial)
     result = TuneResult(
         policy=policy, model=tuned, sensitivity=sensitivity, trials=trials, study=study,
         baseline_metric=ctx.baseline, metric=real["metric"], budget=budget,
         speedup_estimate=cost_model.speedup(names), metric_name=ctx.metric.name,
         higher_is_better=ctx.metric.higher_is_better, target=target, formula=formula,
-        verification={"fallbacks": fallbacks, "checks": discrepancies, "real_drop": real["drop"], "feasible": budget.feasible(baseline=ctx.baseline, drop=real["drop"])},
+        verification={"fallbacks": fallbacks, "train_fallbacks": train_fallbacks, "checks": discrepancies, "real_drop": real["drop"], "feasible": budget.feasible(baseline=ctx.baseline, drop=real["drop"])},
         training=training, measured_speedup=measured, pretrain_steps=pretrained,
         stats={"evaluations": search.evaluations, "cache_hits": search.cache_hits, "passes": ctx.engine.passes,
                "traces": ctx.engine.traces, "engine": ctx.engine.kind, "device": device, "granularity": granularity,
-               "decision_keys": len(keys), "seconds": time.monotonic() - started, "study_name": name},
+               "decision_keys": len(keys), "seconds": time.monotonic() - started, "study_name": study.study_name},
     )
     if verbose:
         print(result.summary(), flush=True)
     return result
+
+
+def _search(optuna, ctx, model, target, budget, seed, storage, study_name, keys, choices, order, estimate, evaluate,
+            allowed, n_trials, timeout, verbose):
+    """Create or resume the study and run the search on it."""
+    name = study_name or f"autoprec-{getattr(model, 'name', 'model')}-{target}-{budget.max_drop:g}{'rel' if budget.relative else ''}-seed{seed}"
+    study = optuna.create_study(
+        study_name=name, storage=_storage(storage), direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+    )
+    _check_study(study, keys=keys, choices=choices, baseline=ctx.baseline)
+    space = Space(tuple(keys), choices, target, tuple(order))
+    bar = _progress(verbose, n_trials)
+    search = Search(space, evaluate, estimate, allowed, study, n_trials=n_trials, timeout=timeout, seed=seed,
+                    on_trial=(lambda s: bar.update(s.finished(), [("best_speedup", s.best_speedup())])) if bar else None)
+    best = search.run()
+    if bar is not None:
+        bar.update(min(search.finished(), n_trials), [("best_speedup", search.best_speedup())], finalize=True)
+    return study, search, best
 
 
 def _forced_paths(ctx: Context, force_16bit) -> set[str]:
@@ -523,7 +538,7 @@ def _measure_best(work, ctx, search, expand, *, top: int = 3, steps: int = 10):
     return expand(feasible[winner].assignment), speed[winner], by_trial
 
 
-def _with_decisions(sensitivity, ctx: Context, names: dict[str, str], forced, fallbacks, allowed):
+def _with_decisions(sensitivity, ctx: Context, names: dict[str, str], forced, fallbacks, train_fallbacks):
     frame = sensitivity.copy()
     decisions, why = [], []
     for row in frame.itertuples(index=False):
@@ -537,6 +552,8 @@ def _with_decisions(sensitivity, ctx: Context, names: dict[str, str], forced, fa
                 decision = names.get(row.path, FLOAT32)
         elif decision != FLOAT32:
             reason = reasons.FORCED_16BIT if row.path in forced else reasons.LOW_PRECISION_OK
+        elif row.path in {f["path"] for f in train_fallbacks}:
+            reason = reasons.TRAIN_FALLBACK
         elif row.path in fallbacks:
             reason = reasons.VERIFY_FALLBACK
         elif _num(row, "act_overflow") > 0 or _num(row, "nonfinite_outputs") > 0:
