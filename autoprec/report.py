@@ -149,7 +149,8 @@ def strip_data(saved: Saved) -> dict:
 
 def sensitivity_data(saved: Saved) -> dict:
     frame = saved.sensitivity[saved.sensitivity["decision_unit"] & (saved.sensitivity["pinned"] == "")]
-    column = "metric_drop" if "metric_drop" in frame and frame["metric_drop"].notna().any() else "score"
+    # The most telling measure that is not zero everywhere: metric drop, else output error, else score.
+    column = next((c for c in ("metric_drop", "output_error", "score") if c in frame and (frame[c].fillna(0) > 0).any()), "score")
     frame = frame.sort_values(column, ascending=False, na_position="last")
     values = [float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else (math.inf if v == math.inf else math.nan) for v in frame[column]]
     return {"paths": list(frame["path"]), "values": values, "decisions": list(frame["decision"]), "measure": column,
@@ -213,7 +214,7 @@ def _render(name: str, data: Any, path: str) -> None:
         ax.set_xlabel("layer index, input to output")
         ax.set_title("Precision of each layer")
         used = sorted(set(data["decisions"]), key=list(COLORS).index)
-        ax.legend(handles=[Patch(color=COLORS[d], label=d) for d in used], loc="upper center", bbox_to_anchor=(0.5, -0.55), ncol=len(used), frameon=False)
+        ax.legend(handles=[Patch(color=COLORS[d], label=d) for d in used], loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     elif name == "sensitivity":
         values = [v if v == v else 0.0 for v in data["values"]]
         floor = min([v for v in values if v > 0] or [1e-6]) / 10
@@ -225,13 +226,15 @@ def _render(name: str, data: Any, path: str) -> None:
         ax.set_yticklabels(data["paths"], fontsize=7 if n > 30 else 9)
         ax.invert_yaxis()
         ax.set_xscale("log")
-        label = "metric drop with only this layer in 16-bit (log)" if data["measure"] == "metric_drop" else "first-order score (log)"
+        label = {"metric_drop": "metric drop with only this layer in 16-bit (log)",
+                 "output_error": "output error (relative L2) with only this layer in 16-bit (log)"}.get(data["measure"], "first-order score (log)")
         ax.set_xlabel(label)
         if data["measure"] == "metric_drop" and data["allowed"] == data["allowed"] and data["allowed"] > 0:
             ax.axvline(data["allowed"], color="black", linestyle="--", linewidth=1, label="budget")
         used = sorted(set(data["decisions"]), key=list(COLORS).index)
         ax.legend(handles=[Patch(color=COLORS[d], label=d) for d in used], loc="lower right", fontsize=8)
-        ax.set_title("Per-layer sensitivity, most sensitive first")
+        ax.set_title("Per-layer sensitivity, most sensitive first"
+                     + (" (no layer drops the metric alone)" if data["measure"] != "metric_drop" else ""))
     elif name == "ranges":
         n = len(data["paths"])
         fig, ax = plt.subplots(figsize=(10, 4.2))
@@ -249,7 +252,10 @@ def _render(name: str, data: Any, path: str) -> None:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     elif name == "history":
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.step(data["trial"], data["best_speedup"], where="post")
+        ax.step(data["trial"], data["best_speedup"], where="post", marker="o", markersize=4)
+        if len(data["trial"]) <= 1:
+            ax.set_xlim(-1, 1)
+            ax.set_xticks(data["trial"] or [0])
         ax.set_xlabel("trial")
         ax.set_ylabel("best feasible speed-up (estimated, x)")
         ax.set_title("Search history")
@@ -350,10 +356,14 @@ def _training_lines(saved: Saved) -> list[str]:
     last = lambda xs: xs[-1] if xs else float("nan")  # noqa: E731
     return [
         f"{'Passed' if t['passed'] else 'FAILED'}: {t['reason']}.",
-        f"{t['steps']} steps from the same weights; final loss float32 {last(t['float32_losses']) if t['float32_losses'][-1:] != [None] else 'nan'}"
-        f" vs tuned {last(t['tuned_losses'])}; skipped steps {t['skipped_steps']}; non-finite losses {t['nonfinite_losses']}; "
-        f"final loss scale {last(t['loss_scale']) if t['loss_scale'] else 'none'}.",
+        f"{t['steps']} steps from the same weights; final loss float32 {_num(last(t['float32_losses']))} "
+        f"vs tuned {_num(last(t['tuned_losses']))}; skipped steps {t['skipped_steps']}; non-finite losses {t['nonfinite_losses']}; "
+        f"final loss scale {_num(last(t['loss_scale'])) if t['loss_scale'] else 'none (no float16 layer)'}.",
     ]
+
+
+def _num(value: Any) -> str:
+    return "nan" if value is None else f"{float(value):.4g}"
 
 
 def render_markdown(saved: Saved, images: dict[str, str]) -> str:
