@@ -1,0 +1,78 @@
+"""Seconds per evaluated assignment: the simulated engine against rebuilding with real policies.
+
+Both evaluate the same random assignments of the same model over the same
+data, interleaved in one run. "rebuild" is what a search without the engine
+does per trial: ``apply_policy`` (clone with per-layer policies, copy the
+weights, compile) and a predict pass, which traces the new model.
+
+    python benchmarks/bench_trial_cost.py
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from common import interleaved, median, table
+
+TARGET = "mixed_bfloat16"
+
+
+def model_of(n_layers: int):
+    """A residual MLP with about ``n_layers`` layers (Dense, LayerNorm, Add)."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    x_in = keras.Input((64,))
+    x = layers.Dense(128, activation="relu", name="stem")(x_in)
+    blocks = max(1, (n_layers - 2) // 3)
+    for i in range(blocks):
+        h = layers.Dense(128, activation="relu", name=f"b{i}_dense")(x)
+        h = layers.LayerNormalization(name=f"b{i}_ln")(h)
+        x = layers.Add(name=f"b{i}_add")([x, h])
+    out = layers.Dense(10, activation="softmax", name="head")(x)
+    model = keras.Model(x_in, out)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def run(sizes=(10, 50, 150), repeats: int = 5, n: int = 512) -> tuple[str, list[dict]]:
+    import autoprec
+    from autoprec.engine import predict_batches
+    from autoprec.sensitivity import prepare
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 64)).astype("float32")
+    y = rng.integers(0, 10, n)
+    rows, records = [], []
+    for size in sizes:
+        model = model_of(size)
+        ctx = prepare(model, (x, y), target=TARGET, metric="accuracy")
+        units = [u.path for u in ctx.graph.units]
+        assignments = [{u: TARGET for u in units if rng.random() < 0.5} for _ in range(64)]
+        it = {"engine": iter(assignments), "rebuild": iter(assignments)}
+
+        def engine():
+            ctx.evaluate(next(it["engine"]))
+
+        def rebuild():
+            tuned = autoprec.apply_policy(model, ctx.graph.resolve(next(it["rebuild"])), graph=ctx.graph)
+            ctx.score_outputs(predict_batches(tuned, ctx.data))
+
+        times = interleaved({"engine": engine, "rebuild": rebuild}, repeats=repeats, warmup=1)
+        e, r = median(times["engine"]), median(times["rebuild"])
+        n_layers = len(ctx.graph.layers)
+        rows.append([n_layers, len(units), e, r, r / e, ctx.engine.traces])
+        records.append({"layers": n_layers, "units": len(units), "engine_s": e, "rebuild_s": r, "ratio": r / e})
+    text = table(["layers", "decision units", "engine s/trial (median)", "rebuild s/trial (median)", "rebuild / engine", "engine traces"], rows)
+    return text, records
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ".")
+    from common import machine
+
+    print(machine())
+    print(run()[0])
