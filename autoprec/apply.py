@@ -162,7 +162,10 @@ def _clone_with_policies(model: Any, names: dict[str, str]) -> Any:
         if len(own) != len(twin_own):
             raise UnsupportedModelError(f"Layer {key!r} has {len(own)} weights but its clone has {len(twin_own)}.")
         for src, dst in zip(own, twin_own):
-            dst.assign(src.value)
+            # Through NumPy: on JAX, assigning the same immutable array would share
+            # one buffer between the models, and a jitted step that donates it
+            # (Keras's JAX trainer does) would delete the original's weights.
+            dst.assign(keras.ops.convert_to_numpy(src.value))
     return clone
 
 
