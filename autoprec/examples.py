@@ -120,8 +120,15 @@ def plant_overflow(model: Any, producer: str, consumer: str, x: np.ndarray, *, p
 
 
 def plant_offset(model: Any, producer: str, consumer: str, *, offset: float = 512.0) -> None:
-    """Add ``offset`` to a linear ``producer``'s outputs and remove it in ``consumer``'s bias."""
+    """Add ``offset`` to a linear ``producer``'s outputs and remove it in ``consumer``'s bias.
+
+    Both must be Dense layers and ``producer`` must have no activation: an
+    offset in front of a nonlinearity would change the float32 function.
+    """
     layer, nxt = model.get_layer(producer), model.get_layer(consumer)
+    activation = getattr(layer.activation, "__name__", "")
+    if activation != "linear":
+        raise ValueError(f"Expected a linear producer for plant_offset. Received {producer!r} with activation {activation!r}.")
     kernel, bias = layer.get_weights()
     layer.set_weights([kernel, bias + offset])
     k2, b2 = nxt.get_weights()

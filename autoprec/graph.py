@@ -55,6 +55,7 @@ class LayerInfo:
     parent: str | None
     policy: str
     sublayers: tuple[str, ...] = ()
+    sublayer_classes: tuple[str, ...] = ()
     is_layer: bool = True
     layer: Any = field(default=None, compare=False, repr=False)
 
@@ -175,8 +176,7 @@ class ModelGraph:
             if not info.is_layer:
                 continue
             rows.append((info.path, info.class_name))
-            for sub in info.sublayers:
-                rows.append((sub, _class_of_sublayer(info.layer, sub)))
+            rows.extend(zip(info.sublayers, info.sublayer_classes))
         return sorted(rows)
 
     def layer_facts(self) -> dict[str, dict[str, Any]]:
@@ -186,8 +186,8 @@ class ModelGraph:
             if not info.is_layer:
                 continue
             facts[info.path] = {"class": info.class_name, "params": int(info.params), "flops": float(info.flops)}
-            for sub in info.sublayers:
-                facts[sub] = {"class": _class_of_sublayer(info.layer, sub), "params": 0, "flops": 0.0}
+            for sub, cls in zip(info.sublayers, info.sublayer_classes):
+                facts[sub] = {"class": cls, "params": 0, "flops": 0.0}
         return facts
 
     def to_frame(self):
@@ -258,13 +258,6 @@ def keyed_layers(model: Any) -> dict[str, Any]:
         for l in model._flatten_layers(include_self=False)
         if not isinstance(l, keras.Model) and type(l).__name__ != "InputLayer"
     }
-
-
-def _class_of_sublayer(layer: Any, path: str) -> str:
-    for sub in layer._flatten_layers(include_self=False):
-        if layer_key(sub) == path or (sub.path or "").endswith(path):
-            return type(sub).__name__
-    return ""
 
 
 def model_kind(model: Any) -> str:
@@ -370,7 +363,8 @@ def build_graph(
                 producers=tuple(dict.fromkeys(rec["producers"])),
                 parent=rec["parent"],
                 policy=rec["policy"],
-                sublayers=tuple(rec["sublayers"]),
+                sublayers=tuple(key for key, _ in rec["sublayers"]),
+                sublayer_classes=tuple(cls for _, cls in rec["sublayers"]),
                 is_layer=rec["is_layer"],
                 layer=rec["layer"],
             )
@@ -523,7 +517,8 @@ class _Walker:
             "parent": parent,
             "policy": getattr(policy, "name", "float32"),
             "is_unit": is_layer and _is_decision_unit(layer),
-            "sublayers": [layer_key(s, self.containers) for s in layer._flatten_layers(include_self=False)] if is_layer else [],
+            "sublayers": [(layer_key(s, self.containers), type(s).__name__) for s in layer._flatten_layers(include_self=False)]
+            if is_layer else [],
             "layer": layer,
             "activation": _activation_name(layer),
         }
@@ -602,7 +597,7 @@ def _auto_pins(walker: _Walker) -> dict[str, str]:
 def _check_collisions(records: list[dict[str, Any]]) -> None:
     seen: dict[str, dict[str, Any]] = {}
     for rec in records:
-        for path in [rec["path"], *rec["sublayers"]]:
+        for path in [rec["path"], *(key for key, _ in rec["sublayers"])]:
             other = seen.get(path)
             if other is not None and other is not rec:
                 raise PathCollisionError(

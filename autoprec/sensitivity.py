@@ -258,7 +258,7 @@ def _tensor_stats(t: Any, limits: FormatLimits, scale: float = 1.0) -> Any:
     nonzero = ops.logical_and(safe > 0, finite)
     count = lambda mask: ops.sum(ops.cast(mask, "float32"))  # noqa: E731
     return ops.stack([
-        ops.max(safe) if len(t.shape) == 0 or True else 0.0,
+        ops.max(safe),
         ops.cast(ops.size(t), "float32"),
         count(nonzero),
         count(ops.logical_and(finite, a > limits.max_finite)),

@@ -334,7 +334,7 @@ def tune(
     _say(verbose, f"autoprec: target {target}; budget {budget}: {formula}")
 
     units = [u.path for u in ctx.graph.units]
-    forced = set(units) & {i.path for i in ctx.graph.layers if i.path in _forced_paths(ctx, force_16bit)}
+    forced = set(units) & _forced_paths(ctx, force_16bit)
     method = "full" if len(units) <= _ABLATION_LIMIT else "fast"
     from autoprec import backends
 

@@ -23,7 +23,10 @@ GPU_NOTE = """No CUDA machine was available when this report was made, so `bench
 has not been run; it is ready: `KERAS_BACKEND=jax python benchmarks/gpu.py --out gpu.md` on
 a CUDA machine (JAX or TensorFlow backend) measures float32 vs all-float16 vs tuned step time for a
 conv and a transformer-block model, and the LossScaleOptimizer's behaviour on real float16 kernels.
-Its JAX code path was exercised on this CPU (numbers there are CPU numbers and are not reported)."""
+On this CPU, with `KERAS_BACKEND=jax` and TensorFlow blocked from import, `tune` (engine, search,
+verification) ran and chose the same policies as on TensorFlow for the planted model; `gpu.py --quick`
+then stopped at the first real float16 step, because JAX's CPU backend has no float16 matmul
+("The precision 'F16_F16_F32' is not supported by dot_general on CPU"). Its figures need a GPU."""
 
 
 def main(argv=None) -> int:
