@@ -212,6 +212,8 @@ def rounder(sw: list[tuple[str, Any]] | None) -> Callable[[Any], Any]:
     if not sw:
         return lambda t: t
 
+    from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+
     def rnd(t):
         if not _is_float32_tensor(t):
             return t
@@ -219,6 +221,11 @@ def rounder(sw: list[tuple[str, Any]] | None) -> Callable[[Any], Any]:
         for dtype, s in sw:
             # where(), not t + s * (r - t): the latter turns inf into NaN when s == 0.
             out = ops.where(s > 0.5, round_to(t, dtype), out)
+        # Functional graphs pass masks as node arguments; a mask that rides only
+        # on the tensor (set by an eager layer) must survive the rounding too.
+        mask = get_keras_mask(t)
+        if mask is not None:
+            set_keras_mask(out, mask)
         return out
 
     return rnd

@@ -22,7 +22,6 @@ from autoprec import reasons
 from autoprec.apply import apply_policy
 from autoprec.budget import Budget
 from autoprec.cost import CostModel
-from autoprec.data import as_eval_data
 from autoprec.errors import DataError, PolicyError, UnsupportedModelError, UntrainedModelError, describe
 from autoprec.graph import SUBCLASSED
 from autoprec.policy import FLOAT32, LOW_PRECISION, MIXED_BFLOAT16, MIXED_FLOAT16, PrecisionPolicy

@@ -8,7 +8,6 @@ growth exponent ``b`` in ``time ~ layers^b`` (1 = linear).
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import sys
 
-import numpy as np
 
 from common import table
 

@@ -4,7 +4,8 @@ import pytest
 
 from autoprec import reasons
 from autoprec.errors import PathCollisionError, PolicyError, UnsupportedModelError
-from autoprec.graph import build_graph, layer_flops, match_paths
+from autoprec.flops import layer_flops
+from autoprec.graph import build_graph, match_paths
 
 from conftest import MODEL_BUILDERS
 

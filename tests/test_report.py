@@ -1,7 +1,6 @@
 import html
 import html.parser
 import json
-import os
 import re
 import shutil
 

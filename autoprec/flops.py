@@ -1,0 +1,110 @@
+"""FLOPs per sample for Keras layers, from their kind and shapes.
+
+A multiply-add counts 2. Dense, EinsumDense, Conv1D/2D/3D, DepthwiseConv,
+SeparableConv, ConvTranspose, MultiHeadAttention, LSTM/GRU/SimpleRNN and
+Embedding are counted from their kernels; any other layer costs one FLOP per
+output element.
+
+>>> import keras
+>>> d = keras.layers.Dense(4); d.build((None, 3))
+>>> layer_flops(d, [(None, 3)], [(None, 4)])
+24.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def weights_of(op: Any) -> list:
+    return list(getattr(op, "weights", []))
+
+
+def sample_elements(shape: Any) -> float:
+    dims = list(shape)[1:] if shape is not None else []
+    if any(d is None for d in dims):
+        return 0.0
+    return float(math.prod(int(d) for d in dims)) if dims else 1.0
+
+
+def _kernel(layer: Any, name: str = "kernel"):
+    k = getattr(layer, name, None)
+    return None if k is None else tuple(int(d) for d in k.shape)
+
+
+def layer_flops(layer: Any, in_shapes: Sequence, out_shapes: Sequence) -> float:
+    """FLOPs per sample (a multiply-add counts 2) from a layer's kind and shapes.
+
+    Heavy layers are counted exactly; any other layer costs one FLOP per output
+    element. Without shapes (a subclassed model profiled with no sample), the
+    count falls back to two FLOPs per parameter.
+
+    >>> import keras
+    >>> d = keras.layers.Dense(4); d.build((None, 3))
+    >>> layer_flops(d, [(None, 3)], [(None, 4)])
+    24.0
+    """
+    cls = type(layer).__name__
+    out_elems = sum(sample_elements(s) for s in out_shapes)
+    params = float(sum(math.prod(v.shape) for v in weights_of(layer)))
+    if not out_shapes:
+        return 2.0 * params
+    in_elems = sample_elements(in_shapes[0]) if in_shapes else 0.0
+    if cls == "Dense":
+        kin, kout = _kernel(layer)[-2:]
+        return 2.0 * kin * out_elems
+    if cls == "EinsumDense":
+        return 2.0 * out_elems * _einsum_contracted(layer)
+    if cls in ("Conv1D", "Conv2D", "Conv3D"):
+        k = _kernel(layer)
+        return 2.0 * math.prod(k[:-1]) * out_elems
+    if cls in ("DepthwiseConv1D", "DepthwiseConv2D"):
+        k = _kernel(layer, "kernel")
+        return 2.0 * math.prod(k[:-2]) * out_elems
+    if cls in ("SeparableConv1D", "SeparableConv2D"):
+        dk = _kernel(layer, "depthwise_kernel")
+        pk = _kernel(layer, "pointwise_kernel")
+        spatial = out_elems / pk[-1]
+        return 2.0 * spatial * (math.prod(dk) + math.prod(pk))
+    if cls in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"):
+        k = _kernel(layer)
+        in_spatial = in_elems / k[-1] if k[-1] else 0.0
+        return 2.0 * in_spatial * math.prod(k)
+    if cls in ("MultiHeadAttention", "GroupedQueryAttention"):
+        return _attention_flops(layer, in_shapes, out_elems)
+    if cls in ("LSTM", "GRU", "SimpleRNN"):
+        cell = getattr(layer, "cell", layer)
+        k, rk = _kernel(cell), _kernel(cell, "recurrent_kernel")
+        steps = int(in_shapes[0][1]) if in_shapes and len(in_shapes[0]) > 2 and in_shapes[0][1] else 1
+        return 2.0 * steps * (math.prod(k) + math.prod(rk))
+    if cls == "Embedding":
+        return out_elems  # a gather: one read per output element
+    return out_elems
+
+
+def _einsum_contracted(layer: Any) -> float:
+    equation = getattr(layer, "equation", "")
+    kernel = _kernel(layer)
+    try:
+        ins, out = equation.split("->")
+        _, k_sub = ins.split(",")
+    except ValueError:
+        return float(math.prod(kernel)) if kernel else 0.0
+    return float(math.prod(d for c, d in zip(k_sub, kernel) if c not in out))
+
+
+def _attention_flops(layer: Any, in_shapes: Sequence, out_elems: float) -> float:
+    flops = 0.0
+    tq = int(in_shapes[0][1]) if in_shapes and len(in_shapes[0]) > 2 else 1
+    tk = int(in_shapes[1][1]) if len(in_shapes) > 1 and len(in_shapes[1]) > 2 else tq
+    for name, steps in (("_query_dense", tq), ("_key_dense", tk), ("_value_dense", tk), ("_output_dense", tq)):
+        sub = getattr(layer, name, None)
+        if sub is not None and getattr(sub, "kernel", None) is not None:
+            flops += 2.0 * steps * math.prod(sub.kernel.shape)
+    heads = getattr(layer, "num_heads", getattr(layer, "num_query_heads", 1)) or 1
+    key_dim = getattr(layer, "key_dim", None) or getattr(layer, "head_dim", None) or 1
+    value_dim = getattr(layer, "value_dim", None) or key_dim
+    flops += 2.0 * tq * tk * heads * (key_dim + value_dim)
+    return flops or out_elems
