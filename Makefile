@@ -18,8 +18,9 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m autoprec demo --output reports/demo
 
+# Two workers, one test file each at a time: CI has 2 cores and a 10-minute limit.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py --output reports/benchmarks.md

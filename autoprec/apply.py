@@ -61,6 +61,11 @@ def apply_policy(
     cannot be cloned that way: pass ``inplace=True`` to set ``dtype_policy`` on
     its layers in place.
 
+    Keras rebuilds a subclassed model's layers in its ``__init__`` when it
+    loads one, with their default dtype, so its per-layer policies do not
+    survive ``model.save``/``load_model``: save the policy too and apply it
+    again after loading (``apply_policy(loaded, "policy.json", inplace=True)``).
+
     The model's outputs, and a softmax or sigmoid that feeds them, stay
     float32 whatever the policy says. The result is compiled with the input
     model's loss and metrics; when any layer computes in float16 its optimizer

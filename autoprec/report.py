@@ -228,6 +228,8 @@ def _render(name: str, data: Any, path: str) -> None:
         ax.set_xscale("log")
         label = {"metric_drop": "metric drop with only this layer in 16-bit (log)",
                  "output_error": "output error (relative L2) with only this layer in 16-bit (log)"}.get(data["measure"], "first-order score (log)")
+        if any(v <= 0 for v in values):
+            label += "; a zero is drawn at the left edge"
         ax.set_xlabel(label)
         if data["measure"] == "metric_drop" and data["allowed"] == data["allowed"] and data["allowed"] > 0:
             ax.axvline(data["allowed"], color="black", linestyle="--", linewidth=1, label="budget")

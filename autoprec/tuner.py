@@ -128,6 +128,13 @@ class TuneResult:
         with open(join("result.json"), "w", encoding="utf-8") as fh:
             json.dump(self.to_json_dict(), fh, indent=2, allow_nan=False)
         written = [join(n) for n in ("policy.json", "sensitivity.csv", "trials.csv", "result.json")]
+        from autoprec.graph import SUBCLASSED, model_kind
+
+        if model_kind(self.model) == SUBCLASSED:
+            logger.warning(
+                "autoprec: model.keras of a subclassed model reloads with default dtypes (Keras rebuilds its layers "
+                "in __init__); after loading, apply policy.json again: apply_policy(model, 'policy.json', inplace=True)."
+            )
         try:
             self.model.save(join("model.keras"))
             written.append(join("model.keras"))
@@ -433,7 +440,7 @@ def tune(
         training=training, measured_speedup=measured, pretrain_steps=pretrained,
         stats={"evaluations": search.evaluations, "cache_hits": search.cache_hits, "passes": ctx.engine.passes,
                "traces": ctx.engine.traces, "engine": ctx.engine.kind, "device": device, "granularity": granularity,
-               "decision_keys": len(keys), "seconds": time.monotonic() - started, "study_name": study.study_name},
+               "decision_keys": len(keys), "misaligned": sorted(cost_model.flagged), "seconds": time.monotonic() - started, "study_name": study.study_name},
     )
     if verbose:
         print(result.summary(), flush=True)

@@ -119,6 +119,22 @@ def test_inplace_rebuilds_traced_functions():
     assert model.d1.compute_dtype == "bfloat16"
 
 
+def test_subclassed_policy_survives_save_load_through_policy_json(tmp_path):
+    """Keras rebuilds a subclassed model's layers with default dtypes on load; the policy file restores them."""
+    model = trained(MODEL_BUILDERS["subclassed"]())
+    policy, _ = all16(model, "mixed_float16")
+    apply_policy(model, policy, inplace=True)
+    x, _ = small_data()
+    pred = model.predict(x, verbose=0)
+    model.save(tmp_path / "sub.keras")
+    policy.save(tmp_path / "policy.json")
+    loaded = keras.models.load_model(tmp_path / "sub.keras")
+    apply_policy(loaded, str(tmp_path / "policy.json"), inplace=True)
+    assert compute_dtypes(loaded) == compute_dtypes(model)
+    assert isinstance(loaded.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert np.max(np.abs(loaded.predict(x, verbose=0) - pred)) < 1e-6
+
+
 def test_policy_for_another_model():
     policy = all16(MODEL_BUILDERS["functional"](), "mixed_float16")[0]
     with pytest.raises(ModelMismatchError, match="in the policy but not in the model"):

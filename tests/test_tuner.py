@@ -225,17 +225,26 @@ def _application(name, size):
     extra = {"include_preprocessing": False} if "MobileNetV3" in name else {}
     model = getattr(keras.applications, name)(input_shape=(size, size, 3), weights=None, classes=10, **extra)
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-    x = rng.normal(size=(32, size, size, 3)).astype("float32")
-    return model, (x, rng.integers(0, 10, 32))
+    x = rng.normal(size=(16, size, size, 3)).astype("float32")
+    return model, (x, rng.integers(0, 10, 16))
+
+
+def _brier(y_true, y_pred):
+    """Mean squared error against one-hot labels: meaningful on random weights, unlike accuracy."""
+    return float(np.mean((np.asarray(y_pred) - np.eye(10)[np.asarray(y_true)]) ** 2))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, size, granularity", [("MobileNetV3Small", 32, "layer"), ("ResNet50", 32, "block")])
 def test_applications(name, size, granularity, tmp_path):
-    """Untrained applications on generated data: pretrain briefly, tune, emit, save/load."""
+    """Applications built with weights=None on generated data: tune, emit, save/load.
+
+    Random weights sit at chance on accuracy (tune would refuse them, as tested
+    elsewhere), so the metric here is the Brier score, lower is better.
+    """
     model, data = _application(name, size)
-    result = autoprec.tune(model, data, budget="2%", target="mixed_bfloat16", n_trials=6, granularity=granularity,
-                           train_data=data, pretrain_steps=2, batch_size=32, verbose=0)
+    result = autoprec.tune(model, data, budget="2% relative", metric=_brier, higher_is_better=False,
+                           target="mixed_bfloat16", n_trials=6, granularity=granularity, batch_size=16, verbose=0)
     assert result.stats["traces"] <= 2
     result.policy.save(tmp_path / "p.json")
     policy = autoprec.PrecisionPolicy.load(tmp_path / "p.json")
