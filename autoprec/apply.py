@@ -121,7 +121,10 @@ def apply_policy(
 
 
 def _effective_names(graph: ModelGraph, policy: PrecisionPolicy) -> dict[str, str]:
-    names = {path: policy.get(path, FLOAT32) for path in graph.all_paths()}
+    # A layer the policy does not name keeps float32, except one that was not
+    # float32 to begin with (a float64 layer): that one keeps what it has.
+    current = graph.resolve({})
+    names = {path: policy.get(path, current.get(path, FLOAT32)) for path in graph.all_paths()}
     for info in graph.layers:
         if info.pinned in (reasons.PINNED_OUTPUT, reasons.PINNED_SOFTMAX) and names.get(info.path) != FLOAT32:
             logger.warning(

@@ -137,7 +137,7 @@ class Search:
         return self.timeout is not None and time.monotonic() - self._started > self.timeout
 
     def best(self) -> Outcome | None:
-        """The best feasible outcome so far (ties: fewer 16-bit units, then lower drop)."""
+        """The best feasible outcome so far (ties: lower drop, then the earlier trial)."""
         feasible = [o for o in self.cache.values() if o.feasible]
         if not feasible:
             return None
@@ -195,23 +195,22 @@ class Search:
     def consider(self, assignment: Mapping[str, str], phase: str, *, prune: bool = True) -> Outcome | None:
         """Evaluate ``assignment`` unless cached, or unable to beat the best; None when out of budget."""
         assignment = {k: assignment.get(k, FLOAT32) for k in self.space.keys}
-        self.refresh()
         key = self.space.key_of(assignment)
-        if key in self.cache:
-            return self.cache[key]
-        if prune and self.estimate(assignment) <= self.best_speedup() + 1e-12:
-            return Outcome(assignment, self.estimate(assignment), math.nan, math.nan, False, phase="pruned")
-        if self.out_of_budget():
-            return None
-        self.study.enqueue_trial(dict(assignment), user_attrs={"phase": phase})
-        trial = self.study.ask(self._distributions())
-        outcome = self._run_trial(trial, phase)
-        if self.space.key_of(outcome.assignment) != key:
-            # Another worker took our enqueued trial and we ran one of theirs:
-            # both land in the study; ours comes back from the cache when done.
+        while True:
             self.refresh()
-            return self.cache.get(key)
-        return outcome
+            if key in self.cache:
+                return self.cache[key]
+            if prune and self.estimate(assignment) <= self.best_speedup() + 1e-12:
+                return Outcome(assignment, self.estimate(assignment), math.nan, math.nan, False, phase="pruned")
+            if self.out_of_budget():
+                return None
+            self.study.enqueue_trial(dict(assignment), user_attrs={"phase": phase})
+            trial = self.study.ask(self._distributions())
+            outcome = self._run_trial(trial, phase)
+            if self.space.key_of(outcome.assignment) == key:
+                return outcome
+            # Another worker took our enqueued trial and we ran one of theirs:
+            # both land in the study; look again (ours is in the cache once done).
 
     # Phases ------------------------------------------------------------------
     def run(self) -> Outcome | None:

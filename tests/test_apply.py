@@ -147,3 +147,13 @@ def test_policy_from_json_path(tmp_path):
     policy.save(tmp_path / "p.json")
     tuned = apply_policy(model, str(tmp_path / "p.json"))
     assert tuned.get_layer("h2").compute_dtype == "bfloat16"
+
+
+def test_layers_absent_from_the_policy_keep_a_non_float32_dtype():
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(4, name="wide", dtype="float64")(inputs)
+    out = keras.layers.Dense(2, name="head")(keras.layers.Dense(4, name="mid")(h))
+    model = keras.Model(inputs, out)
+    tuned = apply_policy(model, {"mid": "mixed_bfloat16"})
+    assert tuned.get_layer("wide").compute_dtype == "float64"
+    assert tuned.get_layer("mid").compute_dtype == "bfloat16"
