@@ -56,18 +56,23 @@ def resolve_target(target: str) -> str:
     >>> resolve_target("mixed_bfloat16")
     'mixed_bfloat16'
     """
+    return explain_target(target)[0]
+
+
+def explain_target(target: str) -> tuple[str, str]:
+    """``(target, why)``: the resolved target and, for ``"auto"``, the reason it was picked."""
     if target in TARGETS:
-        return target
+        return target, "as asked"
     if target != "auto":
         raise PolicyError(f"Expected target to be one of {[*TARGETS, 'auto']}. Received: target={describe(target)}.")
     if backends.is_cuda_gpu_available():
-        logger.info("autoprec: target=auto -> mixed_float16 (a CUDA GPU is visible; its tensor cores run float16).")
-        return MIXED_FLOAT16
-    if backends.cpu_has_fast_bf16():
-        logger.info("autoprec: target=auto -> mixed_bfloat16 (no GPU; this CPU has AVX512_BF16/AMX for oneDNN bf16).")
+        choice, why = MIXED_FLOAT16, "a CUDA GPU is visible; its tensor cores run float16"
+    elif backends.cpu_has_fast_bf16():
+        choice, why = MIXED_BFLOAT16, "no GPU; this CPU has AVX512_BF16/AMX, which oneDNN runs fast"
     else:
-        logger.info("autoprec: target=auto -> mixed_bfloat16 (no GPU; bfloat16 keeps float32's range, float16 kernels are slow on CPUs).")
-    return MIXED_BFLOAT16
+        choice, why = MIXED_BFLOAT16, "no GPU; bfloat16 keeps float32's range, and float16 kernels are slow on CPUs"
+    logger.info("autoprec: target=auto -> %s (%s).", choice, why)
+    return choice, why
 
 
 @dataclass

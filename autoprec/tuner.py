@@ -26,7 +26,7 @@ from autoprec.errors import DataError, PolicyError, UnsupportedModelError, Untra
 from autoprec.graph import SUBCLASSED
 from autoprec.policy import FLOAT32, LOW_PRECISION, MIXED_BFLOAT16, MIXED_FLOAT16, PrecisionPolicy
 from autoprec.search import Search, Space
-from autoprec.sensitivity import Context, prepare, profile, resolve_target
+from autoprec.sensitivity import Context, explain_target, prepare, profile
 from autoprec.verify import TrainCheck, _cycle_batches, train_check, train_steps, verify_eval
 
 logger = logging.getLogger("autoprec")
@@ -186,15 +186,30 @@ def _storage(storage: Any):
 
 
 def _at_chance(ctx: Context) -> bool:
-    """Accuracy no better than always guessing the most common class (+2 points or 2 samples)."""
-    if "acc" not in ctx.metric.name.lower() or not ctx.metric.higher_is_better:
-        return False
+    """No better than a constant predictor that knows only the label statistics.
+
+    Accuracy: always guessing the most common class (+2 points or 2 samples).
+    Cross-entropy: predicting the class frequencies (their entropy, -2%).
+    Mean squared error: predicting the mean label (the label variance, -2%).
+    A custom callable metric cannot be judged and is trusted.
+    """
+    name = ctx.metric.name.lower()
     y = np.asarray(ctx.y)
-    labels = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(len(y), -1)[:, 0].round()
-    _, counts = np.unique(labels, return_counts=True)
-    n_out = np.asarray(ctx.baseline_outputs).shape[-1] if not isinstance(ctx.baseline_outputs, (list, dict)) else 2
-    chance = max(counts.max() / len(y), 1.0 / max(n_out, 2))
-    return ctx.baseline <= chance + max(0.02, 2.0 / len(y))
+    if isinstance(ctx.baseline_outputs, (list, tuple, dict)):
+        return False
+    n_out = np.asarray(ctx.baseline_outputs).shape[-1]
+    classes = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 and y.shape == np.shape(ctx.baseline_outputs) else y.reshape(len(y), -1)[:, 0].round()
+    _, counts = np.unique(classes, return_counts=True)
+    freqs = counts / len(y)
+    if "acc" in name and ctx.metric.higher_is_better:
+        chance = max(freqs.max(), 1.0 / max(n_out, 2))
+        return ctx.baseline <= chance + max(0.02, 2.0 / len(y))
+    if "crossentropy" in name and not ctx.metric.higher_is_better and n_out > 1:
+        return ctx.baseline >= 0.98 * float(-(freqs * np.log(freqs)).sum())
+    if name in ("mse", "mean_squared_error") and not ctx.metric.higher_is_better:
+        variance = float(np.mean(np.var(y.astype("float64"), axis=0)))
+        return variance > 0 and ctx.baseline >= 0.98 * variance
+    return False
 
 
 def _blocks(ctx: Context, keys: list[str]) -> dict[str, list[str]]:
@@ -285,7 +300,10 @@ def tune(
 
     started = time.monotonic()
     budget = Budget.parse(budget)
-    target = resolve_target(target)
+    asked = target
+    target, why = explain_target(target)
+    if asked == "auto":
+        _say(verbose, f"autoprec: target=auto -> {target} ({why}).")
     choices = tuple(candidates) if candidates is not None else (FLOAT32, target)
     if FLOAT32 not in choices or any(c not in (FLOAT32, MIXED_FLOAT16, MIXED_BFLOAT16) for c in choices) or len(set(choices)) != len(choices) or target not in choices:
         raise PolicyError(

@@ -254,3 +254,19 @@ def test_applications(name, size, granularity, tmp_path):
     got = {k: l.compute_dtype for k, l in keyed_layers(loaded).items() if l.weights}
     assert got == {k: l.compute_dtype for k, l in keyed_layers(applied).items() if l.weights}
     assert "bfloat16" in got.values() or result.all_float32
+
+
+def test_untrained_model_judged_by_its_loss_is_refused_too():
+    model = MODEL_BUILDERS["functional"]()
+    x, y = small_data(300)
+    out = model.get_layer("out")
+    out.kernel.assign(np.zeros(out.kernel.shape, "float32"))  # a constant predictor: uniform probabilities
+    with pytest.raises(UntrainedModelError, match="chance level"):
+        autoprec.tune(model, (x, y), budget="5% relative", metric="sparse_categorical_crossentropy", n_trials=3, verbose=0)
+
+
+def test_auto_target_says_why(capsys):
+    model = trained(MODEL_BUILDERS["sequential"]())
+    result = autoprec.tune(model, small_data(), budget="5%", target="auto", n_trials=3, verbose=1)
+    assert result.target in ("mixed_float16", "mixed_bfloat16")
+    assert f"target=auto -> {result.target} (" in capsys.readouterr().out
