@@ -61,7 +61,11 @@ def main(argv=None) -> int:
 
     text, rec = bench_speed.run()
     for r in rec:
-        if r["all16_meets"]:
+        if r["all16_meets"] and r["same_policy"]:
+            targets.append(f"- Speed, {r['model']}: tuned chose the all-bfloat16 policy itself (target <= 1.05x all-bfloat16: "
+                           f"met by construction); the measured ratio, {r['tuned_vs_all16']:.2f}x, is this machine's timing "
+                           f"noise between two copies of one policy. Tuned is {r['tuned_ratio']:.2f}x float32.")
+        elif r["all16_meets"]:
             targets.append(f"- Speed, {r['model']}: tuned is {r['tuned_vs_all16']:.2f}x all-bfloat16 (target <= 1.05x): "
                            f"{'met' if r['tuned_vs_all16'] <= 1.05 else 'MISSED'}.")
         else:
