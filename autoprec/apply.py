@@ -18,7 +18,7 @@ from typing import Any
 
 from autoprec import reasons
 from autoprec.errors import PolicyError, UnsupportedModelError, describe
-from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers
+from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers, set_policies_in_place
 from autoprec.policy import FLOAT32, MIXED_FLOAT16, PrecisionPolicy
 
 logger = logging.getLogger("autoprec")
@@ -111,9 +111,7 @@ def apply_policy(
         )
     if inplace:
         target = model
-        for key, layer in keyed_layers(model).items():
-            if key in names and layer.dtype_policy.name != names[key]:
-                layer.dtype_policy = names[key]
+        set_policies_in_place(model, names)
     else:
         target = _clone_with_policies(model, names)
     _compile_like(model, target, uses_float16=any(n == MIXED_FLOAT16 for n in names.values()), optimizer=optimizer)

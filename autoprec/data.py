@@ -13,7 +13,6 @@ samples in the same order every time.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -352,7 +351,3 @@ def resolve_loss(model: Any, y: np.ndarray, y_pred: Any):
     if pred.shape[-1] > 1 and probabilities:
         return keras.losses.CategoricalCrossentropy()
     return keras.losses.MeanSquaredError()
-
-
-def is_finite(value: float) -> bool:
-    return value is not None and math.isfinite(value)

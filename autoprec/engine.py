@@ -36,7 +36,7 @@ import numpy as np
 from autoprec import backends
 from autoprec.data import EvalData
 from autoprec.errors import PolicyError, UnsupportedModelError
-from autoprec.graph import SUBCLASSED, ModelGraph, _is_model, graph_function, keyed_layers
+from autoprec.graph import SUBCLASSED, ModelGraph, _is_model, graph_function, set_policies_in_place
 from autoprec.policy import FLOAT32, MIXED_BFLOAT16, MIXED_FLOAT16
 
 DTYPE_OF = {MIXED_FLOAT16: "float16", MIXED_BFLOAT16: "bfloat16"}
@@ -268,18 +268,11 @@ class RealEngine:
         self.model, self.graph, self.data, self.formats = model, graph, data, tuple(formats)
         self.units = [u.path for u in graph.units]
         self._original = {id(l): l.dtype_policy for l in model._flatten_layers(include_self=False)}
-        self._layers = keyed_layers(model)
         self.traces = 0
         self.passes = 0
 
     def set_assignment(self, assignment: Mapping[str, str]) -> None:
-        names = self.graph.resolve(dict(assignment))
-        changed = False
-        for path, name in names.items():
-            layer = self._layers.get(path)
-            if layer is not None and layer.dtype_policy.name != name:
-                layer.dtype_policy = name
-                changed = True
+        changed = set_policies_in_place(self.model, self.graph.resolve(dict(assignment)))
         if changed or self.model.predict_function is None:
             self.model.predict_function = None  # stale traced functions keep the old dtypes
             self.traces += 1

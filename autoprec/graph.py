@@ -261,6 +261,20 @@ def keyed_layers(model: Any) -> dict[str, Any]:
     }
 
 
+def set_policies_in_place(model: Any, names: dict[str, str]) -> bool:
+    """Set ``dtype_policy`` on each layer of ``model`` that ``names`` changes; True if any changed.
+
+    Keras 3.15 honours a policy set on a built layer and keeps its weights, but
+    the model's traced functions keep the old dtypes: callers reset or recompile.
+    """
+    changed = False
+    for key, layer in keyed_layers(model).items():
+        if key in names and layer.dtype_policy.name != names[key]:
+            layer.dtype_policy = names[key]
+            changed = True
+    return changed
+
+
 def model_kind(model: Any) -> str:
     """``'functional'``, ``'sequential'`` or ``'subclassed'``; raise for non-models."""
     import keras

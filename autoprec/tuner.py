@@ -27,7 +27,7 @@ from autoprec.graph import SUBCLASSED
 from autoprec.policy import FLOAT32, LOW_PRECISION, MIXED_BFLOAT16, MIXED_FLOAT16, PrecisionPolicy
 from autoprec.search import Search, Space
 from autoprec.sensitivity import Context, explain_target, prepare, profile
-from autoprec.verify import TrainCheck, _cycle_batches, train_check, train_steps, verify_eval
+from autoprec.verify import TrainCheck, cycle_batches, train_check, train_steps, verify_eval
 
 logger = logging.getLogger("autoprec")
 
@@ -348,7 +348,7 @@ def tune(
         why = "the float32 baseline is at chance level" if at_chance else f"pretrain_steps={pretrained}"
         _say(verbose, f"autoprec: training a float32 copy for {pretrained} steps before searching ({why}).")
         work = apply_policy(model, {}, graph=ctx.graph)
-        train_steps(work, _cycle_batches(train_data, pretrained, 32))
+        train_steps(work, cycle_batches(train_data, pretrained, 32))
         ctx = prepare(work, data, target=target, formats=formats, **options)
         if _at_chance(ctx):
             logger.warning("autoprec: still at chance level after %d pretraining steps; pass a larger pretrain_steps.", pretrained)

@@ -53,7 +53,8 @@ def verify_eval(model: Any, graph: ModelGraph, names: dict[str, str], ctx: Any) 
     return real, ctx.score_outputs(predict_batches(real, ctx.data))
 
 
-def _cycle_batches(train_data: Any, steps: int, batch_size: int):
+def cycle_batches(train_data: Any, steps: int, batch_size: int) -> list:
+    """``steps`` training batches, cycling through ``train_data`` in order."""
     data = as_eval_data(train_data, batch_size=batch_size, what="train_data")
     batches = list(data.batches)
     return [batches[i % len(batches)] for i in range(steps)]
@@ -101,7 +102,7 @@ def train_check(
             "The training check clones the model twice; a subclassed model cannot be cloned. "
             "Run verify='eval', or rebuild the model functionally."
         )
-    batches = _cycle_batches(train_data, steps, batch_size)
+    batches = cycle_batches(train_data, steps, batch_size)
     reference = apply_policy(model, {}, graph=graph)
     tuned = apply_policy(model, names, graph=graph)
     f32_losses, _ = train_steps(reference, batches)
