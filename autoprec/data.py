@@ -190,6 +190,7 @@ class Metric:
     fn: Callable[[np.ndarray, np.ndarray], float]
 
     def compute(self, y_true: np.ndarray, y_pred: Any) -> float:
+        y_pred = single_output(y_pred)
         try:
             value = float(self.fn(y_true, y_pred))
         except (ValueError, TypeError) as exc:
@@ -199,6 +200,19 @@ class Metric:
     def drop(self, baseline: float, value: float) -> float:
         """How much worse ``value`` is than ``baseline`` (positive = worse); NaN stays NaN."""
         return baseline - value if self.higher_is_better else value - baseline
+
+
+def single_output(y_pred: Any) -> Any:
+    """The array itself for a one-output model, even one built with ``outputs=[t]`` (a list of one).
+
+    >>> single_output([np.zeros(2)]).shape
+    (2,)
+    """
+    if isinstance(y_pred, (list, tuple)) and len(y_pred) == 1:
+        return y_pred[0]
+    if isinstance(y_pred, dict) and len(y_pred) == 1:
+        return next(iter(y_pred.values()))
+    return y_pred
 
 
 def label_kind(y: np.ndarray, y_pred: np.ndarray) -> str:
@@ -240,6 +254,7 @@ def resolve_metric(
     """
     import keras
 
+    y_pred = single_output(y_pred)
     if isinstance(y_pred, (list, tuple, dict)) and not callable(metric):
         raise MetricError(
             "Expected a single-output model for a named metric. Received a model with several outputs; "
@@ -343,7 +358,7 @@ def resolve_loss(model: Any, y: np.ndarray, y_pred: Any):
     loss = getattr(model, "loss", None)
     if loss is not None and not isinstance(loss, (list, dict, tuple)):
         return keras.losses.get(loss) if isinstance(loss, str) else loss
-    pred = np.asarray(y_pred)
+    pred = np.asarray(single_output(y_pred))
     kind = label_kind(y, pred)
     probabilities = pred.ndim >= 2 and np.allclose(pred.sum(-1), 1.0, atol=1e-3) and pred.min() >= 0
     if kind == "sparse":

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from autoprec import backends
-from autoprec.data import EvalData, Metric, as_eval_data, check_inputs_fit, label_kind, resolve_loss, resolve_metric
+from autoprec.data import (EvalData, Metric, as_eval_data, check_inputs_fit, label_kind, resolve_loss, resolve_metric,
+                           single_output)
 from autoprec.engine import LIMITS, FormatLimits, SimEngine, call_rounded, make_engine, round_to
 from autoprec.errors import DataError, PolicyError, describe
 from autoprec.graph import ModelGraph, build_graph
@@ -137,7 +138,7 @@ def prepare(
     y = ev.y
     import keras
 
-    flat = keras.tree.flatten(outputs)
+    flat = keras.tree.flatten(outputs)  # a one-output model built with outputs=[t] gives a list of one
     if not all(np.all(np.isfinite(o)) for o in flat):
         raise DataError(
             "Expected finite float32 outputs on the evaluation data. Received NaN or inf from the float32 model "
@@ -284,7 +285,10 @@ def gradient_statistics(ctx: Context, *, loss_scale: float = DEFAULT_LOSS_SCALE)
     units = {u.path for u in ctx.graph.units}
     unit_vars = [(u.path, v) for u in ctx.graph.units for v in u.layer.trainable_variables]
     variables = [v for _, v in unit_vars]
-    loss_fn = resolve_loss(ctx.model, ctx.y, ctx.baseline_outputs)
+    loss = resolve_loss(ctx.model, ctx.y, ctx.baseline_outputs)
+
+    def loss_fn(y_true, y_pred):
+        return loss(y_true, single_output(y_pred))
     zeros = {fmt: ops.zeros((len(engine.units),), "float32") for fmt in ctx.formats}
 
     def step(x, y):

@@ -270,3 +270,19 @@ def test_auto_target_says_why(capsys):
     result = autoprec.tune(model, small_data(), budget="5%", target="auto", n_trials=3, verbose=1)
     assert result.target in ("mixed_float16", "mixed_bfloat16")
     assert f"target=auto -> {result.target} (" in capsys.readouterr().out
+
+
+def test_uncompiled_list_output_model_and_tf_data():
+    """A model built with outputs=[t] (a list of one) and never compiled; data as a tf.data.Dataset."""
+    import tensorflow as tf
+
+    source = trained(MODEL_BUILDERS["functional"]())
+    model = keras.Model(source.inputs, [source.outputs[0]])
+    x, y = small_data()
+    result = autoprec.tune(model, (x, y), budget="2%", metric="accuracy", target="mixed_float16", n_trials=4, verbose=0)
+    assert result.baseline_metric > 0.5 and result.verification["feasible"]
+    assert result.sensitivity["score"].notna().any()  # the gradient pass handled the list output
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    again = autoprec.tune(source, dataset, budget="2%", target="mixed_bfloat16", n_trials=4, verbose=0)
+    assert again.baseline_metric == pytest.approx(autoprec.tune(source, (x, y), budget="2%", target="mixed_bfloat16",
+                                                                 n_trials=4, verbose=0).baseline_metric)
