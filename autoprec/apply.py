@@ -18,7 +18,7 @@ from typing import Any
 
 from autoprec import reasons
 from autoprec.errors import PolicyError, UnsupportedModelError, describe
-from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers, set_policies_in_place
+from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, clone_with_policies, set_policies_in_place
 from autoprec.policy import FLOAT32, MIXED_FLOAT16, PrecisionPolicy
 
 logger = logging.getLogger("autoprec")
@@ -113,7 +113,7 @@ def apply_policy(
         target = model
         set_policies_in_place(model, names)
     else:
-        target = _clone_with_policies(model, names)
+        target = clone_with_policies(model, names)
     _compile_like(model, target, uses_float16=any(n == MIXED_FLOAT16 for n in names.values()), optimizer=optimizer)
     return target
 
@@ -133,46 +133,6 @@ def _effective_names(graph: ModelGraph, policy: PrecisionPolicy) -> dict[str, st
             for sub in info.sublayers:
                 names[sub] = FLOAT32
     return names
-
-
-def _clone_with_policies(model: Any, names: dict[str, str]) -> Any:
-    import keras
-
-    keys = {id(layer): key for key, layer in keyed_layers(model).items()}
-
-    def clone_layer(layer):
-        config = layer.get_config()
-        key = keys.get(id(layer))
-        if key in names:
-            config["dtype"] = names[key]
-        return layer.__class__.from_config(config)
-
-    try:
-        clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    except Exception as exc:  # Keras raises many kinds here; name the step that failed.
-        raise UnsupportedModelError(
-            f"Keras could not clone model {model.name!r} with per-layer policies ({type(exc).__name__}: {exc}). "
-            "Pass inplace=True to set the policies on the model itself."
-        ) from exc
-    new_layers = keyed_layers(clone)
-    for key, layer in keyed_layers(model).items():
-        twin = new_layers.get(key)
-        if twin is None:
-            continue
-        if key in names and twin.dtype_policy.name != names[key]:
-            # Sublayers created inside a custom layer's __init__ do not inherit
-            # the parent's dtype; setting it on the built layer does (Keras 3.15).
-            twin.dtype_policy = names[key]
-        own = [v for v in layer._trainable_variables + layer._non_trainable_variables]
-        twin_own = [v for v in twin._trainable_variables + twin._non_trainable_variables]
-        if len(own) != len(twin_own):
-            raise UnsupportedModelError(f"Layer {key!r} has {len(own)} weights but its clone has {len(twin_own)}.")
-        for src, dst in zip(own, twin_own):
-            # Through NumPy: on JAX, assigning the same immutable array would share
-            # one buffer between the models, and a jitted step that donates it
-            # (Keras's JAX trainer does) would delete the original's weights.
-            dst.assign(keras.ops.convert_to_numpy(src.value))
-    return clone
 
 
 def _compile_like(source: Any, target: Any, *, uses_float16: bool, optimizer: Any) -> None:

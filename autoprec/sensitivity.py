@@ -38,7 +38,7 @@ from autoprec.data import (EvalData, Metric, as_eval_data, check_inputs_fit, lab
                            single_output)
 from autoprec.engine import LIMITS, FormatLimits, SimEngine, call_rounded, make_engine, round_to
 from autoprec.errors import DataError, PolicyError, describe
-from autoprec.graph import ModelGraph, build_graph
+from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, clone_with_policies
 from autoprec.policy import MIXED_BFLOAT16, MIXED_FLOAT16, TARGETS
 
 logger = logging.getLogger("autoprec")
@@ -131,6 +131,12 @@ def prepare(
     ev = as_eval_data(data, batch_size=batch_size)
     check_inputs_fit(model, ev)
     graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
+    if graph.kind != SUBCLASSED and any(i.layer.compute_dtype != "float32" for i in graph.units):
+        # A model built under a mixed global policy: the baseline and the
+        # search need float32, so they run on a float32 copy with the same weights.
+        logger.info("autoprec: %r already computes partly in 16-bit; measuring a float32 copy with the same weights.", model.name)
+        model = clone_with_policies(model, graph.resolve({}))
+        graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
     formats = tuple(formats or (target,))
     engine = make_engine(model, graph, ev, formats=formats)
     engine.set_assignment({})

@@ -332,7 +332,7 @@ def tune(
     options = dict(metric=metric, higher_is_better=higher_is_better, batch_size=batch_size,
                    keep_float32=keep_float32, force_16bit=force_16bit)
     ctx = prepare(model, data, target=target, formats=formats, **options)
-    work, pretrained = model, 0
+    work, pretrained = ctx.model, 0  # the model itself, or its float32 copy if it was built mixed
     at_chance = _at_chance(ctx)
     if at_chance or pretrain_steps:
         if train_data is None:
@@ -347,7 +347,7 @@ def tune(
         pretrained = pretrain_steps or DEFAULT_PRETRAIN_STEPS
         why = "the float32 baseline is at chance level" if at_chance else f"pretrain_steps={pretrained}"
         _say(verbose, f"autoprec: training a float32 copy for {pretrained} steps before searching ({why}).")
-        work = apply_policy(model, {}, graph=ctx.graph)
+        work = apply_policy(ctx.model, {}, graph=ctx.graph)
         train_steps(work, cycle_batches(train_data, pretrained, 32))
         ctx = prepare(work, data, target=target, formats=formats, **options)
         if _at_chance(ctx):

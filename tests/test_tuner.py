@@ -286,3 +286,16 @@ def test_uncompiled_list_output_model_and_tf_data():
     again = autoprec.tune(source, dataset, budget="2%", target="mixed_bfloat16", n_trials=4, verbose=0)
     assert again.baseline_metric == pytest.approx(autoprec.tune(source, (x, y), budget="2%", target="mixed_bfloat16",
                                                                  n_trials=4, verbose=0).baseline_metric)
+
+
+def test_model_built_under_a_mixed_global_policy():
+    """Built under mixed_float16: tuned against a float32 copy; the user's model is left as it was."""
+    keras.config.set_dtype_policy("mixed_float16")
+    model = MODEL_BUILDERS["functional"]()
+    keras.config.set_dtype_policy("float32")
+    trained(model)
+    assert model.get_layer("h1").compute_dtype == "float16"
+    result = autoprec.tune(model, small_data(), budget="2%", target="mixed_bfloat16", n_trials=4, verbose=0)
+    assert model.get_layer("h1").compute_dtype == "float16"
+    assert result.model.get_layer("out").compute_dtype == "float32"
+    assert result.verification["feasible"]
