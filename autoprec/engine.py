@@ -180,7 +180,11 @@ class SimEngine:
         return out
 
     def run(self, x: Any, switch_values: Mapping[str, Any], hook: Callable | None = None) -> Any:
-        """Run the model graph with rounding per layer; ``hook(path, op, args, kwargs, out, sw)`` sees each leaf."""
+        """Run the model graph with rounding per layer.
+
+        ``hook(path, op, call, args, kwargs, out, sw)`` sees each leaf's output;
+        what it returns, if not None, flows on in place of ``out``.
+        """
         return self._run_graph(graph_function(self.model), x, switch_values, hook)
 
     def _run_graph(self, fn: Any, x: Any, switch_values: Mapping[str, Any], hook: Callable | None) -> Any:
@@ -197,7 +201,9 @@ class SimEngine:
                 sw = self.layer_switches(path, switch_values)
                 out = call_rounded(op, call, sw, args, kwargs)
                 if hook is not None:
-                    hook(path, op, call, args, kwargs, out, sw)
+                    replaced = hook(path, op, call, args, kwargs, out, sw)
+                    if replaced is not None:  # e.g. the output plus a zero "tap" to differentiate at
+                        out = replaced
                 return out
 
             return simulated

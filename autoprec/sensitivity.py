@@ -294,7 +294,9 @@ def gradient_statistics(ctx: Context, *, loss_scale: float = DEFAULT_LOSS_SCALE)
     loss = resolve_loss(ctx.model, ctx.y, ctx.baseline_outputs)
 
     def loss_fn(y_true, y_pred):
-        return loss(y_true, single_output(y_pred))
+        # The batch mean, as Keras trains on: a loss resolved from a name is per
+        # sample, and differentiating its sum would scale every gradient by the batch size.
+        return ops.mean(loss(y_true, single_output(y_pred)))
     zeros = {fmt: ops.zeros((len(engine.units),), "float32") for fmt in ctx.formats}
 
     def step(x, y):
@@ -302,16 +304,22 @@ def gradient_statistics(ctx: Context, *, loss_scale: float = DEFAULT_LOSS_SCALE)
         own: dict[str, Any] = {}
 
         def forward(inputs, watch):
+            # A backend may call forward more than once (JAX: to size its taps,
+            # to differentiate, and a last concrete pass); keep the last call's.
+            taken.clear()
+            own.clear()
+
             def hook(path, op, call, args, kwargs, out, sw):
-                floats = [t for t in keras.tree.flatten(out) if "float" in str(getattr(t, "dtype", ""))]
-                if not floats:
-                    return
-                watch(floats[0])
-                taken.append((path, floats[0]))
+                # Only a layer with a single floating output is watched (a layer
+                # returning states as well, e.g. LSTM(return_state=True), is not).
+                if isinstance(out, (list, tuple, dict)) or "float" not in str(getattr(out, "dtype", "")):
+                    return None
+                taken.append((path, out))
                 if path in units and path not in own:
                     rounded = call_rounded(op, call, [(dtype, ops.ones(()))], args, kwargs)
                     r = keras.tree.flatten(rounded)[0]
-                    own[path] = ops.stack([ops.sum(ops.square(floats[0])), ops.sum(ops.square(floats[0] - r))])
+                    own[path] = ops.stack([ops.sum(ops.square(out)), ops.sum(ops.square(out - r))])
+                return watch(out)
 
             return engine.run(inputs, zeros, hook)
 

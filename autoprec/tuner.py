@@ -362,8 +362,8 @@ def tune(
     method = "full" if len(units) <= _ABLATION_LIMIT else "fast"
     from autoprec import backends
 
-    if backends.name() != "tensorflow" and ctx.graph.kind != SUBCLASSED:
-        method = "ablation"  # gradient statistics need tf.GradientTape
+    if backends.name() not in ("tensorflow", "jax") and ctx.graph.kind != SUBCLASSED:
+        method = "ablation"  # gradient statistics need tf.GradientTape or jax.grad
     sensitivity = profile(work, data, target=target, method=method, verbose=verbose, context=ctx)
     order_units = [p for p in sensitivity["path"] if p in set(units) and p not in forced]
     free = [u for u in units if u not in forced]

@@ -42,20 +42,26 @@ def compile_function(fn: Callable) -> Callable:
 
 
 def gradient_pass(forward: Callable, loss_fn: Callable, x: Any, y: Any, variables: list) -> tuple:
-    """Run ``forward`` under a tape; return (predictions, loss, output grads, variable grads).
+    """Differentiate the loss at layer outputs; return (predictions, loss, output grads, variable grads).
 
-    ``forward(x, watch)`` calls ``watch(tensor)`` on every layer output it wants a
-    gradient for, and returns the predictions. Only TensorFlow is supported.
+    ``forward(x, watch)`` returns the predictions and calls ``t = watch(t)`` on
+    every layer output it wants a gradient for, letting the returned tensor
+    flow on. TensorFlow watches ``t`` on a tape; JAX adds a zero "tap" to it
+    and differentiates with respect to the taps. PyTorch is not supported.
     """
     backend = name()
-    if backend != "tensorflow":
-        raise BackendError(
-            f"Gradient statistics at layer outputs need the TensorFlow backend. Received KERAS_BACKEND={backend!r}. "
-            "Use profile(..., method='ablation') for ablation only, or run with KERAS_BACKEND=tensorflow."
-        )
-    from autoprec.backends import tensorflow as tf_backend
+    if backend == "tensorflow":
+        from autoprec.backends import tensorflow as tf_backend
 
-    return tf_backend.gradient_pass(forward, loss_fn, x, y, variables)
+        return tf_backend.gradient_pass(forward, loss_fn, x, y, variables)
+    if backend == "jax":
+        from autoprec.backends import jax as jax_backend
+
+        return jax_backend.gradient_pass(forward, loss_fn, x, y, variables)
+    raise BackendError(
+        f"Gradient statistics at layer outputs need the TensorFlow or JAX backend. Received KERAS_BACKEND={backend!r}. "
+        "Use profile(..., method='ablation') for ablation only, or run with KERAS_BACKEND=tensorflow or jax."
+    )
 
 
 def is_cuda_gpu_available() -> bool:

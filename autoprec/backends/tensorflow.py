@@ -16,6 +16,7 @@ def gradient_pass(forward: Callable, loss_fn: Callable, x: Any, y: Any, variable
         def watch(tensor):
             tape.watch(tensor)
             watched.append(tensor)
+            return tensor
 
         predictions = forward(x, watch)
         loss = loss_fn(y, predictions)
