@@ -23,9 +23,9 @@ GPU_NOTE = """No CUDA machine was available when this report was made, so `bench
 has not been run; it is ready: `KERAS_BACKEND=jax python benchmarks/gpu.py --out gpu.md` on
 a CUDA machine (JAX or TensorFlow backend) measures float32 vs all-float16 vs tuned step time for a
 conv and a transformer-block model, and the LossScaleOptimizer's behaviour on real float16 kernels.
-On this CPU, with `KERAS_BACKEND=jax` and TensorFlow blocked from import, `tune` (engine, search,
-verification with real float16 Dense kernels) ran and chose the same policies as on TensorFlow for the
-planted model; `gpu.py --quick` then stopped at the conv model's first real float16 step, because JAX's
+On this CPU, with `KERAS_BACKEND=jax` and TensorFlow blocked from import, `profile` (gradient
+statistics through `jax.value_and_grad`) and `tune` (engine, search, verification with real float16
+Dense kernels) ran, ranked the planted layers first and chose the same policies as on TensorFlow; `gpu.py --quick` then stopped at the conv model's first real float16 step, because JAX's
 CPU backend lacks that float16 kernel ("The precision 'F16_F16_F32' is not supported by dot_general on
 CPU"). Its figures need a GPU."""
 
