@@ -82,6 +82,7 @@ class ModelGraph:
     layers: tuple[LayerInfo, ...]
     outputs: tuple[str, ...]
     containers: frozenset[str] = frozenset()
+    forced: frozenset[str] = frozenset()  # paths matched by force_16bit
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_path", {info.path: info for info in self.layers})
@@ -430,7 +431,7 @@ def build_graph(
         )
     return ModelGraph(
         model=model, kind=kind, layers=tuple(layers), outputs=tuple(dict.fromkeys(walker.outputs)),
-        containers=walker.containers,
+        containers=walker.containers, forced=frozenset(forced),
     )
 
 

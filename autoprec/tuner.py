@@ -358,14 +358,16 @@ def tune(
     _say(verbose, f"autoprec: target {target}; budget {budget}: {formula}")
 
     units = [u.path for u in ctx.graph.units]
-    forced = set(units) & _forced_paths(ctx, force_16bit)
+    unit_set = set(units)
+    forced = unit_set & ctx.graph.forced
     method = "full" if len(units) <= _ABLATION_LIMIT else "fast"
     from autoprec import backends
 
     if backends.name() not in ("tensorflow", "jax") and ctx.graph.kind != SUBCLASSED:
         method = "ablation"  # gradient statistics need tf.GradientTape or jax.grad
     sensitivity = profile(work, data, target=target, method=method, verbose=verbose, context=ctx)
-    order_units = [p for p in sensitivity["path"] if p in set(units) and p not in forced]
+    sens_order = [p for p in sensitivity["path"] if p in unit_set]  # most sensitive first
+    order_units = [p for p in sens_order if p not in forced]
     free = [u for u in units if u not in forced]
     if granularity == "block":
         groups = _blocks(ctx, free)
@@ -391,8 +393,7 @@ def tune(
         return cost_model.speedup(ctx.graph.resolve(expand(assignment)))
 
     def evaluate(assignment):
-        r = ctx.evaluate(expand(assignment))
-        return {"metric": r["metric"], "drop": r["drop"], "output_error": r["output_error"], "nonfinite_outputs": r["nonfinite_outputs"]}
+        return ctx.evaluate(expand(assignment))
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar replaces Optuna's per-trial log
@@ -410,7 +411,6 @@ def tune(
         assignment, measured, measured_by_trial = _measure_best(work, ctx, search, expand)
 
     # Verification: real Keras policies on this device, falling back by sensitivity.
-    sens_order = [p for p in sensitivity["path"] if p in set(units)]
     fallbacks, discrepancies, train_fallbacks = [], [], []
     simulated = ctx.evaluate(assignment) if assignment else {"drop": 0.0, "metric": ctx.baseline}
     while True:
@@ -482,12 +482,6 @@ def _search(optuna, ctx, model, target, budget, seed, storage, study_name, keys,
     if bar is not None:
         bar.update(min(search.finished(), n_trials), [("best_speedup", search.best_speedup())], finalize=True)
     return study, search, best
-
-
-def _forced_paths(ctx: Context, force_16bit) -> set[str]:
-    from autoprec.graph import match_paths
-
-    return set(match_paths(force_16bit, [i.path for i in ctx.graph.layers], what="force_16bit")) if force_16bit else set()
 
 
 def _check_study(study: Any, *, keys: list[str], choices: tuple, baseline: float) -> None:
@@ -564,6 +558,7 @@ def _measure_best(work, ctx, search, expand, *, top: int = 3, steps: int = 10):
 
 def _with_decisions(sensitivity, ctx: Context, names: dict[str, str], forced, fallbacks, train_fallbacks):
     frame = sensitivity.copy()
+    trained_back = {f["path"] for f in train_fallbacks}
     decisions, why = [], []
     for row in frame.itertuples(index=False):
         info = ctx.graph[row.path]
@@ -576,7 +571,7 @@ def _with_decisions(sensitivity, ctx: Context, names: dict[str, str], forced, fa
                 decision = names.get(row.path, FLOAT32)
         elif decision != FLOAT32:
             reason = reasons.FORCED_16BIT if row.path in forced else reasons.LOW_PRECISION_OK
-        elif row.path in {f["path"] for f in train_fallbacks}:
+        elif row.path in trained_back:
             reason = reasons.TRAIN_FALLBACK
         elif row.path in fallbacks:
             reason = reasons.VERIFY_FALLBACK
