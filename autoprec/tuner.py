@@ -402,7 +402,8 @@ def tune(
                                       order, estimate, evaluate, allowed, n_trials, timeout, verbose)
     finally:
         optuna.logging.set_verbosity(verbosity)
-    assignment = expand(best.assignment) if best else {}
+    # force_16bit units stay 16-bit even when nothing met the budget: the user asked for them.
+    assignment = expand(best.assignment if best else {})
     if best is None:
         _say(verbose, "autoprec: no assignment with a unit in 16-bit met the budget; the result is all float32.")
 

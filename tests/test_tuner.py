@@ -299,3 +299,12 @@ def test_model_built_under_a_mixed_global_policy():
     assert model.get_layer("h1").compute_dtype == "float16"
     assert result.model.get_layer("out").compute_dtype == "float32"
     assert result.verification["feasible"]
+
+
+def test_force_16bit_units_stay_16bit_with_their_reason(planted):
+    model, _, val, _ = planted
+    result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", force_16bit=["d6"], n_trials=10, verbose=0)
+    decisions = result.sensitivity.set_index("path")
+    assert result.policy["d6"] == "mixed_bfloat16"
+    assert decisions.loc["d6", "reason"] == reasons.FORCED_16BIT
+    assert result.policy["d7"] == "float32"  # the rest of the planted region still falls back
