@@ -21,13 +21,14 @@ _EXPORTS = {
     "PrecisionPolicy": "autoprec.policy",
     "apply_policy": "autoprec.apply",
     "build_graph": "autoprec.graph",
+    "ModelGraph": "autoprec.graph",
     "profile": "autoprec.sensitivity",
     "tune": "autoprec.tuner",
-    "TuneResult": "autoprec.tuner",
+    "TuneOptions": "autoprec.tuner",
+    "TuneResult": "autoprec.result",
     "Budget": "autoprec.budget",
+    "Reason": "autoprec.decisions",
     "errors": "autoprec.errors",
-    "reasons": "autoprec.reasons",
-    "examples": "autoprec.examples",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

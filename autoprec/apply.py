@@ -1,5 +1,9 @@
 """Emit: put a :class:`PrecisionPolicy` on a model, with the right optimizer.
 
+This module owns every change of a model's policies: cloning with
+per-layer policies (:func:`clone_with_policies`), setting them in place
+(:func:`set_policies_in_place`), and the public :func:`apply_policy`.
+
 >>> import keras, autoprec
 >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="h"),
 ...                       keras.layers.Dense(2, name="out")])
@@ -12,47 +16,19 @@
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
 from typing import Any
 
-from autoprec import reasons
-from autoprec.errors import PolicyError, UnsupportedModelError, describe
-from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, clone_with_policies, set_policies_in_place
-from autoprec.policy import FLOAT32, MIXED_FLOAT16, PrecisionPolicy
+from autoprec.decisions import Reason
+from autoprec.errors import ArgumentError, UnsupportedModelError, describe
+from autoprec.formats import FLOAT32, MIXED_FLOAT16
+from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers
+from autoprec.policy import PrecisionPolicy
 
 logger = logging.getLogger("autoprec")
 
 
-def as_policy(policy: Any) -> PrecisionPolicy:
-    """Accept a PrecisionPolicy, a DTypePolicyMap, a ``{path: name}`` dict or a JSON path.
-
-    >>> as_policy({"d": "mixed_bfloat16"})["d"]
-    'mixed_bfloat16'
-    """
-    if isinstance(policy, PrecisionPolicy):
-        return policy
-    if isinstance(policy, (str, os.PathLike)):
-        return PrecisionPolicy.load(policy)
-    if isinstance(policy, Mapping) and not hasattr(policy, "default_policy"):
-        return PrecisionPolicy(policy)
-    try:
-        return PrecisionPolicy.from_keras(policy)
-    except PolicyError:
-        raise PolicyError(
-            "Expected policy to be an autoprec.PrecisionPolicy, a keras DTypePolicyMap, a dict of "
-            f"layer path to policy name, or the path of a policy JSON file. Received: {describe(policy)}."
-        ) from None
-
-
-def apply_policy(
-    model: Any,
-    policy: Any,
-    *,
-    optimizer: Any = None,
-    inplace: bool = False,
-    graph: ModelGraph | None = None,
-) -> Any:
+def apply_policy(model: Any, policy: Any, *, optimizer: Any = None, inplace: bool = False,
+                 graph: ModelGraph | None = None) -> Any:
     """A model whose layers compute in the precision the policy names.
 
     Functional and Sequential models (nested ones too) are cloned with a dtype
@@ -61,9 +37,10 @@ def apply_policy(
     cannot be cloned that way: pass ``inplace=True`` to set ``dtype_policy`` on
     its layers in place.
 
-    Keras rebuilds a subclassed model's layers in its ``__init__`` when it
-    loads one, with their default dtype, so its per-layer policies do not
-    survive ``model.save``/``load_model``: save the policy too and apply it
+    The policy may name layers by autoprec's key, by their Keras
+    ``layer.path`` (``seq/dense``), or a nested model by its name (all its
+    layers). Keras rebuilds a subclassed model's layers in its ``__init__``
+    when it loads one, with their default dtype, so apply ``policy.json``
     again after loading (``apply_policy(loaded, "policy.json", inplace=True)``).
 
     The model's outputs, and a softmax or sigmoid that feeds them, stay
@@ -85,24 +62,20 @@ def apply_policy(
         ``optimizer`` was given).
 
     Raises:
-        ModelMismatchError: the policy was made for another model.
+        ModelMismatchError: the policy names layers this model lacks.
         UnsupportedModelError: a subclassed model without ``inplace=True``.
 
     Example:
         >>> tuned = apply_policy(model, result.policy)  # doctest: +SKIP
         >>> tuned.fit(x_train, y_train)                   # doctest: +SKIP
     """
-    policy = as_policy(policy)
+    policy = PrecisionPolicy.get(policy)
     if not isinstance(inplace, bool):
-        raise PolicyError(f"Expected inplace to be True or False. Received: inplace={describe(inplace)}.")
+        raise ArgumentError(f"Expected inplace to be True or False. Received: inplace={describe(inplace)}.")
     graph = graph or build_graph(model)
     if graph.model is not model:
-        raise PolicyError("Expected graph= to be the graph of the model being changed. Received another model's graph.")
-    if policy.layers:
-        policy.check_fits(graph.fingerprint())
-    else:
-        policy.check_fits([(p, "") for p in graph.all_paths()])
-    names = _effective_names(graph, policy)
+        raise ArgumentError("Expected graph= to be the graph of the model being changed. Received another model's graph.")
+    names = _effective_names(graph, policy.for_graph(graph))
     if graph.kind == SUBCLASSED and not inplace:
         raise UnsupportedModelError(
             f"Expected a Functional or Sequential model to clone. Received the subclassed model {model.name!r}, "
@@ -114,17 +87,17 @@ def apply_policy(
         set_policies_in_place(model, names)
     else:
         target = clone_with_policies(model, names)
-    _compile_like(model, target, uses_float16=any(n == MIXED_FLOAT16 for n in names.values()), optimizer=optimizer)
+    compile_like(model, target, uses_float16=any(n == MIXED_FLOAT16 for n in names.values()), optimizer=optimizer)
     return target
 
 
-def _effective_names(graph: ModelGraph, policy: PrecisionPolicy) -> dict[str, str]:
+def _effective_names(graph: ModelGraph, named: dict[str, str]) -> dict[str, str]:
     # A layer the policy does not name keeps float32, except one that was not
     # float32 to begin with (a float64 layer): that one keeps what it has.
     current = graph.resolve({})
-    names = {path: policy.get(path, current.get(path, FLOAT32)) for path in graph.all_paths()}
+    names = {path: named.get(path, current.get(path, FLOAT32)) for path in graph.all_paths()}
     for info in graph.layers:
-        if info.pinned in (reasons.PINNED_OUTPUT, reasons.PINNED_SOFTMAX) and names.get(info.path) != FLOAT32:
+        if info.pinned in (Reason.PINNED_OUTPUT, Reason.PINNED_SOFTMAX) and names.get(info.path) != FLOAT32:
             logger.warning(
                 "autoprec: keeping %r in float32 (%s): a model's outputs and its final softmax/sigmoid "
                 "stay float32, although the policy asks for %s.", info.path, info.pinned, names[info.path],
@@ -135,7 +108,73 @@ def _effective_names(graph: ModelGraph, policy: PrecisionPolicy) -> dict[str, st
     return names
 
 
-def _compile_like(source: Any, target: Any, *, uses_float16: bool, optimizer: Any) -> None:
+def set_policies_in_place(model: Any, names: dict[str, str]) -> bool:
+    """Set ``dtype_policy`` on each layer of ``model`` that ``names`` changes; True if any changed.
+
+    Keras 3.15 honours a policy set on a built layer and keeps its weights, but
+    the model's traced functions keep the old dtypes: callers reset or recompile.
+    """
+    changed = False
+    for key, layer in keyed_layers(model).items():
+        if key in names and layer.dtype_policy.name != names[key]:
+            layer.dtype_policy = names[key]
+            changed = True
+    return changed
+
+
+def clone_with_policies(model: Any, names: dict[str, str]) -> Any:
+    """A Functional/Sequential clone whose layers compute as ``names`` says, with every weight copied.
+
+    Nested models are cloned recursively. The clone is not compiled.
+    """
+    import keras
+
+    keys = {id(layer): key for key, layer in keyed_layers(model).items()}
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        key = keys.get(id(layer))
+        if key in names:
+            config["dtype"] = names[key]
+        return layer.__class__.from_config(config)
+
+    try:
+        clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    except Exception as exc:  # Keras raises many kinds here; name the step that failed.
+        raise UnsupportedModelError(
+            f"Keras could not clone model {model.name!r} with per-layer policies ({type(exc).__name__}: {exc}). "
+            "Pass inplace=True to set the policies on the model itself."
+        ) from exc
+    new_layers = keyed_layers(clone)
+    for key, layer in keyed_layers(model).items():
+        twin = new_layers.get(key)
+        if twin is None:
+            continue
+        if key in names and twin.dtype_policy.name != names[key]:
+            # Sublayers created inside a custom layer's __init__ do not inherit
+            # the parent's dtype; setting it on the built layer does (Keras 3.15).
+            twin.dtype_policy = names[key]
+        copy_weights(layer, twin, key)
+    return clone
+
+
+def copy_weights(source: Any, target: Any, key: str) -> None:
+    """Copy a layer's own variables into its twin (through NumPy)."""
+    import keras
+
+    own = [*source._trainable_variables, *source._non_trainable_variables]
+    twin_own = [*target._trainable_variables, *target._non_trainable_variables]
+    if len(own) != len(twin_own):
+        raise UnsupportedModelError(f"Layer {key!r} has {len(own)} weights but its clone has {len(twin_own)}.")
+    for src, dst in zip(own, twin_own):
+        # Through NumPy: on JAX, assigning the same immutable array would share
+        # one buffer between the models, and a jitted step that donates it
+        # (Keras's JAX trainer does) would delete the original's weights.
+        dst.assign(keras.ops.convert_to_numpy(src.value))
+
+
+def compile_like(source: Any, target: Any, *, uses_float16: bool, optimizer: Any = None) -> None:
+    """Compile ``target`` with ``source``'s loss and metrics, and a LossScaleOptimizer when float16 is used."""
     import keras
 
     compiled = getattr(source, "compiled", False) and getattr(source, "optimizer", None) is not None
@@ -158,11 +197,8 @@ def _compile_like(source: Any, target: Any, *, uses_float16: bool, optimizer: An
     if uses_float16 and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     target.compile(
-        optimizer=optimizer,
-        loss=config.get("loss"),
-        loss_weights=config.get("loss_weights"),
-        metrics=config.get("metrics"),
-        weighted_metrics=config.get("weighted_metrics"),
+        optimizer=optimizer, loss=config.get("loss"), loss_weights=config.get("loss_weights"),
+        metrics=config.get("metrics"), weighted_metrics=config.get("weighted_metrics"),
         jit_compile=config.get("jit_compile", "auto"),
     )
     # Build the optimizer's slots now, so that a model saved before its first

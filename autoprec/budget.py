@@ -1,25 +1,30 @@
 """The accuracy budget: the largest metric drop allowed against the float32 baseline.
 
-Feasibility, printed at the start of every run:
+:class:`Budget` alone decides feasibility. Printed at the start of every run:
 
 - absolute (the default): ``drop <= max_drop``
 - relative: ``drop <= max_drop * |baseline|``
 
 where ``drop = baseline - metric`` when higher is better (accuracy) and
 ``drop = metric - baseline`` when lower is better (a loss), both measured in
-the same run on the same data. ``"0.5%"`` and ``0.005`` mean the same absolute
-drop: half a percentage point of accuracy. A relative budget is spelled out:
-``Budget(0.01, relative=True)``, ``"1% relative"`` or ``"rel:1%"``.
+the same run on the same data (:meth:`Budget.drop`). ``"0.5%"`` and
+``0.005`` mean the same absolute drop: half a percentage point of accuracy.
+A relative budget is spelled out: ``Budget(0.01, relative=True)``,
+``"1% relative"`` or ``"rel:1%"``. A non-finite drop (a model whose outputs
+went NaN) is never feasible.
 
->>> Budget.parse("0.5%")
+>>> Budget.get("0.5%")
 Budget(max_drop=0.005, relative=False)
->>> Budget.parse("2% relative").allowed(0.5)
+>>> Budget.get("2% relative").allowed(0.5)
 0.01
+>>> Budget.drop(baseline=0.9, value=0.85, higher_is_better=True)
+0.05...
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +32,8 @@ from typing import Any
 from autoprec.errors import BudgetError, describe
 
 _RELATIVE = re.compile(r"^\s*(?:rel(?:ative)?\s*[:=]?\s*(?P<a>.+?)|(?P<b>.+?)\s*(?:rel|relative))\s*$", re.IGNORECASE)
+_SLACK = 1e-9  # float sums of per-sample values differ in the last bits
+_EXAMPLE = "a budget such as '0.5%', 0.005, '1% relative' or 'rel:1%'"
 
 
 @dataclass(frozen=True)
@@ -43,54 +50,63 @@ class Budget:
 
     def __post_init__(self) -> None:
         value = self.max_drop
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
             raise BudgetError(f"Expected max_drop to be a finite number >= 0. Received: max_drop={describe(value)}.")
         if value < 0:
-            raise BudgetError(f"Expected a budget >= 0 (the largest allowed drop). Received: {value}. A drop is positive when the metric gets worse.")
+            raise BudgetError(f"Expected a budget >= 0 (the largest allowed drop). Received: {float(value):g}. "
+                              "A drop is positive when the metric gets worse.")
         if self.relative and value > 1:
-            raise BudgetError(f"Expected a relative budget of at most 100%. Received: {value:.4g} ({value:.2%}).")
+            raise BudgetError(f"Expected a relative budget of at most 100%. Received: {float(value):.4g} ({float(value):.2%}).")
         object.__setattr__(self, "max_drop", float(value))
 
     @classmethod
-    def parse(cls, value: Any) -> "Budget":
-        """Accept a Budget, a number, ``"0.5%"``, ``"0.005"``, ``"1% relative"`` or ``"rel:1%"``."""
+    def get(cls, value: Any) -> "Budget":
+        """Accept a Budget, a number (NumPy numbers too), ``"0.5%"``, ``"0.005"``, ``"1% relative"`` or ``"rel:1%"``."""
         if isinstance(value, Budget):
             return value
         if isinstance(value, bool) or value is None:
-            raise BudgetError(f"Expected a budget such as '0.5%', 0.005 or '1% relative'. Received: budget={describe(value)}.")
-        if isinstance(value, (int, float)):
-            return cls(value)
+            raise BudgetError(f"Expected {_EXAMPLE}. Received: budget={describe(value)}.")
+        if isinstance(value, numbers.Real):
+            return cls(float(value))
         if not isinstance(value, str):
-            raise BudgetError(f"Expected a budget such as '0.5%', 0.005 or '1% relative'. Received: budget={describe(value)}.")
-        relative = False
-        text = value.strip()
-        match = _RELATIVE.match(text)
-        if match:
-            relative = True
-            text = (match.group("a") or match.group("b")).strip()
+            raise BudgetError(f"Expected {_EXAMPLE}. Received: budget={describe(value)}.")
+        match = _RELATIVE.match(value.strip())
+        text = (match.group("a") or match.group("b")).strip() if match else value.strip()
         percent = text.endswith("%")
         try:
             number = float(text[:-1].strip() if percent else text)
         except ValueError:
-            raise BudgetError(
-                f"Expected a budget such as '0.5%', '0.005', '1% relative' or 'rel:1%'. Received: budget={value!r}, "
-                "which does not parse."
-            ) from None
+            raise BudgetError(f"Expected {_EXAMPLE}. Received: budget={value!r}, which does not parse.") from None
         if math.isnan(number):
             raise BudgetError(f"Expected a number for the budget. Received: budget={value!r} (NaN).")
-        if percent:
-            if number > 100:
-                raise BudgetError(f"Expected a percentage of at most 100%. Received: budget={value!r}.")
-            number /= 100.0
-        return cls(number, relative=relative)
+        if percent and number > 100:
+            raise BudgetError(f"Expected a percentage of at most 100%. Received: budget={value!r}.")
+        return cls(number / 100.0 if percent else number, relative=bool(match))
+
+    @staticmethod
+    def drop(*, baseline: float, value: float, higher_is_better: bool) -> float:
+        """How much worse ``value`` is than ``baseline`` (positive = worse); NaN stays NaN."""
+        return baseline - value if higher_is_better else value - baseline
 
     def allowed(self, baseline: float) -> float:
         """The largest drop allowed for this baseline."""
         return self.max_drop * abs(baseline) if self.relative else self.max_drop
 
     def feasible(self, *, baseline: float, drop: float) -> bool:
-        """True when ``drop`` is finite and within :meth:`allowed` (1e-9 slack for float sums)."""
-        return drop is not None and math.isfinite(drop) and drop <= self.allowed(baseline) + 1e-9
+        """True when ``drop`` is finite and within :meth:`allowed`."""
+        return drop is not None and math.isfinite(drop) and drop <= self.allowed(baseline) + _SLACK
+
+    def check_meaningful(self, *, baseline: float, higher_is_better: bool, bounded_below: bool, metric: str) -> None:
+        """Refuse a budget that allows every result: a drop past a bounded metric's floor.
+
+        For accuracy (never below 0) a budget of ``baseline`` or more would call
+        a model that is always wrong feasible.
+        """
+        if higher_is_better and bounded_below and baseline > 0 and self.allowed(baseline) >= baseline:
+            raise BudgetError(
+                f"Expected a budget smaller than the float32 baseline {metric}={baseline:.4g}. Received: {self}, which "
+                f"allows any result at all ({metric} cannot fall below 0). Budgets are drops: '0.5%' means half a point."
+            )
 
     def formula(self, *, metric: str, higher_is_better: bool, baseline: float) -> str:
         """The feasibility rule in words and numbers, as printed at the start of a run."""

@@ -1,7 +1,10 @@
 """The ``autoprec`` command: a thin layer over the public functions.
 
-Exit codes: 0 success; 1 user error (bad arguments or files); 2 when no
-layer could leave float32 within the budget (the result is all float32).
+Exit codes: 0 success; 1 user error (bad arguments or files, one line on
+stderr naming the file and the fix, never a traceback); 2 when no layer
+could leave float32 within the budget (the result is all float32); 3 when
+the verified result is over the budget after every fallback allowed; 130
+when interrupted (Ctrl-C), with the hint to resume.
 
 >>> main(["--version"])  # doctest: +SKIP
 """
@@ -14,53 +17,73 @@ import os
 import sys
 from typing import Any
 
-EXIT_OK, EXIT_USER_ERROR, EXIT_ALL_FLOAT32 = 0, 1, 2
+EXIT_OK, EXIT_USER_ERROR, EXIT_ALL_FLOAT32, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _load_model(path: str, *, unsafe: bool) -> Any:
+    import zipfile
+
     import keras
 
     from autoprec.errors import DataError
 
     if not os.path.exists(path):
         raise DataError(f"Expected a saved Keras model file. Received: {path!r}, which does not exist.")
+    if os.path.isdir(path) or not path.endswith((".keras", ".h5", ".hdf5")):
+        raise DataError(f"Expected a Keras model file (.keras, or legacy .h5). Received: {path!r}. Save the model with "
+                        "model.save('model.keras').")
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise DataError(f"Expected a .keras model file (a zip archive). Received {path!r}, which is truncated or not a "
+                        "Keras file. Save the model again with model.save(...).")
     try:
         # safe_mode refuses lambda layers and arbitrary code in the file: a model file is untrusted input.
         return keras.models.load_model(path, safe_mode=not unsafe)
-    except Exception as exc:
-        raise DataError(
-            f"Could not load the Keras model {path!r}: {exc}. If it contains Lambda layers and you trust "
-            "its source, pass --unsafe."
-        ) from None
+    except Exception as exc:  # Keras raises many kinds for a bad file; name the file and the likely fix
+        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        hint = " It holds a Lambda layer or custom code; if you trust its source, pass --unsafe." if (
+            "safe_mode" in str(exc) or "lambda" in str(exc).lower()) else " The file may be damaged: save the model again."
+        raise DataError(f"Could not load the Keras model {path!r}: {text}.{hint}") from None
 
 
 def _load_npz(path: str) -> tuple:
+    import zipfile
+
     import numpy as np
 
     from autoprec.errors import DataError
 
+    if not os.path.isfile(path):
+        raise DataError(f"Expected a NumPy .npz file with arrays 'x' and 'y'. Received {path!r}, which "
+                        f"{'is a directory' if os.path.isdir(path) else 'does not exist'}.")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"Expected a NumPy .npz archive with arrays 'x' and 'y' (np.savez('{path}', x=x, y=y)). "
+                        f"Received {path!r}, which is not one (a .npy holds one array; a truncated .npz is not a zip).")
     try:
         with np.load(path, allow_pickle=False) as archive:  # never unpickle an untrusted file
             if "x" not in archive or "y" not in archive:
                 raise DataError(f"Expected {path!r} to hold arrays named 'x' and 'y'. Received: {sorted(archive.files)}.")
             return archive["x"], archive["y"]
-    except (OSError, ValueError) as exc:
-        raise DataError(f"Expected a NumPy .npz file with arrays 'x' and 'y'. Received {path!r}: {exc}.") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"Expected a readable NumPy .npz file with arrays 'x' and 'y'. Received {path!r}: {exc}.") from None
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
     from autoprec.graph import build_graph
 
-    model = _load_model(args.model, unsafe=args.unsafe)
-    frame = build_graph(model).to_frame()
-    _print_frame(frame[["path", "class", "params", "flops", "decision_unit", "pinned", "policy"]])
+    frame = build_graph(_load_model(args.model, unsafe=args.unsafe)).to_frame()
+    _print_frame(frame[["path", "class", "role", "params", "flops", "decision_unit", "pinned", "policy"]])
     return EXIT_OK
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from autoprec.apply import apply_policy
+    from autoprec.errors import OutputError
+    from autoprec.files import check_parent
     from autoprec.policy import PrecisionPolicy
 
+    if not args.output.endswith(".keras"):
+        raise OutputError(f"Expected -o to name a .keras file. Received {args.output!r}; Keras saves models as NAME.keras.")
+    check_parent(args.output, what="model file")
     model = _load_model(args.model, unsafe=args.unsafe)
     policy = PrecisionPolicy.load(args.policy)
     tuned = apply_policy(model, policy)
@@ -70,43 +93,51 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
+    from autoprec.files import check_parent
     from autoprec.sensitivity import profile
 
+    if args.output:
+        check_parent(args.output, what="profile CSV")
     model = _load_model(args.model, unsafe=args.unsafe)
     frame = profile(model, _load_npz(args.data), target=args.target, method=args.method, verbose=args.verbose)
     if args.output:
         frame.to_csv(args.output, index=False)
         print(f"wrote {args.output}")
-    columns = [c for c in ("path", "class", "metric_drop", "output_error", "score", "act_absmax", "act_overflow", "sqnr_db") if c in frame]
+    columns = [c for c in ("path", "class", "kind", "metric_drop", "output_error", "score", "act_absmax", "act_overflow",
+                           "sqnr_db") if c in frame]
     _print_frame(frame[columns].head(args.top))
     return EXIT_OK
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from autoprec.files import DirectoryLock
+    from autoprec.study import open_storage
     from autoprec.tuner import tune
 
-    model = _load_model(args.model, unsafe=args.unsafe)
-    train = _load_npz(args.train_data) if args.train_data else None
-    result = tune(
-        model,
-        _load_npz(args.data),
-        budget=args.budget,
-        target=args.target,
-        n_trials=args.trials,
-        timeout=args.timeout,
-        storage=args.storage,
-        study_name=args.study_name,
-        seed=args.seed,
-        granularity=args.granularity,
-        train_data=train,
-        verify="train" if args.verify_train else "eval",
-        steps=args.steps,
-        pretrain_steps=args.pretrain_steps,
-        verbose=args.verbose,
-    )
-    result.save(args.output)
+    # Everything that can be checked before the search is: the output directory (and
+    # its lock, held for the whole run), the storage, the files.
+    with DirectoryLock(args.output):
+        if args.storage:
+            open_storage(args.storage)
+        model = _load_model(args.model, unsafe=args.unsafe)
+        data = _load_npz(args.data)
+        train = _load_npz(args.train_data) if args.train_data else None
+        try:
+            result = tune(model, data, budget=args.budget, target=args.target, n_trials=args.trials, timeout=args.timeout,
+                          storage=args.storage, study_name=args.study_name, seed=args.seed, granularity=args.granularity,
+                          train_data=train, verify="train" if args.verify_train else "eval", steps=args.steps,
+                          pretrain_steps=args.pretrain_steps, verbose=args.verbose)
+        except KeyboardInterrupt:
+            resume = (f"resume with the same --storage {args.storage} --study-name {args.study_name or '(the default)'}"
+                      if args.storage else "pass --storage FILE --study-name NAME to make a search resumable")
+            print(f"autoprec: interrupted; {resume}. Finished trials are kept in the storage.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        result.save(args.output, lock=False)  # this run holds the lock
     print(result.summary())
     print(f"wrote {args.output}")
+    if not result.feasible:
+        print(f"autoprec: the verified result is over the budget: {result.verification.get('why', '')}", file=sys.stderr)
+        return EXIT_INFEASIBLE
     return EXIT_ALL_FLOAT32 if result.all_float32 else EXIT_OK
 
 
@@ -143,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("model", help="a model saved with model.save('x.keras')")
         p.add_argument("--unsafe", action="store_true", help="load with safe_mode=False (only for files you trust)")
 
-    p = sub.add_parser("layers", help="print the model graph: paths, FLOPs, decision units, pins")
+    p = sub.add_parser("layers", help="print the model graph: paths, FLOPs, roles, pins")
     model_arg(p)
     p.set_defaults(fn=_cmd_layers)
 
@@ -153,10 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="where to write the .keras model")
     p.set_defaults(fn=_cmd_apply)
 
+    targets = ["mixed_float16", "mixed_bfloat16", "auto"]
     p = sub.add_parser("profile", help="per-layer sensitivity to 16-bit")
     model_arg(p)
     p.add_argument("--data", required=True, help="DATA.npz with arrays x and y (evaluation data)")
-    p.add_argument("--target", default="mixed_float16", choices=["mixed_float16", "mixed_bfloat16", "auto"])
+    p.add_argument("--target", default="mixed_float16", choices=targets)
     p.add_argument("--method", default="full", choices=["full", "fast", "ablation"])
     p.add_argument("-o", "--output", help="write the table as CSV")
     p.add_argument("--top", type=int, default=30, help="rows to print (default 30)")
@@ -167,10 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(p)
     p.add_argument("--data", required=True, help="DATA.npz with arrays x and y (evaluation data)")
     p.add_argument("--budget", required=True, help="largest allowed metric drop: 0.5%%, 0.005, or '1%% relative'")
-    p.add_argument("--target", default="mixed_float16", choices=["mixed_float16", "mixed_bfloat16", "auto"])
+    p.add_argument("--target", default="mixed_float16", choices=targets)
     p.add_argument("--trials", type=int, default=60)
     p.add_argument("--timeout", type=float, default=None, help="seconds")
-    p.add_argument("--storage", help="Optuna storage URL (sqlite:///x.db) or a journal file path, to resume or share")
+    p.add_argument("--storage", help="Optuna storage URL (sqlite:///x.db, postgresql://...) or a journal file path")
     p.add_argument("--study-name", help="study name within the storage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--granularity", default="layer", choices=["layer", "block"])
@@ -210,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except AutoprecError as exc:
         print(f"autoprec: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("autoprec: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,7 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from autoprec.errors import PolicyError, describe
+from autoprec.errors import ArgumentError, describe
+from autoprec.formats import FLOAT32, FLOAT64, MIXED_BFLOAT16, MIXED_FLOAT16
 from autoprec.graph import ModelGraph
 
 _ALIGNED_CLASSES = {"Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
@@ -46,9 +47,9 @@ class Device:
 # (bf16 trains 1.6-1.9x faster, float16 1.4-7x slower, DESIGN.md); the GPU
 # ones are a conservative tensor-core gain for a datacentre GPU.
 DEVICES = {
-    "cpu": Device("cpu", 1.0e11, 2.0e10, {"mixed_bfloat16": 1.8, "mixed_float16": 0.3}),
-    "cpu_no_bf16": Device("cpu_no_bf16", 1.0e11, 2.0e10, {"mixed_bfloat16": 0.8, "mixed_float16": 0.3}),
-    "gpu": Device("gpu", 2.0e13, 2.0e12, {"mixed_bfloat16": 4.0, "mixed_float16": 4.0}, tensor_cores=True),
+    "cpu": Device("cpu", 1.0e11, 2.0e10, {MIXED_BFLOAT16: 1.8, MIXED_FLOAT16: 0.3}),
+    "cpu_no_bf16": Device("cpu_no_bf16", 1.0e11, 2.0e10, {MIXED_BFLOAT16: 0.8, MIXED_FLOAT16: 0.3}),
+    "gpu": Device("gpu", 2.0e13, 2.0e12, {MIXED_BFLOAT16: 4.0, MIXED_FLOAT16: 4.0}, tensor_cores=True),
 }
 
 
@@ -77,14 +78,14 @@ class CostModel:
 
     Example:
         >>> cm = CostModel(graph, device="gpu")                 # doctest: +SKIP
-        >>> cm.speedup(graph.resolve({"dense": "mixed_float16"}))  # doctest: +SKIP
+        >>> cm.speedup({"dense": "mixed_float16"})  # doctest: +SKIP
     """
 
     def __init__(self, graph: ModelGraph, *, device: str | Device = "cpu", batch_size: int = 64) -> None:
         self.batch_size = batch_size
         if isinstance(device, str):
             if device not in DEVICES:
-                raise PolicyError(f"Expected device to be one of {sorted(DEVICES)}. Received: device={describe(device)}.")
+                raise ArgumentError(f"Expected device to be one of {sorted(DEVICES)}. Received: device={describe(device)}.")
             device = DEVICES[device]
         self.graph, self.device = graph, device
         self._misaligned = {i.path for i in graph.layers if device.tensor_cores and misaligned(i)}
@@ -100,27 +101,29 @@ class CostModel:
         # weights are read once per batch, not per sample
         weight_bytes = 4.0 * info.params / self.batch_size
         activations = info.output_bytes + input_bytes
-        if name in ("float32", "float64") or name not in d.speed:
-            factor = 0.5 if name == "float64" else 1.0
+        if name in (FLOAT32, FLOAT64) or name not in d.speed:
+            factor = 0.5 if name == FLOAT64 else 1.0
             return info.flops / (d.flops_per_s * factor) + (activations + weight_bytes) / d.bytes_per_s
         speed = 1.0 if info.path in self._misaligned else d.speed[name]
         return info.flops / (d.flops_per_s * speed) + (activations / 2.0 + weight_bytes) / d.bytes_per_s
 
-    def time(self, names: Mapping[str, str]) -> float:
-        """Estimated seconds per sample for a resolved ``{path: policy}`` (missing: float32)."""
+    def time(self, assignment: Mapping[str, str]) -> float:
+        """Estimated seconds per sample for a choice per decision (see ``ModelGraph.resolve_nodes``)."""
+        names = self.graph.resolve_nodes(assignment)
         total = 0.0
         by_path = {i.path: i for i in self.graph.layers}
         for info in self.graph.layers:
-            mine = names.get(info.path, "float32")
+            mine = names[info.path]
             total += self._layer_time(info, mine, sum(by_path[p].output_bytes for p in info.producers))
             for producer in info.producers:
-                theirs = names.get(producer, "float32")
-                if theirs != mine:
-                    # a cast reads the tensor at one width and writes it at the other
+                if names[producer] != mine:
+                    # A cast at a precision boundary, either way (a float32 island in a
+                    # 16-bit stream pays one in and one out): it reads the tensor at one
+                    # width and writes it at the other, 1.5x its float32 bytes.
                     total += 1.5 * by_path[producer].output_bytes / self.device.bytes_per_s
         return total
 
-    def speedup(self, names: Mapping[str, str]) -> float:
-        """``time(all float32) / time(names)``."""
-        t = self.time(names)
+    def speedup(self, assignment: Mapping[str, str]) -> float:
+        """``time(all float32) / time(assignment)``."""
+        t = self.time(assignment)
         return self._baseline / t if t > 0 else 1.0

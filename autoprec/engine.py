@@ -1,61 +1,47 @@
-"""Evaluate many precision assignments cheaply: one trace, switches in variables.
+"""Evaluate many precision assignments cheaply: one trace, the assignment in a tensor.
 
-:class:`SimEngine` runs a Functional or Sequential model's graph layer by
-layer inside ONE traced function. Every layer that belongs to a decision
-unit reads a switch (per 16-bit format) from a variable that is passed into
-the traced function as a tensor. A switched-on layer rounds what the real
-Keras mixed policy would round: its floating inputs, its autocast weights as
-read (substituted through ``keras.StatelessScope``), and its outputs. Casting
-to float16 and back reproduces float16 overflow to inf and flush-to-zero of
-values below 2^-24; casting to bfloat16 reproduces its 8-bit mantissa.
+:class:`SimEngine` runs a Functional or Sequential model's graph node by
+node inside ONE traced function. Every node that could compute in 16-bit
+reads its format from an integer code vector passed into the traced
+function as a tensor (0 = float32, 1.. = the formats). A node with a 16-bit
+code rounds what the real Keras mixed policy would round: its floating
+inputs, its autocast weights as read (substituted through
+``keras.StatelessScope``), and its outputs. Casting to float16 and back
+reproduces float16 overflow to inf and flush-to-zero below 2^-24; casting to
+bfloat16 reproduces its 8-bit mantissa. The rounding sits in
+``keras.ops.switch`` branches, so a float32 node costs nothing extra:
+only the branch its code selects runs.
 
 What it does not reproduce: rounding *inside* a layer (a Dense's
 pre-activation before its activation, or the accumulation order of a real
 16-bit matmul). Those differ from float32 by far less than the rounding of
 inputs, weights and outputs, which is why the winner is always verified with
-the real policies (``verify``), and a test holds the two together.
+the real policies, and a test holds the two together.
 
-Changing an assignment is a variable assignment: no rebuild, no retrace.
-Subclassed models have no graph to walk; :class:`RealEngine` is the
-documented fallback that sets real policies in place and retraces per
-assignment (and restores the model afterwards).
+Changing an assignment changes the code vector: no rebuild, no retrace. The
+metric's per-sample values, where the metric has them, are computed in the
+same traced call. Subclassed models have no graph to walk; :class:`RealEngine`
+is the documented fallback that sets real policies in place and retraces
+per assignment (and restores the model afterwards).
 
->>> engine = make_engine(model, graph, data, formats=("mixed_float16",))  # doctest: +SKIP
->>> engine.set_assignment({"dense_1": "mixed_float16"})                   # doctest: +SKIP
->>> y_pred = engine.predict()                                             # doctest: +SKIP
+>>> engine = make_engine(model, graph, formats=("mixed_float16",))  # doctest: +SKIP
+>>> engine.set_assignment({"dense_1": "mixed_float16"})              # doctest: +SKIP
+>>> outputs, values = engine.forward(x, y)                             # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from autoprec import backends
-from autoprec.data import EvalData
+from autoprec.apply import set_policies_in_place
 from autoprec.errors import PolicyError, UnsupportedModelError
-from autoprec.graph import SUBCLASSED, ModelGraph, _is_model, graph_function, set_policies_in_place
-from autoprec.policy import FLOAT32, MIXED_BFLOAT16, MIXED_FLOAT16
-
-DTYPE_OF = {MIXED_FLOAT16: "float16", MIXED_BFLOAT16: "bfloat16"}
-
-
-@dataclass(frozen=True)
-class FormatLimits:
-    """Range of a 16-bit format, for the statistics and the reports."""
-
-    dtype: str
-    max_finite: float
-    min_normal: float
-    min_subnormal: float
-
-
-LIMITS = {
-    MIXED_FLOAT16: FormatLimits("float16", 65504.0, 2.0**-14, 2.0**-24),
-    MIXED_BFLOAT16: FormatLimits("bfloat16", 3.3895313892515355e38, 1.1754943508222875e-38, 9.183549615799121e-41),
-}
+from autoprec.formats import FLOAT32, LOW_PRECISION, compute_dtype
+from autoprec.graph import MOVEMENT, SUBCLASSED, ModelGraph, _is_model, graph_function
+from autoprec.metrics import Metric
 
 
 def round_to(tensor: Any, dtype: str) -> Any:
@@ -70,13 +56,10 @@ def _is_float32_tensor(t: Any) -> bool:
     return dtype is not None and "float32" in str(dtype)
 
 
-def predict_batches(model: Any, data: EvalData) -> Any:
-    """The model's own predictions over all batches, concatenated (NumPy)."""
+def to_numpy(structure: Any) -> Any:
     import keras
 
-    with quiet_retracing():
-        outs = [model.predict_on_batch(x) for x, _ in data.batches]
-    return keras.tree.map_structure(lambda *parts: np.concatenate(parts), *outs)
+    return keras.tree.map_structure(keras.ops.convert_to_numpy, structure)
 
 
 class quiet_retracing:
@@ -103,105 +86,85 @@ class SimEngine:
 
     Args:
         model: the float32 model (its layers must compute in float32).
-        graph: ``build_graph(model)`` with the decision units.
-        data: the evaluation batches.
-        formats: the 16-bit policies a unit may take (one or both).
+        graph: ``build_graph(model)``.
+        formats: the 16-bit policies a node may take (one or both).
+        metric: the metric whose per-sample values the traced call returns too.
     """
 
     kind = "simulated"
 
-    def __init__(self, model: Any, graph: ModelGraph, data: EvalData, *, formats: tuple[str, ...]) -> None:
-        import keras
-
+    def __init__(self, model: Any, graph: ModelGraph, *, formats: tuple[str, ...], metric: Metric | None = None) -> None:
         if graph.kind == SUBCLASSED:
             raise UnsupportedModelError("SimEngine needs a Functional or Sequential model; use RealEngine.")
-        for fmt in formats:
-            if fmt not in DTYPE_OF:
-                raise PolicyError(f"Expected formats among {list(DTYPE_OF)}. Received {fmt!r}.")
-        not_f32 = [i.path for i in graph.units if i.layer.compute_dtype != "float32"]
+        unknown = [f for f in formats if f not in LOW_PRECISION]
+        if unknown:
+            raise PolicyError(f"Expected formats among {list(LOW_PRECISION)}. Received {unknown}.")
+        not_f32 = [i.path for i in graph.layers if i.is_layer and i.pinned is None and i.layer.compute_dtype != "float32"]
         if not_f32:
             raise UnsupportedModelError(
                 f"Expected a float32 model to tune. Received layers already computing in 16-bit: {not_f32[:5]}. "
                 "Apply an all-float32 policy first (autoprec.apply_policy)."
             )
-        self.model, self.graph, self.data, self.formats = model, graph, data, tuple(formats)
-        self.units = [u.path for u in graph.units]
-        index = {p: i for i, p in enumerate(self.units)}
-        self._layer_units = {
-            path: (tuple(sorted(index[u] for u in members)) if members else None)
-            for path, members in graph.unit_sets().items()
-        }
-        n = len(self.units)
-        self.switches = {fmt: keras.Variable(np.zeros(n, "float32"), trainable=False, name=f"switch_{DTYPE_OF[fmt]}") for fmt in self.formats}
+        self.model, self.graph, self.formats, self.metric = model, graph, tuple(formats), metric
+        self._index = {info.path: i for i, info in enumerate(graph.layers)}
+        self._dtypes = [compute_dtype(f) for f in self.formats]
+        self.codes = np.zeros(len(graph.layers), np.int32)
         self.traces = 0
-        self.passes = 0
         self._forward = backends.compile_function(self._forward_impl)
-        self._assignment: dict[str, str] = {}
 
     # Assignments ------------------------------------------------------------
     def set_assignment(self, assignment: Mapping[str, str]) -> None:
-        """Set each unit's policy (missing units: float32). Assigns variables only."""
-        unknown = [u for u in assignment if u not in self._layer_units or self._layer_units[u] is None]
+        """Set each decision's policy (see ``ModelGraph.resolve_nodes``)."""
+        unknown = [p for p in assignment if p not in self._index]
         if unknown:
-            raise PolicyError(f"Expected decision-unit paths. Received paths that are not units: {unknown[:5]}.")
-        for fmt, var in self.switches.items():
-            values = np.array([1.0 if assignment.get(u, FLOAT32) == fmt else 0.0 for u in self.units], "float32")
-            var.assign(values)
-        for u, name in assignment.items():
+            raise PolicyError(f"Expected layer paths of this model. Received paths it does not have: {unknown[:5]}.")
+        for path, name in assignment.items():
             if name != FLOAT32 and name not in self.formats:
-                raise PolicyError(f"Expected a policy among float32 and {list(self.formats)} for {u!r}. Received {name!r}.")
-        self._assignment = dict(assignment)
+                raise PolicyError(f"Expected a policy among float32 and {list(self.formats)} for {path!r}. Received {name!r}.")
+        names = self.graph.resolve_nodes(assignment)
+        code = {FLOAT32: 0, **{f: i + 1 for i, f in enumerate(self.formats)}}
+        self.codes = np.array([code.get(names[info.path], 0) for info in self.graph.layers], np.int32)
 
-    def predict(self) -> Any:
-        """Outputs over all evaluation batches under the current assignment."""
-        import keras
-
-        self.passes += 1
-        switch_values = [self.switches[f].value for f in self.formats]
-        outs = [keras.tree.map_structure(keras.ops.convert_to_numpy, self._forward(x, *switch_values)) for x, _ in self.data.batches]
-        return keras.tree.map_structure(lambda *parts: np.concatenate(parts), *outs)
+    def forward(self, x: Any, y: Any) -> tuple[Any, np.ndarray | None]:
+        """Outputs (NumPy) and the metric's per-sample values (or None) for one batch."""
+        outputs, values = self._forward(x, y, self.codes)
+        return to_numpy(outputs), (None if values is None else np.asarray(to_numpy(values), np.float64))
 
     # Tracing ------------------------------------------------------------------
-    def _forward_impl(self, x: Any, *switch_values: Any) -> Any:
+    def _forward_impl(self, x: Any, y: Any, codes: Any) -> tuple[Any, Any]:
         self.traces += 1  # runs only while tracing (or eagerly on backends without tracing)
-        return self.run(x, dict(zip(self.formats, switch_values)))
+        outputs = self.run(x, codes)
+        if self.metric is None or self.metric.per_sample is None:
+            return outputs, None
+        return outputs, self.metric.per_sample(*self.metric.select(y, outputs))
 
-    def layer_switches(self, path: str, switch_values: Mapping[str, Any]) -> list[tuple[str, Any]] | None:
-        """``[(dtype, scalar switch)]`` for a layer, or None when it is always float32."""
-        from keras import ops
+    def run(self, x: Any, codes: Any = None, hook: Callable | None = None) -> Any:
+        """Run the model graph, rounding each node as ``codes`` says (no rounding when None).
 
-        idx = self._layer_units.get(path)
-        if idx is None:
-            return None
-        out = []
-        for fmt, values in switch_values.items():
-            s = values[idx[0]] if len(idx) == 1 else ops.min(ops.take(values, list(idx)))
-            out.append((DTYPE_OF[fmt], s))
-        return out
-
-    def run(self, x: Any, switch_values: Mapping[str, Any], hook: Callable | None = None) -> Any:
-        """Run the model graph with rounding per layer.
-
-        ``hook(path, op, call, args, kwargs, out, sw)`` sees each leaf's output;
+        ``hook(path, op, call, args, kwargs, out)`` sees each leaf's output;
         what it returns, if not None, flows on in place of ``out``.
         """
-        return self._run_graph(graph_function(self.model), x, switch_values, hook)
+        return self._run_graph(graph_function(self.model), x, codes, hook)
 
-    def _run_graph(self, fn: Any, x: Any, switch_values: Mapping[str, Any], hook: Callable | None) -> Any:
+    def _run_graph(self, fn: Any, x: Any, codes: Any, hook: Callable | None) -> Any:
         from keras.src.models.functional import operation_fn as keras_operation_fn
 
         def operation(op):
             if _is_model(op):
                 inner = graph_function(op)
-                return lambda inputs, *a, **k: self._run_graph(inner, inputs, switch_values, hook)
+                return lambda inputs, *a, **k: self._run_graph(inner, inputs, codes, hook)
             call = keras_operation_fn(op, training=False)  # Keras's own: passes training only where accepted
             path = self.graph.key(op)
+            info = self.graph[path]
+            rounds = codes is not None and info.role != MOVEMENT and info.pinned is None
 
             def simulated(*args, **kwargs):
-                sw = self.layer_switches(path, switch_values)
-                out = call_rounded(op, call, sw, args, kwargs)
+                if rounds:
+                    out = call_rounded(op, call, self.rounder(codes[self._index[path]]), args, kwargs)
+                else:
+                    out = call(*args, **kwargs)
                 if hook is not None:
-                    replaced = hook(path, op, call, args, kwargs, out, sw)
+                    replaced = hook(path, op, call, args, kwargs, out)
                     if replaced is not None:  # e.g. the output plus a zero "tap" to differentiate at
                         out = replaced
                 return out
@@ -210,49 +173,43 @@ class SimEngine:
 
         return fn._run_through_graph(x, operation_fn=operation)
 
+    def rounder(self, code: Any) -> Callable[[Any], Any]:
+        """A function that rounds a float32 tensor to the format ``code`` selects (0: unchanged)."""
+        from keras import ops
 
-def rounder(sw: list[tuple[str, Any]] | None) -> Callable[[Any], Any]:
-    """A function that rounds float32 tensors as the switches say (identity when ``sw`` is None)."""
-    from keras import ops
+        branches = [lambda t: t] + [lambda t, d=d: round_to(t, d) for d in self._dtypes]
 
-    if not sw:
-        return lambda t: t
+        def rnd(t: Any) -> Any:
+            if not _is_float32_tensor(t):
+                return t
+            from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
 
-    from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+            out = ops.switch(code, branches, t)
+            # Functional graphs pass masks as node arguments; a mask that rides only
+            # on the tensor (set by an eager layer) must survive the rounding too.
+            mask = get_keras_mask(t)
+            if mask is not None:
+                set_keras_mask(out, mask)
+            return out
 
-    def rnd(t):
-        if not _is_float32_tensor(t):
-            return t
-        out = t
-        for dtype, s in sw:
-            # where(), not t + s * (r - t): the latter turns inf into NaN when s == 0.
-            out = ops.where(s > 0.5, round_to(t, dtype), out)
-        # Functional graphs pass masks as node arguments; a mask that rides only
-        # on the tensor (set by an eager layer) must survive the rounding too.
-        mask = get_keras_mask(t)
-        if mask is not None:
-            set_keras_mask(out, mask)
-        return out
-
-    return rnd
+        return rnd
 
 
-def call_rounded(op: Any, call: Callable, sw: list | None, args: tuple, kwargs: dict) -> Any:
-    """Call ``op`` with inputs, autocast weights and outputs rounded per ``sw``."""
+def round_with(dtype: str) -> Callable[[Any], Any]:
+    """A rounder to one fixed ``dtype`` (for a layer's own SQNR)."""
+    return lambda t: round_to(t, dtype) if _is_float32_tensor(t) else t
+
+
+def call_rounded(op: Any, call: Callable, rnd: Callable[[Any], Any], args: tuple, kwargs: dict) -> Any:
+    """Call ``op`` with inputs, autocast weights and outputs passed through ``rnd``."""
     import keras
 
-    if not sw:
-        return call(*args, **kwargs)
-    rnd = rounder(sw)
     args = keras.tree.map_structure(rnd, args)
     kwargs = keras.tree.map_structure(rnd, kwargs)
     # Only variables Keras would autocast under a mixed policy are read in
     # 16-bit; BatchNormalization and friends keep theirs in float32.
-    mapping = [
-        (v, rnd(v.value))
-        for v in getattr(op, "variables", [])
-        if getattr(v, "_autocast", True) and "float32" in str(v.dtype)
-    ]
+    mapping = [(v, rnd(v.value)) for v in getattr(op, "variables", [])
+               if getattr(v, "_autocast", True) and "float32" in str(v.dtype)]
     if mapping:
         with keras.StatelessScope(state_mapping=mapping):
             out = call(*args, **kwargs)
@@ -270,12 +227,10 @@ class RealEngine:
 
     kind = "real"
 
-    def __init__(self, model: Any, graph: ModelGraph, data: EvalData, *, formats: tuple[str, ...]) -> None:
-        self.model, self.graph, self.data, self.formats = model, graph, data, tuple(formats)
-        self.units = [u.path for u in graph.units]
+    def __init__(self, model: Any, graph: ModelGraph, *, formats: tuple[str, ...], metric: Metric | None = None) -> None:
+        self.model, self.graph, self.formats, self.metric = model, graph, tuple(formats), metric
         self._original = {id(l): l.dtype_policy for l in model._flatten_layers(include_self=False)}
         self.traces = 0
-        self.passes = 0
 
     def set_assignment(self, assignment: Mapping[str, str]) -> None:
         changed = set_policies_in_place(self.model, self.graph.resolve(dict(assignment)))
@@ -283,9 +238,15 @@ class RealEngine:
             self.model.predict_function = None  # stale traced functions keep the old dtypes
             self.traces += 1
 
-    def predict(self) -> Any:
-        self.passes += 1
-        return predict_batches(self.model, self.data)
+    def forward(self, x: Any, y: Any) -> tuple[Any, np.ndarray | None]:
+        import keras
+
+        with quiet_retracing():
+            outputs = self.model.predict_on_batch(x)
+        outputs = keras.tree.map_structure(lambda a: np.asarray(a, np.float32), outputs)
+        if self.metric is None or self.metric.per_sample is None:
+            return outputs, None
+        return outputs, self.metric.values(*self.metric.select(y, outputs))
 
     def close(self) -> None:
         for layer in self.model._flatten_layers(include_self=False):
@@ -301,7 +262,7 @@ class RealEngine:
         self.close()
 
 
-def make_engine(model: Any, graph: ModelGraph, data: EvalData, *, formats: tuple[str, ...]):
+def make_engine(model: Any, graph: ModelGraph, *, formats: tuple[str, ...], metric: Metric | None = None):
     """The simulated engine where the model has a graph, else the real-policy fallback."""
     cls = RealEngine if graph.kind == SUBCLASSED else SimEngine
-    return cls(model, graph, data, formats=formats)
+    return cls(model, graph, formats=formats, metric=metric)

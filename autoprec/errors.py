@@ -1,9 +1,10 @@
 """Typed errors. Every autoprec error derives from :class:`AutoprecError`.
 
-Subclasses also inherit the builtin that fits, so callers may catch either:
+Each class means one thing, and each also inherits the builtin that fits, so
+callers may catch either:
 
 >>> try:
-...     raise PolicyError("bad")
+...     raise ArgumentError("bad")
 ... except ValueError:
 ...     pass
 """
@@ -15,8 +16,16 @@ class AutoprecError(Exception):
     """Base class of every error autoprec raises on purpose."""
 
 
+class ArgumentError(AutoprecError, ValueError):
+    """An argument of a public function has the wrong type or value."""
+
+
+class BudgetError(ArgumentError):
+    """The accuracy budget is malformed (negative, NaN, unparsable, over 100%, or allowing anything)."""
+
+
 class PolicyError(AutoprecError, ValueError):
-    """A precision policy is malformed, names an unknown format, or does not fit."""
+    """A precision policy is malformed or names an unknown format."""
 
 
 class SchemaError(PolicyError):
@@ -24,7 +33,7 @@ class SchemaError(PolicyError):
 
 
 class ModelMismatchError(PolicyError):
-    """A policy was made for a model whose layers differ from this one."""
+    """A policy names layers this model does not have, or layers of another class."""
 
 
 class PathCollisionError(AutoprecError, ValueError):
@@ -35,20 +44,28 @@ class UnsupportedModelError(AutoprecError, TypeError):
     """The model's kind or a layer in it is not supported for the requested operation."""
 
 
+class ModelError(AutoprecError, ValueError):
+    """The model itself is broken before any 16-bit question arises (non-finite weights or outputs)."""
+
+
 class DataError(AutoprecError, ValueError):
-    """Evaluation or training data is empty, malformed, or does not fit the model."""
+    """Evaluation or training data is empty, malformed, non-finite, or does not fit the model."""
 
 
 class MetricError(AutoprecError, ValueError):
     """The metric could not be resolved or computed."""
 
 
-class BudgetError(AutoprecError, ValueError):
-    """The accuracy budget is malformed (negative, NaN, unparsable, or over 100%)."""
-
-
 class UntrainedModelError(AutoprecError, ValueError):
     """The float32 model scores at chance level and no training data was given."""
+
+
+class StudyError(AutoprecError, ValueError):
+    """A stored Optuna study belongs to another search (model, units, formats, data or metric)."""
+
+
+class OutputError(AutoprecError, OSError):
+    """An output path cannot be written: missing parent, a file in the way, or locked by another run."""
 
 
 class BackendError(AutoprecError, NotImplementedError):
@@ -69,3 +86,31 @@ def describe(value: object) -> str:
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{text} (of type {type(value).__name__})"
+
+
+def check_int(name: str, value: object, minimum: int, *, allow_none: bool = False) -> None:
+    """Raise :class:`ArgumentError` unless ``value`` is an integer ``>= minimum`` (or None when allowed).
+
+    NumPy integers are accepted; booleans are not.
+
+    >>> check_int("n_trials", 5, 1)
+    >>> check_int("n_trials", 0, 1)
+    Traceback (most recent call last):
+    ...
+    autoprec.errors.ArgumentError: Expected n_trials to be an integer >= 1. Received: n_trials=0 (of type int).
+    """
+    import numbers
+
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ArgumentError(f"Expected {name} to be an integer >= {minimum}. Received: {name}={describe(value)}.")
+
+
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    """Raise :class:`ArgumentError` unless ``value`` is one of ``choices``.
+
+    >>> check_choice("granularity", "block", ("layer", "block"))
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ArgumentError(f"Expected {name} to be one of {list(choices)}. Received: {name}={describe(value)}.")

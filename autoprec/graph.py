@@ -1,48 +1,67 @@
-"""The model graph: which layers exist, what they cost, and which are decisions.
+"""The model graph: which layers exist, what they cost, and what role each plays.
 
 :func:`build_graph` walks any Keras model (Functional, Sequential, nested
 models, subclassed models and layers with sublayers) and lists each *leaf*
-layer, the unit a precision is chosen for, with its ``layer.path``, class,
-parameters, FLOPs and output bytes per sample, its producers, whether it is a
-decision unit, and whether it is pinned to float32 and why.
+node with its key, its Keras ``layer.path``, class, parameters, FLOPs and
+output bytes per sample, its producers, its role, and whether it is pinned
+to float32 and why. The graph is read-only: cloning and setting policies
+live in :mod:`autoprec.apply`.
+
+Roles:
+
+- ``weighted``: a layer with float weights (or an attention layer): a decision unit.
+- ``compute``: a weightless layer that computes (activations, ``Softmax``,
+  ``Rescaling``, ``Lambda``, merges, average pooling, weightless
+  normalization, custom weightless layers). It may carry its own policy; by
+  default it joins its producers' decision (see :mod:`autoprec.space`).
+- ``movement``: pure data movement (``Reshape``, ``Flatten``, ``Dropout``,
+  cropping, padding, max pooling): it always follows its input.
+- ``op``: a ``keras.ops`` call on symbolic tensors. It is not a layer and has
+  no policy: it computes in its inputs' dtype.
 
 >>> import keras
 >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="h"),
 ...                           keras.layers.Dense(2, name="out")])
 >>> graph = build_graph(model)
->>> [(i.path, i.is_unit, i.pinned) for i in graph.layers]
-[('h', True, None), ('out', False, 'PINNED_OUTPUT')]
+>>> [(i.path, i.role, i.pinned) for i in graph.layers]
+[('h', 'weighted', None), ('out', 'weighted', 'PINNED_OUTPUT')]
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from autoprec import reasons
+from autoprec.decisions import Reason
 from autoprec.errors import PathCollisionError, PolicyError, UnsupportedModelError, describe
-from autoprec.flops import sample_elements, weights_of, layer_flops
+from autoprec.flops import layer_flops, sample_elements, weights_of
+from autoprec.formats import FLOAT32, LOW_PRECISION
 
 FUNCTIONAL = "functional"
 SEQUENTIAL = "sequential"
 SUBCLASSED = "subclassed"
 
+WEIGHTED, COMPUTE, MOVEMENT, OP = "weighted", "compute", "movement", "op"
+
 _ATTENTION = {"MultiHeadAttention", "GroupedQueryAttention", "Attention", "AdditiveAttention"}
 _SOFTMAX_LIKE = {"softmax", "sigmoid", "log_softmax"}
-# Layers that neither compute nor hold weights: they pass a tensor on, and a
-# softmax behind them still feeds the output directly.
-_PASSTHROUGH = {"Activation", "Dropout", "Flatten", "Reshape", "Identity", "Permute", "Cropping1D",
-                "Cropping2D", "Cropping3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D",
-                "GaussianNoise", "GaussianDropout", "AlphaDropout", "SpatialDropout1D",
-                "SpatialDropout2D", "SpatialDropout3D", "ActivityRegularization", "Softmax"}
+# Layers that only move or select values: their output equals some of their
+# inputs, so their precision is their input's. Everything else weightless computes.
+_MOVEMENT = {"Dropout", "Flatten", "Reshape", "Identity", "Permute", "Cropping1D", "Cropping2D", "Cropping3D",
+             "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
+             "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "ActivityRegularization", "RepeatVector",
+             "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
+             "GlobalMaxPooling3D", "Masking", "InputLayer"}
+# Walking back from an output through these finds a softmax that still feeds it directly.
+_PASSTHROUGH = _MOVEMENT | {"Activation", "Softmax"}
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One leaf layer of the graph. ``layer`` is the Keras layer (not compared)."""
+    """One leaf node of the graph. ``layer`` is the Keras layer or operation (not compared)."""
 
     path: str
     class_name: str
@@ -50,25 +69,42 @@ class LayerInfo:
     flops: float
     output_bytes: float
     order: int
-    is_unit: bool
+    role: str
     pinned: str | None
     producers: tuple[str, ...]
     parent: str | None
     policy: str
+    keras_path: str = ""
+    containers: tuple[str, ...] = ()
     sublayers: tuple[str, ...] = ()
     sublayer_classes: tuple[str, ...] = ()
-    is_layer: bool = True
+    sublayer_keras_paths: tuple[str, ...] = ()
     layer: Any = field(default=None, compare=False, repr=False)
 
     @property
+    def is_layer(self) -> bool:
+        """False for ``keras.ops`` nodes, which carry no policy."""
+        return self.role != OP
+
+    @property
+    def is_unit(self) -> bool:
+        """A layer with float weights (or attention): always a decision of its own."""
+        return self.role == WEIGHTED
+
+    @property
+    def eligible(self) -> bool:
+        """May carry a policy of its own: a weighted or computing layer that is not pinned."""
+        return self.role in (WEIGHTED, COMPUTE) and self.pinned is None
+
+    @property
     def follows(self) -> bool:
-        """A layer without weights that takes the precision of its producers."""
-        return not self.is_unit and self.pinned is None
+        """Takes its producers' precision unless the decision space makes it a decision."""
+        return self.role != WEIGHTED and self.pinned is None
 
 
 @dataclass(frozen=True)
 class ModelGraph:
-    """All leaf layers of a model in execution order, with the model's kind.
+    """All leaf nodes of a model in execution order, with the model's kind.
 
     Example:
         >>> import keras
@@ -90,54 +126,58 @@ class ModelGraph:
     def __getitem__(self, path: str) -> LayerInfo:
         return self._by_path[path]  # type: ignore[attr-defined]
 
+    def __contains__(self, path: object) -> bool:
+        return path in self._by_path  # type: ignore[attr-defined]
+
     def key(self, layer: Any) -> str:
         """The key of ``layer`` (a layer of this model) as used in this graph."""
         return layer_key(layer, self.containers)
 
-    def __contains__(self, path: object) -> bool:
-        return path in self._by_path  # type: ignore[attr-defined]
-
     @property
     def units(self) -> tuple[LayerInfo, ...]:
-        """Decision units that are not pinned, in execution order."""
+        """Weighted layers that are not pinned, in execution order."""
         return tuple(i for i in self.layers if i.is_unit and i.pinned is None)
+
+    @property
+    def eligible(self) -> tuple[LayerInfo, ...]:
+        """Every layer that may carry its own policy (weighted or computing, not pinned)."""
+        return tuple(i for i in self.layers if i.eligible)
 
     @property
     def total_flops(self) -> float:
         return float(sum(i.flops for i in self.layers))
 
-    def unit_sets(self) -> dict[str, frozenset[str] | None]:
-        """For each layer, the decision units whose precision it takes.
+    def resolve_nodes(self, assignment: Mapping[str, str]) -> dict[str, str]:
+        """Policy name per node (``keras.ops`` nodes included) from a choice per decision.
 
-        A unit takes its own; a pinned layer none (``None``: always float32); a
-        follower the units behind its producers, and it runs in 16-bit only
-        when all of them do, as Keras's type promotion would have it. A
-        follower fed only by model inputs stays float32.
+        A node named in ``assignment`` takes that policy; a pinned one float32
+        (a ``PINNED_DTYPE`` layer keeps its own); a weighted layer not named
+        float32; any other node follows its producers: their common 16-bit
+        policy, else float32, as Keras's autocast and type promotion would have
+        it (a node fed only by the model's inputs stays float32).
         """
-        sets: dict[str, frozenset[str] | None] = {}
+        out: dict[str, str] = {}
         for info in self.layers:  # execution order: producers come first
-            if info.pinned is not None:
-                sets[info.path] = None
-            elif info.is_unit:
-                sets[info.path] = frozenset([info.path])
+            if info.pinned == Reason.PINNED_DTYPE:
+                name = info.policy
+            elif info.pinned is not None:
+                name = FLOAT32
+            elif info.path in assignment:
+                name = assignment[info.path]
+            elif info.role == WEIGHTED:
+                name = FLOAT32
             else:
-                members: set[str] = set()
-                blocked = False
-                for producer in info.producers:
-                    got = sets.get(producer)
-                    if got is None:
-                        blocked = True
-                        break
-                    members |= got
-                sets[info.path] = None if blocked or not members else frozenset(members)
-        return sets
+                chosen = {out.get(p, FLOAT32) for p in info.producers} or {FLOAT32}
+                name = chosen.pop() if len(chosen) == 1 else FLOAT32
+                name = name if name in LOW_PRECISION else FLOAT32
+            out[info.path] = name
+        return out
 
-    def resolve(self, assignment: dict[str, str]) -> dict[str, str]:
-        """Policy name per covered path from a choice per decision unit.
+    def resolve(self, assignment: Mapping[str, str]) -> dict[str, str]:
+        """Policy name per covered path (layers and their sublayers) from a choice per decision.
 
-        Units missing from ``assignment`` stay float32; followers take their
-        units' common policy (float32 when they disagree); sublayers take their
-        leaf's policy; a ``PINNED_DTYPE`` layer keeps the policy it has.
+        See :meth:`resolve_nodes` for the rule; ``keras.ops`` nodes carry no
+        policy and are left out.
 
         >>> import keras
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="h"),
@@ -145,78 +185,77 @@ class ModelGraph:
         >>> build_graph(m).resolve({"h": "mixed_bfloat16"})
         {'h': 'mixed_bfloat16', 'r': 'mixed_bfloat16', 'out': 'float32'}
         """
-        sets = self.unit_sets()
+        nodes = self.resolve_nodes(assignment)
         out: dict[str, str] = {}
         for info in self.layers:
-            if not info.is_layer:
-                continue
-            if info.pinned == reasons.PINNED_DTYPE:
-                name = info.policy
-            else:
-                members = sets[info.path]
-                chosen = {assignment.get(u, "float32") for u in members} if members else {"float32"}
-                name = chosen.pop() if len(chosen) == 1 else "float32"
-            out[info.path] = name
-            for sub in info.sublayers:
-                out[sub] = name
+            if info.is_layer:
+                out[info.path] = nodes[info.path]
+                for sub in info.sublayers:
+                    out[sub] = nodes[info.path]
         return out
 
     def all_paths(self) -> list[str]:
         """Every path a policy covers: leaf layers and the sublayers inside them."""
-        out = []
-        for info in self.layers:
-            if not info.is_layer:
-                continue
-            out.append(info.path)
-            out.extend(info.sublayers)
-        return out
+        return [p for info in self.layers if info.is_layer for p in (info.path, *info.sublayers)]
 
     def fingerprint(self) -> list[tuple[str, str]]:
         """``[(path, class)]`` of every layer a policy covers, sorted."""
         rows = []
         for info in self.layers:
-            if not info.is_layer:
-                continue
-            rows.append((info.path, info.class_name))
-            rows.extend(zip(info.sublayers, info.sublayer_classes))
+            if info.is_layer:
+                rows.append((info.path, info.class_name))
+                rows.extend(zip(info.sublayers, info.sublayer_classes))
         return sorted(rows)
 
     def layer_facts(self) -> dict[str, dict[str, Any]]:
-        """Facts per covered path, for ``PrecisionPolicy(layers=...)``."""
+        """Facts per covered path, for ``PrecisionPolicy(layers=...)``: class, params, FLOPs, Keras path."""
         facts: dict[str, dict[str, Any]] = {}
         for info in self.layers:
             if not info.is_layer:
                 continue
-            facts[info.path] = {"class": info.class_name, "params": int(info.params), "flops": float(info.flops)}
-            for sub, cls in zip(info.sublayers, info.sublayer_classes):
-                facts[sub] = {"class": cls, "params": 0, "flops": 0.0}
+            facts[info.path] = {"class": info.class_name, "params": int(info.params), "flops": float(info.flops),
+                                "keras_path": info.keras_path}
+            for sub, cls, kpath in zip(info.sublayers, info.sublayer_classes, info.sublayer_keras_paths):
+                facts[sub] = {"class": cls, "params": 0, "flops": 0.0, "keras_path": kpath}
         return facts
 
+    def aliases(self) -> dict[str, tuple[str, ...]]:
+        """Every name a policy may use for layers of this model, and the keys it means.
+
+        A layer answers to its key and to its Keras ``layer.path`` (``seq/dense``
+        for a Sequential named ``seq``); a nested model's name means all its layers.
+
+        >>> import keras
+        >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")], name="seq")
+        >>> build_graph(m).aliases()["seq"]
+        ('d',)
+        """
+        table: dict[str, list[str]] = {}
+        for info in self.layers:
+            if not info.is_layer:
+                continue
+            for key, kpath in zip((info.path, *info.sublayers), (info.keras_path, *info.sublayer_keras_paths)):
+                for alias in {key, kpath} - {""}:
+                    table.setdefault(alias, []).append(key)
+                for container in info.containers:
+                    table.setdefault(container, []).append(key)
+        return {alias: tuple(dict.fromkeys(keys)) for alias, keys in table.items()}
+
     def to_frame(self):
-        """A pandas DataFrame with one row per leaf layer."""
+        """A pandas DataFrame with one row per leaf node."""
         import pandas as pd
 
         total = self.total_flops or 1.0
-        return pd.DataFrame(
-            [
-                {
-                    "path": i.path,
-                    "class": i.class_name,
-                    "params": i.params,
-                    "flops": i.flops,
-                    "flops_share": i.flops / total,
-                    "output_bytes": i.output_bytes,
-                    "decision_unit": i.is_unit,
-                    "pinned": i.pinned or "",
-                    "policy": i.policy,
-                }
-                for i in self.layers
-            ]
-        )
+        return pd.DataFrame([
+            {"path": i.path, "class": i.class_name, "role": i.role, "params": i.params, "flops": i.flops,
+             "flops_share": i.flops / total, "output_bytes": i.output_bytes, "decision_unit": i.is_unit,
+             "pinned": i.pinned or "", "policy": i.policy}
+            for i in self.layers
+        ])
 
 
 def layer_key(layer: Any, containers: Iterable[str] = ()) -> str:
-    """The key of a layer everywhere in autoprec: its Keras ``layer.path``.
+    """The key of a layer everywhere in autoprec: its Keras ``layer.path``, without container models.
 
     Two Keras 3.15 facts shape it. ``path`` is set when a layer's own
     ``build`` runs, so a weightless layer with the default build (``Softmax``,
@@ -262,64 +301,6 @@ def keyed_layers(model: Any) -> dict[str, Any]:
     }
 
 
-def set_policies_in_place(model: Any, names: dict[str, str]) -> bool:
-    """Set ``dtype_policy`` on each layer of ``model`` that ``names`` changes; True if any changed.
-
-    Keras 3.15 honours a policy set on a built layer and keeps its weights, but
-    the model's traced functions keep the old dtypes: callers reset or recompile.
-    """
-    changed = False
-    for key, layer in keyed_layers(model).items():
-        if key in names and layer.dtype_policy.name != names[key]:
-            layer.dtype_policy = names[key]
-            changed = True
-    return changed
-
-
-def clone_with_policies(model: Any, names: dict[str, str]) -> Any:
-    """A Functional/Sequential clone whose layers compute as ``names`` says, with every weight copied.
-
-    Nested models are cloned recursively. The clone is not compiled.
-    """
-    import keras
-
-    keys = {id(layer): key for key, layer in keyed_layers(model).items()}
-
-    def clone_layer(layer):
-        config = layer.get_config()
-        key = keys.get(id(layer))
-        if key in names:
-            config["dtype"] = names[key]
-        return layer.__class__.from_config(config)
-
-    try:
-        clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    except Exception as exc:  # Keras raises many kinds here; name the step that failed.
-        raise UnsupportedModelError(
-            f"Keras could not clone model {model.name!r} with per-layer policies ({type(exc).__name__}: {exc}). "
-            "Pass inplace=True to set the policies on the model itself."
-        ) from exc
-    new_layers = keyed_layers(clone)
-    for key, layer in keyed_layers(model).items():
-        twin = new_layers.get(key)
-        if twin is None:
-            continue
-        if key in names and twin.dtype_policy.name != names[key]:
-            # Sublayers created inside a custom layer's __init__ do not inherit
-            # the parent's dtype; setting it on the built layer does (Keras 3.15).
-            twin.dtype_policy = names[key]
-        own = [v for v in layer._trainable_variables + layer._non_trainable_variables]
-        twin_own = [v for v in twin._trainable_variables + twin._non_trainable_variables]
-        if len(own) != len(twin_own):
-            raise UnsupportedModelError(f"Layer {key!r} has {len(own)} weights but its clone has {len(twin_own)}.")
-        for src, dst in zip(own, twin_own):
-            # Through NumPy: on JAX, assigning the same immutable array would share
-            # one buffer between the models, and a jitted step that donates it
-            # (Keras's JAX trainer does) would delete the original's weights.
-            dst.assign(keras.ops.convert_to_numpy(src.value))
-    return clone
-
-
 def model_kind(model: Any) -> str:
     """``'functional'``, ``'sequential'`` or ``'subclassed'``; raise for non-models."""
     import keras
@@ -350,26 +331,22 @@ def graph_function(model: Any):
     return None
 
 
-def build_graph(
-    model: Any,
-    *,
-    keep_float32: Iterable[str] = (),
-    force_16bit: Iterable[str] = (),
-    sample: Any = None,
-) -> ModelGraph:
-    """Walk ``model`` and describe every leaf layer.
+def build_graph(model: Any, *, keep_float32: Iterable[str] = (), force_16bit: Iterable[str] = (),
+                sample: Any = None) -> ModelGraph:
+    """Walk ``model`` and describe every leaf node.
 
     Args:
         model: any built Keras model.
         keep_float32: user pins: exact layer paths or regexes (Keras's rule:
             exact match first, then full regex match).
-        force_16bit: paths or regexes that must not be pinned (only checked
-            for conflicts with the automatic pins here).
+        force_16bit: paths or regexes that must not be pinned; a model output
+            cannot be forced (outputs stay float32).
         sample: a batch of inputs, used for subclassed models to record the
             execution order and shapes (their FLOPs are estimated without it).
 
     Raises:
         PathCollisionError: two distinct layers share one ``layer.path``.
+        PolicyError: a pin matches no layer, or a layer is in both lists, or an output is forced.
         UnsupportedModelError: ``model`` is not a built Keras model.
 
     Example:
@@ -388,51 +365,53 @@ def build_graph(
     if kind == SUBCLASSED:
         walker.walk_subclassed(model, sample)
     else:
-        walker.walk_functional(graph_function(model), parent=None, input_map={})
         fn = graph_function(model)
+        walker.walk_functional(fn, parents=(), input_map={})
         walker.outputs = [p for t in fn.outputs for p in walker.producers_of(t)]
     _check_collisions(walker.records)
-    pins = _auto_pins(walker)
-    user = set(match_paths(keep_float32, [r["path"] for r in walker.records], what="keep_float32"))
-    forced = set(match_paths(force_16bit, [r["path"] for r in walker.records], what="force_16bit"))
+    pins, forced = _pins(walker, keep_float32, force_16bit)
+    layers = tuple(_info(order, rec, pins.get(rec["path"])) for order, rec in enumerate(walker.records))
+    return ModelGraph(model=model, kind=kind, layers=layers, outputs=tuple(dict.fromkeys(walker.outputs)),
+                      containers=walker.containers, forced=frozenset(forced))
+
+
+def _info(order: int, rec: dict[str, Any], pinned: str | None) -> LayerInfo:
+    return LayerInfo(
+        path=rec["path"], class_name=rec["class"], params=rec["params"], flops=float(rec["flops"]),
+        output_bytes=float(rec["bytes"]), order=order, role=rec["role"], pinned=pinned,
+        producers=tuple(dict.fromkeys(rec["producers"])), parent=rec["containers"][-1] if rec["containers"] else None,
+        policy=rec["policy"], keras_path=rec["keras_path"], containers=rec["containers"],
+        sublayers=tuple(s[0] for s in rec["sublayers"]), sublayer_classes=tuple(s[1] for s in rec["sublayers"]),
+        sublayer_keras_paths=tuple(s[2] for s in rec["sublayers"]), layer=rec["layer"],
+    )
+
+
+def _pins(walker: "_Walker", keep_float32: Iterable[str], force_16bit: Iterable[str]) -> tuple[dict[str, str], set[str]]:
+    """Pin reason per pinned path, and the paths force_16bit matched."""
+    paths = [r["path"] for r in walker.records]
+    user = set(match_paths(keep_float32, paths, what="keep_float32"))
+    forced = set(match_paths(force_16bit, paths, what="force_16bit"))
     clash = sorted(user & forced)
     if clash:
+        raise PolicyError(f"Expected each layer in at most one of keep_float32 and force_16bit. Received both for: {clash}.")
+    auto = _auto_pins(walker)
+    outputs = sorted(p for p in forced if p in auto)
+    if outputs:
         raise PolicyError(
-            f"Expected each layer in at most one of keep_float32 and force_16bit. Received both for: {clash}."
+            f"Expected force_16bit to name layers inside the model. Received {outputs}, which "
+            f"{'produce a model output' if any(auto[p] == Reason.PINNED_OUTPUT for p in outputs) else 'feed the output as its softmax/sigmoid'}: "
+            "outputs stay float32 in every model autoprec emits, so forcing them could not be honoured. Remove them from force_16bit."
         )
-    layers = []
-    for order, rec in enumerate(walker.records):
+    pins: dict[str, str] = {}
+    for rec in walker.records:
         path = rec["path"]
-        pinned = None
         if path in user:
-            pinned = reasons.PINNED_USER
-        elif rec["is_layer"] and rec["policy"] not in ("float32", "mixed_float16", "mixed_bfloat16"):
-            pinned = reasons.PINNED_DTYPE
-        elif path in pins and path not in forced:
-            pinned = pins[path]
-        layers.append(
-            LayerInfo(
-                path=path,
-                class_name=rec["class"],
-                params=rec["params"],
-                flops=float(rec["flops"]),
-                output_bytes=float(rec["bytes"]),
-                order=order,
-                is_unit=rec["is_unit"],
-                pinned=pinned,
-                producers=tuple(dict.fromkeys(rec["producers"])),
-                parent=rec["parent"],
-                policy=rec["policy"],
-                sublayers=tuple(key for key, _ in rec["sublayers"]),
-                sublayer_classes=tuple(cls for _, cls in rec["sublayers"]),
-                is_layer=rec["is_layer"],
-                layer=rec["layer"],
-            )
-        )
-    return ModelGraph(
-        model=model, kind=kind, layers=tuple(layers), outputs=tuple(dict.fromkeys(walker.outputs)),
-        containers=walker.containers, forced=frozenset(forced),
-    )
+            pins[path] = Reason.PINNED_USER
+        elif rec["role"] != OP and rec["policy"] not in (FLOAT32, *LOW_PRECISION):
+            pins[path] = Reason.PINNED_DTYPE
+        elif path in auto:
+            pins[path] = auto[path]
+    return pins, forced
 
 
 def match_paths(patterns: Iterable[str], paths: Sequence[str], *, what: str) -> list[str]:
@@ -447,6 +426,10 @@ def match_paths(patterns: Iterable[str], paths: Sequence[str], *, what: str) -> 
     """
     if isinstance(patterns, str):
         patterns = [patterns]
+    try:
+        patterns = list(patterns)
+    except TypeError:
+        raise PolicyError(f"Expected {what} as a list of layer paths or regexes. Received: {describe(patterns)}.") from None
     out: list[str] = []
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
@@ -476,12 +459,11 @@ class _Walker:
         self.by_id: dict[int, dict[str, Any]] = {}
         self.tensor_producers: dict[int, tuple[str, ...]] = {}
         self.outputs: list[str] = []
-        self.consumers: dict[str, list[str]] = {}
 
     def producers_of(self, tensor: Any) -> tuple[str, ...]:
         return self.tensor_producers.get(id(tensor), ())
 
-    def walk_functional(self, fn: Any, *, parent: str | None, input_map: dict[int, tuple[str, ...]]) -> None:
+    def walk_functional(self, fn: Any, *, parents: tuple[str, ...], input_map: dict[int, tuple[str, ...]]) -> None:
         for tensor in fn.inputs:
             self.tensor_producers[id(tensor)] = input_map.get(id(tensor), ())
         for depth in sorted(fn._nodes_by_depth, reverse=True):
@@ -490,69 +472,44 @@ class _Walker:
                 if node.is_input or op is None:
                     continue
                 inputs = list(node.input_tensors)
-                producers = tuple(p for t in inputs for p in self.producers_of(t))
-                inner = graph_function(op) if _is_model(op) else None
-                if inner is not None:
-                    inner_map = {id(it): self.producers_of(ot) for it, ot in zip(inner.inputs, inputs)}
-                    if id(op) not in self.by_id:
-                        self.by_id[id(op)] = {"container": True}
-                        self.walk_functional(inner, parent=op.name, input_map=inner_map)
-                    for out, inner_out in zip(node.outputs, inner.outputs):
-                        self.tensor_producers[id(out)] = self.producers_of(inner_out)
+                if _is_model(op):
+                    self._walk_nested(op, node, inputs, parents)
                     continue
-                if _is_model(op):  # a subclassed model nested in a functional one
-                    raise UnsupportedModelError(
-                        f"Expected nested models to be Functional or Sequential. Received a subclassed model "
-                        f"{op.name!r} inside a functional model; its inner layers cannot be tuned separately. "
-                        "Rebuild it functionally, or wrap it in a keras.layers.Layer subclass so it is one unit."
-                    )
-                rec = self._record(op, parent, [t.shape for t in inputs], [t.shape for t in node.outputs], producers)
+                producers = tuple(p for t in inputs for p in self.producers_of(t))
+                rec = self._record(op, parents, [t.shape for t in inputs], [t.shape for t in node.outputs], producers)
                 for out in node.outputs:
                     self.tensor_producers[id(out)] = (rec["path"],)
 
+    def _walk_nested(self, op: Any, node: Any, inputs: list, parents: tuple[str, ...]) -> None:
+        inner = graph_function(op)
+        if inner is None:  # a subclassed model nested in a functional one
+            raise UnsupportedModelError(
+                f"Expected nested models to be Functional or Sequential. Received a subclassed model "
+                f"{op.name!r} inside a functional model; its inner layers cannot be tuned separately. "
+                "Rebuild it functionally, or wrap it in a keras.layers.Layer subclass so it is one unit."
+            )
+        inner_map = {id(it): self.producers_of(ot) for it, ot in zip(inner.inputs, inputs)}
+        if id(op) not in self.by_id:
+            self.by_id[id(op)] = {"container": True}
+            self.walk_functional(inner, parents=(*parents, op.name), input_map=inner_map)
+        for out, inner_out in zip(node.outputs, inner.outputs):
+            self.tensor_producers[id(out)] = self.producers_of(inner_out)
+
     def walk_subclassed(self, model: Any, sample: Any) -> None:
-        import keras
-
         leaves = list(_subclassed_leaves(model))
-        shapes: dict[int, tuple[list, list]] = {}
-        order: list[Any] = []
-        if sample is not None:
-            # Record the real execution order and shapes by wrapping each leaf's
-            # `call` on the instance for one eager call; restored in `finally`.
-            originals = {}
-            try:
-                for layer in leaves:
-                    originals[id(layer)] = layer.__dict__.get("call")
-
-                    def recorder(*args, __layer=layer, __call=layer.call, **kwargs):
-                        out = __call(*args, **kwargs)
-                        ins = [t.shape for t in keras.tree.flatten(args) if hasattr(t, "shape")]
-                        outs = [t.shape for t in keras.tree.flatten(out) if hasattr(t, "shape")]
-                        if id(__layer) not in shapes:
-                            order.append(__layer)
-                            shapes[id(__layer)] = (ins, outs)
-                        return out
-
-                    object.__setattr__(layer, "call", recorder)
-                model(sample, training=False)
-            finally:
-                for layer in leaves:
-                    if originals.get(id(layer)) is None:
-                        layer.__dict__.pop("call", None)
-                    else:
-                        object.__setattr__(layer, "call", originals[id(layer)])
+        shapes, order = _record_calls(model, leaves, sample) if sample is not None else ({}, [])
         seen = {id(layer) for layer in order}
         order += [layer for layer in leaves if id(layer) not in seen]
         previous: tuple[str, ...] = ()
         for layer in order:
             ins, outs = shapes.get(id(layer), ([], []))
-            rec = self._record(layer, None, ins, outs, previous)
+            rec = self._record(layer, (), ins, outs, previous)
             previous = (rec["path"],)
         if order:
             # Without a graph, the last layer called is taken to produce the output.
             self.outputs = [layer_key(order[-1] if shapes else leaves[-1], self.containers)]
 
-    def _record(self, layer: Any, parent: str | None, in_shapes: list, out_shapes: list, producers: tuple) -> dict:
+    def _record(self, layer: Any, parents: tuple[str, ...], in_shapes: list, out_shapes: list, producers: tuple) -> dict:
         existing = self.by_id.get(id(layer))
         flops = layer_flops(layer, in_shapes, out_shapes)
         nbytes = 4.0 * sum(sample_elements(s) for s in out_shapes)
@@ -561,30 +518,56 @@ class _Walker:
             existing["bytes"] += nbytes
             existing["producers"] += list(producers)
             return existing
-        path = layer_key(layer, self.containers)
         is_layer = _is_layer(layer)
-        # Raw Keras operations in a functional graph (`x * y`, `ops.add`) have no
+        # Raw Keras operations in a functional graph (`x * y`, `ops.exp`) have no
         # dtype policy: they compute in their inputs' dtype, so they follow.
         policy = layer.dtype_policy if is_layer else None
         rec = {
-            "path": path,
-            "class": type(layer).__name__,
-            "is_layer": is_layer,
-            "params": int(sum(math.prod(v.shape) for v in weights_of(layer))),
-            "flops": flops,
-            "bytes": nbytes,
-            "producers": list(producers),
-            "parent": parent,
-            "policy": getattr(policy, "name", "float32"),
-            "is_unit": is_layer and _is_decision_unit(layer),
-            "sublayers": [(layer_key(s, self.containers), type(s).__name__) for s in layer._flatten_layers(include_self=False)]
-            if is_layer else [],
-            "layer": layer,
-            "activation": _activation_name(layer),
+            "path": layer_key(layer, self.containers), "class": type(layer).__name__, "role": _role(layer),
+            "params": int(sum(math.prod(v.shape) for v in weights_of(layer))), "flops": flops, "bytes": nbytes,
+            "producers": list(producers), "containers": parents, "policy": getattr(policy, "name", FLOAT32),
+            "keras_path": (getattr(layer, "path", None) or "") if is_layer else "",
+            "sublayers": [(layer_key(s, self.containers), type(s).__name__, getattr(s, "path", None) or "")
+                          for s in layer._flatten_layers(include_self=False)] if is_layer else [],
+            "layer": layer, "activation": _activation_name(layer),
         }
         self.by_id[id(layer)] = rec
         self.records.append(rec)
         return rec
+
+
+def _record_calls(model: Any, leaves: list, sample: Any) -> tuple[dict[int, tuple[list, list]], list]:
+    """Run ``model`` once on ``sample`` and record each leaf's call order and shapes.
+
+    Each leaf's ``call`` is wrapped on the instance for one eager call and
+    restored in ``finally``.
+    """
+    import keras
+
+    shapes: dict[int, tuple[list, list]] = {}
+    order: list[Any] = []
+    originals = {}
+    try:
+        for layer in leaves:
+            originals[id(layer)] = layer.__dict__.get("call")
+
+            def recorder(*args, __layer=layer, __call=layer.call, **kwargs):
+                out = __call(*args, **kwargs)
+                if id(__layer) not in shapes:
+                    order.append(__layer)
+                    shapes[id(__layer)] = ([t.shape for t in keras.tree.flatten(args) if hasattr(t, "shape")],
+                                           [t.shape for t in keras.tree.flatten(out) if hasattr(t, "shape")])
+                return out
+
+            object.__setattr__(layer, "call", recorder)
+        model(sample, training=False)
+    finally:
+        for layer in leaves:
+            if originals.get(id(layer)) is None:
+                layer.__dict__.pop("call", None)
+            else:
+                object.__setattr__(layer, "call", originals[id(layer)])
+    return shapes, order
 
 
 def _is_layer(op: Any) -> bool:
@@ -599,12 +582,23 @@ def _is_model(op: Any) -> bool:
     return isinstance(op, keras.Model)
 
 
+def _role(layer: Any) -> str:
+    if not _is_layer(layer):
+        return OP
+    if any("float" in str(v.dtype) for v in layer.weights) or type(layer).__name__ in _ATTENTION:
+        return WEIGHTED
+    name = type(layer).__name__
+    if name in _MOVEMENT or (name.startswith("UpSampling") and getattr(layer, "interpolation", "nearest") == "nearest"):
+        return MOVEMENT
+    return COMPUTE
+
+
 def _subclassed_leaves(model: Any):
     for layer in model._flatten_layers(include_self=False, recursive=False):
         if _is_model(layer) and graph_function(layer) is None:
             yield from _subclassed_leaves(layer)
         elif _is_model(layer):
-            yield from (sub for sub in _functional_leaves(graph_function(layer)))
+            yield from _functional_leaves(graph_function(layer))
         else:
             yield layer
 
@@ -618,11 +612,6 @@ def _functional_leaves(fn: Any):
             yield layer
 
 
-def _is_decision_unit(layer: Any) -> bool:
-    has_float_weights = any("float" in str(v.dtype) for v in layer.weights)
-    return has_float_weights or type(layer).__name__ in _ATTENTION
-
-
 def _activation_name(layer: Any) -> str:
     act = getattr(layer, "activation", None)
     return getattr(act, "__name__", str(act or "")).lower()
@@ -630,7 +619,7 @@ def _activation_name(layer: Any) -> str:
 
 def _auto_pins(walker: _Walker) -> dict[str, str]:
     """Outputs stay float32, and so does a softmax/sigmoid that feeds an output."""
-    pins = {p: reasons.PINNED_OUTPUT for p in walker.outputs}
+    pins = {p: Reason.PINNED_OUTPUT for p in walker.outputs}
     by_path = {r["path"]: r for r in walker.records}
     frontier = list(walker.outputs)
     seen = set()
@@ -642,7 +631,7 @@ def _auto_pins(walker: _Walker) -> dict[str, str]:
         rec = by_path[path]
         is_softmax = rec["class"] == "Softmax" or rec["activation"] in _SOFTMAX_LIKE
         if is_softmax and path not in pins:
-            pins[path] = reasons.PINNED_SOFTMAX
+            pins[path] = Reason.PINNED_SOFTMAX
         # Walk back through layers that only pass the tensor on, and through
         # the output layer itself, to find a softmax just before the output.
         if rec["class"] in _PASSTHROUGH or path in walker.outputs:
@@ -653,14 +642,14 @@ def _auto_pins(walker: _Walker) -> dict[str, str]:
 def _check_collisions(records: list[dict[str, Any]]) -> None:
     seen: dict[str, dict[str, Any]] = {}
     for rec in records:
-        for path in [rec["path"], *(key for key, _ in rec["sublayers"])]:
+        for path in [rec["path"], *(s[0] for s in rec["sublayers"])]:
             other = seen.get(path)
             if other is not None and other is not rec:
+                where = lambda r: r["containers"][-1] if r["containers"] else "the top model"  # noqa: E731
                 raise PathCollisionError(
                     f"Expected every layer to have a unique layer.path. Received two different layers with "
-                    f"path {path!r} (one in {other['parent'] or 'the top model'!r}, one in "
-                    f"{rec['parent'] or 'the top model'!r}). A DTypePolicyMap could not tell them apart, "
-                    "so autoprec refuses to merge them. Give the layers distinct names when building the "
+                    f"path {path!r} (one in {where(other)!r}, one in {where(rec)!r}). A DTypePolicyMap could not tell "
+                    "them apart, so autoprec refuses to merge them. Give the layers distinct names when building the "
                     "nested models, e.g. `keras.layers.Dense(8, name='encoder_dense')`."
                 )
             seen[path] = rec

@@ -1,4 +1,4 @@
-"""PrecisionPolicy: an immutable map from Keras ``layer.path`` to a policy name.
+"""PrecisionPolicy: an immutable map from layer path to a policy name.
 
 It knows nothing of Optuna or of how it was found; it converts to and from
 Keras's own :class:`keras.dtype_policies.DTypePolicyMap` and to a versioned
@@ -9,57 +9,40 @@ JSON file that records which model it was made for.
 'mixed_float16'
 >>> policy.counts()
 {'mixed_float16': 1, 'float32': 1}
+>>> PrecisionPolicy.from_config(policy.get_config()) == policy
+True
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from autoprec.errors import ModelMismatchError, PolicyError, SchemaError, describe
+from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, POLICY_NAMES, TARGETS, check_policy_name
 
-FLOAT32 = "float32"
-MIXED_FLOAT16 = "mixed_float16"
-MIXED_BFLOAT16 = "mixed_bfloat16"
-FLOAT64 = "float64"
-POLICY_NAMES = (FLOAT32, MIXED_FLOAT16, MIXED_BFLOAT16, FLOAT64)
-LOW_PRECISION = (MIXED_FLOAT16, MIXED_BFLOAT16)
-TARGETS = (MIXED_FLOAT16, MIXED_BFLOAT16)
+logger = logging.getLogger("autoprec")
 
 SCHEMA_NAME = "autoprec.policy"
 SCHEMA_VERSION = 1
-
-
-def check_policy_name(name: object, *, what: str = "policy") -> str:
-    """Return ``name`` if it is an accepted policy name, else raise :class:`PolicyError`.
-
-    >>> check_policy_name("mixed_bfloat16")
-    'mixed_bfloat16'
-    """
-    if isinstance(name, str) and name in POLICY_NAMES:
-        return name
-    hint = ""
-    if name in ("float16", "bfloat16"):
-        # A pure 16-bit policy set after build does not really compute in 16-bit
-        # (Keras 3.15); the mixed policies keep float32 variables and do.
-        hint = f" Use 'mixed_{name}' instead: it computes in {name} and keeps float32 weights."
-    raise PolicyError(
-        f"Expected a {what} name, one of {list(POLICY_NAMES)}. Received: {describe(name)}.{hint}"
-    )
+_FACT_KEYS = ("class", "params", "flops", "keras_path")
 
 
 class PrecisionPolicy(Mapping):
-    """Immutable mapping of Keras layer path to policy name.
+    """Immutable mapping of layer path to policy name.
 
     Args:
-        entries: ``{layer.path: policy name}``.
+        entries: ``{path: policy name}``. A path is autoprec's key for a layer
+            or its Keras ``layer.path`` (``seq/dense``); a nested model's name
+            means all its layers (see :meth:`for_graph`).
         target: the 16-bit format the policy was tuned for, if any.
-        layers: optional facts per path (``class``, ``params``, ``flops``) used
-            for the model fingerprint and for :meth:`summary`.
+        layers: optional facts per path (``class``, ``params``, ``flops``,
+            ``keras_path``) used for the model fingerprint and :meth:`summary`.
 
     Example:
         >>> p = PrecisionPolicy({"a": "float32", "b": "mixed_bfloat16"})
@@ -69,17 +52,10 @@ class PrecisionPolicy(Mapping):
 
     __slots__ = ("_entries", "_target", "_layers")
 
-    def __init__(
-        self,
-        entries: Mapping[str, str],
-        *,
-        target: str | None = None,
-        layers: Mapping[str, Mapping[str, Any]] | None = None,
-    ) -> None:
+    def __init__(self, entries: Mapping[str, str], *, target: str | None = None,
+                 layers: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         if not isinstance(entries, Mapping):
-            raise PolicyError(
-                f"Expected a mapping of layer path to policy name. Received: {describe(entries)}."
-            )
+            raise PolicyError(f"Expected a mapping of layer path to policy name. Received: {describe(entries)}.")
         clean = {}
         for path, name in entries.items():
             if not isinstance(path, str) or not path:
@@ -87,9 +63,32 @@ class PrecisionPolicy(Mapping):
             clean[path] = check_policy_name(name, what=f"policy for layer {path!r}")
         if target is not None and target not in TARGETS:
             raise PolicyError(f"Expected target to be one of {list(TARGETS)} or None. Received: {describe(target)}.")
-        self._entries = dict(clean)
+        self._entries = clean
         self._target = target
         self._layers = {k: dict(v) for k, v in (layers or {}).items()}
+
+    @classmethod
+    def get(cls, policy: Any) -> "PrecisionPolicy":
+        """Accept a PrecisionPolicy, a DTypePolicyMap, a ``{path: name}`` dict, a config, or a JSON path.
+
+        >>> PrecisionPolicy.get({"d": "mixed_bfloat16"})["d"]
+        'mixed_bfloat16'
+        """
+        if isinstance(policy, PrecisionPolicy):
+            return policy
+        if isinstance(policy, (str, os.PathLike)):
+            return cls.load(policy)
+        if isinstance(policy, Mapping) and set(policy) == {"entries", "target", "layers"}:
+            return cls.from_config(policy)
+        if isinstance(policy, Mapping) and not hasattr(policy, "default_policy"):
+            return cls(policy)
+        try:
+            return cls.from_keras(policy)
+        except PolicyError:
+            raise PolicyError(
+                "Expected policy to be an autoprec.PrecisionPolicy, a keras DTypePolicyMap, a dict of "
+                f"layer path to policy name, or the path of a policy JSON file. Received: {describe(policy)}."
+            ) from None
 
     # Mapping protocol -------------------------------------------------------
     def __getitem__(self, path: str) -> str:
@@ -113,6 +112,15 @@ class PrecisionPolicy(Mapping):
         counts = ", ".join(f"{k}={v}" for k, v in self.counts().items())
         return f"PrecisionPolicy({len(self)} layers: {counts}, target={self._target})"
 
+    # Keras conventions --------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        """A plain, JSON-able dict; :meth:`from_config` rebuilds the policy from it."""
+        return {"entries": dict(self._entries), "target": self._target, "layers": self.layers}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "PrecisionPolicy":
+        return cls(config["entries"], target=config.get("target"), layers=config.get("layers"))
+
     # Derived views ------------------------------------------------------------
     @property
     def target(self) -> str | None:
@@ -121,7 +129,7 @@ class PrecisionPolicy(Mapping):
 
     @property
     def layers(self) -> dict[str, dict[str, Any]]:
-        """Facts recorded per layer path (class, params, flops); a copy."""
+        """Facts recorded per layer path (class, params, flops, keras_path); a copy."""
         return {k: dict(v) for k, v in self._layers.items()}
 
     @property
@@ -143,8 +151,7 @@ class PrecisionPolicy(Mapping):
 
     def low_precision_share(self) -> dict[str, float]:
         """Share of parameters and FLOPs in 16-bit layers (NaN when unknown)."""
-        totals = {"params": 0.0, "flops": 0.0}
-        low = {"params": 0.0, "flops": 0.0}
+        totals, low = {"params": 0.0, "flops": 0.0}, {"params": 0.0, "flops": 0.0}
         for path, facts in self._layers.items():
             for key in totals:
                 value = float(facts.get(key, 0) or 0)
@@ -162,30 +169,37 @@ class PrecisionPolicy(Mapping):
         share = self.low_precision_share()
         lines = [f"PrecisionPolicy for {len(self)} layers (target: {self._target or 'none'})"]
         lines += [f"  {name:<15} {n:>5} layers" for name, n in self.counts().items()]
-        if not math.isnan(share["params"]):
-            lines.append(f"  16-bit share of parameters: {share['params']:.1%}")
-        if not math.isnan(share["flops"]):
-            lines.append(f"  16-bit share of FLOPs:      {share['flops']:.1%}")
+        for key, label in (("params", "parameters"), ("flops", "FLOPs")):
+            if not math.isnan(share[key]):
+                lines.append(f"  16-bit share of {label + ':':<11} {share[key]:.1%}")
         return "\n".join(lines)
 
     def replace(self, updates: Mapping[str, str]) -> "PrecisionPolicy":
         """A new policy with some entries changed (the original is immutable)."""
-        entries = dict(self._entries)
-        entries.update(updates)
-        return PrecisionPolicy(entries, target=self._target, layers=self._layers)
+        return PrecisionPolicy({**self._entries, **updates}, target=self._target, layers=self._layers)
 
     # Keras -------------------------------------------------------------------
-    def to_keras(self):
+    def to_keras(self, model: Any = None):
         """A :class:`keras.dtype_policies.DTypePolicyMap` with an explicit float32 default.
 
         The explicit default matters: a map without one loses its float entries
-        in ``get_config`` (Keras 3.15).
+        in ``get_config`` (Keras 3.15). A map resolves a layer by its own
+        ``layer.path``, so the keys are the paths the layers really have: those
+        of ``model`` when given (build the same model again with
+        ``dtype=policy.to_keras(model)`` on each layer), else the Keras paths
+        recorded when the policy was made. Keras gives a path only to layers
+        with their own ``build()``; a weightless layer without one
+        (``Activation``, ``ReLU``, pooling) takes the map's default, float32,
+        whatever the policy says, and is named in a warning.
         """
         from keras import dtype_policies
 
+        if model is None:
+            keyed = {self._layers.get(p, {}).get("keras_path") or p: name for p, name in self._entries.items()}
+        else:
+            keyed = _keyed_by_keras_path(self, model)
         return dtype_policies.DTypePolicyMap(
-            default_policy=FLOAT32,
-            policy_map={path: dtype_policies.DTypePolicy(name) for path, name in self._entries.items()},
+            default_policy=FLOAT32, policy_map={path: dtype_policies.DTypePolicy(name) for path, name in keyed.items()},
         )
 
     @classmethod
@@ -203,6 +217,14 @@ class PrecisionPolicy(Mapping):
             raise PolicyError(f"Expected a keras.dtype_policies.DTypePolicyMap. Received: {describe(policy_map)}.")
         return cls({key: policy_map[key].name for key in policy_map}, target=target)
 
+    def for_graph(self, graph: Any) -> dict[str, str]:
+        """``{key: policy name}`` for the layers of ``graph`` this policy names, in either spelling.
+
+        Raises:
+            ModelMismatchError: a name matches no layer, or a layer changed class.
+        """
+        return _match_graph(self, graph)
+
     # JSON --------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
         """The versioned JSON document :meth:`save` writes."""
@@ -211,24 +233,22 @@ class PrecisionPolicy(Mapping):
         from autoprec import __version__
 
         return {
-            "format": SCHEMA_NAME,
-            "schema_version": SCHEMA_VERSION,
-            "autoprec_version": __version__,
+            "format": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "autoprec_version": __version__,
             "keras_version": keras.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "target": self._target,
-            "default_policy": FLOAT32,
-            "layers": [
-                {"path": path, "policy": name, **{k: v for k, v in self._layers.get(path, {}).items()}}
-                for path, name in self._entries.items()
-            ],
+            "target": self._target, "default_policy": FLOAT32,
+            "layers": [{"path": path, "policy": name, **self._layers.get(path, {})} for path, name in self._entries.items()],
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the policy as versioned JSON (see :meth:`load`)."""
-        text = json.dumps(self.to_json_dict(), indent=2, allow_nan=False)
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+        """Write the policy as versioned JSON, atomically (see :meth:`load`).
+
+        Raises:
+            OutputError: the file cannot be written (missing directory, a directory in the way).
+        """
+        from autoprec.files import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_json_dict(), indent=2, allow_nan=False) + "\n", what="policy file")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PrecisionPolicy":
@@ -236,12 +256,12 @@ class PrecisionPolicy(Mapping):
 
         The file is untrusted: anything off-schema raises :class:`SchemaError`.
         """
+        from autoprec.files import read_text
+
+        text = read_text(path, what="policy JSON file", error=SchemaError)
         try:
-            with open(path, encoding="utf-8") as fh:
-                doc = json.load(fh)
-        except FileNotFoundError:
-            raise SchemaError(f"Expected a policy JSON file. Received: path={str(path)!r}, which does not exist.") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
             raise SchemaError(
                 f"Expected a policy JSON file written by autoprec. Received: {str(path)!r}, "
                 f"which is not valid JSON ({exc}). Regenerate it with `result.policy.save(...)`."
@@ -251,82 +271,118 @@ class PrecisionPolicy(Mapping):
     @classmethod
     def from_json_dict(cls, doc: Any, *, source: str = "<dict>") -> "PrecisionPolicy":
         """Validate a JSON document and build the policy from it."""
-
-        def fail(msg: str) -> SchemaError:
-            return SchemaError(f"Invalid policy file {source}: {msg}")
-
-        if not isinstance(doc, dict):
-            raise fail(f"expected a JSON object at the top level, received {type(doc).__name__}.")
-        if doc.get("format") != SCHEMA_NAME:
-            raise fail(f"expected format={SCHEMA_NAME!r}, received {doc.get('format')!r}.")
-        version = doc.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise fail(
-                f"expected schema_version={SCHEMA_VERSION}, received {version!r}. "
-                "It was written by another autoprec version; re-export it with this one."
-            )
-        target = doc.get("target")
-        if target is not None and target not in TARGETS:
-            raise fail(f"expected target in {list(TARGETS)} or null, received {target!r}.")
-        layers = doc.get("layers")
-        if not isinstance(layers, list):
-            raise fail(f"expected 'layers' to be a list, received {type(layers).__name__}.")
-        entries: dict[str, str] = {}
-        facts: dict[str, dict[str, Any]] = {}
-        for i, row in enumerate(layers):
-            if not isinstance(row, dict):
-                raise fail(f"layers[{i}] should be an object, received {type(row).__name__}.")
-            path, name = row.get("path"), row.get("policy")
-            if not isinstance(path, str) or not path:
-                raise fail(f"layers[{i}].path should be a non-empty string, received {path!r}.")
-            if path in entries:
-                raise fail(f"layer path {path!r} appears twice.")
-            if name not in POLICY_NAMES:
-                raise fail(f"layers[{i}].policy should be one of {list(POLICY_NAMES)}, received {name!r}.")
-            entry: dict[str, Any] = {}
-            if "class" in row:
-                if not isinstance(row["class"], str):
-                    raise fail(f"layers[{i}].class should be a string.")
-                entry["class"] = row["class"]
-            for key in ("params", "flops"):
-                if key in row:
-                    value = row[key]
-                    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                        raise fail(f"layers[{i}].{key} should be a number >= 0, received {value!r}.")
-                    entry[key] = value
-            entries[path] = name
-            if entry:
-                facts[path] = entry
+        entries, target, facts = _parse_document(doc, source)
         return cls(entries, target=target, layers=facts)
 
-    # Model compatibility -----------------------------------------------------
-    def check_fits(self, fingerprint: list[tuple[str, str]]) -> None:
-        """Raise :class:`ModelMismatchError` unless the model's layers match the policy's.
 
-        ``fingerprint`` is the model's ``[(path, class)]``; see ``graph.ModelGraph.fingerprint``.
-        A policy without recorded layer facts is checked by paths only.
-        """
-        model_classes = dict(fingerprint)
-        known = self._layers or {p: {} for p in self._entries}
-        missing = sorted(p for p in known if p not in model_classes)
-        extra = sorted(p for p in model_classes if p not in known) if self._layers else []
-        changed = sorted(
-            f"{p} ({facts['class']} in the policy, {model_classes[p]} in the model)"
-            for p, facts in known.items()
-            if p in model_classes and facts.get("class") and facts["class"] != model_classes[p]
+def _parse_document(doc: Any, source: str) -> tuple[dict[str, str], str | None, dict[str, dict[str, Any]]]:
+    def fail(msg: str) -> SchemaError:
+        return SchemaError(f"Invalid policy file {source}: {msg}")
+
+    if not isinstance(doc, dict):
+        raise fail(f"expected a JSON object at the top level, received {type(doc).__name__}.")
+    if doc.get("format") != SCHEMA_NAME:
+        raise fail(f"expected format={SCHEMA_NAME!r}, received {doc.get('format')!r}.")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise fail(f"expected schema_version={SCHEMA_VERSION}, received {version!r}. "
+                   "It was written by another autoprec version; re-export it with this one.")
+    target = doc.get("target")
+    if target is not None and target not in TARGETS:
+        raise fail(f"expected target in {list(TARGETS)} or null, received {target!r}.")
+    layers = doc.get("layers")
+    if not isinstance(layers, list):
+        raise fail(f"expected 'layers' to be a list, received {type(layers).__name__}.")
+    entries: dict[str, str] = {}
+    facts: dict[str, dict[str, Any]] = {}
+    for i, row in enumerate(layers):
+        if not isinstance(row, dict):
+            raise fail(f"layers[{i}] should be an object, received {type(row).__name__}.")
+        path, name = row.get("path"), row.get("policy")
+        if not isinstance(path, str) or not path:
+            raise fail(f"layers[{i}].path should be a non-empty string, received {path!r}.")
+        if path in entries:
+            raise fail(f"layer path {path!r} appears twice.")
+        if not isinstance(name, str) or name not in POLICY_NAMES:
+            raise fail(f"layers[{i}].policy should be one of {list(POLICY_NAMES)}, received {name!r}.")
+        entry = _parse_facts(row, i, fail)
+        entries[path] = name
+        if entry:
+            facts[path] = entry
+    return entries, target, facts
+
+
+def _parse_facts(row: dict, i: int, fail) -> dict[str, Any]:
+    entry: dict[str, Any] = {}
+    for key in ("class", "keras_path"):
+        if key in row:
+            if not isinstance(row[key], str):
+                raise fail(f"layers[{i}].{key} should be a string, received {row[key]!r}.")
+            entry[key] = row[key]
+    for key in ("params", "flops"):
+        if key in row:
+            value = row[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == math.inf:
+                raise fail(f"layers[{i}].{key} should be a finite number >= 0, received {value!r}.")
+            entry[key] = value
+    return entry
+
+
+def _match_graph(policy: PrecisionPolicy, graph: Any) -> dict[str, str]:
+    """Map the policy's names onto the graph's keys; a layer named twice takes its most specific name."""
+    aliases = graph.aliases()
+    classes = dict(graph.fingerprint())
+    facts = policy.layers
+    unknown, changed, named = [], [], set()
+    for name in policy:
+        keys = aliases.get(name)
+        if keys is None:
+            unknown.append(name)
+            continue
+        named.update(keys)
+        recorded = facts.get(name, {}).get("class")
+        if recorded and len(keys) == 1 and classes.get(keys[0]) != recorded:
+            changed.append(f"{keys[0]} ({recorded} in the policy, {classes.get(keys[0])} in the model)")
+    extra = sorted(set(classes) - named) if facts else []
+    if unknown or changed or extra:
+        parts = [f"in the policy but not in the model: {_short_list(sorted(unknown))}"] if unknown else []
+        parts += [f"in the model but not in the policy: {_short_list(extra)}"] if extra else []
+        parts += [f"with another class: {_short_list(sorted(changed))}"] if changed else []
+        raise ModelMismatchError(
+            "This policy was made for a different model. Layers " + "; ".join(parts)
+            + ". Tune this model (autoprec.tune) or load the policy made for it. A policy may name a layer by "
+            "its key (`autoprec layers MODEL`), by its Keras layer.path, or a nested model by its name."
         )
-        if missing or extra or changed:
-            parts = []
-            if missing:
-                parts.append(f"in the policy but not in the model: {_short_list(missing)}")
-            if extra:
-                parts.append(f"in the model but not in the policy: {_short_list(extra)}")
-            if changed:
-                parts.append(f"with another class: {_short_list(changed)}")
-            raise ModelMismatchError(
-                "This policy was made for a different model. Layers " + "; ".join(parts)
-                + ". Tune this model (autoprec.tune) or load the policy made for it."
-            )
+    out: dict[str, str] = {}
+    # Broad names (a nested model) first, so a layer's own entry wins.
+    for name in sorted(policy, key=lambda n: -len(aliases[n])):
+        for key in aliases[name]:
+            out[key] = policy[name]
+    return out
+
+
+def _keyed_by_keras_path(policy: PrecisionPolicy, model: Any) -> dict[str, str]:
+    from autoprec.graph import build_graph
+
+    graph = build_graph(model)
+    names = policy.for_graph(graph)
+    keyed, unaddressable = {}, []
+    for info in graph.layers:
+        for key, kpath in zip((info.path, *info.sublayers), (info.keras_path, *info.sublayer_keras_paths)):
+            if key not in names:
+                continue
+            if kpath:
+                keyed[kpath] = names[key]
+            elif names[key] != FLOAT32:
+                unaddressable.append(key)
+    if unaddressable:
+        logger.warning(
+            "autoprec: %d layer(s) have no layer.path (Keras sets one only for layers with their own build()), so a "
+            "DTypePolicyMap passed as dtype= gives them its default, float32, although the policy says 16-bit: %s. "
+            "They compute in float32 at the cost of a cast; apply_policy sets them exactly.",
+            len(unaddressable), _short_list(unaddressable),
+        )
+    return keyed
 
 
 def _short_list(items: list[str], limit: int = 8) -> str:

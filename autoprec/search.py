@@ -1,32 +1,39 @@
-"""The search: one Optuna study over per-unit precision, under the budget constraint.
+"""The search: one Optuna study over the decisions' precision, under the budget constraint.
 
 Plain Python over two callbacks: ``evaluate(assignment)`` (one pass of the
-engine) and ``estimate(assignment)`` (the cost model, free). The objective is
-the estimated speed-up; the constraint ``drop - allowed <= 0`` is set on each
-trial with ``Trial.set_constraint`` as Optuna 5 intends it, so the TPE
-sampler models feasibility and ``study.best_trial`` is the best feasible one.
+engine, which may stop early once the trial is certainly over budget) and
+``estimate(assignment)`` (the cost model, free). The objective is the
+estimated speed-up. Feasibility is the budget's (:class:`autoprec.Budget`);
+each trial records ``drop - allowed`` with ``Trial.set_constraint``, which
+Optuna 5's TPE sampler reads to model feasibility (it splits infeasible
+trials from the rest), and ``study.best_trial`` is the best feasible one.
 
 Phases, each skipping any candidate whose *estimate* cannot beat the best
 feasible one found so far (so most candidates cost nothing):
 
-1. ``all_16bit``: every unit in the target format (enqueued). If feasible, no
-   assignment can be faster; stop.
-2. ``fallback``: return the most sensitive units (profile order) to float32,
-   bisecting on how many: the accumulated fallback of the profile.
+1. ``all_16bit``: every decision in the target format (enqueued). If
+   feasible, no assignment can be faster; stop.
+2. ``fallback``: return the most sensitive decisions (profile order) to
+   float32, bisecting on how many.
 3. ``segment``: bridge short float32 gaps into contiguous float32 segments,
    which saves casts at precision boundaries.
 4. ``local``: single flips and swaps around the best feasible assignment.
 5. ``tpe``: Optuna's constrained TPE for the remaining trials.
 
 Evaluated assignments are cached, and the cache is rebuilt from the study's
-finished trials, so a resumed search (same storage) repeats no finished trial
-and, with the same seed, replays the same decisions: the TPE sampler is
-reseeded from ``(seed, trial number)`` before each of its trials. Several
-workers may share one storage; each adds trials to the same study.
+finished trials, so a resumed search (same storage) repeats no finished
+trial. Stored trials keep their measured drop; whether it is feasible is
+judged again under this run's budget, so a study resumed under another
+budget never inherits a verdict. A trial stopped early keeps its certain
+lower bound: under a looser budget it is evaluated again. The study's
+sampler is :class:`ReplayableTPESampler`, whose proposals for trial ``N``
+depend only on ``(seed, N)``: a resumed run proposes what an uninterrupted
+one would have. Several workers may share one storage.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -36,12 +43,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FLOAT32 = "float32"
-_INFEASIBLE = 1e9  # Optuna's constraint value for a trial whose outputs went non-finite
+_INFEASIBLE = 1e9  # the stored drop/constraint of a trial whose outputs went non-finite
 
 
 @dataclass(frozen=True)
 class Space:
-    """Decision keys (units or blocks), their choices, and the profile's sensitivity order."""
+    """Decision keys (layers or blocks), their choices, and the profile's sensitivity order."""
 
     keys: tuple[str, ...]
     choices: tuple[str, ...]
@@ -57,7 +64,7 @@ class Space:
 
 @dataclass
 class Outcome:
-    """One evaluated assignment."""
+    """One evaluated assignment. ``drop`` is a lower bound when ``rejected``."""
 
     assignment: dict[str, str]
     speedup: float
@@ -68,6 +75,65 @@ class Outcome:
     nonfinite_outputs: int = 0
     trial: int | None = None
     phase: str = ""
+    rejected: bool = False
+
+
+def make_sampler(seed: int):
+    """The study's sampler: a :class:`ReplayableTPESampler` for ``seed``."""
+    return _sampler_class()(seed)
+
+
+def __getattr__(name: str) -> Any:
+    # The sampler class subclasses Optuna's, which `import autoprec.search` must not import.
+    if name == "ReplayableTPESampler":
+        return _sampler_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _sampler_class() -> type:
+    import optuna
+
+    class ReplayableTPESampler(optuna.samplers.BaseSampler):
+        """TPE whose proposals for trial ``N`` depend only on ``(seed, N)``.
+
+        Each trial gets a fresh ``TPESampler`` seeded from the seed and the
+        trial number, so a study resumed from its storage proposes what an
+        uninterrupted one would have; the study keeps this one sampler.
+        """
+
+        def __init__(self, seed: int = 0) -> None:
+            self.seed = seed
+            self._inner = self._tpe(0)
+
+        def _tpe(self, number: int):
+            import warnings
+
+            with warnings.catch_warnings():  # "multivariate is experimental", once per trial otherwise
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.samplers.TPESampler(seed=(self.seed * 100_003 + number) % (2**31), n_startup_trials=5,
+                                                  multivariate=True)
+
+        def before_trial(self, study, trial) -> None:
+            self._inner = self._tpe(trial.number)
+            self._inner.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self._inner.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._inner.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values) -> None:
+            self._inner.after_trial(study, trial, state, values)
+
+        def reseed_rng(self) -> None:
+            self._inner.reseed_rng()
+
+    return ReplayableTPESampler
 
 
 @dataclass
@@ -76,24 +142,25 @@ class Search:
 
     Args:
         space: the decision space.
-        evaluate: ``assignment -> {"metric", "drop", "output_error", "nonfinite_outputs"}``.
+        evaluate: ``assignment -> Evaluation`` (``metric``, ``drop``, ``output_error``,
+            ``nonfinite_outputs``, ``rejected``).
         estimate: ``assignment -> estimated speed-up``.
-        allowed: the largest drop the budget allows.
+        feasible: ``drop -> bool``, the budget's rule.
+        allowed: the largest drop the budget allows (for the stored constraint).
         study: an ``optuna.Study`` (in memory, or on a storage to resume/share).
         n_trials: the total number of trials the study may hold.
         timeout: seconds for this call, or None.
-        seed: seed of the TPE sampler.
         on_trial: called after each evaluated trial with the search.
     """
 
     space: Space
-    evaluate: Callable[[dict[str, str]], dict[str, float]]
+    evaluate: Callable[[dict[str, str]], Any]
     estimate: Callable[[dict[str, str]], float]
+    feasible: Callable[[float], bool]
     allowed: float
     study: Any
     n_trials: int = 60
     timeout: float | None = None
-    seed: int = 0
     on_trial: Callable[["Search"], None] | None = None
     cache: dict[tuple[str, ...], Outcome] = field(default_factory=dict)
     evaluations: int = 0
@@ -101,29 +168,27 @@ class Search:
     _started: float = field(default=0.0, repr=False)
 
     # Study bookkeeping -----------------------------------------------------------
-    def sampler(self, trial_number: int):
-        """A TPE sampler seeded from (seed, trial number): a resumed run proposes what the first would have."""
-        import optuna
-
-        return optuna.samplers.TPESampler(
-            seed=(self.seed * 100_003 + trial_number) % (2**31), n_startup_trials=5, multivariate=True,
-        )
-
     def refresh(self) -> None:
         """Rebuild the cache from the study's finished trials (ours, resumed, or other workers')."""
         import optuna
 
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if "drop" not in t.user_attrs:
+            attrs = t.user_attrs
+            if "drop" not in attrs:
                 continue
             assignment = {k: t.params.get(k, FLOAT32) for k in self.space.keys}
             key = self.space.key_of(assignment)
-            if key not in self.cache:
-                self.cache[key] = Outcome(
-                    assignment, float(t.value), t.user_attrs["metric"], t.user_attrs["drop"], t.user_attrs["feasible"],
-                    t.user_attrs.get("output_error", math.nan), t.user_attrs.get("nonfinite_outputs", 0), t.number,
-                    t.user_attrs.get("phase", ""),
-                )
+            if key in self.cache:
+                continue
+            drop = float(attrs["drop"])
+            drop = math.inf if drop >= _INFEASIBLE else drop
+            rejected = bool(attrs.get("rejected", False))
+            feasible = self.feasible(drop)
+            if rejected and feasible:
+                continue  # its lower bound fits this budget: only a full pass can tell
+            self.cache[key] = Outcome(assignment, float(t.value), attrs.get("metric", math.nan), drop, feasible and not rejected,
+                                      attrs.get("output_error", math.nan), attrs.get("nonfinite_outputs", 0), t.number,
+                                      attrs.get("phase", ""), rejected)
 
     def finished(self) -> int:
         import optuna
@@ -153,40 +218,43 @@ class Search:
 
         return {k: optuna.distributions.CategoricalDistribution(self.space.choices) for k in self.space.keys}
 
+    def _measure(self, key: tuple[str, ...], assignment: dict[str, str]) -> tuple[Any, bool]:
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.cache_hits += 1
+            return cached, True
+        self.evaluations += 1
+        return self.evaluate(assignment), False
+
     def _run_trial(self, trial: Any, phase: str) -> Outcome:
         import optuna
 
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         assignment = {k: trial.params.get(k, FLOAT32) for k in self.space.keys}
         key = self.space.key_of(assignment)
         speedup = float(self.estimate(assignment))
-        cached = self.cache.get(key)
         try:
-            if cached is not None:
-                self.cache_hits += 1
-                result = {"metric": cached.metric, "drop": cached.drop, "output_error": cached.output_error,
-                          "nonfinite_outputs": cached.nonfinite_outputs}
-            else:
-                result = self.evaluate(assignment)
-                self.evaluations += 1
+            result, cached = self._measure(key, assignment)
         except BaseException:
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
-        drop = float(result["drop"])
-        feasible = math.isfinite(drop) and drop <= self.allowed + 1e-9
+        drop = float(result.drop)
+        rejected = bool(getattr(result, "rejected", False))
+        feasible = self.feasible(drop) and not rejected
+        finite = lambda v: float(v) if math.isfinite(float(v)) else _INFEASIBLE  # noqa: E731
         attrs = {
-            "phase": phase, "metric": float(result["metric"]), "drop": drop if math.isfinite(drop) else _INFEASIBLE,
-            "output_error": float(result["output_error"]) if math.isfinite(result["output_error"]) else _INFEASIBLE,
-            "nonfinite_outputs": int(result["nonfinite_outputs"]), "feasible": feasible,
-            "constraint": (drop - self.allowed) if math.isfinite(drop) else _INFEASIBLE,
-            "worker": f"{socket.gethostname()}:{os.getpid()}", "cached": cached is not None,
-            "n_16bit": sum(v != FLOAT32 for v in assignment.values()),
+            "phase": phase, "metric": finite(result.metric) if not rejected else math.nan, "drop": finite(drop),
+            "output_error": finite(result.output_error), "nonfinite_outputs": int(result.nonfinite_outputs),
+            "feasible": feasible, "rejected": rejected, "samples": int(getattr(result, "samples", 0) or 0),
+            "cached": cached, "n_16bit": sum(v != FLOAT32 for v in assignment.values()),
         }
         for name, value in attrs.items():
-            trial.set_user_attr(name, value)
-        trial.set_constraint("budget", attrs["constraint"])
+            if not (isinstance(value, float) and math.isnan(value)):
+                trial.set_user_attr(name, value)
+        trial.set_constraint("budget", (drop - self.allowed) if math.isfinite(drop) else _INFEASIBLE)
         self.study.tell(trial, speedup)
-        outcome = Outcome(assignment, speedup, attrs["metric"], drop, feasible, result["output_error"],
-                          attrs["nonfinite_outputs"], trial.number, phase)
+        outcome = Outcome(assignment, speedup, attrs["metric"], drop, feasible, result.output_error,
+                          attrs["nonfinite_outputs"], trial.number, phase, rejected)
         self.cache.setdefault(key, outcome)
         if self.on_trial is not None:
             self.on_trial(self)
@@ -253,13 +321,22 @@ class Search:
         keys = list(self.space.keys)
         f32 = [i for i, k in enumerate(keys) if best.assignment[k] == FLOAT32]
         for a, b in zip(f32, f32[1:]):
-            if 1 < b - a <= 3:  # bridge a short 16-bit gap between float32 units
+            if 1 < b - a <= 3:  # bridge a short 16-bit gap between float32 decisions
                 candidate = dict(best.assignment)
                 for i in range(a + 1, b):
                     candidate[keys[i]] = FLOAT32
                 if self.consider(candidate, "segment") is None:
                     return False
         return True
+
+    def _moves(self, best: Outcome) -> list[dict[str, str]]:
+        """Single flips and float32/16-bit swaps around ``best``, most promising first."""
+        moves = [{**best.assignment, k: c} for k in self.space.keys for c in self.space.choices if c != best.assignment[k]]
+        low = [k for k in self.space.keys if best.assignment[k] == FLOAT32]
+        high = [k for k in self.space.keys if best.assignment[k] != FLOAT32]
+        moves += [{**best.assignment, a: self.space.target, b: FLOAT32} for a in low for b in high]
+        moves.sort(key=lambda m: -self.estimate(m))
+        return moves
 
     def _phase_local(self) -> bool:
         improved = True
@@ -268,18 +345,7 @@ class Search:
             best = self.best()
             if best is None:
                 return True
-            moves = []
-            for k in self.space.keys:
-                for choice in self.space.choices:
-                    if choice != best.assignment[k]:
-                        moves.append({**best.assignment, k: choice})
-            low = [k for k in self.space.keys if best.assignment[k] == FLOAT32]
-            high = [k for k in self.space.keys if best.assignment[k] != FLOAT32]
-            for a in low:
-                for b in high:
-                    moves.append({**best.assignment, a: self.space.target, b: FLOAT32})
-            moves.sort(key=lambda m: -self.estimate(m))
-            for move in moves:
+            for move in self._moves(best):
                 if self.estimate(move) <= self.best_speedup() + 1e-12:
                     break
                 outcome = self.consider(move, "local")
@@ -296,7 +362,6 @@ class Search:
         distributions = self._distributions()
         while not self.out_of_budget():
             self.refresh()
-            self.study.sampler = self.sampler(len(self.study.trials))
             trial = self.study.ask(distributions)
             assignment = {k: trial.params.get(k, FLOAT32) for k in self.space.keys}
             if self.space.key_of(assignment) not in self.cache and self.estimate(assignment) <= self.best_speedup() + 1e-12:

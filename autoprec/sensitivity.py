@@ -1,303 +1,335 @@
 """Per-layer sensitivity to 16-bit: :func:`profile` returns one DataFrame row per layer.
 
-Three measures, cheapest first:
+Three measures, cheapest first, over every layer that may carry a policy of
+its own (weighted layers and weightless layers that compute, in one ranking):
 
-- **Range statistics** for each layer's output activations, the gradient at
-  each output, and each layer's weight gradients: the largest magnitude, and
-  the shares that would overflow the format (> 65504 for float16), flush to
-  zero (< 2^-24) or turn subnormal (< 2^-14), unscaled and, for gradients,
-  at the default loss scale 2^15; plus non-finite counts.
-- A **first-order score** for every unit from the same forward/backward
-  pass: the sum over the data of ``(dL/dy * (round(y) - y))^2`` at the unit's
-  output ``y``, the squared change in loss that rounding ``y`` would cause to
-  first order. It ranks all units at once; it is infinite where ``y``
-  overflows the format.
-- **Ablation** (``method="full"`` or ``"ablation"``): for each unit alone in
-  the target format, the metric drop and the output error (relative L2 of
-  the model outputs against float32). Exact, one pass per unit.
+- **Range statistics** for each node's output activations, the gradient at
+  each output, and each weighted layer's weight gradients: the largest
+  magnitude, and the shares that would overflow the format, flush to zero or
+  turn subnormal, unscaled and, for gradients, at the default loss scale;
+  plus non-finite counts (see :mod:`autoprec.stats`).
+- A **first-order score** from the same forward/backward pass: the sum over
+  the data of ``(dL/dy * (round(y) - y))^2`` at each output ``y``, the
+  squared change in loss that rounding ``y`` would cause to first order. It
+  ranks all layers at once; it is infinite where ``y`` overflows.
+- **Ablation by group testing**: the layers, ranked by the two measures
+  above, are switched to 16-bit many at a time (every other layer stays
+  float32). A group whose metric drop is within ``tolerance`` is cleared at
+  once; a group over it is split in two, down to single layers, whose exact
+  drop alone is recorded. Many layers that are each slightly sensitive
+  still show as a drop in their group and are split down to where they sit.
+
+Statistics stream over the data in micro-batches (``profile_batch_size``)
+through one traced step and keep running aggregates only, so memory depends
+on the micro-batch, not on the size of the data.
+
+A weightless layer becomes a decision of its own (:func:`own_risk`) when it
+shows a risk of its own: non-finite or overflowing outputs, more than 1%
+of its outputs flushing to zero, an ablation drop over the tolerance alone,
+or a first-order score ten times that of every neighbour it has. Otherwise
+it joins its producers' decision, so the search stays small.
 
 The SQNR column is the layer's *own* signal-to-quantisation-noise ratio:
-float32 inputs into the layer run with its inputs, weights and output
-rounded, against the same layer in float32, in dB.
+the layer run with its inputs, weights and output rounded, against float32, in dB.
 
 >>> frame = autoprec.profile(model, (x_val, y_val), target="mixed_float16")  # doctest: +SKIP
->>> frame[["path", "metric_drop", "score"]].head()                           # doctest: +SKIP
+>>> frame[["path", "role", "kind", "metric_drop", "score"]].head()            # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from autoprec import backends
-from autoprec.data import (EvalData, Metric, as_eval_data, check_inputs_fit, label_kind, resolve_loss, resolve_metric,
-                           single_output)
-from autoprec.engine import LIMITS, FormatLimits, SimEngine, call_rounded, make_engine, round_to
-from autoprec.errors import DataError, PolicyError, describe
-from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, clone_with_policies
-from autoprec.policy import MIXED_BFLOAT16, MIXED_FLOAT16, TARGETS
+from autoprec import backends, stats
+from autoprec.budget import Budget
+from autoprec.engine import SimEngine, call_rounded, round_to, round_with
+from autoprec.errors import ArgumentError, describe
+from autoprec.formats import DEFAULT_LOSS_SCALE, FLOAT32, MIXED_FLOAT16, Format
+from autoprec.formats import get as get_format
+from autoprec.graph import COMPUTE, MOVEMENT, OP, WEIGHTED, ModelGraph
+from autoprec.metrics import resolve_loss
+from autoprec.progress import Progress
+from autoprec.session import Session, auto_batch_size, open_session
 
 logger = logging.getLogger("autoprec")
 
 METHODS = ("full", "fast", "ablation")
-DEFAULT_LOSS_SCALE = 2.0**15
-_STAT_FIELDS = ("absmax", "total", "nonzero", "overflow", "flush", "below_normal", "nonfinite")
+RISK_SCORE_RATIO = 10.0  # a weightless layer whose score is 10x every neighbour's decides on its own
+PROFILE_MEMORY = 256 << 20  # bytes of activations, gradients and rounding errors one micro-batch may hold
 
 
-def resolve_target(target: str) -> str:
-    """``mixed_float16``, ``mixed_bfloat16``, or for ``"auto"`` the one this device runs fast.
-
-    ``auto`` picks float16 on a CUDA GPU and bfloat16 on a CPU whose oneDNN
-    has fast bf16 (AVX512_BF16 or AMX), and logs why.
-
-    >>> resolve_target("mixed_bfloat16")
-    'mixed_bfloat16'
-    """
-    return explain_target(target)[0]
-
-
-def explain_target(target: str) -> tuple[str, str]:
-    """``(target, why)``: the resolved target and, for ``"auto"``, the reason it was picked."""
-    if target in TARGETS:
-        return target, "as asked"
-    if target != "auto":
-        raise PolicyError(f"Expected target to be one of {[*TARGETS, 'auto']}. Received: target={describe(target)}.")
-    if backends.is_cuda_gpu_available():
-        choice, why = MIXED_FLOAT16, "a CUDA GPU is visible; its tensor cores run float16"
-    elif backends.cpu_has_fast_bf16():
-        choice, why = MIXED_BFLOAT16, "no GPU; this CPU has AVX512_BF16/AMX, which oneDNN runs fast"
-    else:
-        choice, why = MIXED_BFLOAT16, "no GPU; bfloat16 keeps float32's range, and float16 kernels are slow on CPUs"
-    logger.info("autoprec: target=auto -> %s (%s).", choice, why)
-    return choice, why
-
-
-@dataclass
-class Context:
-    """Everything later stages share: graph, data, metric, engine and the float32 baseline."""
-
-    model: Any
-    graph: ModelGraph
-    data: EvalData
-    target: str
-    formats: tuple[str, ...]
-    metric: Metric
-    engine: Any
-    baseline: float
-    baseline_outputs: Any
-    y: np.ndarray = field(repr=False)
-
-    def evaluate(self, assignment: dict[str, str]) -> dict[str, float]:
-        """Metric, drop, output error and non-finite outputs of one assignment (one pass)."""
-        self.engine.set_assignment(assignment)
-        outputs = self.engine.predict()
-        return self.score_outputs(outputs)
-
-    def score_outputs(self, outputs: Any) -> dict[str, float]:
-        import keras
-
-        flat = [np.asarray(o, dtype=np.float64) for o in keras.tree.flatten(outputs)]
-        base = [np.asarray(o, dtype=np.float64) for o in keras.tree.flatten(self.baseline_outputs)]
-        nonfinite = int(sum(np.size(o) - np.count_nonzero(np.isfinite(o)) for o in flat))
-        with np.errstate(all="ignore"):
-            num = math.sqrt(sum(float(np.sum((o - b) ** 2)) for o, b in zip(flat, base)))
-            den = math.sqrt(sum(float(np.sum(b**2)) for b in base)) or 1.0
-        error = math.inf if nonfinite or not math.isfinite(num) else num / den
-        value = self.metric.compute(self.y, outputs)
-        drop = self.metric.drop(self.baseline, value)
-        if nonfinite or not math.isfinite(value):
-            drop = math.inf  # a model whose outputs go non-finite has no usable metric
-        return {"metric": value, "drop": drop, "output_error": error, "nonfinite_outputs": nonfinite}
-
-
-def prepare(
-    model: Any,
-    data: Any,
-    *,
-    target: str,
-    formats: tuple[str, ...] | None = None,
-    metric: Any = None,
-    higher_is_better: bool | None = None,
-    batch_size: int = 256,
-    keep_float32=(),
-    force_16bit=(),
-) -> Context:
-    """Validate inputs, build the graph and engine, and measure the float32 baseline."""
-    target = resolve_target(target)
-    ev = as_eval_data(data, batch_size=batch_size)
-    check_inputs_fit(model, ev)
-    graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
-    if graph.kind != SUBCLASSED and any(i.layer.compute_dtype != "float32" for i in graph.units):
-        # A model built under a mixed global policy: the baseline and the
-        # search need float32, so they run on a float32 copy with the same weights.
-        logger.info("autoprec: %r already computes partly in 16-bit; measuring a float32 copy with the same weights.", model.name)
-        model = clone_with_policies(model, graph.resolve({}))
-        graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
-    formats = tuple(formats or (target,))
-    engine = make_engine(model, graph, ev, formats=formats)
-    engine.set_assignment({})
-    outputs = engine.predict()
-    y = ev.y
-    import keras
-
-    flat = keras.tree.flatten(outputs)  # a one-output model built with outputs=[t] gives a list of one
-    if not all(np.all(np.isfinite(o)) for o in flat):
-        raise DataError(
-            "Expected finite float32 outputs on the evaluation data. Received NaN or inf from the float32 model "
-            "itself: the model or the data is broken before any 16-bit question arises. Check the inputs for "
-            "NaN/inf and the weights for divergence."
-        )
-    if len(flat) == 1 and not callable(metric) or isinstance(metric, str):
-        label_kind(y, flat[0])  # labels that cannot fit the output fail here, with the shapes in the message
-    resolved = resolve_metric(metric, model=model, y=y, y_pred=outputs, higher_is_better=higher_is_better)
-    baseline = resolved.compute(y, outputs)
-    if not math.isfinite(baseline):
-        raise DataError(f"Expected a finite float32 baseline metric. Received {resolved.name}={baseline}.")
-    return Context(model, graph, ev, target, formats, resolved, engine, baseline, outputs, y)
-
-
-def profile(
-    model: Any,
-    data: Any,
-    *,
-    target: str = MIXED_FLOAT16,
-    method: str = "full",
-    metric: Any = None,
-    higher_is_better: bool | None = None,
-    batch_size: int = 256,
-    loss_scale: float = DEFAULT_LOSS_SCALE,
-    verbose: int = 1,
-    context: Context | None = None,
-):
+def profile(model: Any, data: Any, *, target: str = MIXED_FLOAT16, method: str = "full", metric: Any = None,
+            higher_is_better: bool | None = None, batch_size: int | str = "auto",
+            profile_batch_size: int | str = "auto", loss_scale: float = DEFAULT_LOSS_SCALE,
+            tolerance: float | None = None, max_ablation_passes: int | None = None, verbose: int = 1,
+            session: Session | None = None):
     """Measure each layer's sensitivity to computing in ``target``.
 
     Args:
         model: a float32 Keras model (Functional, Sequential, nested or subclassed).
         data: evaluation data, ``(x, y)`` arrays, a ``tf.data.Dataset`` or a ``PyDataset``.
         target: ``"mixed_float16"``, ``"mixed_bfloat16"`` or ``"auto"``.
-        method: ``"full"`` (statistics, score and ablation), ``"fast"``
-            (statistics and score only: two passes), or ``"ablation"`` (no gradients).
+        method: ``"full"`` (statistics, score and group-tested ablation),
+            ``"fast"`` (statistics and score only), or ``"ablation"`` (no gradients).
         metric: a Keras metric name or instance, or a callable with ``higher_is_better``;
             default: the model's first compiled metric, else its loss.
+        batch_size: evaluation batch; ``"auto"`` fits the activations of a batch in 256 MB.
+        profile_batch_size: micro-batch of the gradient statistics; ``"auto"`` fits
+            every layer's activations, gradients and rounding errors in 256 MB.
         loss_scale: the loss scale for the scaled gradient statistics.
-        verbose: 0 silences the progress bar.
+        tolerance: the largest group drop cleared without splitting; default 0
+            for bounded metrics (accuracy) and 0.1% of the baseline otherwise.
+        max_ablation_passes: cap on ablation passes (default: one per layer).
+        verbose: 0 silences the progress bars.
+        session: an open session (``tune`` passes its own).
 
     Returns:
-        A DataFrame, one row per layer, units sorted most sensitive first;
-        ``frame.attrs`` holds the baseline metric, metric name, target, and the
-        number of passes and traces.
+        A DataFrame, one row per node, layers that may carry a policy first,
+        most sensitive first; ``frame.attrs`` holds the baseline metric,
+        metric name, target, and the passes and traces spent.
 
     Example:
         >>> frame = profile(model, (x, y), target="mixed_bfloat16", method="fast")  # doctest: +SKIP
     """
     import pandas as pd
 
-    if method not in METHODS:
-        raise PolicyError(f"Expected method to be one of {list(METHODS)}. Received: method={describe(method)}.")
+    from autoprec.errors import check_choice
+
+    check_choice("method", method, METHODS)
     if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not loss_scale >= 1:
-        raise PolicyError(f"Expected loss_scale to be a number >= 1. Received: loss_scale={describe(loss_scale)}.")
-    ctx = context or prepare(model, data, target=target, metric=metric, higher_is_better=higher_is_better, batch_size=batch_size)
-    rows = {info.path: _graph_row(info, ctx.graph.total_flops) for info in ctx.graph.layers}
+        raise ArgumentError(f"Expected loss_scale to be a number >= 1. Received: loss_scale={describe(loss_scale)}.")
+    if session is None:
+        from autoprec.formats import resolve_target
+
+        session = open_session(model, data, target=resolve_target(target)[0], metric=metric,
+                               higher_is_better=higher_is_better, batch_size=batch_size)
+    progress = Progress(verbose)
+    fmt = get_format(session.target)
+    rows = {info.path: _graph_row(info, session.graph.total_flops) for info in session.graph.layers}
     if method in ("full", "fast"):
-        if isinstance(ctx.engine, SimEngine):
-            for path, stats in gradient_statistics(ctx, loss_scale=loss_scale).items():
-                rows[path].update(stats)
+        if isinstance(session.engine, SimEngine) and backends.name() in ("tensorflow", "jax"):
+            for path, columns in statistics(session, fmt, loss_scale=loss_scale, batch_size=profile_batch_size,
+                                            progress=progress).items():
+                rows[path].update(columns)
         else:
-            logger.info("autoprec: subclassed model: range statistics need a graph; only ablation is measured.")
+            logger.info("autoprec: range statistics need a graph and TensorFlow or JAX; only ablation is measured.")
     if method in ("full", "ablation"):
-        for path, result in ablation(ctx, verbose=verbose).items():
+        tol = default_tolerance(session) if tolerance is None else float(tolerance)
+        eligible = [i.path for i in session.graph.eligible]
+        prior = prior_order(eligible, rows)
+        flagged = [p for p in prior if _flagged(rows[p])]
+        for path, result in ablation(session, prior, tolerance=tol, max_passes=max_ablation_passes, hazards=flagged,
+                                     progress=progress).items():
             rows[path].update(result)
-    frame = pd.DataFrame(list(rows.values()))
-    frame = sort_by_sensitivity(frame)
+    frame = rank(pd.DataFrame(list(rows.values())))
+    frame["kind"] = kinds(frame, session.graph, tolerance=default_tolerance(session) if tolerance is None else tolerance)
     frame.attrs.update(
-        baseline_metric=ctx.baseline, metric_name=ctx.metric.name, higher_is_better=ctx.metric.higher_is_better,
-        target=ctx.target, passes=ctx.engine.passes, traces=ctx.engine.traces, engine=ctx.engine.kind,
+        baseline_metric=session.baseline, metric_name=session.metric.name,
+        higher_is_better=session.metric.higher_is_better, target=session.target, passes=session.passes,
+        traces=session.engine.traces, engine=session.engine.kind, seconds=dict(progress.seconds),
     )
     return frame
 
 
+def default_tolerance(session: Session) -> float:
+    """0 for a bounded per-sample metric (any lost sample counts), else 0.1% of the baseline."""
+    return 0.0 if session.metric.bounds is not None and session.metric.bounds[1] <= 1 else 1e-3 * abs(session.baseline)
+
+
 def _graph_row(info: Any, total_flops: float) -> dict[str, Any]:
     return {
-        "order": info.order, "path": info.path, "class": info.class_name, "params": info.params, "flops": info.flops,
-        "flops_share": info.flops / total_flops if total_flops else 0.0, "decision_unit": info.is_unit,
-        "pinned": info.pinned or "", "follows": info.follows,
+        "order": info.order, "path": info.path, "class": info.class_name, "role": info.role, "params": info.params,
+        "flops": info.flops, "flops_share": info.flops / total_flops if total_flops else 0.0,
+        "decision_unit": info.is_unit, "eligible": info.eligible, "pinned": info.pinned or "",
+        "producers": ";".join(info.producers),
     }
 
 
-def sort_by_sensitivity(frame):
-    """Unpinned units first, most sensitive first: by metric drop, output error, then score."""
+def rank(frame):
+    """Layers that may carry a policy first, most sensitive first: by ablation drop, output error, then score."""
+    drop = frame["metric_drop"] if "metric_drop" in frame else np.nan
+    bound = frame["group_drop"].clip(lower=0) if "group_drop" in frame else np.nan
+    key = frame.assign(
+        _rank=np.where(frame["eligible"], 0, 1),
+        _drop=(drop if isinstance(drop, float) else drop.fillna(bound if isinstance(bound, float) else bound)),
+    )
     keys, ascending = ["_rank"], [True]
-    frame = frame.assign(_rank=np.where(frame["decision_unit"] & (frame["pinned"] == ""), 0, 1))
-    for column in ("metric_drop", "output_error", "score"):
-        if column in frame:
+    for column in ("_drop", "output_error", "score"):
+        if column in key:
             keys.append(column)
             ascending.append(False)
-    return frame.sort_values(keys, ascending=ascending, na_position="last", kind="stable").drop(columns="_rank").reset_index(drop=True)
+    ordered = key.sort_values(keys, ascending=ascending, na_position="last", kind="stable")
+    return ordered.drop(columns=["_rank", "_drop"]).reset_index(drop=True)
 
 
-def ablation(ctx: Context, *, verbose: int = 1) -> dict[str, dict[str, float]]:
-    """One unit at a time in the target format: metric drop and output error per unit."""
-    import keras
+def _flagged(row: dict[str, Any]) -> bool:
+    """The statistics alone show a hazard: overflowing or non-finite outputs."""
+    return _num(row.get("act_overflow")) > 0 or _num(row.get("act_nonfinite")) > 0
 
-    units = [u.path for u in ctx.graph.units]
-    bar = keras.utils.Progbar(len(units), verbose=1 if verbose else 0, unit_name="unit") if units else None
-    out = {}
-    for i, path in enumerate(units):
-        result = ctx.evaluate({path: ctx.target})
-        out[path] = {
-            "metric": result["metric"], "metric_drop": result["drop"], "output_error": result["output_error"],
-            "nonfinite_outputs": result["nonfinite_outputs"],
-        }
-        if bar is not None:
-            bar.update(i + 1)
-    ctx.engine.set_assignment({})
+
+def prior_order(paths: Sequence[str], rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Paths ranked by the one-pass measures: overflow or non-finite first, then by score."""
+    def key(path: str) -> tuple:
+        row = rows.get(path, {})
+        score = row.get("score")
+        score = -1.0 if score is None or score != score else score
+        return (0 if _flagged(row) else 1, -score)
+
+    return sorted(paths, key=key)
+
+
+def kinds(frame, graph: ModelGraph, *, tolerance: float) -> list[str]:
+    """``decision``, ``joined``, ``movement``, ``op`` or ``pinned`` for each row, by :func:`own_risk`."""
+    own = own_risk(frame, graph, tolerance=tolerance)
+    out = []
+    for row in frame.itertuples(index=False):
+        info = graph[row.path]
+        if info.pinned is not None:
+            out.append("pinned")
+        elif info.role == WEIGHTED or row.path in own:
+            out.append("decision")
+        else:
+            out.append({COMPUTE: "joined", MOVEMENT: "movement", OP: "op"}[info.role])
     return out
 
 
-def _tensor_stats(t: Any, limits: FormatLimits, scale: float = 1.0) -> Any:
-    from keras import ops
+def own_risk(frame, graph: ModelGraph, *, tolerance: float) -> set[str]:
+    """The weightless computing layers that show a risk of their own (see the module docstring)."""
+    rows = frame.set_index("path").to_dict("index")
+    scores = {p: _num(r.get("score")) for p, r in rows.items()}
+    consumers: dict[str, list[str]] = {}
+    for info in graph.layers:
+        for p in info.producers:
+            consumers.setdefault(p, []).append(info.path)
+    own = set()
+    for info in graph.eligible:
+        if info.role != COMPUTE:
+            continue
+        r = rows.get(info.path, {})
+        drop = _num(r.get("metric_drop"))
+        risky = (_num(r.get("act_overflow")) > 0 or _num(r.get("act_nonfinite")) > 0
+                 or _num(r.get("act_flush")) > 0.01 or _num(r.get("nonfinite_outputs")) > 0
+                 or (r.get("ablation") == "alone" and drop > tolerance))
+        neighbours = [scores.get(p, 0.0) for p in (*info.producers, *consumers.get(info.path, ())) if p in graph]
+        mine = scores.get(info.path, 0.0)
+        if not risky and neighbours and mine > 0:
+            risky = mine == math.inf or mine > RISK_SCORE_RATIO * max(neighbours)
+        if risky:
+            own.add(info.path)
+    return own
 
-    t = ops.cast(t, "float32")
-    if scale != 1.0:
-        t = t * scale
-    a = ops.abs(t)
-    finite = ops.isfinite(t)
-    safe = ops.where(finite, a, ops.zeros_like(a))
-    nonzero = ops.logical_and(safe > 0, finite)
-    count = lambda mask: ops.sum(ops.cast(mask, "float32"))  # noqa: E731
-    return ops.stack([
-        ops.max(safe),
-        ops.cast(ops.size(t), "float32"),
-        count(nonzero),
-        count(ops.logical_and(finite, a > limits.max_finite)),
-        count(ops.logical_and(nonzero, a < limits.min_subnormal)),
-        count(ops.logical_and(nonzero, a < limits.min_normal)),
-        count(ops.logical_not(finite)),
-    ])
+
+def _num(value: Any) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return 0.0 if math.isnan(value) else value
 
 
-def gradient_statistics(ctx: Context, *, loss_scale: float = DEFAULT_LOSS_SCALE) -> dict[str, dict[str, float]]:
-    """Activation, output-gradient and weight-gradient statistics, score and SQNR, in one pass."""
+# ---------------------------------------------------------------------------
+# Ablation by group testing
+
+
+def ablation(session: Session, ranked: Sequence[str], *, tolerance: float, max_passes: int | None = None,
+             hazards: Sequence[str] = (), progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+    """Group-tested ablation of ``ranked`` (most suspicious first); see the module docstring.
+
+    Returns per path: ``metric_drop``, ``output_error`` and ``nonfinite_outputs``
+    of the layer alone (``ablation="alone"``), or ``group_drop`` and
+    ``ablation="group of K"`` for layers cleared with their group, or
+    ``ablation="untested"`` past ``max_passes``.
+    """
+    everything = {p: FLOAT32 for p in ranked}
+    cap = len(ranked) + 1 if max_passes is None else max_passes
+    splitting = Budget(tolerance)  # a group is only asked whether it is over the tolerance: stop early when certain
+    out: dict[str, dict[str, Any]] = {}
+    # Layers the statistics already flag (overflow, non-finite) are tested alone at once; the rest as one group.
+    flagged = [p for p in ranked if p in set(hazards)]
+    rest = tuple(p for p in ranked if p not in set(flagged))
+    queue: deque[tuple[str, ...]] = deque([(p,) for p in flagged] + ([rest] if rest else []))
+    passes = 0
+    bar = progress.stage("ablation", total=min(cap, 2 * len(ranked)), unit="pass") if progress else None
+    while queue:
+        group = queue.popleft()
+        if passes >= cap:
+            out.update({p: {"ablation": "untested"} for p in group})
+            continue
+        alone = len(group) == 1
+        ev = session.evaluate({**everything, **{p: session.target for p in group}}, budget=None if alone else splitting)
+        passes += 1
+        if bar:
+            bar.update(passes)
+        if alone:
+            out[group[0]] = {"metric": ev.metric, "metric_drop": ev.drop, "output_error": ev.output_error,
+                             "nonfinite_outputs": ev.nonfinite_outputs, "ablation": "alone"}
+        elif ev.rejected or not math.isfinite(ev.drop) or ev.drop > tolerance:
+            middle = len(group) // 2
+            queue.extend([group[:middle], group[middle:]])
+        else:
+            out.update({p: {"group_drop": ev.drop, "group_error": ev.output_error, "ablation": f"group of {len(group)}"}
+                        for p in group})
+    if bar:
+        bar.done(passes)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Statistics and score
+
+
+def statistics(session: Session, fmt: Format, *, loss_scale: float = DEFAULT_LOSS_SCALE,
+               batch_size: int | str = "auto", progress: Progress | None = None) -> dict[str, dict[str, float]]:
+    """Activation, output-gradient and weight-gradient statistics, score and SQNR, streamed in micro-batches."""
+    import keras
+
+    graph = session.graph
+    if batch_size == "auto":
+        # The tape holds every output; the step adds its gradient and rounding error.
+        per_sample = 3.0 * sum(i.output_bytes for i in graph.layers) or 4.0
+        batch_size = auto_batch_size(graph, budget_bytes=PROFILE_MEMORY, cap=64, per_sample=per_sample)
+    data = session.data.rebatch(int(batch_size))
+    fn, names = _stats_step(session, fmt, loss_scale)
+    step = backends.compile_function(fn)
+    totals: dict[str, np.ndarray] = {}
+    n_batches = -(-data.n // data.batch_size)
+    bar = progress.stage("statistics", total=n_batches, unit="micro-batch") if progress else None
+    session.passes += 1
+    for i, (x, y) in enumerate(data.batches()):
+        for kind, value in step(x, y).items():
+            rows = np.asarray(keras.ops.convert_to_numpy(value), np.float64)
+            suffix = {"nodes": "", "weights": "\x00w", "own": "\x00q"}[kind]
+            for path, row in zip(names[kind], rows):
+                key = path + suffix
+                totals[key] = stats.merge(totals.get(key), row, blocks=_BLOCKS[suffix[1:]])
+        if bar:
+            bar.update(i + 1)
+    if bar:
+        bar.done(n_batches)
+    return _columns(totals)
+
+
+_BLOCKS = {"": 3, "w": 2, "q": 0}  # statistics vectors in front of each kind of row (the rest is summed)
+
+
+def _stats_step(session: Session, fmt: Format, loss_scale: float):
+    """The traced micro-batch step: one forward/backward pass, small statistics vectors out."""
     import keras
     from keras import ops
 
-    engine: SimEngine = ctx.engine
-    limits = LIMITS[ctx.target]
-    dtype = limits.dtype
-    units = {u.path for u in ctx.graph.units}
-    unit_vars = [(u.path, v) for u in ctx.graph.units for v in u.layer.trainable_variables]
+    engine, graph = session.engine, session.graph
+    eligible = {i.path for i in graph.eligible}
+    unit_vars = [(u.path, v) for u in graph.units for v in u.layer.trainable_variables]
     variables = [v for _, v in unit_vars]
-    loss = resolve_loss(ctx.model, ctx.y, ctx.baseline_outputs)
-
-    def loss_fn(y_true, y_pred):
-        # The batch mean, as Keras trains on: a loss resolved from a name is per
-        # sample, and differentiating its sum would scale every gradient by the batch size.
-        return ops.mean(loss(y_true, single_output(y_pred)))
-    zeros = {fmt: ops.zeros((len(engine.units),), "float32") for fmt in ctx.formats}
+    loss = resolve_loss(session.model, session.metric, session.data.y, session.baseline_outputs[0])
+    rnd = round_with(fmt.dtype)
+    names: dict[str, list[str]] = {}  # the path of each row of each output, set while tracing
 
     def step(x, y):
         taken: list[tuple[str, Any]] = []
@@ -309,90 +341,69 @@ def gradient_statistics(ctx: Context, *, loss_scale: float = DEFAULT_LOSS_SCALE)
             taken.clear()
             own.clear()
 
-            def hook(path, op, call, args, kwargs, out, sw):
-                # Only a layer with a single floating output is watched (a layer
+            def hook(path, op, call, args, kwargs, out):
+                # Only a node with a single floating output is watched (a layer
                 # returning states as well, e.g. LSTM(return_state=True), is not).
                 if isinstance(out, (list, tuple, dict)) or "float" not in str(getattr(out, "dtype", "")):
                     return None
                 taken.append((path, out))
-                if path in units and path not in own:
-                    rounded = call_rounded(op, call, [(dtype, ops.ones(()))], args, kwargs)
-                    r = keras.tree.flatten(rounded)[0]
+                if path in eligible and path not in own:
+                    r = keras.tree.flatten(call_rounded(op, call, rnd, args, kwargs))[0]
                     own[path] = ops.stack([ops.sum(ops.square(out)), ops.sum(ops.square(out - r))])
                 return watch(out)
 
-            return engine.run(inputs, zeros, hook)
+            return engine.run(inputs, None, hook)
 
-        _, _, out_grads, var_grads = backends.gradient_pass(forward, loss_fn, x, y, variables)
-        result = {}
-        for (path, act), grad in zip(taken, out_grads):
-            with_scale = _tensor_stats(grad, limits, loss_scale)
-            err = round_to(act, dtype) - act
-            contrib = ops.where(ops.isfinite(err), ops.square(grad * err), ops.where(ops.abs(grad) > 0, np.inf, 0.0))
-            result.setdefault(path, []).append(
-                ops.concatenate([_tensor_stats(act, limits), _tensor_stats(grad, limits), with_scale, ops.reshape(ops.sum(contrib), (1,))])
-            )
-        wstats = {}
-        for (path, _), grad in zip(unit_vars, var_grads):
-            flat = ops.reshape(grad, (-1,))
-            wstats.setdefault(path, []).append(flat)
-        for path, parts in wstats.items():
-            flat = ops.concatenate(parts)
-            result[path + "\x00w"] = [ops.concatenate([_tensor_stats(flat, limits), _tensor_stats(flat, limits, loss_scale)])]
-        for path, value in own.items():
-            result[path + "\x00q"] = [value]
-        return {k: ops.sum(ops.stack(v), axis=0) if len(v) > 1 else v[0] for k, v in result.items()}
+        _, _, out_grads, var_grads = backends.gradient_pass(forward, loss, x, y, variables)
+        out: dict[str, Any] = {}
+        if taken:
+            # In chunks: one flat copy of every activation and gradient at once would double the step's memory.
+            chunks = [_node_rows([a for _, a in taken[i:i + _CHUNK]], list(out_grads[i:i + _CHUNK]), fmt, loss_scale)
+                      for i in range(0, len(taken), _CHUNK)]
+            out["nodes"] = ops.concatenate(chunks, axis=0)
+        by_unit: dict[str, list] = {}
+        for (path, _), g in zip(unit_vars, var_grads):
+            by_unit.setdefault(path, []).append(ops.reshape(ops.cast(g, "float32"), (-1,)))
+        if by_unit:
+            w, w_scaled = stats.table([ops.concatenate(parts) for parts in by_unit.values()], fmt, (1.0, loss_scale))[0]
+            out["weights"] = ops.concatenate([w, w_scaled], axis=1)
+        if own:
+            out["own"] = ops.stack(list(own.values()))
+        names["nodes"], names["weights"], names["own"] = [p for p, _ in taken], list(by_unit), list(own)
+        return out
 
-    # One pass runs once: tracing it would cost more than it saves (a 50-layer
-    # graph traces in ~20 s on 2 cores and runs eagerly in under one), so only
-    # the evaluation function, run once per assignment, is traced.
-    totals: dict[str, np.ndarray] = {}
-    engine.passes += 1
-    for x, y in ctx.data.batches:
-        for key, value in step(x, y).items():
-            value = np.asarray(keras.ops.convert_to_numpy(value), dtype=np.float64)
-            if key in totals:
-                previous = totals[key]
-                merged = previous + value
-                # absmax fields are maxima, not sums (index 0 of every 7-field block)
-                for start in range(0, len(value) - 1, len(_STAT_FIELDS)):
-                    if key.endswith("\x00q"):
-                        break
-                    merged[start] = max(previous[start], value[start])
-                totals[key] = merged
-            else:
-                totals[key] = value
-    return _stats_columns(totals)
+    return step, names
 
 
-def _block(values: np.ndarray, prefix: str, *, scaled: bool = False) -> dict[str, float]:
-    absmax, total, nonzero, overflow, flush, below_normal, nonfinite = values
-    nz = nonzero or 1.0
-    if scaled:
-        return {f"{prefix}_overflow": overflow / (total or 1.0), f"{prefix}_flush": flush / nz, f"{prefix}_subnormal": (below_normal - flush) / nz}
-    return {
-        f"{prefix}_absmax": absmax,
-        f"{prefix}_overflow": overflow / (total or 1.0),
-        f"{prefix}_flush": flush / nz,
-        f"{prefix}_subnormal": (below_normal - flush) / nz,
-        f"{prefix}_nonfinite": int(nonfinite),
-    }
+_CHUNK = 16  # tensors whose statistics share one flat vector
 
 
-def _stats_columns(totals: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    n = len(_STAT_FIELDS)
+def _node_rows(acts: list, grads: list, fmt: Format, loss_scale: float) -> Any:
+    """Rows ``[act stats, grad stats, scaled grad stats, score]`` for each node of a chunk."""
+    from keras import ops
+
+    (act,), values, ids = stats.table(acts, fmt)
+    (grad, grad_scaled), flat_grads, _ = stats.table(grads, fmt, (1.0, loss_scale))
+    err = round_to(values, fmt.dtype) - values
+    contrib = ops.where(ops.isfinite(err), ops.square(flat_grads * err), ops.where(ops.abs(flat_grads) > 0, np.inf, 0.0))
+    score = ops.segment_sum(contrib, ids, num_segments=len(acts))
+    return ops.concatenate([act, grad, grad_scaled, ops.reshape(score, (-1, 1))], axis=1)
+
+
+def _columns(totals: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    w = stats.WIDTH
     out: dict[str, dict[str, float]] = {}
     for key, v in totals.items():
         path, _, kind = key.partition("\x00")
         row = out.setdefault(path, {})
         if kind == "":
-            row.update(_block(v[0:n], "act"))
-            row.update(_block(v[n : 2 * n], "grad"))
-            row.update(_block(v[2 * n : 3 * n], "grad_scaled", scaled=True))
-            row["score"] = float(v[3 * n])
+            row.update(stats.columns(v[0:w], "act"))
+            row.update(stats.columns(v[w:2 * w], "grad"))
+            row.update(stats.columns(v[2 * w:3 * w], "grad_scaled", scaled=True))
+            row["score"] = float(v[3 * w])
         elif kind == "w":
-            row.update(_block(v[0:n], "wgrad"))
-            row.update(_block(v[n : 2 * n], "wgrad_scaled", scaled=True))
+            row.update(stats.columns(v[0:w], "wgrad"))
+            row.update(stats.columns(v[w:2 * w], "wgrad_scaled", scaled=True))
         elif kind == "q":
             signal, noise = v
             row["sqnr_db"] = math.inf if noise == 0 else (10 * math.log10(signal / noise) if math.isfinite(noise) else -math.inf)

@@ -1,263 +1,130 @@
-"""``autoprec.tune``: the main job. Profile, search under the budget, verify for real, emit.
+"""``autoprec.tune``: the main job, as a sequence of stages.
+
+``tune`` reads as its stages, each a function with typed inputs and outputs:
+
+1. :meth:`TuneOptions.create` validates every argument;
+2. :func:`open_run` opens the session (model, data, metric, float32 baseline,
+   graph, engine), pretraining a float32 copy first if the model is untrained;
+3. :func:`profile_stage` measures each layer's sensitivity;
+4. :func:`autoprec.space.build_space` fixes the decisions;
+5. :func:`search_stage` runs the Optuna study under the budget;
+6. :func:`verify_stage` checks the winner with real Keras policies (and a
+   training run on request), falling back decision by decision;
+7. :func:`result_stage` emits the policy, the model and the tables.
 
 >>> result = autoprec.tune(model, (x_val, y_val), budget="0.5%")   # doctest: +SKIP
->>> result
-TuneResult(metric=0.912, baseline=0.915, drop=0.003<=0.005, float16=41/52 layers, trials=50)
->>> result.save("reports/run1")                                     # doctest: +SKIP
+>>> result.policy.save("policy.json")                               # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from autoprec import reasons
-from autoprec.apply import apply_policy
 from autoprec.budget import Budget
-from autoprec.cost import CostModel
-from autoprec.errors import DataError, PolicyError, UnsupportedModelError, UntrainedModelError, describe
+from autoprec.cost import DEVICES, CostModel
+from autoprec.errors import ArgumentError, DataError, UnsupportedModelError, UntrainedModelError, check_choice, check_int, describe
+from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, resolve_target
 from autoprec.graph import SUBCLASSED
-from autoprec.policy import FLOAT32, LOW_PRECISION, MIXED_BFLOAT16, MIXED_FLOAT16, PrecisionPolicy
-from autoprec.search import Search, Space
-from autoprec.sensitivity import Context, explain_target, prepare, profile
-from autoprec.verify import TrainCheck, cycle_batches, train_check, train_steps, verify_eval
+from autoprec.progress import Progress
+from autoprec.result import TuneResult
+from autoprec.session import Session, open_session
+from autoprec.space import GRANULARITIES, DecisionSpace, build_space
+from autoprec.verify import TrainCheck, fall_back, train_check, verify_eval
 
 logger = logging.getLogger("autoprec")
 
-GRANULARITIES = ("layer", "block")
 VERIFY_MODES = ("eval", "train")
 COSTS = ("estimate", "measured")
 DEFAULT_PRETRAIN_STEPS = 200
-_ABLATION_LIMIT = 400  # units; above it the profile uses the first-order score only
 
 
 @dataclass(frozen=True)
-class TuneResult:
-    """What :func:`tune` found. ``repr`` is one line; ``summary()`` a few; ``save()`` writes it all."""
+class TuneOptions:
+    """Every option of :func:`tune`, validated. Build it with :meth:`create`."""
 
-    policy: PrecisionPolicy
-    model: Any = field(repr=False)
-    sensitivity: Any = field(repr=False)
-    trials: Any = field(repr=False)
-    study: Any = field(repr=False)
-    baseline_metric: float
-    metric: float
     budget: Budget
-    speedup_estimate: float
-    metric_name: str = "metric"
-    higher_is_better: bool = True
-    target: str = MIXED_FLOAT16
-    formula: str = ""
-    verification: dict = field(default_factory=dict, repr=False)
-    training: TrainCheck | None = field(default=None, repr=False)
-    measured_speedup: float | None = None
-    pretrain_steps: int = 0
-    stats: dict = field(default_factory=dict, repr=False)
+    target: str
+    target_why: str
+    choices: tuple[str, ...]
+    metric: Any = None
+    higher_is_better: bool | None = None
+    granularity: str = "layer"
+    keep_float32: Any = ()
+    force_16bit: Any = ()
+    cost: str = "estimate"
+    device: str | None = None
+    n_trials: int = 60
+    timeout: float | None = None
+    seed: int = 0
+    storage: Any = None
+    study_name: str | None = None
+    verify: str = "eval"
+    train_data: Any = field(default=None, repr=False)
+    steps: int = 50
+    pretrain_steps: int | None = None
+    max_fallbacks: int = 8
+    batch_size: int | str = "auto"
+    profile_batch_size: int | str = "auto"
+    nonfinite_inputs: str = "raise"
+    verbose: int = 1
 
     @property
-    def drop(self) -> float:
-        return self.baseline_metric - self.metric if self.higher_is_better else self.metric - self.baseline_metric
+    def formats(self) -> tuple[str, ...]:
+        return tuple(c for c in self.choices if c != FLOAT32)
 
-    @property
-    def allowed_drop(self) -> float:
-        return self.budget.allowed(self.baseline_metric)
+    @classmethod
+    def create(cls, budget: Any, *, target: str = MIXED_FLOAT16, candidates: Any = None, **options: Any) -> "TuneOptions":
+        """Validate the arguments of :func:`tune`.
 
-    @property
-    def units(self):
-        return self.sensitivity[self.sensitivity["decision_unit"] & (self.sensitivity["pinned"] == "")]
+        Raises:
+            BudgetError: the budget does not parse.
+            ArgumentError: any other argument has the wrong type or value.
+            DataError: training data is missing for an option that needs it.
+        """
+        from autoprec.data import NONFINITE_MODES, check_batch_size
 
-    @property
-    def n_16bit(self) -> int:
-        return int(self.units["decision"].isin(LOW_PRECISION).sum())
-
-    @property
-    def all_float32(self) -> bool:
-        """True when no decision unit could leave float32 within the budget."""
-        return self.n_16bit == 0
-
-    def __repr__(self) -> str:
-        fmt = "float16" if self.target == MIXED_FLOAT16 else "bfloat16"
-        return (
-            f"TuneResult(metric={self.metric:.4g}, baseline={self.baseline_metric:.4g}, "
-            f"drop={self.drop:.4g}<={self.allowed_drop:.4g}, {fmt}={self.n_16bit}/{len(self.units)} layers, "
-            f"trials={len(self.trials)})"
-        )
-
-    def summary(self) -> str:
-        """A short human summary: budget, metrics, speed-up and the policy's counts."""
-        lines = [
-            repr(self),
-            f"  budget: {self.formula}",
-            f"  {self.metric_name}: float32 {self.baseline_metric:.6g} -> tuned {self.metric:.6g} (verified with Keras policies)",
-            f"  estimated speed-up: {self.speedup_estimate:.2f}x"
-            + (f"; measured: {self.measured_speedup:.2f}x" if self.measured_speedup else ""),
-            self.policy.summary(),
-        ]
-        if self.verification.get("fallbacks"):
-            lines.append(f"  verification returned {len(self.verification['fallbacks'])} unit(s) to float32: {self.verification['fallbacks']}")
-        if self.training is not None:
-            lines.append(f"  training check ({self.training.steps} steps): {'passed' if self.training.passed else 'FAILED'}: {self.training.reason}")
-        return "\n".join(lines)
-
-    def to_json_dict(self) -> dict[str, Any]:
-        """Metadata for ``result.json`` (what the report needs besides the CSVs)."""
-        return _jsonable({
-            "metric_name": self.metric_name, "higher_is_better": self.higher_is_better, "target": self.target,
-            "baseline_metric": self.baseline_metric, "metric": self.metric, "drop": self.drop,
-            "budget": {"max_drop": self.budget.max_drop, "relative": self.budget.relative, "allowed": self.allowed_drop},
-            "formula": self.formula, "speedup_estimate": self.speedup_estimate, "measured_speedup": self.measured_speedup,
-            "pretrain_steps": self.pretrain_steps, "verification": self.verification,
-            "training": self.training.to_dict() if self.training else None, "stats": self.stats,
-            "n_16bit": self.n_16bit, "n_units": int(len(self.units)),
-        })
-
-    def save(self, directory: str | os.PathLike) -> list[str]:
-        """Write policy.json, sensitivity.csv, trials.csv, result.json, model.keras and the report."""
-        os.makedirs(directory, exist_ok=True)
-        join = lambda name: os.path.join(directory, name)  # noqa: E731
-        self.policy.save(join("policy.json"))
-        self.sensitivity.to_csv(join("sensitivity.csv"), index=False)
-        self.trials.to_csv(join("trials.csv"), index=False)
-        with open(join("result.json"), "w", encoding="utf-8") as fh:
-            json.dump(self.to_json_dict(), fh, indent=2, allow_nan=False)
-        written = [join(n) for n in ("policy.json", "sensitivity.csv", "trials.csv", "result.json")]
-        from autoprec.graph import SUBCLASSED, model_kind
-
-        if model_kind(self.model) == SUBCLASSED:
-            logger.warning(
-                "autoprec: model.keras of a subclassed model reloads with default dtypes (Keras rebuilds its layers "
-                "in __init__); after loading, apply policy.json again: apply_policy(model, 'policy.json', inplace=True)."
-            )
-        try:
-            self.model.save(join("model.keras"))
-            written.append(join("model.keras"))
-        except Exception as exc:  # a subclassed model without get_config cannot be saved; the rest still is
-            logger.warning("autoprec: could not save the tuned model (%s); the policy and reports are saved.", exc)
-        from autoprec.report import write_report
-
-        written += [str(p) for p in write_report(directory)]
-        return written
+        budget = Budget.get(budget)
+        target, why = resolve_target(target)
+        choices = _check_candidates(candidates, target)
+        for name, choices_ in (("granularity", GRANULARITIES), ("verify", VERIFY_MODES), ("cost", COSTS),
+                               ("nonfinite_inputs", NONFINITE_MODES)):
+            if name in options:
+                check_choice(name, options[name], choices_)
+        for name, minimum in (("n_trials", 1), ("seed", 0), ("steps", 2), ("max_fallbacks", 0), ("verbose", 0)):
+            if name in options:
+                check_int(name, options[name], minimum)
+        check_int("pretrain_steps", options.get("pretrain_steps"), 1, allow_none=True)
+        for name in ("batch_size", "profile_batch_size"):
+            options[name] = check_batch_size(options.get(name, "auto"), name)
+        timeout = options.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+            raise ArgumentError(f"Expected timeout to be a number of seconds > 0, or None. Received: timeout={describe(timeout)}.")
+        device = options.get("device")
+        if device is not None and device not in DEVICES:
+            raise ArgumentError(f"Expected device to be one of {sorted(DEVICES)} or None. Received: device={describe(device)}.")
+        if options.get("verify") == "train" and options.get("train_data") is None:
+            raise DataError("Expected train_data=(x, y) with verify='train': the training check fine-tunes on it.")
+        if options.get("pretrain_steps") is not None and options.get("train_data") is None:
+            raise DataError("Expected train_data=(x, y) with pretrain_steps: the float32 copy is pretrained on it.")
+        return cls(budget=budget, target=target, target_why=why, choices=choices, **options)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
+def _check_candidates(candidates: Any, target: str) -> tuple[str, ...]:
+    choices = tuple(candidates) if isinstance(candidates, (list, tuple)) else (FLOAT32, target) if candidates is None else None
+    if (choices is None or FLOAT32 not in choices or target not in choices or len(set(choices)) != len(choices)
+            or any(c not in (FLOAT32, *LOW_PRECISION) for c in choices)):
+        raise ArgumentError(f"Expected candidates to hold 'float32', the target {target!r}, and optionally the other "
+                            f"16-bit format. Received: candidates={describe(candidates)}.")
+    return choices
 
 
-def _say(verbose: int, message: str) -> None:
-    logger.debug(message)
-    if verbose:
-        print(message, flush=True)
-
-
-def _check_int(name: str, value: Any, minimum: int, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PolicyError(f"Expected {name} to be an integer >= {minimum}. Received: {name}={describe(value)}.")
-
-
-def _storage(storage: Any):
-    import optuna
-
-    if storage is None or not isinstance(storage, (str, os.PathLike)):
-        return storage
-    text = os.fspath(storage)
-    if "://" in text:
-        return text  # an RDB URL: sqlite:///x.db, postgresql://...
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.storages.JournalStorage(JournalFileBackend(text))
-
-
-def _at_chance(ctx: Context) -> bool:
-    """No better than a constant predictor that knows only the label statistics.
-
-    Accuracy: always guessing the most common class (+2 points or 2 samples).
-    Cross-entropy: predicting the class frequencies (their entropy, -2%).
-    Mean squared error: predicting the mean label (the label variance, -2%).
-    A custom callable metric cannot be judged and is trusted.
-    """
-    name = ctx.metric.name.lower()
-    y = np.asarray(ctx.y)
-    if isinstance(ctx.baseline_outputs, (list, tuple, dict)):
-        return False
-    n_out = np.asarray(ctx.baseline_outputs).shape[-1]
-    classes = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 and y.shape == np.shape(ctx.baseline_outputs) else y.reshape(len(y), -1)[:, 0].round()
-    _, counts = np.unique(classes, return_counts=True)
-    freqs = counts / len(y)
-    if "acc" in name and ctx.metric.higher_is_better:
-        chance = max(freqs.max(), 1.0 / max(n_out, 2))
-        return ctx.baseline <= chance + max(0.02, 2.0 / len(y))
-    if "crossentropy" in name and not ctx.metric.higher_is_better and n_out > 1:
-        return ctx.baseline >= 0.98 * float(-(freqs * np.log(freqs)).sum())
-    if name in ("mse", "mean_squared_error") and not ctx.metric.higher_is_better:
-        variance = float(np.mean(np.var(y.astype("float64"), axis=0)))
-        return variance > 0 and ctx.baseline >= 0.98 * variance
-    return False
-
-
-def _blocks(ctx: Context, keys: list[str]) -> dict[str, list[str]]:
-    """Group units: a nested sub-model is one block, else layers sharing a name prefix.
-
-    The prefix is the path with its last ``_``-separated token dropped
-    (``conv2_block1_1_conv`` -> ``conv2_block1_1``); a custom layer's
-    sublayers already share their parent.
-    """
-    groups: dict[str, list[str]] = {}
-    for path in keys:
-        info = ctx.graph[path]
-        if info.parent:
-            block = info.parent
-        else:
-            name = path.split("/")[0]
-            block = name.rsplit("_", 1)[0] if "_" in name else name
-        groups.setdefault(block, []).append(path)
-    return groups
-
-
-def tune(
-    model: Any,
-    data: Any,
-    budget: Any = "0.5%",
-    *,
-    metric: Any = None,
-    higher_is_better: bool | None = None,
-    target: str = MIXED_FLOAT16,
-    candidates: tuple[str, ...] | None = None,
-    granularity: str = "layer",
-    keep_float32=(),
-    force_16bit=(),
-    cost: str = "estimate",
-    device: str | None = None,
-    n_trials: int = 60,
-    timeout: float | None = None,
-    seed: int = 0,
-    storage: Any = None,
-    study_name: str | None = None,
-    verify: str = "eval",
-    train_data: Any = None,
-    steps: int = 50,
-    pretrain_steps: int | None = None,
-    max_fallbacks: int = 8,
-    batch_size: int = 256,
-    verbose: int = 1,
-) -> TuneResult:
+def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneResult:
     """Find the fastest per-layer precision whose metric stays within ``budget``.
 
     Args:
@@ -266,352 +133,468 @@ def tune(
         data: evaluation data: ``(x, y)``, a ``tf.data.Dataset`` or a ``PyDataset``.
         budget: largest allowed metric drop: ``"0.5%"`` / ``0.005`` (absolute),
             ``"1% relative"`` / ``Budget(0.01, relative=True)``.
-        metric: metric name/instance, loss, or callable (with ``higher_is_better``).
-        target: ``"mixed_float16"``, ``"mixed_bfloat16"`` or ``"auto"``.
-        candidates: formats per unit; default ``("float32", target)``. Pass
-            ``("float32", "mixed_bfloat16", "mixed_float16")`` for a three-way choice.
-        granularity: ``"layer"`` (one decision per layer) or ``"block"``.
-        keep_float32 / force_16bit: user pins, exact paths or full-match regexes.
-        cost: ``"estimate"`` (cost model) or ``"measured"`` (time the real
-            training step of the best candidates on this device).
-        device: cost-model device (``"gpu"``, ``"cpu"``, ``"cpu_no_bf16"``);
-            default: ``"gpu"`` for float16 (its deployment device), else this machine.
-        n_trials / timeout / seed: search limits and seed.
-        storage / study_name: Optuna storage URL or journal-file path, to
-            resume a search or share it between worker processes.
-        verify: ``"eval"`` or ``"train"`` (also a short loss-scaled training run
-            on ``train_data`` for ``steps`` steps).
-        pretrain_steps: train a float32 copy this many steps on ``train_data``
-            before searching (done automatically when the baseline is at chance).
-        max_fallbacks: how many units verification may return to float32.
-        verbose: 0 silent; 1 prints the budget formula and a progress bar.
+        **options: keyword-only, all validated by :meth:`TuneOptions.create`:
+            ``metric`` (name, instance, loss, callable with ``higher_is_better``,
+            or ``{output: metric}``); ``target`` (``"mixed_float16"``,
+            ``"mixed_bfloat16"``, ``"auto"``); ``candidates`` (add the other
+            16-bit format for a three-way choice); ``granularity``
+            (``"layer"``/``"block"``); ``keep_float32``/``force_16bit`` (paths or
+            full-match regexes); ``cost`` (``"estimate"``/``"measured"``);
+            ``device`` (cost-model device); ``n_trials``, ``timeout``, ``seed``;
+            ``storage``/``study_name`` (resume or share a study); ``verify``
+            (``"eval"``/``"train"`` with ``train_data`` and ``steps``);
+            ``pretrain_steps``; ``max_fallbacks``; ``batch_size`` and
+            ``profile_batch_size`` (``"auto"`` fits memory); ``nonfinite_inputs``
+            (``"raise"``/``"drop"``); ``verbose``.
 
     Returns:
         A :class:`TuneResult`.
 
     Raises:
-        BudgetError, PolicyError, DataError, MetricError, UntrainedModelError.
+        BudgetError, ArgumentError, PolicyError, DataError, ModelError, MetricError,
+        UntrainedModelError, StudyError, OutputError.
 
     Example:
         >>> result = tune(model, (x_val, y_val), budget="0.5%", target="mixed_bfloat16")  # doctest: +SKIP
         >>> result.policy.save("policy.json")                                              # doctest: +SKIP
     """
-    import optuna
-
+    opts = TuneOptions.create(budget, **options)
+    progress = Progress(opts.verbose)
     started = time.monotonic()
-    budget = Budget.parse(budget)
-    asked = target
-    target, why = explain_target(target)
-    if asked == "auto":
-        _say(verbose, f"autoprec: target=auto -> {target} ({why}).")
-    choices = tuple(candidates) if candidates is not None else (FLOAT32, target)
-    if FLOAT32 not in choices or any(c not in (FLOAT32, MIXED_FLOAT16, MIXED_BFLOAT16) for c in choices) or len(set(choices)) != len(choices) or target not in choices:
-        raise PolicyError(
-            f"Expected candidates to hold 'float32', the target {target!r}, and optionally the other 16-bit format. "
-            f"Received: candidates={describe(candidates)}."
-        )
-    if granularity not in GRANULARITIES:
-        raise PolicyError(f"Expected granularity to be one of {list(GRANULARITIES)}. Received: granularity={describe(granularity)}.")
-    if verify not in VERIFY_MODES:
-        raise PolicyError(f"Expected verify to be one of {list(VERIFY_MODES)}. Received: verify={describe(verify)}.")
-    if cost not in COSTS:
-        raise PolicyError(f"Expected cost to be one of {list(COSTS)}. Received: cost={describe(cost)}.")
-    _check_int("n_trials", n_trials, 1)
-    _check_int("seed", seed, 0)
-    _check_int("steps", steps, 2)
-    _check_int("max_fallbacks", max_fallbacks, 0)
-    _check_int("pretrain_steps", pretrain_steps, 1, allow_none=True)
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
-        raise PolicyError(f"Expected timeout to be a number of seconds > 0, or None. Received: timeout={describe(timeout)}.")
-    if verify == "train" and train_data is None:
-        raise DataError("Expected train_data=(x, y) with verify='train': the training check fine-tunes on it.")
-    if pretrain_steps is not None and train_data is None:
-        raise DataError("Expected train_data=(x, y) with pretrain_steps: the float32 copy is pretrained on it.")
+    session, pretrained = open_run(model, data, opts, progress)
+    frame = profile_stage(session, opts, progress)
+    space = build_space(session.graph, frame, granularity=opts.granularity, target=opts.target, choices=opts.choices,
+                        tolerance=ablation_tolerance(session, opts.budget))
+    cost = CostModel(session.graph, device=opts.device or default_device(opts.target))
+    found = search_stage(session, space, cost, opts, progress)
+    verified = verify_stage(session, space, frame, found, cost, opts, progress)
+    return result_stage(model, session, space, frame, found, verified, cost, opts, pretrained,
+                        seconds=time.monotonic() - started, progress=progress)
 
-    formats = tuple(c for c in choices if c != FLOAT32)
-    options = dict(metric=metric, higher_is_better=higher_is_better, batch_size=batch_size,
-                   keep_float32=keep_float32, force_16bit=force_16bit)
-    ctx = prepare(model, data, target=target, formats=formats, **options)
-    work, pretrained = ctx.model, 0  # the model itself, or its float32 copy if it was built mixed
-    at_chance = _at_chance(ctx)
-    if at_chance or pretrain_steps:
-        if train_data is None:
-            raise UntrainedModelError(
-                f"The float32 model scores {ctx.metric.name}={ctx.baseline:.4g} on the evaluation data, which is chance "
-                "level: its weights look untrained, and a budget measured on random weights means nothing. Pass "
-                "train_data=(x, y) (and optionally pretrain_steps=N) so autoprec trains a float32 copy first, or "
-                "tune the model after training it."
-            )
-        if ctx.graph.kind == SUBCLASSED:
-            raise UnsupportedModelError("Pretraining clones the model; a subclassed model cannot be cloned. Train it first, then tune.")
-        pretrained = pretrain_steps or DEFAULT_PRETRAIN_STEPS
-        why = "the float32 baseline is at chance level" if at_chance else f"pretrain_steps={pretrained}"
-        _say(verbose, f"autoprec: training a float32 copy for {pretrained} steps before searching ({why}).")
-        work = apply_policy(ctx.model, {}, graph=ctx.graph)
-        train_steps(work, cycle_batches(train_data, pretrained, 32))
-        ctx = prepare(work, data, target=target, formats=formats, **options)
-        if _at_chance(ctx):
-            logger.warning("autoprec: still at chance level after %d pretraining steps; pass a larger pretrain_steps.", pretrained)
 
-    allowed = budget.allowed(ctx.baseline)
-    formula = budget.formula(metric=ctx.metric.name, higher_is_better=ctx.metric.higher_is_better, baseline=ctx.baseline)
-    _say(verbose, f"autoprec: target {target}; budget {budget}: {formula}")
-
-    units = [u.path for u in ctx.graph.units]
-    unit_set = set(units)
-    forced = unit_set & ctx.graph.forced
-    method = "full" if len(units) <= _ABLATION_LIMIT else "fast"
+def default_device(target: str) -> str:
+    """The cost model's device: a GPU for float16 (where it is deployed), else this machine."""
     from autoprec import backends
 
-    if backends.name() not in ("tensorflow", "jax") and ctx.graph.kind != SUBCLASSED:
-        method = "ablation"  # gradient statistics need tf.GradientTape or jax.grad
-    sensitivity = profile(work, data, target=target, method=method, verbose=verbose, context=ctx)
-    sens_order = [p for p in sensitivity["path"] if p in unit_set]  # most sensitive first
-    order_units = [p for p in sens_order if p not in forced]
-    free = [u for u in units if u not in forced]
-    if granularity == "block":
-        groups = _blocks(ctx, free)
-    else:
-        groups = {u: [u] for u in free}
-    rank = {u: i for i, u in enumerate(order_units)}
-    keys = list(groups)
-    order = sorted(keys, key=lambda k: min(rank.get(u, len(rank)) for u in groups[k]))
-
-    def expand(assignment: dict[str, str]) -> dict[str, str]:
-        out = {u: target for u in forced}
-        for key, choice in assignment.items():
-            for u in groups[key]:
-                out[u] = choice
-        return out
-
-    device = device or ("gpu" if target == MIXED_FLOAT16 or backends.is_cuda_gpu_available()
-                        else ("cpu" if backends.cpu_has_fast_bf16() else "cpu_no_bf16"))
-    cost_model = CostModel(ctx.graph, device=device)
-    _say(verbose, f"autoprec: cost model for device '{device}'" + (f"; {len(cost_model.flagged)} layer(s) have dims not multiple of 8" if cost_model.flagged else ""))
-
-    def estimate(assignment):
-        return cost_model.speedup(ctx.graph.resolve(expand(assignment)))
-
-    def evaluate(assignment):
-        return ctx.evaluate(expand(assignment))
-
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar replaces Optuna's per-trial log
-    try:
-        study, search, best = _search(optuna, ctx, model, target, budget, seed, storage, study_name, keys, choices,
-                                      order, estimate, evaluate, allowed, n_trials, timeout, verbose)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-    # force_16bit units stay 16-bit even when nothing met the budget: the user asked for them.
-    assignment = expand(best.assignment if best else {})
-    if best is None:
-        _say(verbose, "autoprec: no assignment with a unit in 16-bit met the budget; the result is all float32.")
-
-    measured, measured_by_trial = None, {}
-    if cost == "measured":
-        assignment, measured, measured_by_trial = _measure_best(work, ctx, search, expand)
-
-    # Verification: real Keras policies on this device, falling back by sensitivity.
-    fallbacks, discrepancies, train_fallbacks = [], [], []
-    simulated = ctx.evaluate(assignment) if assignment else {"drop": 0.0, "metric": ctx.baseline}
-    while True:
-        names = ctx.graph.resolve(assignment)
-        tuned, real = verify_eval(work, ctx.graph, names, ctx)
-        discrepancies.append({"simulated_drop": simulated["drop"], "real_drop": real["drop"], "n_16bit": sum(v != FLOAT32 for v in assignment.values())})
-        if budget.feasible(baseline=ctx.baseline, drop=real["drop"]) or not assignment or len(fallbacks) >= max_fallbacks:
-            break
-        back = next((p for p in sens_order if assignment.get(p, FLOAT32) != FLOAT32 and p not in forced), None)
-        if back is None:
-            break
-        _say(verbose, f"autoprec: real drop {real['drop']:.4g} misses the budget; returning {back!r} to float32.")
-        fallbacks.append(back)
-        assignment = {k: v for k, v in assignment.items() if k != back}
-        simulated = ctx.evaluate(assignment)
-
-    training = None
-    if verify == "train":
-        while True:
-            names = ctx.graph.resolve(assignment)
-            training = train_check(work, names, train_data, graph=ctx.graph, steps=steps, metric=ctx.metric, eval_data=ctx.data)
-            if training.passed or not assignment or len(fallbacks) >= max_fallbacks:
-                break
-            back = _train_fallback(sensitivity, assignment, forced, sens_order)
-            if back is None:
-                break
-            _say(verbose, f"autoprec: training check failed ({training.reason}); returning {back!r} to float32.")
-            fallbacks.append(back)
-            train_fallbacks.append({"path": back, "reason": training.reason})
-            assignment = {k: v for k, v in assignment.items() if k != back}
-        names = ctx.graph.resolve(assignment)
-        tuned, real = verify_eval(work, ctx.graph, names, ctx)
-
-    if ctx.graph.kind == SUBCLASSED:
-        logger.warning("autoprec: %r is subclassed, so its layers now carry the tuned policies in place.", model.name)
-    policy = PrecisionPolicy(names, target=target, layers=ctx.graph.layer_facts())
-    sensitivity = _with_decisions(sensitivity, ctx, names, forced, fallbacks, train_fallbacks)
-    trials = _trials_frame(study, keys, measured_by_trial)
-    result = TuneResult(
-        policy=policy, model=tuned, sensitivity=sensitivity, trials=trials, study=study,
-        baseline_metric=ctx.baseline, metric=real["metric"], budget=budget,
-        speedup_estimate=cost_model.speedup(names), metric_name=ctx.metric.name,
-        higher_is_better=ctx.metric.higher_is_better, target=target, formula=formula,
-        verification={"fallbacks": fallbacks, "train_fallbacks": train_fallbacks, "checks": discrepancies, "real_drop": real["drop"], "feasible": budget.feasible(baseline=ctx.baseline, drop=real["drop"])},
-        training=training, measured_speedup=measured, pretrain_steps=pretrained,
-        stats={"evaluations": search.evaluations, "cache_hits": search.cache_hits, "passes": ctx.engine.passes,
-               "traces": ctx.engine.traces, "engine": ctx.engine.kind, "device": device, "granularity": granularity,
-               "decision_keys": len(keys), "misaligned": sorted(cost_model.flagged), "seconds": time.monotonic() - started, "study_name": study.study_name},
-    )
-    if verbose:
-        print(result.summary(), flush=True)
-    return result
+    if target == MIXED_FLOAT16 or backends.is_cuda_gpu_available():
+        return "gpu"
+    return "cpu" if backends.cpu_has_fast_bf16() else "cpu_no_bf16"
 
 
-def _search(optuna, ctx, model, target, budget, seed, storage, study_name, keys, choices, order, estimate, evaluate,
-            allowed, n_trials, timeout, verbose):
-    """Create or resume the study and run the search on it."""
-    name = study_name or f"autoprec-{getattr(model, 'name', 'model')}-{target}-{budget.max_drop:g}{'rel' if budget.relative else ''}-seed{seed}"
-    study = optuna.create_study(
-        study_name=name, storage=_storage(storage), direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed),
-    )
-    _check_study(study, keys=keys, choices=choices, baseline=ctx.baseline)
-    space = Space(tuple(keys), choices, target, tuple(order))
-    bar = _progress(verbose, n_trials)
-    search = Search(space, evaluate, estimate, allowed, study, n_trials=n_trials, timeout=timeout, seed=seed,
-                    on_trial=(lambda s: bar.update(s.finished(), [("best_speedup", s.best_speedup())])) if bar else None)
-    best = search.run()
-    if bar is not None:
-        bar.update(min(search.finished(), n_trials), [("best_speedup", search.best_speedup())], finalize=True)
-    return study, search, best
+# ---------------------------------------------------------------------------
+# Stage: session
 
 
-def _check_study(study: Any, *, keys: list[str], choices: tuple, baseline: float) -> None:
-    """A resumed study must describe the same search; else its trials would mislead this one."""
-    attrs = study.user_attrs
-    if not attrs:
-        study.set_user_attr("keys", keys)
-        study.set_user_attr("choices", list(choices))
-        study.set_user_attr("baseline", baseline)
+def open_run(model: Any, data: Any, opts: TuneOptions, progress: Progress) -> tuple[Session, int]:
+    """Open the session; pretrain a float32 copy when the model scores at chance. Returns (session, steps trained)."""
+    if opts.target_why != "as asked":
+        progress.say(f"autoprec: target=auto -> {opts.target} ({opts.target_why}).")
+    session = _session(model, data, opts)
+    _check_train_labels(session, opts)
+    at_chance = at_chance_level(session)
+    if not (at_chance or opts.pretrain_steps):
+        _check_resolution(session, opts.budget)
+        return session, 0
+    if opts.train_data is None:
+        raise UntrainedModelError(
+            f"The float32 model scores {session.metric.name}={session.baseline:.4g} on the evaluation data, which is chance "
+            "level: its weights look untrained, and a budget measured on random weights means nothing. Pass "
+            "train_data=(x, y) (and optionally pretrain_steps=N) so autoprec trains a float32 copy first, or "
+            "tune the model after training it."
+        )
+    if session.graph.kind == SUBCLASSED:
+        raise UnsupportedModelError("Pretraining clones the model; a subclassed model cannot be cloned. Train it first, then tune.")
+    from autoprec.apply import apply_policy
+    from autoprec.verify import cycle_batches, train_steps
+
+    steps = opts.pretrain_steps or DEFAULT_PRETRAIN_STEPS
+    why = "the float32 baseline is at chance level" if at_chance else f"pretrain_steps={steps}"
+    progress.say(f"autoprec: training a float32 copy for {steps} steps before searching ({why}).")
+    work = apply_policy(session.model, {}, graph=session.graph)
+    train_steps(work, cycle_batches(opts.train_data, steps, 32, model=work))
+    session = _session(work, data, opts)
+    if at_chance_level(session):
+        logger.warning("autoprec: still at chance level after %d pretraining steps; pass a larger pretrain_steps.", steps)
+    _check_resolution(session, opts.budget)
+    return session, steps
+
+
+def _session(model: Any, data: Any, opts: TuneOptions) -> Session:
+    return open_session(model, data, target=opts.target, formats=opts.formats, metric=opts.metric,
+                        higher_is_better=opts.higher_is_better, batch_size=opts.batch_size,
+                        keep_float32=opts.keep_float32, force_16bit=opts.force_16bit,
+                        nonfinite_inputs=opts.nonfinite_inputs)
+
+
+def _check_train_labels(session: Session, opts: TuneOptions) -> None:
+    """Training data whose labels cannot fit the outputs or the loss fails here, before any search."""
+    if opts.train_data is None:
         return
-    if attrs.get("keys") != keys or tuple(attrs.get("choices", ())) != choices:
-        raise PolicyError(
-            f"Expected the stored study {study.study_name!r} to search the same units and formats. Received a study "
-            "made for another model, granularity or candidates. Pass a new study_name= or another storage."
-        )
-    if abs(float(attrs.get("baseline", baseline)) - baseline) > 1e-6 * max(1.0, abs(baseline)):
-        raise PolicyError(
-            f"Expected the stored study {study.study_name!r} to share this run's float32 baseline "
-            f"({baseline:.6g}); it recorded {attrs.get('baseline')}. The data or weights changed; use a new study_name=."
-        )
+    from autoprec.data import EvalData
+    from autoprec.metrics import check_labels
+    from autoprec.verify import predict_batches
 
-
-def _progress(verbose: int, n_trials: int):
-    if not verbose:
-        return None
     import keras
 
-    return keras.utils.Progbar(n_trials, unit_name="trial", stateful_metrics=["best_speedup"])
+    train = EvalData.get(opts.train_data, batch_size=64, what="train_data", model=session.model,
+                         nonfinite=opts.nonfinite_inputs)
+    one = predict_batches(session.model, EvalData.get((train.x_sample(1), keras.tree.map_structure(
+        lambda a: a[:1], train.y)), model=session.model))
+    # Every label is checked against the shape of one prediction, broadcast (no copy) to all samples.
+    like = keras.tree.map_structure(lambda a: np.broadcast_to(a, (train.n, *a.shape[1:])), one)
+    check_labels(session.model, train.y, like, what="train_data")
 
 
-def _train_fallback(sensitivity, assignment, forced, sens_order) -> str | None:
-    """The unit to return to float32 after a failed training check: gradient hazards first."""
-    frame = sensitivity.set_index("path")
-    candidates = [p for p in assignment if assignment[p] != FLOAT32 and p not in forced]
-    if not candidates:
-        return None
-    def hazard(p):
-        row = frame.loc[p] if p in frame.index else {}
-        get = lambda c: float(row.get(c, 0) or 0) if hasattr(row, "get") else 0.0  # noqa: E731
-        return get("grad_scaled_overflow") + get("act_overflow") + get("grad_scaled_flush") + get("wgrad_scaled_overflow")
-    ranked = sorted(candidates, key=lambda p: (-hazard(p), sens_order.index(p) if p in sens_order else len(sens_order)))
-    return ranked[0]
+def _check_resolution(session: Session, budget: Budget) -> None:
+    """Refuse a budget the data is too small to resolve, or one that allows any result."""
+    metric, n = session.metric, session.data.n
+    bounded = metric.bounds is not None and metric.bounds[0] >= 0
+    budget.check_meaningful(baseline=session.baseline, higher_is_better=metric.higher_is_better,
+                            bounded_below=bounded, metric=metric.name)
+    allowed = budget.allowed(session.baseline)
+    if metric.bounds == (0.0, 1.0) and 0 < allowed < 1.0 / n:
+        need = math.ceil(1.0 / allowed)
+        raise DataError(
+            f"Expected at least {need} evaluation samples to resolve a drop of {allowed:.4g} in {metric.name}: one sample "
+            f"is 1/{n} = {1.0 / n:.4g} of it here, so any change would exceed the budget. Pass more data, or a budget "
+            f"of at least {1.0 / n:.4g} (or 0 to allow no change at all)."
+        )
 
 
-def _measure_best(work, ctx, search, expand, *, top: int = 3, steps: int = 10):
-    """Time the real training step of the best feasible candidates, interleaved; pick the fastest.
+def at_chance_level(session: Session) -> bool:
+    """No better than a constant predictor that knows only the label statistics.
 
-    Returns the winning unit assignment, its measured speed-up over float32,
-    and the measured speed-up per trial number.
+    Accuracy: always guessing the most common class (+2 points or 2 samples).
+    Cross-entropy: predicting the class frequencies (their entropy, -2%).
+    Mean squared error: predicting the mean label (the label variance, -2%).
+    A custom callable metric cannot be judged and is trusted; neither can
+    fewer than 20 samples, which say nothing about chance.
     """
-    from autoprec.verify import train_steps as run
-
-    feasible = sorted((o for o in search.cache.values() if o.feasible), key=lambda o: -o.speedup)[:top]
-    if not feasible:
-        return {}, None, {}
-    batches = [ctx.data.batches[i % len(ctx.data.batches)] for i in range(steps)]
-    models = {"float32": apply_policy(work, {}, graph=ctx.graph)}
-    for i, o in enumerate(feasible):
-        models[i] = apply_policy(work, ctx.graph.resolve(expand(o.assignment)), graph=ctx.graph)
-    times = {k: [] for k in models}
-    for m in models.values():
-        run(m, batches[:2])  # warm-up: trace the train function
-    for x, y in batches:  # interleaved, so drift on the machine hits every variant alike
-        for k, m in models.items():
-            t = time.perf_counter()
-            m.train_on_batch(x, y)
-            times[k].append(time.perf_counter() - t)
-    base = float(np.median(times["float32"]))
-    speed = {i: base / float(np.median(times[i])) for i in range(len(feasible))}
-    by_trial = {o.trial: speed[i] for i, o in enumerate(feasible) if o.trial is not None}
-    winner = max(speed, key=speed.get)
-    return expand(feasible[winner].assignment), speed[winner], by_trial
+    name = session.metric.name.lower().rsplit("/", 1)[-1]
+    y, pred = session.metric.select(session.data.y, session.baseline_outputs[0])
+    if session.data.n < 20 or isinstance(pred, (list, tuple, dict)):
+        return False
+    y = np.asarray(y)
+    n_out = np.asarray(pred).shape[-1]
+    classes = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 and y.shape[-1] == n_out else y.reshape(len(y), -1)[:, 0].round()
+    _, counts = np.unique(classes, return_counts=True)
+    freqs = counts / len(y)
+    if "acc" in name and session.metric.higher_is_better:
+        return session.baseline <= max(freqs.max(), 1.0 / max(n_out, 2)) + max(0.02, 2.0 / len(y))
+    if "crossentropy" in name and not session.metric.higher_is_better and n_out > 1:
+        return session.baseline >= 0.98 * float(-(freqs * np.log(freqs)).sum())
+    if name in ("mse", "mean_squared_error") and not session.metric.higher_is_better:
+        variance = float(np.mean(np.var(y.astype("float64"), axis=0)))
+        return variance > 0 and session.baseline >= 0.98 * variance
+    return False
 
 
-def _with_decisions(sensitivity, ctx: Context, names: dict[str, str], forced, fallbacks, train_fallbacks):
-    frame = sensitivity.copy()
-    trained_back = {f["path"] for f in train_fallbacks}
-    decisions, why = [], []
-    for row in frame.itertuples(index=False):
-        info = ctx.graph[row.path]
-        decision = names.get(row.path, FLOAT32) if info.is_layer else "follows"
-        if info.pinned:
-            reason = info.pinned
-        elif not info.is_unit:
-            reason = reasons.FOLLOWS
-            if info.is_layer:
-                decision = names.get(row.path, FLOAT32)
-        elif decision != FLOAT32:
-            reason = reasons.FORCED_16BIT if row.path in forced else reasons.LOW_PRECISION_OK
-        elif row.path in trained_back:
-            reason = reasons.TRAIN_FALLBACK
-        elif row.path in fallbacks:
-            reason = reasons.VERIFY_FALLBACK
-        elif _num(row, "act_overflow") > 0 or _num(row, "nonfinite_outputs") > 0:
-            reason = reasons.OVERFLOW
-        elif _num(row, "act_flush") > 0.01:
-            reason = reasons.UNDERFLOW
-        elif _num(row, "metric_drop") > 0:
-            reason = reasons.METRIC_DROP
-        else:
-            reason = reasons.NO_GAIN
-        decisions.append(decision)
-        why.append(reason)
-    frame["decision"] = decisions
-    frame["reason"] = why
+# ---------------------------------------------------------------------------
+# Stage: profile
+
+
+def ablation_tolerance(session: Session, budget: Budget) -> float:
+    """Groups with a drop within a quarter of the budget are cleared without splitting."""
+    return budget.allowed(session.baseline) / 4.0
+
+
+def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
+    from autoprec import backends
+    from autoprec.sensitivity import profile
+
+    method = "full" if backends.name() in ("tensorflow", "jax") or session.graph.kind == SUBCLASSED else "ablation"
+    progress.say(f"autoprec: target {opts.target}; budget {opts.budget}: "
+                 + opts.budget.formula(metric=session.metric.name, higher_is_better=session.metric.higher_is_better,
+                                       baseline=session.baseline))
+    frame = profile(session.model, None, target=opts.target, method=method, profile_batch_size=opts.profile_batch_size,
+                    tolerance=ablation_tolerance(session, opts.budget),
+                    max_ablation_passes=None, verbose=opts.verbose, session=session)
+    progress.seconds.update({k: v for k, v in frame.attrs.get("seconds", {}).items()})
     return frame
 
 
-def _num(row, name: str) -> float:
-    value = getattr(row, name, 0.0)
+# ---------------------------------------------------------------------------
+# Stage: search
+
+
+@dataclass(frozen=True)
+class Found:
+    """What the search found: the study, its statistics, and the best assignment (per decision key)."""
+
+    study: Any
+    assignment: dict[str, str]
+    feasible: bool
+    evaluations: int
+    cache_hits: int
+    measured: dict[int, float] = field(default_factory=dict)
+
+
+def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: TuneOptions, progress: Progress) -> Found:
+    """Run (or resume) the Optuna study over the decision space."""
+    import optuna
+
+    from autoprec.search import Search, make_sampler
+    from autoprec.study import open_study, record_or_check
+
+    name = opts.study_name or (f"autoprec-{getattr(session.model, 'name', 'model')}-{opts.target}-"
+                               f"{opts.budget.max_drop:g}{'rel' if opts.budget.relative else ''}-seed{opts.seed}")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar replaces Optuna's per-trial log
     try:
-        value = float(value)
+        study = open_study(name, opts.storage, make_sampler(opts.seed))
+        record_or_check(study, {"keys": list(space.keys), "choices": list(space.choices), "baseline": session.baseline,
+                                "fingerprint": session.fingerprint(), "metric": session.metric.name}, budget=str(opts.budget))
+        bar = progress.stage("search", total=opts.n_trials, unit="trial")
+        feasible = lambda drop: opts.budget.feasible(baseline=session.baseline, drop=drop)  # noqa: E731
+        search = Search(space.search_space(), lambda a: session.evaluate(space.expand(a), budget=opts.budget),
+                        lambda a: cost.speedup(space.expand(a)), feasible, opts.budget.allowed(session.baseline), study,
+                        n_trials=opts.n_trials, timeout=opts.timeout,
+                        on_trial=lambda s: bar.update(s.finished(), [("best", s.best_speedup())]))
+        best = search.run()
+        bar.done(min(search.finished(), opts.n_trials), [("best", search.best_speedup())])
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    if best is None:
+        progress.say("autoprec: no assignment with a decision in 16-bit met the budget; the result is all float32.")
+    found = Found(study, dict(best.assignment) if best else {}, best is not None, search.evaluations, search.cache_hits)
+    if opts.cost == "measured":
+        found = _measure_candidates(session, space, search, found)
+    return found
+
+
+def _measure_candidates(session: Session, space: DecisionSpace, search: Any, found: Found, *, top: int = 3) -> Found:
+    """Time the real training step of the best feasible candidates, interleaved; keep the fastest."""
+    candidates = sorted((o for o in search.cache.values() if o.feasible), key=lambda o: -o.speedup)[:top]
+    if not candidates:
+        return found  # nothing feasible to time; force_16bit layers still come from space.expand
+    speeds = measure_speedups(session, [space.expand(o.assignment) for o in candidates])
+    winner = int(np.argmax(speeds))
+    by_trial = {o.trial: s for o, s in zip(candidates, speeds) if o.trial is not None}
+    return Found(found.study, dict(candidates[winner].assignment), True, found.evaluations, found.cache_hits, by_trial)
+
+
+def measure_speedups(session: Session, assignments: list[dict[str, str]], *, steps: int = 10) -> list[float]:
+    """float32 step time / each assignment's step time, timed interleaved on this machine."""
+    from autoprec.apply import apply_policy
+    from autoprec.verify import train_steps
+
+    batches = [b for _, b in zip(range(steps), _cycle(session.data))]
+    models = [apply_policy(session.model, {}, graph=session.graph)]
+    models += [apply_policy(session.model, session.graph.resolve(a), graph=session.graph) for a in assignments]
+    for m in models:
+        train_steps(m, batches[:2])  # warm-up: trace the train function
+    times: list[list[float]] = [[] for _ in models]
+    for x, y in batches:  # interleaved, so drift on the machine hits every variant alike
+        for i, m in enumerate(models):
+            t = time.perf_counter()
+            m.train_on_batch(x, y)
+            times[i].append(time.perf_counter() - t)
+    base = float(np.median(times[0]))
+    return [base / float(np.median(t)) for t in times[1:]]
+
+
+def _cycle(data: Any):
+    while True:
+        yield from data.batches()
+
+
+# ---------------------------------------------------------------------------
+# Stage: verify
+
+
+@dataclass(frozen=True)
+class Verified:
+    """The assignment after the real checks, the real model and its score, and what fell back."""
+
+    assignment: dict[str, str]
+    model: Any
+    evaluation: Any
+    fallbacks: list
+    training: TrainCheck | None
+    discrepancies: list
+    measured_speedup: float | None
+
+
+def verify_stage(session: Session, space: DecisionSpace, frame: Any, found: Found, cost: CostModel,
+                 opts: TuneOptions, progress: Progress) -> Verified:
+    """Real Keras policies on this device, then (on request) a short training run; fall back decision by decision."""
+    bar = progress.stage("verify", total=None, unit="check")
+    checks: list[dict] = []
+    state: dict[str, Any] = {}
+
+    def check_eval(assignment: dict[str, str]) -> tuple[bool, str]:
+        names = session.graph.resolve(space.expand(assignment))
+        state["model"], real = verify_eval(session, names)
+        state["evaluation"] = real
+        simulated = session.evaluate(space.expand(assignment))
+        checks.append({"simulated_drop": simulated.drop, "real_drop": real.drop,
+                       "n_16bit": sum(v != FLOAT32 for v in assignment.values())})
+        ok = opts.budget.feasible(baseline=session.baseline, drop=real.drop)
+        return ok, f"real drop {real.drop:.4g} misses the budget"
+
+    pick = _sensitive_first(space, found.assignment)
+    limit = opts.max_fallbacks
+    assignment, fallbacks, _ = fall_back(dict(found.assignment), check_eval, pick, kind="verify", limit=limit, say=progress.say)
+    training = None
+    if opts.verify == "train":
+        def check_train(assignment: dict[str, str]) -> tuple[bool, str]:
+            nonlocal training
+            training = train_check(session.model, session.graph.resolve(space.expand(assignment)), opts.train_data,
+                                   graph=session.graph, steps=opts.steps, metric=session.metric, eval_data=session.data)
+            return training.passed, training.reason
+
+        assignment, more, _ = fall_back(assignment, check_train, _hazards_first(space, frame, pick), kind="train",
+                                        limit=limit - len(fallbacks), say=progress.say)
+        fallbacks += more
+        if more:
+            check_eval(assignment)
+    measured = None
+    if opts.cost == "measured" and any(v != FLOAT32 for v in space.expand(assignment).values()):
+        measured = measure_speedups(session, [space.expand(assignment)])[0]  # the final policy, after fallbacks
+    bar.done(len(checks))
+    return Verified(assignment, state["model"], state["evaluation"], fallbacks, training, checks, measured)
+
+
+def _sensitive_first(space: DecisionSpace, start: dict[str, str]):
+    """Pick the most sensitive 16-bit decision (profile order)."""
+    def pick(assignment: dict[str, str]) -> str | None:
+        return next((k for k in space.order if assignment.get(k, FLOAT32) != FLOAT32), None)
+
+    return pick
+
+
+def _hazards_first(space: DecisionSpace, frame: Any, fallback: Any):
+    """Pick the 16-bit decision with the worst gradient or activation hazard, else the most sensitive."""
+    rows = frame.set_index("path")
+
+    def hazard(key: str) -> float:
+        total = 0.0
+        for path in space.groups[key]:
+            if path in rows.index:
+                row = rows.loc[path]
+                total += sum(float(row.get(c, 0) or 0) if row.get(c, 0) == row.get(c, 0) else 0.0
+                             for c in ("grad_scaled_overflow", "act_overflow", "grad_scaled_flush", "wgrad_scaled_overflow"))
+        return total
+
+    def pick(assignment: dict[str, str]) -> str | None:
+        live = [k for k in space.order if assignment.get(k, FLOAT32) != FLOAT32]
+        if not live:
+            return None
+        worst = max(live, key=hazard)
+        return worst if hazard(worst) > 0 else fallback(assignment)
+
+    return pick
+
+
+# ---------------------------------------------------------------------------
+# Stage: result
+
+
+def result_stage(model: Any, session: Session, space: DecisionSpace, frame: Any, found: Found, verified: Verified,
+                 cost: CostModel, opts: TuneOptions, pretrained: int, *, seconds: float, progress: Progress) -> TuneResult:
+    """Emit the policy, the tuned model and the tables, with every decision's reason."""
+    from autoprec.policy import PrecisionPolicy
+    from autoprec.study import trials_frame
+
+    decided = space.expand(verified.assignment)
+    names = session.graph.resolve(decided)
+    if session.graph.kind == SUBCLASSED:
+        logger.warning("autoprec: %r is subclassed, so its layers now carry the tuned policies in place.", model.name)
+    trials = trials_frame(found.study, list(space.keys), found.measured)
+    if "drop" in trials and len(trials):
+        drops = trials["drop"].astype(float)
+        trials["feasible"] = [opts.budget.feasible(baseline=session.baseline, drop=d if d < 1e8 else math.inf) and not r
+                              for d, r in zip(drops, trials["rejected"].fillna(False).astype(bool))]
+    ev = verified.evaluation
+    feasible = opts.budget.feasible(baseline=session.baseline, drop=ev.drop)
+    verification = {
+        "fallbacks": [{"key": f.key, "check": f.check, "detail": f.detail} for f in verified.fallbacks],
+        "checks": verified.discrepancies, "real_drop": ev.drop, "feasible": feasible,
+        "why": "" if feasible else (f"after {len(verified.fallbacks)} fallback(s) (max_fallbacks={opts.max_fallbacks}) the "
+                                    f"verified drop is {ev.drop:.4g}, over the {opts.budget.allowed(session.baseline):.4g} allowed"),
+    }
+    stats = {
+        "evaluations": found.evaluations, "cache_hits": found.cache_hits, "passes": session.passes,
+        "traces": session.engine.traces, "engine": session.engine.kind, "granularity": opts.granularity,
+        "decision_keys": len(space.keys), "own_weightless": sorted(space.own), "misaligned": sorted(cost.flagged),
+        "seconds": seconds, "stage_seconds": dict(progress.seconds), "study_name": found.study.study_name,
+        "rejected_early": int(trials["rejected"].fillna(False).astype(bool).sum()) if "rejected" in trials else 0,
+    }
+    result = TuneResult(
+        policy=PrecisionPolicy(names, target=opts.target, layers=session.graph.layer_facts()), model=verified.model,
+        sensitivity=decision_frame(frame, session, space, names, verified.fallbacks), trials=trials, study=found.study,
+        baseline_metric=session.baseline, metric=ev.metric, budget=opts.budget, speedup_estimate=cost.speedup(decided),
+        metric_name=session.metric.name, higher_is_better=session.metric.higher_is_better, target=opts.target,
+        formula=opts.budget.formula(metric=session.metric.name, higher_is_better=session.metric.higher_is_better,
+                                    baseline=session.baseline),
+        device=cost.device.name, verification=verification, training=verified.training,
+        measured_speedup=verified.measured_speedup, pretrain_steps=pretrained, stats=stats,
+    )
+    progress.say(result.summary())
+    return result
+
+
+def decision_frame(frame: Any, session: Session, space: DecisionSpace, names: dict[str, str], fallbacks: list) -> Any:
+    """The profile with each layer's ``decision``, ``reason``, ``kind`` and the facts its sentence needs."""
+    from autoprec.decisions import reason_for
+
+    graph = session.graph
+    out = frame.copy()
+    nodes = graph.resolve_nodes(space.expand({k: names.get(space.groups[k][0], FLOAT32) for k in space.keys}))
+    failed = {p: f for f in fallbacks for p in space.groups.get(f.key, ())}
+    hazards = op_hazards(graph, frame)
+    decisions, reasons_, kinds_, details, producer_decisions, op_notes = [], [], [], [], [], []
+    for row in out.to_dict("records"):
+        info = graph[row["path"]]
+        decision = names.get(info.path, nodes.get(info.path, FLOAT32)) if info.is_layer else f"follows ({nodes[info.path]})"
+        own = info.is_unit or info.path in space.own
+        kind = "pinned" if info.pinned else "decision" if own else {"compute": "joined"}.get(info.role, info.role)
+        fallback = failed.get(info.path)
+        row["op_hazard"] = hazards.get(info.path, "")
+        reason = reason_for(row, decision=decision if info.is_layer else FLOAT32, pinned=info.pinned, role=info.role,
+                            own_decision=own and info.pinned is None, forced=info.path in space.forced,
+                            fallback=fallback.check if fallback else None)
+        decisions.append(decision)
+        reasons_.append(str(reason))
+        kinds_.append(kind)
+        details.append(fallback.detail if fallback else "")
+        producers = {nodes.get(p, FLOAT32) for p in info.producers}
+        producer_decisions.append(producers.pop() if len(producers) == 1 else "")
+        op_notes.append(row["op_hazard"])
+    out["decision"], out["reason"], out["kind"] = decisions, reasons_, kinds_
+    out["fallback_detail"], out["producer_decision"], out["op_hazard"] = details, producer_decisions, op_notes
+    return out
+
+
+def op_hazards(graph: Any, frame: Any) -> dict[str, str]:
+    """``{layer path: "ops.exp"}``: a ``keras.ops`` node after the layer overflows, flushes or goes non-finite.
+
+    The node has no policy of its own, so the layer it follows answers for it.
+    """
+    rows = frame.set_index("path").to_dict("index")
+    out: dict[str, str] = {}
+    for info in graph.layers:
+        if info.is_layer:
+            continue
+        row = rows.get(info.path, {})
+        if not (_positive(row.get("act_overflow")) or _positive(row.get("act_nonfinite")) or _positive(row.get("act_flush"), 0.01)):
+            continue
+        frontier, seen = list(info.producers), set()
+        while frontier:
+            path = frontier.pop()
+            if path in seen or path not in graph:
+                continue
+            seen.add(path)
+            producer = graph[path]
+            if producer.is_layer and producer.role != "movement":
+                out.setdefault(path, f"ops.{info.class_name.lower()}")
+            else:
+                frontier.extend(producer.producers)
+    return out
+
+
+def _positive(value: Any, above: float = 0.0) -> bool:
+    try:
+        return float(value) > above
     except (TypeError, ValueError):
-        return 0.0
-    return 0.0 if math.isnan(value) else value
-
-
-def _trials_frame(study: Any, keys: list[str], measured: dict[int, float]):
-    import pandas as pd
-
-    rows = []
-    for t in study.trials:
-        a = t.user_attrs
-        params = t.params
-        rows.append({
-            "trial": t.number, "state": t.state.name, "phase": a.get("phase", ""), "worker": a.get("worker", ""),
-            "speedup_estimate": t.value, "metric": a.get("metric"), "drop": a.get("drop"), "feasible": a.get("feasible"),
-            "nonfinite_outputs": a.get("nonfinite_outputs"), "output_error": a.get("output_error"),
-            "n_16bit": a.get("n_16bit"), "cached": a.get("cached"), "measured_speedup": measured.get(t.number),
-            "float32_units": ";".join(k for k in keys if params.get(k, FLOAT32) == FLOAT32) if params else "",
-        })
-    return pd.DataFrame(rows)
+        return False

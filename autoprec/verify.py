@@ -1,31 +1,34 @@
 """Verify the winner for real: Keras policies on the current device, and optionally training.
 
-:func:`verify_eval` applies the policy with :func:`autoprec.apply_policy` and
-evaluates it over the full evaluation data. :func:`train_check` fine-tunes
-the tuned model and a float32 copy from the same weights, on the same
-batches, for ``steps`` steps, with the LossScaleOptimizer when any layer
-computes in float16, and records losses, skipped steps and the loss-scale
-history. It fails the assignment when the loss scale collapses below 1, when
-losses go non-finite and stay so, or when the tuned run stops making the
-progress the float32 run makes.
+:func:`verify_eval` applies the assignment with real Keras policies and
+scores it on the full evaluation data. :func:`train_check` fine-tunes the
+tuned model and a float32 copy from the same weights, on the same batches,
+for ``steps`` steps, with the LossScaleOptimizer when any layer computes in
+float16, and records losses, skipped steps and the loss-scale history. It
+fails the assignment when the loss scale collapses below 1, when losses go
+non-finite and stay so, or when the tuned run stops making the progress the
+float32 run makes. :func:`fall_back` is the one loop both use: while a check
+fails, return one decision to float32, chosen by a picker.
 
->>> check = train_check(model, policy, (x_train, y_train), steps=50)  # doctest: +SKIP
->>> check.passed, check.skipped_steps                                   # doctest: +SKIP
+>>> check = train_check(model, names, (x_train, y_train), graph=graph, steps=50)  # doctest: +SKIP
+>>> check.passed, check.skipped_steps                                              # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from autoprec.apply import apply_policy
-from autoprec.data import as_eval_data
-from autoprec.engine import predict_batches
-from autoprec.errors import DataError, describe
-from autoprec.graph import ModelGraph
+from autoprec.data import EvalData
+from autoprec.engine import quiet_retracing
+from autoprec.errors import ArgumentError, DataError, UnsupportedModelError, check_int
+from autoprec.formats import DEFAULT_LOSS_SCALE, FLOAT32
+from autoprec.graph import SUBCLASSED, ModelGraph
 
 
 @dataclass(frozen=True)
@@ -47,24 +50,66 @@ class TrainCheck:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def verify_eval(model: Any, graph: ModelGraph, names: dict[str, str], ctx: Any) -> tuple[Any, dict[str, float]]:
+@dataclass(frozen=True)
+class Fallback:
+    """One decision returned to float32 by a failed check, and what failed."""
+
+    key: str
+    check: str  # "verify" or "train"
+    detail: str
+
+
+def fall_back(assignment: dict[str, str], check: Callable[[dict[str, str]], tuple[bool, str]],
+              pick: Callable[[dict[str, str]], str | None], *, kind: str, limit: int,
+              say: Callable[[str], None] = lambda message: None) -> tuple[dict[str, str], list[Fallback], bool]:
+    """While ``check(assignment)`` fails, return ``pick(assignment)`` to float32, at most ``limit`` times.
+
+    Returns the final assignment, the fallbacks made, and whether the last check passed.
+    """
+    fallbacks: list[Fallback] = []
+    while True:
+        passed, detail = check(assignment)
+        if passed or len(fallbacks) >= limit:
+            return assignment, fallbacks, passed
+        key = pick(assignment)
+        if key is None:
+            return assignment, fallbacks, passed
+        say(f"autoprec: {kind} check failed ({detail}); returning {key!r} to float32.")
+        fallbacks.append(Fallback(key, kind, detail))
+        assignment = {**assignment, key: FLOAT32}
+
+
+def verify_eval(session: Any, names: dict[str, str]) -> tuple[Any, Any]:
     """Apply the resolved policy for real and score it on the full evaluation data."""
-    real = apply_policy(model, names, graph=graph, inplace=graph.kind == "subclassed")
-    return real, ctx.score_outputs(predict_batches(real, ctx.data))
+    graph = session.graph
+    real = apply_policy(session.model, names, graph=graph, inplace=graph.kind == SUBCLASSED)
+    return real, session.score_outputs(predict_batches(real, session.data))
 
 
-def cycle_batches(train_data: Any, steps: int, batch_size: int) -> list:
+def predict_batches(model: Any, data: EvalData) -> Any:
+    """The model's own predictions over all batches, concatenated (NumPy)."""
+    import keras
+
+    with quiet_retracing():
+        outs = [model.predict_on_batch(x) for x, _ in data.batches()]
+    return keras.tree.map_structure(lambda *parts: np.concatenate(parts), *outs)
+
+
+def cycle_batches(train_data: Any, steps: int, batch_size: int, *, model: Any = None) -> list:
     """``steps`` training batches, cycling through ``train_data`` in order."""
-    data = as_eval_data(train_data, batch_size=batch_size, what="train_data")
-    batches = list(data.batches)
-    return [batches[i % len(batches)] for i in range(steps)]
+    data = EvalData.get(train_data, batch_size=batch_size, what="train_data", model=model)
+    batches: list = []
+    while len(batches) < steps:
+        for batch in data.batches():
+            batches.append(batch)
+            if len(batches) == steps:
+                break
+    return batches
 
 
 def train_steps(model: Any, batches: list, *, record_scale: bool = False) -> tuple[list[float], list[float]]:
-    """Run ``train_on_batch`` over ``batches``; return losses and (if asked) loss-scale history."""
+    """Run ``train_on_batch`` over ``batches``; return losses and (if asked) the loss-scale history."""
     import keras
-
-    from autoprec.engine import quiet_retracing
 
     losses, scales = [], []
     for x, y in batches:
@@ -76,63 +121,66 @@ def train_steps(model: Any, batches: list, *, record_scale: bool = False) -> tup
     return losses, scales
 
 
-def train_check(
-    model: Any,
-    names: dict[str, str],
-    train_data: Any,
-    *,
-    graph: ModelGraph,
-    steps: int = 50,
-    batch_size: int = 32,
-    metric: Any = None,
-    eval_data: Any = None,
-    progress_ratio: float = 0.5,
-) -> TrainCheck:
+def train_check(model: Any, names: dict[str, str], train_data: Any, *, graph: ModelGraph, steps: int = 50,
+                batch_size: int = 32, metric: Any = None, eval_data: EvalData | None = None,
+                progress_ratio: float = 0.5) -> TrainCheck:
     """Fine-tune the tuned model and a float32 copy for ``steps`` steps and compare.
 
     Both start from ``model``'s weights with fresh copies of its optimizer and
     see the same batches in the same order. Needs a compiled model.
+
+    Raises:
+        ArgumentError: ``steps`` is not an integer >= 2.
+        DataError: the model is not compiled.
+        UnsupportedModelError: the model is subclassed (it cannot be cloned).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise DataError(f"Expected steps to be an integer >= 2. Received: steps={describe(steps)}.")
+    check_int("steps", steps, 2)
     if getattr(model, "optimizer", None) is None:
         raise DataError("Expected a compiled model for the training check (its loss and optimizer are used). Compile it first.")
-    if graph.kind == "subclassed":
-        raise DataError(
-            "The training check clones the model twice; a subclassed model cannot be cloned. "
-            "Run verify='eval', or rebuild the model functionally."
-        )
-    batches = cycle_batches(train_data, steps, batch_size)
+    if graph.kind == SUBCLASSED:
+        raise UnsupportedModelError("The training check clones the model twice; a subclassed model cannot be cloned. "
+                                    "Run verify='eval', or rebuild the model functionally.")
+    batches = cycle_batches(train_data, steps, batch_size, model=model)
     reference = apply_policy(model, {}, graph=graph)
     tuned = apply_policy(model, names, graph=graph)
     f32_losses, _ = train_steps(reference, batches)
     tuned_losses, scales = train_steps(tuned, batches, record_scale=True)
-    skipped = sum(1 for a, b in zip([2.0**15] + scales, scales) if b < a)
-    nonfinite = sum(1 for v in tuned_losses if not math.isfinite(v))
     f32_metric = tuned_metric = math.nan
     if eval_data is not None and metric is not None:
         f32_metric = metric.compute(eval_data.y, predict_batches(reference, eval_data))
         tuned_metric = metric.compute(eval_data.y, predict_batches(tuned, eval_data))
-    passed, reason = True, "trains like float32"
+    passed, reason = judge_training(f32_losses, tuned_losses, scales, steps=steps, progress_ratio=progress_ratio)
+    skipped = sum(1 for a, b in zip([DEFAULT_LOSS_SCALE] + scales, scales) if b < a)
+    nonfinite = sum(1 for v in tuned_losses if not math.isfinite(v))
+    return TrainCheck(steps, f32_losses, tuned_losses, scales, skipped, nonfinite, f32_metric, tuned_metric, passed, reason)
+
+
+def judge_training(f32_losses: list[float], tuned_losses: list[float], scales: list[float], *, steps: int,
+                   progress_ratio: float = 0.5) -> tuple[bool, str]:
+    """Pass or fail a tuned training run against float32, with the reason in words.
+
+    Rounding makes the two trajectories differ a little; only a tuned run that
+    ends clearly behind float32 has stopped making progress: behind by more
+    than a share of float32's own progress, 10% of its loss, and the spread
+    of float32's own per-batch losses at the end of the run.
+
+    >>> judge_training([2.0, 1.0], [2.0, float("nan")], [], steps=2)
+    (False, 'the last 1 training losses are all non-finite')
+    """
+    if not 0 < progress_ratio <= 1:
+        raise ArgumentError(f"Expected progress_ratio in (0, 1]. Received: {progress_ratio}.")
     window = max(1, steps // 5)
     finite_tail = [v for v in tuned_losses[-window:] if math.isfinite(v)]
     head32, tail32 = float(np.mean(f32_losses[:window])), float(np.mean(f32_losses[-window:]))
     progress32 = head32 - tail32
     tail16 = float(np.mean(finite_tail)) if finite_tail else math.inf
-    progress16 = head32 - tail16  # both runs start from the same weights and batches
-    # Rounding makes the two trajectories differ a little; only a tuned run that
-    # ends clearly behind float32 has stopped making progress: behind by more
-    # than a share of float32's own progress, 10% of its loss, and the spread
-    # of float32's own per-batch losses at the end of the run.
     spread = float(np.std(f32_losses[-window:]))
     slack = max((1 - progress_ratio) * max(progress32, 0.0), 0.10 * abs(tail32), spread, 1e-6)
     if scales and min(scales) < 1.0:
-        passed, reason = False, f"the loss scale collapsed to {min(scales):g} (< 1): gradients overflow float16 at any scale"
-    elif not finite_tail:
-        passed, reason = False, f"the last {window} training losses are all non-finite"
-    elif math.isfinite(tail32) and tail16 > tail32 + slack:
-        passed, reason = False, (
-            f"training stopped making progress: its loss ends at {tail16:.4g} against {tail32:.4g} in float32 "
-            f"(fell by {progress16:.4g} against {progress32:.4g})"
-        )
-    return TrainCheck(steps, f32_losses, tuned_losses, scales, skipped, nonfinite, f32_metric, tuned_metric, passed, reason)
+        return False, f"the loss scale collapsed to {min(scales):g} (< 1): gradients overflow float16 at any scale"
+    if not finite_tail:
+        return False, f"the last {window} training losses are all non-finite"
+    if math.isfinite(tail32) and tail16 > tail32 + slack:
+        return False, (f"training stopped making progress: its loss ends at {tail16:.4g} against {tail32:.4g} in float32 "
+                       f"(fell by {head32 - tail16:.4g} against {progress32:.4g})")
+    return True, "trains like float32"

@@ -23,22 +23,43 @@ def name() -> str:
 
 
 def compile_function(fn: Callable) -> Callable:
-    """Trace ``fn`` once per input signature: ``tf.function`` on TensorFlow, ``jax.jit`` on JAX.
+    """Trace ``fn`` once: ``tf.function`` on TensorFlow, ``jax.jit`` on JAX.
 
-    Arguments that change between calls (the precision switches) must be
-    passed as tensors, never closed over, so that changing them never retraces.
+    Arguments that change between calls (the precision codes) must be passed
+    as tensors, never closed over, so that changing them never retraces. On
+    TensorFlow the first call fixes a signature whose leading dimensions are
+    unknown, so a smaller last batch reuses the same trace.
     """
     backend = name()
     if backend == "tensorflow":
-        import tensorflow as tf
-
-        # reduce_retracing: a smaller last batch gives one generic trace, not one per size.
-        return tf.function(fn, reduce_retracing=True)
+        return _GenericTFFunction(fn)
     if backend == "jax":
         import jax
 
         return jax.jit(fn)
     return fn  # torch / numpy: eager, one "trace" per call is not counted as a retrace
+
+
+class _GenericTFFunction:
+    """A ``tf.function`` whose input signature is the first call's with the leading dimensions unknown."""
+
+    def __init__(self, fn: Callable) -> None:
+        self._fn, self._compiled = fn, None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._compiled is None:
+            import keras
+            import tensorflow as tf
+
+            def spec(a: Any) -> Any:
+                t = tf.convert_to_tensor(a)
+                return tf.TensorSpec((None, *t.shape[1:]) if t.shape.rank else (), t.dtype)
+
+            signature = [keras.tree.map_structure(spec, a) for a in args]
+            # autograph=False: the traced code has no Python control flow on tensors, and
+            # converting Keras and autoprec code costs seconds of tracing on large graphs.
+            self._compiled = tf.function(self._fn, input_signature=signature, autograph=False)
+        return self._compiled(*args)
 
 
 def gradient_pass(forward: Callable, loss_fn: Callable, x: Any, y: Any, variables: list) -> tuple:

@@ -1,8 +1,9 @@
-"""Bundled examples: the scikit-learn digits data, a small model, and planted hazards.
+"""Models with planted 16-bit hazards, for tests, benchmarks and examples (``autoprec.testing``).
 
-Everything here runs offline: the digits data ships inside scikit-learn.
-The *planted* models take a trained model and change weights so that the
-float32 function stays the same while one region becomes fragile in 16-bit:
+Everything here runs offline: the digits data ships inside scikit-learn
+(``pip install autoprec[examples]``). The *planted* models take a trained
+model and change weights so that the float32 function stays the same while
+one region becomes fragile in 16-bit:
 
 - :func:`plant_overflow` scales a ReLU layer's output up by a factor and the
   next layer's kernel down by it: in float16 the activations pass 65504
@@ -11,10 +12,14 @@ float32 function stays the same while one region becomes fragile in 16-bit:
   subtracts it again in the next layer's bias: the signal rides on an offset
   whose spacing in bfloat16 (8-bit mantissa) is coarser than the signal.
 
->>> from autoprec import examples
->>> (x_train, y_train), (x_val, y_val) = examples.digits_data()
->>> x_train.shape[1:], int(y_val.max())
-((8, 8, 1), 9)
+- :func:`planted_weightless_mlp` puts every hazard in a weightless layer:
+  a ``Rescaling`` by a large factor, an ``exponential`` activation, an
+  offset riding on an ``Add`` of a constant branch, and a softmax over
+  logits shifted by a large constant.
+
+>>> from autoprec import testing
+>>> [f.__name__ for f in (testing.planted_mlp, testing.planted_weightless_mlp)]
+['planted_mlp', 'planted_weightless_mlp']
 """
 
 from __future__ import annotations
@@ -22,51 +27,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-
-def digits_data(*, seed: int = 0, val_fraction: float = 0.3, flat: bool = False):
-    """The 1,797 8x8 digits images, scaled to [0, 1], split into train and validation.
-
-    Returns ``((x_train, y_train), (x_val, y_val))``; ``x`` is ``(n, 8, 8, 1)``,
-    or ``(n, 64)`` with ``flat=True``; ``y`` holds class ids 0-9.
-    """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = (digits.images / 16.0).astype("float32")
-    x = x.reshape(len(x), 64) if flat else x[..., None]
-    y = digits.target.astype("int32")
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_val = int(len(x) * val_fraction)
-    val, train = order[:n_val], order[n_val:]
-    return (x[train], y[train]), (x[val], y[val])
-
-
-def digits_model(*, seed: int = 0):
-    """A small CNN for the digits: two convolutions, batch norm, two dense layers, softmax.
-
-    >>> digits_model().count_params() > 10000
-    True
-    """
-    import keras
-    from keras import layers
-
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((8, 8, 1), name="image")
-    x = layers.Conv2D(32, 3, padding="same", name="conv1")(inputs)
-    x = layers.BatchNormalization(name="conv1_bn")(x)
-    x = layers.ReLU(name="conv1_relu")(x)
-    x = layers.Conv2D(64, 3, padding="same", activation="relu", name="conv2")(x)
-    x = layers.MaxPooling2D(name="pool")(x)
-    x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(128, activation="relu", name="fc1")(x)
-    x = layers.Dropout(0.2, name="dropout")(x)
-    x = layers.Dense(64, activation="relu", name="fc2")(x)
-    x = layers.Dense(10, name="logits")(x)
-    outputs = layers.Softmax(name="probs")(x)
-    model = keras.Model(inputs, outputs, name="digits_cnn")
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
 
 
 def mlp(
@@ -144,6 +104,8 @@ def planted_mlp(*, seed: int = 0, depth: int = 8, width: int = 64, epochs: int =
     import keras
     from keras import layers
 
+    from autoprec.demo import digits_data
+
     (x_train, y_train), (x_val, y_val) = digits_data(seed=seed, flat=True)
     keras.utils.set_random_seed(seed)
     x_in = keras.Input((64,), name="x")
@@ -159,3 +121,65 @@ def planted_mlp(*, seed: int = 0, depth: int = 8, width: int = 64, epochs: int =
     plant_offset(model, "d6", "d7", offset=2048.0)
     fragile = {"mixed_float16": ["d3", "d4", "d6", "d7"], "mixed_bfloat16": ["d6", "d7"]}
     return model, (x_train, y_train), (x_val, y_val), fragile
+
+
+def planted_weightless_mlp(*, seed: int = 0, width: int = 128, epochs: int = 30):
+    """A trained digits MLP whose 16-bit hazards all sit in weightless layers.
+
+    Trained in float32 with every planted constant neutral (scale 1, offset
+    0), then planted so that the float32 function stays the same:
+
+    - ``up``/``down``: ``Rescaling`` by 1e5 and back: float16 overflows at ``up``;
+    - ``exp_in``/``exp``/``exp_out``: ``exp(t + 11) * e^-11`` around an
+      ``exponential`` activation: float16 overflows at ``exp``, and bfloat16's
+      8-bit mantissa blurs ``t + 11``;
+    - ``const``/``add``/``unshift``: a constant branch adds 16384 and a
+      ``Rescaling`` takes it away: the signal rides on an offset whose spacing
+      in either format (16 in float16, 128 in bfloat16) is coarser than the signal;
+    - ``shift``/``attn``: logits shifted by 3e4 into a ``Softmax`` in the
+      middle of the network (softmax ignores the shift in float32).
+
+    Returns ``(model, (x_train, y_train), (x_val, y_val), fragile)``;
+    ``fragile`` maps each format to the weightless layers that must stay
+    float32 in it.
+    """
+    import keras
+    from keras import layers
+
+    from autoprec.demo import digits_data
+
+    (x_train, y_train), (x_val, y_val) = digits_data(seed=seed, flat=True)
+    keras.utils.set_random_seed(seed)
+    dense = lambda name, act=None, units=width: layers.Dense(units, activation=act, name=name)  # noqa: E731
+    x_in = keras.Input((64,), name="x")
+    h = dense("d1", "relu")(x_in)
+    h = layers.Rescaling(1.0, name="up")(dense("d2")(h))
+    h = layers.ReLU(name="relu2")(layers.Rescaling(1.0, name="down")(h))
+    h = layers.Rescaling(1.0, offset=0.0, name="exp_in")(dense("d3", "tanh")(h))
+    h = layers.Rescaling(1.0, name="exp_out")(layers.Activation("exponential", name="exp")(h))
+    h = dense("d5")(dense("d4", "relu")(h))
+    const = layers.Dense(width, kernel_initializer="zeros", bias_initializer="zeros", trainable=False, name="const")(h)
+    h = layers.Rescaling(1.0, offset=0.0, name="unshift")(layers.Add(name="add")([h, const]))
+    h = layers.Rescaling(1.0, offset=0.0, name="shift")(dense("d7", units=32)(dense("d6", "relu")(h)))
+    h = dense("d8", "relu")(layers.Softmax(name="attn")(h))
+    out = layers.Dense(10, activation="softmax", name="out")(h)
+    model = keras.Model(x_in, out, name="planted_weightless")
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    train(model, x_train, y_train, epochs=epochs, seed=seed)
+    _plant_weightless(model)
+    fragile = {"mixed_float16": ["up", "down", "exp", "exp_out", "add", "unshift", "shift", "attn"],
+               "mixed_bfloat16": ["add", "unshift", "shift", "attn"]}
+    return model, (x_train, y_train), (x_val, y_val), fragile
+
+
+def _plant_weightless(model: Any) -> None:
+    """Set the planted constants; each pair cancels in float32."""
+    big, offset, shift = 1e5, 11.0, 3e4
+    model.get_layer("up").scale, model.get_layer("down").scale = big, 1.0 / big
+    model.get_layer("exp_in").offset, model.get_layer("exp_out").scale = offset, float(np.exp(-offset))
+    const = model.get_layer("const")
+    const.bias.assign(np.full(const.bias.shape, 16384.0, "float32"))
+    model.get_layer("unshift").offset = -16384.0
+    model.get_layer("shift").offset = shift
+    # The constants are Python floats read when a function is traced: drop the stale traces.
+    model.train_function = model.test_function = model.predict_function = None

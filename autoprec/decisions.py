@@ -1,0 +1,174 @@
+"""Decisions and their reasons: one named constant per reason, and the sentence for each.
+
+``tune`` picks a reason for every layer with :func:`reason_for`; the report,
+the CLI and the tests filter on the :class:`Reason` values and turn them
+into words with :func:`sentence`. Nothing else re-derives a reason.
+
+>>> Reason.PINNED_OUTPUT == "PINNED_OUTPUT"
+True
+>>> sentence({"decision": "float32", "reason": "PINNED_USER"}, target="mixed_float16")
+'float32: pinned by keep_float32'
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from autoprec.formats import FLOAT32, MIXED_FLOAT16
+from autoprec.formats import get as get_format
+
+
+class Reason(enum.StrEnum):
+    """Why a layer ended where it did."""
+
+    # Pinned to float32 (or left as it was) before any search.
+    PINNED_OUTPUT = "PINNED_OUTPUT"  # produces a model output: outputs stay float32
+    PINNED_SOFTMAX = "PINNED_SOFTMAX"  # softmax/sigmoid feeding an output
+    PINNED_USER = "PINNED_USER"  # keep_float32=[...]
+    PINNED_DTYPE = "PINNED_DTYPE"  # not a float32 layer to begin with (float64, int, quantized)
+    # Decided by the search or its checks.
+    LOW_PRECISION_OK = "LOW_PRECISION_OK"  # runs in 16-bit within the budget
+    FORCED_16BIT = "FORCED_16BIT"  # force_16bit=[...]
+    OVERFLOW = "OVERFLOW"  # its outputs exceed the format's range
+    UNDERFLOW = "UNDERFLOW"  # a large share of its outputs flush to zero
+    OP_HAZARD = "OP_HAZARD"  # a keras.ops node after it (no policy of its own) overflows or flushes
+    METRIC_DROP = "METRIC_DROP"  # in 16-bit it costs more metric than the budget allows
+    NO_GAIN = "NO_GAIN"  # 16-bit does not pay here (casts outweigh the gain)
+    VERIFY_FALLBACK = "VERIFY_FALLBACK"  # returned to float32 by the real-policy verification
+    TRAIN_FALLBACK = "TRAIN_FALLBACK"  # returned to float32 by the loss-scaled training check
+    # Layers that are not decisions of their own.
+    JOINED = "JOINED"  # a weightless layer that takes its producers' precision
+    MOVES_DATA = "MOVES_DATA"  # pure data movement (reshape, dropout...): follows its input
+
+
+PINNED = frozenset({Reason.PINNED_OUTPUT, Reason.PINNED_SOFTMAX, Reason.PINNED_USER, Reason.PINNED_DTYPE})
+
+# Thresholds of the profile facts that name a hazard, shared by reason_for and sentence.
+FLUSH_SHARE = 0.01  # more than 1% of nonzero outputs flush to zero
+
+
+def _num(row: Mapping[str, Any], key: str) -> float:
+    try:
+        value = float(row.get(key, math.nan))
+    except (TypeError, ValueError):
+        return math.nan
+    return value
+
+
+def _positive(row: Mapping[str, Any], key: str) -> bool:
+    value = _num(row, key)
+    return not math.isnan(value) and value > 0
+
+
+def reason_for(row: Mapping[str, Any], *, decision: str, pinned: str | None, role: str, own_decision: bool,
+               forced: bool = False, fallback: str | None = None) -> Reason:
+    """The reason for one layer's final ``decision``, from its profile ``row``.
+
+    Args:
+        row: the layer's profile facts (``act_overflow``, ``metric_drop``...).
+        decision: the policy name it ended with.
+        pinned: its pin reason, if pinned.
+        role: ``"weighted"``, ``"compute"``, ``"movement"`` or ``"op"`` (see ``graph``).
+        own_decision: whether the search decided it (a weightless layer may join its producer).
+        forced: listed in ``force_16bit``.
+        fallback: ``"verify"`` or ``"train"`` when a check returned it to float32.
+
+    >>> reason_for({"act_overflow": 0.2}, decision="float32", pinned=None, role="compute", own_decision=True)
+    <Reason.OVERFLOW: 'OVERFLOW'>
+    """
+    if pinned:
+        return Reason(pinned)
+    if not own_decision:
+        return Reason.MOVES_DATA if role in ("movement", "op") else Reason.JOINED
+    if decision != FLOAT32:
+        return Reason.FORCED_16BIT if forced else Reason.LOW_PRECISION_OK
+    if fallback == "train":
+        return Reason.TRAIN_FALLBACK
+    if fallback == "verify":
+        return Reason.VERIFY_FALLBACK
+    if _positive(row, "act_overflow") or _positive(row, "act_nonfinite") or _positive(row, "nonfinite_outputs"):
+        return Reason.OVERFLOW
+    if row.get("op_hazard"):
+        return Reason.OP_HAZARD
+    if _num(row, "act_flush") > FLUSH_SHARE:
+        return Reason.UNDERFLOW
+    if _positive(row, "metric_drop"):
+        return Reason.METRIC_DROP
+    return Reason.NO_GAIN
+
+
+def _drop_words(drop: float, metric: str, higher_is_better: bool) -> str:
+    if "acc" in metric.lower():
+        return f"drops {metric} by {drop * 100:.2g} points"
+    verb = "drops" if higher_is_better else "raises"
+    return f"{verb} {metric} by {abs(drop):.3g}"
+
+
+def _facts(row: Mapping[str, Any], fmt: Any, metric: str, higher_is_better: bool) -> list[str]:
+    """The measured hazards of one layer, in words (empty when none)."""
+    facts = []
+    drop = _num(row, "metric_drop")
+    if drop > 0:
+        alone = "alone" if row.get("ablation", "alone") == "alone" else "in its group"
+        facts.append(f"{alone} in {fmt.short} it {_drop_words(drop, metric, higher_is_better)}")
+    absmax, overflow = _num(row, "act_absmax"), _num(row, "act_overflow")
+    if overflow > 0:
+        reach = f"its output reaches {absmax:.2g} > {fmt.max_finite:g}" if absmax == absmax else "its outputs overflow"
+        facts.append(f"{reach} ({overflow * 100:.2g}% of values)")
+    if _num(row, "act_flush") > FLUSH_SHARE:
+        facts.append(f"{_num(row, 'act_flush') * 100:.2g}% of its nonzero outputs flush to zero in {fmt.short}")
+    if _positive(row, "nonfinite_outputs"):
+        facts.append(f"the model's outputs turn non-finite when it runs in {fmt.short}")
+    if row.get("op_hazard"):
+        facts.append(f"`{row['op_hazard']}` after it (a keras.ops call, no policy of its own) overflows {fmt.short}; "
+                     "wrap it in a layer to decide it separately")
+    return facts
+
+
+_PINNED_WORDS = {
+    Reason.PINNED_OUTPUT: "it produces a model output, and outputs stay float32",
+    Reason.PINNED_SOFTMAX: "a softmax/sigmoid feeding the output; Keras computes it in the layer's dtype, so it stays float32",
+    Reason.PINNED_USER: "pinned by keep_float32",
+    Reason.PINNED_DTYPE: "not a float32 layer to begin with; left as it was",
+    Reason.JOINED: "no weights and no hazard of its own; it takes the precision of the layers that feed it",
+    Reason.MOVES_DATA: "moves data without computing; it follows its input",
+}
+
+
+def sentence(row: Mapping[str, Any], *, target: str = MIXED_FLOAT16, metric: str = "metric",
+             higher_is_better: bool = True, allowed: float = math.inf) -> str:
+    """The decision for one layer and why, in words.
+
+    ``row`` holds ``decision`` and ``reason`` and the profile facts; for
+    fallbacks, ``fallback_detail`` says what failed; ``producers`` names the
+    layers feeding a weightless decision.
+
+    >>> sentence({"decision": "float32", "reason": "OVERFLOW", "act_absmax": 7.4e4, "act_overflow": 0.31,
+    ...           "producers": "d2", "producer_decision": "mixed_float16"}, target="mixed_float16")
+    'float32: its output reaches 7.4e+04 > 65504 (31% of values); its producer `d2` stays mixed_float16'
+    """
+    decision, reason = str(row.get("decision", FLOAT32)), Reason(row.get("reason", Reason.NO_GAIN))
+    fmt = get_format(target)
+    if reason in _PINNED_WORDS:
+        return f"{decision}: {_PINNED_WORDS[reason]}"
+    facts = _facts(row, fmt, metric, higher_is_better)
+    if decision != FLOAT32:
+        head = f"{decision}: " + ("forced by force_16bit; " if reason == Reason.FORCED_16BIT else "")
+        share = _num(row, "flops_share")
+        effect = (facts[0] + ", within the budget") if facts else "no measurable drop"
+        return head + effect + (f"; {share * 100:.2g}% of the model's FLOPs" if share == share else "")
+    detail = row.get("fallback_detail") or ""
+    if reason == Reason.VERIFY_FALLBACK:
+        facts.insert(0, "returned to float32 when the real Keras policies missed the budget")
+    elif reason == Reason.TRAIN_FALLBACK:
+        facts.insert(0, "returned to float32 by the loss-scaled training check" + (f" (with it in 16-bit: {detail})" if detail else ""))
+    elif reason == Reason.NO_GAIN:
+        facts.append("no measurable drop alone, but 16-bit here does not pay: the casts at its boundaries cost more than it saves")
+    elif reason == Reason.METRIC_DROP and _num(row, "metric_drop") <= allowed:
+        facts.append("together with the other 16-bit layers it would exceed the budget")
+    if row.get("role") in ("compute",) and row.get("producer_decision") and row.get("producers"):
+        facts.append(f"its producer `{row['producers']}` stays {row['producer_decision']}")
+    return f"{decision}: " + "; ".join(facts or ["kept float32 by the search"])

@@ -1,0 +1,129 @@
+"""The precision formats: their names, compute dtypes, ranges and the default loss scale.
+
+This module owns every fact about a format. The policy names are Keras's
+own (``keras.DTypePolicy(name)``), the compute dtypes come from Keras, and
+the ranges from ``ml_dtypes.finfo`` (the dtype library Keras and JAX use):
+
+>>> get("mixed_float16").max_finite
+65504.0
+>>> get("mixed_bfloat16").dtype
+'bfloat16'
+>>> DEFAULT_LOSS_SCALE == 2.0**15
+True
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from autoprec.errors import ArgumentError, PolicyError, describe
+
+FLOAT32 = "float32"
+FLOAT64 = "float64"
+MIXED_FLOAT16 = "mixed_float16"
+MIXED_BFLOAT16 = "mixed_bfloat16"
+LOW_PRECISION = (MIXED_FLOAT16, MIXED_BFLOAT16)
+TARGETS = LOW_PRECISION
+POLICY_NAMES = (FLOAT32, MIXED_FLOAT16, MIXED_BFLOAT16, FLOAT64)
+
+# keras.optimizers.LossScaleOptimizer(initial_scale=2**15): the scale a
+# float16 training run starts at, and the one gradient statistics are judged
+# at (a test checks that Keras's default still says so).
+DEFAULT_LOSS_SCALE = 2.0**15
+
+
+@dataclass(frozen=True)
+class Format:
+    """A 16-bit compute format: policy name, compute dtype and range.
+
+    Example:
+        >>> f = get("mixed_float16")
+        >>> f.short, f.min_normal == 2.0**-14
+        ('float16', True)
+    """
+
+    name: str
+    dtype: str
+    max_finite: float
+    min_normal: float
+    min_subnormal: float
+
+    @property
+    def short(self) -> str:
+        """``float16`` or ``bfloat16``: the word used in sentences."""
+        return self.dtype
+
+    @property
+    def needs_loss_scale(self) -> bool:
+        """float16 gradients underflow without a loss scale; bfloat16 has float32's range."""
+        return self.name == MIXED_FLOAT16
+
+
+@functools.cache
+def get(name: object) -> Format:
+    """The :class:`Format` of a 16-bit policy name; raise :class:`PolicyError` for anything else.
+
+    >>> get("mixed_bfloat16").max_finite > 1e38
+    True
+    """
+    if name not in LOW_PRECISION:
+        hint = f" Use 'mixed_{name}' instead." if name in ("float16", "bfloat16") else ""
+        raise PolicyError(f"Expected a 16-bit policy name, one of {list(LOW_PRECISION)}. Received: {describe(name)}.{hint}")
+    import ml_dtypes
+    import numpy as np
+
+    dtype = compute_dtype(name)
+    info = ml_dtypes.finfo(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.finfo(np.dtype(dtype))
+    return Format(name, dtype, float(info.max), float(info.tiny), float(info.smallest_subnormal))
+
+
+@functools.cache
+def compute_dtype(name: str) -> str:
+    """The dtype a layer with policy ``name`` computes in, as Keras says.
+
+    >>> compute_dtype("mixed_float16"), compute_dtype("float32")
+    ('float16', 'float32')
+    """
+    import keras
+
+    return keras.DTypePolicy(name).compute_dtype
+
+
+def check_policy_name(name: object, *, what: str = "policy") -> str:
+    """Return ``name`` if it is an accepted policy name, else raise :class:`PolicyError`.
+
+    >>> check_policy_name("mixed_bfloat16")
+    'mixed_bfloat16'
+    """
+    if isinstance(name, str) and name in POLICY_NAMES:
+        return name
+    hint = ""
+    if name in ("float16", "bfloat16"):
+        # A pure 16-bit policy set after build does not really compute in 16-bit
+        # (Keras 3.15); the mixed policies keep float32 variables and do.
+        hint = f" Use 'mixed_{name}' instead: it computes in {name} and keeps float32 weights."
+    raise PolicyError(f"Expected a {what} name, one of {list(POLICY_NAMES)}. Received: {describe(name)}.{hint}")
+
+
+def resolve_target(target: object) -> tuple[str, str]:
+    """``(target, why)``: the 16-bit policy to tune for and, for ``"auto"``, why it was picked.
+
+    ``auto`` picks float16 on a CUDA GPU and bfloat16 on a CPU (fast where
+    oneDNN has AVX512_BF16 or AMX; elsewhere it still keeps float32's range,
+    while float16 kernels are slow on CPUs).
+
+    >>> resolve_target("mixed_bfloat16")
+    ('mixed_bfloat16', 'as asked')
+    """
+    if target in TARGETS:
+        return str(target), "as asked"
+    if target != "auto":
+        raise ArgumentError(f"Expected target to be one of {[*TARGETS, 'auto']}. Received: target={describe(target)}.")
+    from autoprec import backends
+
+    if backends.is_cuda_gpu_available():
+        return MIXED_FLOAT16, "a CUDA GPU is visible; its tensor cores run float16"
+    if backends.cpu_has_fast_bf16():
+        return MIXED_BFLOAT16, "no GPU; this CPU has AVX512_BF16/AMX, which oneDNN runs fast"
+    return MIXED_BFLOAT16, "no GPU; bfloat16 keeps float32's range, and float16 kernels are slow on CPUs"

@@ -1,0 +1,190 @@
+"""What ``tune`` hands back: :class:`TuneResult`, one line to print, a summary, and an atomic save.
+
+>>> result = autoprec.tune(model, (x_val, y_val), budget="0.5%")   # doctest: +SKIP
+>>> result                                                          # doctest: +SKIP
+TuneResult(metric=0.912, baseline=0.915, drop=0.003<=0.005, float16=41/52 layers, trials=50)
+>>> result.save("reports/run1")                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from autoprec.budget import Budget
+from autoprec.formats import LOW_PRECISION
+from autoprec.formats import get as get_format
+from autoprec.policy import PrecisionPolicy
+from autoprec.verify import TrainCheck
+
+logger = logging.getLogger("autoprec")
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What :func:`autoprec.tune` found. ``repr`` is one line; ``summary()`` a few; ``save()`` writes it all.
+
+    ``feasible`` is what verification with the real Keras policies showed:
+    the verified drop is within the budget. A result that no fallback could
+    bring within the budget says so in its ``repr`` and its summary.
+    """
+
+    policy: PrecisionPolicy
+    model: Any = field(repr=False)
+    sensitivity: Any = field(repr=False)
+    trials: Any = field(repr=False)
+    study: Any = field(repr=False)
+    baseline_metric: float
+    metric: float
+    budget: Budget
+    speedup_estimate: float
+    metric_name: str = "metric"
+    higher_is_better: bool = True
+    target: str = "mixed_float16"
+    formula: str = ""
+    device: str = "gpu"
+    verification: dict = field(default_factory=dict, repr=False)
+    training: TrainCheck | None = field(default=None, repr=False)
+    measured_speedup: float | None = None
+    pretrain_steps: int = 0
+    stats: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def drop(self) -> float:
+        return Budget.drop(baseline=self.baseline_metric, value=self.metric, higher_is_better=self.higher_is_better)
+
+    @property
+    def allowed_drop(self) -> float:
+        return self.budget.allowed(self.baseline_metric)
+
+    @property
+    def feasible(self) -> bool:
+        """The verified drop is within the budget, and the training check (if any) passed."""
+        trained = self.training is None or self.training.passed
+        return self.budget.feasible(baseline=self.baseline_metric, drop=self.drop) and trained
+
+    @property
+    def units(self):
+        """The rows of the layers the search decided."""
+        frame = self.sensitivity
+        return frame[frame["kind"] == "decision"] if "kind" in frame else frame[frame["decision_unit"] & (frame["pinned"] == "")]
+
+    @property
+    def n_16bit(self) -> int:
+        return int(self.units["decision"].isin(LOW_PRECISION).sum())
+
+    @property
+    def all_float32(self) -> bool:
+        """True when no decision could leave float32 within the budget."""
+        return self.n_16bit == 0
+
+    def __repr__(self) -> str:
+        rel = "<=" if self.budget.feasible(baseline=self.baseline_metric, drop=self.drop) else ">"
+        tail = "" if self.feasible else ", INFEASIBLE"
+        return (f"TuneResult(metric={self.metric:.4g}, baseline={self.baseline_metric:.4g}, "
+                f"drop={self.drop:.4g}{rel}{self.allowed_drop:.4g}, {get_format(self.target).short}={self.n_16bit}/"
+                f"{len(self.units)} layers, trials={len(self.trials)}{tail})")
+
+    def summary(self) -> str:
+        """A short human summary: budget, metrics, speed-up and the policy's counts."""
+        verdict = "verified with Keras policies" if self.feasible else "verified with Keras policies: OVER THE BUDGET"
+        lines = [
+            repr(self), f"  budget: {self.formula}",
+            f"  {self.metric_name}: float32 {self.baseline_metric:.6g} -> tuned {self.metric:.6g} ({verdict})",
+            f"  estimated speed-up on a {self.device} (an estimate from the cost model): {self.speedup_estimate:.2f}x"
+            + (f"; measured on this machine: {self.measured_speedup:.2f}x" if self.measured_speedup else ""),
+            self.policy.summary(),
+        ]
+        fallbacks = self.verification.get("fallbacks") or []
+        if fallbacks:
+            lines.append(f"  checks returned {len(fallbacks)} decision(s) to float32: {[f['key'] for f in fallbacks]}")
+        if not self.feasible:
+            lines.append(f"  NOT within the budget: {self.verification.get('why', 'the verified drop exceeds it')}")
+        if self.training is not None:
+            lines.append(f"  training check ({self.training.steps} steps): "
+                         f"{'passed' if self.training.passed else 'FAILED'}: {self.training.reason}")
+        return "\n".join(lines)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Metadata for ``result.json`` (what the report needs besides the CSVs)."""
+        return jsonable({
+            "metric_name": self.metric_name, "higher_is_better": self.higher_is_better, "target": self.target,
+            "baseline_metric": self.baseline_metric, "metric": self.metric, "drop": self.drop, "feasible": self.feasible,
+            "budget": {"max_drop": self.budget.max_drop, "relative": self.budget.relative, "allowed": self.allowed_drop},
+            "formula": self.formula, "device": self.device, "speedup_estimate": self.speedup_estimate,
+            "measured_speedup": self.measured_speedup, "pretrain_steps": self.pretrain_steps,
+            "verification": self.verification, "training": self.training.to_dict() if self.training else None,
+            "stats": self.stats, "n_16bit": self.n_16bit, "n_units": int(len(self.units)),
+        })
+
+    def save(self, directory: str | os.PathLike, *, lock: bool = True) -> list[str]:
+        """Write policy.json, sensitivity.csv, trials.csv, result.json, model.keras and the report, atomically.
+
+        The files go into a temporary sibling directory that then replaces
+        ``directory`` as a whole: an interrupted save leaves the previous
+        result intact, and files of an earlier run are never mixed in. A second
+        writer to the same directory fails at once.
+
+        Args:
+            directory: the result directory.
+            lock: take the directory's lock for the save (pass False when the
+                caller already holds it for the whole run, as the CLI does).
+
+        Raises:
+            OutputError: the directory cannot be written, or another run holds it.
+        """
+        import contextlib
+
+        from autoprec.files import DirectoryLock, write_directory
+
+        with (DirectoryLock(directory) if lock else contextlib.nullcontext()), write_directory(directory) as tmp:
+            names = self._write_files(tmp)
+        return [os.path.join(os.fspath(directory), name) for name in names]
+
+    def _write_files(self, directory: str) -> list[str]:
+        from autoprec.graph import SUBCLASSED, model_kind
+        from autoprec.report import write_report
+
+        join = lambda name: os.path.join(directory, name)  # noqa: E731
+        self.policy.save(join("policy.json"))
+        self.sensitivity.to_csv(join("sensitivity.csv"), index=False)
+        self.trials.to_csv(join("trials.csv"), index=False)
+        with open(join("result.json"), "w", encoding="utf-8") as fh:
+            json.dump(self.to_json_dict(), fh, indent=2, allow_nan=False)
+        names = ["policy.json", "sensitivity.csv", "trials.csv", "result.json"]
+        if model_kind(self.model) == SUBCLASSED:
+            logger.warning("autoprec: model.keras of a subclassed model reloads with default dtypes (Keras rebuilds its layers "
+                           "in __init__); after loading, apply policy.json again: apply_policy(model, 'policy.json', inplace=True).")
+        try:
+            self.model.save(join("model.keras"))
+            names.append("model.keras")
+        except Exception as exc:  # a subclassed model without get_config cannot be saved; the rest still is
+            logger.warning("autoprec: could not save the tuned model (%s); the policy and reports are saved.", exc)
+        names += [os.path.basename(p) for p in write_report(directory)]
+        return names
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types, with non-finite floats as null.
+
+    >>> jsonable({"a": np.float32(1.5), "b": [float("inf")]})
+    {'a': 1.5, 'b': [None]}
+    """
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value

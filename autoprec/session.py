@@ -1,0 +1,305 @@
+"""A tuning session: the model, its graph, the data, the metric, the engine and the float32 baseline.
+
+:func:`open_session` checks everything once (the model's weights and float32
+outputs are finite, labels fit the outputs and the loss) and measures the
+baseline. :meth:`Session.evaluate` then scores one assignment in one pass
+over the data, batch by batch, so a pass holds one batch of activations at
+a time.
+
+Early rejection: where the metric is a mean of bounded per-sample values
+(accuracy in [0, 1], a non-negative loss), the final drop after ``m`` of
+``n`` samples is at least ``(sum of drops so far + the most the remaining
+samples could win back) / n``, because the baseline's value on every
+remaining sample is known. When that lower bound is already over the budget,
+the trial is over budget with certainty, and the pass stops there. A
+non-finite output makes the drop infinite at once. Nothing is assumed about
+the order of the data, and a rejected trial is recorded as rejected, with
+its bound.
+
+>>> session = open_session(model, (x, y), target="mixed_float16")  # doctest: +SKIP
+>>> session.evaluate({"dense_1": "mixed_float16"}).drop            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from autoprec.apply import clone_with_policies
+from autoprec.budget import Budget
+from autoprec.data import EvalData
+from autoprec.engine import make_engine
+from autoprec.errors import DataError, ModelError
+from autoprec.graph import SUBCLASSED, ModelGraph, build_graph
+from autoprec.metrics import Metric, check_labels
+
+logger = logging.getLogger("autoprec")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One assignment scored on the evaluation data.
+
+    ``drop`` is exact, or, when ``rejected``, a certain lower bound reached
+    after ``samples`` samples.
+    """
+
+    metric: float
+    drop: float
+    output_error: float
+    nonfinite_outputs: int
+    samples: int
+    rejected: bool = False
+
+
+@dataclass
+class Session:
+    """Everything later stages share. Build it with :func:`open_session`."""
+
+    model: Any
+    graph: ModelGraph
+    data: EvalData
+    metric: Metric
+    engine: Any
+    target: str
+    formats: tuple[str, ...]
+    baseline: float
+    baseline_outputs: list = field(repr=False)
+    baseline_values: np.ndarray | None = field(repr=False)
+    passes: int = 0
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def evaluate(self, assignment: Mapping[str, str], *, budget: Budget | None = None) -> Evaluation:
+        """Score ``assignment`` in one pass; with ``budget``, stop as soon as it is certainly over budget."""
+        key = tuple(sorted(assignment.items()))
+        cached = self._cache.get(key)
+        if cached is not None and (not cached.rejected or (budget is not None and not self._feasible(budget, cached.drop))):
+            return cached
+        self.engine.set_assignment(dict(assignment))
+        self.passes += 1
+        result = _Pass(self, budget).run()
+        self._cache[key] = result
+        return result
+
+    def _feasible(self, budget: Budget, drop: float) -> bool:
+        return budget.feasible(baseline=self.baseline, drop=drop)
+
+    def score_outputs(self, outputs: Any) -> Evaluation:
+        """Score full-data outputs of a real model (verification), batch-aligned with the data."""
+        import keras
+
+        flat = keras.tree.flatten(outputs)
+        base = [keras.tree.flatten(b) for b in self.baseline_outputs]
+        num, den, offset = 0.0, 0.0, 0
+        for b in base:
+            n = len(b[0])
+            part = [o[offset:offset + n] for o in flat]
+            num += sum(float(np.sum((p.astype(np.float64) - q) ** 2)) for p, q in zip(part, b))
+            den += sum(float(np.sum(np.square(q, dtype=np.float64))) for q in b)
+            offset += n
+        nonfinite = int(sum(np.size(o) - np.count_nonzero(np.isfinite(o)) for o in flat))
+        value = self.metric.compute(self.data.y, outputs)
+        return _evaluation(self, value, nonfinite, num, den, self.data.n)
+
+    def fingerprint(self) -> str:
+        """A short hash of the labels, the first inputs and the sample count: what a stored study was judged on."""
+        import keras
+
+        h = hashlib.sha1(str(self.data.n).encode())
+        for a in keras.tree.flatten(self.data.y) + keras.tree.flatten(self.data.x_sample(2)):
+            h.update(np.ascontiguousarray(a).tobytes())
+        h.update(self.metric.name.encode())
+        return h.hexdigest()[:16]
+
+
+def _evaluation(session: Session, value: float, nonfinite: int, num: float, den: float, samples: int,
+                rejected: bool = False, drop: float | None = None) -> Evaluation:
+    error = math.inf if nonfinite or not math.isfinite(num) else math.sqrt(num) / (math.sqrt(den) or 1.0)
+    if drop is None:
+        drop = Budget.drop(baseline=session.baseline, value=value, higher_is_better=session.metric.higher_is_better)
+        if nonfinite or not math.isfinite(value):
+            drop = math.inf  # a model whose outputs go non-finite has no usable metric
+    return Evaluation(float(value), float(drop), float(error), int(nonfinite), int(samples), rejected)
+
+
+class _Pass:
+    """One pass over the data for the engine's current assignment, with the certain-bound early stop."""
+
+    def __init__(self, session: Session, budget: Budget | None) -> None:
+        self.s, self.budget = session, budget
+        metric = session.metric
+        self.bound = None
+        if budget is not None and session.baseline_values is not None and metric.bounds is not None:
+            lo, hi = metric.bounds
+            b = session.baseline_values
+            best = (b - hi) if metric.higher_is_better else (lo - b)  # the most a remaining sample can win back
+            if np.all(np.isfinite(best)):
+                self.bound = np.concatenate([np.cumsum(best[::-1])[::-1], [0.0]])  # suffix sums
+
+    def run(self) -> Evaluation:
+        s = self.s
+        values, outputs, num, den, nonfinite, seen = [], [], 0.0, 0.0, 0, 0
+        self.dsum = 0.0
+        for (x, y), base in zip(s.data.batches(), s.baseline_outputs):
+            out, vals = s.engine.forward(x, y)
+            flat, bflat = _flat(out), _flat(base)
+            bad = int(sum(np.size(o) - np.count_nonzero(np.isfinite(o)) for o in flat))
+            nonfinite += bad
+            with np.errstate(all="ignore"):
+                num += sum(float(np.sum((o.astype(np.float64) - b) ** 2)) for o, b in zip(flat, bflat))
+            den += sum(float(np.sum(np.square(b, dtype=np.float64))) for b in bflat)
+            start, seen = seen, seen + len(flat[0])
+            if vals is None:
+                outputs.append(out)
+            else:
+                values.append(vals)
+            stop = self._certain_drop(vals, start, seen, bad)
+            if stop is not None and seen < s.data.n:
+                return _evaluation(s, math.nan, nonfinite, num, den, seen, rejected=True, drop=stop)
+        if values:
+            value = float(np.mean(np.concatenate(values)))
+        else:
+            import keras
+
+            value = s.metric.compute(s.data.y, keras.tree.map_structure(lambda *p: np.concatenate(p), *outputs))
+        return _evaluation(s, value, nonfinite, num, den, seen)
+
+    def _certain_drop(self, vals: np.ndarray | None, start: int, seen: int, bad: int) -> float | None:
+        """A lower bound on the final drop that is over budget, or None."""
+        if self.budget is None:
+            return None
+        if bad:
+            return math.inf
+        if self.bound is None or vals is None:
+            return None
+        b = self.s.baseline_values[start:seen]
+        d = (b - vals) if self.s.metric.higher_is_better else (vals - b)
+        if not np.all(np.isfinite(d)):
+            return math.inf
+        self.dsum += float(d.sum())
+        lower = (self.dsum + float(self.bound[seen])) / self.s.data.n
+        return lower if not self.s._feasible(self.budget, lower) else None
+
+
+def _flat(structure: Any) -> list[np.ndarray]:
+    import keras
+
+    return [np.asarray(a) for a in keras.tree.flatten(structure)]
+
+
+def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...] | None = None, metric: Any = None,
+                 higher_is_better: bool | None = None, batch_size: int | str = "auto", keep_float32=(),
+                 force_16bit=(), nonfinite_inputs: str = "raise") -> Session:
+    """Check the model and data, build the graph and engine, and measure the float32 baseline.
+
+    Raises:
+        DataError: the data is malformed, non-finite, or does not fit the model or its loss.
+        ModelError: the model's weights or float32 outputs are not finite.
+        MetricError: the metric cannot be resolved.
+    """
+    _check_weights(model)
+    ev = EvalData.get(data, batch_size=256 if batch_size == "auto" else batch_size, model=model, nonfinite=nonfinite_inputs)
+    _check_inputs_fit(model, ev)
+    graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
+    if graph.kind != SUBCLASSED and any(i.is_layer and i.layer.compute_dtype != "float32" and i.pinned is None for i in graph.layers):
+        # A model built under a mixed global policy: the baseline and the
+        # search need float32, so they run on a float32 copy with the same weights.
+        logger.info("autoprec: %r already computes partly in 16-bit; measuring a float32 copy with the same weights.", model.name)
+        model = clone_with_policies(model, graph.resolve({}))
+        graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
+    if batch_size == "auto":
+        ev = ev.rebatch(auto_batch_size(graph, budget_bytes=256 << 20, cap=256))
+    formats = tuple(formats or (target,))
+    engine = make_engine(model, graph, formats=formats)
+    outputs = [out for out, _ in (engine.forward(x, y) for x, y in ev.batches())]
+    _check_outputs(engine, ev, outputs)
+    import keras
+
+    full = keras.tree.map_structure(lambda *p: np.concatenate(p), *outputs)
+    check_labels(model, ev.y, full, what="the evaluation data")
+    resolved = Metric.get(metric, model=model, y=ev.y, y_pred=full, higher_is_better=higher_is_better)
+    engine.metric = resolved
+    values = resolved.values(*resolved.select(ev.y, full)) if resolved.per_sample is not None else None
+    baseline = float(np.mean(values)) if values is not None else resolved.compute(ev.y, full)
+    if not math.isfinite(baseline):
+        raise DataError(f"Expected a finite float32 baseline metric. Received {resolved.name}={baseline}.")
+    return Session(model, graph, ev, resolved, engine, target, formats, baseline, outputs, values)
+
+
+def auto_batch_size(graph: ModelGraph, *, budget_bytes: int, cap: int, per_sample: float | None = None) -> int:
+    """The largest batch whose activations fit ``budget_bytes``.
+
+    ``per_sample`` is the bytes one sample needs (default: twice the largest
+    layer output, what an inference pass holds at once).
+    """
+    need = per_sample if per_sample is not None else 2.0 * max((i.output_bytes for i in graph.layers), default=4.0)
+    return int(max(1, min(cap, budget_bytes // max(need, 1.0))))
+
+
+def _check_weights(model: Any) -> None:
+    import keras
+
+    for layer in model._flatten_layers(include_self=False):
+        for v in getattr(layer, "_trainable_variables", []) + getattr(layer, "_non_trainable_variables", []):
+            if "float" in str(v.dtype):
+                value = keras.ops.convert_to_numpy(v.value)
+                if not np.all(np.isfinite(value)):
+                    raise ModelError(
+                        f"Expected finite weights. Received NaN or inf in {v.path or v.name!r} of layer {layer.name!r} "
+                        f"({int(np.size(value) - np.count_nonzero(np.isfinite(value)))} value(s)). The model is broken in "
+                        "float32 already (a diverged run, a bad checkpoint); no precision can fix it."
+                    )
+
+
+def _check_inputs_fit(model: Any, data: EvalData) -> None:
+    import keras
+
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        return
+    xs = keras.tree.flatten(data.x_sample(1))
+    if len(xs) != len(inputs):
+        raise DataError(f"Expected {len(inputs)} input array(s) for the model. Received {len(xs)}.")
+    for array, spec in zip(xs, inputs):
+        want, got = tuple(spec.shape[1:]), tuple(array.shape[1:])
+        if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
+            raise DataError(
+                f"Expected inputs of shape (batch, {', '.join('?' if w is None else str(w) for w in want)}) "
+                f"for input {spec.name!r}. Received x of shape {array.shape}. Reshape the data to fit the model."
+            )
+
+
+def _check_outputs(engine: Any, data: EvalData, outputs: list) -> None:
+    """Refuse non-finite float32 outputs, naming the first layer whose output goes non-finite."""
+    for (x, _), out in zip(data.batches(), outputs):
+        if all(np.all(np.isfinite(a)) for a in _flat(out)):
+            continue
+        culprit = _first_nonfinite_layer(engine, x)
+        raise ModelError(
+            "Expected finite float32 outputs on the evaluation data. Received NaN or inf from the float32 model "
+            f"itself{f', first at layer {culprit!r}' if culprit else ''}: the model is broken before any 16-bit "
+            "question arises. Check that layer's weights and inputs."
+        )
+
+
+def _first_nonfinite_layer(engine: Any, x: Any) -> str | None:
+    if not hasattr(engine, "run"):
+        return None
+    from keras import ops
+
+    found: list[str] = []
+
+    def hook(path, op, call, args, kwargs, out):
+        if not found and hasattr(out, "dtype") and "float" in str(out.dtype):
+            if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(out)))):
+                found.append(path)
+        return None
+
+    engine.run(x, None, hook)
+    return found[0] if found else None

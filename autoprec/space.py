@@ -1,0 +1,100 @@
+"""The decision space: which layers the search decides, in which groups, in which order.
+
+Decisions are the weighted layers, and the weightless layers that
+:func:`autoprec.sensitivity.own_risk` finds risky on their own. Every other
+weightless layer joins its producers (``graph.resolve``). With
+``granularity="block"``, weighted layers are grouped by nested model, else
+by name prefix (``conv2_block1_1_conv`` -> ``conv2_block1_1``); a risky
+weightless layer stays a decision of its own even then. Layers named in
+``force_16bit`` are held at the target and are not decided.
+
+>>> space = DecisionSpace({"d1": ("d1",), "d2": ("d2",)}, choices=("float32", "mixed_float16"),
+...                       target="mixed_float16", order=("d2", "d1"))
+>>> space.expand({"d2": "mixed_float16"})
+{'d1': 'float32', 'd2': 'mixed_float16'}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoprec.formats import FLOAT32
+from autoprec.graph import ModelGraph
+from autoprec.search import Space
+from autoprec.sensitivity import own_risk
+
+GRANULARITIES = ("layer", "block")
+
+
+@dataclass(frozen=True)
+class DecisionSpace:
+    """Decision keys, the layers each sets, and the sensitivity order of the keys."""
+
+    groups: Mapping[str, tuple[str, ...]]
+    choices: tuple[str, ...]
+    target: str
+    order: tuple[str, ...]
+    forced: tuple[str, ...] = ()
+    own: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.groups)
+
+    def expand(self, assignment: Mapping[str, str]) -> dict[str, str]:
+        """``{layer path: policy}`` for every decided layer (missing keys: float32) and the forced ones."""
+        out = {path: self.target for path in self.forced}
+        for key, paths in self.groups.items():
+            for path in paths:
+                out[path] = assignment.get(key, FLOAT32)
+        return out
+
+    def key_of(self, path: str) -> str | None:
+        """The decision key that sets ``path``, if any."""
+        for key, paths in self.groups.items():
+            if path in paths:
+                return key
+        return None
+
+    def search_space(self) -> Space:
+        return Space(self.keys, self.choices, self.target, self.order)
+
+
+def build_space(graph: ModelGraph, frame: Any, *, granularity: str, target: str, choices: Sequence[str],
+                tolerance: float) -> DecisionSpace:
+    """The decision space for ``graph`` from its profile ``frame`` (ranked most sensitive first)."""
+    forced = tuple(p for p in graph.forced if p in graph and graph[p].eligible)
+    own = own_risk(frame, graph, tolerance=tolerance) - set(forced)
+    decided = [i.path for i in graph.eligible if (i.is_unit or i.path in own) and i.path not in forced]
+    if granularity == "block":
+        groups = _blocks(graph, [p for p in decided if p not in own])
+        groups.update({p: (p,) for p in decided if p in own})
+    else:
+        groups = {p: (p,) for p in decided}
+    rank = {p: i for i, p in enumerate(frame["path"])}
+    position = {i.path: i.order for i in graph.layers}
+    keys = sorted(groups, key=lambda k: position[groups[k][0]])  # execution order
+    ordered = tuple(sorted(keys, key=lambda k: min(rank.get(p, len(rank)) for p in groups[k])))
+    return DecisionSpace({k: groups[k] for k in keys}, choices=tuple(choices), target=target, order=ordered,
+                         forced=forced, own=frozenset(own))
+
+
+def _blocks(graph: ModelGraph, paths: list[str]) -> dict[str, tuple[str, ...]]:
+    """Group layers: a nested sub-model is one block, else layers sharing a name prefix.
+
+    The prefix is the path with its last ``_``-separated token dropped
+    (``conv2_block1_1_conv`` -> ``conv2_block1_1``); a custom layer's
+    sublayers already share their parent.
+    """
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        info = graph[path]
+        if info.parent:
+            block = info.parent
+        else:
+            name = path.split("/")[0]
+            block = name.rsplit("_", 1)[0] if "_" in name else name
+        groups.setdefault(block, []).append(path)
+    return {k: tuple(v) for k, v in groups.items()}

@@ -1,0 +1,116 @@
+"""Range statistics of a tensor against a 16-bit format, and their running aggregate.
+
+One vector per tensor, computed with Keras ops inside a traced step, merged
+across batches with :func:`merge`, and turned into named columns with
+:func:`columns`. ``profile`` and the adaptive-precision callback share this
+code, so they judge ranges by the same rule:
+
+- ``absmax``: the largest finite magnitude;
+- ``overflow``: share of values beyond the format's largest finite value;
+- ``flush``: share of nonzero values that round to zero (below half the
+  smallest subnormal, taken as the smallest subnormal);
+- ``subnormal``: share of nonzero values below the smallest normal;
+- ``nonfinite``: count of NaN or inf.
+
+>>> import numpy as np
+>>> from autoprec.formats import get
+>>> v = np.asarray(tensor_stats(np.array([1.0, 7e4, 1e-9, 0.0], "float32"), get("mixed_float16")))
+>>> c = columns(v, "act")
+>>> c["act_absmax"], c["act_overflow"], c["act_flush"]
+(70000.0, 0.25, 0.333...)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from autoprec.formats import Format
+
+FIELDS = ("absmax", "total", "nonzero", "overflow", "flush", "subnormal", "nonfinite")
+WIDTH = len(FIELDS)
+
+
+def _edges(fmt: Format, scale: float) -> list[float]:
+    # digitize bins: [0, tiny) zero | [tiny, sub) flush | [sub, normal) subnormal | [normal, max] ok | > max overflow
+    # The smallest *normal* float32 stands for "nonzero": CPUs run TensorFlow with
+    # denormals flushed to zero, and the edges must not decrease (bfloat16's
+    # subnormals lie below float32's normals).
+    tiny = float(np.finfo(np.float32).tiny)
+    top = float(np.nextafter(np.float32(fmt.max_finite / scale), np.float32(np.inf)))
+    return [tiny, max(tiny, fmt.min_subnormal / scale), max(tiny, fmt.min_normal / scale), top]
+
+
+def tensor_stats(t: Any, fmt: Format, scale: float = 1.0) -> Any:
+    """The statistics vector (``FIELDS`` order) of ``t`` multiplied by ``scale``, in Keras ops.
+
+    One bucketing pass and one count instead of a comparison per field.
+    """
+    from keras import ops
+
+    t = ops.reshape(ops.cast(t, "float32"), (-1,))
+    a = ops.abs(t)
+    finite = ops.isfinite(t)
+    safe = ops.where(finite, a, ops.zeros_like(a))
+    counts = ops.cast(ops.bincount(ops.digitize(safe, _edges(fmt, scale)), minlength=5), "float32")
+    size = ops.cast(ops.size(t), "float32")
+    nonfinite = ops.sum(ops.cast(ops.logical_not(finite), "float32"))
+    zeros = counts[0] - nonfinite  # non-finite values are zeros in `safe`: take them out of the zero bucket
+    nonzero = size - zeros - nonfinite
+    return ops.stack([ops.max(safe) * scale, size, nonzero, counts[4], counts[1], counts[1] + counts[2], nonfinite])
+
+
+def table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,)) -> tuple[Any, Any, Any]:
+    """Statistics of many tensors at once: ``(k, WIDTH)`` per scale, plus the flat values and segment ids.
+
+    The tensors are flattened into one vector with a segment id per value, so
+    one bucketing pass and one count serve all of them: a traced step holds a
+    handful of operations instead of a score per tensor (on ResNet50, tracing
+    went from 37 s to a few). Returns ``(rows per scale, values, ids)`` so
+    callers can reduce other per-value quantities by segment.
+    """
+    from keras import ops
+
+    k = len(tensors)
+    flats = [ops.reshape(ops.cast(t, "float32"), (-1,)) for t in tensors]
+    ids = ops.concatenate([ops.full(ops.shape(f), i, dtype="int32") for i, f in enumerate(flats)])
+    values = ops.concatenate(flats)
+    a = ops.abs(values)
+    finite = ops.isfinite(values)
+    safe = ops.where(finite, a, ops.zeros_like(a))
+    absmax = ops.segment_max(safe, ids, num_segments=k)
+    rows = []
+    for scale in scales:
+        # bucket 0 zero, 1 flush, 2 subnormal, 3 fine, 4 overflow, 5 non-finite
+        bucket = ops.where(finite, ops.digitize(safe, _edges(fmt, scale)), 5)
+        counts = ops.reshape(ops.cast(ops.bincount(ids * 6 + bucket, minlength=6 * k), "float32")[: 6 * k], (k, 6))
+        size = ops.sum(counts, axis=1)
+        rows.append(ops.stack([absmax * scale, size, size - counts[:, 0] - counts[:, 5], counts[:, 4], counts[:, 1],
+                               counts[:, 1] + counts[:, 2], counts[:, 5]], axis=1))
+    return rows, values, ids
+
+
+def merge(a: np.ndarray | None, b: np.ndarray, *, blocks: int | None = None) -> np.ndarray:
+    """Aggregate two vectors that start with ``blocks`` statistics vectors: maxima for absmax, sums for the rest.
+
+    >>> merge(np.array([2.0, 1, 1, 0, 0, 0, 0, 5]), np.array([3.0, 1, 1, 0, 0, 0, 0, 5]), blocks=1)[[0, 1, 7]]
+    array([ 3.,  2., 10.])
+    """
+    b = np.asarray(b, np.float64)
+    if a is None:
+        return b.copy()
+    out = a + b
+    idx = np.arange(len(b) // WIDTH if blocks is None else blocks) * WIDTH
+    out[idx] = np.maximum(a[idx], b[idx])
+    return out
+
+
+def columns(v: np.ndarray, prefix: str, *, scaled: bool = False) -> dict[str, float]:
+    """Named columns from one statistics vector: shares of the total or of the nonzero values."""
+    absmax, total, nonzero, overflow, flush, below_normal, nonfinite = (float(x) for x in v[:WIDTH])
+    nz, total = nonzero or 1.0, total or 1.0
+    out = {f"{prefix}_overflow": overflow / total, f"{prefix}_flush": flush / nz, f"{prefix}_subnormal": (below_normal - flush) / nz}
+    if not scaled:
+        out = {f"{prefix}_absmax": absmax, **out, f"{prefix}_nonfinite": int(nonfinite)}
+    return out
