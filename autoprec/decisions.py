@@ -58,6 +58,12 @@ def _num(row: Mapping[str, Any], key: str) -> float:
     return value
 
 
+def _text(row: Mapping[str, Any], key: str) -> str:
+    """A text field of a row ('' when missing; a CSV reads empty cells back as NaN)."""
+    value = row.get(key)
+    return value if isinstance(value, str) else ""
+
+
 def _positive(row: Mapping[str, Any], key: str) -> bool:
     value = _num(row, key)
     return not math.isnan(value) and value > 0
@@ -91,7 +97,7 @@ def reason_for(row: Mapping[str, Any], *, decision: str, pinned: str | None, rol
         return Reason.VERIFY_FALLBACK
     if _positive(row, "act_overflow") or _positive(row, "act_nonfinite") or _positive(row, "nonfinite_outputs"):
         return Reason.OVERFLOW
-    if row.get("op_hazard"):
+    if _text(row, "op_hazard"):
         return Reason.OP_HAZARD
     if _num(row, "act_flush") > FLUSH_SHARE:
         return Reason.UNDERFLOW
@@ -122,7 +128,7 @@ def _facts(row: Mapping[str, Any], fmt: Any, metric: str, higher_is_better: bool
         facts.append(f"{_num(row, 'act_flush') * 100:.2g}% of its nonzero outputs flush to zero in {fmt.short}")
     if _positive(row, "nonfinite_outputs"):
         facts.append(f"the model's outputs turn non-finite when it runs in {fmt.short}")
-    if row.get("op_hazard"):
+    if _text(row, "op_hazard"):
         facts.append(f"`{row['op_hazard']}` after it (a keras.ops call, no policy of its own) overflows {fmt.short}; "
                      "wrap it in a layer to decide it separately")
     return facts
@@ -160,7 +166,7 @@ def sentence(row: Mapping[str, Any], *, target: str = MIXED_FLOAT16, metric: str
         share = _num(row, "flops_share")
         effect = (facts[0] + ", within the budget") if facts else "no measurable drop"
         return head + effect + (f"; {share * 100:.2g}% of the model's FLOPs" if share == share else "")
-    detail = row.get("fallback_detail") or ""
+    detail = _text(row, "fallback_detail")
     if reason == Reason.VERIFY_FALLBACK:
         facts.insert(0, "returned to float32 when the real Keras policies missed the budget")
     elif reason == Reason.TRAIN_FALLBACK:
@@ -169,6 +175,6 @@ def sentence(row: Mapping[str, Any], *, target: str = MIXED_FLOAT16, metric: str
         facts.append("no measurable drop alone, but 16-bit here does not pay: the casts at its boundaries cost more than it saves")
     elif reason == Reason.METRIC_DROP and _num(row, "metric_drop") <= allowed:
         facts.append("together with the other 16-bit layers it would exceed the budget")
-    if row.get("role") in ("compute",) and row.get("producer_decision") and row.get("producers"):
+    if _text(row, "role") == "compute" and _text(row, "producer_decision") and _text(row, "producers"):
         facts.append(f"its producer `{row['producers']}` stays {row['producer_decision']}")
     return f"{decision}: " + "; ".join(facts or ["kept float32 by the search"])

@@ -85,7 +85,7 @@ def profile(model: Any, data: Any, *, target: str = MIXED_FLOAT16, method: str =
         loss_scale: the loss scale for the scaled gradient statistics.
         tolerance: the largest group drop cleared without splitting; default 0
             for bounded metrics (accuracy) and 0.1% of the baseline otherwise.
-        max_ablation_passes: cap on ablation passes (default: one per layer).
+        max_ablation_passes: cap on ablation passes (default: what full bisection may need, 2 per layer).
         verbose: 0 silences the progress bars.
         session: an open session (``tune`` passes its own).
 
@@ -104,11 +104,23 @@ def profile(model: Any, data: Any, *, target: str = MIXED_FLOAT16, method: str =
     check_choice("method", method, METHODS)
     if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not loss_scale >= 1:
         raise ArgumentError(f"Expected loss_scale to be a number >= 1. Received: loss_scale={describe(loss_scale)}.")
-    if session is None:
+    own_session = session is None
+    if own_session:
         from autoprec.formats import resolve_target
 
         session = open_session(model, data, target=resolve_target(target)[0], metric=metric,
                                higher_is_better=higher_is_better, batch_size=batch_size)
+    try:
+        return _profile(session, method, loss_scale, profile_batch_size, tolerance, max_ablation_passes, verbose)
+    finally:
+        if own_session:
+            session.close()  # a subclassed model gets its own policies back
+
+
+def _profile(session: Session, method: str, loss_scale: float, profile_batch_size: Any, tolerance: float | None,
+             max_ablation_passes: int | None, verbose: int):
+    import pandas as pd
+
     progress = Progress(verbose)
     fmt = get_format(session.target)
     rows = {info.path: _graph_row(info, session.graph.total_flops) for info in session.graph.layers}
@@ -121,12 +133,13 @@ def profile(model: Any, data: Any, *, target: str = MIXED_FLOAT16, method: str =
             logger.info("autoprec: range statistics need a graph and TensorFlow or JAX; only ablation is measured.")
     if method in ("full", "ablation"):
         tol = default_tolerance(session) if tolerance is None else float(tolerance)
-        eligible = [i.path for i in session.graph.eligible]
-        prior = prior_order(eligible, rows)
-        flagged = [p for p in prior if _flagged(rows[p])]
-        for path, result in ablation(session, prior, tolerance=tol, max_passes=max_ablation_passes, hazards=flagged,
+        ranked, alone = prior_order(alone_prior(session.graph, rows))
+        for path, result in ablation(session, ranked, tolerance=tol, max_passes=max_ablation_passes, alone=alone,
                                      progress=progress).items():
             rows[path].update(result)
+        for row in rows.values():  # the columns exist even when every layer was cleared with its group
+            for column in ("metric_drop", "output_error", "nonfinite_outputs", "group_drop"):
+                row.setdefault(column, math.nan)
     frame = rank(pd.DataFrame(list(rows.values())))
     frame["kind"] = kinds(frame, session.graph, tolerance=default_tolerance(session) if tolerance is None else tolerance)
     frame.attrs.update(
@@ -173,15 +186,37 @@ def _flagged(row: dict[str, Any]) -> bool:
     return _num(row.get("act_overflow")) > 0 or _num(row.get("act_nonfinite")) > 0
 
 
-def prior_order(paths: Sequence[str], rows: dict[str, dict[str, Any]]) -> list[str]:
-    """Paths ranked by the one-pass measures: overflow or non-finite first, then by score."""
-    def key(path: str) -> tuple:
-        row = rows.get(path, {})
-        score = row.get("score")
-        score = -1.0 if score is None or score != score else score
-        return (0 if _flagged(row) else 1, -score)
+OUTLIER = 100.0  # a layer whose prior is 100x the median is tested alone straight away
 
-    return sorted(paths, key=key)
+
+def alone_prior(graph: ModelGraph, rows: dict[str, dict[str, Any]]) -> dict[str, tuple[bool, float]]:
+    """For each eligible layer, what the one pass predicts for it alone in 16-bit: (hazard, score).
+
+    Alone in 16-bit, a layer rounds its output and its inputs (the float32
+    outputs of its producers), so its first-order score is its own plus its
+    producers', and it inherits their overflow.
+    """
+    out = {}
+    for info in graph.eligible:
+        own = rows.get(info.path, {})
+        inputs = [rows.get(p, {}) for p in info.producers]
+        hazard = _flagged(own) or any(_flagged(r) for r in inputs)
+        score = sum(_num(r.get("score")) for r in (own, *inputs))
+        out[info.path] = (hazard, score if math.isfinite(score) else math.inf)
+    return out
+
+
+def prior_order(prior: dict[str, tuple[bool, float]]) -> tuple[list[str], list[str]]:
+    """All paths ranked by the prior (hazards first, then by score), and those to test alone at once.
+
+    Tested alone: the hazards, and the layers whose score is an outlier
+    (``OUTLIER`` times the median, where most layers sit).
+    """
+    ranked = sorted(prior, key=lambda p: (0 if prior[p][0] else 1, -prior[p][1]))
+    scores = [s for _, s in prior.values() if s > 0]
+    median = float(np.median(scores)) if scores else 0.0
+    alone = [p for p in ranked if prior[p][0] or (median > 0 and prior[p][1] > OUTLIER * median)]
+    return ranked, alone
 
 
 def kinds(frame, graph: ModelGraph, *, tolerance: float) -> list[str]:
@@ -238,22 +273,23 @@ def _num(value: Any) -> float:
 
 
 def ablation(session: Session, ranked: Sequence[str], *, tolerance: float, max_passes: int | None = None,
-             hazards: Sequence[str] = (), progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+             alone: Sequence[str] = (), progress: Progress | None = None) -> dict[str, dict[str, Any]]:
     """Group-tested ablation of ``ranked`` (most suspicious first); see the module docstring.
 
+    ``alone`` are tested one by one at once (the suspects of the one-pass measures).
     Returns per path: ``metric_drop``, ``output_error`` and ``nonfinite_outputs``
     of the layer alone (``ablation="alone"``), or ``group_drop`` and
     ``ablation="group of K"`` for layers cleared with their group, or
     ``ablation="untested"`` past ``max_passes``.
     """
     everything = {p: FLOAT32 for p in ranked}
-    cap = len(ranked) + 1 if max_passes is None else max_passes
+    cap = 2 * len(ranked) + 1 if max_passes is None else max_passes  # full bisection's worst case
     splitting = Budget(tolerance)  # a group is only asked whether it is over the tolerance: stop early when certain
     out: dict[str, dict[str, Any]] = {}
-    # Layers the statistics already flag (overflow, non-finite) are tested alone at once; the rest as one group.
-    flagged = [p for p in ranked if p in set(hazards)]
-    rest = tuple(p for p in ranked if p not in set(flagged))
-    queue: deque[tuple[str, ...]] = deque([(p,) for p in flagged] + ([rest] if rest else []))
+    # Layers the one pass already suspects are tested alone at once; the rest start as one group.
+    suspects = set(alone)
+    rest = tuple(p for p in ranked if p not in suspects)
+    queue: deque[tuple[str, ...]] = deque([(p,) for p in ranked if p in suspects] + ([rest] if rest else []))
     passes = 0
     bar = progress.stage("ablation", total=min(cap, 2 * len(ranked)), unit="pass") if progress else None
     while queue:

@@ -87,6 +87,12 @@ class Session:
         self._cache[key] = result
         return result
 
+    def close(self) -> None:
+        """Give the model back as it was (the real-policy engine restores each layer's policy)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
     def _feasible(self, budget: Budget, drop: float) -> bool:
         return budget.feasible(baseline=self.baseline, drop=drop)
 

@@ -308,7 +308,7 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
                                        baseline=session.baseline))
     frame = profile(session.model, None, target=opts.target, method=method, profile_batch_size=opts.profile_batch_size,
                     tolerance=ablation_tolerance(session, opts.budget),
-                    max_ablation_passes=None, verbose=opts.verbose, session=session)
+                    max_ablation_passes=len(session.graph.eligible) + 8, verbose=opts.verbose, session=session)
     progress.seconds.update({k: v for k, v in frame.attrs.get("seconds", {}).items()})
     return frame
 

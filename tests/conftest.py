@@ -75,10 +75,10 @@ def subclassed_model():
     return model
 
 
-def small_data(n=96, features=12, classes=3, seed=0):
+def small_data(n=128, features=12, classes=3, seed=0):
+    w = np.random.default_rng(seed + 1000).normal(size=(features, classes))  # the task does not depend on n
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, features)).astype("float32")
-    w = rng.normal(size=(features, classes))
     y = np.argmax(x @ w, axis=1).astype("int32")
     return x, y
 
@@ -100,16 +100,31 @@ MODEL_BUILDERS = {
 @pytest.fixture(scope="session")
 def planted():
     """The bundled planted MLP (trained once per session): (model, train, val, fragile)."""
-    from autoprec import examples
+    from autoprec import testing
 
-    return examples.planted_mlp()
+    return testing.planted_mlp()
 
 
 @pytest.fixture(scope="session")
 def digits_cnn():
     """The bundled digits CNN, trained briefly once per session: (model, train, val)."""
-    from autoprec import examples
+    from autoprec import demo, testing
 
-    train, val = examples.digits_data()
-    model = examples.train(examples.digits_model(), *train, epochs=4)
+    train, val = demo.digits_data()
+    model = testing.train(demo.digits_model(), *train, epochs=4)
     return model, train, val
+
+
+@pytest.fixture(scope="session")
+def planted_weightless():
+    """The planted MLP whose hazards sit in weightless layers: (model, train, val, fragile)."""
+    from autoprec import testing
+
+    return testing.planted_weightless_mlp()
+
+
+def simulate(session, assignment):
+    """The simulated outputs of ``assignment`` over all the session's data (NumPy)."""
+    session.engine.set_assignment(assignment)
+    outs = [session.engine.forward(x, y)[0] for x, y in session.data.batches()]
+    return keras.tree.map_structure(lambda *p: np.concatenate(p), *outs)

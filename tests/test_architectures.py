@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 import autoprec
-from autoprec.engine import predict_batches
-from autoprec.sensitivity import prepare
+from autoprec.session import open_session
+from autoprec.verify import predict_batches
+
+from conftest import simulate
 
 L = keras.layers
 
@@ -66,12 +68,11 @@ def test_engine_matches_real_policies(name, target):
     keras.utils.set_random_seed(0)
     model, shape = globals()[name]()
     x, y = data_for(name, model, shape, np.random.default_rng(0))
-    ctx = prepare(model, (x, y), target=target, metric="accuracy")
-    units = [u.path for u in ctx.graph.units]
+    ctx = open_session(model, (x, y), target=target, metric="accuracy")
+    units = [u.path for u in ctx.graph.eligible]
     assert units
     for assignment in ({u: target for u in units}, {u: target for u in units[::2]}):
-        ctx.engine.set_assignment(assignment)
-        sim = ctx.engine.predict()
+        sim = simulate(ctx, assignment)
         real = predict_batches(autoprec.apply_policy(model, ctx.graph.resolve(assignment)), ctx.data)
         tolerance = 0.02 if target == "mixed_float16" else 0.08
         assert np.max(np.abs(sim - real)) < tolerance, (name, assignment)
@@ -82,10 +83,9 @@ def test_masked_lstm_engine_respects_the_mask():
     keras.utils.set_random_seed(0)
     model, _ = masked_lstm()
     x, y = data_for("masked_lstm", model, None, np.random.default_rng(1))
-    ctx = prepare(model, (x, y), target="mixed_bfloat16", metric="accuracy")
-    np.testing.assert_allclose(ctx.baseline_outputs, model.predict(x, verbose=0), atol=1e-5)
-    ctx.engine.set_assignment({"emb": "mixed_bfloat16"})
-    masked = ctx.engine.predict()
+    ctx = open_session(model, (x, y), target="mixed_bfloat16", metric="accuracy")
+    np.testing.assert_allclose(np.concatenate(ctx.baseline_outputs), model.predict(x, verbose=0), atol=1e-5)
+    masked = simulate(ctx, {"emb": "mixed_bfloat16"})
     real = predict_batches(autoprec.apply_policy(model, ctx.graph.resolve({"emb": "mixed_bfloat16"})), ctx.data)
     assert np.max(np.abs(masked - real)) < 0.05
 

@@ -13,7 +13,7 @@ from autoprec.errors import BudgetError
     (Budget(0.1), Budget(0.1)), ("100%", Budget(1.0)),
 ])
 def test_forms(value, expected):
-    assert Budget.parse(value) == expected
+    assert Budget.get(value) == expected
 
 
 @pytest.mark.parametrize("value, message", [
@@ -23,14 +23,14 @@ def test_forms(value, expected):
 ])
 def test_invalid(value, message):
     with pytest.raises(BudgetError, match=message):
-        Budget.parse(value)
+        Budget.get(value)
 
 
 def test_feasibility_and_formula():
-    absolute = Budget.parse("0.5%")
+    absolute = Budget.get("0.5%")
     assert absolute.feasible(baseline=0.9, drop=0.005) and not absolute.feasible(baseline=0.9, drop=0.0051)
     assert not absolute.feasible(baseline=0.9, drop=math.nan)
-    relative = Budget.parse("10% relative")
+    relative = Budget.get("10% relative")
     assert relative.allowed(-2.0) == pytest.approx(0.2)
     text = relative.formula(metric="loss", higher_is_better=False, baseline=2.0)
     assert "drop = loss - baseline" in text and "0.2" in text

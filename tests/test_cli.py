@@ -80,8 +80,8 @@ def test_all_float32_exit_code(tmp_path):
     (["layers", "missing.keras"], "does not exist"),
     (["tune", "{model}", "--data", "{model}", "--budget", "1%", "-o", "x"], "npz"),
     (["tune", "{model}", "--data", "{data}", "--budget", "lots", "-o", "x"], "does not parse"),
-    (["apply", "{model}", "--policy", "{data}", "-o", "x.keras"], "not valid JSON"),
-    (["report", "/nonexistent"], "lacks"),
+    (["apply", "{model}", "--policy", "{data}", "-o", "x.keras"], "binary"),
+    (["report", "/nonexistent"], "not a directory"),
 ])
 def test_user_errors_exit_1(saved, argv, message, capsys):
     _, path, data = saved

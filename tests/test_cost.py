@@ -2,7 +2,7 @@ import keras
 import pytest
 
 from autoprec.cost import CostModel
-from autoprec.errors import PolicyError
+from autoprec.errors import ArgumentError
 from autoprec.graph import build_graph
 
 
@@ -44,5 +44,5 @@ def test_misaligned_dimensions_are_flagged_on_gpu_only():
     g = chain(width=60)
     assert {"d0", "d1", "d2", "d3"} <= CostModel(g, device="gpu").flagged
     assert CostModel(g, device="cpu").flagged == set()
-    with pytest.raises(PolicyError, match="device"):
+    with pytest.raises(ArgumentError, match="device"):
         CostModel(g, device="tpu")

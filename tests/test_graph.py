@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from autoprec import reasons
+from autoprec.decisions import Reason as reasons
 from autoprec.errors import PathCollisionError, PolicyError, UnsupportedModelError
 from autoprec.flops import layer_flops
 from autoprec.graph import build_graph, match_paths

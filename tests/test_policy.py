@@ -87,7 +87,9 @@ def test_missing_file(tmp_path):
         (lambda d: d.update(layers={"a": 1}), "'layers' to be a list"),
         (lambda d: d["layers"].append({"path": "x", "policy": "float8"}), "policy should be one of"),
         (lambda d: d["layers"].append(dict(d["layers"][0])), "appears twice"),
-        (lambda d: d["layers"][0].update(params=-3), "params should be a number"),
+        (lambda d: d["layers"][0].update(params=-3), "params should be a finite number"),
+        (lambda d: d["layers"][0].update(keras_path=3), "keras_path should be a string"),
+        (lambda d: d.update(schema_version=True), "schema_version"),
         (lambda d: d.update(target="float16"), "target"),
     ],
 )
@@ -100,10 +102,43 @@ def test_schema_violations(tmp_path, mutate, message):
         PrecisionPolicy.load(path)
 
 
-def test_check_fits_names_missing_and_extra():
-    p = make_policy()
-    with pytest.raises(ModelMismatchError, match="'wide'.*'other'|in the policy but not in the model: 'wide'") as info:
-        p.check_fits([("h1", "Dense"), ("h2", "Dense"), ("out", "Dense"), ("other", "Dense")])
+def _graph(*names, cls=keras.layers.Dense):
+    from autoprec.graph import build_graph
+
+    i = keras.Input((4,))
+    x = i
+    for name in names:
+        x = cls(4, name=name)(x) if cls is keras.layers.Dense else cls(name=name)(x)
+    return build_graph(keras.Model(i, x))
+
+
+def test_for_graph_names_missing_extra_and_changed():
+    p = PrecisionPolicy({"h1": "mixed_float16", "h2": "float32"}, layers={"h1": {"class": "Dense"}, "h2": {"class": "Dense"}})
+    with pytest.raises(ModelMismatchError, match="in the policy but not in the model: 'h2'") as info:
+        p.for_graph(_graph("h1", "other"))
     assert "in the model but not in the policy: 'other'" in str(info.value)
+    q = PrecisionPolicy({"h1": "mixed_float16"}, layers={"h1": {"class": "Conv2D"}})
     with pytest.raises(ModelMismatchError, match="another class"):
-        p.check_fits([("h1", "Conv2D"), ("h2", "Dense"), ("out", "Dense"), ("wide", "Dense")])
+        q.for_graph(_graph("h1"))
+    assert PrecisionPolicy({"h1": "mixed_float16"}).for_graph(_graph("h1", "h2")) == {"h1": "mixed_float16"}
+
+
+def test_get_config_round_trip_and_get():
+    p = make_policy()
+    assert PrecisionPolicy.from_config(p.get_config()) == p
+    assert PrecisionPolicy.from_config(json.loads(json.dumps(p.get_config()))).layers == p.layers
+    assert PrecisionPolicy.get(p.get_config()) == p and PrecisionPolicy.get(p) is p
+
+
+def test_load_and_save_paths_are_checked(tmp_path):
+    from autoprec.errors import OutputError
+
+    with pytest.raises(SchemaError, match="is a directory"):
+        PrecisionPolicy.load(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a directory"):
+        make_policy().save(tmp_path / "afile" / "p.json")
+    with pytest.raises(OutputError, match="does not exist"):
+        make_policy().save(tmp_path / "missing" / "p.json")
+    with pytest.raises(OutputError, match="directory of that name"):
+        make_policy().save(tmp_path)

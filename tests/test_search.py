@@ -2,11 +2,13 @@
 
 import itertools
 import math
+from types import SimpleNamespace
 
 import optuna
 import pytest
 
-from autoprec.search import Search, Space
+from autoprec import Budget
+from autoprec.search import Search, Space, make_sampler
 
 KEYS = tuple(f"u{i}" for i in range(10))
 COST = {k: 1.0 + (i % 3) for i, k in enumerate(KEYS)}
@@ -18,17 +20,23 @@ def estimate(assignment):
     return 1.0 + low / sum(COST.values())
 
 
+def outcome(drop):
+    return SimpleNamespace(metric=1 - drop, drop=drop, output_error=drop, nonfinite_outputs=0, rejected=False, samples=100)
+
+
 def make(allowed=0.005, n_trials=40, storage=None, name="s", seed=0, calls=None):
     def evaluate(assignment):
         if calls is not None:
             calls.append(dict(assignment))
-        drop = sum(DROP.get(k, 0.0) for k, v in assignment.items() if v != "float32")
-        return {"metric": 1 - drop, "drop": drop, "output_error": drop, "nonfinite_outputs": 0}
+        return outcome(sum(DROP.get(k, 0.0) for k, v in assignment.items() if v != "float32"))
 
-    study = optuna.create_study(direction="maximize", storage=storage, study_name=name, load_if_exists=True)
+    study = optuna.create_study(direction="maximize", storage=storage, study_name=name, load_if_exists=True,
+                                sampler=make_sampler(seed))
     order = tuple(sorted(KEYS, key=lambda k: -DROP.get(k, 0.0)))
     space = Space(KEYS, ("float32", "mixed_float16"), "mixed_float16", order)
-    return Search(space, evaluate, estimate, allowed, study, n_trials=n_trials, seed=seed)
+    budget = Budget(allowed)
+    return Search(space, evaluate, estimate, lambda d: budget.feasible(baseline=1.0, drop=d), allowed, study,
+                  n_trials=n_trials)
 
 
 def optimum(allowed):
@@ -86,8 +94,7 @@ def test_resume_repeats_no_finished_trial(tmp_path):
         if len(calls) == 6:
             raise Interrupt()
         calls.append(assignment)
-        drop = sum(DROP.get(k, 0.0) for k, v in assignment.items() if v != "float32")
-        return {"metric": 1 - drop, "drop": drop, "output_error": drop, "nonfinite_outputs": 0}
+        return outcome(sum(DROP.get(k, 0.0) for k, v in assignment.items() if v != "float32"))
 
     first = make(0.005, n_trials=25, storage=storage, name="resume")
     first.evaluate = failing
@@ -100,3 +107,42 @@ def test_resume_repeats_no_finished_trial(tmp_path):
     assert not done & {tuple(sorted(c.items())) for c in resumed_calls}
     assert result.assignment == expected.assignment
     assert math.isclose(result.speedup, expected.speedup)
+
+
+def test_a_resumed_study_is_judged_again_under_a_tighter_budget(tmp_path):
+    """Stored trials keep their drops; feasibility is the new budget's, never the stored flag."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    loose = make(1.0, n_trials=5, storage=storage, name="b")
+    assert loose.run().feasible  # all 16-bit, drop 0.0365, feasible under budget 1.0
+    tight = make(0.001, n_trials=25, storage=storage, name="b")
+    best = tight.run()
+    assert best.drop <= 0.001 + 1e-12
+    all16 = tight.cache[tight.space.key_of(tight.space.all_target())]
+    assert not all16.feasible
+
+
+def test_a_trial_stopped_early_is_evaluated_again_under_a_looser_budget(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    first = make(0.001, n_trials=3, storage=storage, name="r")
+    full = first.evaluate
+
+    def rejecting(assignment):
+        result = full(assignment)
+        return SimpleNamespace(**{**vars(result), "rejected": result.drop > 0.001, "metric": math.nan})
+
+    first.evaluate = rejecting
+    first.run()
+    assert any(o.rejected for o in first.cache.values())
+    calls = []
+    second = make(1.0, n_trials=5, storage=storage, name="r", calls=calls)
+    best = second.run()
+    assert calls and best.feasible and not best.rejected  # the bound fits the looser budget: measured again
+
+
+def test_one_sampler_per_study_and_replayable_proposals():
+    a, b = make(0.005, n_trials=30, name="x", seed=7), make(0.005, n_trials=30, name="y", seed=7)
+    sampler = a.study.sampler
+    a.run()
+    b.run()
+    assert a.study.sampler is sampler  # never replaced
+    assert [t.params for t in a.study.trials] == [t.params for t in b.study.trials]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import autoprec
-from autoprec import reasons
-from autoprec.errors import BudgetError, DataError, PolicyError, UntrainedModelError
+from autoprec.decisions import Reason as reasons
+from autoprec.errors import ArgumentError, BudgetError, DataError, PolicyError, StudyError, UntrainedModelError
 from autoprec.graph import keyed_layers
 
 from conftest import MODEL_BUILDERS, small_data, trained
@@ -62,28 +62,28 @@ def test_same_seed_same_policy(planted):
 
 
 def test_resume_after_exception(planted, tmp_path, monkeypatch):
-    from autoprec import sensitivity
+    from autoprec import search
 
     model, _, val, _ = planted
     reference = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=25, verbose=0)
     storage = str(tmp_path / "journal.log")
-    original = sensitivity.Context.evaluate
+    original = search.Search._measure
     seen = []
 
     class Interrupt(Exception):
         pass
 
-    def flaky(self, assignment):
-        if self.engine.passes >= len(self.graph.units) + 2:  # past the profile: search trials
+    def flaky(self, key, assignment):
+        if key not in self.cache:  # a search trial about to be evaluated
             if len(seen) == 5:
                 raise Interrupt()
-            seen.append(tuple(sorted(assignment.items())))
-        return original(self, assignment)
+            seen.append(key)
+        return original(self, key, assignment)
 
-    monkeypatch.setattr(sensitivity.Context, "evaluate", flaky)
+    monkeypatch.setattr(search.Search, "_measure", flaky)
     with pytest.raises(Interrupt):
         autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=25, storage=storage, study_name="s", verbose=0)
-    monkeypatch.setattr(sensitivity.Context, "evaluate", original)
+    monkeypatch.setattr(search.Search, "_measure", original)
     resumed = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=25, storage=storage, study_name="s", verbose=0)
     complete = resumed.trials[resumed.trials["state"] == "COMPLETE"]
     evaluated = complete[~complete["cached"].astype(bool)]
@@ -196,12 +196,13 @@ def test_save_writes_everything_and_round_trips(planted, tmp_path):
     ({"budget": "150%"}, BudgetError, "100%"),
     ({"budget": float("nan")}, BudgetError, "finite"),
     ({"budget": "lots"}, BudgetError, "does not parse"),
-    ({"n_trials": 0}, PolicyError, "n_trials"),
-    ({"granularity": "layerwise"}, PolicyError, "granularity"),
-    ({"candidates": ("mixed_float16",)}, PolicyError, "candidates"),
+    ({"n_trials": 0}, ArgumentError, "n_trials"),
+    ({"granularity": "layerwise"}, ArgumentError, "granularity"),
+    ({"candidates": ("mixed_float16",)}, ArgumentError, "candidates"),
     ({"verify": "train"}, DataError, "train_data"),
-    ({"timeout": -1}, PolicyError, "timeout"),
-    ({"cost": "guess"}, PolicyError, "cost"),
+    ({"timeout": -1}, ArgumentError, "timeout"),
+    ({"cost": "guess"}, ArgumentError, "cost"),
+    ({"device": "tpu"}, ArgumentError, "device"),
     ({"keep_float32": ["nope"]}, PolicyError, "matches none"),
 ])
 def test_bad_arguments(kwargs, error, message):
@@ -216,7 +217,7 @@ def test_resumed_study_for_another_model_is_refused(planted, tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     autoprec.tune(model, val, budget="0.5%", n_trials=3, storage=storage, study_name="x", verbose=0)
     other = trained(MODEL_BUILDERS["functional"]())
-    with pytest.raises(PolicyError, match="same units"):
+    with pytest.raises(StudyError, match="same decisions"):
         autoprec.tune(other, small_data(), budget="1%", n_trials=3, storage=storage, study_name="x", verbose=0)
 
 

@@ -1,23 +1,23 @@
 import numpy as np
 
-from autoprec import examples
+from autoprec import demo, testing
 
 
 def test_planting_keeps_the_float32_function():
     import keras
     import pytest
 
-    (x_train, y_train), (x_val, _) = examples.digits_data(flat=True)
-    model = examples.train(examples.mlp(depth=4, width=32), x_train, y_train, epochs=2)
+    (x_train, y_train), (x_val, _) = demo.digits_data(flat=True)
+    model = testing.train(testing.mlp(depth=4, width=32), x_train, y_train, epochs=2)
     model.get_layer("d3").activation = keras.activations.linear  # plant_offset needs a linear producer
     before = model.predict(x_val, verbose=0)
-    factor = examples.plant_overflow(model, "d1", "d2", x_train, peak=1e6)
-    examples.plant_offset(model, "d3", "d4", offset=512.0)
+    factor = testing.plant_overflow(model, "d1", "d2", x_train, peak=1e6)
+    testing.plant_offset(model, "d3", "d4", offset=512.0)
     after = model.predict(x_val, verbose=0)
     assert factor > 1e3
     assert np.max(np.abs(after - before)) < 1e-3
     with pytest.raises(ValueError, match="linear producer"):
-        examples.plant_offset(model, "d1", "d2")
+        testing.plant_offset(model, "d1", "d2")
 
 
 def test_custom_layer_sublayers_are_covered():
