@@ -4,7 +4,8 @@ Three measures, cheapest first, over every layer that may carry a policy of
 its own (weighted layers and weightless layers that compute, in one ranking):
 
 - **Range statistics** for each node's output activations, the gradient at
-  each output, and each weighted layer's weight gradients: the largest
+  each output, and each weighted layer's weight gradients, as a training
+  step on a batch of ``TRAIN_BATCH`` (32) samples would see them: the largest
   magnitude, and the shares that would overflow the format, flush to zero or
   turn subnormal, unscaled and, for gradients, at the default loss scale;
   plus non-finite counts (see :mod:`autoprec.stats`).
@@ -14,10 +15,13 @@ its own (weighted layers and weightless layers that compute, in one ranking):
   ranks all layers at once; it is infinite where ``y`` overflows.
 - **Ablation by group testing**: the layers, ranked by the two measures
   above, are switched to 16-bit many at a time (every other layer stays
-  float32). A group whose metric drop is within ``tolerance`` is cleared at
-  once; a group over it is split in two, down to single layers, whose exact
-  drop alone is recorded. Many layers that are each slightly sensitive
-  still show as a drop in their group and are split down to where they sit.
+  float32). A group whose *harm* (what each sample lost, gains ignored, so
+  that one member's gains cannot hide another's losses) is within
+  ``tolerance`` is cleared at once; a group over it is split in two, down to
+  single layers, whose exact drop alone is recorded. Many layers that are
+  each slightly sensitive still show as harm in their group and are split
+  down to where they sit. The layers the one pass already suspects are
+  tested alone first.
 
 Statistics stream over the data in micro-batches (``profile_batch_size``)
 through one traced step and keep running aggregates only, so memory depends
@@ -60,6 +64,7 @@ from autoprec.session import Session, auto_batch_size, open_session
 logger = logging.getLogger("autoprec")
 
 METHODS = ("full", "fast", "ablation")
+TRAIN_BATCH = 32  # gradients are those of a training step on this many samples (Keras's default fit batch)
 RISK_SCORE_RATIO = 10.0  # a weightless layer whose score is 10x every neighbour's decides on its own
 PROFILE_MEMORY = 256 << 20  # bytes of activations, gradients and rounding errors one micro-batch may hold
 
@@ -284,7 +289,6 @@ def ablation(session: Session, ranked: Sequence[str], *, tolerance: float, max_p
     """
     everything = {p: FLOAT32 for p in ranked}
     cap = 2 * len(ranked) + 1 if max_passes is None else max_passes  # full bisection's worst case
-    splitting = Budget(tolerance)  # a group is only asked whether it is over the tolerance: stop early when certain
     out: dict[str, dict[str, Any]] = {}
     # Layers the one pass already suspects are tested alone at once; the rest start as one group.
     suspects = set(alone)
@@ -298,19 +302,21 @@ def ablation(session: Session, ranked: Sequence[str], *, tolerance: float, max_p
             out.update({p: {"ablation": "untested"} for p in group})
             continue
         alone = len(group) == 1
-        ev = session.evaluate({**everything, **{p: session.target for p in group}}, budget=None if alone else splitting)
+        # A group is only asked whether its harm (losses, gains ignored, so that members
+        # cannot hide each other) is over the tolerance: the pass stops once it is.
+        ev = session.evaluate({**everything, **{p: session.target for p in group}}, harm_above=None if alone else tolerance)
         passes += 1
         if bar:
             bar.update(passes)
         if alone:
             out[group[0]] = {"metric": ev.metric, "metric_drop": ev.drop, "output_error": ev.output_error,
                              "nonfinite_outputs": ev.nonfinite_outputs, "ablation": "alone"}
-        elif ev.rejected or not math.isfinite(ev.drop) or ev.drop > tolerance:
+        elif ev.rejected or not math.isfinite(ev.harm) or ev.harm > tolerance:
             middle = len(group) // 2
             queue.extend([group[:middle], group[middle:]])
         else:
-            out.update({p: {"group_drop": ev.drop, "group_error": ev.output_error, "ablation": f"group of {len(group)}"}
-                        for p in group})
+            out.update({p: {"group_drop": ev.drop, "group_harm": ev.harm, "group_error": ev.output_error,
+                            "ablation": f"group of {len(group)}"} for p in group})
     if bar:
         bar.done(passes)
     return out
@@ -363,7 +369,14 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float):
     eligible = {i.path for i in graph.eligible}
     unit_vars = [(u.path, v) for u in graph.units for v in u.layer.trainable_variables]
     variables = [v for _, v in unit_vars]
-    loss = resolve_loss(session.model, session.metric, session.data.y, session.baseline_outputs[0])
+    mean_loss = resolve_loss(session.model, session.metric, session.data.y, session.baseline_outputs[0])
+
+    def loss(y_true, y_pred):
+        # The mean over a training batch of TRAIN_BATCH samples, of which this micro-batch is a part:
+        # per-sample gradients at layer outputs are what a training step sees, whatever the micro-batch.
+        m = ops.cast(ops.shape(keras.tree.flatten(y_true)[0])[0], "float32")
+        return mean_loss(y_true, y_pred) * m / TRAIN_BATCH
+
     rnd = round_with(fmt.dtype)
     names: dict[str, list[str]] = {}  # the path of each row of each output, set while tracing
 
@@ -398,8 +411,10 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float):
                       for i in range(0, len(taken), _CHUNK)]
             out["nodes"] = ops.concatenate(chunks, axis=0)
         by_unit: dict[str, list] = {}
+        # A weight gradient sums over a whole training batch: this micro-batch's part, scaled up to it.
+        whole = TRAIN_BATCH / ops.cast(ops.shape(keras.tree.flatten(y)[0])[0], "float32")
         for (path, _), g in zip(unit_vars, var_grads):
-            by_unit.setdefault(path, []).append(ops.reshape(ops.cast(g, "float32"), (-1,)))
+            by_unit.setdefault(path, []).append(ops.reshape(ops.cast(g, "float32") * whole, (-1,)))
         if by_unit:
             w, w_scaled = stats.table([ops.concatenate(parts) for parts in by_unit.values()], fmt, (1.0, loss_scale))[0]
             out["weights"] = ops.concatenate([w, w_scaled], axis=1)

@@ -47,7 +47,10 @@ class Evaluation:
     """One assignment scored on the evaluation data.
 
     ``drop`` is exact, or, when ``rejected``, a certain lower bound reached
-    after ``samples`` samples.
+    after ``samples`` samples. ``harm`` is the one-sided drop: the mean over
+    samples of what each sample lost, gains ignored (for a metric that is not
+    a mean of per-sample values, ``max(drop, 0)``). Losses and gains of
+    different layers cancel in ``drop`` but never in ``harm``.
     """
 
     metric: float
@@ -56,6 +59,7 @@ class Evaluation:
     nonfinite_outputs: int
     samples: int
     rejected: bool = False
+    harm: float = math.nan
 
 
 @dataclass
@@ -75,16 +79,23 @@ class Session:
     passes: int = 0
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def evaluate(self, assignment: Mapping[str, str], *, budget: Budget | None = None) -> Evaluation:
-        """Score ``assignment`` in one pass; with ``budget``, stop as soon as it is certainly over budget."""
+    def evaluate(self, assignment: Mapping[str, str], *, budget: Budget | None = None,
+                 harm_above: float | None = None) -> Evaluation:
+        """Score ``assignment`` in one pass.
+
+        With ``budget``, stop as soon as the drop is certainly over it; with
+        ``harm_above``, as soon as the harm is (it only grows along the pass).
+        Complete passes are cached, so the profile and the search share them.
+        """
         key = tuple(sorted(assignment.items()))
         cached = self._cache.get(key)
-        if cached is not None and (not cached.rejected or (budget is not None and not self._feasible(budget, cached.drop))):
+        if cached is not None:
             return cached
         self.engine.set_assignment(dict(assignment))
         self.passes += 1
-        result = _Pass(self, budget).run()
-        self._cache[key] = result
+        result = _Pass(self, budget, harm_above).run()
+        if not result.rejected:
+            self._cache[key] = result
         return result
 
     def close(self) -> None:
@@ -125,20 +136,22 @@ class Session:
 
 
 def _evaluation(session: Session, value: float, nonfinite: int, num: float, den: float, samples: int,
-                rejected: bool = False, drop: float | None = None) -> Evaluation:
+                rejected: bool = False, drop: float | None = None, harm: float | None = None) -> Evaluation:
     error = math.inf if nonfinite or not math.isfinite(num) else math.sqrt(num) / (math.sqrt(den) or 1.0)
     if drop is None:
         drop = Budget.drop(baseline=session.baseline, value=value, higher_is_better=session.metric.higher_is_better)
         if nonfinite or not math.isfinite(value):
             drop = math.inf  # a model whose outputs go non-finite has no usable metric
-    return Evaluation(float(value), float(drop), float(error), int(nonfinite), int(samples), rejected)
+    if harm is None or nonfinite:
+        harm = math.inf if nonfinite else max(float(drop), 0.0)
+    return Evaluation(float(value), float(drop), float(error), int(nonfinite), int(samples), rejected, float(harm))
 
 
 class _Pass:
     """One pass over the data for the engine's current assignment, with the certain-bound early stop."""
 
-    def __init__(self, session: Session, budget: Budget | None) -> None:
-        self.s, self.budget = session, budget
+    def __init__(self, session: Session, budget: Budget | None, harm_above: float | None = None) -> None:
+        self.s, self.budget, self.harm_above = session, budget, harm_above
         metric = session.metric
         self.bound = None
         if budget is not None and session.baseline_values is not None and metric.bounds is not None:
@@ -151,7 +164,7 @@ class _Pass:
     def run(self) -> Evaluation:
         s = self.s
         values, outputs, num, den, nonfinite, seen = [], [], 0.0, 0.0, 0, 0
-        self.dsum = 0.0
+        self.dsum = self.hsum = 0.0
         for (x, y), base in zip(s.data.batches(), s.baseline_outputs):
             out, vals = s.engine.forward(x, y)
             flat, bflat = _flat(out), _flat(base)
@@ -167,28 +180,33 @@ class _Pass:
                 values.append(vals)
             stop = self._certain_drop(vals, start, seen, bad)
             if stop is not None and seen < s.data.n:
-                return _evaluation(s, math.nan, nonfinite, num, den, seen, rejected=True, drop=stop)
+                return _evaluation(s, math.nan, nonfinite, num, den, seen, rejected=True, drop=stop,
+                                   harm=self.hsum / s.data.n)
+            if self.harm_above is not None and seen < s.data.n and (bad or self.hsum / s.data.n > self.harm_above):
+                return _evaluation(s, math.nan, nonfinite, num, den, seen, rejected=True, drop=math.nan,
+                                   harm=self.hsum / s.data.n)
         if values:
             value = float(np.mean(np.concatenate(values)))
-        else:
-            import keras
+            return _evaluation(s, value, nonfinite, num, den, seen, harm=self.hsum / s.data.n)
+        import keras
 
-            value = s.metric.compute(s.data.y, keras.tree.map_structure(lambda *p: np.concatenate(p), *outputs))
+        value = s.metric.compute(s.data.y, keras.tree.map_structure(lambda *p: np.concatenate(p), *outputs))
         return _evaluation(s, value, nonfinite, num, den, seen)
 
     def _certain_drop(self, vals: np.ndarray | None, start: int, seen: int, bad: int) -> float | None:
-        """A lower bound on the final drop that is over budget, or None."""
+        """Accumulate the per-sample drops; return a lower bound on the final drop that is over budget, or None."""
+        if vals is not None and self.s.baseline_values is not None:
+            b = self.s.baseline_values[start:seen]
+            d = (b - vals) if self.s.metric.higher_is_better else (vals - b)
+            finite = np.isfinite(d)
+            self.dsum += float(d[finite].sum()) if finite.all() else math.inf
+            self.hsum += float(np.clip(d[finite], 0, None).sum()) if finite.all() else math.inf
         if self.budget is None:
             return None
-        if bad:
+        if bad or not math.isfinite(self.dsum):
             return math.inf
         if self.bound is None or vals is None:
             return None
-        b = self.s.baseline_values[start:seen]
-        d = (b - vals) if self.s.metric.higher_is_better else (vals - b)
-        if not np.all(np.isfinite(d)):
-            return math.inf
-        self.dsum += float(d.sum())
         lower = (self.dsum + float(self.bound[seen])) / self.s.data.n
         return lower if not self.s._feasible(self.budget, lower) else None
 

@@ -147,31 +147,51 @@ def test_progress_bar_and_silence(capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_group_testing_catches_many_slightly_sensitive_units():
-    """Twelve units that each lose a little in bfloat16: no group hides them, and benign groups are cleared at once."""
+def _slightly_sensitive_mlp():
+    """16 Dense layers; seven linear ones carry a small planted offset, so their region loses a little in bfloat16."""
     from autoprec import demo
 
-    (x_train, y_train), (x_val, y_val) = demo.digits_data(flat=True)
-    model = testing.train(testing.mlp(depth=24, width=32), x_train, y_train, epochs=8)
-    slight = [f"d{i}" for i in range(2, 24, 2)]
-    for name in slight:  # each a small offset on a linear layer: a few samples flip in bfloat16 alone
-        layer = model.get_layer(name)
-        layer.activation = keras.activations.linear
-    model.predict_function = None
-    before = model.evaluate(x_val, y_val, verbose=0)[1]
+    (x_train, y_train), val = demo.digits_data(flat=True)
     keras.utils.set_random_seed(0)
-    model = testing.train(model, x_train, y_train, epochs=4)
-    for name in slight:
-        nxt = model.get_layer(f"d{int(name[1:]) + 1}")
-        testing.plant_offset(model, name, nxt.name, offset=96.0)
-    frame = autoprec.profile(model, (x_val, y_val), target="mixed_bfloat16", tolerance=0.0, verbose=0)
-    rows = frame.set_index("path")
-    sensitive = [p for p in rows.index if rows.loc[p, "eligible"] and rows.loc[p, "metric_drop"] > 0]
-    assert set(sensitive) >= set(slight[:8]), sensitive  # found one by one inside the groups
-    drops = rows.loc[slight, "metric_drop"]
-    assert (drops > 0).sum() >= 8 and drops.max() < 0.1 and before > 0.5  # each only slightly sensitive
-    benign = [f"d{i}" for i in range(1, 25, 2) if f"d{i}" not in sensitive and f"d{i + 1}" not in slight]
-    assert frame.attrs["passes"] <= len(rows[rows["eligible"]]) + 2
+    x_in = keras.Input((64,))
+    h = x_in
+    for k in range(1, 17):
+        h = keras.layers.Dense(32, activation=None if k % 2 == 0 else "relu", name=f"d{k}")(h)
+    model = keras.Model(x_in, keras.layers.Dense(10, activation="softmax", name="out")(h))
+    model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    testing.train(model, x_train, y_train, epochs=12)
+    for k in range(2, 16, 2):
+        testing.plant_offset(model, f"d{k}", f"d{k + 1}", offset=24.0)
+    model.predict_function = None
+    return model, val
+
+
+def test_group_testing_catches_many_slightly_sensitive_units():
+    """Layers that each lose a little alone are never hidden in a cleared group.
+
+    The ground truth is one pass per layer. Every layer whose drop alone
+    exceeds one point must come out of the group testing alone, with the
+    same drop, and the tuned policy must still meet the budget. (Below a
+    point, a few samples, rounding in neighbouring layers interacts: two
+    layers together may lose fewer samples than one alone.)
+    """
+    from autoprec.session import open_session
+
+    model, val = _slightly_sensitive_mlp()
+    session = open_session(model, val, target="mixed_bfloat16")
+    eligible = [i.path for i in session.graph.eligible]
+    truth = {p: session.evaluate({**{q: "float32" for q in eligible}, p: "mixed_bfloat16"}).drop for p in eligible}
+    slight = [p for p, d in truth.items() if 0.01 < d < 0.05]
+    assert len(slight) >= 4, truth  # many layers, each only slightly sensitive (1 to 5 points)
+    tolerance = 0.005 / 4
+    frame = autoprec.profile(model, val, target="mixed_bfloat16", tolerance=tolerance, verbose=0).set_index("path")
+    for path, drop in truth.items():
+        if drop > 0.01:
+            assert frame.loc[path, "ablation"] == "alone", (path, drop)
+            assert frame.loc[path, "metric_drop"] == pytest.approx(drop)
+    result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", n_trials=30, verbose=0)
+    assert result.feasible and result.drop <= 0.005
+    assert result.n_16bit >= len(eligible) // 3  # the rest still runs in 16-bit
 
 
 def test_statistics_stream_in_micro_batches_and_aggregate_exactly(planted, monkeypatch):
@@ -197,10 +217,13 @@ def test_statistics_stream_in_micro_batches_and_aggregate_exactly(planted, monke
     assert max(stats_calls) == 7 and sum(stats_calls) == len(val[1])
     large = autoprec.profile(model, val, method="fast", profile_batch_size=512, verbose=0).set_index("path")
     small = small.loc[large.index]
-    for column in ("act_absmax", "act_overflow", "grad_flush", "wgrad_absmax"):
+    for column in ("act_absmax", "act_overflow", "grad_flush", "grad_absmax", "grad_scaled_flush"):
         np.testing.assert_allclose(small[column].astype(float), large[column].astype(float), rtol=1e-4, atol=1e-12)
     finite = np.isfinite(large["score"].astype(float))
     np.testing.assert_allclose(small["score"][finite].astype(float), large["score"][finite].astype(float), rtol=1e-3)
+    # weight gradients sum over a batch: a micro-batch's part is scaled up, so they agree in order of magnitude, not exactly
+    ratio = small["wgrad_absmax"].dropna().astype(float) / large["wgrad_absmax"].dropna().astype(float)
+    assert ratio.between(0.1, 10).all()  # the same order of magnitude
 
 
 def test_weightless_layers_rank_among_units(planted_weightless):
