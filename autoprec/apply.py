@@ -32,16 +32,12 @@ def apply_policy(model: Any, policy: Any, *, optimizer: Any = None, inplace: boo
     """A model whose layers compute in the precision the policy names.
 
     Functional and Sequential models (nested ones too) are cloned with a dtype
-    policy per layer, and every weight, BatchNormalization statistics
-    included, is copied; the input model is left alone. A subclassed model
-    cannot be cloned that way: pass ``inplace=True`` to set ``dtype_policy`` on
-    its layers in place.
-
-    The policy may name layers by autoprec's key, by their Keras
-    ``layer.path`` (``seq/dense``), or a nested model by its name (all its
-    layers). Keras rebuilds a subclassed model's layers in its ``__init__``
-    when it loads one, with their default dtype, so apply ``policy.json``
-    again after loading (``apply_policy(loaded, "policy.json", inplace=True)``).
+    policy per layer, and every weight (BatchNormalization statistics too) is
+    copied; the input model is left alone. A subclassed model cannot be
+    cloned that way: ``inplace=True`` sets ``dtype_policy`` on its layers, and
+    after ``load_model`` apply ``policy.json`` again (Keras rebuilds its layers
+    with default dtypes). The policy may name layers by autoprec's key, by
+    their Keras ``layer.path`` (``seq/dense``), or a nested model by its name.
 
     The model's outputs, and a softmax or sigmoid that feeds them, stay
     float32 whatever the policy says. The result is compiled with the input

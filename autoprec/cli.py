@@ -195,7 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", type=int, default=1)
     p.set_defaults(fn=_cmd_profile)
 
-    p = sub.add_parser("tune", help="search per-layer precision under an accuracy budget")
+    _add_tune(sub.add_parser("tune", help="search per-layer precision under an accuracy budget"), model_arg, targets)
+
+    p = sub.add_parser("report", help="regenerate report.md/report.html and plots from a saved result directory")
+    p.add_argument("directory")
+    p.set_defaults(fn=_cmd_report)
+
+    p = sub.add_parser("demo", help="tune the bundled digits model and write a report")
+    p.add_argument("-o", "--output", default="reports/demo")
+    p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--verbose", type=int, default=1)
+    p.set_defaults(fn=_cmd_demo)
+    return parser
+
+
+def _add_tune(p: argparse.ArgumentParser, model_arg: Any, targets: list[str]) -> None:
     model_arg(p)
     p.add_argument("--data", required=True, help="DATA.npz with arrays x and y (evaluation data)")
     p.add_argument("--budget", required=True, help="largest allowed metric drop: 0.5%%, 0.005, or '1%% relative'")
@@ -213,17 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="directory for policy.json, reports and the tuned model")
     p.add_argument("--verbose", type=int, default=1)
     p.set_defaults(fn=_cmd_tune)
-
-    p = sub.add_parser("report", help="regenerate report.md/report.html and plots from a saved result directory")
-    p.add_argument("directory")
-    p.set_defaults(fn=_cmd_report)
-
-    p = sub.add_parser("demo", help="tune the bundled digits model and write a report")
-    p.add_argument("-o", "--output", default="reports/demo")
-    p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--verbose", type=int, default=1)
-    p.set_defaults(fn=_cmd_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

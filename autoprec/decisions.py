@@ -153,7 +153,7 @@ def sentence(row: Mapping[str, Any], *, target: str = MIXED_FLOAT16, metric: str
     layers feeding a weightless decision.
 
     >>> sentence({"decision": "float32", "reason": "OVERFLOW", "act_absmax": 7.4e4, "act_overflow": 0.31,
-    ...           "producers": "d2", "producer_decision": "mixed_float16"}, target="mixed_float16")
+    ...           "role": "compute", "producers": "d2", "producer_decision": "mixed_float16"}, target="mixed_float16")
     'float32: its output reaches 7.4e+04 > 65504 (31% of values); its producer `d2` stays mixed_float16'
     """
     decision, reason = str(row.get("decision", FLOAT32)), Reason(row.get("reason", Reason.NO_GAIN))

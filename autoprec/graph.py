@@ -223,7 +223,8 @@ class ModelGraph:
         """Every name a policy may use for layers of this model, and the keys it means.
 
         A layer answers to its key and to its Keras ``layer.path`` (``seq/dense``
-        for a Sequential named ``seq``); a nested model's name means all its layers.
+        for a Sequential named ``seq``); a nested model's name means all its
+        layers, and so does the model's own name.
 
         >>> import keras
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")], name="seq")
@@ -237,8 +238,9 @@ class ModelGraph:
             for key, kpath in zip((info.path, *info.sublayers), (info.keras_path, *info.sublayer_keras_paths)):
                 for alias in {key, kpath} - {""}:
                     table.setdefault(alias, []).append(key)
-                for container in info.containers:
-                    table.setdefault(container, []).append(key)
+                for container in (getattr(self.model, "name", None), *info.containers):
+                    if container and container not in (key, kpath):
+                        table.setdefault(container, []).append(key)
         return {alias: tuple(dict.fromkeys(keys)) for alias, keys in table.items()}
 
     def to_frame(self):
@@ -406,11 +408,11 @@ def _pins(walker: "_Walker", keep_float32: Iterable[str], force_16bit: Iterable[
     for rec in walker.records:
         path = rec["path"]
         if path in user:
-            pins[path] = Reason.PINNED_USER
+            pins[path] = str(Reason.PINNED_USER)
         elif rec["role"] != OP and rec["policy"] not in (FLOAT32, *LOW_PRECISION):
-            pins[path] = Reason.PINNED_DTYPE
+            pins[path] = str(Reason.PINNED_DTYPE)
         elif path in auto:
-            pins[path] = auto[path]
+            pins[path] = str(auto[path])
     return pins, forced
 
 

@@ -54,16 +54,9 @@ class PrecisionPolicy(Mapping):
 
     def __init__(self, entries: Mapping[str, str], *, target: str | None = None,
                  layers: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        if not isinstance(entries, Mapping):
-            raise PolicyError(f"Expected a mapping of layer path to policy name. Received: {describe(entries)}.")
-        clean = {}
-        for path, name in entries.items():
-            if not isinstance(path, str) or not path:
-                raise PolicyError(f"Expected layer paths as non-empty strings. Received: {describe(path)}.")
-            clean[path] = check_policy_name(name, what=f"policy for layer {path!r}")
         if target is not None and target not in TARGETS:
             raise PolicyError(f"Expected target to be one of {list(TARGETS)} or None. Received: {describe(target)}.")
-        self._entries = clean
+        self._entries = _clean_entries(entries)
         self._target = target
         self._layers = {k: dict(v) for k, v in (layers or {}).items()}
 
@@ -74,21 +67,7 @@ class PrecisionPolicy(Mapping):
         >>> PrecisionPolicy.get({"d": "mixed_bfloat16"})["d"]
         'mixed_bfloat16'
         """
-        if isinstance(policy, PrecisionPolicy):
-            return policy
-        if isinstance(policy, (str, os.PathLike)):
-            return cls.load(policy)
-        if isinstance(policy, Mapping) and set(policy) == {"entries", "target", "layers"}:
-            return cls.from_config(policy)
-        if isinstance(policy, Mapping) and not hasattr(policy, "default_policy"):
-            return cls(policy)
-        try:
-            return cls.from_keras(policy)
-        except PolicyError:
-            raise PolicyError(
-                "Expected policy to be an autoprec.PrecisionPolicy, a keras DTypePolicyMap, a dict of "
-                f"layer path to policy name, or the path of a policy JSON file. Received: {describe(policy)}."
-            ) from None
+        return _from_any(cls, policy)
 
     # Mapping protocol -------------------------------------------------------
     def __getitem__(self, path: str) -> str:
@@ -192,15 +171,7 @@ class PrecisionPolicy(Mapping):
         (``Activation``, ``ReLU``, pooling) takes the map's default, float32,
         whatever the policy says, and is named in a warning.
         """
-        from keras import dtype_policies
-
-        if model is None:
-            keyed = {self._layers.get(p, {}).get("keras_path") or p: name for p, name in self._entries.items()}
-        else:
-            keyed = _keyed_by_keras_path(self, model)
-        return dtype_policies.DTypePolicyMap(
-            default_policy=FLOAT32, policy_map={path: dtype_policies.DTypePolicy(name) for path, name in keyed.items()},
-        )
+        return _to_keras(self, model)
 
     @classmethod
     def from_keras(cls, policy_map, *, target: str | None = None) -> "PrecisionPolicy":
@@ -211,11 +182,7 @@ class PrecisionPolicy(Mapping):
         >>> PrecisionPolicy.from_keras(m)["d"]
         'mixed_float16'
         """
-        from keras import dtype_policies
-
-        if not isinstance(policy_map, dtype_policies.DTypePolicyMap):
-            raise PolicyError(f"Expected a keras.dtype_policies.DTypePolicyMap. Received: {describe(policy_map)}.")
-        return cls({key: policy_map[key].name for key in policy_map}, target=target)
+        return cls(_entries_of_map(policy_map), target=target)
 
     def for_graph(self, graph: Any) -> dict[str, str]:
         """``{key: policy name}`` for the layers of ``graph`` this policy names, in either spelling.
@@ -228,17 +195,7 @@ class PrecisionPolicy(Mapping):
     # JSON --------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
         """The versioned JSON document :meth:`save` writes."""
-        import keras
-
-        from autoprec import __version__
-
-        return {
-            "format": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "autoprec_version": __version__,
-            "keras_version": keras.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "target": self._target, "default_policy": FLOAT32,
-            "layers": [{"path": path, "policy": name, **self._layers.get(path, {})} for path, name in self._entries.items()],
-        }
+        return _document(self)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the policy as versioned JSON, atomically (see :meth:`load`).
@@ -273,6 +230,71 @@ class PrecisionPolicy(Mapping):
         """Validate a JSON document and build the policy from it."""
         entries, target, facts = _parse_document(doc, source)
         return cls(entries, target=target, layers=facts)
+
+
+def _clean_entries(entries: Any) -> dict[str, str]:
+    if not isinstance(entries, Mapping):
+        raise PolicyError(f"Expected a mapping of layer path to policy name. Received: {describe(entries)}.")
+    clean = {}
+    for path, name in entries.items():
+        if not isinstance(path, str) or not path:
+            raise PolicyError(f"Expected layer paths as non-empty strings. Received: {describe(path)}.")
+        clean[path] = check_policy_name(name, what=f"policy for layer {path!r}")
+    return clean
+
+
+def _entries_of_map(policy_map: Any) -> dict[str, str]:
+    from keras import dtype_policies
+
+    if not isinstance(policy_map, dtype_policies.DTypePolicyMap):
+        raise PolicyError(f"Expected a keras.dtype_policies.DTypePolicyMap. Received: {describe(policy_map)}.")
+    return {key: policy_map[key].name for key in policy_map}
+
+
+def _from_any(cls: type, policy: Any) -> PrecisionPolicy:
+    if isinstance(policy, PrecisionPolicy):
+        return policy
+    if isinstance(policy, (str, os.PathLike)):
+        return cls.load(policy)
+    if isinstance(policy, Mapping) and set(policy) == {"entries", "target", "layers"}:
+        return cls.from_config(policy)
+    if isinstance(policy, Mapping) and not hasattr(policy, "default_policy"):
+        return cls(policy)
+    try:
+        return cls.from_keras(policy)
+    except PolicyError:
+        raise PolicyError(
+            "Expected policy to be an autoprec.PrecisionPolicy, a keras DTypePolicyMap, a dict of "
+            f"layer path to policy name, or the path of a policy JSON file. Received: {describe(policy)}."
+        ) from None
+
+
+def _to_keras(policy: PrecisionPolicy, model: Any):
+    from keras import dtype_policies
+
+    if model is None:
+        facts = policy.layers
+        keyed = {facts.get(p, {}).get("keras_path") or p: name for p, name in policy.items()}
+    else:
+        keyed = _keyed_by_keras_path(policy, model)
+    return dtype_policies.DTypePolicyMap(
+        default_policy=FLOAT32, policy_map={path: dtype_policies.DTypePolicy(name) for path, name in keyed.items()},
+    )
+
+
+def _document(policy: PrecisionPolicy) -> dict[str, Any]:
+    import keras
+
+    from autoprec import __version__
+
+    facts = policy.layers
+    return {
+        "format": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "autoprec_version": __version__,
+        "keras_version": keras.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "target": policy.target, "default_policy": FLOAT32,
+        "layers": [{"path": path, "policy": name, **facts.get(path, {})} for path, name in policy.items()],
+    }
 
 
 def _parse_document(doc: Any, source: str) -> tuple[dict[str, str], str | None, dict[str, dict[str, Any]]]:

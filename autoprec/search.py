@@ -280,93 +280,104 @@ class Search:
             # Another worker took our enqueued trial and we ran one of theirs:
             # both land in the study; look again (ours is in the cache once done).
 
-    # Phases ------------------------------------------------------------------
     def run(self) -> Outcome | None:
         """Run all phases until done or out of trials/time; return the best feasible outcome."""
         self._started = time.monotonic()
         self.refresh()
         upper = self.estimate(self.space.all_target())
-        steps = (self._phase_all, self._phase_fallback, self._phase_segments, self._phase_local, self._phase_tpe)
-        for step in steps:
-            if step() is False or self.best_speedup() >= upper - 1e-12:
+        for phase in PHASES:
+            if phase(self) is False or self.best_speedup() >= upper - 1e-12:
                 break
         return self.best()
-
-    def _phase_all(self) -> bool:
-        outcome = self.consider(self.space.all_target(), "all_16bit", prune=False)
-        return outcome is not None and not outcome.feasible
 
     def fallback(self, k: int) -> dict[str, str]:
         """Everything in the target format except the ``k`` most sensitive keys."""
         f32 = set(self.space.order[:k])
         return {key: (FLOAT32 if key in f32 else self.space.target) for key in self.space.keys}
 
-    def _phase_fallback(self) -> bool:
-        lo, hi = 0, len(self.space.order)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            outcome = self.consider(self.fallback(mid), "fallback", prune=False)
-            if outcome is None:
-                return False
-            if outcome.feasible:
-                hi = mid
-            else:
-                lo = mid + 1
-        return True
 
-    def _phase_segments(self) -> bool:
-        best = self.best()
+# Phases: each returns False when the study is out of trials or time. -------------
+
+
+def _phase_all(search: Search) -> bool:
+    outcome = search.consider(search.space.all_target(), "all_16bit", prune=False)
+    return outcome is not None and not outcome.feasible
+
+
+def _phase_fallback(search: Search) -> bool:
+    lo, hi = 0, len(search.space.order)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        outcome = search.consider(search.fallback(mid), "fallback", prune=False)
+        if outcome is None:
+            return False
+        if outcome.feasible:
+            hi = mid
+        else:
+            lo = mid + 1
+    return True
+
+
+def _phase_segments(search: Search) -> bool:
+    best = search.best()
+    if best is None:
+        return True
+    keys = list(search.space.keys)
+    f32 = [i for i, k in enumerate(keys) if best.assignment[k] == FLOAT32]
+    for a, b in zip(f32, f32[1:]):
+        if 1 < b - a <= 3:  # bridge a short 16-bit gap between float32 decisions
+            candidate = dict(best.assignment)
+            for i in range(a + 1, b):
+                candidate[keys[i]] = FLOAT32
+            if search.consider(candidate, "segment") is None:
+                return False
+    return True
+
+
+def _moves(search: Search, best: Outcome) -> list[dict[str, str]]:
+    """Single flips and float32/16-bit swaps around ``best``, most promising first."""
+    space = search.space
+    moves = [{**best.assignment, k: c} for k in space.keys for c in space.choices if c != best.assignment[k]]
+    low = [k for k in space.keys if best.assignment[k] == FLOAT32]
+    high = [k for k in space.keys if best.assignment[k] != FLOAT32]
+    moves += [{**best.assignment, a: space.target, b: FLOAT32} for a in low for b in high]
+    moves.sort(key=lambda m: -search.estimate(m))
+    return moves
+
+
+def _phase_local(search: Search) -> bool:
+    improved = True
+    while improved:
+        improved = False
+        best = search.best()
         if best is None:
             return True
-        keys = list(self.space.keys)
-        f32 = [i for i, k in enumerate(keys) if best.assignment[k] == FLOAT32]
-        for a, b in zip(f32, f32[1:]):
-            if 1 < b - a <= 3:  # bridge a short 16-bit gap between float32 decisions
-                candidate = dict(best.assignment)
-                for i in range(a + 1, b):
-                    candidate[keys[i]] = FLOAT32
-                if self.consider(candidate, "segment") is None:
-                    return False
-        return True
+        for move in _moves(search, best):
+            if search.estimate(move) <= search.best_speedup() + 1e-12:
+                break
+            outcome = search.consider(move, "local")
+            if outcome is None:
+                return False
+            if outcome.feasible and outcome.speedup > best.speedup:
+                improved = True
+                break
+    return True
 
-    def _moves(self, best: Outcome) -> list[dict[str, str]]:
-        """Single flips and float32/16-bit swaps around ``best``, most promising first."""
-        moves = [{**best.assignment, k: c} for k in self.space.keys for c in self.space.choices if c != best.assignment[k]]
-        low = [k for k in self.space.keys if best.assignment[k] == FLOAT32]
-        high = [k for k in self.space.keys if best.assignment[k] != FLOAT32]
-        moves += [{**best.assignment, a: self.space.target, b: FLOAT32} for a in low for b in high]
-        moves.sort(key=lambda m: -self.estimate(m))
-        return moves
 
-    def _phase_local(self) -> bool:
-        improved = True
-        while improved:
-            improved = False
-            best = self.best()
-            if best is None:
-                return True
-            for move in self._moves(best):
-                if self.estimate(move) <= self.best_speedup() + 1e-12:
-                    break
-                outcome = self.consider(move, "local")
-                if outcome is None:
-                    return False
-                if outcome.feasible and outcome.speedup > best.speedup:
-                    improved = True
-                    break
-        return True
+def _phase_tpe(search: Search) -> bool:
+    import optuna
 
-    def _phase_tpe(self) -> bool:
-        import optuna
+    distributions = search._distributions()
+    while not search.out_of_budget():
+        search.refresh()
+        trial = search.study.ask(distributions)
+        assignment = {k: trial.params.get(k, FLOAT32) for k in search.space.keys}
+        if search.space.key_of(assignment) not in search.cache and search.estimate(assignment) <= search.best_speedup() + 1e-12:
+            trial.set_user_attr("phase", "tpe_pruned")
+            search.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        search._run_trial(trial, "tpe")
+    return True
 
-        distributions = self._distributions()
-        while not self.out_of_budget():
-            self.refresh()
-            trial = self.study.ask(distributions)
-            assignment = {k: trial.params.get(k, FLOAT32) for k in self.space.keys}
-            if self.space.key_of(assignment) not in self.cache and self.estimate(assignment) <= self.best_speedup() + 1e-12:
-                trial.set_user_attr("phase", "tpe_pruned")
-                self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                continue
-            self._run_trial(trial, "tpe")
-        return True
+
+PHASES = (_phase_all, _phase_fallback, _phase_segments, _phase_local, _phase_tpe)

@@ -369,14 +369,7 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float):
     eligible = {i.path for i in graph.eligible}
     unit_vars = [(u.path, v) for u in graph.units for v in u.layer.trainable_variables]
     variables = [v for _, v in unit_vars]
-    mean_loss = resolve_loss(session.model, session.metric, session.data.y, session.baseline_outputs[0])
-
-    def loss(y_true, y_pred):
-        # The mean over a training batch of TRAIN_BATCH samples, of which this micro-batch is a part:
-        # per-sample gradients at layer outputs are what a training step sees, whatever the micro-batch.
-        m = ops.cast(ops.shape(keras.tree.flatten(y_true)[0])[0], "float32")
-        return mean_loss(y_true, y_pred) * m / TRAIN_BATCH
-
+    loss = _training_batch_loss(resolve_loss(session.model, session.metric, session.data.y, session.baseline_outputs[0]))
     rnd = round_with(fmt.dtype)
     names: dict[str, list[str]] = {}  # the path of each row of each output, set while tracing
 
@@ -410,23 +403,53 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float):
             chunks = [_node_rows([a for _, a in taken[i:i + _CHUNK]], list(out_grads[i:i + _CHUNK]), fmt, loss_scale)
                       for i in range(0, len(taken), _CHUNK)]
             out["nodes"] = ops.concatenate(chunks, axis=0)
-        by_unit: dict[str, list] = {}
-        # A weight gradient sums over a whole training batch: this micro-batch's part, scaled up to it.
-        whole = TRAIN_BATCH / ops.cast(ops.shape(keras.tree.flatten(y)[0])[0], "float32")
-        for (path, _), g in zip(unit_vars, var_grads):
-            by_unit.setdefault(path, []).append(ops.reshape(ops.cast(g, "float32") * whole, (-1,)))
-        if by_unit:
-            w, w_scaled = stats.table([ops.concatenate(parts) for parts in by_unit.values()], fmt, (1.0, loss_scale))[0]
-            out["weights"] = ops.concatenate([w, w_scaled], axis=1)
+        by_unit = _weight_rows(unit_vars, var_grads, y, fmt, loss_scale)
+        if by_unit is not None:
+            out["weights"] = by_unit
         if own:
             out["own"] = ops.stack(list(own.values()))
-        names["nodes"], names["weights"], names["own"] = [p for p, _ in taken], list(by_unit), list(own)
+        names["nodes"], names["weights"], names["own"] = [p for p, _ in taken], list(dict.fromkeys(p for p, _ in unit_vars)), list(own)
         return out
 
     return step, names
 
 
 _CHUNK = 16  # tensors whose statistics share one flat vector
+
+
+def _training_batch_loss(mean_loss: Any) -> Any:
+    """The loss as a part of a training batch of ``TRAIN_BATCH`` samples.
+
+    Per-sample gradients at layer outputs are then what a training step
+    sees, whatever the micro-batch.
+    """
+    import keras
+    from keras import ops
+
+    def loss(y_true: Any, y_pred: Any) -> Any:
+        m = ops.cast(ops.shape(keras.tree.flatten(y_true)[0])[0], "float32")
+        return mean_loss(y_true, y_pred) * m / TRAIN_BATCH
+
+    return loss
+
+
+def _weight_rows(unit_vars: list, var_grads: list, y: Any, fmt: Format, loss_scale: float) -> Any:
+    """Rows ``[stats, scaled stats]`` of each weighted layer's weight gradients, or None.
+
+    A weight gradient sums over a whole training batch: this micro-batch's
+    part is scaled up to it.
+    """
+    import keras
+    from keras import ops
+
+    if not unit_vars:
+        return None
+    whole = TRAIN_BATCH / ops.cast(ops.shape(keras.tree.flatten(y)[0])[0], "float32")
+    by_unit: dict[str, list] = {}
+    for (path, _), g in zip(unit_vars, var_grads):
+        by_unit.setdefault(path, []).append(ops.reshape(ops.cast(g, "float32") * whole, (-1,)))
+    w, w_scaled = stats.table([ops.concatenate(parts) for parts in by_unit.values()], fmt, (1.0, loss_scale))[0]
+    return ops.concatenate([w, w_scaled], axis=1)
 
 
 def _node_rows(acts: list, grads: list, fmt: Format, loss_scale: float) -> Any:
