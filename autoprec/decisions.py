@@ -95,10 +95,12 @@ def reason_for(row: Mapping[str, Any], *, decision: str, pinned: str | None, rol
         return Reason.TRAIN_FALLBACK
     if fallback == "verify":
         return Reason.VERIFY_FALLBACK
-    if _positive(row, "act_overflow") or _positive(row, "act_nonfinite") or _positive(row, "nonfinite_outputs"):
+    if _positive(row, "act_overflow") or _positive(row, "act_nonfinite"):
         return Reason.OVERFLOW
-    if _text(row, "op_hazard"):
+    if _text(row, "op_hazard"):  # its own outputs are fine: the keras.ops call after it is not
         return Reason.OP_HAZARD
+    if _positive(row, "nonfinite_outputs"):
+        return Reason.OVERFLOW
     if _num(row, "act_flush") > FLUSH_SHARE:
         return Reason.UNDERFLOW
     if _positive(row, "metric_drop"):

@@ -1,0 +1,149 @@
+"""Weightless layers that compute are decisions where their profile shows a hazard of their own."""
+
+import keras
+import numpy as np
+import pytest
+
+import autoprec
+from autoprec.cost import CostModel
+from autoprec.decisions import Reason
+from autoprec.graph import COMPUTE, MOVEMENT, OP, WEIGHTED, build_graph
+
+L = keras.layers
+
+
+def test_roles():
+    i = keras.Input((8,))
+    x = L.Dense(8, name="d")(i)
+    x = L.Activation("exponential", name="expo")(x)
+    x = L.Rescaling(2.0, name="scale")(x)
+    x = L.Dropout(0.1, name="drop")(x)
+    x = L.Reshape((8,), name="reshape")(x)
+    x = L.Add(name="add")([x, L.Lambda(lambda t: t * 2.0, name="lam")(x)])
+    x = keras.ops.exp(x)
+    out = L.Dense(2, name="out")(L.UnitNormalization(name="unit")(x))
+    g = build_graph(keras.Model(i, out))
+    roles = {info.path: info.role for info in g.layers}
+    assert roles["d"] == WEIGHTED and roles["out"] == WEIGHTED
+    assert {roles[p] for p in ("expo", "scale", "add", "lam", "unit")} == {COMPUTE}
+    assert roles["drop"] == roles["reshape"] == MOVEMENT
+    assert [info.role for info in g.layers if not info.is_layer] == [OP]
+    assert {i.path for i in g.eligible} == {"d", "expo", "scale", "add", "lam", "unit"}
+
+
+def _weighted_share(result):
+    frame = result.sensitivity
+    weighted = frame[(frame["role"] == "weighted") & (frame["pinned"] == "")]
+    return weighted.loc[weighted["decision"] != "float32", "flops"].sum() / weighted["flops"].sum()
+
+
+def _neighbours(graph, paths):
+    out = set()
+    for info in graph.layers:
+        if info.path in paths:
+            out.update(info.producers)
+        if set(info.producers) & set(paths):
+            out.add(info.path)
+    return out - set(paths)
+
+
+@pytest.mark.parametrize("target", ["mixed_float16", "mixed_bfloat16"])
+def test_planted_weightless_hazards_stay_float32_alone(planted_weightless, target):
+    """Exactly the fragile weightless layers end float32 (plus at most one neighbour each), the heavy ones 16-bit."""
+    model, _, val, fragile = planted_weightless
+    result = autoprec.tune(model, val, budget="0.5%", target=target, n_trials=40, verbose=0)
+    assert result.feasible and result.drop <= 0.005
+    frame = result.sensitivity.set_index("path")
+    graph = build_graph(model)
+    kept = set(frame.index[(frame["role"] == "compute") & (frame["decision"] == "float32")])
+    assert set(fragile[target]) <= kept | set(_neighbours(graph, fragile[target])), kept
+    core = {p for p in fragile[target] if frame.loc[p, "kind"] == "decision"}
+    assert core, "the hazards are decisions of their own"
+    assert kept <= set(fragile[target]) | _neighbours(graph, fragile[target])
+    extra = kept - set(fragile[target])
+    assert len(extra) <= len(fragile[target]), extra
+    assert _weighted_share(result) >= 0.9
+    # the policy carries the weightless decisions, and the real model computes them so
+    for path in core:
+        assert result.policy[path] == "float32"
+        assert result.model.get_layer(path).compute_dtype == "float32"
+
+
+def test_reasons_name_the_hazard_and_its_producer(planted_weightless):
+    model, _, val, _ = planted_weightless
+    result = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=20, verbose=0)
+    frame = result.sensitivity.set_index("path")
+    assert frame.loc["exp", "reason"] == Reason.OVERFLOW
+    from autoprec.report import reason_text
+
+    text = reason_text(frame.loc["exp"].to_dict() | {"path": "exp"}, result.to_json_dict())
+    assert text.startswith("float32: ") and "> 65504" in text
+    assert "its producer `exp_in` stays mixed_float16" in text
+
+
+def test_a_keras_ops_hazard_is_named_not_blamed_silently():
+    """`ops.exp` after a Dense overflows float16: the Dense stays float32, and the reason says why in words."""
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    i = keras.Input((8,))
+    h = L.Dense(8, name="pre")(i)
+    z = keras.ops.exp(h)
+    out = L.Dense(2, activation="softmax", name="out")(L.Dense(8, activation="relu", name="post")(z))
+    model = keras.Model(i, out)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=30, verbose=0)
+    pre = model.get_layer("pre")
+    pre.bias.assign(pre.bias.numpy() + 12.0)  # exp(h + 12) = e^12 exp(h): past 65504 in float16
+    post = model.get_layer("post")
+    post.kernel.assign(post.kernel.numpy() * np.exp(-12.0))
+    model.predict_function = None
+    result = autoprec.tune(model, (x, y), budget="1%", target="mixed_float16", n_trials=10, verbose=0)
+    frame = result.sensitivity.set_index("path")
+    assert frame.loc["pre", "decision"] == "float32"
+    assert frame.loc["pre", "reason"] == Reason.OP_HAZARD
+    assert frame.loc["pre", "op_hazard"] == "ops.exp"
+    from autoprec.report import reason_text
+
+    text = reason_text(frame.loc["pre"].to_dict(), result.to_json_dict())
+    assert "`ops.exp` after it" in text and "wrap it in a layer" in text
+
+
+def test_decisions_do_not_double_on_a_150_layer_model():
+    """A deep conv net with BatchNorm, ReLU and residual adds: benign weightless layers join, so the search stays small."""
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", name="stem")(i)
+    for b in range(25):
+        h = L.Conv2D(8, 3, padding="same", name=f"b{b}_conv")(x)
+        h = L.BatchNormalization(name=f"b{b}_bn")(h)
+        h = L.ReLU(name=f"b{b}_relu")(h)
+        h = L.Conv2D(8, 1, name=f"b{b}_proj")(h)
+        x = L.Add(name=f"b{b}_add")([x, h])
+        x = L.Activation("relu", name=f"b{b}_act")(x)
+    out = L.Dense(4, activation="softmax", name="out")(L.GlobalAveragePooling2D(name="gap")(x))
+    model = keras.Model(i, out)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    rng = np.random.default_rng(0)
+    x_data = rng.normal(size=(192, 8, 8, 3)).astype("float32")
+    y_data = (x_data[:, :, :, 0].mean(axis=(1, 2)) > 0).astype("int32") + 2 * (x_data[:, 0, 0, 1] > 0)
+    model.fit(x_data, y_data, epochs=6, verbose=0)
+    graph = build_graph(model)
+    assert len(graph.layers) >= 150
+    frame = autoprec.profile(model, (x_data, y_data), target="mixed_bfloat16", method="fast", verbose=0)
+    decisions = int((frame["kind"] == "decision").sum())
+    assert decisions < 1.3 * len(graph.units), (decisions, len(graph.units))
+
+
+def test_cost_model_charges_a_float32_island_both_ways():
+    i = keras.Input((256,))
+    h = L.Dense(256, name="a")(i)
+    h = L.Rescaling(2.0, name="island")(h)
+    out = L.Dense(2, name="out")(L.Dense(256, name="b")(h))
+    g = build_graph(keras.Model(i, out))
+    cm = CostModel(g, device="gpu")
+    stream = {"a": "mixed_float16", "b": "mixed_float16"}
+    island = {**stream, "island": "float32"}
+    per_cast = 1.5 * g["a"].output_bytes / cm.device.bytes_per_s
+    # float32 island: a cast in, a cast out, and its own work at float32 width
+    assert cm.time(island) - cm.time(stream) >= 2 * per_cast
