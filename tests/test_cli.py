@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from autoprec import PrecisionPolicy
-from autoprec.cli import EXIT_ALL_FLOAT32, EXIT_OK, EXIT_USER_ERROR, main
+from autoprec.cli import EXIT_ALL_FLOAT32, EXIT_OK, EXIT_USER_ERROR, main  # forced all-float32: test_pipeline
 from autoprec.graph import build_graph, keyed_layers
 
 from conftest import MODEL_BUILDERS, small_data, trained
@@ -62,18 +62,6 @@ def test_tune_and_report(saved, tmp_path):
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == EXIT_OK
     assert (out / "report.html").exists()
-
-
-def test_all_float32_exit_code(tmp_path):
-    model = trained(MODEL_BUILDERS["functional"]())
-    path = tmp_path / "m.keras"
-    model.save(path)
-    x, y = small_data()
-    np.savez(tmp_path / "d.npz", x=x, y=y)
-    code = main(["tune", str(path), "--data", str(tmp_path / "d.npz"), "--budget", "0", "--trials", "3",
-                 "--target", "mixed_float16", "-o", str(tmp_path / "r"), "--verbose", "0"])
-    meta = json.loads((tmp_path / "r" / "result.json").read_text())
-    assert code == (EXIT_ALL_FLOAT32 if meta["n_16bit"] == 0 else EXIT_OK)
 
 
 @pytest.mark.parametrize("argv, message", [
