@@ -26,6 +26,7 @@ _EXPORTS = {
     "tune": "autoprec.tuner",
     "TuneOptions": "autoprec.tuner",
     "TuneResult": "autoprec.result",
+    "AdaptivePrecision": "autoprec.adaptive",
     "Budget": "autoprec.budget",
     "Reason": "autoprec.decisions",
     "errors": "autoprec.errors",

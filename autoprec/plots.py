@@ -97,6 +97,41 @@ def training_data(saved: Any) -> dict | None:
     return {"float32": training["float32_losses"], "tuned": training["tuned_losses"], "scale": training["loss_scale"]}
 
 
+def timeline_data(saved: Any) -> dict | None:
+    """The policy changes of an adaptive training run, per layer, with the loss and loss scale at each check.
+
+    ``lanes`` holds, for each layer that changed, its ``(start, end, policy)``
+    spans over the steps; ``None`` when the directory holds no adaptive history.
+
+    >>> import pandas as pd
+    >>> events = pd.DataFrame({"step": [98], "layer": ["d2"], "direction": ["promote"], "before": ["mixed_float16"],
+    ...                        "after": ["float32"], "reason": ["OVERFLOW"]})
+    >>> checks = pd.DataFrame({"step": [98, 200], "loss": [float("inf"), 0.01], "loss_scale": [32768.0, 32768.0]})
+    >>> class Saved: adaptive = {"events": events, "checks": checks}
+    >>> timeline_data(Saved())["lanes"]
+    {'d2': [(0, 98, 'mixed_float16'), (98, 200, 'float32')]}
+    """
+    adaptive = getattr(saved, "adaptive", None)
+    if not adaptive:
+        return None
+    events = adaptive["events"].sort_values("step", kind="stable")
+    checks = adaptive["checks"].sort_values("step", kind="stable")
+    last = int(max([1, *checks["step"], *events["step"]]))
+    lanes: dict[str, list[tuple[int, int, str]]] = {}
+    for row in events.to_dict("records"):
+        spans = lanes.setdefault(str(row["layer"]), [(0, last, str(row["before"]))])
+        start, _, policy = spans.pop()
+        spans += [(start, int(row["step"]), policy), (int(row["step"]), last, str(row["after"]))]
+    finite = lambda v: float(v) if v is not None and v == v and math.isfinite(float(v)) else math.nan  # noqa: E731
+    scale = [finite(v) for v in checks["loss_scale"]] if "loss_scale" in checks else []
+    triggers = list(checks["trigger"]) if "trigger" in checks else []
+    return {"lanes": lanes, "last_step": last, "steps": [int(s) for s in checks["step"]],
+            "nonfinite_steps": [int(s) for s, t in zip(checks["step"], triggers) if t == "nonfinite_loss"],
+            "loss": [finite(v) for v in checks["loss"]], "loss_scale": scale if any(v == v for v in scale) else [],
+            "events": [{"step": int(r["step"]), "layer": str(r["layer"]), "direction": str(r["direction"]),
+                        "reason": str(r["reason"])} for r in events.to_dict("records")]}
+
+
 def _true(value: Any) -> bool:
     return value is True or (isinstance(value, str) and value.lower() == "true") or (
         not isinstance(value, str) and value == value and value is not None and bool(value))
@@ -105,13 +140,13 @@ def _true(value: Any) -> bool:
 # --- drawing ----------------------------------------------------------------
 
 
-def _figure(width: float, height: float, ncols: int = 1):
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kwargs: Any):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, ncols, figsize=(width, height))
+    return plt.subplots(nrows, ncols, figsize=(width, height), **kwargs)
 
 
 def _save(fig: Any, path: str) -> None:
@@ -236,6 +271,45 @@ def draw_training(data: dict, path: str) -> None:
     _save(fig, path)
 
 
+def draw_timeline(data: dict, path: str) -> None:
+    from matplotlib.patches import Patch
+
+    lanes = data["lanes"]
+    fig, (top, bottom) = _figure(10, 2.6 + 0.3 * len(lanes), nrows=2, sharex=True,
+                                 gridspec_kw={"height_ratios": [max(1, len(lanes)), 2]})
+    for i, spans in enumerate(lanes.values()):
+        top.broken_barh([(s, max(e - s, 0.5)) for s, e, _ in spans], (i - 0.4, 0.8),
+                        facecolors=[_decision_color(p) for _, _, p in spans])
+    top.set_yticks(range(len(lanes)))
+    top.set_yticklabels(list(lanes), fontsize=8)
+    top.invert_yaxis()
+    used = sorted({p for spans in lanes.values() for _, _, p in spans}, key=lambda d: list(COLORS).index(d) if d in COLORS else 99)
+    top.legend(handles=[Patch(color=_decision_color(p), label=p) for p in used], fontsize=7, loc="center left",
+               bbox_to_anchor=(1.01, 0.5), frameon=False)
+    n = len(data["events"])
+    top.set_title(f"Policy changes during training ({n} change{'s' if n != 1 else ''})" if lanes else "No policy change during training")
+    loss = [v if v > 0 else math.nan for v in data["loss"]]
+    bottom.plot(data["steps"], loss, "o-", markersize=3, color="black", label="loss (logged)")
+    if any(v == v for v in loss):
+        bottom.set_yscale("log")
+    for step in data["nonfinite_steps"]:
+        bottom.annotate("non-finite loss", (step, 1.0), xycoords=("data", "axes fraction"), color="#c44e52",
+                        fontsize=7, ha="right", va="top")
+    bottom.set_xlabel("training step")
+    bottom.set_ylabel("loss")
+    if data["loss_scale"]:
+        twin = bottom.twinx()
+        twin.step(data["steps"], data["loss_scale"], where="post", color="#dd8452", label="loss scale")
+        twin.set_yscale("log", base=2)
+        twin.set_ylabel("loss scale (log2)")
+    for event in data["events"]:
+        for ax in (top, bottom):
+            ax.axvline(event["step"], color="#c44e52" if event["direction"] == "promote" else "#55a868",
+                       linestyle="--", linewidth=0.8)
+    bottom.set_xlim(0, data["last_step"])
+    _save(fig, path)
+
+
 CHARTS = {
     "precision_strip": (strip_data, draw_precision_strip),
     "sensitivity": (sensitivity_data, draw_sensitivity),
@@ -243,4 +317,5 @@ CHARTS = {
     "history": (history_data, draw_history),
     "tradeoff": (tradeoff_data, draw_tradeoff),
     "training": (training_data, draw_training),
+    "timeline": (timeline_data, draw_timeline),
 }

@@ -2,7 +2,10 @@
 
 Everything is regenerated from the files :meth:`TuneResult.save` writes
 (``result.json``, ``sensitivity.csv``, ``trials.csv``, ``policy.json``), so
-``autoprec report DIR`` works on a directory alone. The charts live in
+``autoprec report DIR`` works on a directory alone. A directory where
+:meth:`autoprec.AdaptivePrecision.save` wrote a training history (alone or
+beside a tune result) also gets a timeline of the policy changes, with the
+loss and the loss scale. The charts live in
 :mod:`autoprec.plots` (plain data, then drawing); each layer's sentence comes
 from :func:`autoprec.decisions.sentence`. Every string that comes from the
 model is escaped.
@@ -25,16 +28,20 @@ from autoprec.errors import DataError
 from autoprec.plots import CHARTS
 
 PLOTS = tuple(CHARTS)
+# Written by AdaptivePrecision.save (autoprec.adaptive.HISTORY_FILE and CHECKS_FILE); spelled here so that
+# reading a report does not import Keras. tests/test_adaptive.py holds the two spellings together.
+ADAPTIVE_FILES = ("adaptive_history.csv", "adaptive_checks.csv")
 
 
 @dataclass(frozen=True)
 class Saved:
-    """A saved result: its metadata and tables."""
+    """A saved result: its metadata and tables; ``sensitivity`` is None for an adaptive training run alone."""
 
     meta: dict
     sensitivity: Any
     trials: Any
     directory: str
+    adaptive: dict | None = None  # {"events": DataFrame, "checks": DataFrame} of an adaptive training run
 
 
 def load_saved(directory: str | os.PathLike) -> Saved:
@@ -49,6 +56,9 @@ def load_saved(directory: str | os.PathLike) -> Saved:
     if not os.path.isdir(directory):
         raise DataError(f"Expected a result directory written by TuneResult.save (or `autoprec tune -o DIR`). "
                         f"Received {directory!r}, which is not a directory.")
+    adaptive = load_adaptive(directory)
+    if adaptive is not None and not os.path.isfile(os.path.join(directory, "result.json")):
+        return Saved({}, None, None, directory, adaptive)
     missing = [n for n in ("result.json", "sensitivity.csv", "trials.csv") if not os.path.isfile(os.path.join(directory, n))]
     if missing:
         raise DataError(f"Expected a directory written by TuneResult.save (or `autoprec tune -o DIR`). Received {directory!r}, "
@@ -70,14 +80,43 @@ def load_saved(directory: str | os.PathLike) -> Saved:
         raise DataError(f"Expected {directory}/sensitivity.csv with columns {sorted(needed)} and trials.csv with "
                         "'trial' and 'state'. Regenerate the directory with `autoprec tune`.")
     sensitivity["pinned"] = sensitivity["pinned"].fillna("")
-    return Saved(meta, sensitivity, trials, directory)
+    return Saved(meta, sensitivity, trials, directory, adaptive)
+
+
+def load_adaptive(directory: str) -> dict | None:
+    """The events and checks an adaptive training run saved in ``directory``, or None when it holds none.
+
+    Raises:
+        DataError: the files are there but are not what ``AdaptivePrecision.save`` writes.
+
+    Example:
+        >>> load_adaptive("runs/adaptive")["events"][["step", "layer", "reason"]]  # doctest: +SKIP
+    """
+    import pandas as pd
+
+    paths = [os.path.join(directory, name) for name in ADAPTIVE_FILES]
+    if not os.path.isfile(paths[0]):
+        return None
+    try:
+        events = pd.read_csv(paths[0])
+        checks = pd.read_csv(paths[1]) if os.path.isfile(paths[1]) else pd.DataFrame(columns=["step", "loss", "loss_scale"])
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"Expected the adaptive history in {directory!r} as AdaptivePrecision.save writes it: {exc}.") from None
+    needed = {"step", "layer", "direction", "before", "after", "reason"}
+    if not needed <= set(events.columns) or not {"step", "loss"} <= set(checks.columns):
+        raise DataError(f"Expected {paths[0]} with columns {sorted(needed)} and {ADAPTIVE_FILES[1]} with 'step' and 'loss'. "
+                        "Save them again with AdaptivePrecision.save(directory).")
+    return {"events": events, "checks": checks}
 
 
 def plot_records(saved: Saved) -> dict[str, Any]:
     """Plain data for every chart that applies to this result."""
+    if saved.sensitivity is None:  # an adaptive training run alone
+        return {"timeline": CHARTS["timeline"][0](saved)}
     records = {name: data_fn(saved) for name, (data_fn, _) in CHARTS.items()}
-    if records.get("training") is None:
-        records.pop("training", None)
+    for name in ("training", "timeline"):
+        if records.get(name) is None:
+            records.pop(name, None)
     if not records["ranges"]["act"]:
         records.pop("ranges")
     return records
@@ -159,7 +198,61 @@ def _num(value: Any) -> str:
     return "nan" if value is None else f"{float(value):.4g}"
 
 
+def _adaptive_lines(saved: Saved) -> list[str]:
+    """The adaptive training run in a few sentences."""
+    events, checks = saved.adaptive["events"], saved.adaptive["checks"]
+    promoted = int((events["direction"] == "promote").sum())
+    steps = int(checks["step"].max()) if len(checks) else 0
+    lines = [f"{len(events)} policy changes ({promoted} to float32, {len(events) - promoted} to 16-bit) over {steps} "
+             f"steps and {len(checks)} checks."]
+    if len(checks):
+        last = checks.iloc[-1]
+        scale = last.get("loss_scale")
+        lines.append(f"At the last check: loss {_num(last['loss'])}, loss scale "
+                     f"{_num(scale) if scale == scale and scale is not None else 'none (no LossScaleOptimizer)'}"
+                     + (f", {int(last['layers_16bit'])} layers in 16-bit." if "layers_16bit" in last else "."))
+    return lines
+
+
+def _event_rows(saved: Saved) -> list[dict]:
+    rows = []
+    for r in saved.adaptive["events"].sort_values("step", kind="stable").to_dict("records"):
+        why = r.get("why") if isinstance(r.get("why"), str) else f"{r['before']} -> {r['after']}"
+        rows.append({"step": int(r["step"]), "layer": r["layer"], "reason": r["reason"], "why": why})
+    return rows
+
+
+def _adaptive_markdown(saved: Saved, images: dict[str, str]) -> list[str]:
+    if saved.adaptive is None:
+        return []
+    lines = ["", "## Adaptive precision during training", ""] + [_md(t) for t in _adaptive_lines(saved)]
+    if "timeline" in images:
+        lines += ["", f"![policy timeline]({images['timeline']})"]
+    if len(saved.adaptive["events"]):
+        lines += ["", "| step | layer | reason | change |", "|---:|---|---|---|"]
+        lines += [f"| {r['step']} | `{html.escape(str(r['layer']))}` | {_md(r['reason'])} | {_md(r['why'])} |"
+                  for r in _event_rows(saved)]
+    return lines
+
+
+def _adaptive_html(saved: Saved, images: dict[str, str]) -> list[str]:
+    if saved.adaptive is None:
+        return []
+    esc = lambda s: html.escape(str(s), quote=True)  # noqa: E731
+    parts = ["<h2>Adaptive precision during training</h2>"] + [f"<p>{esc(t)}</p>" for t in _adaptive_lines(saved)]
+    if "timeline" in images:
+        parts.append(f"<img alt='policy timeline' src='{_data_uri(os.path.join(saved.directory, images['timeline']))}'>")
+    if len(saved.adaptive["events"]):
+        parts.append("<table><thead><tr><th>step</th><th>layer</th><th>reason</th><th>change</th></tr></thead><tbody>")
+        parts += [f"<tr><td class='num'>{r['step']}</td><td><code>{esc(r['layer'])}</code></td><td>{esc(r['reason'])}</td>"
+                  f"<td>{esc(r['why'])}</td></tr>" for r in _event_rows(saved)]
+        parts.append("</tbody></table>")
+    return parts
+
+
 def render_markdown(saved: Saved, images: dict[str, str]) -> str:
+    if saved.sensitivity is None:
+        return "\n".join(["# autoprec report", *_adaptive_markdown(saved, images)]) + "\n"
     lines = ["# autoprec report", ""]
     lines += [f"- **{_md(k)}**: {_md(v)}" for k, v in _headline(saved)]
     if "precision_strip" in images:
@@ -171,9 +264,10 @@ def render_markdown(saved: Saved, images: dict[str, str]) -> str:
     training = _training_lines(saved)
     if training:
         lines += ["", "## Training check", ""] + [_md(t) for t in training]
+    lines += _adaptive_markdown(saved, images)
     lines += ["", "## Plots", ""]
     for name in PLOTS[1:]:
-        if name in images:
+        if name in images and name != "timeline":
             lines += [f"![{name}]({images[name]})", ""]
     return "\n".join(lines) + "\n"
 
@@ -187,8 +281,11 @@ dl{display:grid;grid-template-columns:max-content auto;gap:4px 16px}dt{font-weig
 
 def render_html(saved: Saved, images: dict[str, str]) -> str:
     esc = lambda s: html.escape(str(s), quote=True)  # noqa: E731
-    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>autoprec report</title>",
-             f"<style>{_CSS}</style></head><body><h1>autoprec report</h1><dl>"]
+    head = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>autoprec report</title>",
+            f"<style>{_CSS}</style></head><body><h1>autoprec report</h1>"]
+    if saved.sensitivity is None:
+        return "\n".join([*head, *_adaptive_html(saved, images), "</body></html>"])
+    parts = [*head, "<dl>"]
     parts += [f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in _headline(saved)]
     parts.append("</dl>")
     if "precision_strip" in images:
@@ -203,9 +300,10 @@ def render_html(saved: Saved, images: dict[str, str]) -> str:
     training = _training_lines(saved)
     if training:
         parts.append("<h2>Training check</h2>" + "".join(f"<p>{esc(t)}</p>" for t in training))
+    parts += _adaptive_html(saved, images)
     parts.append("<h2>Plots</h2>")
     for name in PLOTS[1:]:
-        if name in images:
+        if name in images and name != "timeline":
             parts.append(f"<img alt='{esc(name)}' src='{_data_uri(os.path.join(saved.directory, images[name]))}'>")
     parts.append("</body></html>")
     return "\n".join(parts)
