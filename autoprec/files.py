@@ -189,11 +189,12 @@ def _remove_stale(parent: str, name: str) -> None:
         if not entry.startswith(prefix):
             continue
         pid = entry[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while a process of this id exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -194,6 +194,24 @@ class ModelGraph:
                     out[sub] = nodes[info.path]
         return out
 
+    def deciders(self, path: str) -> list[str]:
+        """The nearest layers upstream of ``path`` that compute with a policy (through movement and ops nodes).
+
+        They decide the precision a ``keras.ops`` node computes in.
+        """
+        out, frontier, seen = [], list(self[path].producers), set()
+        while frontier:
+            node = frontier.pop()
+            if node in seen or node not in self:
+                continue
+            seen.add(node)
+            info = self[node]
+            if info.is_layer and info.role != MOVEMENT:
+                out.append(node)
+            else:
+                frontier.extend(info.producers)
+        return out
+
     def all_paths(self) -> list[str]:
         """Every path a policy covers: leaf layers and the sublayers inside them."""
         return [p for info in self.layers if info.is_layer for p in (info.path, *info.sublayers)]

@@ -22,6 +22,7 @@ its bound.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -79,6 +80,12 @@ class Session:
     passes: int = 0
     _cache: dict = field(default_factory=dict, repr=False)
 
+    @functools.cached_property
+    def binary_values(self) -> bool:
+        """Each sample is right (1) or wrong (0) in the float32 baseline: accuracy-like metrics."""
+        v = self.baseline_values
+        return v is not None and bool(np.all((v == 0) | (v == 1)))
+
     def evaluate(self, assignment: Mapping[str, str], *, budget: Budget | None = None,
                  harm_above: float | None = None) -> Evaluation:
         """Score ``assignment`` in one pass.
@@ -91,6 +98,9 @@ class Session:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
+        if harm_above is not None and not self.binary_values:
+            # Harm is max(drop, 0) here: the certain bound on the drop stops the pass early.
+            budget, harm_above = Budget(harm_above), None
         self.engine.set_assignment(dict(assignment))
         self.passes += 1
         result = _Pass(self, budget, harm_above).run()
@@ -187,7 +197,7 @@ class _Pass:
                                    harm=self.hsum / s.data.n)
         if values:
             value = float(np.mean(np.concatenate(values)))
-            return _evaluation(s, value, nonfinite, num, den, seen, harm=self.hsum / s.data.n)
+            return _evaluation(s, value, nonfinite, num, den, seen, harm=self.hsum / s.data.n if s.binary_values else None)
         import keras
 
         value = s.metric.compute(s.data.y, keras.tree.map_structure(lambda *p: np.concatenate(p), *outputs))
@@ -200,7 +210,10 @@ class _Pass:
             d = (b - vals) if self.s.metric.higher_is_better else (vals - b)
             finite = np.isfinite(d)
             self.dsum += float(d[finite].sum()) if finite.all() else math.inf
-            self.hsum += float(np.clip(d[finite], 0, None).sum()) if finite.all() else math.inf
+            # One-sided only where a sample is simply right or wrong: a continuous per-sample value
+            # moves a little everywhere, and its positive parts would add up to noise.
+            losses = np.clip(d, 0, None) if self.s.binary_values else None
+            self.hsum += (float(losses.sum()) if finite.all() else math.inf) if losses is not None else 0.0
         if self.budget is None:
             return None
         if bad or not math.isfinite(self.dsum):
@@ -238,7 +251,7 @@ def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...]
         model = clone_with_policies(model, graph.resolve({}))
         graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
     if batch_size == "auto":
-        ev = ev.rebatch(auto_batch_size(graph, budget_bytes=256 << 20, cap=256))
+        ev = ev.rebatch(auto_batch_size(graph, budget_bytes=EVAL_MEMORY, cap=256))
     formats = tuple(formats or (target,))
     engine = make_engine(model, graph, formats=formats)
     outputs = [out for out, _ in (engine.forward(x, y) for x, y in ev.batches())]
@@ -256,14 +269,19 @@ def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...]
     return Session(model, graph, ev, resolved, engine, target, formats, baseline, outputs, values)
 
 
-def auto_batch_size(graph: ModelGraph, *, budget_bytes: int, cap: int, per_sample: float | None = None) -> int:
-    """The largest batch whose activations fit ``budget_bytes``.
+EVAL_MEMORY = 256 << 20  # bytes of activations one evaluation batch may hold
 
-    ``per_sample`` is the bytes one sample needs (default: twice the largest
-    layer output, what an inference pass holds at once).
+
+def auto_batch_size(graph: ModelGraph, *, budget_bytes: int, cap: int, per_sample: float | None = None,
+                    floor: int = 8) -> int:
+    """The largest batch whose activations fit ``budget_bytes`` (at least ``floor``, at most ``cap``).
+
+    ``per_sample`` is the bytes one sample needs; by default every layer's
+    output, which is what a traced pass was measured to hold (its rounding
+    branches keep more than the one or two outputs a plain predict holds).
     """
-    need = per_sample if per_sample is not None else 2.0 * max((i.output_bytes for i in graph.layers), default=4.0)
-    return int(max(1, min(cap, budget_bytes // max(need, 1.0))))
+    need = per_sample if per_sample is not None else sum(i.output_bytes for i in graph.layers) or 4.0
+    return int(max(min(floor, cap), min(cap, budget_bytes // max(need, 1.0))))
 
 
 def _check_weights(model: Any) -> None:

@@ -84,6 +84,31 @@ def _is_creation_race(exc: Exception) -> bool:
                                    "duplicatedstudyerror", "database is locked"))
 
 
+def fail_orphans(study: Any) -> list[int]:
+    """Mark FAIL the trials left RUNNING by a worker of this machine that no longer exists (killed mid-trial).
+
+    A trial records its worker (``host:pid``) when it starts. A worker on
+    another machine cannot be checked from here and is left alone.
+    """
+    import socket
+
+    import optuna
+
+    from autoprec.files import process_alive
+
+    failed = []
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = str(trial.user_attrs.get("worker", ""))
+        name, _, pid = worker.rpartition(":")
+        if name == host and pid.isdigit() and not process_alive(int(pid)):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            failed.append(trial.number)
+    if failed:
+        logger.info("autoprec: marked %d trial(s) of a killed worker as failed: %s.", len(failed), failed)
+    return failed
+
+
 def record_or_check(study: Any, facts: dict[str, Any], *, budget: str) -> None:
     """Record what this study is judged under, or check a resumed study describes the same search.
 

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -89,6 +90,10 @@ class TuneOptions:
         """
         from autoprec.data import NONFINITE_MODES, check_batch_size
 
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            valid = sorted({f.name for f in dataclasses.fields(cls)} - {"choices", "target_why"} | {"candidates"})
+            raise ArgumentError(f"Expected options of tune among {valid}. Received unknown option(s): {unknown}.")
         budget = Budget.get(budget)
         target, why = resolve_target(target)
         choices = _check_candidates(candidates, target)
@@ -334,7 +339,7 @@ def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: 
     import optuna
 
     from autoprec.search import Search, make_sampler
-    from autoprec.study import open_study, record_or_check
+    from autoprec.study import fail_orphans, open_study, record_or_check
 
     name = opts.study_name or (f"autoprec-{getattr(session.model, 'name', 'model')}-{opts.target}-"
                                f"{opts.budget.max_drop:g}{'rel' if opts.budget.relative else ''}-seed{opts.seed}")
@@ -342,6 +347,7 @@ def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar replaces Optuna's per-trial log
     try:
         study = open_study(name, opts.storage, make_sampler(opts.seed))
+        fail_orphans(study)
         record_or_check(study, {"keys": list(space.keys), "choices": list(space.choices), "baseline": session.baseline,
                                 "fingerprint": session.fingerprint(), "metric": session.metric.name}, budget=str(opts.budget))
         bar = progress.stage("search", total=opts.n_trials, unit="trial")
@@ -579,17 +585,8 @@ def op_hazards(graph: Any, frame: Any) -> dict[str, str]:
         row = rows.get(info.path, {})
         if not (_positive(row.get("act_overflow")) or _positive(row.get("act_nonfinite")) or _positive(row.get("act_flush"), 0.01)):
             continue
-        frontier, seen = list(info.producers), set()
-        while frontier:
-            path = frontier.pop()
-            if path in seen or path not in graph:
-                continue
-            seen.add(path)
-            producer = graph[path]
-            if producer.is_layer and producer.role != "movement":
-                out.setdefault(path, f"ops.{info.class_name.lower()}")
-            else:
-                frontier.extend(producer.producers)
+        for path in graph.deciders(info.path):
+            out.setdefault(path, f"ops.{info.class_name.lower()}")
     return out
 
 

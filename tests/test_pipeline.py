@@ -100,35 +100,33 @@ def test_timeout_stops_the_search_early(planted):
     assert len(result.trials) < 500
 
 
-def test_measured_cost_keeps_force_16bit_when_nothing_is_feasible(planted, monkeypatch):
-    """Bug (a): with cost='measured' and no feasible candidate, the forced layers stayed 16-bit only on the other path."""
-    model, _, val, _ = planted
-    measured = []
+@pytest.fixture()
+def measured(monkeypatch):
+    """Every list of assignments whose speed was measured (with 3 timed steps, to stay quick)."""
+    calls = []
     original = tuner.measure_speedups
 
     def record(session, assignments, **kwargs):
-        measured.append(assignments)
+        calls.append(assignments)
         return original(session, assignments, steps=3)
 
     monkeypatch.setattr(tuner, "measure_speedups", record)
+    return calls
+
+
+def test_measured_cost_keeps_force_16bit_when_nothing_is_feasible(planted, measured):
+    """Bug (a): with cost='measured' and no feasible candidate, the forced layers stayed 16-bit only on the other path."""
+    model, _, val, _ = planted
     result = autoprec.tune(model, val, budget="0%", target="mixed_float16", force_16bit=["d3"], cost="measured",
                            n_trials=6, max_fallbacks=0, verbose=0)
     assert result.policy["d3"] == "mixed_float16"
     assert measured[-1][0]["d3"] == "mixed_float16"  # bug (b): the last timing is of the final policy
 
 
-def test_measured_speedup_describes_the_final_policy(planted, monkeypatch):
+def test_measured_speedup_describes_the_final_policy(planted, monkeypatch, measured):
     """Bug (b): measured_speedup was timed before the fallbacks, for another assignment than the result's."""
     model, _, val, _ = planted
     _failing_verification(monkeypatch, times=1)
-    measured = []
-    original = tuner.measure_speedups
-
-    def record(session, assignments, **kwargs):
-        measured.append(assignments)
-        return original(session, assignments, steps=3)
-
-    monkeypatch.setattr(tuner, "measure_speedups", record)
     result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", cost="measured", n_trials=15, verbose=0)
     assert result.verification["fallbacks"] and result.measured_speedup is not None
     final = measured[-1]
