@@ -304,13 +304,22 @@ def ablation_tolerance(session: Session, budget: Budget) -> float:
 
 
 def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
+    """Statistics and score always; group-tested ablation only when the search will need a ranking.
+
+    When every eligible layer in the target format already meets the budget,
+    the search stops at its first trial, and the ablation would rank layers
+    for nothing: it is skipped (the verification still checks the winner).
+    """
     from autoprec import backends
     from autoprec.sensitivity import profile
 
-    method = "full" if backends.name() in ("tensorflow", "jax") or session.graph.kind == SUBCLASSED else "ablation"
+    gradients = backends.name() in ("tensorflow", "jax") and session.graph.kind != SUBCLASSED
     progress.say(f"autoprec: target {opts.target}; budget {opts.budget}: "
                  + opts.budget.formula(metric=session.metric.name, higher_is_better=session.metric.higher_is_better,
                                        baseline=session.baseline))
+    everything = {i.path: opts.target for i in session.graph.eligible}
+    all_fit = opts.budget.feasible(baseline=session.baseline, drop=session.evaluate(everything, budget=opts.budget).drop)
+    method = ("fast" if all_fit else "full") if gradients else "ablation"
     frame = profile(session.model, None, target=opts.target, method=method, profile_batch_size=opts.profile_batch_size,
                     tolerance=ablation_tolerance(session, opts.budget),
                     max_ablation_passes=len(session.graph.eligible) + 8, verbose=opts.verbose, session=session)
