@@ -20,7 +20,8 @@ from typing import Any
 
 from autoprec.decisions import Reason
 from autoprec.errors import ArgumentError, UnsupportedModelError, describe
-from autoprec.formats import FLOAT32, MIXED_FLOAT16
+from autoprec.formats import FLOAT32, MIXED_FLOAT16, is_quantized
+from autoprec.quantize import calibrate_model, quantize_in_place, split
 from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers
 from autoprec.policy import PrecisionPolicy
 
@@ -28,7 +29,7 @@ logger = logging.getLogger("autoprec")
 
 
 def apply_policy(model: Any, policy: Any, *, optimizer: Any = None, inplace: bool = False,
-                 graph: ModelGraph | None = None) -> Any:
+                 graph: ModelGraph | None = None, calibration_data: Any = None) -> Any:
     """A model whose layers compute in the precision the policy names.
 
     Functional and Sequential models (nested ones too) are cloned with a dtype
@@ -52,6 +53,8 @@ def apply_policy(model: Any, policy: Any, *, optimizer: Any = None, inplace: boo
             model's own (unwrapped from any LossScaleOptimizer first).
         inplace: change ``model`` itself instead of returning a clone.
         graph: a graph of ``model`` already built (saves walking it again).
+        calibration_data: data to set float8 layers' scales from (see
+            :mod:`autoprec.quantize`); without it they start at Keras's 1.0.
 
     Returns:
         The model carrying the policy, compiled if ``model`` was (or an
@@ -83,7 +86,9 @@ def apply_policy(model: Any, policy: Any, *, optimizer: Any = None, inplace: boo
         set_policies_in_place(model, names)
     else:
         target = clone_with_policies(model, names)
-    compile_like(model, target, uses_float16=any(n == MIXED_FLOAT16 for n in names.values()), optimizer=optimizer)
+    if calibration_data is not None:
+        calibrate_model(target, calibration_data)
+    compile_like(model, target, uses_float16=any(split(n)[1] == MIXED_FLOAT16 for n in names.values()), optimizer=optimizer)
     return target
 
 
@@ -131,7 +136,8 @@ def clone_with_policies(model: Any, names: dict[str, str]) -> Any:
         config = layer.get_config()
         key = keys.get(id(layer))
         if key in names:
-            config["dtype"] = names[key]
+            # A quantized entry is cloned with its float part; Keras's quantize runs once the weights are in.
+            config["dtype"] = split(names[key])[1]
         return layer.__class__.from_config(config)
 
     try:
@@ -146,11 +152,14 @@ def clone_with_policies(model: Any, names: dict[str, str]) -> Any:
         twin = new_layers.get(key)
         if twin is None:
             continue
-        if key in names and twin.dtype_policy.name != names[key]:
+        base = split(names[key])[1] if key in names else None
+        if base is not None and twin.dtype_policy.name != base:
             # Sublayers created inside a custom layer's __init__ do not inherit
             # the parent's dtype; setting it on the built layer does (Keras 3.15).
-            twin.dtype_policy = names[key]
+            twin.dtype_policy = base
         copy_weights(layer, twin, key)
+        if key in names and is_quantized(names[key]):
+            quantize_in_place(twin, names[key])
     return clone
 
 

@@ -27,6 +27,8 @@ from typing import Any
 from autoprec.errors import ArgumentError, describe
 from autoprec.formats import FLOAT32, FLOAT64, MIXED_BFLOAT16, MIXED_FLOAT16
 from autoprec.graph import ModelGraph
+from autoprec.quantize import split
+from autoprec.quantize import weight_bytes as weight_bytes_of
 
 _ALIGNED_CLASSES = {"Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
                     "Conv3DTranspose", "SeparableConv1D", "SeparableConv2D", "MultiHeadAttention", "LSTM", "GRU"}
@@ -81,8 +83,11 @@ class CostModel:
         >>> cm.speedup({"dense": "mixed_float16"})  # doctest: +SKIP
     """
 
-    def __init__(self, graph: ModelGraph, *, device: str | Device = "cpu", batch_size: int = 64) -> None:
+    def __init__(self, graph: ModelGraph, *, device: str | Device = "cpu", batch_size: int = 64,
+                 quantized_speed: Mapping[str, float] | None = None) -> None:
         self.batch_size = batch_size
+        # Speed of each quantized mode against float32 on this device: measured, never assumed.
+        self.quantized_speed = dict(quantized_speed or {})
         if isinstance(device, str):
             if device not in DEVICES:
                 raise ArgumentError(f"Expected device to be one of {sorted(DEVICES)}. Received: device={describe(device)}.")
@@ -90,6 +95,7 @@ class CostModel:
         self.graph, self.device = graph, device
         self._misaligned = {i.path for i in graph.layers if device.tensor_cores and misaligned(i)}
         self._baseline = self.time({})
+        self._bytes = self.weight_bytes({})
 
     @property
     def flagged(self) -> set[str]:
@@ -98,9 +104,14 @@ class CostModel:
 
     def _layer_time(self, info: Any, name: str, input_bytes: float) -> float:
         d = self.device
-        # weights are read once per batch, not per sample
-        weight_bytes = 4.0 * info.params / self.batch_size
+        mode, base = split(name)
+        # weights are read once per batch, not per sample, at their stored width
+        weight_bytes = weight_bytes_of(info.params, name) / self.batch_size
         activations = info.output_bytes + input_bytes
+        if mode is not None:
+            speed = self.quantized_speed.get(mode, 1.0) * (d.speed.get(base, 1.0) if base != FLOAT32 else 1.0)
+            width = 2.0 if base in d.speed else 1.0
+            return info.flops / (d.flops_per_s * speed) + (activations / width + weight_bytes) / d.bytes_per_s
         if name in (FLOAT32, FLOAT64) or name not in d.speed:
             factor = 0.5 if name == FLOAT64 else 1.0
             return info.flops / (d.flops_per_s * factor) + (activations + weight_bytes) / d.bytes_per_s
@@ -116,7 +127,7 @@ class CostModel:
             mine = names[info.path]
             total += self._layer_time(info, mine, sum(by_path[p].output_bytes for p in info.producers))
             for producer in info.producers:
-                if names[producer] != mine:
+                if split(names[producer])[1] != split(mine)[1]:
                     # A cast at a precision boundary, either way (a float32 island in a
                     # 16-bit stream pays one in and one out): it reads the tensor at one
                     # width and writes it at the other, 1.5x its float32 bytes.
@@ -127,3 +138,13 @@ class CostModel:
         """``time(all float32) / time(assignment)``."""
         t = self.time(assignment)
         return self._baseline / t if t > 0 else 1.0
+
+    def weight_bytes(self, assignment: Mapping[str, str]) -> float:
+        """The model's weight bytes in storage under ``assignment`` (every layer, mixed policies keep float32 weights)."""
+        names = self.graph.resolve_nodes(assignment)
+        return float(sum(weight_bytes_of(i.params, names[i.path]) for i in self.graph.layers if i.is_layer))
+
+    def size_ratio(self, assignment: Mapping[str, str]) -> float:
+        """``weight bytes(all float32) / weight bytes(assignment)``: how many times smaller the weights get."""
+        size = self.weight_bytes(assignment)
+        return self._bytes / size if size > 0 else 1.0

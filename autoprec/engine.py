@@ -39,7 +39,7 @@ import numpy as np
 from autoprec import backends
 from autoprec.apply import set_policies_in_place
 from autoprec.errors import PolicyError, UnsupportedModelError
-from autoprec.formats import FLOAT32, LOW_PRECISION, compute_dtype
+from autoprec.formats import FLOAT32, LOW_PRECISION, compute_dtype, is_quantized
 from autoprec.graph import MOVEMENT, SUBCLASSED, ModelGraph, _is_model, graph_function
 from autoprec.metrics import Metric
 
@@ -96,9 +96,9 @@ class SimEngine:
     def __init__(self, model: Any, graph: ModelGraph, *, formats: tuple[str, ...], metric: Metric | None = None) -> None:
         if graph.kind == SUBCLASSED:
             raise UnsupportedModelError("SimEngine needs a Functional or Sequential model; use RealEngine.")
-        unknown = [f for f in formats if f not in LOW_PRECISION]
+        unknown = [f for f in formats if f not in LOW_PRECISION and not is_quantized(f)]
         if unknown:
-            raise PolicyError(f"Expected formats among {list(LOW_PRECISION)}. Received {unknown}.")
+            raise PolicyError(f"Expected formats among {list(LOW_PRECISION)} or quantized policy names. Received {unknown}.")
         not_f32 = [i.path for i in graph.layers if i.is_layer and i.pinned is None and i.layer.compute_dtype != "float32"]
         if not_f32:
             raise UnsupportedModelError(
@@ -107,7 +107,8 @@ class SimEngine:
             )
         self.model, self.graph, self.formats, self.metric = model, graph, tuple(formats), metric
         self._index = {info.path: i for i, info in enumerate(graph.layers)}
-        self._dtypes = [compute_dtype(f) for f in self.formats]
+        self._dtypes = [compute_dtype(f.rsplit("_from_", 1)[-1]) for f in self.formats]
+        self._twins = _quantized_twins(graph, self.formats)
         self.codes = np.zeros(len(graph.layers), np.int32)
         self.traces = 0
         self._forward = backends.compile_function(self._forward_impl)
@@ -157,9 +158,12 @@ class SimEngine:
             path = self.graph.key(op)
             info = self.graph[path]
             rounds = codes is not None and info.role != MOVEMENT and info.pinned is None
+            twins = self._twins.get(path)
 
             def simulated(*args, **kwargs):
-                if rounds:
+                if rounds and twins:
+                    out = self._switch_call(op, call, codes[self._index[path]], twins, args, kwargs)
+                elif rounds:
                     out = call_rounded(op, call, self.rounder(codes[self._index[path]]), args, kwargs)
                 else:
                     out = call(*args, **kwargs)
@@ -172,6 +176,48 @@ class SimEngine:
             return simulated
 
         return fn._run_through_graph(x, operation_fn=operation)
+
+    def _switch_call(self, op: Any, call: Callable, code: Any, twins: dict[int, Any], args: tuple, kwargs: dict) -> Any:
+        """The layer in the format ``code`` selects: rounded float formats, or its quantized twin."""
+        import keras
+        from keras import ops
+        from keras.src.models.functional import operation_fn as keras_operation_fn
+
+        def as_float32(out: Any) -> Any:
+            return keras.tree.map_structure(lambda t: ops.cast(t, "float32") if "float" in str(t.dtype) else t, out)
+
+        branches = [lambda: call(*args, **kwargs)]
+        for index, dtype in enumerate(self._dtypes, start=1):
+            if index in twins:
+                twin_call = keras_operation_fn(twins[index], training=False)
+                branches.append(lambda c=twin_call: as_float32(c(*args, **kwargs)))
+            else:
+                branches.append(lambda d=dtype: call_rounded(op, call, round_with(d), args, kwargs))
+        return ops.switch(code, branches)
+
+    def calibrate(self, batches: Any) -> None:
+        """Set the float8 twins' scales from the largest inputs each layer sees on ``batches``."""
+        from keras import ops
+
+        from autoprec.quantize import calibrate_float8
+
+        float8 = {path: [t for i, t in twins.items() if self.formats[i - 1].startswith("float8")]
+                  for path, twins in self._twins.items()}
+        float8 = {p: t for p, t in float8.items() if t}
+        if not float8:
+            return
+        amax: dict[str, float] = {}
+
+        def hook(path, op, call, args, kwargs, out):
+            if path in float8 and args and hasattr(args[0], "dtype"):
+                amax[path] = max(amax.get(path, 0.0), float(ops.convert_to_numpy(ops.max(ops.abs(args[0])))))
+            return None
+
+        for x, _ in batches:
+            self.run(x, None, hook)
+        for path, layers in float8.items():
+            for layer in layers:
+                calibrate_float8(layer, amax.get(path, 0.0))
 
     def rounder(self, code: Any) -> Callable[[Any], Any]:
         """A function that rounds a float32 tensor to the format ``code`` selects (0: unchanged)."""
@@ -193,6 +239,17 @@ class SimEngine:
             return out
 
         return rnd
+
+
+def _quantized_twins(graph: ModelGraph, formats: tuple[str, ...]) -> dict[str, dict[int, Any]]:
+    """For each quantizable layer, a quantized twin per quantized format (keyed by the format's code)."""
+    from autoprec.quantize import quantized_twin
+
+    wanted = [(index, fmt) for index, fmt in enumerate(formats, start=1) if is_quantized(fmt)]
+    if not wanted:
+        return {}
+    return {info.path: {index: quantized_twin(info.layer, fmt) for index, fmt in wanted}
+            for info in graph.layers if info.quantizable and info.pinned is None}
 
 
 def round_with(dtype: str) -> Callable[[Any], Any]:

@@ -26,6 +26,7 @@ MIXED_BFLOAT16 = "mixed_bfloat16"
 LOW_PRECISION = (MIXED_FLOAT16, MIXED_BFLOAT16)
 TARGETS = LOW_PRECISION
 POLICY_NAMES = (FLOAT32, MIXED_FLOAT16, MIXED_BFLOAT16, FLOAT64)
+QUANTIZED_MODES = ("int8", "int4", "float8")  # Keras's layer.quantize modes offered as candidates
 
 # keras.optimizers.LossScaleOptimizer(initial_scale=2**15): the scale a
 # float16 training run starts at, and the one gradient statistics are judged
@@ -90,20 +91,34 @@ def compute_dtype(name: str) -> str:
     return keras.DTypePolicy(name).compute_dtype
 
 
+def is_quantized(name: object) -> bool:
+    """A Keras quantized policy name autoprec accepts: ``{int8,int4,float8}_from_{float32,mixed_*}``.
+
+    >>> is_quantized("int8_from_mixed_bfloat16"), is_quantized("int8_from_mixed_float16")
+    (True, False)
+    """
+    if not isinstance(name, str) or "_from_" not in name:
+        return False
+    mode, base = name.split("_from_", 1)
+    # Keras refuses int8 with float16 compute ("doesn't work well with compute_dtype='float16'").
+    return mode in QUANTIZED_MODES and base in (FLOAT32, *LOW_PRECISION) and (mode, base) != ("int8", MIXED_FLOAT16)
+
+
 def check_policy_name(name: object, *, what: str = "policy") -> str:
     """Return ``name`` if it is an accepted policy name, else raise :class:`PolicyError`.
 
     >>> check_policy_name("mixed_bfloat16")
     'mixed_bfloat16'
     """
-    if isinstance(name, str) and name in POLICY_NAMES:
+    if isinstance(name, str) and (name in POLICY_NAMES or is_quantized(name)):
         return name
     hint = ""
     if name in ("float16", "bfloat16"):
         # A pure 16-bit policy set after build does not really compute in 16-bit
         # (Keras 3.15); the mixed policies keep float32 variables and do.
         hint = f" Use 'mixed_{name}' instead: it computes in {name} and keeps float32 weights."
-    raise PolicyError(f"Expected a {what} name, one of {list(POLICY_NAMES)}. Received: {describe(name)}.{hint}")
+    raise PolicyError(f"Expected a {what} name, one of {list(POLICY_NAMES)} or a quantized one such as "
+                      f"'int8_from_mixed_bfloat16'. Received: {describe(name)}.{hint}")
 
 
 def resolve_target(target: object) -> tuple[str, str]:

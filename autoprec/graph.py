@@ -79,6 +79,7 @@ class LayerInfo:
     sublayers: tuple[str, ...] = ()
     sublayer_classes: tuple[str, ...] = ()
     sublayer_keras_paths: tuple[str, ...] = ()
+    quantizable: bool = False  # Keras can quantize it (Dense, EinsumDense, Embedding): int8/int4/float8 candidates
     layer: Any = field(default=None, compare=False, repr=False)
 
     @property
@@ -167,7 +168,8 @@ class ModelGraph:
             elif info.role == WEIGHTED:
                 name = FLOAT32
             else:
-                chosen = {out.get(p, FLOAT32) for p in info.producers} or {FLOAT32}
+                # A quantized producer hands on its float part (int8_from_mixed_bfloat16 outputs bfloat16).
+                chosen = {out.get(p, FLOAT32).rsplit("_from_", 1)[-1] for p in info.producers} or {FLOAT32}
                 name = chosen.pop() if len(chosen) == 1 else FLOAT32
                 name = name if name in LOW_PRECISION else FLOAT32
             out[info.path] = name
@@ -402,7 +404,7 @@ def _info(order: int, rec: dict[str, Any], pinned: str | None) -> LayerInfo:
         producers=tuple(dict.fromkeys(rec["producers"])), parent=rec["containers"][-1] if rec["containers"] else None,
         policy=rec["policy"], keras_path=rec["keras_path"], containers=rec["containers"],
         sublayers=tuple(s[0] for s in rec["sublayers"]), sublayer_classes=tuple(s[1] for s in rec["sublayers"]),
-        sublayer_keras_paths=tuple(s[2] for s in rec["sublayers"]), layer=rec["layer"],
+        sublayer_keras_paths=tuple(s[2] for s in rec["sublayers"]), quantizable=rec["quantizable"], layer=rec["layer"],
     )
 
 
@@ -549,7 +551,7 @@ class _Walker:
             "keras_path": (getattr(layer, "path", None) or "") if is_layer else "",
             "sublayers": [(layer_key(s, self.containers), type(s).__name__, getattr(s, "path", None) or "")
                           for s in layer._flatten_layers(include_self=False)] if is_layer else [],
-            "layer": layer, "activation": _activation_name(layer),
+            "layer": layer, "activation": _activation_name(layer), "quantizable": is_layer and _quantizable(layer),
         }
         self.by_id[id(layer)] = rec
         self.records.append(rec)
@@ -588,6 +590,12 @@ def _record_calls(model: Any, leaves: list, sample: Any) -> tuple[dict[int, tupl
             else:
                 object.__setattr__(layer, "call", originals[id(layer)])
     return shapes, order
+
+
+def _quantizable(layer: Any) -> bool:
+    from autoprec.quantize import is_quantizable
+
+    return is_quantizable(layer)
 
 
 def _is_layer(op: Any) -> bool:

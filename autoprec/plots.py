@@ -17,12 +17,13 @@ from autoprec.formats import DEFAULT_LOSS_SCALE, MIXED_FLOAT16
 from autoprec.formats import get as get_format
 
 COLORS = {"float32": "#4c72b0", "mixed_float16": "#dd8452", "mixed_bfloat16": "#55a868", "float64": "#8172b3",
-          "follows": "#bbbbbb"}
+          "follows": "#bbbbbb", "int8": "#c44e52", "int4": "#937860", "float8": "#da8bc3"}
 
 
 def _decision_color(decision: Any) -> str:
     text = decision if isinstance(decision, str) else "follows"
-    return COLORS.get(text if not text.startswith("follows") else "follows", "#999999")
+    text = "follows" if text.startswith("follows") else text.split("_from_", 1)[0].split("/", 1)[0]
+    return COLORS.get(text, "#999999")
 
 
 def _legend_key(decision: Any) -> str:
@@ -75,18 +76,21 @@ def history_data(saved: Any) -> dict:
 
 
 def tradeoff_data(saved: Any) -> dict:
-    """Every completed trial: estimated speed-up against drop, feasible or not, with the budget and the choice."""
+    """Every completed trial: what the search optimised (speed-up or weight-size ratio) against drop, with the budget."""
     trials = saved.trials[saved.trials["state"] == "COMPLETE"]
     drops = [float(v) if v == v and v is not None else math.nan for v in trials["drop"]]
     keep = [i for i, d in enumerate(drops) if d < 1e8]
     meta = saved.meta
-    speed = list(trials["speedup_estimate"])
+    size = meta.get("objective") == "size" and "size_ratio" in trials
+    xs = list(trials["size_ratio"] if size else trials["speedup_estimate"])
     feasible = list(trials["feasible"])
     rejected = list(trials["rejected"]) if "rejected" in trials else [False] * len(trials)
-    return {"speedup": [float(speed[i]) for i in keep], "drop": [drops[i] for i in keep],
+    chosen_x = float(meta.get("size_ratio", 1.0)) if size else float(meta["speedup_estimate"])
+    return {"speedup": [float(xs[i]) for i in keep], "drop": [drops[i] for i in keep],
             "feasible": [_true(feasible[i]) for i in keep], "rejected": [_true(rejected[i]) for i in keep],
-            "allowed": float(meta["budget"]["allowed"]), "chosen": (float(meta["speedup_estimate"]), float(meta["drop"])),
-            "metric": meta.get("metric_name", "metric"), "over_range": len(drops) - len(keep)}
+            "allowed": float(meta["budget"]["allowed"]), "chosen": (chosen_x, float(meta["drop"])),
+            "metric": meta.get("metric_name", "metric"), "over_range": len(drops) - len(keep),
+            "x_label": "weights smaller than float32 (x)" if size else "estimated speed-up (x)"}
 
 
 def training_data(saved: Any) -> dict | None:
@@ -246,7 +250,7 @@ def draw_tradeoff(data: dict, path: str) -> None:
     ax.scatter([data["chosen"][0]], [max(data["chosen"][1], 1e-6)], marker="*", s=220, c="gold", edgecolors="black",
                label="chosen", zorder=5)
     ax.set_yscale("log")
-    ax.set_xlabel("estimated speed-up (x)")
+    ax.set_xlabel(data.get("x_label", "estimated speed-up (x)"))
     ax.set_ylabel(f"{data['metric']} drop (log; 0 shown at 1e-6)")
     ax.set_title("Every trial: drop against speed-up"
                  + (f" ({data['over_range']} with non-finite outputs not shown)" if data.get("over_range") else ""))

@@ -24,12 +24,13 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from autoprec.errors import ModelMismatchError, PolicyError, SchemaError, describe
-from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, POLICY_NAMES, TARGETS, check_policy_name
+from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, POLICY_NAMES, TARGETS, check_policy_name, is_quantized
 
 logger = logging.getLogger("autoprec")
 
 SCHEMA_NAME = "autoprec.policy"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: quantized policy names (int8_from_..., int4_from_..., float8_from_...); 1 is read too
+READABLE_VERSIONS = (1, 2)
 _FACT_KEYS = ("class", "params", "flops", "keras_path")
 
 
@@ -119,7 +120,12 @@ class PrecisionPolicy(Mapping):
     @property
     def uses_float16(self) -> bool:
         """True when any layer computes in float16 (a loss scale is then needed)."""
-        return any(v == MIXED_FLOAT16 for v in self._entries.values())
+        return any(v.rsplit("_from_", 1)[-1] == MIXED_FLOAT16 for v in self._entries.values())
+
+    @property
+    def quantized(self) -> dict[str, str]:
+        """The entries that quantize their layer (``int8_from_...``, ``int4_from_...``, ``float8_from_...``)."""
+        return {p: v for p, v in self._entries.items() if is_quantized(v)}
 
     def counts(self) -> dict[str, int]:
         """Number of layers per policy name, in first-seen order."""
@@ -135,7 +141,7 @@ class PrecisionPolicy(Mapping):
             for key in totals:
                 value = float(facts.get(key, 0) or 0)
                 totals[key] += value
-                if self._entries.get(path) in LOW_PRECISION:
+                if self._entries.get(path) in LOW_PRECISION or is_quantized(self._entries.get(path)):
                     low[key] += value
         return {k: (low[k] / totals[k] if totals[k] else math.nan) for k in totals}
 
@@ -306,8 +312,8 @@ def _parse_document(doc: Any, source: str) -> tuple[dict[str, str], str | None, 
     if doc.get("format") != SCHEMA_NAME:
         raise fail(f"expected format={SCHEMA_NAME!r}, received {doc.get('format')!r}.")
     version = doc.get("schema_version")
-    if version != SCHEMA_VERSION or isinstance(version, bool):
-        raise fail(f"expected schema_version={SCHEMA_VERSION}, received {version!r}. "
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise fail(f"expected schema_version in {list(READABLE_VERSIONS)}, received {version!r}. "
                    "It was written by another autoprec version; re-export it with this one.")
     target = doc.get("target")
     if target is not None and target not in TARGETS:
@@ -325,8 +331,10 @@ def _parse_document(doc: Any, source: str) -> tuple[dict[str, str], str | None, 
             raise fail(f"layers[{i}].path should be a non-empty string, received {path!r}.")
         if path in entries:
             raise fail(f"layer path {path!r} appears twice.")
-        if not isinstance(name, str) or name not in POLICY_NAMES:
-            raise fail(f"layers[{i}].policy should be one of {list(POLICY_NAMES)}, received {name!r}.")
+        quantized_ok = version >= 2 and is_quantized(name)  # version 1 predates quantized names
+        if not isinstance(name, str) or (name not in POLICY_NAMES and not quantized_ok):
+            raise fail(f"layers[{i}].policy should be one of {list(POLICY_NAMES)}"
+                       f"{' or a quantized name such as int8_from_float32' if version >= 2 else ''}, received {name!r}.")
         entry = _parse_facts(row, i, fail)
         entries[path] = name
         if entry:

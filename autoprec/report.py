@@ -151,7 +151,8 @@ def _table_rows(saved: Saved) -> list[dict]:
 
 def _headline(saved: Saved) -> list[tuple[str, str]]:
     m = saved.meta
-    low = saved.sensitivity[saved.sensitivity["decision"].isin(["mixed_float16", "mixed_bfloat16"])]
+    decisions = saved.sensitivity["decision"].astype(str)
+    low = saved.sensitivity[decisions.isin(["mixed_float16", "mixed_bfloat16"]) | decisions.str.contains("_from_")]
     share = float(low["flops_share"].sum()) if "flops_share" in low else math.nan
     verdict = "within the budget" if m.get("feasible", True) else "OVER THE BUDGET"
     device = m.get("device", "gpu")
@@ -165,6 +166,7 @@ def _headline(saved: Saved) -> list[tuple[str, str]]:
                                               "(not a measurement on this machine)"
          + (f"; measured here: {m['measured_speedup']:.2f}x" if m.get("measured_speedup") else "")),
         ("16-bit decisions", f"{m.get('n_16bit', 0)} of {m.get('n_units', 0)}, {share * 100:.1f}% of the model's FLOPs"),
+        ("Weights", f"{m.get('size_ratio', 1.0):.2f}x smaller than float32; the search optimised {m.get('objective', 'speed')}"),
     ]
     if m.get("pretrain_steps"):
         rows.append(("Pretraining", f"float32 copy trained {m['pretrain_steps']} steps before the search"))

@@ -54,6 +54,8 @@ class TuneResult:
     measured_speedup: float | None = None
     pretrain_steps: int = 0
     stats: dict = field(default_factory=dict, repr=False)
+    objective: str = "speed"
+    size_ratio: float = 1.0
 
     @property
     def drop(self) -> float:
@@ -77,7 +79,9 @@ class TuneResult:
 
     @property
     def n_16bit(self) -> int:
-        return int(self.units["decision"].isin(LOW_PRECISION).sum())
+        """Decisions that left float32: 16-bit, or quantized."""
+        decisions = self.units["decision"].astype(str)
+        return int((decisions.isin(LOW_PRECISION) | decisions.str.contains("_from_")).sum())
 
     @property
     def all_float32(self) -> bool:
@@ -99,6 +103,7 @@ class TuneResult:
             f"  {self.metric_name}: float32 {self.baseline_metric:.6g} -> tuned {self.metric:.6g} ({verdict})",
             f"  estimated speed-up on a {self.device} (an estimate from the cost model): {self.speedup_estimate:.2f}x"
             + (f"; measured on this machine: {self.measured_speedup:.2f}x" if self.measured_speedup else ""),
+            f"  weights {self.size_ratio:.2f}x smaller than float32; the search optimised {self.objective}",
             self.policy.summary(),
         ]
         fallbacks = self.verification.get("fallbacks") or []
@@ -118,6 +123,7 @@ class TuneResult:
             "baseline_metric": self.baseline_metric, "metric": self.metric, "drop": self.drop, "feasible": self.feasible,
             "budget": {"max_drop": self.budget.max_drop, "relative": self.budget.relative, "allowed": self.allowed_drop},
             "formula": self.formula, "device": self.device, "speedup_estimate": self.speedup_estimate,
+            "objective": self.objective, "size_ratio": self.size_ratio,
             "measured_speedup": self.measured_speedup, "pretrain_steps": self.pretrain_steps,
             "verification": self.verification, "training": self.training.to_dict() if self.training else None,
             "stats": self.stats, "n_16bit": self.n_16bit, "n_units": int(len(self.units)),

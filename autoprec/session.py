@@ -36,7 +36,7 @@ from autoprec.apply import clone_with_policies
 from autoprec.budget import Budget
 from autoprec.data import EvalData
 from autoprec.engine import make_engine
-from autoprec.errors import DataError, ModelError
+from autoprec.errors import DataError, ModelError, UnsupportedModelError
 from autoprec.graph import SUBCLASSED, ModelGraph, build_graph
 from autoprec.metrics import Metric, check_labels
 
@@ -253,6 +253,12 @@ def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...]
     if batch_size == "auto":
         ev = ev.rebatch(auto_batch_size(graph, budget_bytes=EVAL_MEMORY, cap=256))
     formats = tuple(formats or (target,))
+    if graph.kind == SUBCLASSED and any("_from_" in f for f in formats):
+        raise UnsupportedModelError(
+            f"Expected a Functional or Sequential model for quantized candidates. Received the subclassed model "
+            f"{model.name!r}: its layers would be quantized in place for good, and the search must try and undo them. "
+            "Rebuild it functionally, or drop the quantized candidates."
+        )
     engine = make_engine(model, graph, formats=formats)
     outputs = [out for out, _ in (engine.forward(x, y) for x, y in ev.batches())]
     _check_outputs(engine, ev, outputs)
@@ -262,6 +268,8 @@ def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...]
     check_labels(model, ev.y, full, what="the evaluation data")
     resolved = Metric.get(metric, model=model, y=ev.y, y_pred=full, higher_is_better=higher_is_better)
     engine.metric = resolved
+    if hasattr(engine, "calibrate"):
+        engine.calibrate(ev.batches())  # float8 twins: scales from this data, as the emitted model gets them
     values = resolved.values(*resolved.select(ev.y, full)) if resolved.per_sample is not None else None
     baseline = float(np.mean(values)) if values is not None else resolved.compute(ev.y, full)
     if not math.isfinite(baseline):

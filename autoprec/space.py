@@ -8,6 +8,11 @@ by name prefix (``conv2_block1_1_conv`` -> ``conv2_block1_1``); a risky
 weightless layer stays a decision of its own even then. Layers named in
 ``force_16bit`` are held at the target and are not decided.
 
+Quantized candidates (``"int8"``, ``"int4"``, ``"float8"``) are choices only
+for decisions whose layers Keras can all quantize; a chosen mode expands to
+the Keras policy name with the target as its float part where Keras allows
+it (``int8_from_mixed_bfloat16``).
+
 >>> space = DecisionSpace({"d1": ("d1",), "d2": ("d2",)}, choices=("float32", "mixed_float16"),
 ...                       target="mixed_float16", order=("d2", "d1"))
 >>> space.expand({"d2": "mixed_float16"})
@@ -20,7 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from autoprec.formats import FLOAT32
+from autoprec.formats import FLOAT32, QUANTIZED_MODES
+from autoprec.quantize import quantized_name
 from autoprec.graph import ModelGraph
 from autoprec.search import Space
 from autoprec.sensitivity import own_risk
@@ -38,17 +44,25 @@ class DecisionSpace:
     order: tuple[str, ...]
     forced: tuple[str, ...] = ()
     own: frozenset[str] = field(default_factory=frozenset)
+    options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per key, when not ``choices``
+    quantized: Mapping[str, str] = field(default_factory=dict)  # mode -> Keras policy name
+    top: Mapping[str, str] = field(default_factory=dict)  # per key, the choice of "everything as far as it goes"
 
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(self.groups)
 
+    def choices_of(self, key: str) -> tuple[str, ...]:
+        """The choices of one decision (quantized modes only where Keras can quantize every layer of it)."""
+        return tuple(self.options.get(key, self.choices))
+
     def expand(self, assignment: Mapping[str, str]) -> dict[str, str]:
         """``{layer path: policy}`` for every decided layer (missing keys: float32) and the forced ones."""
         out = {path: self.target for path in self.forced}
         for key, paths in self.groups.items():
+            choice = assignment.get(key, FLOAT32)
             for path in paths:
-                out[path] = assignment.get(key, FLOAT32)
+                out[path] = self.quantized.get(choice, choice)
         return out
 
     def key_of(self, path: str) -> str | None:
@@ -59,11 +73,12 @@ class DecisionSpace:
         return None
 
     def search_space(self) -> Space:
-        return Space(self.keys, self.choices, self.target, self.order)
+        return Space(self.keys, self.choices, self.target, self.order,
+                     options={k: v for k, v in self.options.items() if v != self.choices}, top=dict(self.top))
 
 
 def build_space(graph: ModelGraph, frame: Any, *, granularity: str, target: str, choices: Sequence[str],
-                tolerance: float) -> DecisionSpace:
+                tolerance: float, objective: str = "speed") -> DecisionSpace:
     """The decision space for ``graph`` from its profile ``frame`` (ranked most sensitive first)."""
     forced = tuple(p for p in graph.forced if p in graph and graph[p].eligible)
     own = own_risk(frame, graph, tolerance=tolerance) - set(forced)
@@ -77,8 +92,15 @@ def build_space(graph: ModelGraph, frame: Any, *, granularity: str, target: str,
     position = {i.path: i.order for i in graph.layers}
     keys = sorted(groups, key=lambda k: position[groups[k][0]])  # execution order
     ordered = tuple(sorted(keys, key=lambda k: min(rank.get(p, len(rank)) for p in groups[k])))
-    return DecisionSpace({k: groups[k] for k in keys}, choices=tuple(choices), target=target, order=ordered,
-                         forced=forced, own=frozenset(own))
+    modes = [c for c in choices if c in QUANTIZED_MODES]
+    floats = tuple(c for c in choices if c not in modes)
+    options = {k: (floats if not all(graph[p].quantizable for p in groups[k]) else tuple(choices)) for k in keys}
+    # The choice each key takes when everything goes as far as it can: the smallest format for size.
+    smallest = [m for m in ("int4", "int8") if m in modes]
+    top = {k: smallest[0] for k in keys if objective == "size" and smallest and smallest[0] in options[k]}
+    return DecisionSpace({k: groups[k] for k in keys}, choices=tuple(choices), target=target if target in choices else
+                         floats[-1], order=ordered, forced=forced, own=frozenset(own), options=options,
+                         quantized={m: quantized_name(m, target) for m in modes}, top=top)
 
 
 def _blocks(graph: ModelGraph, paths: list[str]) -> dict[str, tuple[str, ...]]:

@@ -44,7 +44,7 @@ def test_json_round_trip(tmp_path):
     assert q == p
     assert q.layers == p.layers
     doc = json.loads(path.read_text())
-    assert doc["schema_version"] == 1 and doc["keras_version"] == keras.__version__
+    assert doc["schema_version"] == 2 and doc["keras_version"] == keras.__version__
     assert doc["target"] == "mixed_float16" and "autoprec_version" in doc
 
 
@@ -142,3 +142,30 @@ def test_load_and_save_paths_are_checked(tmp_path):
         make_policy().save(tmp_path / "missing" / "p.json")
     with pytest.raises(OutputError, match="directory of that name"):
         make_policy().save(tmp_path)
+
+
+def test_version_1_files_are_read_and_quantized_names_need_version_2(tmp_path):
+    doc = make_policy().to_json_dict()
+    doc["schema_version"] = 1
+    (tmp_path / "v1.json").write_text(json.dumps(doc))
+    assert PrecisionPolicy.load(tmp_path / "v1.json") == make_policy()  # migration: a version-1 file reads as it was
+    doc["layers"].append({"path": "q", "policy": "int8_from_mixed_bfloat16"})
+    (tmp_path / "v1q.json").write_text(json.dumps(doc))
+    with pytest.raises(SchemaError, match="policy should be one of"):
+        PrecisionPolicy.load(tmp_path / "v1q.json")
+    doc["schema_version"] = 2
+    (tmp_path / "v2.json").write_text(json.dumps(doc))
+    policy = PrecisionPolicy.load(tmp_path / "v2.json")
+    assert policy.quantized == {"q": "int8_from_mixed_bfloat16"}
+
+
+@pytest.mark.parametrize("name", ["int8_from_float32", "int8_from_mixed_bfloat16", "int4_from_mixed_float16",
+                                  "float8_from_mixed_bfloat16"])
+def test_quantized_names_are_keras_policies(name):
+    assert PrecisionPolicy({"a": name})["a"] == name
+    assert keras.dtype_policies.get(name).quantization_mode == name.split("_from_")[0]
+
+
+def test_int8_with_float16_compute_is_refused_as_keras_does():
+    with pytest.raises(PolicyError, match="quantized"):
+        PrecisionPolicy({"a": "int8_from_mixed_float16"})
