@@ -124,7 +124,7 @@ class PrecisionPolicy(Mapping):
 
     @property
     def quantized(self) -> dict[str, str]:
-        """The entries that quantize their layer (``int8_from_...``, ``int4_from_...``, ``float8_from_...``)."""
+        """The entries that quantize their layer (``int8_from_...`` and the like)."""
         return {p: v for p, v in self._entries.items() if is_quantized(v)}
 
     def counts(self) -> dict[str, int]:
@@ -135,15 +135,8 @@ class PrecisionPolicy(Mapping):
         return out
 
     def low_precision_share(self) -> dict[str, float]:
-        """Share of parameters and FLOPs in 16-bit layers (NaN when unknown)."""
-        totals, low = {"params": 0.0, "flops": 0.0}, {"params": 0.0, "flops": 0.0}
-        for path, facts in self._layers.items():
-            for key in totals:
-                value = float(facts.get(key, 0) or 0)
-                totals[key] += value
-                if self._entries.get(path) in LOW_PRECISION or is_quantized(self._entries.get(path)):
-                    low[key] += value
-        return {k: (low[k] / totals[k] if totals[k] else math.nan) for k in totals}
+        """Share of parameters and FLOPs in 16-bit or quantized layers (NaN when unknown)."""
+        return _low_precision_share(self._entries, self._layers)
 
     def summary(self) -> str:
         """A few lines: counts per policy and the 16-bit share of params and FLOPs.
@@ -236,6 +229,17 @@ class PrecisionPolicy(Mapping):
         """Validate a JSON document and build the policy from it."""
         entries, target, facts = _parse_document(doc, source)
         return cls(entries, target=target, layers=facts)
+
+
+def _low_precision_share(entries: Mapping[str, str], layers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    totals, low = {"params": 0.0, "flops": 0.0}, {"params": 0.0, "flops": 0.0}
+    for path, facts in layers.items():
+        for key in totals:
+            value = float(facts.get(key, 0) or 0)
+            totals[key] += value
+            if entries.get(path) in LOW_PRECISION or is_quantized(entries.get(path)):
+                low[key] += value
+    return {k: (low[k] / totals[k] if totals[k] else math.nan) for k in totals}
 
 
 def _clean_entries(entries: Any) -> dict[str, str]:
