@@ -251,7 +251,7 @@ def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...]
         model = clone_with_policies(model, graph.resolve({}))
         graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
     if batch_size == "auto":
-        ev = ev.rebatch(auto_batch_size(graph, budget_bytes=EVAL_MEMORY, cap=256))
+        ev = ev.rebatch(auto_batch_size(graph, budget_bytes=EVAL_MEMORY, cap=1024))
     formats = tuple(formats or (target,))
     if graph.kind == SUBCLASSED and any("_from_" in f for f in formats):
         raise UnsupportedModelError(
