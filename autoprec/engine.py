@@ -219,27 +219,6 @@ class SimEngine:
             for layer in layers:
                 calibrate_float8(layer, amax.get(path, 0.0))
 
-    def rounder(self, code: Any) -> Callable[[Any], Any]:
-        """A function that rounds a float32 tensor to the format ``code`` selects (0: unchanged)."""
-        from keras import ops
-
-        branches = [lambda t: t] + [lambda t, d=d: round_to(t, d) for d in self._dtypes]
-
-        def rnd(t: Any) -> Any:
-            if not _is_float32_tensor(t):
-                return t
-            from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
-
-            out = ops.switch(code, branches, t)
-            # Functional graphs pass masks as node arguments; a mask that rides only
-            # on the tensor (set by an eager layer) must survive the rounding too.
-            mask = get_keras_mask(t)
-            if mask is not None:
-                set_keras_mask(out, mask)
-            return out
-
-        return rnd
-
 
 def _quantized_twins(graph: ModelGraph, formats: tuple[str, ...]) -> dict[str, dict[int, Any]]:
     """For each quantizable layer, a quantized twin per quantized format (keyed by the format's code)."""
@@ -253,8 +232,21 @@ def _quantized_twins(graph: ModelGraph, formats: tuple[str, ...]) -> dict[str, d
 
 
 def round_with(dtype: str) -> Callable[[Any], Any]:
-    """A rounder to one fixed ``dtype`` (for a layer's own SQNR)."""
-    return lambda t: round_to(t, dtype) if _is_float32_tensor(t) else t
+    """A function that rounds float32 tensors to ``dtype`` and back, keeping a Keras mask that rides on them."""
+    def rnd(t: Any) -> Any:
+        if not _is_float32_tensor(t):
+            return t
+        from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+
+        out = round_to(t, dtype)
+        # Functional graphs pass masks as node arguments; a mask that rides only
+        # on the tensor (set by an eager layer) must survive the rounding too.
+        mask = get_keras_mask(t)
+        if mask is not None:
+            set_keras_mask(out, mask)
+        return out
+
+    return rnd
 
 
 def call_rounded(op: Any, call: Callable, rnd: Callable[[Any], Any], args: tuple, kwargs: dict) -> Any:
