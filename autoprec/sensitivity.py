@@ -51,7 +51,6 @@ from typing import Any
 import numpy as np
 
 from autoprec import backends, stats
-from autoprec.budget import Budget
 from autoprec.engine import SimEngine, call_rounded, round_to, round_with
 from autoprec.errors import ArgumentError, describe
 from autoprec.formats import DEFAULT_LOSS_SCALE, FLOAT32, MIXED_FLOAT16, Format
@@ -102,7 +101,6 @@ def profile(model: Any, data: Any, *, target: str = MIXED_FLOAT16, method: str =
     Example:
         >>> frame = profile(model, (x, y), target="mixed_bfloat16", method="fast")  # doctest: +SKIP
     """
-    import pandas as pd
 
     from autoprec.errors import check_choice
 
