@@ -1,7 +1,7 @@
 """The classic mixed-precision comparison, done correctly and measured: float64, float32, 16-bit, autoprec.
 
-The same digits MLP (two Dense layers of 2048 units, the shape of the
-well-known MNIST example) is trained five ways in one run, from the same
+The same digits MLP (two wide Dense layers of 2048 units, in the style of
+the well-known MNIST example) is trained five ways in one run, from the same
 initial weights, on the same batches, with the epochs of the five variants
 interleaved so that a busy machine slows them all alike:
 
