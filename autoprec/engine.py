@@ -253,8 +253,11 @@ def call_rounded(op: Any, call: Callable, rnd: Callable[[Any], Any], args: tuple
     """Call ``op`` with inputs, autocast weights and outputs passed through ``rnd``."""
     import keras
 
-    args = keras.tree.map_structure(rnd, args)
-    kwargs = keras.tree.map_structure(rnd, kwargs)
+    if getattr(op, "autocast", True):
+        # Keras casts a layer's floating inputs to its compute dtype, except where the
+        # layer opts out (LayerNormalization, GroupNormalization: they read float32 inputs as they come).
+        args = keras.tree.map_structure(rnd, args)
+        kwargs = keras.tree.map_structure(rnd, kwargs)
     # Only variables Keras would autocast under a mixed policy are read in
     # 16-bit; BatchNormalization and friends keep theirs in float32.
     mapping = [(v, rnd(v.value)) for v in getattr(op, "variables", [])

@@ -186,7 +186,9 @@ def draw_precision_strip(data: dict, path: str) -> None:
 
 def draw_sensitivity(data: dict, path: str) -> None:
     values = [v if v == v else 0.0 for v in data["values"]]
-    floor = min([v for v in values if v > 0] or [1e-6]) / 10
+    # Zeros and layers cleared with their group sit at the left edge: below the budget line, never right of it.
+    allowed = data["allowed"] if data["allowed"] == data["allowed"] and data["allowed"] > 0 else math.inf
+    floor = min(min([v for v in values if v > 0] or [1e-6]), allowed) / 10
     shown = [min(max(v, floor), 1e6) for v in values]
     n = len(shown)
     fig, ax = _figure(10, max(3.0, 0.22 * n + 1.2))

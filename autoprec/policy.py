@@ -142,10 +142,10 @@ class PrecisionPolicy(Mapping):
         """A few lines: counts per policy and the 16-bit share of params and FLOPs.
 
         >>> print(PrecisionPolicy({"a": "float32"}).summary().splitlines()[0])
-        PrecisionPolicy for 1 layers (target: none)
+        PrecisionPolicy for 1 layer (target: none)
         """
         share = self.low_precision_share()
-        lines = [f"PrecisionPolicy for {len(self)} layers (target: {self._target or 'none'})"]
+        lines = [f"PrecisionPolicy for {len(self)} layer{'' if len(self) == 1 else 's'} (target: {self._target or 'none'})"]
         lines += [f"  {name:<15} {n:>5} layers" for name, n in self.counts().items()]
         for key, label in (("params", "parameters"), ("flops", "FLOPs")):
             if not math.isnan(share[key]):

@@ -34,6 +34,17 @@ class Progress:
         return StageBar(self, name, total, unit)
 
 
+def plural(word: str, n: int) -> str:
+    """``word`` for one, its plural otherwise.
+
+    >>> plural("pass", 2), plural("micro-batch", 3), plural("trial", 1)
+    ('passes', 'micro-batches', 'trial')
+    """
+    if n == 1:
+        return word
+    return word + ("es" if word.endswith(("s", "sh", "ch", "x")) else "s")
+
+
 class StageBar:
     """One stage's bar; ``done`` records the stage's time."""
 
@@ -44,8 +55,7 @@ class StageBar:
         if progress.verbose:
             import keras
 
-            print(f"autoprec: {name} ({total if total is not None else '?'} {unit}{'s' if total != 1 else ''} at most)"
-                  if total else f"autoprec: {name}", flush=True)
+            print(f"autoprec: {name} ({total} {plural(unit, total)} at most)" if total else f"autoprec: {name}", flush=True)
             self._bar = keras.utils.Progbar(total, unit_name=unit, stateful_metrics=["best"])
 
     def update(self, current: int, values: list | None = None) -> None:

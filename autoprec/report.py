@@ -166,8 +166,10 @@ def _headline(saved: Saved) -> list[tuple[str, str]]:
                                               "(not a measurement on this machine)"
          + (f"; measured here: {m['measured_speedup']:.2f}x" if m.get("measured_speedup") else "")),
         ("16-bit decisions", f"{m.get('n_16bit', 0)} of {m.get('n_units', 0)}, {share * 100:.1f}% of the model's FLOPs"),
-        ("Weights", f"{m.get('size_ratio', 1.0):.2f}x smaller than float32; the search optimised {m.get('objective', 'speed')}"),
     ]
+    if m.get("size_ratio", 1.0) > 1.0 + 1e-9 or m.get("objective") == "size":
+        rows.append(("Weights", f"{m.get('size_ratio', 1.0):.2f}x smaller than float32; the search optimised "
+                                f"{m.get('objective', 'speed')}"))
     if m.get("pretrain_steps"):
         rows.append(("Pretraining", f"float32 copy trained {m['pretrain_steps']} steps before the search"))
     verification = m.get("verification") or {}

@@ -103,9 +103,10 @@ class TuneResult:
             f"  {self.metric_name}: float32 {self.baseline_metric:.6g} -> tuned {self.metric:.6g} ({verdict})",
             f"  estimated speed-up on a {self.device} (an estimate from the cost model): {self.speedup_estimate:.2f}x"
             + (f"; measured on this machine: {self.measured_speedup:.2f}x" if self.measured_speedup else ""),
-            f"  weights {self.size_ratio:.2f}x smaller than float32; the search optimised {self.objective}",
             self.policy.summary(),
         ]
+        if self.size_ratio > 1.0 + 1e-9 or self.objective == "size":
+            lines.insert(4, f"  weights {self.size_ratio:.2f}x smaller than float32; the search optimised {self.objective}")
         fallbacks = self.verification.get("fallbacks") or []
         if fallbacks:
             lines.append(f"  checks returned {len(fallbacks)} decision(s) to float32: {[f['key'] for f in fallbacks]}")

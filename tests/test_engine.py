@@ -113,3 +113,21 @@ def test_simulated_metric_matches_real_on_bundled_models(request, which, target)
         assert abs(sim.metric - real.metric) <= 2 / n + 1e-9, (assignment, sim, real)
         if math.isfinite(sim.output_error) and math.isfinite(real.output_error):
             assert abs(sim.output_error - real.output_error) <= 0.01 + 0.1 * real.output_error
+
+
+def test_layers_that_do_not_autocast_keep_their_inputs():
+    """LayerNormalization reads float32 inputs as they come under a 16-bit policy: the engine must not round them."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 8)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    i = keras.Input((8,))
+    h = keras.layers.Rescaling(1.0, offset=1024.0, name="shift")(keras.layers.Dense(16, name="d")(i))
+    h = keras.layers.LayerNormalization(name="ln")(h)
+    m = keras.Model(i, keras.layers.Dense(2, activation="softmax", name="out")(h))
+    m.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    m.fit(x, y, epochs=20, verbose=0)
+    session = open_session(m, (x, y), target="mixed_float16")
+    sim = session.evaluate({"ln": "mixed_float16"})
+    real = session.score_outputs(predict_batches(autoprec.apply_policy(m, {"ln": "mixed_float16"}), session.data))
+    assert abs(sim.drop - real.drop) <= 2 / 512
