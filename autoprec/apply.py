@@ -15,6 +15,7 @@ per-layer policies (:func:`clone_with_policies`), setting them in place
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -123,11 +124,37 @@ def set_policies_in_place(model: Any, names: dict[str, str]) -> bool:
     return changed
 
 
+def strategy_scope(model: Any) -> contextlib.AbstractContextManager:
+    """The ``tf.distribute`` strategy scope ``model`` was built in, or a no-op.
+
+    Keras's TensorFlow trainer remembers the strategy active when a model is
+    created. A clone or an optimizer made outside its scope gets plain
+    variables, not mirrored ones, and ``fit`` then trains one device. Other
+    backends have no such strategy (JAX's ``keras.distribution`` is global
+    state, which clones follow by themselves).
+
+    Example:
+        >>> with strategy_scope(model):  # doctest: +SKIP
+        ...     tuned = clone_with_policies(model, names)
+    """
+    strategy = getattr(model, "_distribute_strategy", None)
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
 def clone_with_policies(model: Any, names: dict[str, str]) -> Any:
     """A Functional/Sequential clone whose layers compute as ``names`` says, with every weight copied.
 
-    Nested models are cloned recursively. The clone is not compiled.
+    Nested models are cloned recursively, in the model's ``tf.distribute``
+    strategy scope if it was built in one. The clone is not compiled.
+
+    Example:
+        >>> clone = clone_with_policies(model, {"dense": "mixed_bfloat16"})  # doctest: +SKIP
     """
+    with strategy_scope(model):
+        return _clone_with_policies(model, names)
+
+
+def _clone_with_policies(model: Any, names: dict[str, str]) -> Any:
     import keras
 
     keys = {id(layer): key for key, layer in keyed_layers(model).items()}
@@ -179,7 +206,20 @@ def copy_weights(source: Any, target: Any, key: str) -> None:
 
 
 def compile_like(source: Any, target: Any, *, uses_float16: bool, optimizer: Any = None) -> None:
-    """Compile ``target`` with ``source``'s loss and metrics, and a LossScaleOptimizer when float16 is used."""
+    """Compile ``target`` with ``source``'s loss and metrics, and a LossScaleOptimizer when float16 is used.
+
+    The optimizer and its variables are made in ``target``'s ``tf.distribute``
+    strategy scope if it has one, so that its loss scale is one mirrored
+    variable: the same on every replica.
+
+    Example:
+        >>> compile_like(model, clone, uses_float16=True)  # doctest: +SKIP
+    """
+    with strategy_scope(target):
+        _compile_like(source, target, uses_float16=uses_float16, optimizer=optimizer)
+
+
+def _compile_like(source: Any, target: Any, *, uses_float16: bool, optimizer: Any = None) -> None:
     import keras
 
     compiled = getattr(source, "compiled", False) and getattr(source, "optimizer", None) is not None

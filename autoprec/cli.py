@@ -109,11 +109,44 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tune_options(args: argparse.Namespace, train: Any) -> dict[str, Any]:
+    return dict(budget=args.budget, target=args.target, n_trials=args.trials, timeout=args.timeout, storage=args.storage,
+                study_name=args.study_name, seed=args.seed, granularity=args.granularity, train_data=train,
+                verify="train" if args.verify_train else "eval", steps=args.steps, pretrain_steps=args.pretrain_steps,
+                verbose=args.verbose)
+
+
+def _cmd_search_only(args: argparse.Namespace) -> int:
+    """A worker: add trials to the shared study, verify and write nothing (the run without --search-only does)."""
+    from autoprec.errors import ArgumentError
+    from autoprec.study import open_storage
+    from autoprec.tuner import tune
+
+    if not args.storage:
+        raise ArgumentError("Expected --storage URL (and --study-name) with --search-only: a worker adds trials to a "
+                            "shared study. Received no --storage.")
+    if args.output:
+        print(f"autoprec: --search-only writes nothing; -o {args.output} is left alone.", file=sys.stderr)
+    open_storage(args.storage)
+    model = _load_model(args.model, unsafe=args.unsafe)
+    data = _load_npz(args.data)
+    train = _load_npz(args.train_data) if args.train_data else None
+    result = tune(model, data, **_tune_options(args, train), search_only=True)
+    print(result.summary())
+    return EXIT_OK
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from autoprec.errors import ArgumentError
     from autoprec.files import DirectoryLock
     from autoprec.study import open_storage
     from autoprec.tuner import tune
 
+    if args.search_only:
+        return _cmd_search_only(args)
+    if not args.output:
+        raise ArgumentError("Expected -o DIR for the policy, the reports and the tuned model. Received no -o (only a "
+                            "--search-only worker writes nothing).")
     # Everything that can be checked before the search is: the output directory (and
     # its lock, held for the whole run), the storage, the files.
     with DirectoryLock(args.output):
@@ -123,10 +156,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         data = _load_npz(args.data)
         train = _load_npz(args.train_data) if args.train_data else None
         try:
-            result = tune(model, data, budget=args.budget, target=args.target, n_trials=args.trials, timeout=args.timeout,
-                          storage=args.storage, study_name=args.study_name, seed=args.seed, granularity=args.granularity,
-                          train_data=train, verify="train" if args.verify_train else "eval", steps=args.steps,
-                          pretrain_steps=args.pretrain_steps, verbose=args.verbose)
+            result = tune(model, data, **_tune_options(args, train))
         except KeyboardInterrupt:
             resume = (f"resume with the same --storage {args.storage} --study-name {args.study_name or '(the default)'}"
                       if args.storage else "pass --storage FILE --study-name NAME to make a search resumable")
@@ -224,7 +254,10 @@ def _add_tune(p: argparse.ArgumentParser, model_arg: Any, targets: list[str]) ->
     p.add_argument("--verify-train", action="store_true", help="also run a short loss-scaled training check")
     p.add_argument("--steps", type=int, default=50, help="training-check steps")
     p.add_argument("--pretrain-steps", type=int, default=None)
-    p.add_argument("-o", "--output", required=True, help="directory for policy.json, reports and the tuned model")
+    p.add_argument("-o", "--output", help="directory for policy.json, reports and the tuned model (required, "
+                   "except with --search-only)")
+    p.add_argument("--search-only", action="store_true", help="a worker: add trials to the shared --storage study and "
+                   "exit, verifying and writing nothing; one run without it verifies and emits")
     p.add_argument("--verbose", type=int, default=1)
     p.set_defaults(fn=_cmd_tune)
 

@@ -11,39 +11,62 @@ trials from the rest), and ``study.best_trial`` is the best feasible one.
 Phases, each skipping any candidate whose *estimate* cannot beat the best
 feasible one found so far (so most candidates cost nothing):
 
-1. ``all_16bit``: every decision in the target format (enqueued). If
-   feasible, no assignment can be faster; stop.
+1. ``all_16bit``: every decision in the target format. If feasible, no
+   assignment can be faster; stop.
 2. ``fallback``: return the most sensitive decisions (profile order) to
    float32, bisecting on how many.
 3. ``segment``: bridge short float32 gaps into contiguous float32 segments,
    which saves casts at precision boundaries.
-4. ``local``: single flips and swaps around the best feasible assignment.
-5. ``tpe``: Optuna's constrained TPE for the remaining trials.
+4. ``local``: single flips and swaps around the best feasible assignment,
+   :data:`ROUND` at a time, most promising first.
+5. ``tpe``: Optuna's constrained TPE, :data:`ROUND` proposals at a time,
+   until the study holds ``n_trials`` trials. A proposal that cannot beat
+   the best, or was evaluated before, is recorded PRUNED without an evaluation.
 
-Evaluated assignments are cached, and the cache is rebuilt from the study's
-finished trials, so a resumed search (same storage) repeats no finished
-trial. Stored trials keep their measured drop; whether it is feasible is
-judged again under this run's budget, so a study resumed under another
-budget never inherits a verdict. A trial stopped early keeps its certain
-lower bound: under a looser budget it is evaluated again. The study's
-sampler is :class:`ReplayableTPESampler`, whose proposals for trial ``N``
-depend only on ``(seed, N)``: a resumed run proposes what an uninterrupted
-one would have. Several workers may share one storage.
+**A plan that any number of workers share.** The search is a sequence of
+rounds; a round's candidates depend only on the seed and the results of
+earlier rounds, never on the order its own candidates finish in (pruning
+compares with the best *as the round began*; TPE proposes from the
+trials of earlier rounds, in a throwaway in-memory study, seeded by the
+seed and the trial's place in the plan). So one worker and many evaluate
+the same assignments and choose the same best. Each worker replays the plan
+from the study: a finished candidate is a cache hit, free. Within a round a
+worker claims, under the study's lock (:func:`autoprec.study.study_lock`),
+the first candidate that no trial has finished or is running, as long as
+the study holds fewer than ``n_trials`` trials (running ones count); it
+waits while its round's last candidates run elsewhere. A worker killed
+mid-trial leaves a RUNNING trial that :func:`autoprec.study.reap` fails;
+its candidate is claimed again. No assignment is evaluated twice.
+
+Stored trials keep their measured drop; whether it is feasible is judged
+again under this run's budget, so a study resumed under another budget
+never inherits a verdict. A trial stopped early keeps its certain lower
+bound: under a looser budget it is evaluated again.
+
+>>> space = Space(("a", "b"), ("float32", "mixed_float16"), "mixed_float16", ("b", "a"))
+>>> space.key_of({"a": "mixed_float16"})
+('mixed_float16', 'float32')
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+logger = logging.getLogger("autoprec")
+
 FLOAT32 = "float32"
+ROUND = 4  # candidates per round: a constant, so that the result never depends on how many workers share it
 _INFEASIBLE = 1e9  # the stored drop/constraint of a trial whose outputs went non-finite
+_BUSY, _OUT, _MARKED = "busy", "out", "marked"  # what a claim gets instead of a trial to run
 
 
 @dataclass(frozen=True)
@@ -54,9 +77,15 @@ class Space:
     choices: tuple[str, ...]
     target: str
     order: tuple[str, ...]
+    options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per-key choices, where they differ
+    top: Mapping[str, str] = field(default_factory=dict)  # per key, its choice in the all-out assignment
+
+    def choices_of(self, key: str) -> tuple[str, ...]:
+        return tuple(self.options.get(key, self.choices))
 
     def all_target(self) -> dict[str, str]:
-        return {k: self.target for k in self.keys}
+        """Every decision as far as it goes: the target, or a key's ``top`` choice (int4 for size)."""
+        return {k: self.top.get(k, self.target) for k in self.keys}
 
     def key_of(self, assignment: Mapping[str, str]) -> tuple[str, ...]:
         return tuple(assignment.get(k, FLOAT32) for k in self.keys)
@@ -78,6 +107,38 @@ class Outcome:
     rejected: bool = False
 
 
+@dataclass(frozen=True)
+class WorkerResult:
+    """What a search-only worker added to a shared study: nothing verified, nothing emitted.
+
+    Example:
+        >>> autoprec.tune(model, data, storage=url, study_name="s", search_only=True)  # doctest: +SKIP
+        WorkerResult(study='s', trials=60, evaluated_here=21, best_estimate=1.812)
+    """
+
+    study_name: str
+    trials: int
+    evaluations: int
+    best_speedup: float
+    seconds: float
+
+    @classmethod
+    def of(cls, study: Any, *, evaluations: int, best_speedup: float, seconds: float) -> "WorkerResult":
+        import optuna
+
+        return cls(study.study_name, len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))),
+                   evaluations, float(best_speedup), float(seconds))
+
+    def __repr__(self) -> str:
+        return (f"WorkerResult(study={self.study_name!r}, trials={self.trials}, evaluated_here={self.evaluations}, "
+                f"best_estimate={self.best_speedup:.3f})")
+
+    def summary(self) -> str:
+        return (f"autoprec: searched study {self.study_name!r} for {self.seconds:.1f}s: it holds {self.trials} finished "
+                f"trials, {self.evaluations} evaluated here; best estimated speed-up so far {self.best_speedup:.3f}x "
+                "(unverified). The run without search_only verifies and emits the policy.")
+
+
 def make_sampler(seed: int):
     """The study's sampler: a :class:`ReplayableTPESampler` for ``seed``."""
     return _sampler_class()(seed)
@@ -95,11 +156,13 @@ def _sampler_class() -> type:
     import optuna
 
     class ReplayableTPESampler(optuna.samplers.BaseSampler):
-        """TPE whose proposals for trial ``N`` depend only on ``(seed, N)``.
+        """TPE whose proposals for trial ``N`` depend only on ``(seed, N)`` and the trials before it.
 
         Each trial gets a fresh ``TPESampler`` seeded from the seed and the
         trial number, so a study resumed from its storage proposes what an
-        uninterrupted one would have; the study keeps this one sampler.
+        uninterrupted one would have; the study keeps this one sampler. Its
+        constant liar counts running trials as bad, so that a round's
+        proposals spread out.
         """
 
         def __init__(self, seed: int = 0) -> None:
@@ -112,7 +175,7 @@ def _sampler_class() -> type:
             with warnings.catch_warnings():  # "multivariate is experimental", once per trial otherwise
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.samplers.TPESampler(seed=(self.seed * 100_003 + number) % (2**31), n_startup_trials=5,
-                                                  multivariate=True)
+                                                  multivariate=True, constant_liar=True)
 
         def before_trial(self, study, trial) -> None:
             self._inner = self._tpe(trial.number)
@@ -136,9 +199,139 @@ def _sampler_class() -> type:
     return ReplayableTPESampler
 
 
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _SharedStudy:
+    """The search's view of its study, shared with other workers: what is finished, what runs, taking the next trial.
+
+    A mixin of :class:`Search`, which holds the fields it reads.
+    """
+
+    def refresh(self) -> None:
+        """Read the study: the cache from finished trials (ours, resumed, other workers'), what runs, what counts."""
+        import optuna
+
+        state = optuna.trial.TrialState
+        running, taken, proposed, proposing = set(), 0, set(), set()
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state == state.RUNNING:
+                running.add(self.space.key_of(t.params))
+            taken += t.state in (state.RUNNING, state.COMPLETE, state.PRUNED)  # not FAIL, nor a stale WAITING one
+            if "proposal" in t.user_attrs and t.state in (state.RUNNING, state.COMPLETE, state.PRUNED):
+                (proposing if t.state == state.RUNNING else proposed).add(int(t.user_attrs["proposal"]))
+            if t.state == state.COMPLETE and "drop" in t.user_attrs:
+                self._cache_trial(t)
+        self._running, self._taken, self._proposed, self._proposing = running, taken, proposed, proposing
+
+    def _cache_trial(self, t: Any) -> None:
+        attrs = t.user_attrs
+        assignment = {k: t.params.get(k, FLOAT32) for k in self.space.keys}
+        key = self.space.key_of(assignment)
+        if key in self._frozen:
+            return
+        drop = float(attrs["drop"])
+        drop = math.inf if drop >= _INFEASIBLE else drop
+        rejected = bool(attrs.get("rejected", False))
+        feasible = self.feasible(drop)
+        if rejected and feasible:
+            return  # its lower bound fits this budget: only a full pass can tell
+        self._frozen[key] = t  # also for a trial this worker ran: TPE's history must not depend on who ran what
+        self.cache.setdefault(key, Outcome(assignment, float(t.value), attrs.get("metric", math.nan), drop,
+                                           feasible and not rejected, attrs.get("output_error", math.nan),
+                                           attrs.get("nonfinite_outputs", 0), t.number, attrs.get("phase", ""), rejected))
+
+    def finished(self) -> int:
+        import optuna
+
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        return len(self.study.get_trials(deepcopy=False, states=states))
+
+    def out_of_budget(self) -> bool:
+        return self._taken >= self.n_trials or self._timed_out()
+
+    def _timed_out(self) -> bool:
+        return self.timeout is not None and time.monotonic() - self._started > self.timeout
+
+    def _share_out(self, todo: dict[Any, tuple[dict[str, str], str, str]]) -> None:
+        """Claim and run ``todo``'s entries until each has finished somewhere, or none may start."""
+        wait = self.poll / 16
+        while True:
+            claimed = self._claim(todo)
+            if claimed is None or claimed is _OUT:
+                return
+            if claimed is _BUSY:  # the round's last candidates run in other workers: look again soon
+                time.sleep(wait)
+                wait = min(2 * wait, self.poll)
+                continue
+            if claimed is not _MARKED:
+                self._run_trial(*claimed)
+            wait = self.poll / 16
+
+    def _done(self, ident: Any) -> bool:
+        return ident[1] in self._proposed if ident[0] == "proposal" else ident in self.cache
+
+    def _busy(self, ident: Any) -> bool:
+        return ident[1] in self._proposing if ident[0] == "proposal" else ident in self._running
+
+    def _claim(self, todo: dict[Any, tuple[dict[str, str], str, str]]) -> Any:
+        """Under the study's lock, take the first entry no trial holds: ``(trial, phase)`` to run.
+
+        Else _MARKED (a marker, told PRUNED here), _BUSY (wait: the rest run
+        elsewhere), _OUT (no trial may start), or None (all done).
+        """
+        import optuna
+
+        from autoprec.study import reap, study_lock
+
+        if self._timed_out():
+            return _OUT
+        with study_lock(self.study):
+            reap(self.study)
+            self.refresh()
+            left = [(i, entry) for i, entry in todo.items() if not self._done(i)]
+            if not left:
+                return None
+            free = [(i, entry) for i, entry in left if not self._busy(i)]
+            if not free:
+                return _BUSY
+            if self._taken >= self.n_trials:
+                # A running trial whose worker dies frees its place: wait for the running ones to end.
+                return _BUSY if self._running else _OUT
+            ident, (assignment, phase, skip) = free[0]
+            if ident[0] != "proposal":
+                return self._ask(assignment, {"phase": phase}), phase
+            # Decided here, under the lock: a proposal cached by now was evaluated in an earlier round (or
+            # for an earlier proposal of this one), the same for every worker.
+            skip = "seen" if not skip and self.space.key_of(assignment) in self.cache else skip
+            trial = self._ask(assignment, {"phase": f"{phase}_{skip}" if skip else phase, "proposal": ident[1]})
+            if not skip:
+                return trial, phase
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return _MARKED
+
+    def _ask(self, assignment: dict[str, str], attrs: dict[str, Any]) -> Any:
+        import optuna
+
+        key = self.space.key_of(assignment)
+        self.study.enqueue_trial(dict(assignment), user_attrs={**attrs, "worker": _worker()})
+        while True:
+            with warnings.catch_warnings():  # autoprec records the heartbeats itself (autoprec.study.heartbeat)
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                trial = self.study.ask(self.distributions())
+            if self.space.key_of(trial.params) == key and all(trial.user_attrs.get(k) == v for k, v in attrs.items()):
+                if trial.user_attrs.get("worker") != _worker():  # a popped trial may carry a dead worker's name
+                    trial.set_user_attr("worker", _worker())
+                return trial
+            # A trial enqueued by a worker killed before it asked for it: no plan waits for it any more.
+            trial.set_user_attr("phase", "stale")
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
 @dataclass
-class Search:
-    """Drive one study. See the module docstring.
+class Search(_SharedStudy):
+    """Drive one study, alone or with other workers. See the module docstring.
 
     Args:
         space: the decision space.
@@ -148,9 +341,15 @@ class Search:
         feasible: ``drop -> bool``, the budget's rule.
         allowed: the largest drop the budget allows (for the stored constraint).
         study: an ``optuna.Study`` (in memory, or on a storage to resume/share).
-        n_trials: the total number of trials the study may hold.
+        n_trials: the total number of trials the study may hold, all workers together.
         timeout: seconds for this call, or None.
         on_trial: called after each evaluated trial with the search.
+        seed: seeds TPE's proposals; default the study sampler's ``seed``.
+        poll: the longest wait, in seconds, between looks at a study whose
+            round is running elsewhere.
+
+    Example:
+        >>> best = Search(space, evaluate, estimate, feasible, 0.005, study, n_trials=40).run()  # doctest: +SKIP
     """
 
     space: Space
@@ -162,62 +361,84 @@ class Search:
     n_trials: int = 60
     timeout: float | None = None
     on_trial: Callable[["Search"], None] | None = None
+    seed: int | None = None
+    poll: float = 0.25
     cache: dict[tuple[str, ...], Outcome] = field(default_factory=dict)
     evaluations: int = 0
     cache_hits: int = 0
     _started: float = field(default=0.0, repr=False)
-
-    # Study bookkeeping -----------------------------------------------------------
-    def refresh(self) -> None:
-        """Rebuild the cache from the study's finished trials (ours, resumed, or other workers')."""
-        import optuna
-
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            attrs = t.user_attrs
-            if "drop" not in attrs:
-                continue
-            assignment = {k: t.params.get(k, FLOAT32) for k in self.space.keys}
-            key = self.space.key_of(assignment)
-            if key in self.cache:
-                continue
-            drop = float(attrs["drop"])
-            drop = math.inf if drop >= _INFEASIBLE else drop
-            rejected = bool(attrs.get("rejected", False))
-            feasible = self.feasible(drop)
-            if rejected and feasible:
-                continue  # its lower bound fits this budget: only a full pass can tell
-            self.cache[key] = Outcome(assignment, float(t.value), attrs.get("metric", math.nan), drop, feasible and not rejected,
-                                      attrs.get("output_error", math.nan), attrs.get("nonfinite_outputs", 0), t.number,
-                                      attrs.get("phase", ""), rejected)
-
-    def finished(self) -> int:
-        import optuna
-
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        return len(self.study.get_trials(deepcopy=False, states=states))
-
-    def out_of_budget(self) -> bool:
-        if self.finished() >= self.n_trials:
-            return True
-        return self.timeout is not None and time.monotonic() - self._started > self.timeout
+    _position: dict[tuple[str, ...], int] = field(default_factory=dict, repr=False)  # the plan, in order
+    _frozen: dict[tuple[str, ...], Any] = field(default_factory=dict, repr=False)  # key -> its finished trial
+    _running: set[tuple[str, ...]] = field(default_factory=set, repr=False)
+    _taken: int = 0  # trials that count against n_trials: running or finished
+    _proposed: set[int] = field(default_factory=set, repr=False)  # TPE proposals whose trial has finished
+    _proposing: set[int] = field(default_factory=set, repr=False)  # TPE proposals whose trial runs
 
     def best(self) -> Outcome | None:
-        """The best feasible outcome so far (ties: lower drop, then the earlier trial)."""
-        feasible = [o for o in self.cache.values() if o.feasible]
+        """The best feasible outcome of the plan so far (ties: lower drop, then the earlier in the plan).
+
+        Only the plan's candidates count, never a trial another worker has
+        already finished for a later round, so every worker decides alike.
+        """
+        feasible = [(o, self._position[k]) for k, o in self.cache.items() if o.feasible and k in self._position]
         if not feasible:
             return None
-        return max(feasible, key=lambda o: (round(o.speedup, 9), -o.drop, -(o.trial or 0)))
+        return max(feasible, key=lambda op: (round(op[0].speedup, 9), -op[0].drop, -op[1]))[0]
 
     def best_speedup(self) -> float:
         best = self.best()
         return best.speedup if best else 1.0
 
-    # Evaluation ------------------------------------------------------------
-    def _distributions(self) -> dict[str, Any]:
+    def history(self) -> list[Any]:
+        """The plan's finished trials in plan order: what TPE proposes from."""
+        ordered = sorted(self._position, key=self._position.__getitem__)
+        return [self._frozen[k] for k in ordered if k in self._frozen]
+
+    def distributions(self) -> dict[str, Any]:
         import optuna
 
-        return {k: optuna.distributions.CategoricalDistribution(self.space.choices) for k in self.space.keys}
+        return {k: optuna.distributions.CategoricalDistribution(self.space.choices_of(k)) for k in self.space.keys}
 
+    # Rounds ----------------------------------------------------------------
+    def consider(self, assignment: Mapping[str, str], phase: str, *, prune: bool = True) -> Outcome | None:
+        """Evaluate ``assignment`` unless cached, or unable to beat the best; None when out of trials or time."""
+        return self.consider_round([assignment], phase, prune=prune)[0]
+
+    def consider_round(self, assignments: list[Mapping[str, str]], phase: str, *, prune: bool = True,
+                       proposals: int | None = None) -> list[Outcome | None]:
+        """Evaluate candidates that do not depend on one another; the study's workers share them out.
+
+        A candidate is skipped when cached, or (``prune``) when its estimate
+        cannot beat the best feasible outcome as the round began. TPE's
+        proposals (numbered from ``proposals``) take a trial each, so that TPE
+        stops once the study holds ``n_trials``: one skipped, or cached by the
+        time it is claimed, is recorded PRUNED without an evaluation. Returns one
+        outcome per candidate (``phase="pruned"`` for a pruned one), and None
+        for those left when the study ran out of trials or this call of time.
+        """
+        items = [{k: a.get(k, FLOAT32) for k in self.space.keys} for a in assignments]
+        keys = [self.space.key_of(a) for a in items]
+        self.refresh()
+        floor = self.best_speedup()  # before the round's keys join the plan: its own results must not move it
+        for key in keys:
+            self._position.setdefault(key, len(self._position))
+        todo: dict[Any, tuple[dict[str, str], str, str]] = {}
+        skip: dict[int, str] = {}
+        for j, (key, a) in enumerate(zip(keys, items)):
+            if key in keys[:j]:
+                skip[j] = "seen"
+            elif prune and key not in self.cache and self.estimate(a) <= floor + 1e-12:
+                skip[j] = "pruned"
+            if proposals is not None:  # a TPE proposal: its place in the plan, not its assignment, is its identity
+                todo[("proposal", proposals + j)] = (a, phase, skip.get(j, ""))
+            elif j not in skip and key not in self.cache:
+                todo[key] = (a, phase, "")
+        self._share_out(todo)
+        return [None if proposals is not None and proposals + j not in self._proposed else self.cache[k] if k in self.cache
+                else Outcome(a, self.estimate(a), math.nan, math.nan, False, phase="pruned") if skip.get(j) == "pruned"
+                else None for j, (k, a) in enumerate(zip(keys, items))]
+
+    # Evaluation ------------------------------------------------------------
     def _measure(self, key: tuple[str, ...], assignment: dict[str, str]) -> tuple[Any, bool]:
         cached = self.cache.get(key)
         if cached is not None:
@@ -226,17 +447,19 @@ class Search:
         self.evaluations += 1
         return self.evaluate(assignment), False
 
-    def _run_trial(self, trial: Any, phase: str) -> Outcome:
+    def _run_trial(self, trial: Any, phase: str) -> Outcome | None:
         import optuna
 
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        from autoprec.study import heartbeat
+
         assignment = {k: trial.params.get(k, FLOAT32) for k in self.space.keys}
         key = self.space.key_of(assignment)
         speedup = float(self.estimate(assignment))
         try:
-            result, cached = self._measure(key, assignment)
+            with heartbeat(self.study, trial):
+                result, cached = self._measure(key, assignment)
         except BaseException:
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             raise
         drop = float(result.drop)
         rejected = bool(getattr(result, "rejected", False))
@@ -248,37 +471,23 @@ class Search:
             "feasible": feasible, "rejected": rejected, "samples": int(getattr(result, "samples", 0) or 0),
             "cached": cached, "n_16bit": sum(v != FLOAT32 for v in assignment.values()),
         }
-        for name, value in attrs.items():
-            if not (isinstance(value, float) and math.isnan(value)):
-                trial.set_user_attr(name, value)
-        trial.set_constraint("budget", (drop - self.allowed) if math.isfinite(drop) else _INFEASIBLE)
-        self.study.tell(trial, speedup)
+        try:
+            for name, value in attrs.items():
+                if not (isinstance(value, float) and math.isnan(value)):
+                    trial.set_user_attr(name, value)
+            trial.set_constraint("budget", (drop - self.allowed) if math.isfinite(drop) else _INFEASIBLE)
+            self.study.tell(trial, speedup)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker took this one for dead (its heartbeat went stale) and failed it: the
+            # assignment will be claimed again; this result is not part of the study.
+            logger.warning("autoprec: trial %d was failed by another worker while it ran; its result is dropped.", trial.number)
+            return None
         outcome = Outcome(assignment, speedup, attrs["metric"], drop, feasible, result.output_error,
                           attrs["nonfinite_outputs"], trial.number, phase, rejected)
         self.cache.setdefault(key, outcome)
         if self.on_trial is not None:
             self.on_trial(self)
         return outcome
-
-    def consider(self, assignment: Mapping[str, str], phase: str, *, prune: bool = True) -> Outcome | None:
-        """Evaluate ``assignment`` unless cached, or unable to beat the best; None when out of budget."""
-        assignment = {k: assignment.get(k, FLOAT32) for k in self.space.keys}
-        key = self.space.key_of(assignment)
-        while True:
-            self.refresh()
-            if key in self.cache:
-                return self.cache[key]
-            if prune and self.estimate(assignment) <= self.best_speedup() + 1e-12:
-                return Outcome(assignment, self.estimate(assignment), math.nan, math.nan, False, phase="pruned")
-            if self.out_of_budget():
-                return None
-            self.study.enqueue_trial(dict(assignment), user_attrs={"phase": phase})
-            trial = self.study.ask(self._distributions())
-            outcome = self._run_trial(trial, phase)
-            if self.space.key_of(outcome.assignment) == key:
-                return outcome
-            # Another worker took our enqueued trial and we ran one of theirs:
-            # both land in the study; look again (ours is in the cache once done).
 
     def run(self) -> Outcome | None:
         """Run all phases until done or out of trials/time; return the best feasible outcome."""
@@ -293,7 +502,8 @@ class Search:
     def fallback(self, k: int) -> dict[str, str]:
         """Everything in the target format except the ``k`` most sensitive keys."""
         f32 = set(self.space.order[:k])
-        return {key: (FLOAT32 if key in f32 else self.space.target) for key in self.space.keys}
+        top = self.space.all_target()
+        return {key: (FLOAT32 if key in f32 else top[key]) for key in self.space.keys}
 
 
 # Phases: each returns False when the study is out of trials or time. -------------
@@ -324,20 +534,17 @@ def _phase_segments(search: Search) -> bool:
         return True
     keys = list(search.space.keys)
     f32 = [i for i, k in enumerate(keys) if best.assignment[k] == FLOAT32]
+    candidates = []
     for a, b in zip(f32, f32[1:]):
         if 1 < b - a <= 3:  # bridge a short 16-bit gap between float32 decisions
-            candidate = dict(best.assignment)
-            for i in range(a + 1, b):
-                candidate[keys[i]] = FLOAT32
-            if search.consider(candidate, "segment") is None:
-                return False
-    return True
+            candidates.append({**best.assignment, **{keys[i]: FLOAT32 for i in range(a + 1, b)}})
+    return None not in search.consider_round(candidates, "segment")
 
 
 def _moves(search: Search, best: Outcome) -> list[dict[str, str]]:
     """Single flips and float32/16-bit swaps around ``best``, most promising first."""
     space = search.space
-    moves = [{**best.assignment, k: c} for k in space.keys for c in space.choices if c != best.assignment[k]]
+    moves = [{**best.assignment, k: c} for k in space.keys for c in space.choices_of(k) if c != best.assignment[k]]
     low = [k for k in space.keys if best.assignment[k] == FLOAT32]
     high = [k for k in space.keys if best.assignment[k] != FLOAT32]
     moves += [{**best.assignment, a: space.target, b: FLOAT32} for a in low for b in high]
@@ -346,38 +553,51 @@ def _moves(search: Search, best: Outcome) -> list[dict[str, str]]:
 
 
 def _phase_local(search: Search) -> bool:
-    improved = True
-    while improved:
-        improved = False
+    """Hill-climb: evaluate the moves that could beat the best, a round at a time; restart from the best improvement."""
+    while True:
         best = search.best()
         if best is None:
             return True
-        for move in _moves(search, best):
-            if search.estimate(move) <= search.best_speedup() + 1e-12:
-                break
-            outcome = search.consider(move, "local")
-            if outcome is None:
+        moves = [m for m in _moves(search, best) if search.estimate(m) > best.speedup + 1e-12]
+        for start in range(0, len(moves), ROUND):
+            outcomes = search.consider_round(moves[start:start + ROUND], "local")
+            if None in outcomes:
                 return False
-            if outcome.feasible and outcome.speedup > best.speedup:
-                improved = True
+            if any(o.feasible and o.speedup > best.speedup for o in outcomes):
                 break
-    return True
+        else:
+            return True
+
+
+def _propose(search: Search, first: int, count: int) -> list[dict[str, str]]:
+    """TPE's proposals number ``first`` to ``first + count - 1`` of the plan: the same in every worker.
+
+    They are asked of a throwaway in-memory study holding the plan's finished
+    trials, so that neither trials of later rounds nor the running trials of
+    other workers reach the sampler. Proposal ``N`` is seeded by ``(seed,
+    N)``: a round whose proposals were all pruned leaves the history as it
+    was, and the next round must still propose afresh.
+    """
+    import optuna
+
+    seed = search.seed if search.seed is not None else int(getattr(search.study.sampler, "seed", 0))
+    replayable = make_sampler(seed)
+    scratch = optuna.create_study(direction="maximize")
+    scratch.add_trials(search.history())
+    distributions, proposals = search.distributions(), []
+    for number in range(first, first + count):
+        scratch.sampler = replayable._tpe(number)  # the earlier proposals of the round stay running: its liars
+        proposals.append(dict(scratch.ask(distributions).params))
+    return proposals
 
 
 def _phase_tpe(search: Search) -> bool:
-    import optuna
-
-    distributions = search._distributions()
-    while not search.out_of_budget():
-        search.refresh()
-        trial = search.study.ask(distributions)
-        assignment = {k: trial.params.get(k, FLOAT32) for k in search.space.keys}
-        if search.space.key_of(assignment) not in search.cache and search.estimate(assignment) <= search.best_speedup() + 1e-12:
-            trial.set_user_attr("phase", "tpe_pruned")
-            search.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            continue
-        search._run_trial(trial, "tpe")
-    return True
+    number = 0
+    while True:  # every proposal takes a trial, evaluated or not: the study's n_trials ends the phase
+        outcomes = search.consider_round(_propose(search, number, ROUND), "tpe", proposals=number)
+        if None in outcomes:
+            return False
+        number += ROUND
 
 
 PHASES = (_phase_all, _phase_fallback, _phase_segments, _phase_local, _phase_tpe)

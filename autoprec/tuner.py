@@ -74,6 +74,7 @@ class TuneOptions:
     profile_batch_size: int | str = "auto"
     nonfinite_inputs: str = "raise"
     verbose: int = 1
+    search_only: bool = False
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -117,6 +118,10 @@ class TuneOptions:
             raise DataError("Expected train_data=(x, y) with verify='train': the training check fine-tunes on it.")
         if options.get("pretrain_steps") is not None and options.get("train_data") is None:
             raise DataError("Expected train_data=(x, y) with pretrain_steps: the float32 copy is pretrained on it.")
+        only, storage = options.get("search_only", False), options.get("storage")
+        if not isinstance(only, bool) or (only and storage is None):
+            raise ArgumentError(f"Expected search_only=True with a shared storage= and study_name=, or False. Received: "
+                                f"search_only={describe(only)}, storage={describe(storage)}.")
         return cls(budget=budget, target=target, target_why=why, choices=choices, **options)
 
 
@@ -150,10 +155,12 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
             (``"eval"``/``"train"`` with ``train_data`` and ``steps``);
             ``pretrain_steps``; ``max_fallbacks``; ``batch_size`` and
             ``profile_batch_size`` (``"auto"`` fits memory); ``nonfinite_inputs``
-            (``"raise"``/``"drop"``); ``verbose``.
+            (``"raise"``/``"drop"``); ``verbose``; ``search_only`` (a worker
+            that adds trials to a shared ``storage`` and returns a
+            :class:`autoprec.search.WorkerResult`, verifying and emitting nothing).
 
     Returns:
-        A :class:`TuneResult`.
+        A :class:`TuneResult` (with ``search_only=True``, a :class:`autoprec.search.WorkerResult`).
 
     Raises:
         BudgetError, ArgumentError, PolicyError, DataError, ModelError, MetricError,
@@ -172,6 +179,11 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
                         tolerance=ablation_tolerance(session, opts.budget))
     cost = CostModel(session.graph, device=opts.device or default_device(opts.target))
     found = search_stage(session, space, cost, opts, progress)
+    if opts.search_only:  # a worker: the run without search_only verifies and emits
+        from autoprec.search import WorkerResult
+
+        best = cost.speedup(space.expand(found.assignment)) if found.feasible else 1.0
+        return WorkerResult.of(found.study, evaluations=found.evaluations, best_speedup=best, seconds=time.monotonic() - started)
     verified = verify_stage(session, space, frame, found, cost, opts, progress)
     return result_stage(model, session, space, frame, found, verified, cost, opts, pretrained,
                         seconds=time.monotonic() - started, progress=progress)
@@ -357,11 +369,13 @@ def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: 
     try:
         study = open_study(name, opts.storage, make_sampler(opts.seed))
         fail_orphans(study)
-        record_or_check(study, {"keys": list(space.keys), "choices": list(space.choices), "baseline": session.baseline,
-                                "fingerprint": session.fingerprint(), "metric": session.metric.name}, budget=str(opts.budget))
+        order = record_or_check(study, {"keys": list(space.keys), "choices": list(space.choices), "order": list(space.order),
+                                        "baseline": session.baseline, "fingerprint": session.fingerprint(),
+                                        "metric": session.metric.name}, budget=str(opts.budget))
         bar = progress.stage("search", total=opts.n_trials, unit="trial")
         feasible = lambda drop: opts.budget.feasible(baseline=session.baseline, drop=drop)  # noqa: E731
-        search = Search(space.search_space(), lambda a: session.evaluate(space.expand(a), budget=opts.budget),
+        search = Search(dataclasses.replace(space.search_space(), order=order),
+                        lambda a: session.evaluate(space.expand(a), budget=opts.budget),
                         lambda a: cost.speedup(space.expand(a)), feasible, opts.budget.allowed(session.baseline), study,
                         n_trials=opts.n_trials, timeout=opts.timeout,
                         on_trial=lambda s: bar.update(s.finished(), [("best", s.best_speedup())]))
@@ -372,7 +386,7 @@ def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: 
     if best is None:
         progress.say("autoprec: no assignment with a decision in 16-bit met the budget; the result is all float32.")
     found = Found(study, dict(best.assignment) if best else {}, best is not None, search.evaluations, search.cache_hits)
-    if opts.cost == "measured":
+    if opts.cost == "measured" and not opts.search_only:
         found = _measure_candidates(session, space, search, found)
     return found
 

@@ -16,6 +16,7 @@ fails, return one decision to float32, chosen by a picker.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from autoprec.apply import apply_policy
+from autoprec.apply import apply_policy, strategy_scope
 from autoprec.data import EvalData
 from autoprec.engine import quiet_retracing
 from autoprec.errors import ArgumentError, DataError, UnsupportedModelError, check_int
@@ -87,38 +88,102 @@ def verify_eval(session: Any, names: dict[str, str]) -> tuple[Any, Any]:
 
 
 def predict_batches(model: Any, data: EvalData) -> Any:
-    """The model's own predictions over all batches, concatenated (NumPy)."""
+    """The model's own predictions over all batches, concatenated (NumPy).
+
+    A model built in a ``tf.distribute`` strategy predicts through
+    ``predict``: there Keras 3.15's ``predict_on_batch`` hands every replica
+    the whole batch and returns all their outputs, stacked (twice the rows
+    on two replicas).
+    """
     import keras
 
+    distributed = getattr(model, "_distribute_strategy", None) is not None
     with quiet_retracing():
-        outs = [model.predict_on_batch(x) for x, _ in data.batches()]
+        outs = [model.predict(x, batch_size=len(keras.tree.flatten(x)[0]), verbose=0) if distributed
+                else model.predict_on_batch(x) for x, _ in data.batches()]
     return keras.tree.map_structure(lambda *parts: np.concatenate(parts), *outs)
 
 
 def cycle_batches(train_data: Any, steps: int, batch_size: int, *, model: Any = None) -> list:
-    """``steps`` training batches, cycling through ``train_data`` in order."""
+    """``steps`` training batches of ``batch_size`` samples, cycling through ``train_data`` in order.
+
+    A short last batch is topped up from the start of the data, so that every
+    step has one shape: ``fit`` fixes its input signature from the first
+    batches it sees.
+    """
+    import keras
+
     data = EvalData.get(train_data, batch_size=batch_size, what="train_data", model=model)
+    cut = lambda b, lo, hi: keras.tree.map_structure(lambda a: a[lo:hi], b)  # noqa: E731
     batches: list = []
+    held, parts = 0, []
     while len(batches) < steps:
         for batch in data.batches():
-            batches.append(batch)
+            parts.append(batch)
+            held += len(keras.tree.flatten(batch[0])[0])
+            while held >= batch_size and len(batches) < steps:
+                whole = keras.tree.map_structure(lambda *a: np.concatenate(a), *parts)
+                batches.append(cut(whole, 0, batch_size))
+                parts, held = [cut(whole, batch_size, held)], held - batch_size
             if len(batches) == steps:
                 break
     return batches
 
 
 def train_steps(model: Any, batches: list, *, record_scale: bool = False) -> tuple[list[float], list[float]]:
-    """Run ``train_on_batch`` over ``batches``; return losses and (if asked) the loss-scale history."""
+    """Train one ``fit`` step per batch, in order; return each step's loss and (if asked) the loss-scale history.
+
+    ``fit`` runs under the ``tf.distribute`` strategy the model was built in,
+    where each replica takes its share of every batch, and the model's
+    metrics are reset before each step, so a recorded loss is that step's.
+    """
+    recorder = _step_recorder()(record_scale)
+    with strategy_scope(model), quiet_retracing():
+        model.fit(_batch_list()(batches), epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
+    return recorder.losses, recorder.scales
+
+
+@functools.cache
+def _batch_list() -> type:
     import keras
 
-    losses, scales = [], []
-    for x, y in batches:
-        with quiet_retracing():
-            out = model.train_on_batch(x, y, return_dict=True)
-        losses.append(float(out["loss"]))
-        if record_scale and isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
-            scales.append(float(keras.ops.convert_to_numpy(model.optimizer.dynamic_scale)))
-    return losses, scales
+    class BatchList(keras.utils.PyDataset):
+        """Given batches as a dataset ``fit`` can read more than once: under a strategy, Keras reads one to build."""
+
+        def __init__(self, batches: list) -> None:
+            super().__init__()
+            self.batches = batches
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+        def __getitem__(self, index: int) -> Any:
+            return self.batches[index]
+
+    return BatchList
+
+
+@functools.cache
+def _step_recorder() -> type:
+    import keras
+
+    class StepRecorder(keras.callbacks.Callback):
+        """Each step's loss (metrics reset before it) and the loss scale after it."""
+
+        def __init__(self, record_scale: bool) -> None:
+            super().__init__()
+            self.record_scale, self.losses, self.scales = record_scale, [], []
+
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            for metric in self.model.metrics:  # fit logs running means: from zero, the mean is this step's
+                metric.reset_state()
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            self.losses.append(float((logs or {}).get("loss", math.nan)))
+            if self.record_scale and isinstance(self.model.optimizer, keras.optimizers.LossScaleOptimizer):
+                self.scales.append(float(keras.ops.convert_to_numpy(self.model.optimizer.dynamic_scale)))
+
+    return StepRecorder
 
 
 def train_check(model: Any, names: dict[str, str], train_data: Any, *, graph: ModelGraph, steps: int = 50,
@@ -127,7 +192,12 @@ def train_check(model: Any, names: dict[str, str], train_data: Any, *, graph: Mo
     """Fine-tune the tuned model and a float32 copy for ``steps`` steps and compare.
 
     Both start from ``model``'s weights with fresh copies of its optimizer and
-    see the same batches in the same order. Needs a compiled model.
+    see the same batches in the same order, trained by ``fit`` in the
+    ``tf.distribute`` strategy ``model`` was built in, if any. Needs a
+    compiled model.
+
+    Example:
+        >>> check = train_check(model, names, (x_train, y_train), graph=graph, steps=50)  # doctest: +SKIP
 
     Raises:
         ArgumentError: ``steps`` is not an integer >= 2.
