@@ -42,10 +42,9 @@ def apply_policy(model: Any, policy: Any, *, optimizer: Any = None, inplace: boo
     their Keras ``layer.path`` (``seq/dense``), or a nested model by its name.
 
     The model's outputs, and a softmax or sigmoid that feeds them, stay
-    float32 whatever the policy says. The result is compiled with the input
-    model's loss and metrics; when any layer computes in float16 its optimizer
-    is wrapped in ``keras.optimizers.LossScaleOptimizer`` (never twice). A
-    bfloat16-only model needs no loss scale and gets none.
+    float32. The result is compiled with the input model's loss and metrics,
+    its optimizer wrapped in a ``LossScaleOptimizer`` (never twice) when any
+    layer computes in float16.
 
     Args:
         model: a built Keras model.
@@ -76,12 +75,7 @@ def apply_policy(model: Any, policy: Any, *, optimizer: Any = None, inplace: boo
     if graph.model is not model:
         raise ArgumentError("Expected graph= to be the graph of the model being changed. Received another model's graph.")
     names = _effective_names(graph, policy.for_graph(graph))
-    if graph.kind == SUBCLASSED and not inplace:
-        raise UnsupportedModelError(
-            f"Expected a Functional or Sequential model to clone. Received the subclassed model {model.name!r}, "
-            "which Keras cannot clone layer by layer. Pass inplace=True to set the policies on its layers "
-            "in place (the model object itself is changed), or rebuild the model functionally."
-        )
+    _check_clonable(graph, inplace)
     if inplace:
         target = model
         set_policies_in_place(model, names)
@@ -91,6 +85,15 @@ def apply_policy(model: Any, policy: Any, *, optimizer: Any = None, inplace: boo
         calibrate_model(target, calibration_data)
     compile_like(model, target, uses_float16=any(split(n)[1] == MIXED_FLOAT16 for n in names.values()), optimizer=optimizer)
     return target
+
+
+def _check_clonable(graph: ModelGraph, inplace: bool) -> None:
+    if graph.kind == SUBCLASSED and not inplace:
+        raise UnsupportedModelError(
+            f"Expected a Functional or Sequential model to clone. Received the subclassed model {graph.model.name!r}, "
+            "which Keras cannot clone layer by layer. Pass inplace=True to set the policies on its layers "
+            "in place (the model object itself is changed), or rebuild the model functionally."
+        )
 
 
 def _effective_names(graph: ModelGraph, named: dict[str, str]) -> dict[str, str]:

@@ -30,7 +30,8 @@ import numpy as np
 from autoprec.budget import Budget
 from autoprec.cost import DEVICES, CostModel
 from autoprec.errors import ArgumentError, DataError, UnsupportedModelError, UntrainedModelError, check_choice, check_int, describe
-from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, resolve_target
+from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, QUANTIZED_MODES, resolve_target
+from autoprec.quantize import quantized_name
 from autoprec.graph import SUBCLASSED
 from autoprec.progress import Progress
 from autoprec.result import TuneResult
@@ -41,6 +42,7 @@ from autoprec.verify import TrainCheck, fall_back, train_check, verify_eval
 logger = logging.getLogger("autoprec")
 
 VERIFY_MODES = ("eval", "train")
+OBJECTIVES = ("speed", "size")
 COSTS = ("estimate", "measured")
 DEFAULT_PRETRAIN_STEPS = 200
 
@@ -75,10 +77,13 @@ class TuneOptions:
     nonfinite_inputs: str = "raise"
     verbose: int = 1
     search_only: bool = False
+    objective: str = "speed"
+    calibration_data: Any = field(default=None, repr=False)
 
     @property
     def formats(self) -> tuple[str, ...]:
-        return tuple(c for c in self.choices if c != FLOAT32)
+        """The engine's formats: the 16-bit ones and the Keras names of the quantized ones."""
+        return tuple(quantized_name(c, self.target) if c in QUANTIZED_MODES else c for c in self.choices if c != FLOAT32)
 
     @classmethod
     def create(cls, budget: Any, *, target: str = MIXED_FLOAT16, candidates: Any = None, **options: Any) -> "TuneOptions":
@@ -98,6 +103,7 @@ class TuneOptions:
         budget = Budget.get(budget)
         target, why = resolve_target(target)
         choices = _check_candidates(candidates, target)
+        options["objective"] = _check_objective(options.get("objective"), choices, options.get("verify", "eval"))
         for name, choices_ in (("granularity", GRANULARITIES), ("verify", VERIFY_MODES), ("cost", COSTS),
                                ("nonfinite_inputs", NONFINITE_MODES)):
             if name in options:
@@ -127,11 +133,26 @@ class TuneOptions:
 
 def _check_candidates(candidates: Any, target: str) -> tuple[str, ...]:
     choices = tuple(candidates) if isinstance(candidates, (list, tuple)) else (FLOAT32, target) if candidates is None else None
-    if (choices is None or FLOAT32 not in choices or target not in choices or len(set(choices)) != len(choices)
-            or any(c not in (FLOAT32, *LOW_PRECISION) for c in choices)):
-        raise ArgumentError(f"Expected candidates to hold 'float32', the target {target!r}, and optionally the other "
-                            f"16-bit format. Received: candidates={describe(candidates)}.")
+    quantized = [c for c in choices or () if c in QUANTIZED_MODES]
+    if (choices is None or FLOAT32 not in choices or len(set(choices)) != len(choices)
+            or (target not in choices and not quantized)
+            or any(c not in (FLOAT32, *LOW_PRECISION, *QUANTIZED_MODES) for c in choices)):
+        raise ArgumentError(f"Expected candidates to hold 'float32', the target {target!r}, optionally the other 16-bit "
+                            f"format, and quantized modes among {list(QUANTIZED_MODES)}. Received: candidates={describe(candidates)}.")
     return choices
+
+
+def _check_objective(objective: Any, choices: tuple[str, ...], verify: Any) -> str:
+    """``speed`` or ``size``; by default size when integer candidates are offered (their CPU gain is size)."""
+    integer = [c for c in choices if c in ("int8", "int4")]
+    if objective is None:
+        objective = "size" if integer else "speed"
+    check_choice("objective", objective, OBJECTIVES)
+    if integer and verify == "train":
+        raise ArgumentError(f"Expected float candidates with verify='train'. Received candidates {integer}: int8 and int4 are "
+                            "post-training formats for inference, which Keras does not train. Use verify='eval', or "
+                            "'float8', the format Keras trains in.")
+    return objective
 
 
 def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneResult:
@@ -176,8 +197,8 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
     session, pretrained = open_run(model, data, opts, progress)
     frame = profile_stage(session, opts, progress)
     space = build_space(session.graph, frame, granularity=opts.granularity, target=opts.target, choices=opts.choices,
-                        tolerance=ablation_tolerance(session, opts.budget))
-    cost = CostModel(session.graph, device=opts.device or default_device(opts.target))
+                        tolerance=ablation_tolerance(session, opts.budget), objective=opts.objective)
+    cost = CostModel(session.graph, device=opts.device or default_device(opts.target), quantized_speed=_speeds(opts))
     found = search_stage(session, space, cost, opts, progress)
     if opts.search_only:  # a worker: the run without search_only verifies and emits
         from autoprec.search import WorkerResult
@@ -187,6 +208,23 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
     verified = verify_stage(session, space, frame, found, cost, opts, progress)
     return result_stage(model, session, space, frame, found, verified, cost, opts, pretrained,
                         seconds=time.monotonic() - started, progress=progress)
+
+
+def _speeds(opts: TuneOptions) -> dict[str, float]:
+    """Each quantized candidate's speed on this device, measured (only the speed objective needs it)."""
+    from autoprec.quantize import measured_speed
+
+    if opts.objective != "speed":
+        return {}
+    return {c: measured_speed(c) for c in opts.choices if c in QUANTIZED_MODES}
+
+
+def objective(cost: CostModel, space: DecisionSpace, which: str):
+    """The search's objective per assignment: the estimated speed-up, or the weight-size ratio with
+    the speed-up as a tie-break (a 16-bit float layer is no smaller than a float32 one, but it is faster)."""
+    if which == "size":
+        return lambda a: cost.size_ratio(space.expand(a)) + 1e-3 * cost.speedup(space.expand(a))
+    return lambda a: cost.speedup(space.expand(a))
 
 
 def default_device(target: str) -> str:
@@ -376,7 +414,7 @@ def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: 
         feasible = lambda drop: opts.budget.feasible(baseline=session.baseline, drop=drop)  # noqa: E731
         search = Search(dataclasses.replace(space.search_space(), order=order),
                         lambda a: session.evaluate(space.expand(a), budget=opts.budget),
-                        lambda a: cost.speedup(space.expand(a)), feasible, opts.budget.allowed(session.baseline), study,
+                        objective(cost, space, opts.objective), feasible, opts.budget.allowed(session.baseline), study,
                         n_trials=opts.n_trials, timeout=opts.timeout,
                         on_trial=lambda s: bar.update(s.finished(), [("best", s.best_speedup())]))
         best = search.run()
@@ -530,6 +568,7 @@ def result_stage(model: Any, session: Session, space: DecisionSpace, frame: Any,
     if session.graph.kind == SUBCLASSED:
         logger.warning("autoprec: %r is subclassed, so its layers now carry the tuned policies in place.", model.name)
     trials = trials_frame(found.study, list(space.keys), found.measured)
+    trials = _with_costs(trials, found.study, space, cost)
     if "drop" in trials and len(trials):
         drops = trials["drop"].astype(float)
         trials["feasible"] = [opts.budget.feasible(baseline=session.baseline, drop=d if d < 1e8 else math.inf) and not r
@@ -547,12 +586,14 @@ def result_stage(model: Any, session: Session, space: DecisionSpace, frame: Any,
         "traces": session.engine.traces, "engine": session.engine.kind, "granularity": opts.granularity,
         "decision_keys": len(space.keys), "own_weightless": sorted(space.own), "misaligned": sorted(cost.flagged),
         "seconds": seconds, "stage_seconds": dict(progress.seconds), "study_name": found.study.study_name,
+        "quantized_speed": dict(cost.quantized_speed), "weight_bytes": cost.weight_bytes(decided),
         "rejected_early": int(trials["rejected"].fillna(False).astype(bool).sum()) if "rejected" in trials else 0,
     }
     result = TuneResult(
         policy=PrecisionPolicy(names, target=opts.target, layers=session.graph.layer_facts()), model=verified.model,
         sensitivity=decision_frame(frame, session, space, names, verified.fallbacks), trials=trials, study=found.study,
         baseline_metric=session.baseline, metric=ev.metric, budget=opts.budget, speedup_estimate=cost.speedup(decided),
+        objective=opts.objective, size_ratio=cost.size_ratio(decided),
         metric_name=session.metric.name, higher_is_better=session.metric.higher_is_better, target=opts.target,
         formula=opts.budget.formula(metric=session.metric.name, higher_is_better=session.metric.higher_is_better,
                                     baseline=session.baseline),
@@ -561,6 +602,17 @@ def result_stage(model: Any, session: Session, space: DecisionSpace, frame: Any,
     )
     progress.say(result.summary())
     return result
+
+
+def _with_costs(trials: Any, study: Any, space: DecisionSpace, cost: CostModel) -> Any:
+    """Each trial's estimated speed-up and weight-size ratio, whatever the search optimised (the report plots both)."""
+    if not len(trials):
+        return trials
+    params = {t.number: t.params for t in study.get_trials(deepcopy=False)}
+    expanded = {n: space.expand({k: p.get(k, FLOAT32) for k in space.keys}) for n, p in params.items()}
+    trials["speedup_estimate"] = [cost.speedup(expanded[n]) if n in expanded else math.nan for n in trials["trial"]]
+    trials["size_ratio"] = [cost.size_ratio(expanded[n]) if n in expanded else math.nan for n in trials["trial"]]
+    return trials
 
 
 def decision_frame(frame: Any, session: Session, space: DecisionSpace, names: dict[str, str], fallbacks: list) -> Any:

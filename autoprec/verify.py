@@ -83,7 +83,9 @@ def fall_back(assignment: dict[str, str], check: Callable[[dict[str, str]], tupl
 def verify_eval(session: Any, names: dict[str, str]) -> tuple[Any, Any]:
     """Apply the resolved policy for real and score it on the full evaluation data."""
     graph = session.graph
-    real = apply_policy(session.model, names, graph=graph, inplace=graph.kind == SUBCLASSED)
+    float8 = any(name.startswith("float8_from_") for name in names.values())
+    real = apply_policy(session.model, names, graph=graph, inplace=graph.kind == SUBCLASSED,
+                        calibration_data=session.data if float8 else None)
     return real, session.score_outputs(predict_batches(real, session.data))
 
 
