@@ -10,6 +10,9 @@ import keras
 import numpy as np
 import pytest
 
+# Scripts the tests run as subprocesses, not test modules: --doctest-modules must not import them.
+collect_ignore = ["tune_worker.py"]
+
 
 @pytest.fixture(autouse=True)
 def _clean_keras_state():
