@@ -94,18 +94,23 @@ def exhaustive(session, cost, eligible, target, budget):
     Assignments are visited fastest first; the first feasible one is the
     optimum, and only the ones before it are evaluated.
     """
-    assignments = [{u: target for u, b in zip(eligible, bits) if b} for bits in itertools.product([0, 1], repeat=len(eligible))]
-    every = {u: "float32" for u in eligible}
+    # Every eligible layer is named in each assignment: a weightless layer left out would follow its producer.
+    assignments = [{u: target if b else "float32" for u, b in zip(eligible, bits)}
+                   for bits in itertools.product([0, 1], repeat=len(eligible))]
     ranked = sorted(assignments, key=lambda a: -cost.speedup(a))
     for evals, a in enumerate(ranked, start=1):
-        if budget.feasible(baseline=session.baseline, drop=session.evaluate({**every, **a}, budget=budget).drop):
+        if budget.feasible(baseline=session.baseline, drop=session.evaluate(a, budget=budget).drop):
             return cost.speedup(a), evals
     return 1.0, len(ranked)
 
 
+def _named(eligible, chosen, target):
+    """An assignment naming every eligible layer: ``chosen`` in ``target``, the rest float32."""
+    return {u: target if u in chosen else "float32" for u in eligible}
+
+
 def _ok(session, eligible, chosen, target, budget):
-    a = {**{u: "float32" for u in eligible}, **{u: target for u in chosen}}
-    return budget.feasible(baseline=session.baseline, drop=session.evaluate(a, budget=budget).drop)
+    return budget.feasible(baseline=session.baseline, drop=session.evaluate(_named(eligible, chosen, target), budget=budget).drop)
 
 
 def halving(session, cost, eligible, target, budget):
@@ -122,7 +127,7 @@ def halving(session, cost, eligible, target, budget):
             recurse(segment[mid:])
 
     recurse(list(eligible))
-    return cost.speedup({u: target for u in low}), evals
+    return cost.speedup(_named(eligible, low, target)), evals
 
 
 def prefix_bisect(session, cost, eligible, target, budget):
@@ -134,7 +139,7 @@ def prefix_bisect(session, cost, eligible, target, budget):
             hi = mid
         else:
             lo = mid + 1
-    return cost.speedup({u: target for u in eligible[lo:]}), evals
+    return cost.speedup(_named(eligible, set(eligible[lo:]), target)), evals
 
 
 def run(n_trials: int = 60) -> tuple[str, list[dict]]:
