@@ -420,6 +420,6 @@ def test_ctrl_c_during_tune_exits_130_with_the_resume_hint(planted, tmp_path):
     time.sleep(2.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == EXIT_INTERRUPTED
+    assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
     assert "interrupted; resume with the same --storage" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
