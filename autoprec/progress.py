@@ -65,6 +65,5 @@ class StageBar:
     def done(self, current: int, values: list | None = None) -> None:
         self.progress.seconds[self.name] = self.progress.seconds.get(self.name, 0.0) + time.monotonic() - self.started
         if self._bar is not None:
-            if self.total:
-                self._bar.target = max(current, 1)
+            self._bar.target = max(current, 1)  # a stage of unknown length ends with its count known: "2/2", not "2/Unknown"
             self._bar.update(current, values, finalize=True)

@@ -190,10 +190,16 @@ def _training_lines(saved: Saved) -> list[str]:
     if not t:
         return []
     last = lambda xs: xs[-1] if xs else float("nan")  # noqa: E731
+    window = max(1, int(t["steps"]) // 5)  # the judge's window: one batch's loss is noise
+
+    def tail(xs: list) -> float:
+        finite = [float(v) for v in xs[-window:] if v is not None and math.isfinite(float(v))]
+        return sum(finite) / len(finite) if finite else float("nan")
+
     return [
         f"{'Passed' if t['passed'] else 'FAILED'}: {t['reason']}.",
-        f"{t['steps']} steps from the same weights; final loss float32 {_num(last(t['float32_losses']))} "
-        f"vs tuned {_num(last(t['tuned_losses']))}; skipped steps {t['skipped_steps']}; non-finite losses {t['nonfinite_losses']}; "
+        f"{t['steps']} steps from the same weights; mean loss over the last {window} steps: float32 "
+        f"{_num(tail(t['float32_losses']))} vs tuned {_num(tail(t['tuned_losses']))}; skipped steps {t['skipped_steps']}; non-finite losses {t['nonfinite_losses']}; "
         f"final loss scale {_num(last(t['loss_scale'])) if t['loss_scale'] else 'none (no float16 layer)'}.",
     ]
 
