@@ -126,6 +126,17 @@ class SimEngine:
         code = {FLOAT32: 0, **{f: i + 1 for i, f in enumerate(self.formats)}}
         self.codes = np.array([code.get(names[info.path], 0) for info in self.graph.layers], np.int32)
 
+    def use_metric(self, metric: Metric) -> None:
+        """Return ``metric``'s per-sample values from the traced call from now on.
+
+        The metric is read while tracing, so a call traced before it was known
+        is traced once more: per-sample values computed in the graph cost
+        nothing per trial, and they let an evaluation stop early batch by batch.
+        """
+        self.metric = metric
+        if metric.per_sample is not None and self.traces:
+            self._forward = backends.compile_function(self._forward_impl)
+
     def forward(self, x: Any, y: Any) -> tuple[Any, np.ndarray | None]:
         """Outputs (NumPy) and the metric's per-sample values (or None) for one batch."""
         outputs, values = self._forward(x, y, self.codes)
@@ -289,6 +300,10 @@ class RealEngine:
         if changed or self.model.predict_function is None:
             self.model.predict_function = None  # stale traced functions keep the old dtypes
             self.traces += 1
+
+    def use_metric(self, metric: Metric) -> None:
+        """Return ``metric``'s per-sample values with the outputs from now on."""
+        self.metric = metric
 
     def forward(self, x: Any, y: Any) -> tuple[Any, np.ndarray | None]:
         import keras

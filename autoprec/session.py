@@ -267,7 +267,7 @@ def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...]
     full = keras.tree.map_structure(lambda *p: np.concatenate(p), *outputs)
     check_labels(model, ev.y, full, what="the evaluation data")
     resolved = Metric.get(metric, model=model, y=ev.y, y_pred=full, higher_is_better=higher_is_better)
-    engine.metric = resolved
+    engine.use_metric(resolved)
     if hasattr(engine, "calibrate"):
         engine.calibrate(ev.batches())  # float8 twins: scales from this data, as the emitted model gets them
     values = resolved.values(*resolved.select(ev.y, full)) if resolved.per_sample is not None else None

@@ -1,0 +1,32 @@
+"""The session: per-sample metric values from the traced pass, and evaluations that stop early."""
+
+import math
+
+import numpy as np
+
+from autoprec.budget import Budget
+from autoprec.session import open_session
+
+
+def test_per_sample_values_come_from_the_traced_pass(planted):
+    model, _, val, _ = planted
+    session = open_session(model, val, target="mixed_float16", batch_size=64)
+    x, y = next(iter(session.data.batches()))
+    _, values = session.engine.forward(x, y)
+    assert values is not None and values.shape == (len(x),)  # computed in the graph, not over whole arrays afterwards
+    assert session.engine.traces <= 2  # one before the metric was known, one with it
+    assert abs(float(np.mean(session.baseline_values)) - session.baseline) < 1e-9
+
+
+def test_an_evaluation_certainly_over_budget_stops_early_and_says_so(planted):
+    model, _, val, fragile = planted
+    session = open_session(model, val, target="mixed_float16", batch_size=32)
+    ruin = {p: "mixed_float16" for p in fragile["mixed_float16"]}  # overflows: accuracy collapses
+    budget = Budget.get("0.5%")
+    early = session.evaluate(ruin, budget=budget)
+    assert early.rejected and early.samples < session.data.n
+    assert not budget.feasible(baseline=session.baseline, drop=early.drop)
+    session._cache.clear()
+    full = session.evaluate(ruin)  # without a budget: every sample, and the drop the early stop bounded
+    assert not full.rejected and full.samples == session.data.n
+    assert math.isfinite(full.drop) and full.drop >= early.drop - 1e-9
