@@ -157,7 +157,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         train = _load_npz(args.train_data) if args.train_data else None
         try:
             result = tune(model, data, **_tune_options(args, train))
-        except KeyboardInterrupt:
+        except BaseException as exc:
+            if not interrupted(exc):
+                raise
             resume = (f"resume with the same --storage {args.storage} --study-name {args.study_name or '(the default)'}"
                       if args.storage else "pass --storage FILE --study-name NAME to make a search resumable")
             print(f"autoprec: interrupted; {resume}. Finished trials are kept in the storage.", file=sys.stderr)
@@ -262,6 +264,30 @@ def _add_tune(p: argparse.ArgumentParser, model_arg: Any, targets: list[str]) ->
     p.set_defaults(fn=_cmd_tune)
 
 
+def interrupted(exc: BaseException | None) -> bool:
+    """A Ctrl-C, or an error a library raised while cleaning up after one.
+
+    Optuna's journal-file lock, interrupted inside its release, raises
+    FileNotFoundError from its cleanup; the user still pressed Ctrl-C.
+
+    >>> try:
+    ...     try:
+    ...         raise KeyboardInterrupt
+    ...     except KeyboardInterrupt:
+    ...         raise FileNotFoundError("lock.rename")
+    ... except OSError as exc:
+    ...     interrupted(exc)
+    True
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -276,9 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except AutoprecError as exc:
+        if interrupted(exc):
+            print("autoprec: interrupted.", file=sys.stderr)
+            return EXIT_INTERRUPTED
         print(f"autoprec: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not interrupted(exc):
+            raise
         print("autoprec: interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
 

@@ -336,6 +336,11 @@ def test_cli_file_problems_are_one_line(cli_files, capsys, name, argv, fragment)
 # --- real processes: concurrent writers and Ctrl-C ---------------------------------
 
 
+def _sigint_default():
+    """In the child: Ctrl-C raises KeyboardInterrupt even when this run was started with SIGINT ignored (``cmd &``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env():
     return {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), "TF_CPP_MIN_LOG_LEVEL": "3"}
 
@@ -394,7 +399,8 @@ def test_ctrl_c_during_a_save_leaves_the_old_result_whole(cli_files, tmp_path, m
     script = tmp_path / "saver.py"
     script.write_text(SAVER)
     proc = subprocess.Popen([sys.executable, str(script), str(cli_files / "m.keras"), str(cli_files / "d.npz"), str(out)],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_default)
     line = proc.stdout.readline()
     assert line.strip() == "writing", proc.stderr.read()[-2000:]
     proc.send_signal(signal.SIGINT)
@@ -413,7 +419,8 @@ def test_ctrl_c_during_tune_exits_130_with_the_resume_hint(planted, tmp_path):
     argv = [sys.executable, "-m", "autoprec", "tune", str(tmp_path / "m.keras"), "--data", str(tmp_path / "d.npz"),
             "--budget", "0%", "--target", "mixed_float16", "--trials", "100000", "--storage", str(tmp_path / "s.log"),
             "--study-name", "s", "-o", str(tmp_path / "run"), "--verbose", "1"]
-    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_default)
     for line in proc.stdout:
         if "autoprec: search" in line:
             break
