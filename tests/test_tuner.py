@@ -236,7 +236,9 @@ def _brier(y_true, y_pred):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, size, granularity", [("MobileNetV3Small", 32, "layer"), ("ResNet50", 32, "block")])
+# Block granularity on a real application runs in examples/keras_applications.py (the tests run it in fast mode);
+# ResNet50 and four more architectures in benchmarks/bench_applications.py.
+@pytest.mark.parametrize("name, size, granularity", [("MobileNetV3Small", 32, "layer")])
 def test_applications(name, size, granularity, tmp_path):
     """Applications built with weights=None on generated data: tune, emit, save/load.
 
