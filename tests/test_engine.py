@@ -11,7 +11,7 @@ from autoprec.graph import build_graph
 from autoprec.session import open_session
 from autoprec.verify import predict_batches
 
-from conftest import MODEL_BUILDERS, simulate, small_data, trained
+from conftest import MODEL_BUILDERS, small_data, trained
 
 
 def test_round_to_float16_overflows_and_flushes():

@@ -18,7 +18,7 @@ import pytest
 
 import autoprec
 from autoprec.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, main
-from autoprec.errors import (ArgumentError, AutoprecError, BudgetError, DataError, MetricError, ModelError, OutputError,
+from autoprec.errors import (ArgumentError, BudgetError, DataError, MetricError, ModelError, OutputError,
                              PolicyError, SchemaError, StudyError)
 
 from conftest import MODEL_BUILDERS, small_data, trained
