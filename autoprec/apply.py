@@ -21,8 +21,8 @@ from typing import Any
 
 from autoprec.decisions import Reason
 from autoprec.errors import ArgumentError, UnsupportedModelError, describe
-from autoprec.formats import FLOAT32, MIXED_FLOAT16, is_quantized
-from autoprec.quantize import calibrate_model, quantize_in_place, split
+from autoprec.formats import FLOAT32, MIXED_FLOAT16, is_quantized, split
+from autoprec.quantize import calibrate_model, quantize_in_place
 from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers
 from autoprec.policy import PrecisionPolicy
 

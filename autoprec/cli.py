@@ -109,6 +109,12 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tune_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The model, the evaluation data and the training data (or None) that ``tune`` reads, loaded and checked."""
+    model = _load_model(args.model, unsafe=args.unsafe)
+    return model, _load_npz(args.data), _load_npz(args.train_data) if args.train_data else None
+
+
 def _tune_options(args: argparse.Namespace, train: Any) -> dict[str, Any]:
     return dict(budget=args.budget, target=args.target, n_trials=args.trials, timeout=args.timeout, storage=args.storage,
                 study_name=args.study_name, seed=args.seed, granularity=args.granularity, train_data=train,
@@ -128,9 +134,7 @@ def _cmd_search_only(args: argparse.Namespace) -> int:
     if args.output:
         print(f"autoprec: --search-only writes nothing; -o {args.output} is left alone.", file=sys.stderr)
     open_storage(args.storage)
-    model = _load_model(args.model, unsafe=args.unsafe)
-    data = _load_npz(args.data)
-    train = _load_npz(args.train_data) if args.train_data else None
+    model, data, train = _tune_inputs(args)
     result = tune(model, data, **_tune_options(args, train), search_only=True)
     print(result.summary())
     return EXIT_OK
@@ -152,9 +156,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     with DirectoryLock(args.output):
         if args.storage:
             open_storage(args.storage)
-        model = _load_model(args.model, unsafe=args.unsafe)
-        data = _load_npz(args.data)
-        train = _load_npz(args.train_data) if args.train_data else None
+        model, data, train = _tune_inputs(args)
         try:
             result = tune(model, data, **_tune_options(args, train))
         except BaseException as exc:

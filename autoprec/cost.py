@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autoprec.errors import ArgumentError, describe
-from autoprec.formats import FLOAT32, FLOAT64, MIXED_BFLOAT16, MIXED_FLOAT16
+from autoprec.formats import FLOAT32, FLOAT64, MIXED_BFLOAT16, MIXED_FLOAT16, split
 from autoprec.graph import ModelGraph
-from autoprec.quantize import split
 from autoprec.quantize import weight_bytes as weight_bytes_of
 
 _ALIGNED_CLASSES = {"Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",

@@ -39,7 +39,7 @@ import numpy as np
 from autoprec import backends
 from autoprec.apply import set_policies_in_place
 from autoprec.errors import PolicyError, UnsupportedModelError
-from autoprec.formats import FLOAT32, LOW_PRECISION, compute_dtype, is_quantized
+from autoprec.formats import FLOAT32, LOW_PRECISION, compute_dtype, is_quantized, split
 from autoprec.graph import MOVEMENT, SUBCLASSED, ModelGraph, _is_model, graph_function
 from autoprec.metrics import Metric
 
@@ -107,7 +107,7 @@ class SimEngine:
             )
         self.model, self.graph, self.formats, self.metric = model, graph, tuple(formats), metric
         self._index = {info.path: i for i, info in enumerate(graph.layers)}
-        self._dtypes = [compute_dtype(f.rsplit("_from_", 1)[-1]) for f in self.formats]
+        self._dtypes = [compute_dtype(split(f)[1]) for f in self.formats]
         self._twins = _quantized_twins(graph, self.formats)
         self.codes = np.zeros(len(graph.layers), np.int32)
         self.traces = 0
@@ -212,7 +212,7 @@ class SimEngine:
 
         from autoprec.quantize import calibrate_float8
 
-        float8 = {path: [t for i, t in twins.items() if self.formats[i - 1].startswith("float8")]
+        float8 = {path: [t for i, t in twins.items() if split(self.formats[i - 1])[0] == "float8"]
                   for path, twins in self._twins.items()}
         float8 = {p: t for p, t in float8.items() if t}
         if not float8:

@@ -91,6 +91,27 @@ def compute_dtype(name: str) -> str:
     return keras.DTypePolicy(name).compute_dtype
 
 
+def split(name: str) -> tuple[str | None, str]:
+    """``(mode, float policy)`` of a policy name; ``mode`` is None for a float policy.
+
+    >>> split("int8_from_mixed_bfloat16"), split("mixed_bfloat16")
+    (('int8', 'mixed_bfloat16'), (None, 'mixed_bfloat16'))
+    """
+    if "_from_" in name:
+        mode, base = name.split("_from_", 1)
+        return mode.split("/", 1)[0], base
+    return None, name
+
+
+def leaves_float32(name: str) -> bool:
+    """The policy computes in 16-bit or is quantized: a decision that left float32.
+
+    >>> leaves_float32("mixed_bfloat16"), leaves_float32("int4_from_float32"), leaves_float32("float32")
+    (True, True, False)
+    """
+    return name in LOW_PRECISION or split(name)[0] is not None
+
+
 def is_quantized(name: object) -> bool:
     """A Keras quantized policy name autoprec accepts: ``{int8,int4,float8}_from_{float32,mixed_*}``.
 

@@ -38,7 +38,7 @@ from typing import Any
 from autoprec.decisions import Reason
 from autoprec.errors import PathCollisionError, PolicyError, UnsupportedModelError, describe
 from autoprec.flops import layer_flops, sample_elements, weights_of
-from autoprec.formats import FLOAT32, LOW_PRECISION
+from autoprec.formats import FLOAT32, LOW_PRECISION, split
 
 FUNCTIONAL = "functional"
 SEQUENTIAL = "sequential"
@@ -169,7 +169,7 @@ class ModelGraph:
                 name = FLOAT32
             else:
                 # A quantized producer hands on its float part (int8_from_mixed_bfloat16 outputs bfloat16).
-                chosen = {out.get(p, FLOAT32).rsplit("_from_", 1)[-1] for p in info.producers} or {FLOAT32}
+                chosen = {split(out.get(p, FLOAT32))[1] for p in info.producers} or {FLOAT32}
                 name = chosen.pop() if len(chosen) == 1 else FLOAT32
                 name = name if name in LOW_PRECISION else FLOAT32
             out[info.path] = name

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from autoprec.formats import DEFAULT_LOSS_SCALE, MIXED_FLOAT16
+from autoprec.formats import DEFAULT_LOSS_SCALE, MIXED_FLOAT16, split
 from autoprec.formats import get as get_format
 
 COLORS = {"float32": "#4c72b0", "mixed_float16": "#dd8452", "mixed_bfloat16": "#55a868", "float64": "#8172b3",
@@ -22,7 +22,7 @@ COLORS = {"float32": "#4c72b0", "mixed_float16": "#dd8452", "mixed_bfloat16": "#
 
 def _decision_color(decision: Any) -> str:
     text = decision if isinstance(decision, str) else "follows"
-    text = "follows" if text.startswith("follows") else text.split("_from_", 1)[0].split("/", 1)[0]
+    text = "follows" if text.startswith("follows") else split(text)[0] or text.split("/", 1)[0]
     return COLORS.get(text, "#999999")
 
 

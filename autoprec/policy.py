@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from autoprec.errors import ModelMismatchError, PolicyError, SchemaError, describe
-from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, POLICY_NAMES, TARGETS, check_policy_name, is_quantized
+from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, POLICY_NAMES, TARGETS, check_policy_name, is_quantized, split
 
 logger = logging.getLogger("autoprec")
 
@@ -120,7 +120,7 @@ class PrecisionPolicy(Mapping):
     @property
     def uses_float16(self) -> bool:
         """True when any layer computes in float16 (a loss scale is then needed)."""
-        return any(v.rsplit("_from_", 1)[-1] == MIXED_FLOAT16 for v in self._entries.values())
+        return any(split(v)[1] == MIXED_FLOAT16 for v in self._entries.values())
 
     @property
     def quantized(self) -> dict[str, str]:

@@ -36,7 +36,7 @@ import logging
 import time
 from typing import Any
 
-from autoprec.formats import FLOAT32, MIXED_FLOAT16, QUANTIZED_MODES
+from autoprec.formats import FLOAT32, MIXED_FLOAT16, QUANTIZED_MODES, split
 
 logger = logging.getLogger("autoprec")
 
@@ -47,18 +47,6 @@ FLOAT8_MAX = 448.0  # float8_e4m3fn's largest finite value
 # float8 layers keep a float32 kernel with their scales: no saving on disk.
 BYTES_PER_WEIGHT = {"float32": 4.0, "mixed_float16": 4.0, "mixed_bfloat16": 4.0, "float64": 8.0,
                     "int8": 1.0, "int4": 0.5, "float8": 4.0}
-
-
-def split(name: str) -> tuple[str | None, str]:
-    """``(mode, float policy)`` of a policy name; ``mode`` is None for a float policy.
-
-    >>> split("mixed_bfloat16")
-    (None, 'mixed_bfloat16')
-    """
-    if "_from_" in name:
-        mode, base = name.split("_from_", 1)
-        return mode.split("/", 1)[0], base
-    return None, name
 
 
 def quantized_name(mode: str, base: str) -> str:

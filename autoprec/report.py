@@ -25,6 +25,7 @@ from typing import Any
 
 from autoprec.decisions import sentence
 from autoprec.errors import DataError
+from autoprec.formats import leaves_float32
 from autoprec.plots import CHARTS
 
 PLOTS = tuple(CHARTS)
@@ -152,7 +153,7 @@ def _table_rows(saved: Saved) -> list[dict]:
 def _headline(saved: Saved) -> list[tuple[str, str]]:
     m = saved.meta
     decisions = saved.sensitivity["decision"].astype(str)
-    low = saved.sensitivity[decisions.isin(["mixed_float16", "mixed_bfloat16"]) | decisions.str.contains("_from_")]
+    low = saved.sensitivity[decisions.map(leaves_float32)]
     share = float(low["flops_share"].sum()) if "flops_share" in low else math.nan
     verdict = "within the budget" if m.get("feasible", True) else "OVER THE BUDGET"
     device = m.get("device", "gpu")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from autoprec.budget import Budget
-from autoprec.formats import LOW_PRECISION
+from autoprec.formats import leaves_float32
 from autoprec.formats import get as get_format
 from autoprec.policy import PrecisionPolicy
 from autoprec.verify import TrainCheck
@@ -81,7 +81,7 @@ class TuneResult:
     def n_16bit(self) -> int:
         """Decisions that left float32: 16-bit, or quantized."""
         decisions = self.units["decision"].astype(str)
-        return int((decisions.isin(LOW_PRECISION) | decisions.str.contains("_from_")).sum())
+        return int(decisions.map(leaves_float32).sum())
 
     @property
     def all_float32(self) -> bool:

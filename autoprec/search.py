@@ -542,14 +542,14 @@ def _phase_segments(search: Search) -> bool:
 
 
 def _moves(search: Search, best: Outcome) -> list[dict[str, str]]:
-    """Single flips and float32/16-bit swaps around ``best``, most promising first."""
+    """Single flips and float32/16-bit swaps around ``best`` whose estimate beats it, most promising first."""
     space = search.space
     moves = [{**best.assignment, k: c} for k in space.keys for c in space.choices_of(k) if c != best.assignment[k]]
     low = [k for k in space.keys if best.assignment[k] == FLOAT32]
     high = [k for k in space.keys if best.assignment[k] != FLOAT32]
     moves += [{**best.assignment, a: space.target, b: FLOAT32} for a in low for b in high]
-    moves.sort(key=lambda m: -search.estimate(m))
-    return moves
+    scored = [(search.estimate(m), m) for m in moves]  # once each: an estimate walks the whole graph
+    return [m for e, m in sorted(scored, key=lambda em: -em[0]) if e > best.speedup + 1e-12]
 
 
 def _phase_local(search: Search) -> bool:
@@ -558,7 +558,7 @@ def _phase_local(search: Search) -> bool:
         best = search.best()
         if best is None:
             return True
-        moves = [m for m in _moves(search, best) if search.estimate(m) > best.speedup + 1e-12]
+        moves = _moves(search, best)
         for start in range(0, len(moves), ROUND):
             outcomes = search.consider_round(moves[start:start + ROUND], "local")
             if None in outcomes:

@@ -37,6 +37,7 @@ from autoprec.budget import Budget
 from autoprec.data import EvalData
 from autoprec.engine import make_engine
 from autoprec.errors import DataError, ModelError, UnsupportedModelError
+from autoprec.formats import split
 from autoprec.graph import SUBCLASSED, ModelGraph, build_graph
 from autoprec.metrics import Metric, check_labels
 
@@ -253,7 +254,7 @@ def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...]
     if batch_size == "auto":
         ev = ev.rebatch(auto_batch_size(graph, budget_bytes=EVAL_MEMORY, cap=1024))
     formats = tuple(formats or (target,))
-    if graph.kind == SUBCLASSED and any("_from_" in f for f in formats):
+    if graph.kind == SUBCLASSED and any(split(f)[0] for f in formats):
         raise UnsupportedModelError(
             f"Expected a Functional or Sequential model for quantized candidates. Received the subclassed model "
             f"{model.name!r}: its layers would be quantized in place for good, and the search must try and undo them. "

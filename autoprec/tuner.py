@@ -223,7 +223,11 @@ def objective(cost: CostModel, space: DecisionSpace, which: str):
     """The search's objective per assignment: the estimated speed-up, or the weight-size ratio with
     the speed-up as a tie-break (a 16-bit float layer is no smaller than a float32 one, but it is faster)."""
     if which == "size":
-        return lambda a: cost.size_ratio(space.expand(a)) + 1e-3 * cost.speedup(space.expand(a))
+        def size(a: dict[str, str]) -> float:
+            expanded = space.expand(a)
+            return cost.size_ratio(expanded) + 1e-3 * cost.speedup(expanded)
+
+        return size
     return lambda a: cost.speedup(space.expand(a))
 
 

@@ -28,7 +28,7 @@ from autoprec.apply import apply_policy, strategy_scope
 from autoprec.data import EvalData
 from autoprec.engine import quiet_retracing
 from autoprec.errors import ArgumentError, DataError, UnsupportedModelError, check_int
-from autoprec.formats import DEFAULT_LOSS_SCALE, FLOAT32
+from autoprec.formats import DEFAULT_LOSS_SCALE, FLOAT32, split
 from autoprec.graph import SUBCLASSED, ModelGraph
 
 
@@ -83,7 +83,7 @@ def fall_back(assignment: dict[str, str], check: Callable[[dict[str, str]], tupl
 def verify_eval(session: Any, names: dict[str, str]) -> tuple[Any, Any]:
     """Apply the resolved policy for real and score it on the full evaluation data."""
     graph = session.graph
-    float8 = any(name.startswith("float8_from_") for name in names.values())
+    float8 = any(split(name)[0] == "float8" for name in names.values())
     real = apply_policy(session.model, names, graph=graph, inplace=graph.kind == SUBCLASSED,
                         calibration_data=session.data if float8 else None)
     return real, session.score_outputs(predict_batches(real, session.data))
