@@ -23,7 +23,7 @@ from autoprec.decisions import Reason
 from autoprec.errors import ArgumentError, UnsupportedModelError, describe
 from autoprec.formats import FLOAT32, MIXED_FLOAT16, is_quantized, split
 from autoprec.quantize import calibrate_model, quantize_in_place
-from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers
+from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers, leaf_layers
 from autoprec.policy import PrecisionPolicy
 
 logger = logging.getLogger("autoprec")
@@ -177,11 +177,8 @@ def _clone_with_policies(model: Any, names: dict[str, str]) -> Any:
             f"Keras could not clone model {model.name!r} with per-layer policies ({type(exc).__name__}: {exc}). "
             "Pass inplace=True to set the policies on the model itself."
         ) from exc
-    new_layers = keyed_layers(clone)
-    for key, layer in keyed_layers(model).items():
-        twin = new_layers.get(key)
-        if twin is None:
-            continue
+    for layer, twin in _twins(model, clone):
+        key = keys.get(id(layer), layer.name)
         base = split(names[key])[1] if key in names else None
         if base is not None and twin.dtype_policy.name != base:
             # Sublayers created inside a custom layer's __init__ do not inherit
@@ -191,6 +188,22 @@ def _clone_with_policies(model: Any, names: dict[str, str]) -> Any:
         if key in names and is_quantized(names[key]):
             quantize_in_place(twin, names[key])
     return clone
+
+
+def _twins(model: Any, clone: Any) -> list[tuple[Any, Any]]:
+    """Each layer of ``model`` with its twin in ``clone``, paired by position, not by path.
+
+    A sublayer a layer builds from its config (Bidirectional's forward and
+    backward layers) gets a path without its parent's prefix in the clone
+    (Keras 3.15): matched by path it would have no twin, and keep the clone's
+    fresh random weights.
+    """
+    originals, clones = leaf_layers(model), leaf_layers(clone)
+    pairs = list(zip(originals, clones))
+    if len(originals) != len(clones) or any(type(a) is not type(b) for a, b in pairs):
+        raise UnsupportedModelError(f"Expected Keras's clone of {model.name!r} to have the same layers in the same order. "
+                                    "Pass inplace=True to set the policies on the model itself.")
+    return pairs
 
 
 def copy_weights(source: Any, target: Any, key: str) -> None:

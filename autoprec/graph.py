@@ -313,14 +313,21 @@ def keyed_layers(model: Any) -> dict[str, Any]:
     >>> list(keyed_layers(m))
     ['d']
     """
+    containers = container_names(model)
+    return {layer_key(l, containers): l for l in leaf_layers(model)}
+
+
+def leaf_layers(model: Any) -> list[Any]:
+    """Every layer of ``model``, nested models' and sublayers included (models and inputs excluded), in Keras's order.
+
+    >>> import keras
+    >>> [l.name for l in leaf_layers(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="d")]))]
+    ['d']
+    """
     import keras
 
-    containers = container_names(model)
-    return {
-        layer_key(l, containers): l
-        for l in model._flatten_layers(include_self=False)
-        if not isinstance(l, keras.Model) and type(l).__name__ != "InputLayer"
-    }
+    return [l for l in model._flatten_layers(include_self=False)
+            if not isinstance(l, keras.Model) and type(l).__name__ != "InputLayer"]
 
 
 def model_kind(model: Any) -> str:

@@ -66,6 +66,20 @@ def test_batchnorm_statistics_are_copied():
     np.testing.assert_array_equal(tuned.get_layer("bn").moving_variance.numpy(), bn.moving_variance.numpy())
 
 
+def test_recurrent_and_bidirectional_weights_are_copied():
+    """Bidirectional's sublayers get other paths in Keras's clone; their weights must still be copied, not left random."""
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8))
+    h = keras.layers.GRU(16, return_sequences=True, name="gru")(i)
+    h = keras.layers.Bidirectional(keras.layers.LSTM(8), name="bi")(h)
+    model = keras.Model(i, keras.layers.Dense(10, name="out")(h))
+    x = np.random.default_rng(0).normal(size=(4, 8, 8)).astype("float32")
+    want = model.predict(x, verbose=0)
+    for policy in ({}, {"gru": "mixed_bfloat16", "bi": "mixed_bfloat16"}):
+        got = apply_policy(model, policy).predict(x, verbose=0)
+        assert np.max(np.abs(got - want)) <= (1e-6 if not policy else 0.05 * np.max(np.abs(want)))
+
+
 def test_never_wrapped_twice_and_custom_optimizer():
     model = MODEL_BUILDERS["functional"]()
     policy = all16(model, "mixed_float16")[0]
