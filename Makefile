@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-fast test-other-cpu bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,24 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m autoprec demo --output reports/demo
 
-# Two workers, one test file each at a time: CI has 2 cores and a 10-minute limit.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+# The other kind of CPU than this one: 0 (no fast bf16) on a CPU with AVX512_BF16/AMX, else 1.
+OTHER_CPU = $$(env -u AUTOPREC_CPU_FAST_BF16 $(PY) -c "from autoprec.backends import cpu_has_fast_bf16 as f; print(0 if f() else 1)")
+
+# Two workers, one test file each at a time: CI has 2 cores. The whole suite on this machine's kind of CPU,
+# then the fast core as on the other kind (AUTOPREC_CPU_FAST_BF16 forces the local device profile), so that
+# both kinds are covered whichever machine runs it.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PYTEST)
+	$(MAKE) --no-print-directory test-other-cpu
+
+# A developer's quick loop: everything not marked slow.
+test-fast: $(VENV)/.installed
+	$(PYTEST) -m "not slow"
+
+test-other-cpu: $(VENV)/.installed
+	@kind=$(OTHER_CPU); echo "autoprec: the fast core again, as on a CPU with AUTOPREC_CPU_FAST_BF16=$$kind"; \
+	AUTOPREC_CPU_FAST_BF16=$$kind $(PYTEST) -m "not slow"
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py --output reports/benchmarks.md

@@ -46,12 +46,71 @@ class Device:
 
 # Figures: the CPU factors are those measured on this project's oneDNN CPUs
 # (bf16 trains 1.6-1.9x faster, float16 1.4-7x slower, DESIGN.md); the GPU
-# ones are a conservative tensor-core gain for a datacentre GPU.
+# ones are a conservative tensor-core gain for a datacentre GPU. A TPU's
+# matrix units run bfloat16; float16 is not a TPU format (XLA computes it
+# through float32), so it is charged no gain there.
 DEVICES = {
     "cpu": Device("cpu", 1.0e11, 2.0e10, {MIXED_BFLOAT16: 1.8, MIXED_FLOAT16: 0.3}),
     "cpu_no_bf16": Device("cpu_no_bf16", 1.0e11, 2.0e10, {MIXED_BFLOAT16: 0.8, MIXED_FLOAT16: 0.3}),
     "gpu": Device("gpu", 2.0e13, 2.0e12, {MIXED_BFLOAT16: 4.0, MIXED_FLOAT16: 4.0}, tensor_cores=True),
+    "tpu": Device("tpu", 4.0e13, 1.2e12, {MIXED_BFLOAT16: 4.0, MIXED_FLOAT16: 1.0}),
 }
+
+#: ``device="this"``: the machine tune runs on (a CUDA GPU if the backend sees one, else this CPU's kind).
+THIS = "this"
+#: Every spelling of ``device=`` besides a :class:`Device`: the profiles, ``"this"``, and ``None`` for the default.
+DEVICE_NAMES = (*DEVICES, THIS)
+
+
+def local_device() -> str:
+    """The profile of the machine this process runs on: ``gpu``, ``cpu`` (fast bf16) or ``cpu_no_bf16``.
+
+    ``AUTOPREC_CPU_FAST_BF16=0/1`` overrides what the CPU's flags say
+    (:func:`autoprec.backends.cpu_has_fast_bf16`).
+    """
+    from autoprec import backends
+
+    if backends.is_cuda_gpu_available():
+        return "gpu"
+    return "cpu" if backends.cpu_has_fast_bf16() else "cpu_no_bf16"
+
+
+def resolve_device(device: str | Device | None, *, target: str, target_why: str = "as asked") -> tuple[Device, str]:
+    """``(device, why)``: the profile the cost model charges, and why it was chosen.
+
+    The device is where the tuned policy will *run*, not where tune happens
+    to run: by default an accelerator (a GPU for float16 and bfloat16), since
+    16-bit training is what a GPU or TPU is for, whatever CPU tunes it. Only
+    ``device="this"`` (or ``target="auto"``, which reads this machine) uses
+    the local machine's profile.
+
+    >>> resolve_device(None, target="mixed_bfloat16")[0].name
+    'gpu'
+    >>> resolve_device("tpu", target="mixed_bfloat16")
+    (Device(name='tpu', ...), 'as asked')
+    """
+    if isinstance(device, Device):
+        return device, "a profile passed in"
+    if device is None:
+        if target_why != "as asked":
+            return DEVICES[local_device()], "target='auto' was resolved on this machine"
+        return DEVICES["gpu"], f"the default for {target}: the policy is for GPU training (pass device= to change it)"
+    if device == THIS:
+        return DEVICES[local_device()], "device='this': the machine tune runs on"
+    if device in DEVICES:
+        return DEVICES[device], "as asked"
+    raise ArgumentError(f"Expected device to be one of {list(DEVICE_NAMES)}, a cost.Device, or None (a GPU). "
+                        f"Received: device={describe(device)}.")
+
+
+def slower_note(device: Device, target: str) -> str:
+    """A sentence when ``device`` runs ``target`` slower than float32, else ``""``."""
+    factor = device.speed.get(target, 1.0)
+    if factor >= 1.0:
+        return ""
+    return (f"on the {device.name} profile the cost model rates {target} at {factor:g}x float32's compute speed, so "
+            "float32 wins wherever the budget leaves a choice; pass device='gpu' (or 'tpu') for the machine the "
+            "policy will train on")
 
 
 def misaligned(info: Any) -> bool:
@@ -82,15 +141,13 @@ class CostModel:
         >>> cm.speedup({"dense": "mixed_float16"})  # doctest: +SKIP
     """
 
-    def __init__(self, graph: ModelGraph, *, device: str | Device = "cpu", batch_size: int = 64,
+    def __init__(self, graph: ModelGraph, *, device: str | Device | None = "cpu", batch_size: int = 64,
                  quantized_speed: Mapping[str, float] | None = None) -> None:
         self.batch_size = batch_size
         # Speed of each quantized mode against float32 on this device: measured, never assumed.
         self.quantized_speed = dict(quantized_speed or {})
-        if isinstance(device, str):
-            if device not in DEVICES:
-                raise ArgumentError(f"Expected device to be one of {sorted(DEVICES)}. Received: device={describe(device)}.")
-            device = DEVICES[device]
+        if not isinstance(device, Device):
+            device = resolve_device(device, target=MIXED_FLOAT16)[0]
         self.graph, self.device = graph, device
         self._misaligned = {i.path for i in graph.layers if device.tensor_cores and misaligned(i)}
         self._baseline = self.time({})

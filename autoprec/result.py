@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from autoprec.budget import Budget
-from autoprec.formats import leaves_float32
+from autoprec.formats import leaves_float32, split
 from autoprec.formats import get as get_format
 from autoprec.policy import PrecisionPolicy
 from autoprec.verify import TrainCheck
@@ -88,11 +88,17 @@ class TuneResult:
         """True when no decision could leave float32 within the budget."""
         return self.n_16bit == 0
 
+    @property
+    def _low_label(self) -> str:
+        """What the decisions that left float32 are: the 16-bit format, or ``reduced`` where some are quantized."""
+        quantized = any(split(str(d))[0] is not None for d in self.units["decision"])
+        return "reduced" if quantized else get_format(self.target).short
+
     def __repr__(self) -> str:
         rel = "<=" if self.budget.feasible(baseline=self.baseline_metric, drop=self.drop) else ">"
         tail = "" if self.feasible else ", INFEASIBLE"
         return (f"TuneResult(metric={self.metric:.4g}, baseline={self.baseline_metric:.4g}, "
-                f"drop={self.drop:.4g}{rel}{self.allowed_drop:.4g}, {get_format(self.target).short}={self.n_16bit}/"
+                f"drop={self.drop:.4g}{rel}{self.allowed_drop:.4g}, {self._low_label}={self.n_16bit}/"
                 f"{len(self.units)} layers, trials={len(self.trials)}{tail})")
 
     def summary(self) -> str:

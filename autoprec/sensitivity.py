@@ -148,7 +148,7 @@ def _profile(session: Session, method: str, loss_scale: float, profile_batch_siz
     frame.attrs.update(
         baseline_metric=session.baseline, metric_name=session.metric.name,
         higher_is_better=session.metric.higher_is_better, target=session.target, passes=session.passes,
-        traces=session.engine.traces, engine=session.engine.kind, seconds=dict(progress.seconds),
+        traces=session.engine.traces, engine=session.engine.kind, seconds=dict(progress.seconds), method=method,
     )
     return frame
 

@@ -100,7 +100,7 @@ def build_space(graph: ModelGraph, frame: Any, *, granularity: str, target: str,
     top = {k: smallest[0] for k in keys if objective == "size" and smallest and smallest[0] in options[k]}
     return DecisionSpace({k: groups[k] for k in keys}, choices=tuple(choices), target=target if target in choices else
                          floats[-1], order=ordered, forced=forced, own=frozenset(own), options=options,
-                         quantized={m: quantized_name(m, target) for m in modes}, top=top)
+                         quantized={m: quantized_name(m, target if target in choices else FLOAT32) for m in modes}, top=top)
 
 
 def _blocks(graph: ModelGraph, paths: list[str]) -> dict[str, tuple[str, ...]]:

@@ -411,9 +411,14 @@ def record_or_check(study: Any, facts: dict[str, Any], *, budget: str) -> tuple[
                         study.study_name, budgets[-1] if budgets else "?", budget)
             study.set_user_attr("budgets", budgets + [budget])
         stored = attrs.get("order")
-        if not stored or sorted(stored) != sorted(facts.get("order", stored)):
+        # A score-only order (the profile skipped the ablation because everything met the first budget) gives way
+        # to a later run's ablation order: under a tighter budget the layers that cost a little matter, and only
+        # the ablation measured them. Workers started together under one budget rank alike, so they still agree.
+        rerank = attrs.get("ranked_by") == "fast" and facts.get("ranked_by") not in (None, "fast")
+        if not stored or rerank or sorted(stored) != sorted(facts.get("order", stored)):
             stored = facts.get("order", ())
             study.set_user_attr("order", list(stored))
+            study.set_user_attr("ranked_by", facts.get("ranked_by"))
         return tuple(stored)
 
 

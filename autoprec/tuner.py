@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from autoprec.budget import Budget
-from autoprec.cost import DEVICES, CostModel
+from autoprec.cost import CostModel, Device, resolve_device, slower_note
 from autoprec.errors import ArgumentError, DataError, UnsupportedModelError, UntrainedModelError, check_choice, check_int, describe
-from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, QUANTIZED_MODES, resolve_target
+from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_BFLOAT16, MIXED_FLOAT16, QUANTIZED_MODES, resolve_target
 from autoprec.quantize import quantized_name
 from autoprec.graph import SUBCLASSED
 from autoprec.progress import Progress
@@ -61,7 +61,7 @@ class TuneOptions:
     keep_float32: Any = ()
     force_16bit: Any = ()
     cost: str = "estimate"
-    device: str | None = None
+    device: str | Device | None = None
     n_trials: int = 60
     timeout: float | None = None
     seed: int = 0
@@ -81,12 +81,23 @@ class TuneOptions:
     calibration_data: Any = field(default=None, repr=False)
 
     @property
+    def quantize_base(self) -> str:
+        """The float policy quantized candidates compute in: the target when offered, else float32."""
+        return self.target if self.target in self.choices else FLOAT32
+
+    @property
     def formats(self) -> tuple[str, ...]:
-        """The engine's formats: the 16-bit ones and the Keras names of the quantized ones."""
-        return tuple(quantized_name(c, self.target) if c in QUANTIZED_MODES else c for c in self.choices if c != FLOAT32)
+        """The engine's formats: the 16-bit ones, the Keras names of the quantized ones, and the target.
+
+        The target is always among them: the profile measures sensitivity in it,
+        even where only quantized candidates (over float32) are searched.
+        """
+        out = tuple(quantized_name(c, self.quantize_base) if c in QUANTIZED_MODES else c
+                    for c in self.choices if c != FLOAT32)
+        return out if self.target in out else (*out, self.target)
 
     @classmethod
-    def create(cls, budget: Any, *, target: str = MIXED_FLOAT16, candidates: Any = None, **options: Any) -> "TuneOptions":
+    def create(cls, budget: Any, *, target: str | None = None, candidates: Any = None, **options: Any) -> "TuneOptions":
         """Validate the arguments of :func:`tune`.
 
         Raises:
@@ -101,8 +112,7 @@ class TuneOptions:
             valid = sorted({f.name for f in dataclasses.fields(cls)} - {"choices", "target_why"} | {"candidates"})
             raise ArgumentError(f"Expected options of tune among {valid}. Received unknown option(s): {unknown}.")
         budget = Budget.get(budget)
-        target, why = resolve_target(target)
-        choices = _check_candidates(candidates, target)
+        target, why, choices = _target_and_candidates(target, candidates)
         options["objective"] = _check_objective(options.get("objective"), choices, options.get("verify", "eval"))
         for name, choices_ in (("granularity", GRANULARITIES), ("verify", VERIFY_MODES), ("cost", COSTS),
                                ("nonfinite_inputs", NONFINITE_MODES)):
@@ -117,9 +127,7 @@ class TuneOptions:
         timeout = options.get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
             raise ArgumentError(f"Expected timeout to be a number of seconds > 0, or None. Received: timeout={describe(timeout)}.")
-        device = options.get("device")
-        if device is not None and device not in DEVICES:
-            raise ArgumentError(f"Expected device to be one of {sorted(DEVICES)} or None. Received: device={describe(device)}.")
+        resolve_device(options.get("device"), target=target, target_why=why)  # validated here, resolved per run
         if options.get("verify") == "train" and options.get("train_data") is None:
             raise DataError("Expected train_data=(x, y) with verify='train': the training check fine-tunes on it.")
         if options.get("pretrain_steps") is not None and options.get("train_data") is None:
@@ -131,15 +139,40 @@ class TuneOptions:
         return cls(budget=budget, target=target, target_why=why, choices=choices, **options)
 
 
-def _check_candidates(candidates: Any, target: str) -> tuple[str, ...]:
-    choices = tuple(candidates) if isinstance(candidates, (list, tuple)) else (FLOAT32, target) if candidates is None else None
-    quantized = [c for c in choices or () if c in QUANTIZED_MODES]
-    if (choices is None or FLOAT32 not in choices or len(set(choices)) != len(choices)
-            or (target not in choices and not quantized)
-            or any(c not in (FLOAT32, *LOW_PRECISION, *QUANTIZED_MODES) for c in choices)):
-        raise ArgumentError(f"Expected candidates to hold 'float32', the target {target!r}, optionally the other 16-bit "
-                            f"format, and quantized modes among {list(QUANTIZED_MODES)}. Received: candidates={describe(candidates)}.")
-    return choices
+def _target_and_candidates(target: Any, candidates: Any) -> tuple[str, str, tuple[str, ...]]:
+    """``(target, why, choices)``: ``candidates`` defines the formats; ``target`` says which 16-bit one is preferred.
+
+    Without ``candidates`` the choice is float32 or the target (``mixed_float16``
+    by default). With them, an unnamed target is the 16-bit format they offer
+    (float16 when they offer both), and a named one must be among them. When
+    they offer no 16-bit format (float32 and quantized modes), quantized layers
+    compute in float32 and the profile ranks layers in bfloat16.
+
+    >>> _target_and_candidates(None, ("float32", "mixed_bfloat16", "int8"))
+    ('mixed_bfloat16', 'the 16-bit format among candidates', ('float32', 'mixed_bfloat16', 'int8'))
+    """
+    if candidates is None:
+        target, why = resolve_target(MIXED_FLOAT16 if target is None else target)
+        return target, why, (FLOAT32, target)
+    choices = tuple(candidates) if isinstance(candidates, (list, tuple)) else None
+    valid = (FLOAT32, *LOW_PRECISION, *QUANTIZED_MODES)
+    if (choices is None or FLOAT32 not in choices or len(set(choices)) != len(choices) or len(choices) < 2
+            or any(not isinstance(c, str) or c not in valid for c in choices)):
+        raise ArgumentError(f"Expected candidates to be a list holding 'float32' and at least one of {list(valid[1:])}, each "
+                            f"once. Received: candidates={describe(candidates)}. For example candidates=('float32', "
+                            "'mixed_bfloat16', 'int8').")
+    offered = [c for c in choices if c in LOW_PRECISION]
+    if target is None:
+        if not offered:
+            return MIXED_BFLOAT16, "ranking only: candidates offer no 16-bit format", choices
+        preferred = MIXED_FLOAT16 if MIXED_FLOAT16 in offered else offered[0]
+        return preferred, "the 16-bit format among candidates", choices
+    target, why = resolve_target(target)
+    if target not in choices:
+        raise ArgumentError(f"Expected target to be one of the 16-bit formats among candidates {offered}. Received: "
+                            f"target={target!r} with candidates={list(choices)}. candidates defines the formats and "
+                            f"target only picks the preferred one: add {target!r} to candidates, or leave target out.")
+    return target, why, choices
 
 
 def _check_objective(objective: Any, choices: tuple[str, ...], verify: Any) -> str:
@@ -198,8 +231,10 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
     frame = profile_stage(session, opts, progress)
     space = build_space(session.graph, frame, granularity=opts.granularity, target=opts.target, choices=opts.choices,
                         tolerance=ablation_tolerance(session, opts.budget), objective=opts.objective)
-    cost = CostModel(session.graph, device=opts.device or default_device(opts.target), quantized_speed=_speeds(opts))
-    found = search_stage(session, space, cost, opts, progress)
+    device, device_why = resolve_device(opts.device, target=opts.target, target_why=opts.target_why)
+    progress.say(f"autoprec: cost model for a {device.name} ({device_why}).")
+    cost = CostModel(session.graph, device=device, quantized_speed=_speeds(opts))
+    found = search_stage(session, space, cost, opts, progress, ranked_by=frame.attrs.get("method", "full"))
     if opts.search_only:  # a worker: the run without search_only verifies and emits
         from autoprec.search import WorkerResult
 
@@ -229,15 +264,6 @@ def objective(cost: CostModel, space: DecisionSpace, which: str):
 
         return size
     return lambda a: cost.speedup(space.expand(a))
-
-
-def default_device(target: str) -> str:
-    """The cost model's device: a GPU for float16 (where it is deployed), else this machine."""
-    from autoprec import backends
-
-    if target == MIXED_FLOAT16 or backends.is_cuda_gpu_available():
-        return "gpu"
-    return "cpu" if backends.cpu_has_fast_bf16() else "cpu_no_bf16"
 
 
 # ---------------------------------------------------------------------------
@@ -371,8 +397,10 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
     progress.say(f"autoprec: target {opts.target}; budget {opts.budget}: "
                  + opts.budget.formula(metric=session.metric.name, higher_is_better=session.metric.higher_is_better,
                                        baseline=session.baseline))
-    everything = {i.path: opts.target for i in session.graph.eligible}
-    all_fit = opts.budget.feasible(baseline=session.baseline, drop=session.evaluate(everything, budget=opts.budget).drop)
+    all_fit = False
+    if opts.target in opts.choices:  # with quantized candidates alone, the 16-bit target only ranks: rank fully
+        everything = {i.path: opts.target for i in session.graph.eligible}
+        all_fit = opts.budget.feasible(baseline=session.baseline, drop=session.evaluate(everything, budget=opts.budget).drop)
     method = ("fast" if all_fit else "full") if gradients else "ablation"
     frame = profile(session.model, None, target=opts.target, method=method, profile_batch_size=opts.profile_batch_size,
                     tolerance=ablation_tolerance(session, opts.budget),
@@ -397,8 +425,13 @@ class Found:
     measured: dict[int, float] = field(default_factory=dict)
 
 
-def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: TuneOptions, progress: Progress) -> Found:
-    """Run (or resume) the Optuna study over the decision space."""
+def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: TuneOptions, progress: Progress, *,
+                 ranked_by: str = "full") -> Found:
+    """Run (or resume) the Optuna study over the decision space.
+
+    ``ranked_by`` is the profile method that ordered the decisions: a resumed
+    study made with a score-only order takes a later run's ablation order.
+    """
     import optuna
 
     from autoprec.search import Search, make_sampler
@@ -413,7 +446,8 @@ def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: 
         fail_orphans(study)
         order = record_or_check(study, {"keys": list(space.keys), "choices": list(space.choices), "order": list(space.order),
                                         "baseline": session.baseline, "fingerprint": session.fingerprint(),
-                                        "metric": session.metric.name}, budget=str(opts.budget))
+                                        "metric": session.metric.name, "ranked_by": ranked_by},
+                               budget=str(opts.budget))
         bar = progress.stage("search", total=opts.n_trials, unit="trial")
         feasible = lambda drop: opts.budget.feasible(baseline=session.baseline, drop=drop)  # noqa: E731
         search = Search(dataclasses.replace(space.search_space(), order=order),
@@ -425,8 +459,19 @@ def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: 
         bar.done(min(search.finished(), opts.n_trials), [("best", search.best_speedup())])
     finally:
         optuna.logging.set_verbosity(verbosity)
-    if best is None:
-        progress.say("autoprec: no assignment with a decision in 16-bit met the budget; the result is all float32.")
+    if best is not None and opts.objective == "speed" and best.speedup < 1.0:
+        # Within budget, but slower than float32 by the cost model: float32 itself is the faster answer.
+        progress.say(f"autoprec: the best assignment within budget is estimated at {best.speedup:.2f}x float32 on the "
+                     f"{cost.device.name} profile; float32 is faster, so the result is all float32.")
+        best = None
+    elif best is None:
+        slower = slower_note(cost.device, opts.target)
+        if slower:
+            # Candidates the cost model rates slower than float32 are never tried, so "none met the budget" would be false.
+            progress.say(f"autoprec: the result is all float32: no assignment both met the budget and was estimated "
+                         f"faster than float32; {slower}.")
+        else:
+            progress.say("autoprec: no assignment with a decision in 16-bit met the budget; the result is all float32.")
     found = Found(study, dict(best.assignment) if best else {}, best is not None, search.evaluations, search.cache_hits)
     if opts.cost == "measured" and not opts.search_only:
         found = _measure_candidates(session, space, search, found)
@@ -605,6 +650,11 @@ def result_stage(model: Any, session: Session, space: DecisionSpace, frame: Any,
         measured_speedup=verified.measured_speedup, pretrain_steps=pretrained, stats=stats,
     )
     progress.say(result.summary())
+    if result.n_16bit and result.speedup_estimate < 1.0:
+        logger.warning("autoprec: the tuned policy is estimated at %.2fx float32 on the %s profile, slower than float32. %s",
+                       result.speedup_estimate, cost.device.name,
+                       (slower_note(cost.device, opts.target) or "Casts at precision boundaries cost more than the "
+                        "16-bit layers gain").capitalize() + ".")
     return result
 
 

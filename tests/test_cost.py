@@ -45,4 +45,47 @@ def test_misaligned_dimensions_are_flagged_on_gpu_only():
     assert {"d0", "d1", "d2", "d3"} <= CostModel(g, device="gpu").flagged
     assert CostModel(g, device="cpu").flagged == set()
     with pytest.raises(ArgumentError, match="device"):
-        CostModel(g, device="tpu")
+        CostModel(g, device="npu")
+
+
+# --- which device the policy is for ---------------------------------------------
+
+
+@pytest.mark.parametrize("fast", ["0", "1"])
+@pytest.mark.parametrize("target", ["mixed_float16", "mixed_bfloat16"])
+def test_the_default_device_is_the_accelerator_whatever_cpu_tunes(monkeypatch, fast, target):
+    """The policy is for GPU training: the CPU that happens to run tune never changes the default."""
+    from autoprec.backends import FAST_BF16_ENV
+    from autoprec.cost import resolve_device
+
+    monkeypatch.setenv(FAST_BF16_ENV, fast)
+    device, why = resolve_device(None, target=target)
+    assert device.name == "gpu" and "device=" in why
+
+
+@pytest.mark.parametrize(("fast", "expected"), [("0", "cpu_no_bf16"), ("1", "cpu")])
+def test_device_this_is_the_local_machine_and_the_override_forces_its_kind(monkeypatch, fast, expected):
+    from autoprec.backends import FAST_BF16_ENV, cpu_has_fast_bf16
+    from autoprec.cost import resolve_device
+
+    monkeypatch.setenv(FAST_BF16_ENV, fast)
+    assert cpu_has_fast_bf16() == (fast == "1")
+    assert resolve_device("this", target="mixed_bfloat16")[0].name == expected
+    # target="auto" reads this machine, so its cost model does too
+    assert resolve_device(None, target="mixed_bfloat16", target_why="no GPU; ...")[0].name == expected
+
+
+def test_a_device_slower_in_16bit_says_so_and_how_to_change_it():
+    from autoprec.cost import DEVICES, slower_note
+
+    note = slower_note(DEVICES["cpu_no_bf16"], "mixed_bfloat16")
+    assert "0.8x" in note and "device='gpu'" in note
+    assert slower_note(DEVICES["gpu"], "mixed_bfloat16") == ""
+    assert slower_note(DEVICES["tpu"], "mixed_float16") == ""  # no gain, but not slower
+
+
+def test_unknown_device_names_what_is_valid():
+    from autoprec.cost import resolve_device
+
+    with pytest.raises(ArgumentError, match=r"'gpu'.*'tpu'.*'this'.*Received: device='npu'"):
+        resolve_device("npu", target="mixed_bfloat16")

@@ -236,11 +236,12 @@ def test_a_resumed_study_under_a_tighter_budget_is_judged_again(planted, tmp_pat
     """
     model, _, val, _ = planted
     storage = str(tmp_path / "study.log")
-    loose = autoprec.tune(model, val, budget="90%", target="mixed_float16", n_trials=4, storage=storage, study_name="s",
-                          max_fallbacks=1, verbose=0)
-    assert loose.trials["feasible"].iloc[0]  # all 16-bit was feasible under the loose budget
-    tight = autoprec.tune(model, val, budget="0.2%", target="mixed_float16", n_trials=12, storage=storage,
-                          study_name="s", max_fallbacks=1, verbose=0)
+    # bfloat16: its planted offset region costs most of the accuracy but never overflows, so the all-16-bit trial is
+    # finite (feasible under 90%) on every CPU; float16's overflow turns to NaN or to 0 by what the CPU's kernels do.
+    opts = dict(target="mixed_bfloat16", device="gpu", storage=storage, study_name="s", max_fallbacks=1, verbose=0)
+    loose = autoprec.tune(model, val, budget="90%", n_trials=4, **opts)
+    assert loose.trials["feasible"].iloc[0] and loose.trials["drop"].iloc[0] > 0.5  # all 16-bit: a large drop, allowed
+    tight = autoprec.tune(model, val, budget="0.2%", n_trials=12, **opts)
     assert tight.drop <= 0.002 and tight.feasible
     assert 0 < tight.n_16bit < len(tight.units)
 

@@ -34,7 +34,7 @@ def _failing_verification(monkeypatch, times):
 def test_verification_falls_back_most_sensitive_first(planted, monkeypatch):
     model, _, val, _ = planted
     _failing_verification(monkeypatch, times=2)
-    result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", n_trials=20, verbose=0)
+    result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", device="gpu", n_trials=20, verbose=0)
     fallbacks = result.verification["fallbacks"]
     assert [f["check"] for f in fallbacks] == ["verify", "verify"]
     frame = result.sensitivity.set_index("path")
@@ -48,7 +48,8 @@ def test_verification_falls_back_most_sensitive_first(planted, monkeypatch):
 def test_max_fallbacks_leaves_an_honest_infeasible_result(planted, monkeypatch, tmp_path):
     model, _, val, _ = planted
     _failing_verification(monkeypatch, times=100)
-    result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", n_trials=20, max_fallbacks=1, verbose=0)
+    result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", device="gpu", n_trials=20, max_fallbacks=1,
+                           verbose=0)
     assert len(result.verification["fallbacks"]) == 1
     assert not result.feasible
     assert ">" in repr(result) and "INFEASIBLE" in repr(result) and "<=" not in repr(result)
@@ -127,7 +128,8 @@ def test_measured_speedup_describes_the_final_policy(planted, monkeypatch, measu
     """Bug (b): measured_speedup was timed before the fallbacks, for another assignment than the result's."""
     model, _, val, _ = planted
     _failing_verification(monkeypatch, times=1)
-    result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", cost="measured", n_trials=15, verbose=0)
+    result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", device="gpu", cost="measured",
+                           n_trials=15, verbose=0)
     assert result.verification["fallbacks"] and result.measured_speedup is not None
     final = measured[-1]
     assert len(final) == 1

@@ -217,10 +217,21 @@ def test_statistics_stream_in_micro_batches_and_aggregate_exactly(planted, monke
     assert max(stats_calls) == 7 and sum(stats_calls) == len(val[1])
     large = autoprec.profile(model, val, method="fast", profile_batch_size=512, verbose=0).set_index("path")
     small = small.loc[large.index]
+    # Another micro-batch is another summation order in the kernels: each value may move by float32 rounding
+    # relative to the largest value it is computed beside (a loss gradient p - 1 of a confident sample is resolved to
+    # 2^-24 of the gradients that matter, not to 2^-24 of itself), so the floor is eps32 times the column's largest.
+    eps32 = float(np.finfo(np.float32).eps)
+
+    def close(column, rtol):
+        a, b = small[column].astype(float), large[column].astype(float)
+        finite = np.isfinite(b)
+        assert (np.isfinite(a) == finite).all(), column
+        floor = eps32 * float(np.abs(b[finite]).max())
+        np.testing.assert_allclose(a[finite], b[finite], rtol=rtol, atol=max(floor, 1e-30), err_msg=column)
+
     for column in ("act_absmax", "act_overflow", "grad_flush", "grad_absmax", "grad_scaled_flush"):
-        np.testing.assert_allclose(small[column].astype(float), large[column].astype(float), rtol=1e-4, atol=1e-12)
-    finite = np.isfinite(large["score"].astype(float))
-    np.testing.assert_allclose(small["score"][finite].astype(float), large["score"][finite].astype(float), rtol=1e-3)
+        close(column, 1e-4)
+    close("score", 1e-3)
     # weight gradients sum over a batch: a micro-batch's part is scaled up, so they agree in order of magnitude, not exactly
     ratio = small["wgrad_absmax"].dropna().astype(float) / large["wgrad_absmax"].dropna().astype(float)
     assert ratio.between(0.1, 10).all()  # the same order of magnitude

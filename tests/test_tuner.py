@@ -26,7 +26,7 @@ def other_flops_share(result, fragile):
 @pytest.mark.parametrize("target", ["mixed_float16", "mixed_bfloat16"])
 def test_planted_regions_end_float32_and_the_rest_16bit(planted, target):
     model, _, val, fragile = planted
-    result = autoprec.tune(model, val, budget="0.5%", target=target, n_trials=30, verbose=0)
+    result = autoprec.tune(model, val, budget="0.5%", target=target, device="gpu", n_trials=30, verbose=0)
     decisions = result.sensitivity.set_index("path")["decision"]
     assert all(decisions[p] == "float32" for p in fragile[target])
     assert other_flops_share(result, fragile[target]) >= 0.9
@@ -41,6 +41,23 @@ def test_planted_regions_end_float32_and_the_rest_16bit(planted, target):
         assert why["d3"] == reasons.OVERFLOW
     assert repr(result).startswith("TuneResult(metric=") and "trials=" in repr(result)
     assert "verified with Keras policies" in result.summary()
+
+
+def test_bfloat16_on_a_cpu_without_fast_bf16_is_tuned_for_the_accelerator(planted, monkeypatch, capsys):
+    """Issue 22: the tuning CPU's kind never decides the policy unless asked (device='this'), and the message is true."""
+    from autoprec.backends import FAST_BF16_ENV
+
+    model, _, val, fragile = planted
+    monkeypatch.setenv(FAST_BF16_ENV, "0")  # as on a CPU without AVX512_BF16/AMX, whatever this one has
+    result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", n_trials=30, verbose=1)
+    assert result.device == "gpu" and result.feasible
+    assert other_flops_share(result, fragile["mixed_bfloat16"]) >= 0.9
+    local = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", device="this", n_trials=30, verbose=1)
+    assert local.device == "cpu_no_bf16" and local.n_16bit == 0
+    said = capsys.readouterr().out
+    assert "cost model for a cpu_no_bf16 (device='this'" in said
+    assert "rates mixed_bfloat16 at 0.8x" in said and "pass device='gpu'" in said
+    assert "no assignment with a decision in 16-bit met the budget" not in said  # it would be false
 
 
 def test_three_way_candidates_put_overflow_layers_in_bfloat16(planted):
@@ -202,7 +219,7 @@ def test_save_writes_everything_and_round_trips(planted, tmp_path):
     ({"verify": "train"}, DataError, "train_data"),
     ({"timeout": -1}, ArgumentError, "timeout"),
     ({"cost": "guess"}, ArgumentError, "cost"),
-    ({"device": "tpu"}, ArgumentError, "device"),
+    ({"device": "npu"}, ArgumentError, "device"),
     ({"keep_float32": ["nope"]}, PolicyError, "matches none"),
 ])
 def test_bad_arguments(kwargs, error, message):

@@ -51,7 +51,7 @@ def _neighbours(graph, paths):
 def test_planted_weightless_hazards_stay_float32_alone(planted_weightless, target):
     """Exactly the fragile weightless layers end float32 (plus at most one neighbour each), the heavy ones 16-bit."""
     model, _, val, fragile = planted_weightless
-    result = autoprec.tune(model, val, budget="0.5%", target=target, n_trials=40, verbose=0)
+    result = autoprec.tune(model, val, budget="0.5%", target=target, device="gpu", n_trials=40, verbose=0)
     assert result.feasible and result.drop <= 0.005
     frame = result.sensitivity.set_index("path")
     graph = build_graph(model)

@@ -106,11 +106,32 @@ def is_cuda_gpu_available() -> bool:
     return False
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has AVX512_BF16 or AMX (oneDNN then runs bfloat16 fast)."""
+#: Environment variable that overrides what :func:`cpu_has_fast_bf16` reads off the CPU: ``"0"`` runs
+#: autoprec (and its test suite) as on a CPU without AVX512_BF16/AMX, ``"1"`` as on one with it.
+FAST_BF16_ENV = "AUTOPREC_CPU_FAST_BF16"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = fh.read()
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has AVX512_BF16 or AMX (oneDNN then runs bfloat16 fast).
+
+    ``AUTOPREC_CPU_FAST_BF16=0`` (or ``1``) overrides the CPU's own flags, so that the
+    local device profile of the other kind of machine can be tried, and tested, anywhere.
+    """
+    import os
+
+    forced = os.environ.get(FAST_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
