@@ -63,9 +63,16 @@ def ranges_data(saved: Any) -> dict:
                        "smallest subnormal": fmt.min_subnormal}, "format": fmt.short}
 
 
+def _evaluated(trials: Any) -> Any:
+    """The trials that hold a measurement: COMPLETE (within budget) and PRUNED over budget, not the skipped markers."""
+    if "evaluated" in trials:
+        return trials[trials["evaluated"].fillna(False).astype(bool)]
+    return trials[trials["state"] == "COMPLETE"]  # a report saved before 0.2
+
+
 def history_data(saved: Any) -> dict:
     """The best feasible estimated speed-up after each trial."""
-    trials = saved.trials[saved.trials["state"] == "COMPLETE"].sort_values("trial")
+    trials = _evaluated(saved.trials).sort_values("trial")
     best, xs, ys = 1.0, [], []
     for row in trials.to_dict("records"):
         if _true(row.get("feasible")) and row.get("speedup_estimate") == row.get("speedup_estimate"):
@@ -76,8 +83,8 @@ def history_data(saved: Any) -> dict:
 
 
 def tradeoff_data(saved: Any) -> dict:
-    """Every completed trial: what the search optimised (speed-up or weight-size ratio) against drop, with the budget."""
-    trials = saved.trials[saved.trials["state"] == "COMPLETE"]
+    """Every evaluated trial: what the search optimised (speed-up or weight-size ratio) against drop, with the budget."""
+    trials = _evaluated(saved.trials)
     drops = [float(v) if v == v and v is not None else math.nan for v in trials["drop"]]
     keep = [i for i, d in enumerate(drops) if d < 1e8]
     meta = saved.meta

@@ -4,9 +4,15 @@ Plain Python over two callbacks: ``evaluate(assignment)`` (one pass of the
 engine, which may stop early once the trial is certainly over budget) and
 ``estimate(assignment)`` (the cost model, free). The objective is the
 estimated speed-up. Feasibility is the budget's (:class:`autoprec.Budget`);
-each trial records ``drop - allowed`` with ``Trial.set_constraint``, which
-Optuna 5's TPE sampler reads to model feasibility (it splits infeasible
-trials from the rest), and ``study.best_trial`` is the best feasible one.
+each trial records ``drop - allowed`` under the trial system attribute
+``constraints`` (the key Optuna's samplers and optuna-dashboard both read),
+which TPE uses to model feasibility. A trial within the budget is COMPLETE
+with the estimated speed-up as its value; one over the budget (or stopped
+early, or with non-finite outputs) is PRUNED with the speed-up as its
+intermediate value, so that every reader of the study, Optuna's
+``study.best_trial`` and the dashboard's best trial alike, sees only
+feasible trials as best. A non-finite drop is stored as no number at all
+(``drop`` absent, ``nonfinite_outputs`` > 0), never as a sentinel.
 
 Phases, each skipping any candidate whose *estimate* cannot beat the best
 feasible one found so far (so most candidates cost nothing):
@@ -65,7 +71,9 @@ logger = logging.getLogger("autoprec")
 
 FLOAT32 = "float32"
 ROUND = 4  # candidates per round: a constant, so that the result never depends on how many workers share it
-_INFEASIBLE = 1e9  # the stored drop/constraint of a trial whose outputs went non-finite
+# Studies written before 0.2 stored a non-finite drop as this number; it is still read as infinite.
+_LEGACY_INFEASIBLE = 1e9
+CONSTRAINTS_KEY = "constraints"  # optuna.study._constrained_optimization's key: the list form every reader knows
 _BUSY, _OUT, _MARKED = "busy", "out", "marked"  # what a claim gets instead of a trial to run
 
 
@@ -124,9 +132,9 @@ class WorkerResult:
 
     @classmethod
     def of(cls, study: Any, *, evaluations: int, best_speedup: float, seconds: float) -> "WorkerResult":
-        import optuna
+        from autoprec.study import evaluated_trials
 
-        return cls(study.study_name, len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))),
+        return cls(study.study_name, len(evaluated_trials(study)),
                    evaluations, float(best_speedup), float(seconds))
 
     def __repr__(self) -> str:
@@ -137,6 +145,35 @@ class WorkerResult:
         return (f"autoprec: searched study {self.study_name!r} for {self.seconds:.1f}s: it holds {self.trials} finished "
                 f"trials, {self.evaluations} evaluated here; best estimated speed-up so far {self.best_speedup:.3f}x "
                 "(unverified). The run without search_only verifies and emits the policy.")
+
+
+def stored_drop(attrs: Mapping[str, Any]) -> float:
+    """A trial's stored drop: ``inf`` where none is stored (non-finite outputs) or a legacy sentinel is."""
+    drop = attrs.get("drop")
+    if drop is None or drop != drop:
+        return math.inf
+    return math.inf if float(drop) >= _LEGACY_INFEASIBLE else float(drop)
+
+
+def objective_value(trial: Any) -> float:
+    """The estimated objective of an evaluated trial: its value, or a PRUNED one's intermediate value."""
+    if trial.value is not None:
+        return float(trial.value)
+    values = trial.intermediate_values
+    return float(values[max(values)]) if values else math.nan
+
+
+def _as_complete(trial: Any, allowed: float) -> Any:
+    import optuna
+
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        return trial
+    drop = stored_drop(trial.user_attrs)
+    violation = drop - allowed if math.isfinite(drop) else _LEGACY_INFEASIBLE
+    return optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=objective_value(trial),
+                                     params=trial.params, distributions=trial.distributions,
+                                     user_attrs=trial.user_attrs,
+                                     system_attrs={**trial.system_attrs, CONSTRAINTS_KEY: [violation]})
 
 
 def make_sampler(seed: int):
@@ -221,7 +258,7 @@ class _SharedStudy:
             taken += t.state in (state.RUNNING, state.COMPLETE, state.PRUNED)  # not FAIL, nor a stale WAITING one
             if "proposal" in t.user_attrs and t.state in (state.RUNNING, state.COMPLETE, state.PRUNED):
                 (proposing if t.state == state.RUNNING else proposed).add(int(t.user_attrs["proposal"]))
-            if t.state == state.COMPLETE and "drop" in t.user_attrs:
+            if t.state in (state.COMPLETE, state.PRUNED) and "feasible" in t.user_attrs:  # an evaluated trial
                 self._cache_trial(t)
         self._running, self._taken, self._proposed, self._proposing = running, taken, proposed, proposing
 
@@ -231,14 +268,13 @@ class _SharedStudy:
         key = self.space.key_of(assignment)
         if key in self._frozen:
             return
-        drop = float(attrs["drop"])
-        drop = math.inf if drop >= _INFEASIBLE else drop
+        drop = stored_drop(attrs)
         rejected = bool(attrs.get("rejected", False))
         feasible = self.feasible(drop)
         if rejected and feasible:
             return  # its lower bound fits this budget: only a full pass can tell
         self._frozen[key] = t  # also for a trial this worker ran: TPE's history must not depend on who ran what
-        self.cache.setdefault(key, Outcome(assignment, float(t.value), attrs.get("metric", math.nan), drop,
+        self.cache.setdefault(key, Outcome(assignment, objective_value(t), attrs.get("metric", math.nan), drop,
                                            feasible and not rejected, attrs.get("output_error", math.nan),
                                            attrs.get("nonfinite_outputs", 0), t.number, attrs.get("phase", ""), rejected))
 
@@ -390,9 +426,14 @@ class Search(_SharedStudy):
         return best.speedup if best else 1.0
 
     def history(self) -> list[Any]:
-        """The plan's finished trials in plan order: what TPE proposes from."""
+        """The plan's finished trials in plan order, as TPE proposes from them.
+
+        An infeasible trial is stored PRUNED; TPE sees it as a COMPLETE trial
+        with its speed-up and its violation (unbounded where the drop is not
+        finite), which is what its constrained model of feasibility needs.
+        """
         ordered = sorted(self._position, key=self._position.__getitem__)
-        return [self._frozen[k] for k in ordered if k in self._frozen]
+        return [_as_complete(self._frozen[k], self.allowed) for k in ordered if k in self._frozen]
 
     def distributions(self) -> dict[str, Any]:
         import optuna
@@ -464,7 +505,7 @@ class Search(_SharedStudy):
         drop = float(result.drop)
         rejected = bool(getattr(result, "rejected", False))
         feasible = self.feasible(drop) and not rejected
-        finite = lambda v: float(v) if math.isfinite(float(v)) else _INFEASIBLE  # noqa: E731
+        finite = lambda v: float(v) if math.isfinite(float(v)) else math.nan  # noqa: E731  (NaN: not stored)
         attrs = {
             "phase": phase, "metric": finite(result.metric) if not rejected else math.nan, "drop": finite(drop),
             "output_error": finite(result.output_error), "nonfinite_outputs": int(result.nonfinite_outputs),
@@ -475,8 +516,13 @@ class Search(_SharedStudy):
             for name, value in attrs.items():
                 if not (isinstance(value, float) and math.isnan(value)):
                     trial.set_user_attr(name, value)
-            trial.set_constraint("budget", (drop - self.allowed) if math.isfinite(drop) else _INFEASIBLE)
-            self.study.tell(trial, speedup)
+            if math.isfinite(drop):  # a non-finite drop has no violation to store; PRUNED says it is infeasible
+                trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_KEY, [drop - self.allowed])
+            if feasible:
+                self.study.tell(trial, speedup)
+            else:
+                trial.report(speedup, 0)
+                self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         except optuna.exceptions.UpdateFinishedTrialError:
             # Another worker took this one for dead (its heartbeat went stale) and failed it: the
             # assignment will be claimed again; this result is not part of the study.

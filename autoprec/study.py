@@ -23,6 +23,7 @@ heartbeat for one elsewhere (server storages record a heartbeat every
 from __future__ import annotations
 
 import contextlib
+import math
 import hashlib
 import logging
 import os
@@ -384,6 +385,35 @@ def _alive(pid: int) -> bool:
 # What a study records
 
 
+def evaluated_trials(study: Any) -> list[Any]:
+    """The study's finished trials that hold a measurement: COMPLETE (within budget) and PRUNED over it.
+
+    A PRUNED trial without the ``feasible`` attribute is a TPE proposal skipped without an evaluation.
+
+    Example:
+        >>> [t.user_attrs["drop"] for t in evaluated_trials(study)]  # doctest: +SKIP
+    """
+    import optuna
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return [t for t in study.get_trials(deepcopy=False, states=finished) if "feasible" in t.user_attrs]
+
+
+#: The study's objective by tune's ``objective=``: what each COMPLETE trial's value is.
+OBJECTIVE_NAMES = {"speed": "speedup_estimate", "size": "size_ratio"}
+
+
+def name_objective(study: Any, objective: str) -> None:
+    """Name the study's objective (Optuna's ``metric_names``, which optuna-dashboard shows), once."""
+    import optuna
+
+    name = OBJECTIVE_NAMES.get(objective, objective)
+    if study.metric_names != [name]:
+        with warnings.catch_warnings():  # set_metric_names is experimental in some Optuna releases
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([name])
+
+
 def record_or_check(study: Any, facts: dict[str, Any], *, budget: str) -> tuple[str, ...]:
     """Record what this study is judged under, or check a resumed study describes the same search.
 
@@ -448,7 +478,8 @@ def trials_frame(study: Any, keys: list[str], measured: dict[int, float] | None 
     frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs"))
     if frame.empty:
         return pd.DataFrame(columns=["trial", "state", "phase", "speedup_estimate", "drop", "feasible"])
-    frame = frame.rename(columns={"number": "trial", "value": "speedup_estimate"})
+    frame = frame.rename(columns={c: "speedup_estimate" for c in frame.columns if c == "value" or c.startswith("value_")})
+    frame = frame.rename(columns={"number": "trial"})
     frame.columns = [c[len("user_attrs_"):] if c.startswith("user_attrs_") else c for c in frame.columns]
     params = [f"params_{k}" for k in keys]
     frame["float32_units"] = [
@@ -459,6 +490,13 @@ def trials_frame(study: Any, keys: list[str], measured: dict[int, float] | None 
     frame = frame.drop(columns=[c for c in frame.columns if c.startswith("params_")])
     frame["state"] = frame["state"].astype(str).str.replace("TrialState.", "", regex=False)
     frame["measured_speedup"] = frame["trial"].map(measured or {})
+    # Evaluated trials hold their sample count; the PRUNED markers of skipped TPE proposals hold none.
+    frame["evaluated"] = frame["samples"].notna() if "samples" in frame else False
+    if "speedup_estimate" in frame:  # a PRUNED (over-budget) trial keeps its estimate as its intermediate value
+        values = {t.number: t for t in study.get_trials(deepcopy=False)}
+        from autoprec.search import objective_value
+
+        frame["speedup_estimate"] = [objective_value(values[n]) if n in values else math.nan for n in frame["trial"]]
     for column in ("phase", "drop", "feasible", "rejected"):
         if column not in frame:
             frame[column] = None

@@ -435,7 +435,7 @@ def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: 
     import optuna
 
     from autoprec.search import Search, make_sampler
-    from autoprec.study import fail_orphans, open_study, record_or_check
+    from autoprec.study import fail_orphans, name_objective, open_study, record_or_check
 
     name = opts.study_name or (f"autoprec-{getattr(session.model, 'name', 'model')}-{opts.target}-"
                                f"{opts.budget.max_drop:g}{'rel' if opts.budget.relative else ''}-seed{opts.seed}")
@@ -443,6 +443,7 @@ def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar replaces Optuna's per-trial log
     try:
         study = open_study(name, opts.storage, make_sampler(opts.seed))
+        name_objective(study, opts.objective)
         fail_orphans(study)
         order = record_or_check(study, {"keys": list(space.keys), "choices": list(space.choices), "order": list(space.order),
                                         "baseline": session.baseline, "fingerprint": session.fingerprint(),

@@ -17,6 +17,8 @@ import numpy as np
 import optuna
 import pytest
 
+from autoprec.study import evaluated_trials
+
 import autoprec
 from autoprec import study as study_module
 from autoprec.cli import EXIT_ALL_FLOAT32, EXIT_OK, EXIT_USER_ERROR, main
@@ -124,11 +126,12 @@ def _worker_search(url, name, n_trials, calls, lock):
 
 def _markers(study):
     """TPE's proposals recorded without an evaluation: their place in the plan and their assignment."""
-    return {(t.user_attrs["proposal"], tuple(sorted(t.params.items()))) for t in study.get_trials(states=(STATE.PRUNED,))}
+    return {(t.user_attrs["proposal"], tuple(sorted(t.params.items()))) for t in study.get_trials(states=(STATE.PRUNED,))
+            if "feasible" not in t.user_attrs}
 
 
 def _complete_keys(study):
-    return [tuple(sorted(t.params.items())) for t in study.get_trials(states=(STATE.COMPLETE,))]
+    return [tuple(sorted(t.params.items())) for t in evaluated_trials(study)]
 
 
 def test_workers_share_one_plan_and_choose_what_one_worker_chooses(pg_url):
@@ -196,13 +199,13 @@ def test_three_worker_processes_one_killed_mid_trial(planted, pg_url, tmp_path):
     reference = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=n_trials, seed=0, verbose=0)
 
     study = optuna.load_study(study_name="s", storage=open_storage(pg_url))
-    complete = study.get_trials(states=(STATE.COMPLETE,))
+    complete = evaluated_trials(study)
     failed = study.get_trials(states=(STATE.FAIL,))
-    assert len(complete) == n_trials and len(study.get_trials(states=(STATE.PRUNED,))) == 0
+    assert len(complete) == n_trials and not _markers(study)
     assert len(set(_complete_keys(study))) == n_trials  # no assignment evaluated twice
     assert len(failed) == 1 and tuple(sorted(failed[0].params.items())) in _complete_keys(study)  # run again
     assert len({t.user_attrs["worker"] for t in complete}) == 2  # the finaliser and the surviving worker
-    expected = reference.trials[reference.trials["state"] == "COMPLETE"]["float32_units"]
+    expected = reference.trials[reference.trials["evaluated"]]["float32_units"]
     by_number = {int(r["trial"]): r["float32_units"] for _, r in
                  study_module.trials_frame(study, list(study.user_attrs["keys"])).iterrows()}
     assert sorted(by_number[t.number] for t in complete) == sorted(expected)

@@ -124,6 +124,7 @@ def test_measured_cost_keeps_force_16bit_when_nothing_is_feasible(planted, measu
     assert measured[-1][0]["d3"] == "mixed_float16"  # bug (b): the last timing is of the final policy
 
 
+@pytest.mark.slow
 def test_measured_speedup_describes_the_final_policy(planted, monkeypatch, measured):
     """Bug (b): measured_speedup was timed before the fallbacks, for another assignment than the result's."""
     model, _, val, _ = planted

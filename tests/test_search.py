@@ -8,7 +8,8 @@ import optuna
 import pytest
 
 from autoprec import Budget
-from autoprec.search import Search, Space, make_sampler
+from autoprec.search import Search, Space, make_sampler, objective_value
+from autoprec.study import evaluated_trials
 
 KEYS = tuple(f"u{i}" for i in range(10))
 COST = {k: 1.0 + (i % 3) for i, k in enumerate(KEYS)}
@@ -66,10 +67,16 @@ def test_stops_when_all_16bit_is_feasible():
 def test_constraints_are_optuna_constraints():
     search = make(0.005, n_trials=15)
     search.run()
-    trials = search.study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
-    assert all("budget" in t.constraints for t in trials)
-    best = search.study.best_trial  # Optuna 5 picks the best feasible trial from the constraints
+    trials = evaluated_trials(search.study)
+    assert len(trials) > 3 and all(len(t.system_attrs["constraints"]) == 1 for t in trials)  # the list every reader knows
+    assert all((t.constraints["0"] <= 0) == t.user_attrs["feasible"] for t in trials)
+    # over budget is PRUNED with its estimate kept: no reader can take it for the best
+    state = optuna.trial.TrialState
+    assert {t.state for t in trials if not t.user_attrs["feasible"]} == {state.PRUNED}
+    assert all(objective_value(t) > 0 for t in trials)
+    best = search.study.best_trial
     assert best.user_attrs["feasible"] and best.value == pytest.approx(search.best().speedup)
+    assert search.study._storage.get_best_trial(search.study._study_id).number == best.number  # the dashboard's pick
 
 
 def test_cache_makes_repeats_free():

@@ -166,6 +166,7 @@ def _slightly_sensitive_mlp():
     return model, val
 
 
+@pytest.mark.slow
 def test_group_testing_catches_many_slightly_sensitive_units():
     """Layers that each lose a little alone are never hidden in a cleared group.
 

@@ -102,7 +102,7 @@ def test_resume_after_exception(planted, tmp_path, monkeypatch):
         autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=25, storage=storage, study_name="s", verbose=0)
     monkeypatch.setattr(search.Search, "_measure", original)
     resumed = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=25, storage=storage, study_name="s", verbose=0)
-    complete = resumed.trials[resumed.trials["state"] == "COMPLETE"]
+    complete = resumed.trials[resumed.trials["evaluated"]]
     evaluated = complete[~complete["cached"].astype(bool)]
     assert evaluated["float32_units"].is_unique  # no finished trial was run twice
     assert resumed.stats["evaluations"] == len(evaluated) - 5
@@ -134,8 +134,10 @@ def test_resume_after_killed_process_and_two_workers(planted, tmp_path):
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
+    from autoprec.study import evaluated_trials
+
     study = optuna.load_study(study_name="shared", storage=optuna.storages.JournalStorage(JournalFileBackend(journal)))
-    workers = {t.user_attrs.get("worker") for t in study.trials if t.state.name == "COMPLETE"}
+    workers = {t.user_attrs.get("worker") for t in evaluated_trials(study)}
     assert len(workers) == 2
     assert len(study.trials) >= 20
 
@@ -152,6 +154,7 @@ def test_verify_train_records_loss_scale(digits_cnn):
     assert np.isfinite(check.float32_metric) and np.isfinite(check.tuned_metric)
 
 
+@pytest.mark.slow
 def test_block_granularity_and_measured_cost(digits_cnn):
     model, _, val = digits_cnn
     result = autoprec.tune(model, val, budget="1%", target="mixed_bfloat16", granularity="block", cost="measured",
@@ -255,6 +258,7 @@ def _brier(y_true, y_pred):
 @pytest.mark.slow
 # Block granularity on a real application runs in examples/keras_applications.py (the tests run it in fast mode);
 # ResNet50 and four more architectures in benchmarks/bench_applications.py.
+@pytest.mark.slow
 @pytest.mark.parametrize("name, size, granularity", [("MobileNetV3Small", 32, "layer")])
 def test_applications(name, size, granularity, tmp_path):
     """Applications built with weights=None on generated data: tune, emit, save/load.

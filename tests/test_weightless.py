@@ -109,6 +109,7 @@ def test_a_keras_ops_hazard_is_named_not_blamed_silently():
     assert "`ops.exp` after it" in text and "wrap it in a layer" in text
 
 
+@pytest.mark.slow
 def test_decisions_do_not_double_on_a_150_layer_model():
     """A deep conv net with BatchNorm, ReLU and residual adds: benign weightless layers join, so the search stays small."""
     keras.utils.set_random_seed(0)
