@@ -21,28 +21,15 @@ EXIT_OK, EXIT_USER_ERROR, EXIT_ALL_FLOAT32, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 
 
 
 def _load_model(path: str, *, unsafe: bool) -> Any:
-    import zipfile
+    from autoprec.files import load_model_file
 
-    import keras
+    return load_model_file(path, safe_mode=not unsafe)
 
-    from autoprec.errors import DataError
 
-    if not os.path.exists(path):
-        raise DataError(f"Expected a saved Keras model file. Received: {path!r}, which does not exist.")
-    if os.path.isdir(path) or not path.endswith((".keras", ".h5", ".hdf5")):
-        raise DataError(f"Expected a Keras model file (.keras, or legacy .h5). Received: {path!r}. Save the model with "
-                        "model.save('model.keras').")
-    if path.endswith(".keras") and not zipfile.is_zipfile(path):
-        raise DataError(f"Expected a .keras model file (a zip archive). Received {path!r}, which is truncated or not a "
-                        "Keras file. Save the model again with model.save(...).")
-    try:
-        # safe_mode refuses lambda layers and arbitrary code in the file: a model file is untrusted input.
-        return keras.models.load_model(path, safe_mode=not unsafe)
-    except Exception as exc:  # Keras raises many kinds for a bad file; name the file and the likely fix
-        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        hint = " It holds a Lambda layer or custom code; if you trust its source, pass --unsafe." if (
-            "safe_mode" in str(exc) or "lambda" in str(exc).lower()) else " The file may be damaged: save the model again."
-        raise DataError(f"Could not load the Keras model {path!r}: {text}.{hint}") from None
+def _check_model_file(path: str) -> None:
+    from autoprec.files import check_model_file
+
+    check_model_file(path)
 
 
 def _load_npz(path: str) -> tuple:
@@ -61,8 +48,11 @@ def _load_npz(path: str) -> tuple:
     try:
         with np.load(path, allow_pickle=False) as archive:  # never unpickle an untrusted file
             if "x" not in archive or "y" not in archive:
-                raise DataError(f"Expected {path!r} to hold arrays named 'x' and 'y'. Received: {sorted(archive.files)}.")
+                raise DataError(f"Expected the NumPy .npz file {path!r} to hold arrays named 'x' and 'y' (np.savez(path, x=x, y=y)). "
+                                f"Received arrays {sorted(archive.files)}.")
             return archive["x"], archive["y"]
+    except DataError:
+        raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"Expected a readable NumPy .npz file with arrays 'x' and 'y'. Received {path!r}: {exc}.") from None
 
@@ -103,9 +93,12 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     if args.output:
         frame.to_csv(args.output, index=False)
         print(f"wrote {args.output}")
-    columns = [c for c in ("path", "class", "kind", "metric_drop", "output_error", "score", "act_absmax", "act_overflow",
-                           "sqnr_db") if c in frame]
+    columns = [c for c in ("path", "class", "kind", "metric_drop", "ablation", "group_drop", "output_error", "score",
+                           "act_absmax", "act_overflow", "sqnr_db") if c in frame]
     _print_frame(frame[columns].head(args.top))
+    if "ablation" in frame and frame["ablation"].astype(str).str.startswith("cleared").any():
+        print("metric_drop is empty (NaN) for a layer 'cleared in a group': the layers were switched to 16-bit together "
+              "and the group lost no more than the tolerance (group_drop), so none was measured alone.")
     return EXIT_OK
 
 
@@ -116,10 +109,47 @@ def _tune_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def _tune_options(args: argparse.Namespace, train: Any) -> dict[str, Any]:
-    return dict(budget=args.budget, target=args.target, n_trials=args.trials, timeout=args.timeout, storage=args.storage,
-                study_name=args.study_name, seed=args.seed, granularity=args.granularity, train_data=train,
-                verify="train" if args.verify_train else "eval", steps=args.steps, pretrain_steps=args.pretrain_steps,
-                verbose=args.verbose)
+    options = dict(budget=args.budget, target=args.target, n_trials=args.trials, timeout=args.timeout,
+                   storage=args.storage, study_name=args.study_name, seed=args.seed, granularity=args.granularity,
+                   train_data=train, verify="train" if args.verify_train else "eval", steps=args.steps,
+                   pretrain_steps=args.pretrain_steps, verbose=args.verbose, metric=args.metric,
+                   keep_float32=tuple(args.keep_float32), force_16bit=tuple(args.force_16bit), objective=args.objective,
+                   device=args.device, cost=args.cost, max_fallbacks=args.max_fallbacks, batch_size=args.batch_size,
+                   nonfinite_inputs=args.nonfinite_inputs)
+    if args.candidates:
+        options["candidates"] = tuple(c.strip() for c in args.candidates.split(",") if c.strip())
+    if args.higher_is_better is not None:
+        options["higher_is_better"] = args.higher_is_better == "yes"
+    return options
+
+
+def _check_tune_args(args: argparse.Namespace) -> None:
+    """Every argument tune will validate, validated now: before Keras or TensorFlow is imported, and before any file
+    is read. The training data stands in as its path; the files are only checked to exist."""
+    from autoprec.tuner import TuneOptions
+
+    options = _tune_options(args, args.train_data)
+    TuneOptions.create(options.pop("budget"), **options)
+    _check_model_file(args.model)
+    for path in (args.data, args.train_data):
+        if path and not os.path.isfile(path):
+            from autoprec.errors import DataError
+
+            raise DataError(f"Expected a NumPy .npz file with arrays 'x' and 'y'. Received {path!r}, which "
+                            f"{'is a directory' if os.path.isdir(path) else 'does not exist'}.")
+
+
+def _check_output(path: str, *, overwrite: bool) -> None:
+    """A result directory is replaced only when asked: a second run must not silently overwrite the first."""
+    from autoprec.errors import OutputError
+
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        held = sorted(os.listdir(path))
+        raise OutputError(f"Expected -o to name a new or empty directory. Received {path!r}, which already holds "
+                          f"{', '.join(held[:4])}{' ...' if len(held) > 4 else ''}. Pass --overwrite to replace that "
+                          "result, or another -o.")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f"Expected -o to name a directory. Received {path!r}, which is a file.")
 
 
 def _cmd_search_only(args: argparse.Namespace) -> int:
@@ -133,6 +163,7 @@ def _cmd_search_only(args: argparse.Namespace) -> int:
                             "shared study. Received no --storage.")
     if args.output:
         print(f"autoprec: --search-only writes nothing; -o {args.output} is left alone.", file=sys.stderr)
+    _check_tune_args(args)
     open_storage(args.storage)
     model, data, train = _tune_inputs(args)
     result = tune(model, data, **_tune_options(args, train), search_only=True)
@@ -151,9 +182,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if not args.output:
         raise ArgumentError("Expected -o DIR for the policy, the reports and the tuned model. Received no -o (only a "
                             "--search-only worker writes nothing).")
-    # Everything that can be checked before the search is: the output directory (and
-    # its lock, held for the whole run), the storage, the files.
+    # Everything that can be checked before the search is: the arguments (before any heavy import), the output
+    # directory (and its lock, held for the whole run), the storage, the files.
+    _check_tune_args(args)
     with DirectoryLock(args.output):
+        _check_output(args.output, overwrite=args.overwrite)
         if args.storage:
             open_storage(args.storage)
         model, data, train = _tune_inputs(args)
@@ -226,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="full", choices=["full", "fast", "ablation"])
     p.add_argument("-o", "--output", help="write the table as CSV")
     p.add_argument("--top", type=int, default=30, help="rows to print (default 30)")
-    p.add_argument("--verbose", type=int, default=1)
+    p.add_argument("--verbose", type=int, default=1, help="0 silent, 1 progress per stage (default)")
     p.set_defaults(fn=_cmd_profile)
 
     _add_tune(sub.add_parser("tune", help="search per-layer precision under an accuracy budget"), model_arg, targets)
@@ -238,32 +271,74 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tune the bundled digits model and write a report")
     p.add_argument("-o", "--output", default="reports/demo")
     p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--verbose", type=int, default=1)
+    p.add_argument("--verbose", type=int, default=1, help="0 silent, 1 progress per stage (default)")
     p.set_defaults(fn=_cmd_demo)
     return parser
 
 
 def _add_tune(p: argparse.ArgumentParser, model_arg: Any, targets: list[str]) -> None:
+    from autoprec.cost import DEVICE_NAMES
+    from autoprec.formats import LOW_PRECISION, QUANTIZED_MODES
+
     model_arg(p)
     p.add_argument("--data", required=True, help="DATA.npz with arrays x and y (evaluation data)")
     p.add_argument("--budget", required=True, help="largest allowed metric drop: 0.5%%, 0.005, or '1%% relative'")
-    p.add_argument("--target", default="mixed_float16", choices=targets)
-    p.add_argument("--trials", type=int, default=60)
-    p.add_argument("--timeout", type=float, default=None, help="seconds")
-    p.add_argument("--storage", help="Optuna storage URL (sqlite:///x.db, postgresql://...) or a journal file path")
-    p.add_argument("--study-name", help="study name within the storage")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--granularity", default="layer", choices=["layer", "block"])
+    p.add_argument("--target", default=None, choices=targets,
+                   help="the preferred 16-bit format (default mixed_float16, or the one --candidates offers); auto: "
+                        "float16 on a CUDA GPU, else bfloat16")
+    p.add_argument("--candidates", metavar="LIST",
+                   help="comma-separated formats to choose from, float32 first, e.g. float32,mixed_bfloat16,int8 "
+                        f"(among {', '.join(('float32', *LOW_PRECISION, *QUANTIZED_MODES))}); default float32 and --target")
+    p.add_argument("--metric", help="a Keras metric name (accuracy, auc, mse...) or 'loss'; default the model's first "
+                   "compiled metric, else its loss")
+    p.add_argument("--higher-is-better", choices=["yes", "no"], default=None,
+                   help="the metric's direction, for a metric Keras does not know")
+    p.add_argument("--keep-float32", action="append", default=[], metavar="PATH",
+                   help="a layer path or full-match regex that stays float32 (repeatable)")
+    p.add_argument("--force-16bit", action="append", default=[], metavar="PATH",
+                   help="a layer path or full-match regex that computes in 16-bit whatever the search finds (repeatable)")
+    p.add_argument("--objective", choices=["speed", "size"], default=None,
+                   help="what the search maximises: estimated speed-up (default) or weight-size ratio (default with "
+                        "int8/int4 candidates)")
+    p.add_argument("--device", choices=list(DEVICE_NAMES), default=None,
+                   help="where the policy will run, for the cost model: default gpu; 'this' for the machine tune runs on")
+    p.add_argument("--cost", choices=["estimate", "measured"], default="estimate",
+                   help="rank by the cost model, or also time the best candidates' real training steps here")
+    p.add_argument("--trials", type=int, default=60, help="the most trials the study may hold (default 60)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds for the search (default: no limit)")
+    p.add_argument("--storage", help="Optuna storage URL (sqlite:///x.db, postgresql://...) or a journal file path, "
+                   "to resume or share the search")
+    p.add_argument("--study-name", help="study name within the storage (default: one made from the model, target, "
+                   "budget and seed)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the search's proposals (default 0)")
+    p.add_argument("--granularity", default="layer", choices=["layer", "block"],
+                   help="one decision per layer, or per block (nested model or name prefix)")
+    p.add_argument("--max-fallbacks", type=int, default=8,
+                   help="decisions verification may return to float32 before giving up (default 8)")
+    p.add_argument("--batch-size", default="auto", type=_batch_size, help="evaluation batch size, or auto (fits memory)")
+    p.add_argument("--nonfinite-inputs", choices=["raise", "drop"], default="raise",
+                   help="refuse evaluation samples holding NaN/inf (default), or drop them with a warning")
     p.add_argument("--train-data", help="DATA.npz for pretraining or the training check")
     p.add_argument("--verify-train", action="store_true", help="also run a short loss-scaled training check")
-    p.add_argument("--steps", type=int, default=50, help="training-check steps")
-    p.add_argument("--pretrain-steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=50, help="training-check steps (default 50)")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="train a float32 copy for this many steps first (needs --train-data)")
+    p.add_argument("--overwrite", action="store_true", help="replace a result already in -o")
     p.add_argument("-o", "--output", help="directory for policy.json, reports and the tuned model (required, "
                    "except with --search-only)")
     p.add_argument("--search-only", action="store_true", help="a worker: add trials to the shared --storage study and "
                    "exit, verifying and writing nothing; one run without it verifies and emits")
-    p.add_argument("--verbose", type=int, default=1)
+    p.add_argument("--verbose", type=int, default=1, help="0 silent, 1 progress per stage (default)")
     p.set_defaults(fn=_cmd_tune)
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', received {text!r}") from None
 
 
 def interrupted(exc: BaseException | None) -> bool:

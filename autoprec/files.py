@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 from autoprec.errors import AutoprecError, OutputError
 
@@ -202,3 +203,41 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def load_model_file(path: str | os.PathLike, *, safe_mode: bool = True) -> Any:
+    """Load a Keras model file with ``safe_mode`` (a model file is untrusted), every failure a typed error.
+
+    Example:
+        >>> model = load_model_file("model.keras")  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    from autoprec.errors import DataError
+
+    check_model_file(path)
+    import keras  # only once the file is known to be there: the import costs seconds
+
+    try:
+        # safe_mode refuses lambda layers and arbitrary code in the file: a model file is untrusted input.
+        return keras.models.load_model(path, safe_mode=safe_mode)
+    except Exception as exc:  # Keras raises many kinds for a bad file; name the file and the likely fix
+        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        hint = " It holds a Lambda layer or custom code; if you trust its source, pass --unsafe (safe_mode=False in Python)." if (
+            "safe_mode" in str(exc) or "lambda" in str(exc).lower()) else " The file may be damaged: save the model again."
+        raise DataError(f"Could not load the Keras model {path!r}: {text}.{hint}") from None
+
+
+def check_model_file(path: str) -> None:
+    """A model path that cannot be a Keras model file fails here, before Keras is imported."""
+    import zipfile
+
+    from autoprec.errors import DataError
+
+    if not os.path.exists(path):
+        raise DataError(f"Expected a saved Keras model file. Received: {path!r}, which does not exist.")
+    if os.path.isdir(path) or not path.endswith((".keras", ".h5", ".hdf5")):
+        raise DataError(f"Expected a Keras model file (.keras, or legacy .h5). Received: {path!r}. Save the model with "
+                        "model.save('model.keras').")
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise DataError(f"Expected a .keras model file (a zip archive). Received {path!r}, which is truncated or not a "
+                        "Keras file. Save the model again with model.save(...).")

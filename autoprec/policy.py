@@ -325,6 +325,9 @@ def _parse_document(doc: Any, source: str) -> tuple[dict[str, str], str | None, 
     layers = doc.get("layers")
     if not isinstance(layers, list):
         raise fail(f"expected 'layers' to be a list, received {type(layers).__name__}.")
+    if not layers:  # an empty policy would apply as "all float32" without a word: never what a written file meant
+        raise fail("expected at least one layer in 'layers', received an empty list. The file holds no policy; "
+                   "write it again with result.policy.save(path).")
     entries: dict[str, str] = {}
     facts: dict[str, dict[str, Any]] = {}
     for i, row in enumerate(layers):

@@ -81,7 +81,7 @@ class TuneResult:
     def n_16bit(self) -> int:
         """Decisions that left float32: 16-bit, or quantized."""
         decisions = self.units["decision"].astype(str)
-        return int(decisions.map(leaves_float32).sum())
+        return sum(bool(leaves_float32(d)) for d in decisions)
 
     @property
     def all_float32(self) -> bool:

@@ -538,6 +538,8 @@ class Search(_SharedStudy):
     def run(self) -> Outcome | None:
         """Run all phases until done or out of trials/time; return the best feasible outcome."""
         self._started = time.monotonic()
+        if not self.space.keys:  # every layer pinned: there is nothing to decide, and no trial to run
+            return None
         self.refresh()
         upper = self.estimate(self.space.all_target())
         for phase in PHASES:

@@ -282,7 +282,8 @@ def ablation(session: Session, ranked: Sequence[str], *, tolerance: float, max_p
     ``alone`` are tested one by one at once (the suspects of the one-pass measures).
     Returns per path: ``metric_drop``, ``output_error`` and ``nonfinite_outputs``
     of the layer alone (``ablation="alone"``), or ``group_drop`` and
-    ``ablation="group of K"`` for layers cleared with their group, or
+    ``ablation="cleared in a group of K"`` for layers cleared with their group (their own
+    ``metric_drop`` stays NaN: only the group's ``group_drop`` was measured), or
     ``ablation="untested"`` past ``max_passes``.
     """
     everything = {p: FLOAT32 for p in ranked}
@@ -314,7 +315,7 @@ def ablation(session: Session, ranked: Sequence[str], *, tolerance: float, max_p
             queue.extend([group[:middle], group[middle:]])
         else:
             out.update({p: {"group_drop": ev.drop, "group_harm": ev.harm, "group_error": ev.output_error,
-                            "ablation": f"group of {len(group)}"} for p in group})
+                            "ablation": f"cleared in a group of {len(group)}"} for p in group})
     if bar:
         bar.done(passes)
     return out

@@ -243,7 +243,7 @@ def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...]
     """
     _check_weights(model)
     ev = EvalData.get(data, batch_size=256 if batch_size == "auto" else batch_size, model=model, nonfinite=nonfinite_inputs)
-    _check_inputs_fit(model, ev)
+    check_inputs_fit(model, ev)
     graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
     if graph.kind != SUBCLASSED and any(i.is_layer and i.layer.compute_dtype != "float32" and i.pinned is None for i in graph.layers):
         # A model built under a mixed global policy: the baseline and the
@@ -308,7 +308,8 @@ def _check_weights(model: Any) -> None:
                     )
 
 
-def _check_inputs_fit(model: Any, data: EvalData) -> None:
+def check_inputs_fit(model: Any, data: EvalData, *, what: str = "the evaluation data") -> None:
+    """Refuse inputs whose count or shape cannot fit the model's inputs, with the data's own shape."""
     import keras
 
     inputs = getattr(model, "inputs", None)
@@ -316,13 +317,14 @@ def _check_inputs_fit(model: Any, data: EvalData) -> None:
         return
     xs = keras.tree.flatten(data.x_sample(1))
     if len(xs) != len(inputs):
-        raise DataError(f"Expected {len(inputs)} input array(s) for the model. Received {len(xs)}.")
+        raise DataError(f"Expected {len(inputs)} input array(s) for the model. Received {len(xs)} in {what}.")
     for array, spec in zip(xs, inputs):
         want, got = tuple(spec.shape[1:]), tuple(array.shape[1:])
         if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
             raise DataError(
                 f"Expected inputs of shape (batch, {', '.join('?' if w is None else str(w) for w in want)}) "
-                f"for input {spec.name!r}. Received x of shape {array.shape}. Reshape the data to fit the model."
+                f"for input {spec.name!r}. Received x of shape {(data.n, *array.shape[1:])} in {what}. Reshape the data "
+                "to fit the model."
             )
 
 

@@ -109,6 +109,41 @@ def open_storage(storage: Any) -> Any:
         return _rdb_storage(spec)
 
 
+def check_storage(storage: Any) -> None:
+    """Refuse a storage that cannot work, without creating or connecting to anything (tune calls it first).
+
+    Raises:
+        ArgumentError: not a URL, a journal path or an Optuna storage; an unknown database; a missing driver.
+        OutputError: the journal or SQLite file's directory does not exist.
+
+    >>> check_storage("notadb://x")
+    Traceback (most recent call last):
+    ...
+    autoprec.errors.ArgumentError: Expected storage to be a database URL ...
+    """
+    if storage is None:
+        return
+    if not isinstance(storage, (str, os.PathLike)):
+        _resolve(storage)  # an Optuna storage instance, or the typed error
+        return
+    text = os.fspath(storage)
+    if "://" not in text:
+        check_parent(text, what="study journal")
+        return
+    if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
+        check_parent(text[len("sqlite:///"):], what="SQLite study database")
+    url = _with_driver(text)
+    try:
+        import sqlalchemy.engine
+
+        sqlalchemy.engine.make_url(url).get_dialect()
+    except Exception as exc:  # sqlalchemy: ArgumentError for a malformed URL, NoSuchModuleError for an unknown database
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ArgumentError(f"Expected storage to be a database URL SQLAlchemy knows (sqlite:///study.db, "
+                            f"postgresql://user:pw@host/db) or a journal file path (study.log). Received: "
+                            f"storage={_redact(text)!r} ({first}).") from None
+
+
 def _resolve(storage: Any) -> Any:
     """None, an Optuna storage (a journal file's included), or an RDB URL with its driver named."""
     import optuna

@@ -79,6 +79,7 @@ class TuneOptions:
     search_only: bool = False
     objective: str = "speed"
     calibration_data: Any = field(default=None, repr=False)
+    inplace: bool = False
 
     @property
     def quantize_base(self) -> str:
@@ -132,7 +133,12 @@ class TuneOptions:
             raise DataError("Expected train_data=(x, y) with verify='train': the training check fine-tunes on it.")
         if options.get("pretrain_steps") is not None and options.get("train_data") is None:
             raise DataError("Expected train_data=(x, y) with pretrain_steps: the float32 copy is pretrained on it.")
+        if not isinstance(options.get("inplace", False), bool):
+            raise ArgumentError(f"Expected inplace to be True or False. Received: inplace={describe(options['inplace'])}.")
         only, storage = options.get("search_only", False), options.get("storage")
+        from autoprec.study import check_storage
+
+        check_storage(storage)  # a bad URL fails here, in well under a second, before any model work
         if not isinstance(only, bool) or (only and storage is None):
             raise ArgumentError(f"Expected search_only=True with a shared storage= and study_name=, or False. Received: "
                                 f"search_only={describe(only)}, storage={describe(storage)}.")
@@ -227,6 +233,7 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
     opts = TuneOptions.create(budget, **options)
     progress = Progress(opts.verbose)
     started = time.monotonic()
+    model = working_model(model, inplace=opts.inplace)
     session, pretrained = open_run(model, data, opts, progress)
     frame = profile_stage(session, opts, progress)
     space = build_space(session.graph, frame, granularity=opts.granularity, target=opts.target, choices=opts.choices,
@@ -243,6 +250,59 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
     verified = verify_stage(session, space, frame, found, cost, opts, progress)
     return result_stage(model, session, space, frame, found, verified, cost, opts, pretrained,
                         seconds=time.monotonic() - started, progress=progress)
+
+
+def working_model(model: Any, *, inplace: bool) -> Any:
+    """The model tune may change: the user's own only with ``inplace=True``.
+
+    A path is loaded (Keras ``safe_mode``). Functional and Sequential models
+    are cloned wherever policies are applied, so they are never changed. A
+    subclassed model cannot be cloned layer by layer: its real policies are
+    set on the model tune verifies, so without ``inplace=True`` tune works on
+    a copy rebuilt from its config, or refuses when the class cannot be.
+    """
+    import os
+
+    import keras
+
+    if isinstance(model, (str, os.PathLike)):
+        from autoprec.files import load_model_file
+
+        return load_model_file(model)
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(f"Expected a Keras model (keras.Model, or the path of a .keras file). Received: "
+                                    f"model={describe(model)}. autoprec tunes Keras 3 models only.")
+    from autoprec.graph import model_kind
+
+    if inplace or model_kind(model) != SUBCLASSED:
+        return model
+    return _copy_subclassed(model)
+
+
+def _copy_subclassed(model: Any) -> Any:
+    """A subclassed model rebuilt from its config, with its weights and its compile configuration."""
+    import keras
+
+    why = "its class cannot be rebuilt from get_config()"
+    try:
+        copy = model.__class__.from_config(model.get_config())
+        build = model.get_build_config()  # the shapes the model was first called (built) with
+        shape = (build or {}).get("input_shape")
+        if isinstance(shape, (list, tuple)) and shape and all(d is None or isinstance(d, int) for d in shape):
+            copy(np.zeros((1, *[d or 1 for d in shape[1:]]), "float32"))  # called, as the original was: built
+        elif build:
+            copy.build_from_config(build)
+        copy.set_weights(model.get_weights())
+        config = model.get_compile_config() if model.compiled else None
+        if config:
+            copy.compile_from_config(config)
+        return copy
+    except Exception as exc:  # a user's class: any error means it cannot be copied
+        why = f"{why} ({type(exc).__name__}: {str(exc)[:160]})"
+    raise UnsupportedModelError(
+        f"Expected a model tune can copy, or inplace=True. Received the subclassed model {model.name!r}: {why}, and Keras "
+        "cannot clone subclassed models layer by layer. Pass inplace=True to let tune set the tuned policies (and a "
+        "LossScaleOptimizer) on this model itself, or give the class a get_config() that rebuilds it.")
 
 
 def _speeds(opts: TuneOptions) -> dict[str, float]:
@@ -323,6 +383,9 @@ def _check_train_labels(session: Session, opts: TuneOptions) -> None:
 
     train = EvalData.get(opts.train_data, batch_size=64, what="train_data", model=session.model,
                          nonfinite=opts.nonfinite_inputs)
+    from autoprec.session import check_inputs_fit
+
+    check_inputs_fit(session.model, train, what="train_data")
     one = predict_batches(session.model, EvalData.get((train.x_sample(1), keras.tree.map_structure(
         lambda a: a[:1], train.y)), model=session.model))
     # Every label is checked against the shape of one prediction, broadcast (no copy) to all samples.
@@ -465,6 +528,9 @@ def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: 
         progress.say(f"autoprec: the best assignment within budget is estimated at {best.speedup:.2f}x float32 on the "
                      f"{cost.device.name} profile; float32 is faster, so the result is all float32.")
         best = None
+    elif best is None and not space.keys:
+        progress.say("autoprec: nothing to search: every layer is pinned float32 (a model output, a layer that "
+                     "hard-codes float32, or keep_float32); the result is all float32.")
     elif best is None:
         slower = slower_note(cost.device, opts.target)
         if slower:
@@ -615,8 +681,8 @@ def result_stage(model: Any, session: Session, space: DecisionSpace, frame: Any,
 
     decided = space.expand(verified.assignment)
     names = session.graph.resolve(decided)
-    if session.graph.kind == SUBCLASSED:
-        logger.warning("autoprec: %r is subclassed, so its layers now carry the tuned policies in place.", model.name)
+    if session.graph.kind == SUBCLASSED and opts.inplace:
+        logger.info("autoprec: %r is subclassed and inplace=True: its layers now carry the tuned policies.", model.name)
     trials = trials_frame(found.study, list(space.keys), found.measured)
     trials = _with_costs(trials, found.study, space, cost)
     if "drop" in trials and len(trials):

@@ -62,7 +62,7 @@ def test_options_are_validated(options):
 
 
 @pytest.mark.parametrize("kwargs, error", [
-    ({"data": None}, ArgumentError), ({"target": "float16"}, ArgumentError), ({"demote": 1}, ArgumentError),
+    ({"data": None, "demote": True}, ArgumentError), ({"target": "float16"}, ArgumentError), ({"demote": 1}, ArgumentError),
     ({"verbose": 2}, ArgumentError), ({"policy": 3}, PolicyError), ({"policy": {"d": "half"}}, PolicyError),
 ])
 def test_arguments_are_validated(kwargs, error):
@@ -221,6 +221,22 @@ def test_growth_run_keeps_optimizer_scale_and_one_trace(growth):
     event_epoch = int(callback.history["epoch"].iloc[0])
     assert logs["autoprec_changes"][event_epoch] == 1.0 and sum(logs["autoprec_changes"]) == 1.0
     assert logs["autoprec_16bit_layers"][-1] == 2.0 and logs["autoprec_loss_scale"][-1] >= 2.0 ** 15
+
+
+@pytest.mark.slow
+def test_a_callback_without_data_watches_the_training_it_is_given(growth):
+    """Issue 20: callbacks=[AdaptivePrecision(check_every=10)] as a user writes it: no data=, and float16 still trains."""
+    runs, _ = growth
+    keras.utils.set_random_seed(0)
+    data = example.growing_data()
+    weights = example.growing_model().get_weights()
+    callback = AdaptivePrecision(check_every=10, verbose=0)
+    _, loss, _ = _growth_run(weights, data, "mixed_float16", callback)
+    f32_loss = runs["float32"][1][-1]
+    assert math.isfinite(loss[-1]) and abs(loss[-1] - f32_loss) <= 0.10 * f32_loss
+    history = callback.history
+    assert "d2" in set(history["layer"]) and set(history["direction"]) == {"promote"}  # the overflowing layer went back
+    assert callback._run.sampler is None  # no statistics without data: the loss scale and skipped steps decided
 
 
 def test_sequential_promotes_a_layer_past_the_threshold(tmp_path):

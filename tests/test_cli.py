@@ -13,6 +13,8 @@ from autoprec.graph import build_graph, keyed_layers
 
 from conftest import MODEL_BUILDERS, small_data, trained
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture()
 def saved(tmp_path):
@@ -100,3 +102,28 @@ def test_subprocess_smoke(saved):
     assert proc.returncode == 0 and "h1" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "autoprec", "--version"], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0 and "autoprec" in proc.stdout
+
+
+def test_bad_arguments_fail_before_keras_is_imported(tmp_path):
+    """Issue 20: bad values were reported only after TensorFlow had loaded (about 6 s)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from autoprec.cli import main; code = main(['tune', 'm.keras', '--data', 'd.npz', "
+             "'--budget', '0.5%', '--candidates', 'float32,int9', '-o', 'out']); "
+             "print(code, 'keras' in sys.modules, 'tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.stdout.split() == ["1", "False", "False"], done.stdout + done.stderr[-2000:]
+    assert "candidates" in done.stderr and "int9" in done.stderr
+
+
+def test_every_tune_option_a_shell_needs_has_a_flag_with_help():
+    from autoprec.cli import build_parser
+
+    parser = build_parser()
+    tune = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("tune"))
+    flags = {opt: action for action in tune._actions for opt in action.option_strings}
+    for flag in ("--metric", "--keep-float32", "--force-16bit", "--candidates", "--objective", "--device", "--target",
+                 "--trials", "--study-name", "--seed", "--granularity", "--overwrite", "--max-fallbacks", "--cost"):
+        assert flag in flags and flags[flag].help, flag

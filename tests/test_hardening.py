@@ -61,7 +61,7 @@ DATA_CASES = [
     ("inf in a label", lambda m: _with_inf_label(), DataError, "NaN or inf"),
     ("labels out of range", lambda m: (_x_y()[0], _x_y()[1] + 5), DataError, "class ids in [0, 2]"),
     ("one-hot labels with a sparse loss", lambda m: _one_hot(), DataError, "sparse loss"),
-    ("x of the wrong shape", lambda m: (_x_y()[0][:, :5], _x_y()[1]), DataError, "shape"),
+    ("x of the wrong shape", lambda m: (_x_y()[0][:, :5], _x_y()[1]), DataError, "Received x of shape (200, 5)"),
     ("x and y of different lengths", lambda m: (_x_y()[0], _x_y()[1][:10]), DataError, "same number of samples"),
     ("a ragged Python list", lambda m: ([[1.0, 2.0], [3.0]], [0, 1]), DataError, "array of numbers"),
     ("strings as x", lambda m: (np.array([["a"] * 12] * 4), np.zeros(4)), DataError, "numeric"),
@@ -94,6 +94,7 @@ def test_a_nested_python_list_is_one_input(model):
 
 
 TRAIN_CASES = [
+    ("train inputs of the wrong shape", lambda: (_x_y()[0][:, :5], _x_y()[1]), DataError, "(200, 5) in train_data"),
     ("one-hot train labels with a sparse loss", lambda: _one_hot(), DataError, "sparse loss"),
     ("train labels out of range", lambda: (_x_y()[0], _x_y()[1] + 3), DataError, "class ids in [0, 2]"),
     ("NaN in train inputs", lambda: _with_nan_input(), DataError, "NaN or inf"),
@@ -116,6 +117,74 @@ def test_categorical_loss_with_class_ids():
 
 
 # --- the model --------------------------------------------------------------
+
+
+def test_the_documented_quantization_call_uses_the_offered_16bit_format(model):
+    """Issue 20: without target=, int8 combines with the 16-bit format the user offered, not float16's default."""
+    result = autoprec.tune(model, _x_y(), budget="2%", candidates=("float32", "mixed_bfloat16", "int8"),
+                           objective="size", n_trials=6, verbose=0)
+    assert result.target == "mixed_bfloat16"
+    assert {v for v in result.policy.values() if v != "float32"} <= {"mixed_bfloat16", "int8_from_mixed_bfloat16"}
+    alone = autoprec.tune(model, _x_y(), budget="2%", candidates=("float32", "int8"), n_trials=6, verbose=0)
+    assert {v for v in alone.policy.values() if v != "float32"} <= {"int8_from_float32"}
+
+
+MODEL_CASES = [
+    ("an object that is no model", lambda tmp: object(), "Expected a Keras model"),
+    ("a scikit-learn estimator", lambda tmp: __import__("sklearn.linear_model").linear_model.LogisticRegression(),
+     "Expected a Keras model"),
+    ("a path that does not exist", lambda tmp: str(tmp / "nope.keras"), "does not exist"),
+    ("a path to a text file", lambda tmp: (tmp / "m.txt").write_text("x") and str(tmp / "m.txt"), "Keras model file"),
+]
+
+
+@pytest.mark.parametrize("name, make, fragment", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_what_is_not_a_keras_model_is_a_typed_error(name, make, fragment, tmp_path):
+    from autoprec.errors import AutoprecError
+
+    with pytest.raises(AutoprecError) as info:
+        autoprec.tune(make(tmp_path), _x_y(), budget="2%", n_trials=3, verbose=0)
+    assert fragment in str(info.value)
+
+
+def test_a_path_to_a_keras_file_is_tuned(model, tmp_path):
+    model.save(tmp_path / "m.keras")
+    result = autoprec.tune(str(tmp_path / "m.keras"), _x_y(), budget="2%", target="mixed_bfloat16", n_trials=3, verbose=0)
+    assert isinstance(result, autoprec.TuneResult)
+
+
+def test_a_model_whose_only_layer_is_its_output_is_all_float32(capsys):
+    """Issue 20: IndexError from the search; now nothing to decide, said so, all float32."""
+    x, y = _x_y(300)
+    i = keras.Input((12,))
+    m = keras.Model(i, keras.layers.Dense(3, activation="softmax", name="out")(i))
+    m.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    m.fit(x, y, epochs=60, verbose=0)
+    result = autoprec.tune(m, (x, y), budget="2%", n_trials=3, verbose=1)
+    assert result.all_float32 and result.feasible and len(result.trials) == 0
+    assert "nothing to search: every layer is pinned float32" in capsys.readouterr().out
+
+
+def test_subclassed_models_are_changed_only_with_inplace(model):
+    """Issue 20: tune changed the user's subclassed model (policies, optimizer, predictions) with only a warning."""
+    sub = trained(MODEL_BUILDERS["subclassed"]())
+    x, y = _x_y()
+    before = sub.predict(x, verbose=0)
+    result = autoprec.tune(sub, (x, y), budget="2%", target="mixed_float16", n_trials=3, verbose=0)
+    assert result.model is not sub and not result.all_float32
+    assert {layer.dtype_policy.name for layer in sub.layers} == {"float32"}
+    assert not isinstance(sub.optimizer, keras.optimizers.LossScaleOptimizer)
+    np.testing.assert_array_equal(sub.predict(x, verbose=0), before)
+    assert autoprec.tune(sub, (x, y), budget="2%", target="mixed_float16", n_trials=3, inplace=True,
+                         verbose=0).model is sub
+
+
+def test_an_empty_policy_file_is_refused(tmp_path):
+    """Issue 20: schema_version 2 with no layers loaded as an empty policy, silently."""
+    (tmp_path / "p.json").write_text(json.dumps({"format": "autoprec.policy", "schema_version": 2,
+                                                 "layers": []}))
+    with pytest.raises(SchemaError, match="at least one layer"):
+        autoprec.PrecisionPolicy.load(tmp_path / "p.json")
 
 
 def test_one_nan_weight_is_named(model):
@@ -155,6 +224,14 @@ ARGUMENT_CASES = [
     ({"keep_float32": ["h1"], "force_16bit": ["h1"]}, PolicyError, "at most one"),
     ({"metric": "no_such_metric"}, MetricError, "does not know"),
     ({"target": "float16"}, ArgumentError, "target"),
+    # issue 20: candidates define the formats; the default target must not leak into them
+    ({"target": None, "candidates": ("float32", "mixed_bfloat16", "int8"), "objective": "size"}, None, ""),
+    ({"target": None, "candidates": ("float32", "int8"), "objective": "size"}, None, ""),
+    ({"target": "mixed_float16", "candidates": ("float32", "mixed_bfloat16")}, ArgumentError, "among candidates"),
+    ({"candidates": ("float32",)}, ArgumentError, "at least one of"),
+    ({"storage": "notadb://host/x"}, ArgumentError, "SQLAlchemy knows"),
+    ({"inplace": "yes"}, ArgumentError, "inplace"),
+    ({"device": "npu"}, ArgumentError, "device"),
 ]
 
 
@@ -304,6 +381,7 @@ def cli_files(tmp_path_factory, model):
     (root / "empty" / "result.json").write_text(json.dumps(meta))
     (root / "empty" / "trials.csv").write_text("trial,state\n")
     (root / "empty" / "sensitivity.csv").write_text("")
+    np.savez(root / "ab.npz", a=x, b=y)
     return root
 
 
@@ -321,6 +399,15 @@ CLI_CASES = [
     ("report on an empty sensitivity.csv", ["report", "{r}/empty"], "CSV files"),
     ("report on a file", ["report", "{r}/file"], "not a directory"),
     ("a model that does not exist", ["layers", "{r}/nope.keras"], "does not exist"),
+    ("an .npz without x and y", ["tune", "{r}/m.keras", "--data", "{r}/ab.npz", "--budget", "1%", "-o", "{r}/o4"],
+     "Received arrays ['a', 'b']"),
+    ("a result already in -o", ["tune", "{r}/m.keras", "--data", "{r}/d.npz", "--budget", "1%", "-o", "{r}/empty"],
+     "--overwrite"),
+    ("a target the candidates lack", ["tune", "{r}/m.keras", "--data", "{r}/d.npz", "--budget", "1%", "-o", "{r}/o5",
+                                      "--candidates", "float32,mixed_bfloat16", "--target", "mixed_float16"],
+     "among candidates"),
+    ("a bad storage URL", ["tune", "{r}/m.keras", "--data", "{r}/d.npz", "--budget", "1%", "-o", "{r}/o6",
+                           "--storage", "notadb://x"], "SQLAlchemy knows"),
 ]
 
 

@@ -192,7 +192,7 @@ def test_loss_metric_direction():
 
 def test_subclassed_model_is_tuned_in_place():
     model = trained(MODEL_BUILDERS["subclassed"]())
-    result = autoprec.tune(model, small_data(), budget="2%", target="mixed_bfloat16", n_trials=5, verbose=0)
+    result = autoprec.tune(model, small_data(), budget="2%", target="mixed_bfloat16", n_trials=5, inplace=True, verbose=0)
     assert result.stats["engine"] == "real"
     assert result.model is model
 

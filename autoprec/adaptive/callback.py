@@ -76,15 +76,17 @@ class _Run:
         from autoprec.data import EvalData
 
         self.model, self.options = model, options
-        self.data = EvalData.get(data, batch_size=options.batch_size, model=model, what="data")
-        self._batches = self._cycle()
-        x, y = next(self._batches)
+        # Without data= the callback acts on the training signals alone: the loss scale, skipped steps and a
+        # non-finite loss (Keras shows a callback neither the batches fit trains on nor their activations).
+        self.data = EvalData.get(data, batch_size=options.batch_size, model=model, what="data") if data is not None else None
+        self._batches = self._cycle() if self.data is not None else None
+        x, y = next(self._batches) if self._batches is not None else (None, None)
         self.graph = build_graph(model, keep_float32=keep_float32, sample=x)
         start = _start_policy(policy, model, self.graph)
         self.fmt = get_format(_pick_target(target, policy, start))
         # A tf.function reads variables by handle at every call; a jax.jit trace would keep the weights of
         # its first call, so on JAX (and PyTorch) the callback acts on the training signals alone.
-        has_stats = self.graph.kind != SUBCLASSED and backends.name() == "tensorflow"
+        has_stats = self.graph.kind != SUBCLASSED and backends.name() == "tensorflow" and self.data is not None
         if demote and not has_stats:
             raise UnsupportedModelError(
                 f"Expected a Functional or Sequential model on TensorFlow for demote=True. Received a "
@@ -226,8 +228,11 @@ class AdaptivePrecision(keras.callbacks.Callback):
         policy: the policy to start from: a :class:`~autoprec.PrecisionPolicy`, a
             :class:`~autoprec.TuneResult`, anything ``PrecisionPolicy.get`` accepts,
             or None for the model's current layer policies.
-        data: training data to sample statistics from, ``(x, y)`` arrays or a
-            dataset (Keras does not show a callback the batches ``fit`` trains on).
+        data: training data to sample range statistics from, ``(x, y)`` arrays or
+            a dataset. Without it the callback watches the training it is given
+            through its signals alone: the loss scale, skipped steps and a
+            non-finite loss, promoting the 16-bit layer closest to the limits by
+            the policy's profile order (``demote=True`` needs ``data``).
         target: the 16-bit policy layers are demoted to and judged against
             (``"mixed_float16"``, ``"mixed_bfloat16"`` or ``"auto"``); default:
             the policy's, else the one its layers use, else float16.
@@ -263,15 +268,15 @@ class AdaptivePrecision(keras.callbacks.Callback):
                                 f"Received: {unknown}.")
         self.options = AdaptiveOptions(**options)
         self._policy = _policy_argument(policy)
-        if data is None:
-            raise ArgumentError("Expected data=(x, y) (or a dataset) of training samples to take statistics from. "
-                                "Received: data=None. Keras does not show a callback the batches fit trains on; "
-                                "pass the training arrays or a few batches of them.")
         if target is not None and target not in (*LOW_PRECISION, "auto"):
             raise ArgumentError(f"Expected target to be one of {[*LOW_PRECISION, 'auto']} or None. "
                                 f"Received: target={describe(target)}.")
         if not isinstance(demote, bool):
             raise ArgumentError(f"Expected demote to be True or False. Received: demote={describe(demote)}.")
+        if demote and data is None:
+            raise ArgumentError("Expected data=(x, y) of training samples with demote=True: moving a layer back to 16-bit "
+                                "needs its range statistics, sampled from data. Received: data=None. Pass data=, or "
+                                "demote=False (promotion on a non-finite loss or skipped steps needs no data).")
         if verbose not in (0, 1) or isinstance(verbose, float):
             raise ArgumentError(f"Expected verbose to be 0 or 1. Received: verbose={describe(verbose)}.")
         if isinstance(keep_float32, str):
