@@ -36,7 +36,9 @@ class Reason(enum.StrEnum):
     UNDERFLOW = "UNDERFLOW"  # a large share of its outputs flush to zero
     OP_HAZARD = "OP_HAZARD"  # a keras.ops node after it (no policy of its own) overflows or flushes
     METRIC_DROP = "METRIC_DROP"  # in 16-bit it costs more metric than the budget allows
-    NO_GAIN = "NO_GAIN"  # 16-bit does not pay here (casts outweigh the gain)
+    NO_GAIN = "NO_GAIN"  # 16-bit does not pay here: the cost model rates float32 at least as fast
+    NOT_WITHIN_BUDGET = "NOT_WITHIN_BUDGET"  # 16-bit would pay, but no assignment with it in 16-bit met the budget
+    SPLIT_FOLLOWER = "SPLIT_FOLLOWER"  # a weightless follower kept float32 so that its producer runs in 16-bit
     VERIFY_FALLBACK = "VERIFY_FALLBACK"  # returned to float32 by the real-policy verification
     TRAIN_FALLBACK = "TRAIN_FALLBACK"  # returned to float32 by the loss-scaled training check
     # Layers that are not decisions of their own.
@@ -70,7 +72,7 @@ def _positive(row: Mapping[str, Any], key: str) -> bool:
 
 
 def reason_for(row: Mapping[str, Any], *, decision: str, pinned: str | None, role: str, own_decision: bool,
-               forced: bool = False, fallback: str | None = None) -> Reason:
+               forced: bool = False, fallback: str | None = None, split_from: str | None = None) -> Reason:
     """The reason for one layer's final ``decision``, from its profile ``row``.
 
     Args:
@@ -81,6 +83,11 @@ def reason_for(row: Mapping[str, Any], *, decision: str, pinned: str | None, rol
         own_decision: whether the search decided it (a weightless layer may join its producer).
         forced: listed in ``force_16bit``.
         fallback: ``"verify"`` or ``"train"`` when a check returned it to float32.
+        split_from: the producer this weightless layer was split from (kept float32 so it runs in 16-bit).
+
+    A float32 decision with no measured hazard is ``NO_GAIN`` only when the
+    cost model rates float32 at least as fast (``row["speedup_16bit"] <=
+    row["speedup_float32"]``), else ``NOT_WITHIN_BUDGET``.
 
     >>> reason_for({"act_overflow": 0.2}, decision="float32", pinned=None, role="compute", own_decision=True)
     <Reason.OVERFLOW: 'OVERFLOW'>
@@ -91,6 +98,8 @@ def reason_for(row: Mapping[str, Any], *, decision: str, pinned: str | None, rol
         return Reason.MOVES_DATA if role in ("movement", "op") else Reason.JOINED
     if decision != FLOAT32:
         return Reason.FORCED_16BIT if forced else Reason.LOW_PRECISION_OK
+    if split_from:
+        return Reason.SPLIT_FOLLOWER
     if fallback == "train":
         return Reason.TRAIN_FALLBACK
     if fallback == "verify":
@@ -105,6 +114,9 @@ def reason_for(row: Mapping[str, Any], *, decision: str, pinned: str | None, rol
         return Reason.UNDERFLOW
     if _positive(row, "metric_drop"):
         return Reason.METRIC_DROP
+    faster, as_is = _num(row, "speedup_16bit"), _num(row, "speedup_float32")
+    if faster > 0 and as_is > 0 and faster > as_is * (1 + 1e-9):
+        return Reason.NOT_WITHIN_BUDGET
     return Reason.NO_GAIN
 
 
@@ -174,7 +186,17 @@ def sentence(row: Mapping[str, Any], *, target: str = MIXED_FLOAT16, metric: str
     elif reason == Reason.TRAIN_FALLBACK:
         facts.insert(0, "returned to float32 by the loss-scaled training check" + (f" (with it in 16-bit: {detail})" if detail else ""))
     elif reason == Reason.NO_GAIN:
-        facts.append("no measurable drop alone, but 16-bit here does not pay: the casts at its boundaries cost more than it saves")
+        figures = (f"the cost model rates the policy at {_num(row, 'speedup_16bit'):.3g}x with it in 16-bit and "
+                   f"{_num(row, 'speedup_float32'):.3g}x with it in float32: ") if _num(row, "speedup_16bit") > 0 else ""
+        facts.append(f"no measurable drop alone, but 16-bit here does not pay: {figures}the casts at its boundaries cost "
+                     "more than it saves")
+    elif reason == Reason.NOT_WITHIN_BUDGET:
+        facts.append(f"16-bit here would pay ({_num(row, 'speedup_16bit'):.3g}x against {_num(row, 'speedup_float32'):.3g}x "
+                     "by the cost model), but no assignment the search tried with it in 16-bit met the budget")
+    elif reason == Reason.SPLIT_FOLLOWER:
+        facts.insert(0, f"kept float32 so that its producer `{_text(row, 'split_from')}` computes in 16-bit: the search "
+                        "had kept both in float32 together, and the split (the producer in 16-bit, this layer in "
+                        "float32) was measured within the budget")
     elif reason == Reason.METRIC_DROP and _num(row, "metric_drop") <= allowed:
         facts.append("together with the other 16-bit layers it would exceed the budget")
     if _text(row, "role") == "compute" and _text(row, "producer_decision") and _text(row, "producers"):

@@ -22,6 +22,7 @@ it (``int8_from_mixed_bfloat16``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ class DecisionSpace:
     options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per key, when not ``choices``
     quantized: Mapping[str, str] = field(default_factory=dict)  # mode -> Keras policy name
     top: Mapping[str, str] = field(default_factory=dict)  # per key, the choice of "everything as far as it goes"
+    split: Mapping[str, list[str]] = field(default_factory=dict)  # producer key -> followers split off in float32
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -64,6 +66,15 @@ class DecisionSpace:
             for path in paths:
                 out[path] = self.quantized.get(choice, choice)
         return out
+
+    def as_searched(self) -> "DecisionSpace":
+        """The space the study searched: without the followers split off after it (see ``tuner.split_stage``)."""
+        if not self.split:
+            return self
+        followers = {f for fs in self.split.values() for f in fs}
+        return dataclasses.replace(self, groups={k: v for k, v in self.groups.items() if k not in followers},
+                                   order=tuple(k for k in self.order if k not in followers),
+                                   own=frozenset(self.own - followers), split={})
 
     def key_of(self, path: str) -> str | None:
         """The decision key that sets ``path``, if any."""

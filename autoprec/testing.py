@@ -186,3 +186,42 @@ def _plant_weightless(model: Any) -> None:
     model.get_layer("shift").offset = shift
     # The constants are Python floats read when a function is traced: drop the stale traces.
     model.train_function = model.test_function = model.predict_function = None
+
+
+def mild_weightless_mlp(*, seed: int = 0, width: int = 64, blocks: int = 4, offset: float = 64.0, n: int = 6000,
+                        epochs: int = 12):
+    """A trained MLP for a synthetic 10-class task with mild 16-bit hazards in weightless blocks.
+
+    Six Dense layers ``d1..d6`` (``d6`` the softmax head); between ``d1..d5``,
+    ``blocks`` weightless blocks ``b{i}_up`` / ``b{i}_relu`` / ``b{i}_down``
+    that add ``offset``, apply a ReLU and take the offset away again: the
+    identity in float32 on the (bounded, tanh) signal, while in bfloat16 (8-bit
+    mantissa) or float16 the signal rides on the offset's coarse spacing and
+    loses a little accuracy, with no overflow and no flush.
+
+    Returns ``(model, (x_train, y_train), (x_val, y_val), fragile)`` with
+    ``fragile`` the weightless layers that round the offset signal.
+    """
+    import keras
+    from keras import layers
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(10, 32)) * 0.5  # overlapping classes: many borderline samples
+    labels = rng.integers(0, 10, size=2 * n)
+    x = (centres[labels] + rng.normal(size=(2 * n, 32))).astype("float32")
+    y = labels.astype("int32")
+    keras.utils.set_random_seed(seed)
+    x_in = keras.Input((32,), name="x")
+    h = layers.Dense(width, activation="tanh", name="d1")(x_in)
+    fragile = []
+    for i in range(1, 6):
+        if i <= blocks:
+            h = layers.Rescaling(1.0, offset=offset, name=f"b{i}_up")(h)
+            h = layers.ReLU(name=f"b{i}_relu")(h)
+            h = layers.Rescaling(1.0, offset=-offset, name=f"b{i}_down")(h)
+            fragile += [f"b{i}_up", f"b{i}_relu", f"b{i}_down"]
+        h = layers.Dense(width if i < 5 else 10, activation="tanh" if i < 5 else "softmax", name=f"d{i + 1}")(h)
+    model = keras.Model(x_in, h, name="mild_weightless")
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    train(model, x[:n], y[:n], epochs=epochs, seed=seed)
+    return model, (x[:n], y[:n]), (x[n:], y[n:]), fragile

@@ -32,7 +32,7 @@ from autoprec.cost import CostModel, Device, resolve_device, slower_note
 from autoprec.errors import ArgumentError, DataError, UnsupportedModelError, UntrainedModelError, check_choice, check_int, describe
 from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_BFLOAT16, MIXED_FLOAT16, QUANTIZED_MODES, resolve_target
 from autoprec.quantize import quantized_name
-from autoprec.graph import SUBCLASSED
+from autoprec.graph import MOVEMENT, SUBCLASSED
 from autoprec.progress import Progress
 from autoprec.result import TuneResult
 from autoprec.session import Session, open_session
@@ -247,6 +247,7 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
 
         best = cost.speedup(space.expand(found.assignment)) if found.feasible else 1.0
         return WorkerResult.of(found.study, evaluations=found.evaluations, best_speedup=best, seconds=time.monotonic() - started)
+    space, found = split_stage(session, space, found, cost, opts, progress)
     verified = verify_stage(session, space, frame, found, cost, opts, progress)
     return result_stage(model, session, space, frame, found, verified, cost, opts, pretrained,
                         seconds=time.monotonic() - started, progress=progress)
@@ -582,6 +583,92 @@ def _cycle(data: Any):
 
 
 # ---------------------------------------------------------------------------
+# Stage: split producers from their joined followers
+
+
+def followers_of(graph: Any, space: DecisionSpace, key: str) -> tuple[list[str], list[str]]:
+    """The weightless computing layers after ``key`` up to the next weighted layer: ``(decision keys, joined paths)``.
+
+    They are what a weighted layer's 16-bit outputs flow through; a mild
+    hazard among them is what keeps it float32.
+    """
+    consumers: dict[str, list[str]] = {}
+    for info in graph.layers:
+        for p in info.producers:
+            consumers.setdefault(p, []).append(info.path)
+    decided = {p: k for k, paths in space.groups.items() for p in paths}
+    keys: list[str] = []
+    joined: list[str] = []
+    frontier, seen = [c for p in space.groups[key] for c in consumers.get(p, ())], set(space.groups[key])
+    while frontier:
+        path = frontier.pop(0)
+        if path in seen or path not in graph:
+            continue
+        seen.add(path)
+        info = graph[path]
+        if info.is_unit or info.pinned is not None:
+            continue  # the next weighted (or pinned) layer ends the stretch
+        if info.is_layer and info.eligible and info.role != MOVEMENT:
+            owner = decided.get(path)
+            if owner is None:
+                joined.append(path)
+            elif owner not in keys and owner != key:
+                keys.append(owner)
+        frontier.extend(consumers.get(path, ()))
+    return keys, joined
+
+
+def split_stage(session: Session, space: DecisionSpace, found: Found, cost: CostModel, opts: TuneOptions,
+                progress: Progress) -> tuple[DecisionSpace, Found]:
+    """Try each float32 layer in 16-bit with the weightless layers that follow it kept float32.
+
+    A weightless layer without a risk of its own joins its producer, so a mild
+    hazard in it (a small drop, no overflow) can only be kept float32 by
+    keeping its producer there too, which spends the producer's speed-up. For
+    each such producer that the cost model says would pay, one evaluation
+    tries the split; a split within budget makes its followers decisions of
+    their own (float32) and the producer 16-bit.
+    """
+    if not found.feasible or opts.objective != "speed" or opts.target not in opts.choices:
+        return space, found
+    assignment, splits = dict(found.assignment), {}
+    best = cost.speedup(space.expand(assignment))
+    for key in space.order[::-1]:  # least sensitive first: the likeliest to fit
+        if assignment.get(key, FLOAT32) != FLOAT32 or opts.target not in space.choices_of(key):
+            continue
+        keys, followers = followers_of(session.graph, space, key)
+        keys = [k for k in keys if assignment.get(k, FLOAT32) != FLOAT32]
+        if not (keys or followers):
+            continue
+        moved = {**assignment, key: opts.target, **{k: FLOAT32 for k in keys}}
+        trial = {**space.expand(moved), **{f: FLOAT32 for f in followers},
+                 **{f: FLOAT32 for fs in splits.values() for f in fs}}
+        speed = cost.speedup(trial)
+        if speed <= best + 1e-9:
+            continue
+        evaluation = session.evaluate(trial, budget=opts.budget)
+        if evaluation.rejected or not opts.budget.feasible(baseline=session.baseline, drop=evaluation.drop):
+            continue
+        assignment, best = moved, speed
+        if followers:
+            splits[key] = followers
+        progress.say(f"autoprec: {key!r} computes in {opts.target} with {', '.join(map(repr, [*keys, *followers]))} "
+                     f"after it in float32 (estimated {speed:.3f}x, drop {evaluation.drop:.4g}).")
+    if assignment == found.assignment:
+        return space, found
+    if not splits:
+        return space, dataclasses.replace(found, assignment=assignment)
+    own = {f: (f,) for fs in splits.values() for f in fs}
+    space = dataclasses.replace(space, groups={**space.groups, **own}, order=(*space.order, *own),
+                                own=space.own | set(own),
+                                options={**space.options, **{f: tuple(c for c in space.choices if c not in QUANTIZED_MODES)
+                                                             for f in own}},
+                                split={**getattr(space, "split", {}), **splits})
+    assignment.update({f: FLOAT32 for f in own})
+    return space, dataclasses.replace(found, assignment=assignment)
+
+
+# ---------------------------------------------------------------------------
 # Stage: verify
 
 
@@ -683,7 +770,7 @@ def result_stage(model: Any, session: Session, space: DecisionSpace, frame: Any,
     names = session.graph.resolve(decided)
     if session.graph.kind == SUBCLASSED and opts.inplace:
         logger.info("autoprec: %r is subclassed and inplace=True: its layers now carry the tuned policies.", model.name)
-    trials = trials_frame(found.study, list(space.keys), found.measured)
+    trials = trials_frame(found.study, list(space.as_searched().keys), found.measured)
     trials = _with_costs(trials, found.study, space, cost)
     if "drop" in trials and len(trials):
         drops = trials["drop"].astype(float)
@@ -707,7 +794,8 @@ def result_stage(model: Any, session: Session, space: DecisionSpace, frame: Any,
     }
     result = TuneResult(
         policy=PrecisionPolicy(names, target=opts.target, layers=session.graph.layer_facts()), model=verified.model,
-        sensitivity=decision_frame(frame, session, space, names, verified.fallbacks), trials=trials, study=found.study,
+        sensitivity=decision_frame(frame, session, space, names, verified.fallbacks, cost=cost, target=opts.target),
+        trials=trials, study=found.study,
         baseline_metric=session.baseline, metric=ev.metric, budget=opts.budget, speedup_estimate=cost.speedup(decided),
         objective=opts.objective, size_ratio=cost.size_ratio(decided),
         metric_name=session.metric.name, higher_is_better=session.metric.higher_is_better, target=opts.target,
@@ -730,20 +818,35 @@ def _with_costs(trials: Any, study: Any, space: DecisionSpace, cost: CostModel) 
     if not len(trials):
         return trials
     params = {t.number: t.params for t in study.get_trials(deepcopy=False)}
+    space = space.as_searched()
     expanded = {n: space.expand({k: p.get(k, FLOAT32) for k in space.keys}) for n, p in params.items()}
     trials["speedup_estimate"] = [cost.speedup(expanded[n]) if n in expanded else math.nan for n in trials["trial"]]
     trials["size_ratio"] = [cost.size_ratio(expanded[n]) if n in expanded else math.nan for n in trials["trial"]]
     return trials
 
 
-def decision_frame(frame: Any, session: Session, space: DecisionSpace, names: dict[str, str], fallbacks: list) -> Any:
-    """The profile with each layer's ``decision``, ``reason``, ``kind`` and the facts its sentence needs."""
+def decision_frame(frame: Any, session: Session, space: DecisionSpace, names: dict[str, str], fallbacks: list, *,
+                   cost: CostModel | None = None, target: str | None = None) -> Any:
+    """The profile with each layer's ``decision``, ``reason``, ``kind`` and the facts its sentence needs.
+
+    With ``cost``, each float32 decision gets the cost model's estimate of the
+    final policy with that decision in ``target`` (``speedup_16bit``) and as it
+    is (``speedup_float32``): the figures behind ``NO_GAIN``.
+    """
     from autoprec.decisions import reason_for
 
     graph = session.graph
     out = frame.copy()
-    nodes = graph.resolve_nodes(space.expand({k: names.get(space.groups[k][0], FLOAT32) for k in space.keys}))
+    final = {k: names.get(space.groups[k][0], FLOAT32) for k in space.keys}
+    nodes = graph.resolve_nodes(space.expand(final))
     failed = {p: f for f in fallbacks for p in space.groups.get(f.key, ())}
+    split_from = {f: producer for producer, followers in space.split.items() for f in followers}
+    gains: dict[str, tuple[float, float]] = {}
+    if cost is not None and target is not None:
+        as_is = cost.speedup(space.expand(final))
+        for key, choice in final.items():
+            if choice == FLOAT32 and target in space.choices_of(key):
+                gains.update({p: (cost.speedup(space.expand({**final, key: target})), as_is) for p in space.groups[key]})
     hazards = op_hazards(graph, frame)
     decisions, reasons_, kinds_, details, producer_decisions, op_notes = [], [], [], [], [], []
     for row in out.to_dict("records"):
@@ -753,9 +856,11 @@ def decision_frame(frame: Any, session: Session, space: DecisionSpace, names: di
         kind = "pinned" if info.pinned else "decision" if own else {"compute": "joined"}.get(info.role, info.role)
         fallback = failed.get(info.path)
         row["op_hazard"] = hazards.get(info.path, "")
+        row["speedup_16bit"], row["speedup_float32"] = gains.get(info.path, (math.nan, math.nan))
+        row["split_from"] = split_from.get(info.path, "")
         reason = reason_for(row, decision=decision if info.is_layer else FLOAT32, pinned=info.pinned, role=info.role,
                             own_decision=own and info.pinned is None, forced=info.path in space.forced,
-                            fallback=fallback.check if fallback else None)
+                            fallback=fallback.check if fallback else None, split_from=split_from.get(info.path))
         decisions.append(decision)
         reasons_.append(str(reason))
         kinds_.append(kind)
@@ -765,6 +870,9 @@ def decision_frame(frame: Any, session: Session, space: DecisionSpace, names: di
         op_notes.append(row["op_hazard"])
     out["decision"], out["reason"], out["kind"] = decisions, reasons_, kinds_
     out["fallback_detail"], out["producer_decision"], out["op_hazard"] = details, producer_decisions, op_notes
+    out["speedup_16bit"] = [gains.get(p, (math.nan, math.nan))[0] for p in out["path"]]
+    out["speedup_float32"] = [gains.get(p, (math.nan, math.nan))[1] for p in out["path"]]
+    out["split_from"] = [split_from.get(p, "") for p in out["path"]]
     return out
 
 

@@ -148,3 +148,72 @@ def test_cost_model_charges_a_float32_island_both_ways():
     per_cast = 1.5 * g["a"].output_bytes / cm.device.bytes_per_s
     # float32 island: a cast in, a cast out, and its own work at float32 width
     assert cm.time(island) - cm.time(stream) >= 2 * per_cast
+
+
+@pytest.fixture(scope="module")
+def mild():
+    from autoprec import testing
+
+    return testing.mild_weightless_mlp(seed=0)
+
+
+def test_a_producer_kept_float32_by_its_joined_followers_is_split_from_them(mild):
+    """Issue 24: a joined weightless follower with a mild hazard kept its producer float32 (reported NO_GAIN)."""
+    from autoprec.budget import Budget
+    from autoprec.cost import CostModel
+    from autoprec.decisions import Reason
+    from autoprec.progress import Progress
+    from autoprec.sensitivity import profile
+    from autoprec.session import open_session
+    from autoprec.space import build_space
+    from autoprec.tuner import Found, TuneOptions, decision_frame, split_stage
+
+    model, _, val, _ = mild
+    target = "mixed_bfloat16"
+    session = open_session(model, val, target=target)
+    frame = profile(model, None, target=target, method="fast", verbose=0, session=session)
+    # A tolerance that no drop exceeds: the offset blocks join their producers, as a mild hazard's layers may.
+    space = build_space(session.graph, frame, granularity="layer", target=target, choices=("float32", target),
+                        tolerance=1.0)
+    block = ["b1_up", "b1_relu", "b1_down"]
+    assert not set(block) & set(space.own) and "d1" in space.keys
+    start = {k: target for k in space.keys}
+    start["d1"] = "float32"  # what the search returns when the block's hazard is charged to d1
+    cost = CostModel(session.graph, device="gpu")
+    opts = TuneOptions.create("3%", target=target, device="gpu", verbose=0)
+    found = Found(None, start, True, 0, 0)
+    split, after = split_stage(session, space, found, cost, opts, Progress(0))
+    assert after.assignment["d1"] == target
+    assert set(split.split["d1"]) <= set(block) and split.split["d1"]
+    assert all(after.assignment[f] == "float32" for f in split.split["d1"])
+    expanded = split.expand(after.assignment)
+    assert cost.speedup(expanded) > cost.speedup(space.expand(start))
+    assert opts.budget.feasible(baseline=session.baseline, drop=session.evaluate(expanded).drop)
+    names = session.graph.resolve(expanded)
+    table = decision_frame(frame, session, split, names, [], cost=cost, target=target).set_index("path")
+    for follower in split.split["d1"]:
+        assert table.loc[follower, "reason"] == Reason.SPLIT_FOLLOWER and table.loc[follower, "split_from"] == "d1"
+    assert table.loc["d1", "decision"] == target
+    # the searched space is unchanged for the trials table
+    assert split.as_searched().keys == space.keys
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["mixed_bfloat16", "mixed_float16"])
+def test_mild_weightless_hazards_never_cost_a_weighted_layer_its_speed_up(target):
+    """Issue 24, end to end over seeds: every Dense layer the cost model rates faster in 16-bit ends there or says
+    truly why not; NO_GAIN only where float32 is rated at least as fast; the real drop within budget."""
+    from autoprec import testing
+    from autoprec.decisions import Reason
+
+    for seed in (0, 1, 2):
+        model, _, val, _ = testing.mild_weightless_mlp(seed=seed)
+        result = autoprec.tune(model, val, budget=0.005, target=target, device="gpu", n_trials=40, verbose=0)
+        assert result.feasible and result.drop <= 0.005
+        table = result.sensitivity.set_index("path")
+        dense = table.loc[[f"d{i}" for i in range(1, 6)]]
+        kept = dense[dense["decision"] == "float32"]
+        for path, row in kept.iterrows():
+            assert row["reason"] != Reason.NO_GAIN or row["speedup_16bit"] <= row["speedup_float32"], (seed, path)
+            assert row["reason"] in (Reason.NOT_WITHIN_BUDGET, Reason.METRIC_DROP, Reason.NO_GAIN), (seed, path, row["reason"])
+        assert len(kept) <= 1, (seed, list(kept.index))
