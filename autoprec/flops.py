@@ -97,8 +97,9 @@ def _einsum_contracted(layer: Any) -> float:
 
 def _attention_flops(layer: Any, in_shapes: Sequence, out_elems: float) -> float:
     flops = 0.0
-    tq = int(in_shapes[0][1]) if in_shapes and len(in_shapes[0]) > 2 else 1
-    tk = int(in_shapes[1][1]) if len(in_shapes) > 1 and len(in_shapes[1]) > 2 else tq
+    # A sequence length unknown here (keras.Input((None, d)) and no sample to resolve it) counts as 1.
+    tq = int(in_shapes[0][1] or 1) if in_shapes and len(in_shapes[0]) > 2 else 1
+    tk = int(in_shapes[1][1] or 1) if len(in_shapes) > 1 and len(in_shapes[1]) > 2 else tq
     for name, steps in (("_query_dense", tq), ("_key_dense", tk), ("_value_dense", tk), ("_output_dense", tq)):
         sub = getattr(layer, name, None)
         if sub is not None and getattr(sub, "kernel", None) is not None:

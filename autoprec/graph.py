@@ -276,6 +276,23 @@ class ModelGraph:
         ])
 
 
+def sublayer_key(sublayer: Any, parent_key: str, containers: Iterable[str] = ()) -> str:
+    """The key of a layer inside a custom or KerasHub layer.
+
+    A sublayer that was never built (a ``Dropout`` in every transformer block
+    of a KerasHub backbone) has no ``path``, and its name repeats from block to
+    block: it is keyed under its parent (``transformer_layer_0/self_attention_dropout``),
+    unique and stable. Keras resolves no policy for it by path; it follows its parent.
+
+    >>> import keras
+    >>> sublayer_key(keras.layers.Dropout(0.1, name="drop"), "block_0")
+    'block_0/drop'
+    """
+    if getattr(sublayer, "path", None):
+        return layer_key(sublayer, containers)
+    return f"{parent_key}/{sublayer.name}"
+
+
 def layer_key(layer: Any, containers: Iterable[str] = ()) -> str:
     """The key of a layer everywhere in autoprec: its Keras ``layer.path``, without container models.
 
@@ -395,6 +412,10 @@ def build_graph(model: Any, *, keep_float32: Iterable[str] = (), force_16bit: It
         walker.walk_subclassed(model, sample)
     else:
         fn = graph_function(model)
+        if sample is not None and _has_unknown_dims(fn):
+            # Variable-length inputs (keras.Input((None,))): the symbolic shapes hold None where the cost
+            # lives; one eager call on the sample gives every layer its real shapes.
+            walker.real_shapes, _ = _record_calls(model, list(_functional_leaves(fn)), sample)
         walker.walk_functional(fn, parents=(), input_map={})
         walker.outputs = [p for t in fn.outputs for p in walker.producers_of(t)]
     _check_collisions(walker.records)
@@ -488,6 +509,7 @@ class _Walker:
         self.by_id: dict[int, dict[str, Any]] = {}
         self.tensor_producers: dict[int, tuple[str, ...]] = {}
         self.outputs: list[str] = []
+        self.real_shapes: dict[int, tuple[list, list]] = {}  # id(layer) -> shapes of one real call
 
     def producers_of(self, tensor: Any) -> tuple[str, ...]:
         return self.tensor_producers.get(id(tensor), ())
@@ -539,6 +561,9 @@ class _Walker:
             self.outputs = [layer_key(order[-1] if shapes else leaves[-1], self.containers)]
 
     def _record(self, layer: Any, parents: tuple[str, ...], in_shapes: list, out_shapes: list, producers: tuple) -> dict:
+        real = self.real_shapes.get(id(layer))
+        if real is not None and any(_unknown(sh) for sh in (*in_shapes, *out_shapes)):
+            in_shapes, out_shapes = [(None, *tuple(sh)[1:]) for sh in real[0]], [(None, *tuple(sh)[1:]) for sh in real[1]]
         existing = self.by_id.get(id(layer))
         flops = layer_flops(layer, in_shapes, out_shapes)
         nbytes = 4.0 * sum(sample_elements(s) for s in out_shapes)
@@ -551,18 +576,37 @@ class _Walker:
         # Raw Keras operations in a functional graph (`x * y`, `ops.exp`) have no
         # dtype policy: they compute in their inputs' dtype, so they follow.
         policy = layer.dtype_policy if is_layer else None
+        key = layer_key(layer, self.containers)
         rec = {
-            "path": layer_key(layer, self.containers), "class": type(layer).__name__, "role": _role(layer),
+            "path": key, "class": type(layer).__name__, "role": _role(layer),
             "params": int(sum(math.prod(v.shape) for v in weights_of(layer))), "flops": flops, "bytes": nbytes,
             "producers": list(producers), "containers": parents, "policy": getattr(policy, "name", FLOAT32),
             "keras_path": (getattr(layer, "path", None) or "") if is_layer else "",
-            "sublayers": [(layer_key(s, self.containers), type(s).__name__, getattr(s, "path", None) or "")
+            "sublayers": [(sublayer_key(s, key, self.containers), type(s).__name__, getattr(s, "path", None) or "")
                           for s in layer._flatten_layers(include_self=False)] if is_layer else [],
             "layer": layer, "activation": _activation_name(layer), "quantizable": is_layer and _quantizable(layer),
         }
         self.by_id[id(layer)] = rec
         self.records.append(rec)
         return rec
+
+
+def _unknown(shape: Any) -> bool:
+    """A shape with an unknown dimension past the batch."""
+    try:
+        return any(d is None for d in list(shape)[1:])
+    except TypeError:
+        return False
+
+
+def _has_unknown_dims(fn: Any) -> bool:
+    return any(_unknown(t.shape) for t in keras_tree_flatten(fn.inputs))
+
+
+def keras_tree_flatten(structure: Any) -> list:
+    import keras
+
+    return keras.tree.flatten(structure)
 
 
 def _record_calls(model: Any, leaves: list, sample: Any) -> tuple[dict[int, tuple[list, list]], list]:

@@ -45,7 +45,7 @@ def _edges(fmt: Format, scale: float) -> list[float]:
 def tensor_stats(t: Any, fmt: Format, scale: float = 1.0) -> Any:
     """The statistics vector (``FIELDS`` order) of ``t`` multiplied by ``scale``, in Keras ops.
 
-    One bucketing pass and one count instead of a comparison per field.
+    One bucketing pass and one count (a segment sum) instead of a comparison per field.
     """
     from keras import ops
 
@@ -53,7 +53,9 @@ def tensor_stats(t: Any, fmt: Format, scale: float = 1.0) -> Any:
     a = ops.abs(t)
     finite = ops.isfinite(t)
     safe = ops.where(finite, a, ops.zeros_like(a))
-    counts = ops.cast(ops.bincount(ops.digitize(safe, _edges(fmt, scale)), minlength=5), "float32")
+    # A segment sum with a static count, not bincount: JAX's bincount needs a length known at trace time.
+    counts = ops.segment_sum(ops.ones_like(safe), ops.cast(ops.digitize(safe, _edges(fmt, scale)), "int32"),
+                             num_segments=5)
     size = ops.cast(ops.size(t), "float32")
     nonfinite = ops.sum(ops.cast(ops.logical_not(finite), "float32"))
     zeros = counts[0] - nonfinite  # non-finite values are zeros in `safe`: take them out of the zero bucket
@@ -84,7 +86,8 @@ def table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,)) -> tup
     for scale in scales:
         # bucket 0 zero, 1 flush, 2 subnormal, 3 fine, 4 overflow, 5 non-finite
         bucket = ops.where(finite, ops.digitize(safe, _edges(fmt, scale)), 5)
-        counts = ops.reshape(ops.cast(ops.bincount(ids * 6 + bucket, minlength=6 * k), "float32")[: 6 * k], (k, 6))
+        counts = ops.reshape(ops.segment_sum(ops.ones_like(safe), ids * 6 + ops.cast(bucket, "int32"), num_segments=6 * k),
+                             (k, 6))
         size = ops.sum(counts, axis=1)
         rows.append(ops.stack([absmax * scale, size, size - counts[:, 0] - counts[:, 5], counts[:, 4], counts[:, 1],
                                counts[:, 1] + counts[:, 2], counts[:, 5]], axis=1))

@@ -146,3 +146,51 @@ def test_flops_of_heavy_layers():
 def test_rejects_non_models():
     with pytest.raises(UnsupportedModelError, match="keras.Model"):
         build_graph("model.keras")
+
+
+def test_unbuilt_sublayers_that_repeat_across_blocks_get_keys_under_their_block():
+    """Issue 25: KerasHub blocks each hold a never-built Dropout (path None) with the same name: PathCollisionError."""
+
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(8, name="ff")
+            self.dropout = keras.layers.Dropout(0.1, name="self_attention_dropout")
+
+        def build(self, shape):
+            self.dense.build(shape)
+
+        def call(self, x, training=False):
+            return self.dropout(self.dense(x), training=training)
+
+    i = keras.Input((8,))
+    out = keras.layers.Dense(2, name="out")(Block(name="block_1")(Block(name="block_0")(i)))
+    model = keras.Model(i, out)
+    assert all(getattr(b.dropout, "path", None) is None for b in model.layers[1:3])
+    graph = build_graph(model)
+    keys = set(graph.all_paths())
+    assert {"block_0/self_attention_dropout", "block_1/self_attention_dropout"} <= keys
+    # the emitted map resolves on the real model: the built sublayers' paths, and no key that matches two layers
+    from autoprec import PrecisionPolicy
+
+    policy = PrecisionPolicy(graph.resolve({u.path: "mixed_bfloat16" for u in graph.units}))
+    mapping = policy.to_keras(model)
+    assert mapping[model.layers[1].dense.path].name == "mixed_bfloat16"
+
+
+def test_variable_length_attention_is_costed_from_the_sample():
+    """Issue 25: keras.Input((None,)) into MultiHeadAttention: TypeError in the FLOP count, and 0 FLOPs elsewhere."""
+    tokens = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(50, 16, name="embed")(tokens)
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, name="mha")(h, h)
+    h = keras.layers.Dense(16, name="ff")(h)
+    out = keras.layers.Dense(3, activation="softmax", name="out")(keras.layers.GlobalAveragePooling1D(name="pool")(h))
+    model = keras.Model(tokens, out)
+    assert build_graph(model)["mha"].flops > 0  # without a sample: no crash
+    seq = 12
+    graph = build_graph(model, sample=np.zeros((2, seq), "int32"))
+    # projections: q, k, v and output, 2*seq*|kernel| each; scores and weighted sum: 2*seq*seq*heads*(key+value dim)
+    projections = 4 * 2 * seq * (16 * 2 * 8)
+    attention = 2 * seq * seq * 2 * (8 + 8)
+    assert graph["mha"].flops == pytest.approx(projections + attention, rel=0.01)
+    assert graph["ff"].flops == pytest.approx(2 * seq * 16 * 16 + seq * 16, rel=0.1)
