@@ -98,6 +98,16 @@ class EvalData:
         """The same data read in batches of at most ``batch_size`` (no copy)."""
         return EvalData(self._source, n=self.n, y=self.y, batch_size=batch_size, sample=self._sample, what=self.what)
 
+    def map_labels(self, fix: Callable[[Any], Any]) -> "EvalData":
+        """The same data with ``fix`` applied to the labels of every batch (and to ``y``); no copy of ``x``."""
+        source = self._source
+
+        def fixed() -> Iterator[tuple[Any, Any]]:
+            for x, y in source():
+                yield x, fix(y)
+
+        return EvalData(fixed, n=self.n, y=fix(self.y), batch_size=self.batch_size, sample=self._sample, what=self.what)
+
     def x_sample(self, k: int = 2) -> Any:
         """The first ``k`` inputs."""
         return _slice(self._sample, 0, k)

@@ -260,6 +260,42 @@ def label_kind(y: Any, y_pred: Any) -> str:
     )
 
 
+def label_reshaper(y: Any, y_pred: Any) -> Any:
+    """A function giving labels of shape ``(batch,)`` a trailing axis where their output is ``(batch, 1)``, or None.
+
+    Keras itself accepts ``y`` of shape ``(n,)`` for an output of shape
+    ``(n, 1)`` (a regression head, a sigmoid); the per-sample metrics need the
+    shapes to agree, or ``(n,)`` against ``(n, 1)`` would broadcast to ``(n, n)``.
+
+    >>> import numpy as np
+    >>> label_reshaper(np.zeros(4), np.zeros((4, 1)))(np.zeros(4)).shape
+    (4, 1)
+    """
+    def needs(label: Any, pred: Any) -> bool:
+        label, pred = np.asarray(label), np.asarray(pred)
+        return pred.ndim >= 2 and pred.shape[-1] == 1 and label.shape == pred.shape[:-1]
+
+    pred = single(y_pred)
+    if not isinstance(pred, (list, tuple, dict)):
+        label = single(y)
+        if isinstance(label, (list, tuple, dict)) or not needs(label, pred):
+            return None
+        return lambda labels: np.asarray(single(labels))[..., None]
+    keys = list(pred) if isinstance(pred, dict) else list(range(len(pred)))
+    if not isinstance(y, (list, tuple, dict)) or len(y) != len(keys):
+        return None
+    fixes = {k for i, k in enumerate(keys) if needs(_pick(y, k if isinstance(y, dict) else i), pred[k])}
+    if not fixes:
+        return None
+
+    def fix(labels: Any) -> Any:
+        if isinstance(labels, dict):
+            return {k: (np.asarray(v)[..., None] if k in fixes else v) for k, v in labels.items()}
+        return type(labels)(np.asarray(v)[..., None] if keys[i] in fixes else v for i, v in enumerate(labels))
+
+    return fix
+
+
 def check_labels(model: Any, y: Any, y_pred: Any, *, what: str) -> None:
     """Raise :class:`DataError` when labels cannot fit the outputs or the compiled loss.
 

@@ -377,7 +377,7 @@ def _check_train_labels(session: Session, opts: TuneOptions) -> None:
     if opts.train_data is None:
         return
     from autoprec.data import EvalData
-    from autoprec.metrics import check_labels
+    from autoprec.metrics import check_labels, label_reshaper
     from autoprec.verify import predict_batches
 
     import keras
@@ -391,7 +391,8 @@ def _check_train_labels(session: Session, opts: TuneOptions) -> None:
         lambda a: a[:1], train.y)), model=session.model))
     # Every label is checked against the shape of one prediction, broadcast (no copy) to all samples.
     like = keras.tree.map_structure(lambda a: np.broadcast_to(a, (train.n, *a.shape[1:])), one)
-    check_labels(session.model, train.y, like, what="train_data")
+    fix = label_reshaper(train.y, like)  # y of shape (n,) for an (n, 1) output: Keras's fit accepts it as it is
+    check_labels(session.model, fix(train.y) if fix else train.y, like, what="train_data")
 
 
 def _check_resolution(session: Session, budget: Budget) -> None:
@@ -458,6 +459,12 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
     from autoprec.sensitivity import profile
 
     gradients = backends.name() in ("tensorflow", "jax") and session.graph.kind != SUBCLASSED
+    if isinstance(session.baseline_outputs[0], (list, tuple, dict)) and not isinstance(session.data.y, (list, tuple, dict)):
+        # One label array for several outputs (a callable metric reads it): the compiled losses, one per output,
+        # have no labels to differentiate, so the profile ranks by ablation alone.
+        progress.say("autoprec: one label array for several outputs: no per-output loss to take gradients of; the "
+                     "profile ranks layers by ablation alone.")
+        gradients = False
     progress.say(f"autoprec: target {opts.target}; budget {opts.budget}: "
                  + opts.budget.formula(metric=session.metric.name, higher_is_better=session.metric.higher_is_better,
                                        baseline=session.baseline))

@@ -295,6 +295,23 @@ def test_multi_output_with_a_callable(two_outputs):
     assert result.feasible
 
 
+def test_multi_output_labels_as_keras_accepts_them(two_outputs):
+    """Issue 20: y_reg of shape (n,) for an output of shape (n, 1) was refused; a callable with y as one array too."""
+    m, x, y_cls, y_reg = two_outputs
+    flat = autoprec.tune(m, (x, [y_cls, y_reg[:, 0]]), budget="2% relative", metric={"reg": "mae"},
+                         target="mixed_bfloat16", n_trials=4, verbose=0)
+    shaped = autoprec.tune(m, (x, [y_cls, y_reg]), budget="2% relative", metric={"reg": "mae"},
+                           target="mixed_bfloat16", n_trials=4, verbose=0)
+    assert flat.baseline_metric == pytest.approx(shaped.baseline_metric, rel=1e-6)  # the same mean absolute error
+
+    def accuracy_of_cls(y_true, y_pred):
+        return float(np.mean(np.argmax(y_pred[0], -1) == y_true))
+
+    one = autoprec.tune(m, (x, y_cls), budget="2%", metric=accuracy_of_cls, higher_is_better=True,
+                        target="mixed_bfloat16", n_trials=4, verbose=0)
+    assert one.baseline_metric > 0.6 and one.feasible
+
+
 def test_multi_output_needs_a_choice(two_outputs):
     m, x, y_cls, y_reg = two_outputs
     with pytest.raises(MetricError, match="metric=\\{'cls': 'accuracy'\\}"):
