@@ -69,6 +69,13 @@ def models():
     out.append(("weightless hazards, float16", weightless, wval, "mixed_float16", "0.5%"))
     out.append(("weightless hazards, bfloat16", weightless, wval, "mixed_bfloat16", "0.5%"))
 
+    # Mild weightless hazards (issue 24): offset blocks between Dense layers, each losing a little accuracy in
+    # 16-bit with no overflow and no flush, on a borderline task; two seeds.
+    for seed in (0, 1):
+        mild, _, mval, _ = testing.mild_weightless_mlp(seed=seed, blocks=2, n=3000)
+        out.append((f"mild weightless blocks (seed {seed}), bfloat16", mild, mval, "mixed_bfloat16", "0.5%"))
+        out.append((f"mild weightless blocks (seed {seed}), float16", mild, mval, "mixed_float16", "0.5%"))
+
     (xt, yt), (xv, yv) = demo.digits_data()
     keras.utils.set_random_seed(0)
     i = keras.Input((8, 8, 1))
