@@ -39,7 +39,7 @@ from autoprec.engine import make_engine
 from autoprec.errors import DataError, ModelError, UnsupportedModelError
 from autoprec.formats import split
 from autoprec.graph import SUBCLASSED, ModelGraph, build_graph
-from autoprec.metrics import Metric, check_labels, label_reshaper
+from autoprec.metrics import Metric, check_labels, label_reshaper, single
 
 logger = logging.getLogger("autoprec")
 
@@ -270,7 +270,8 @@ def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...]
     if fix is not None:  # y of shape (n,) for an output of shape (n, 1), as Keras accepts it
         ev = ev.map_labels(fix)
     # A callable metric over several outputs reads y as the user passed it (one array may serve them all).
-    own_labels = callable(metric) and isinstance(full, (list, tuple, dict)) and not isinstance(ev.y, (list, tuple, dict))
+    own_labels = (callable(metric) and isinstance(single(full), (list, tuple, dict))
+                  and not isinstance(single(ev.y), (list, tuple, dict)))
     if not own_labels:
         check_labels(model, ev.y, full, what="the evaluation data")
     resolved = Metric.get(metric, model=model, y=ev.y, y_pred=full, higher_is_better=higher_is_better)

@@ -459,7 +459,10 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
     from autoprec.sensitivity import profile
 
     gradients = backends.name() in ("tensorflow", "jax") and session.graph.kind != SUBCLASSED
-    if isinstance(session.baseline_outputs[0], (list, tuple, dict)) and not isinstance(session.data.y, (list, tuple, dict)):
+    from autoprec.metrics import single
+
+    if isinstance(single(session.baseline_outputs[0]), (list, tuple, dict)) and not isinstance(
+            single(session.data.y), (list, tuple, dict)):
         # One label array for several outputs (a callable metric reads it): the compiled losses, one per output,
         # have no labels to differentiate, so the profile ranks by ablation alone.
         progress.say("autoprec: one label array for several outputs: no per-output loss to take gradients of; the "
