@@ -53,8 +53,9 @@ autoprec profile model.keras --data val.npz --target mixed_bfloat16 --top 8 -o p
 echo "== 3. the search under a budget of half a point of accuracy, with a short training check"
 TRIALS=20; STEPS=30; [ "$FAST" = 1 ] && TRIALS=8 && STEPS=10
 status=0
+# --overwrite: this script may be run again in the same folder; without it a second run refuses to replace run/.
 autoprec tune model.keras --data val.npz --budget 0.5% --target auto --trials "$TRIALS" \
-    --train-data train.npz --verify-train --steps "$STEPS" -o run --verbose 0 || status=$?
+    --train-data train.npz --verify-train --steps "$STEPS" -o run --overwrite --verbose 0 || status=$?
 # Exit codes: 0 a policy within the budget, 2 no layer could leave float32 (still a result), anything else an error.
 [ "$status" -eq 0 ] || [ "$status" -eq 2 ] || exit "$status"
 
