@@ -129,6 +129,8 @@ def _check_tune_args(args: argparse.Namespace) -> None:
     from autoprec.tuner import TuneOptions
 
     options = _tune_options(args, args.train_data)
+    if options.get("target") == "auto":
+        options["target"] = None  # "auto" reads this machine (a GPU? TensorFlow); the rest is checked without it
     TuneOptions.create(options.pop("budget"), **options)
     _check_model_file(args.model)
     for path in (args.data, args.train_data):

@@ -97,8 +97,14 @@ def resolve_device(device: str | Device | None, *, target: str, target_why: str 
         return DEVICES["gpu"], f"the default for {target}: the policy is for GPU training (pass device= to change it)"
     if device == THIS:
         return DEVICES[local_device()], "device='this': the machine tune runs on"
-    if device in DEVICES:
-        return DEVICES[device], "as asked"
+    check_device(device)
+    return DEVICES[device], "as asked"
+
+
+def check_device(device: Any) -> None:
+    """Refuse a ``device=`` that :func:`resolve_device` would refuse, without looking at this machine."""
+    if device is None or isinstance(device, Device) or device in DEVICE_NAMES:
+        return
     raise ArgumentError(f"Expected device to be one of {list(DEVICE_NAMES)}, a cost.Device, or None (a GPU). "
                         f"Received: device={describe(device)}.")
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from autoprec.budget import Budget
-from autoprec.cost import CostModel, Device, resolve_device, slower_note
+from autoprec.cost import CostModel, Device, check_device, resolve_device, slower_note
 from autoprec.errors import ArgumentError, DataError, UnsupportedModelError, UntrainedModelError, check_choice, check_int, describe
 from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_BFLOAT16, MIXED_FLOAT16, QUANTIZED_MODES, resolve_target
 from autoprec.quantize import quantized_name
@@ -128,7 +128,7 @@ class TuneOptions:
         timeout = options.get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
             raise ArgumentError(f"Expected timeout to be a number of seconds > 0, or None. Received: timeout={describe(timeout)}.")
-        resolve_device(options.get("device"), target=target, target_why=why)  # validated here, resolved per run
+        check_device(options.get("device"))  # validated here (without reading this machine), resolved per run
         if options.get("verify") == "train" and options.get("train_data") is None:
             raise DataError("Expected train_data=(x, y) with verify='train': the training check fine-tunes on it.")
         if options.get("pretrain_steps") is not None and options.get("train_data") is None:
