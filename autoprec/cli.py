@@ -26,10 +26,12 @@ def _load_model(path: str, *, unsafe: bool) -> Any:
     return load_model_file(path, safe_mode=not unsafe)
 
 
-def _check_model_file(path: str) -> None:
-    from autoprec.files import check_model_file
+def _check_npz_path(path: str) -> None:
+    from autoprec.errors import DataError
 
-    check_model_file(path)
+    if not os.path.isfile(path):
+        raise DataError(f"Expected a NumPy .npz file with arrays 'x' and 'y'. Received {path!r}, which "
+                        f"{'is a directory' if os.path.isdir(path) else 'does not exist'}.")
 
 
 def _load_npz(path: str) -> tuple:
@@ -39,9 +41,7 @@ def _load_npz(path: str) -> tuple:
 
     from autoprec.errors import DataError
 
-    if not os.path.isfile(path):
-        raise DataError(f"Expected a NumPy .npz file with arrays 'x' and 'y'. Received {path!r}, which "
-                        f"{'is a directory' if os.path.isdir(path) else 'does not exist'}.")
+    _check_npz_path(path)
     if not zipfile.is_zipfile(path):
         raise DataError(f"Expected a NumPy .npz archive with arrays 'x' and 'y' (np.savez('{path}', x=x, y=y)). "
                         f"Received {path!r}, which is not one (a .npy holds one array; a truncated .npz is not a zip).")
@@ -132,13 +132,12 @@ def _check_tune_args(args: argparse.Namespace) -> None:
     if options.get("target") == "auto":
         options["target"] = None  # "auto" reads this machine (a GPU? TensorFlow); the rest is checked without it
     TuneOptions.create(options.pop("budget"), **options)
-    _check_model_file(args.model)
-    for path in (args.data, args.train_data):
-        if path and not os.path.isfile(path):
-            from autoprec.errors import DataError
+    from autoprec.files import check_model_file
 
-            raise DataError(f"Expected a NumPy .npz file with arrays 'x' and 'y'. Received {path!r}, which "
-                            f"{'is a directory' if os.path.isdir(path) else 'does not exist'}.")
+    check_model_file(args.model)
+    for path in (args.data, args.train_data):
+        if path:
+            _check_npz_path(path)
 
 
 def _check_output(path: str, *, overwrite: bool) -> None:

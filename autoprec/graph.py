@@ -29,6 +29,7 @@ Roles:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -133,6 +134,15 @@ class ModelGraph:
     def key(self, layer: Any) -> str:
         """The key of ``layer`` (a layer of this model) as used in this graph."""
         return layer_key(layer, self.containers)
+
+    @functools.cached_property
+    def consumers(self) -> dict[str, list[str]]:
+        """``{path: [paths of the nodes that read its output]}``, the reverse of each node's ``producers``."""
+        out: dict[str, list[str]] = {}
+        for info in self.layers:
+            for p in info.producers:
+                out.setdefault(p, []).append(info.path)
+        return out
 
     @property
     def units(self) -> tuple[LayerInfo, ...]:
@@ -600,13 +610,9 @@ def _unknown(shape: Any) -> bool:
 
 
 def _has_unknown_dims(fn: Any) -> bool:
-    return any(_unknown(t.shape) for t in keras_tree_flatten(fn.inputs))
-
-
-def keras_tree_flatten(structure: Any) -> list:
     import keras
 
-    return keras.tree.flatten(structure)
+    return any(_unknown(t.shape) for t in keras.tree.flatten(fn.inputs))
 
 
 def _record_calls(model: Any, leaves: list, sample: Any) -> tuple[dict[int, tuple[list, list]], list]:

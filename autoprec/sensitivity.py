@@ -241,10 +241,7 @@ def own_risk(frame, graph: ModelGraph, *, tolerance: float) -> set[str]:
     """The weightless computing layers that show a risk of their own (see the module docstring)."""
     rows = frame.set_index("path").to_dict("index")
     scores = {p: _num(r.get("score")) for p, r in rows.items()}
-    consumers: dict[str, list[str]] = {}
-    for info in graph.layers:
-        for p in info.producers:
-            consumers.setdefault(p, []).append(info.path)
+    consumers = graph.consumers
     own = set()
     for info in graph.eligible:
         if info.role != COMPUTE:

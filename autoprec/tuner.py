@@ -602,10 +602,7 @@ def followers_of(graph: Any, space: DecisionSpace, key: str) -> tuple[list[str],
     They are what a weighted layer's 16-bit outputs flow through; a mild
     hazard among them is what keeps it float32.
     """
-    consumers: dict[str, list[str]] = {}
-    for info in graph.layers:
-        for p in info.producers:
-            consumers.setdefault(p, []).append(info.path)
+    consumers = graph.consumers
     decided = {p: k for k, paths in space.groups.items() for p in paths}
     keys: list[str] = []
     joined: list[str] = []
