@@ -22,15 +22,22 @@ from typing import Any
 from autoprec.decisions import Reason
 from autoprec.errors import ArgumentError, UnsupportedModelError, describe
 from autoprec.formats import FLOAT32, MIXED_FLOAT16, is_quantized, split
-from autoprec.quantize import calibrate_model, quantize_in_place
 from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers, leaf_layers
 from autoprec.policy import PrecisionPolicy
+from autoprec.quantize import calibrate_model, quantize_in_place
 
 logger = logging.getLogger("autoprec")
 
 
-def apply_policy(model: Any, policy: Any, *, optimizer: Any = None, inplace: bool = False,
-                 graph: ModelGraph | None = None, calibration_data: Any = None) -> Any:
+def apply_policy(
+    model: Any,
+    policy: Any,
+    *,
+    optimizer: Any = None,
+    inplace: bool = False,
+    graph: ModelGraph | None = None,
+    calibration_data: Any = None,
+) -> Any:
     """A model whose layers compute in the precision the policy names.
 
     Functional and Sequential models (nested ones too) are cloned with a dtype
@@ -73,7 +80,9 @@ def apply_policy(model: Any, policy: Any, *, optimizer: Any = None, inplace: boo
         raise ArgumentError(f"Expected inplace to be True or False. Received: inplace={describe(inplace)}.")
     graph = graph or build_graph(model)
     if graph.model is not model:
-        raise ArgumentError("Expected graph= to be the graph of the model being changed. Received another model's graph.")
+        raise ArgumentError(
+            "Expected graph= to be the graph of the model being changed. Received another model's graph."
+        )
     names = _effective_names(graph, policy.for_graph(graph))
     _check_clonable(graph, inplace)
     if inplace:
@@ -83,7 +92,9 @@ def apply_policy(model: Any, policy: Any, *, optimizer: Any = None, inplace: boo
         target = clone_with_policies(model, names)
     if calibration_data is not None:
         calibrate_model(target, calibration_data)
-    compile_like(model, target, uses_float16=any(split(n)[1] == MIXED_FLOAT16 for n in names.values()), optimizer=optimizer)
+    compile_like(
+        model, target, uses_float16=any(split(n)[1] == MIXED_FLOAT16 for n in names.values()), optimizer=optimizer
+    )
     return target
 
 
@@ -105,7 +116,10 @@ def _effective_names(graph: ModelGraph, named: dict[str, str]) -> dict[str, str]
         if info.pinned in (Reason.PINNED_OUTPUT, Reason.PINNED_SOFTMAX) and names.get(info.path) != FLOAT32:
             logger.warning(
                 "autoprec: keeping %r in float32 (%s): a model's outputs and its final softmax/sigmoid "
-                "stay float32, although the policy asks for %s.", info.path, info.pinned, names[info.path],
+                "stay float32, although the policy asks for %s.",
+                info.path,
+                info.pinned,
+                names[info.path],
             )
             names[info.path] = FLOAT32
             for sub in info.sublayers:
@@ -201,8 +215,10 @@ def _twins(model: Any, clone: Any) -> list[tuple[Any, Any]]:
     originals, clones = leaf_layers(model), leaf_layers(clone)
     pairs = list(zip(originals, clones))
     if len(originals) != len(clones) or any(type(a) is not type(b) for a, b in pairs):
-        raise UnsupportedModelError(f"Expected Keras's clone of {model.name!r} to have the same layers in the same order. "
-                                    "Pass inplace=True to set the policies on the model itself.")
+        raise UnsupportedModelError(
+            f"Expected Keras's clone of {model.name!r} to have the same layers in the same order. "
+            "Pass inplace=True to set the policies on the model itself."
+        )
     return pairs
 
 
@@ -258,8 +274,11 @@ def _compile_like(source: Any, target: Any, *, uses_float16: bool, optimizer: An
     if uses_float16 and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     target.compile(
-        optimizer=optimizer, loss=config.get("loss"), loss_weights=config.get("loss_weights"),
-        metrics=config.get("metrics"), weighted_metrics=config.get("weighted_metrics"),
+        optimizer=optimizer,
+        loss=config.get("loss"),
+        loss_weights=config.get("loss_weights"),
+        metrics=config.get("metrics"),
+        weighted_metrics=config.get("weighted_metrics"),
         jit_compile=config.get("jit_compile", "auto"),
     )
     # Build the optimizer's slots now, so that a model saved before its first

@@ -53,14 +53,18 @@ class Budget:
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
             raise BudgetError(f"Expected max_drop to be a finite number >= 0. Received: max_drop={describe(value)}.")
         if value < 0:
-            raise BudgetError(f"Expected a budget >= 0 (the largest allowed drop). Received: {float(value):g}. "
-                              "A drop is positive when the metric gets worse.")
+            raise BudgetError(
+                f"Expected a budget >= 0 (the largest allowed drop). Received: {float(value):g}. "
+                "A drop is positive when the metric gets worse."
+            )
         if self.relative and value > 1:
-            raise BudgetError(f"Expected a relative budget of at most 100%. Received: {float(value):.4g} ({float(value):.2%}).")
+            raise BudgetError(
+                f"Expected a relative budget of at most 100%. Received: {float(value):.4g} ({float(value):.2%})."
+            )
         object.__setattr__(self, "max_drop", float(value))
 
     @classmethod
-    def get(cls, value: Any) -> "Budget":
+    def get(cls, value: Any) -> Budget:
         """Accept a Budget, a number (NumPy numbers too), ``"0.5%"``, ``"0.005"``, ``"1% relative"`` or ``"rel:1%"``."""
         if isinstance(value, Budget):
             return value

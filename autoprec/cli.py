@@ -30,8 +30,10 @@ def _check_npz_path(path: str) -> None:
     from autoprec.errors import DataError
 
     if not os.path.isfile(path):
-        raise DataError(f"Expected a NumPy .npz file with arrays 'x' and 'y'. Received {path!r}, which "
-                        f"{'is a directory' if os.path.isdir(path) else 'does not exist'}.")
+        raise DataError(
+            f"Expected a NumPy .npz file with arrays 'x' and 'y'. Received {path!r}, which "
+            f"{'is a directory' if os.path.isdir(path) else 'does not exist'}."
+        )
 
 
 def _load_npz(path: str) -> tuple:
@@ -43,18 +45,24 @@ def _load_npz(path: str) -> tuple:
 
     _check_npz_path(path)
     if not zipfile.is_zipfile(path):
-        raise DataError(f"Expected a NumPy .npz archive with arrays 'x' and 'y' (np.savez('{path}', x=x, y=y)). "
-                        f"Received {path!r}, which is not one (a .npy holds one array; a truncated .npz is not a zip).")
+        raise DataError(
+            f"Expected a NumPy .npz archive with arrays 'x' and 'y' (np.savez('{path}', x=x, y=y)). "
+            f"Received {path!r}, which is not one (a .npy holds one array; a truncated .npz is not a zip)."
+        )
     try:
         with np.load(path, allow_pickle=False) as archive:  # never unpickle an untrusted file
             if "x" not in archive or "y" not in archive:
-                raise DataError(f"Expected the NumPy .npz file {path!r} to hold arrays named 'x' and 'y' (np.savez(path, x=x, y=y)). "
-                                f"Received arrays {sorted(archive.files)}.")
+                raise DataError(
+                    f"Expected the NumPy .npz file {path!r} to hold arrays named 'x' and 'y' (np.savez(path, x=x, y=y)). "
+                    f"Received arrays {sorted(archive.files)}."
+                )
             return archive["x"], archive["y"]
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"Expected a readable NumPy .npz file with arrays 'x' and 'y'. Received {path!r}: {exc}.") from None
+        raise DataError(
+            f"Expected a readable NumPy .npz file with arrays 'x' and 'y'. Received {path!r}: {exc}."
+        ) from None
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
@@ -72,7 +80,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from autoprec.policy import PrecisionPolicy
 
     if not args.output.endswith(".keras"):
-        raise OutputError(f"Expected -o to name a .keras file. Received {args.output!r}; Keras saves models as NAME.keras.")
+        raise OutputError(
+            f"Expected -o to name a .keras file. Received {args.output!r}; Keras saves models as NAME.keras."
+        )
     check_parent(args.output, what="model file")
     model = _load_model(args.model, unsafe=args.unsafe)
     policy = PrecisionPolicy.load(args.policy)
@@ -93,12 +103,29 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     if args.output:
         frame.to_csv(args.output, index=False)
         print(f"wrote {args.output}")
-    columns = [c for c in ("path", "class", "kind", "metric_drop", "ablation", "group_drop", "output_error", "score",
-                           "act_absmax", "act_overflow", "sqnr_db") if c in frame]
+    columns = [
+        c
+        for c in (
+            "path",
+            "class",
+            "kind",
+            "metric_drop",
+            "ablation",
+            "group_drop",
+            "output_error",
+            "score",
+            "act_absmax",
+            "act_overflow",
+            "sqnr_db",
+        )
+        if c in frame
+    ]
     _print_frame(frame[columns].head(args.top))
     if "ablation" in frame and frame["ablation"].astype(str).str.startswith("cleared").any():
-        print("metric_drop is empty (NaN) for a layer 'cleared in a group': the layers were switched to 16-bit together "
-              "and the group lost no more than the tolerance (group_drop), so none was measured alone.")
+        print(
+            "metric_drop is empty (NaN) for a layer 'cleared in a group': the layers were switched to 16-bit together "
+            "and the group lost no more than the tolerance (group_drop), so none was measured alone."
+        )
     return EXIT_OK
 
 
@@ -109,13 +136,30 @@ def _tune_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def _tune_options(args: argparse.Namespace, train: Any) -> dict[str, Any]:
-    options = dict(budget=args.budget, target=args.target, n_trials=args.trials, timeout=args.timeout,
-                   storage=args.storage, study_name=args.study_name, seed=args.seed, granularity=args.granularity,
-                   train_data=train, verify="train" if args.verify_train else "eval", steps=args.steps,
-                   pretrain_steps=args.pretrain_steps, verbose=args.verbose, metric=args.metric,
-                   keep_float32=tuple(args.keep_float32), force_16bit=tuple(args.force_16bit), objective=args.objective,
-                   device=args.device, cost=args.cost, max_fallbacks=args.max_fallbacks, batch_size=args.batch_size,
-                   nonfinite_inputs=args.nonfinite_inputs)
+    options = dict(
+        budget=args.budget,
+        target=args.target,
+        n_trials=args.trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        study_name=args.study_name,
+        seed=args.seed,
+        granularity=args.granularity,
+        train_data=train,
+        verify="train" if args.verify_train else "eval",
+        steps=args.steps,
+        pretrain_steps=args.pretrain_steps,
+        verbose=args.verbose,
+        metric=args.metric,
+        keep_float32=tuple(args.keep_float32),
+        force_16bit=tuple(args.force_16bit),
+        objective=args.objective,
+        device=args.device,
+        cost=args.cost,
+        max_fallbacks=args.max_fallbacks,
+        batch_size=args.batch_size,
+        nonfinite_inputs=args.nonfinite_inputs,
+    )
     if args.candidates:
         options["candidates"] = tuple(c.strip() for c in args.candidates.split(",") if c.strip())
     if args.higher_is_better is not None:
@@ -146,9 +190,11 @@ def _check_output(path: str, *, overwrite: bool) -> None:
 
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
         held = sorted(os.listdir(path))
-        raise OutputError(f"Expected -o to name a new or empty directory. Received {path!r}, which already holds "
-                          f"{', '.join(held[:4])}{' ...' if len(held) > 4 else ''}. Pass --overwrite to replace that "
-                          "result, or another -o.")
+        raise OutputError(
+            f"Expected -o to name a new or empty directory. Received {path!r}, which already holds "
+            f"{', '.join(held[:4])}{' ...' if len(held) > 4 else ''}. Pass --overwrite to replace that "
+            "result, or another -o."
+        )
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputError(f"Expected -o to name a directory. Received {path!r}, which is a file.")
 
@@ -160,8 +206,10 @@ def _cmd_search_only(args: argparse.Namespace) -> int:
     from autoprec.tuner import tune
 
     if not args.storage:
-        raise ArgumentError("Expected --storage URL (and --study-name) with --search-only: a worker adds trials to a "
-                            "shared study. Received no --storage.")
+        raise ArgumentError(
+            "Expected --storage URL (and --study-name) with --search-only: a worker adds trials to a "
+            "shared study. Received no --storage."
+        )
     if args.output:
         print(f"autoprec: --search-only writes nothing; -o {args.output} is left alone.", file=sys.stderr)
     _check_tune_args(args)
@@ -181,8 +229,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.search_only:
         return _cmd_search_only(args)
     if not args.output:
-        raise ArgumentError("Expected -o DIR for the policy, the reports and the tuned model. Received no -o (only a "
-                            "--search-only worker writes nothing).")
+        raise ArgumentError(
+            "Expected -o DIR for the policy, the reports and the tuned model. Received no -o (only a "
+            "--search-only worker writes nothing)."
+        )
     # Everything that can be checked before the search is: the arguments (before any heavy import), the output
     # directory (and its lock, held for the whole run), the storage, the files.
     _check_tune_args(args)
@@ -196,15 +246,20 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         except BaseException as exc:
             if not interrupted(exc):
                 raise
-            resume = (f"resume with the same --storage {args.storage} --study-name {args.study_name or '(the default)'}"
-                      if args.storage else "pass --storage FILE --study-name NAME to make a search resumable")
+            resume = (
+                f"resume with the same --storage {args.storage} --study-name {args.study_name or '(the default)'}"
+                if args.storage
+                else "pass --storage FILE --study-name NAME to make a search resumable"
+            )
             print(f"autoprec: interrupted; {resume}. Finished trials are kept in the storage.", file=sys.stderr)
             return EXIT_INTERRUPTED
         result.save(args.output, lock=False)  # this run holds the lock
     print(result.summary())
     print(f"wrote {args.output}")
     if not result.feasible:
-        print(f"autoprec: the verified result is over the budget: {result.verification.get('why', '')}", file=sys.stderr)
+        print(
+            f"autoprec: the verified result is over the budget: {result.verification.get('why', '')}", file=sys.stderr
+        )
         return EXIT_INFEASIBLE
     return EXIT_ALL_FLOAT32 if result.all_float32 else EXIT_OK
 
@@ -234,7 +289,9 @@ def _print_frame(frame: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from autoprec import __version__
 
-    parser = argparse.ArgumentParser(prog="autoprec", description="Per-layer mixed precision for Keras under an accuracy budget.")
+    parser = argparse.ArgumentParser(
+        prog="autoprec", description="Per-layer mixed precision for Keras under an accuracy budget."
+    )
     parser.add_argument("--version", action="version", version=f"autoprec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -284,51 +341,116 @@ def _add_tune(p: argparse.ArgumentParser, model_arg: Any, targets: list[str]) ->
     model_arg(p)
     p.add_argument("--data", required=True, help="DATA.npz with arrays x and y (evaluation data)")
     p.add_argument("--budget", required=True, help="largest allowed metric drop: 0.5%%, 0.005, or '1%% relative'")
-    p.add_argument("--target", default=None, choices=targets,
-                   help="the preferred 16-bit format (default mixed_float16, or the one --candidates offers); auto: "
-                        "float16 on a CUDA GPU, else bfloat16")
-    p.add_argument("--candidates", metavar="LIST",
-                   help="comma-separated formats to choose from, float32 first, e.g. float32,mixed_bfloat16,int8 "
-                        f"(among {', '.join(('float32', *LOW_PRECISION, *QUANTIZED_MODES))}); default float32 and --target")
-    p.add_argument("--metric", help="a Keras metric name (accuracy, auc, mse...) or 'loss'; default the model's first "
-                   "compiled metric, else its loss")
-    p.add_argument("--higher-is-better", choices=["yes", "no"], default=None,
-                   help="the metric's direction, for a metric Keras does not know")
-    p.add_argument("--keep-float32", action="append", default=[], metavar="PATH",
-                   help="a layer path or full-match regex that stays float32 (repeatable)")
-    p.add_argument("--force-16bit", action="append", default=[], metavar="PATH",
-                   help="a layer path or full-match regex that computes in 16-bit whatever the search finds (repeatable)")
-    p.add_argument("--objective", choices=["speed", "size"], default=None,
-                   help="what the search maximises: estimated speed-up (default) or weight-size ratio (default with "
-                        "int8/int4 candidates)")
-    p.add_argument("--device", choices=list(DEVICE_NAMES), default=None,
-                   help="where the policy will run, for the cost model: default gpu; 'this' for the machine tune runs on")
-    p.add_argument("--cost", choices=["estimate", "measured"], default="estimate",
-                   help="rank by the cost model, or also time the best candidates' real training steps here")
+    p.add_argument(
+        "--target",
+        default=None,
+        choices=targets,
+        help="the preferred 16-bit format (default mixed_float16, or the one --candidates offers); auto: "
+        "float16 on a CUDA GPU, else bfloat16",
+    )
+    p.add_argument(
+        "--candidates",
+        metavar="LIST",
+        help="comma-separated formats to choose from, float32 first, e.g. float32,mixed_bfloat16,int8 "
+        f"(among {', '.join(('float32', *LOW_PRECISION, *QUANTIZED_MODES))}); default float32 and --target",
+    )
+    p.add_argument(
+        "--metric",
+        help="a Keras metric name (accuracy, auc, mse...) or 'loss'; default the model's first "
+        "compiled metric, else its loss",
+    )
+    p.add_argument(
+        "--higher-is-better",
+        choices=["yes", "no"],
+        default=None,
+        help="the metric's direction, for a metric Keras does not know",
+    )
+    p.add_argument(
+        "--keep-float32",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a layer path or full-match regex that stays float32 (repeatable)",
+    )
+    p.add_argument(
+        "--force-16bit",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a layer path or full-match regex that computes in 16-bit whatever the search finds (repeatable)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=["speed", "size"],
+        default=None,
+        help="what the search maximises: estimated speed-up (default) or weight-size ratio (default with "
+        "int8/int4 candidates)",
+    )
+    p.add_argument(
+        "--device",
+        choices=list(DEVICE_NAMES),
+        default=None,
+        help="where the policy will run, for the cost model: default gpu; 'this' for the machine tune runs on",
+    )
+    p.add_argument(
+        "--cost",
+        choices=["estimate", "measured"],
+        default="estimate",
+        help="rank by the cost model, or also time the best candidates' real training steps here",
+    )
     p.add_argument("--trials", type=int, default=60, help="the most trials the study may hold (default 60)")
     p.add_argument("--timeout", type=float, default=None, help="seconds for the search (default: no limit)")
-    p.add_argument("--storage", help="Optuna storage URL (sqlite:///x.db, postgresql://...) or a journal file path, "
-                   "to resume or share the search")
-    p.add_argument("--study-name", help="study name within the storage (default: one made from the model, target, "
-                   "budget and seed)")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL (sqlite:///x.db, postgresql://...) or a journal file path, "
+        "to resume or share the search",
+    )
+    p.add_argument(
+        "--study-name", help="study name within the storage (default: one made from the model, target, budget and seed)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the search's proposals (default 0)")
-    p.add_argument("--granularity", default="layer", choices=["layer", "block"],
-                   help="one decision per layer, or per block (nested model or name prefix)")
-    p.add_argument("--max-fallbacks", type=int, default=8,
-                   help="decisions verification may return to float32 before giving up (default 8)")
-    p.add_argument("--batch-size", default="auto", type=_batch_size, help="evaluation batch size, or auto (fits memory)")
-    p.add_argument("--nonfinite-inputs", choices=["raise", "drop"], default="raise",
-                   help="refuse evaluation samples holding NaN/inf (default), or drop them with a warning")
+    p.add_argument(
+        "--granularity",
+        default="layer",
+        choices=["layer", "block"],
+        help="one decision per layer, or per block (nested model or name prefix)",
+    )
+    p.add_argument(
+        "--max-fallbacks",
+        type=int,
+        default=8,
+        help="decisions verification may return to float32 before giving up (default 8)",
+    )
+    p.add_argument(
+        "--batch-size", default="auto", type=_batch_size, help="evaluation batch size, or auto (fits memory)"
+    )
+    p.add_argument(
+        "--nonfinite-inputs",
+        choices=["raise", "drop"],
+        default="raise",
+        help="refuse evaluation samples holding NaN/inf (default), or drop them with a warning",
+    )
     p.add_argument("--train-data", help="DATA.npz for pretraining or the training check")
     p.add_argument("--verify-train", action="store_true", help="also run a short loss-scaled training check")
     p.add_argument("--steps", type=int, default=50, help="training-check steps (default 50)")
-    p.add_argument("--pretrain-steps", type=int, default=None,
-                   help="train a float32 copy for this many steps first (needs --train-data)")
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=None,
+        help="train a float32 copy for this many steps first (needs --train-data)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a result already in -o")
-    p.add_argument("-o", "--output", help="directory for policy.json, reports and the tuned model (required, "
-                   "except with --search-only)")
-    p.add_argument("--search-only", action="store_true", help="a worker: add trials to the shared --storage study and "
-                   "exit, verifying and writing nothing; one run without it verifies and emits")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="directory for policy.json, reports and the tuned model (required, except with --search-only)",
+    )
+    p.add_argument(
+        "--search-only",
+        action="store_true",
+        help="a worker: add trials to the shared --storage study and "
+        "exit, verifying and writing nothing; one run without it verifies and emits",
+    )
     p.add_argument("--verbose", type=int, default=1, help="0 silent, 1 progress per stage (default)")
     p.set_defaults(fn=_cmd_tune)
 

@@ -29,8 +29,21 @@ from autoprec.formats import FLOAT32, FLOAT64, MIXED_BFLOAT16, MIXED_FLOAT16, sp
 from autoprec.graph import ModelGraph
 from autoprec.quantize import weight_bytes as weight_bytes_of
 
-_ALIGNED_CLASSES = {"Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
-                    "Conv3DTranspose", "SeparableConv1D", "SeparableConv2D", "MultiHeadAttention", "LSTM", "GRU"}
+_ALIGNED_CLASSES = {
+    "Dense",
+    "EinsumDense",
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "Conv1DTranspose",
+    "Conv2DTranspose",
+    "Conv3DTranspose",
+    "SeparableConv1D",
+    "SeparableConv2D",
+    "MultiHeadAttention",
+    "LSTM",
+    "GRU",
+}
 
 
 @dataclass(frozen=True)
@@ -105,8 +118,10 @@ def check_device(device: Any) -> None:
     """Refuse a ``device=`` that :func:`resolve_device` would refuse, without looking at this machine."""
     if device is None or isinstance(device, Device) or device in DEVICE_NAMES:
         return
-    raise ArgumentError(f"Expected device to be one of {list(DEVICE_NAMES)}, a cost.Device, or None (a GPU). "
-                        f"Received: device={describe(device)}.")
+    raise ArgumentError(
+        f"Expected device to be one of {list(DEVICE_NAMES)}, a cost.Device, or None (a GPU). "
+        f"Received: device={describe(device)}."
+    )
 
 
 def slower_note(device: Device, target: str) -> str:
@@ -114,9 +129,11 @@ def slower_note(device: Device, target: str) -> str:
     factor = device.speed.get(target, 1.0)
     if factor >= 1.0:
         return ""
-    return (f"on the {device.name} profile the cost model rates {target} at {factor:g}x float32's compute speed, so "
-            "float32 wins wherever the budget leaves a choice; pass device='gpu' (or 'tpu') for the machine the "
-            "policy will train on")
+    return (
+        f"on the {device.name} profile the cost model rates {target} at {factor:g}x float32's compute speed, so "
+        "float32 wins wherever the budget leaves a choice; pass device='gpu' (or 'tpu') for the machine the "
+        "policy will train on"
+    )
 
 
 def misaligned(info: Any) -> bool:
@@ -147,8 +164,14 @@ class CostModel:
         >>> cm.speedup({"dense": "mixed_float16"})  # doctest: +SKIP
     """
 
-    def __init__(self, graph: ModelGraph, *, device: str | Device | None = "cpu", batch_size: int = 64,
-                 quantized_speed: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        graph: ModelGraph,
+        *,
+        device: str | Device | None = "cpu",
+        batch_size: int = 64,
+        quantized_speed: Mapping[str, float] | None = None,
+    ) -> None:
         self.batch_size = batch_size
         # Speed of each quantized mode against float32 on this device: measured, never assumed.
         self.quantized_speed = dict(quantized_speed or {})

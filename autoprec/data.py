@@ -44,13 +44,29 @@ class EvalData:
     order on every call; ``n`` is the number of samples and ``y`` all labels.
     """
 
-    def __init__(self, source: Callable[[], Iterator[tuple[Any, Any]]], *, n: int, y: Any, batch_size: int,
-                 sample: Any, what: str) -> None:
+    def __init__(
+        self,
+        source: Callable[[], Iterator[tuple[Any, Any]]],
+        *,
+        n: int,
+        y: Any,
+        batch_size: int,
+        sample: Any,
+        what: str,
+    ) -> None:
         self._source, self.n, self.y, self.batch_size, self._sample, self.what = source, n, y, batch_size, sample, what
 
     @classmethod
-    def get(cls, data: Any, *, batch_size: int = DEFAULT_BATCH_SIZE, what: str = "data", model: Any = None,
-            nonfinite: str = "raise", cache_bytes: int = DEFAULT_CACHE_BYTES) -> "EvalData":
+    def get(
+        cls,
+        data: Any,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        what: str = "data",
+        model: Any = None,
+        nonfinite: str = "raise",
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> EvalData:
         """Check ``data`` and wrap it; see the module docstring.
 
         Args:
@@ -94,11 +110,11 @@ class EvalData:
             for i in range(0, n, self.batch_size):
                 yield _slice(x, i, i + self.batch_size), _slice(y, i, i + self.batch_size)
 
-    def rebatch(self, batch_size: int) -> "EvalData":
+    def rebatch(self, batch_size: int) -> EvalData:
         """The same data read in batches of at most ``batch_size`` (no copy)."""
         return EvalData(self._source, n=self.n, y=self.y, batch_size=batch_size, sample=self._sample, what=self.what)
 
-    def map_labels(self, fix: Callable[[Any], Any]) -> "EvalData":
+    def map_labels(self, fix: Callable[[Any], Any]) -> EvalData:
         """The same data with ``fix`` applied to the labels of every batch (and to ``y``); no copy of ``x``."""
         source = self._source
 
@@ -135,15 +151,19 @@ def _slice(value: Any, start: int, stop: int) -> Any:
 
 def _from_arrays(data: tuple | list, batch_size: int, what: str, arity: tuple, nonfinite: str) -> EvalData:
     if len(data) not in (2, 3):
-        raise DataError(f"Expected {what} as an (x, y) tuple of arrays. Received a {type(data).__name__} of "
-                        f"{len(data)} elements. Pass (x_val, y_val).")
+        raise DataError(
+            f"Expected {what} as an (x, y) tuple of arrays. Received a {type(data).__name__} of "
+            f"{len(data)} elements. Pass (x_val, y_val)."
+        )
     x = to_arrays(data[0], f"{what}[0] (x)", parts=arity[0])
     y = to_arrays(data[1], f"{what}[1] (y)", parts=arity[1], labels=True)
     n = _length(x, f"{what}[0] (x)")
     if n == 0:
         raise DataError(f"Expected {what} to hold at least one sample. Received an empty x.")
     if _length(y, f"{what}[1] (y)") != n:
-        raise DataError(f"Expected x and y with the same number of samples. Received: x has {n}, y has {_length(y, 'y')}.")
+        raise DataError(
+            f"Expected x and y with the same number of samples. Received: x has {n}, y has {_length(y, 'y')}."
+        )
     keep = _finite_rows(x, y, what, nonfinite, offset=0)
     if keep is not None:
         x, y, n = _take(x, keep), _take(y, keep), int(keep.sum())
@@ -177,7 +197,11 @@ def _from_batches(data: Any, batch_size: int, what: str, arity: tuple, nonfinite
     n = _length(y_all, "y")
     if len(kept) == len(labels):
         return EvalData(lambda: iter(kept), n=n, y=y_all, batch_size=batch_size, sample=_slice(sample, 0, 2), what=what)
-    logger.info("autoprec: %s holds %.2g GB of inputs, more than cache_bytes; it is read again on every pass.", what, nbytes / 1e9)
+    logger.info(
+        "autoprec: %s holds %.2g GB of inputs, more than cache_bytes; it is read again on every pass.",
+        what,
+        nbytes / 1e9,
+    )
     source = _StreamingSource(data, what, arity, nonfinite, labels)
     return EvalData(source, n=n, y=y_all, batch_size=batch_size, sample=_slice(sample, 0, 2), what=what)
 
@@ -199,7 +223,9 @@ class _StreamingSource:
             if _length(y, "y") == 0:
                 continue
             want = next(expected, None)
-            same = want is not None and all(np.array_equal(a, b) for a, b in zip(keras.tree.flatten(want), keras.tree.flatten(y)))
+            same = want is not None and all(
+                np.array_equal(a, b) for a, b in zip(keras.tree.flatten(want), keras.tree.flatten(y))
+            )
             if not same:
                 raise DataError(
                     f"Expected {self.what} to yield the same samples in the same order on every pass. Received other "
@@ -212,13 +238,17 @@ class _StreamingSource:
 def _read_batches(data: Any, what: str, arity: tuple) -> Iterator[tuple[Any, Any]]:
     for i, item in enumerate(_iterate(data, what)):
         if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-            raise DataError(f"Expected {what} to yield (x, y) batches. Received batch {i} as {describe(item)}. "
-                            "Map the dataset to (features, labels) pairs first.")
+            raise DataError(
+                f"Expected {what} to yield (x, y) batches. Received batch {i} as {describe(item)}. "
+                "Map the dataset to (features, labels) pairs first."
+            )
         x = to_arrays(item[0], f"{what} batch {i} x", parts=arity[0])
         y = to_arrays(item[1], f"{what} batch {i} y", parts=arity[1], labels=True)
         if _length(x, "x") != _length(y, "y"):
-            raise DataError(f"Expected x and y of equal length in each batch. Received batch {i} with "
-                            f"{_length(x, 'x')} and {_length(y, 'y')}.")
+            raise DataError(
+                f"Expected x and y of equal length in each batch. Received batch {i} with "
+                f"{_length(x, 'x')} and {_length(y, 'y')}."
+            )
         yield x, y
 
 
@@ -237,8 +267,10 @@ def _iterate(data: Any, what: str):
             raise DataError(f"Expected a finite tf.data.Dataset for {what}. Received an infinite one; add .take(n).")
         yield from data.as_numpy_iterator()
         return
-    raise DataError(f"Expected {what} to be an (x, y) tuple of arrays, a tf.data.Dataset or a keras.utils.PyDataset. "
-                    f"Received: {describe(data)}.")
+    raise DataError(
+        f"Expected {what} to be an (x, y) tuple of arrays, a tf.data.Dataset or a keras.utils.PyDataset. "
+        f"Received: {describe(data)}."
+    )
 
 
 def to_arrays(value: Any, what: str, *, parts: int | None = None, labels: bool = False) -> Any:
@@ -256,10 +288,18 @@ def to_arrays(value: Any, what: str, *, parts: int | None = None, labels: bool =
     if isinstance(value, (list, tuple)) and parts is not None and parts > 1:
         if len(value) != parts:
             kind = "outputs" if labels else "inputs"
-            raise DataError(f"Expected {what} as a list of {parts} arrays, one per model {kind[:-1]}: the model has "
-                            f"{parts} {kind}. Received a {type(value).__name__} of {len(value)} elements.")
+            raise DataError(
+                f"Expected {what} as a list of {parts} arrays, one per model {kind[:-1]}: the model has "
+                f"{parts} {kind}. Received a {type(value).__name__} of {len(value)} elements."
+            )
         return [to_arrays(v, f"{what}[{i}]", parts=1, labels=labels) for i, v in enumerate(value)]
-    if isinstance(value, (list, tuple)) and parts is None and not labels and value and all(hasattr(v, "shape") for v in value):
+    if (
+        isinstance(value, (list, tuple))
+        and parts is None
+        and not labels
+        and value
+        and all(hasattr(v, "shape") for v in value)
+    ):
         return [to_arrays(v, f"{what}[{i}]", parts=1) for i, v in enumerate(value)]
     return _one_array(value, what, labels)
 
@@ -270,8 +310,10 @@ def _one_array(value: Any, what: str, labels: bool) -> np.ndarray:
     try:
         array = np.asarray(keras.ops.convert_to_numpy(value) if hasattr(value, "shape") else value)
     except Exception as exc:  # ragged lists, objects: NumPy and the backends raise many kinds
-        raise DataError(f"Expected {what} to be an array of numbers. Received: {describe(value)} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}).") from None
+        raise DataError(
+            f"Expected {what} to be an array of numbers. Received: {describe(value)} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})."
+        ) from None
     if array.ndim == 0:
         raise DataError(f"Expected {what} with a batch dimension. Received a scalar ({describe(value)}).")
     if array.dtype.kind not in "biuf":
@@ -286,7 +328,9 @@ def _length(x: Any, what: str) -> int:
 
     lengths = {len(a) for a in keras.tree.flatten(x)}
     if len(lengths) != 1:
-        raise DataError(f"Expected all arrays in {what} to have the same number of samples. Received lengths {sorted(lengths)}.")
+        raise DataError(
+            f"Expected all arrays in {what} to have the same number of samples. Received lengths {sorted(lengths)}."
+        )
     return lengths.pop()
 
 

@@ -71,8 +71,17 @@ def _positive(row: Mapping[str, Any], key: str) -> bool:
     return not math.isnan(value) and value > 0
 
 
-def reason_for(row: Mapping[str, Any], *, decision: str, pinned: str | None, role: str, own_decision: bool,
-               forced: bool = False, fallback: str | None = None, split_from: str | None = None) -> Reason:
+def reason_for(
+    row: Mapping[str, Any],
+    *,
+    decision: str,
+    pinned: str | None,
+    role: str,
+    own_decision: bool,
+    forced: bool = False,
+    fallback: str | None = None,
+    split_from: str | None = None,
+) -> Reason:
     """The reason for one layer's final ``decision``, from its profile ``row``.
 
     Args:
@@ -143,8 +152,10 @@ def _facts(row: Mapping[str, Any], fmt: Any, metric: str, higher_is_better: bool
     if _positive(row, "nonfinite_outputs"):
         facts.append(f"the model's outputs turn non-finite when it runs in {fmt.short}")
     if _text(row, "op_hazard"):
-        facts.append(f"`{row['op_hazard']}` after it (a keras.ops call, no policy of its own) overflows {fmt.short}; "
-                     "wrap it in a layer to decide it separately")
+        facts.append(
+            f"`{row['op_hazard']}` after it (a keras.ops call, no policy of its own) overflows {fmt.short}; "
+            "wrap it in a layer to decide it separately"
+        )
     return facts
 
 
@@ -158,8 +169,14 @@ _PINNED_WORDS = {
 }
 
 
-def sentence(row: Mapping[str, Any], *, target: str = MIXED_FLOAT16, metric: str = "metric",
-             higher_is_better: bool = True, allowed: float = math.inf) -> str:
+def sentence(
+    row: Mapping[str, Any],
+    *,
+    target: str = MIXED_FLOAT16,
+    metric: str = "metric",
+    higher_is_better: bool = True,
+    allowed: float = math.inf,
+) -> str:
     """The decision for one layer and why, in words.
 
     ``row`` holds ``decision`` and ``reason`` and the profile facts; for
@@ -184,19 +201,36 @@ def sentence(row: Mapping[str, Any], *, target: str = MIXED_FLOAT16, metric: str
     if reason == Reason.VERIFY_FALLBACK:
         facts.insert(0, "returned to float32 when the real Keras policies missed the budget")
     elif reason == Reason.TRAIN_FALLBACK:
-        facts.insert(0, "returned to float32 by the loss-scaled training check" + (f" (with it in 16-bit: {detail})" if detail else ""))
+        facts.insert(
+            0,
+            "returned to float32 by the loss-scaled training check"
+            + (f" (with it in 16-bit: {detail})" if detail else ""),
+        )
     elif reason == Reason.NO_GAIN:
-        figures = (f"the cost model rates the policy at {_num(row, 'speedup_16bit'):.3g}x with it in 16-bit and "
-                   f"{_num(row, 'speedup_float32'):.3g}x with it in float32: ") if _num(row, "speedup_16bit") > 0 else ""
-        facts.append(f"no measurable drop alone, but 16-bit here does not pay: {figures}the casts at its boundaries cost "
-                     "more than it saves")
+        figures = (
+            (
+                f"the cost model rates the policy at {_num(row, 'speedup_16bit'):.3g}x with it in 16-bit and "
+                f"{_num(row, 'speedup_float32'):.3g}x with it in float32: "
+            )
+            if _num(row, "speedup_16bit") > 0
+            else ""
+        )
+        facts.append(
+            f"no measurable drop alone, but 16-bit here does not pay: {figures}the casts at its boundaries cost "
+            "more than it saves"
+        )
     elif reason == Reason.NOT_WITHIN_BUDGET:
-        facts.append(f"16-bit here would pay ({_num(row, 'speedup_16bit'):.3g}x against {_num(row, 'speedup_float32'):.3g}x "
-                     "by the cost model), but no assignment the search tried with it in 16-bit met the budget")
+        facts.append(
+            f"16-bit here would pay ({_num(row, 'speedup_16bit'):.3g}x against {_num(row, 'speedup_float32'):.3g}x "
+            "by the cost model), but no assignment the search tried with it in 16-bit met the budget"
+        )
     elif reason == Reason.SPLIT_FOLLOWER:
-        facts.insert(0, f"kept float32 so that its producer `{_text(row, 'split_from')}` computes in 16-bit: the search "
-                        "had kept both in float32 together, and the split (the producer in 16-bit, this layer in "
-                        "float32) was measured within the budget")
+        facts.insert(
+            0,
+            f"kept float32 so that its producer `{_text(row, 'split_from')}` computes in 16-bit: the search "
+            "had kept both in float32 together, and the split (the producer in 16-bit, this layer in "
+            "float32) was measured within the budget",
+        )
     elif reason == Reason.METRIC_DROP and _num(row, "metric_drop") <= allowed:
         facts.append("together with the other 16-bit layers it would exceed the budget")
     if _text(row, "role") == "compute" and _text(row, "producer_decision") and _text(row, "producers"):

@@ -118,7 +118,9 @@ def detector_model(*, seed: int = 0):
     return model
 
 
-def run_demo(output: str | os.PathLike = "reports/demo", *, n_trials: int = 40, epochs: int = 8, verbose: int = 1) -> Any:
+def run_demo(
+    output: str | os.PathLike = "reports/demo", *, n_trials: int = 40, epochs: int = 8, verbose: int = 1
+) -> Any:
     """Train :func:`detector_model` briefly, tune it for float16 with a training check, save everything.
 
     Takes about 20 s on a laptop CPU. Returns the :class:`autoprec.TuneResult`.
@@ -129,15 +131,29 @@ def run_demo(output: str | os.PathLike = "reports/demo", *, n_trials: int = 40, 
     train_data, val = detector_data()
     model = train(detector_model(), *train_data, epochs=epochs)
     say = print if verbose else (lambda *_: None)
-    say(f"autoprec demo: a digits CNN on raw detector counts (up to {COUNTS:,.0f} per pixel) with an attention head, "
+    say(
+        f"autoprec demo: a digits CNN on raw detector counts (up to {COUNTS:,.0f} per pixel) with an attention head, "
         f"trained {epochs} epochs on {len(train_data[0])} images; tuning for mixed_float16 on {len(val[0])}.\n"
         "  Fragile in float16 by construction: conv1 (raw counts in, outputs past 65504) and the attention logits, "
-        f"which ride on an offset of {ATTENTION_OFFSET:g} where float16 resolves only steps of 4.")
-    result = tune(model, val, budget="0.5%", target="mixed_float16", n_trials=n_trials, seed=0,
-                  verify="train", train_data=train_data, steps=60, verbose=verbose)
+        f"which ride on an offset of {ATTENTION_OFFSET:g} where float16 resolves only steps of 4."
+    )
+    result = tune(
+        model,
+        val,
+        budget="0.5%",
+        target="mixed_float16",
+        n_trials=n_trials,
+        seed=0,
+        verify="train",
+        train_data=train_data,
+        steps=60,
+        verbose=verbose,
+    )
     written = result.save(output)
-    say(f"autoprec demo: the speed-up {result.speedup_estimate:.2f}x is the cost model's estimate for a "
+    say(
+        f"autoprec demo: the speed-up {result.speedup_estimate:.2f}x is the cost model's estimate for a "
         f"{result.device.upper()} with fast float16, not a measurement on this machine (on a CPU float16 is slower: "
-        "see examples/precision_table.py).")
+        "see examples/precision_table.py)."
+    )
     say(f"autoprec demo: wrote {len(written)} files under {output}/ (open report.html)")
     return result

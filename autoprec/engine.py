@@ -93,13 +93,19 @@ class SimEngine:
 
     kind = "simulated"
 
-    def __init__(self, model: Any, graph: ModelGraph, *, formats: tuple[str, ...], metric: Metric | None = None) -> None:
+    def __init__(
+        self, model: Any, graph: ModelGraph, *, formats: tuple[str, ...], metric: Metric | None = None
+    ) -> None:
         if graph.kind == SUBCLASSED:
             raise UnsupportedModelError("SimEngine needs a Functional or Sequential model; use RealEngine.")
         unknown = [f for f in formats if f not in LOW_PRECISION and not is_quantized(f)]
         if unknown:
-            raise PolicyError(f"Expected formats among {list(LOW_PRECISION)} or quantized policy names. Received {unknown}.")
-        not_f32 = [i.path for i in graph.layers if i.is_layer and i.pinned is None and i.layer.compute_dtype != "float32"]
+            raise PolicyError(
+                f"Expected formats among {list(LOW_PRECISION)} or quantized policy names. Received {unknown}."
+            )
+        not_f32 = [
+            i.path for i in graph.layers if i.is_layer and i.pinned is None and i.layer.compute_dtype != "float32"
+        ]
         if not_f32:
             raise UnsupportedModelError(
                 f"Expected a float32 model to tune. Received layers already computing in 16-bit: {not_f32[:5]}. "
@@ -121,7 +127,9 @@ class SimEngine:
             raise PolicyError(f"Expected layer paths of this model. Received paths it does not have: {unknown[:5]}.")
         for path, name in assignment.items():
             if name != FLOAT32 and name not in self.formats:
-                raise PolicyError(f"Expected a policy among float32 and {list(self.formats)} for {path!r}. Received {name!r}.")
+                raise PolicyError(
+                    f"Expected a policy among float32 and {list(self.formats)} for {path!r}. Received {name!r}."
+                )
         names = self.graph.resolve_nodes(assignment)
         code = {FLOAT32: 0, **{f: i + 1 for i, f in enumerate(self.formats)}}
         self.codes = np.array([code.get(names[info.path], 0) for info in self.graph.layers], np.int32)
@@ -212,8 +220,10 @@ class SimEngine:
 
         from autoprec.quantize import calibrate_float8
 
-        float8 = {path: [t for i, t in twins.items() if split(self.formats[i - 1])[0] == "float8"]
-                  for path, twins in self._twins.items()}
+        float8 = {
+            path: [t for i, t in twins.items() if split(self.formats[i - 1])[0] == "float8"]
+            for path, twins in self._twins.items()
+        }
         float8 = {p: t for p, t in float8.items() if t}
         if not float8:
             return
@@ -238,12 +248,16 @@ def _quantized_twins(graph: ModelGraph, formats: tuple[str, ...]) -> dict[str, d
     wanted = [(index, fmt) for index, fmt in enumerate(formats, start=1) if is_quantized(fmt)]
     if not wanted:
         return {}
-    return {info.path: {index: quantized_twin(info.layer, fmt) for index, fmt in wanted}
-            for info in graph.layers if info.quantizable and info.pinned is None}
+    return {
+        info.path: {index: quantized_twin(info.layer, fmt) for index, fmt in wanted}
+        for info in graph.layers
+        if info.quantizable and info.pinned is None
+    }
 
 
 def round_with(dtype: str) -> Callable[[Any], Any]:
     """A function that rounds float32 tensors to ``dtype`` and back, keeping a Keras mask that rides on them."""
+
     def rnd(t: Any) -> Any:
         if not _is_float32_tensor(t):
             return t
@@ -271,8 +285,11 @@ def call_rounded(op: Any, call: Callable, rnd: Callable[[Any], Any], args: tuple
         kwargs = keras.tree.map_structure(rnd, kwargs)
     # Only variables Keras would autocast under a mixed policy are read in
     # 16-bit; BatchNormalization and friends keep theirs in float32.
-    mapping = [(v, rnd(v.value)) for v in getattr(op, "variables", [])
-               if getattr(v, "_autocast", True) and "float32" in str(v.dtype)]
+    mapping = [
+        (v, rnd(v.value))
+        for v in getattr(op, "variables", [])
+        if getattr(v, "_autocast", True) and "float32" in str(v.dtype)
+    ]
     if mapping:
         with keras.StatelessScope(state_mapping=mapping):
             out = call(*args, **kwargs)
@@ -290,7 +307,9 @@ class RealEngine:
 
     kind = "real"
 
-    def __init__(self, model: Any, graph: ModelGraph, *, formats: tuple[str, ...], metric: Metric | None = None) -> None:
+    def __init__(
+        self, model: Any, graph: ModelGraph, *, formats: tuple[str, ...], metric: Metric | None = None
+    ) -> None:
         self.model, self.graph, self.formats, self.metric = model, graph, tuple(formats), metric
         self._original = {id(l): l.dtype_policy for l in model._flatten_layers(include_self=False)}
         self.traces = 0
@@ -322,7 +341,7 @@ class RealEngine:
                 layer.dtype_policy = original
         self.model.predict_function = None
 
-    def __enter__(self) -> "RealEngine":
+    def __enter__(self) -> RealEngine:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -44,7 +44,9 @@ def read_text(path: str | os.PathLike, *, what: str, error: type[AutoprecError])
         with open(text, encoding="utf-8") as fh:
             return fh.read()
     except UnicodeDecodeError:
-        raise error(f"Expected a {what} (UTF-8 text). Received: {text!r}, which is binary or another encoding.") from None
+        raise error(
+            f"Expected a {what} (UTF-8 text). Received: {text!r}, which is binary or another encoding."
+        ) from None
     except OSError as exc:
         raise error(f"Could not read the {what} {text!r}: {exc.strerror}.") from None
 
@@ -57,9 +59,13 @@ def check_parent(path: str | os.PathLike, *, what: str) -> str:
     while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if probe and not os.path.isdir(probe):
-        raise OutputError(f"Cannot write the {what} {os.fspath(path)!r}: {probe!r} is a file, not a directory. Choose another path.")
+        raise OutputError(
+            f"Cannot write the {what} {os.fspath(path)!r}: {probe!r} is a file, not a directory. Choose another path."
+        )
     if not os.path.isdir(parent):
-        raise OutputError(f"Cannot write the {what} {os.fspath(path)!r}: its directory {parent!r} does not exist. Create it first.")
+        raise OutputError(
+            f"Cannot write the {what} {os.fspath(path)!r}: its directory {parent!r} does not exist. Create it first."
+        )
     if not os.access(parent, os.W_OK):
         raise OutputError(f"Cannot write the {what} {os.fspath(path)!r}: its directory {parent!r} is not writable.")
     return text
@@ -108,7 +114,7 @@ class DirectoryLock:
         self.path = os.path.join(os.path.dirname(self.directory), f".{os.path.basename(self.directory)}.lock")
         self._fd: int | None = None
 
-    def acquire(self) -> "DirectoryLock":
+    def acquire(self) -> DirectoryLock:
         import fcntl
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -130,7 +136,7 @@ class DirectoryLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "DirectoryLock":
+    def __enter__(self) -> DirectoryLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
@@ -189,7 +195,7 @@ def _remove_stale(parent: str, name: str) -> None:
     for entry in os.listdir(parent):
         if not entry.startswith(prefix):
             continue
-        pid = entry[len(prefix):].split("-", 1)[0]
+        pid = entry[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
@@ -222,8 +228,11 @@ def load_model_file(path: str | os.PathLike, *, safe_mode: bool = True) -> Any:
         return keras.models.load_model(path, safe_mode=safe_mode)
     except Exception as exc:  # Keras raises many kinds for a bad file; name the file and the likely fix
         text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        hint = " It holds a Lambda layer or custom code; if you trust its source, pass --unsafe (safe_mode=False in Python)." if (
-            "safe_mode" in str(exc) or "lambda" in str(exc).lower()) else " The file may be damaged: save the model again."
+        hint = (
+            " It holds a Lambda layer or custom code; if you trust its source, pass --unsafe (safe_mode=False in Python)."
+            if ("safe_mode" in str(exc) or "lambda" in str(exc).lower())
+            else " The file may be damaged: save the model again."
+        )
         raise DataError(f"Could not load the Keras model {path!r}: {text}.{hint}") from None
 
 
@@ -236,8 +245,12 @@ def check_model_file(path: str) -> None:
     if not os.path.exists(path):
         raise DataError(f"Expected a saved Keras model file. Received: {path!r}, which does not exist.")
     if os.path.isdir(path) or not path.endswith((".keras", ".h5", ".hdf5")):
-        raise DataError(f"Expected a Keras model file (.keras, or legacy .h5). Received: {path!r}. Save the model with "
-                        "model.save('model.keras').")
+        raise DataError(
+            f"Expected a Keras model file (.keras, or legacy .h5). Received: {path!r}. Save the model with "
+            "model.save('model.keras')."
+        )
     if path.endswith(".keras") and not zipfile.is_zipfile(path):
-        raise DataError(f"Expected a .keras model file (a zip archive). Received {path!r}, which is truncated or not a "
-                        "Keras file. Save the model again with model.save(...).")
+        raise DataError(
+            f"Expected a .keras model file (a zip archive). Received {path!r}, which is truncated or not a "
+            "Keras file. Save the model again with model.save(...)."
+        )

@@ -70,7 +70,9 @@ def get(name: object) -> Format:
     """
     if name not in LOW_PRECISION:
         hint = f" Use 'mixed_{name}' instead." if name in ("float16", "bfloat16") else ""
-        raise PolicyError(f"Expected a 16-bit policy name, one of {list(LOW_PRECISION)}. Received: {describe(name)}.{hint}")
+        raise PolicyError(
+            f"Expected a 16-bit policy name, one of {list(LOW_PRECISION)}. Received: {describe(name)}.{hint}"
+        )
     import ml_dtypes
     import numpy as np
 
@@ -138,8 +140,10 @@ def check_policy_name(name: object, *, what: str = "policy") -> str:
         # A pure 16-bit policy set after build does not really compute in 16-bit
         # (Keras 3.15); the mixed policies keep float32 variables and do.
         hint = f" Use 'mixed_{name}' instead: it computes in {name} and keeps float32 weights."
-    raise PolicyError(f"Expected a {what} name, one of {list(POLICY_NAMES)} or a quantized one such as "
-                      f"'int8_from_mixed_bfloat16'. Received: {describe(name)}.{hint}")
+    raise PolicyError(
+        f"Expected a {what} name, one of {list(POLICY_NAMES)} or a quantized one such as "
+        f"'int8_from_mixed_bfloat16'. Received: {describe(name)}.{hint}"
+    )
 
 
 def resolve_target(target: object) -> tuple[str, str]:

@@ -51,11 +51,35 @@ _ATTENTION = {"MultiHeadAttention", "GroupedQueryAttention", "Attention", "Addit
 _SOFTMAX_LIKE = {"softmax", "sigmoid", "log_softmax"}
 # Layers that only move or select values: their output equals some of their
 # inputs, so their precision is their input's. Everything else weightless computes.
-_MOVEMENT = {"Dropout", "Flatten", "Reshape", "Identity", "Permute", "Cropping1D", "Cropping2D", "Cropping3D",
-             "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
-             "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "ActivityRegularization", "RepeatVector",
-             "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
-             "GlobalMaxPooling3D", "Masking", "InputLayer"}
+_MOVEMENT = {
+    "Dropout",
+    "Flatten",
+    "Reshape",
+    "Identity",
+    "Permute",
+    "Cropping1D",
+    "Cropping2D",
+    "Cropping3D",
+    "ZeroPadding1D",
+    "ZeroPadding2D",
+    "ZeroPadding3D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "SpatialDropout3D",
+    "ActivityRegularization",
+    "RepeatVector",
+    "MaxPooling1D",
+    "MaxPooling2D",
+    "MaxPooling3D",
+    "GlobalMaxPooling1D",
+    "GlobalMaxPooling2D",
+    "GlobalMaxPooling3D",
+    "Masking",
+    "InputLayer",
+}
 # Walking back from an output through these finds a softmax that still feeds it directly.
 _PASSTHROUGH = _MOVEMENT | {"Activation", "Softmax"}
 
@@ -243,8 +267,12 @@ class ModelGraph:
         for info in self.layers:
             if not info.is_layer:
                 continue
-            facts[info.path] = {"class": info.class_name, "params": int(info.params), "flops": float(info.flops),
-                                "keras_path": info.keras_path}
+            facts[info.path] = {
+                "class": info.class_name,
+                "params": int(info.params),
+                "flops": float(info.flops),
+                "keras_path": info.keras_path,
+            }
             for sub, cls, kpath in zip(info.sublayers, info.sublayer_classes, info.sublayer_keras_paths):
                 facts[sub] = {"class": cls, "params": 0, "flops": 0.0, "keras_path": kpath}
         return facts
@@ -278,12 +306,23 @@ class ModelGraph:
         import pandas as pd
 
         total = self.total_flops or 1.0
-        return pd.DataFrame([
-            {"path": i.path, "class": i.class_name, "role": i.role, "params": i.params, "flops": i.flops,
-             "flops_share": i.flops / total, "output_bytes": i.output_bytes, "decision_unit": i.is_unit,
-             "pinned": i.pinned or "", "policy": i.policy}
-            for i in self.layers
-        ])
+        return pd.DataFrame(
+            [
+                {
+                    "path": i.path,
+                    "class": i.class_name,
+                    "role": i.role,
+                    "params": i.params,
+                    "flops": i.flops,
+                    "flops_share": i.flops / total,
+                    "output_bytes": i.output_bytes,
+                    "decision_unit": i.is_unit,
+                    "pinned": i.pinned or "",
+                    "policy": i.policy,
+                }
+                for i in self.layers
+            ]
+        )
 
 
 def sublayer_key(sublayer: Any, parent_key: str, containers: Iterable[str] = ()) -> str:
@@ -353,8 +392,11 @@ def leaf_layers(model: Any) -> list[Any]:
     """
     import keras
 
-    return [l for l in model._flatten_layers(include_self=False)
-            if not isinstance(l, keras.Model) and type(l).__name__ != "InputLayer"]
+    return [
+        l
+        for l in model._flatten_layers(include_self=False)
+        if not isinstance(l, keras.Model) and type(l).__name__ != "InputLayer"
+    ]
 
 
 def model_kind(model: Any) -> str:
@@ -387,8 +429,9 @@ def graph_function(model: Any):
     return None
 
 
-def build_graph(model: Any, *, keep_float32: Iterable[str] = (), force_16bit: Iterable[str] = (),
-                sample: Any = None) -> ModelGraph:
+def build_graph(
+    model: Any, *, keep_float32: Iterable[str] = (), force_16bit: Iterable[str] = (), sample: Any = None
+) -> ModelGraph:
     """Walk ``model`` and describe every leaf node.
 
     Args:
@@ -431,29 +474,51 @@ def build_graph(model: Any, *, keep_float32: Iterable[str] = (), force_16bit: It
     _check_collisions(walker.records)
     pins, forced = _pins(walker, keep_float32, force_16bit)
     layers = tuple(_info(order, rec, pins.get(rec["path"])) for order, rec in enumerate(walker.records))
-    return ModelGraph(model=model, kind=kind, layers=layers, outputs=tuple(dict.fromkeys(walker.outputs)),
-                      containers=walker.containers, forced=frozenset(forced))
+    return ModelGraph(
+        model=model,
+        kind=kind,
+        layers=layers,
+        outputs=tuple(dict.fromkeys(walker.outputs)),
+        containers=walker.containers,
+        forced=frozenset(forced),
+    )
 
 
 def _info(order: int, rec: dict[str, Any], pinned: str | None) -> LayerInfo:
     return LayerInfo(
-        path=rec["path"], class_name=rec["class"], params=rec["params"], flops=float(rec["flops"]),
-        output_bytes=float(rec["bytes"]), order=order, role=rec["role"], pinned=pinned,
-        producers=tuple(dict.fromkeys(rec["producers"])), parent=rec["containers"][-1] if rec["containers"] else None,
-        policy=rec["policy"], keras_path=rec["keras_path"], containers=rec["containers"],
-        sublayers=tuple(s[0] for s in rec["sublayers"]), sublayer_classes=tuple(s[1] for s in rec["sublayers"]),
-        sublayer_keras_paths=tuple(s[2] for s in rec["sublayers"]), quantizable=rec["quantizable"], layer=rec["layer"],
+        path=rec["path"],
+        class_name=rec["class"],
+        params=rec["params"],
+        flops=float(rec["flops"]),
+        output_bytes=float(rec["bytes"]),
+        order=order,
+        role=rec["role"],
+        pinned=pinned,
+        producers=tuple(dict.fromkeys(rec["producers"])),
+        parent=rec["containers"][-1] if rec["containers"] else None,
+        policy=rec["policy"],
+        keras_path=rec["keras_path"],
+        containers=rec["containers"],
+        sublayers=tuple(s[0] for s in rec["sublayers"]),
+        sublayer_classes=tuple(s[1] for s in rec["sublayers"]),
+        sublayer_keras_paths=tuple(s[2] for s in rec["sublayers"]),
+        quantizable=rec["quantizable"],
+        layer=rec["layer"],
     )
 
 
-def _pins(walker: "_Walker", keep_float32: Iterable[str], force_16bit: Iterable[str]) -> tuple[dict[str, str], set[str]]:
+def _pins(
+    walker: _Walker, keep_float32: Iterable[str], force_16bit: Iterable[str]
+) -> tuple[dict[str, str], set[str]]:
     """Pin reason per pinned path, and the paths force_16bit matched."""
     paths = [r["path"] for r in walker.records]
     user = set(match_paths(keep_float32, paths, what="keep_float32"))
     forced = set(match_paths(force_16bit, paths, what="force_16bit"))
     clash = sorted(user & forced)
     if clash:
-        raise PolicyError(f"Expected each layer in at most one of keep_float32 and force_16bit. Received both for: {clash}.")
+        raise PolicyError(
+            f"Expected each layer in at most one of keep_float32 and force_16bit. Received both for: {clash}."
+        )
     auto = _auto_pins(walker)
     outputs = sorted(p for p in forced if p in auto)
     if outputs:
@@ -489,7 +554,9 @@ def match_paths(patterns: Iterable[str], paths: Sequence[str], *, what: str) -> 
     try:
         patterns = list(patterns)
     except TypeError:
-        raise PolicyError(f"Expected {what} as a list of layer paths or regexes. Received: {describe(patterns)}.") from None
+        raise PolicyError(
+            f"Expected {what} as a list of layer paths or regexes. Received: {describe(patterns)}."
+        ) from None
     out: list[str] = []
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
@@ -500,7 +567,9 @@ def match_paths(patterns: Iterable[str], paths: Sequence[str], *, what: str) -> 
         try:
             rx = re.compile(pattern)
         except re.error as exc:
-            raise PolicyError(f"Expected {what} entry {pattern!r} to be a layer path or a valid regex ({exc}).") from None
+            raise PolicyError(
+                f"Expected {what} entry {pattern!r} to be a layer path or a valid regex ({exc})."
+            ) from None
         hits = [p for p in paths if rx.fullmatch(p)]
         if not hits:
             close = [p for p in paths if pattern.split("/")[0].rstrip(".*") in p][:5]
@@ -570,10 +639,15 @@ class _Walker:
             # Without a graph, the last layer called is taken to produce the output.
             self.outputs = [layer_key(order[-1] if shapes else leaves[-1], self.containers)]
 
-    def _record(self, layer: Any, parents: tuple[str, ...], in_shapes: list, out_shapes: list, producers: tuple) -> dict:
+    def _record(
+        self, layer: Any, parents: tuple[str, ...], in_shapes: list, out_shapes: list, producers: tuple
+    ) -> dict:
         real = self.real_shapes.get(id(layer))
         if real is not None and any(_unknown(sh) for sh in (*in_shapes, *out_shapes)):
-            in_shapes, out_shapes = [(None, *tuple(sh)[1:]) for sh in real[0]], [(None, *tuple(sh)[1:]) for sh in real[1]]
+            in_shapes, out_shapes = (
+                [(None, *tuple(sh)[1:]) for sh in real[0]],
+                [(None, *tuple(sh)[1:]) for sh in real[1]],
+            )
         existing = self.by_id.get(id(layer))
         flops = layer_flops(layer, in_shapes, out_shapes)
         nbytes = 4.0 * sum(sample_elements(s) for s in out_shapes)
@@ -588,13 +662,25 @@ class _Walker:
         policy = layer.dtype_policy if is_layer else None
         key = layer_key(layer, self.containers)
         rec = {
-            "path": key, "class": type(layer).__name__, "role": _role(layer),
-            "params": int(sum(math.prod(v.shape) for v in weights_of(layer))), "flops": flops, "bytes": nbytes,
-            "producers": list(producers), "containers": parents, "policy": getattr(policy, "name", FLOAT32),
+            "path": key,
+            "class": type(layer).__name__,
+            "role": _role(layer),
+            "params": int(sum(math.prod(v.shape) for v in weights_of(layer))),
+            "flops": flops,
+            "bytes": nbytes,
+            "producers": list(producers),
+            "containers": parents,
+            "policy": getattr(policy, "name", FLOAT32),
             "keras_path": (getattr(layer, "path", None) or "") if is_layer else "",
-            "sublayers": [(sublayer_key(s, key, self.containers), type(s).__name__, getattr(s, "path", None) or "")
-                          for s in layer._flatten_layers(include_self=False)] if is_layer else [],
-            "layer": layer, "activation": _activation_name(layer), "quantizable": is_layer and _quantizable(layer),
+            "sublayers": [
+                (sublayer_key(s, key, self.containers), type(s).__name__, getattr(s, "path", None) or "")
+                for s in layer._flatten_layers(include_self=False)
+            ]
+            if is_layer
+            else [],
+            "layer": layer,
+            "activation": _activation_name(layer),
+            "quantizable": is_layer and _quantizable(layer),
         }
         self.by_id[id(layer)] = rec
         self.records.append(rec)
@@ -634,8 +720,10 @@ def _record_calls(model: Any, leaves: list, sample: Any) -> tuple[dict[int, tupl
                 out = __call(*args, **kwargs)
                 if id(__layer) not in shapes:
                     order.append(__layer)
-                    shapes[id(__layer)] = ([t.shape for t in keras.tree.flatten(args) if hasattr(t, "shape")],
-                                           [t.shape for t in keras.tree.flatten(out) if hasattr(t, "shape")])
+                    shapes[id(__layer)] = (
+                        [t.shape for t in keras.tree.flatten(args) if hasattr(t, "shape")],
+                        [t.shape for t in keras.tree.flatten(out) if hasattr(t, "shape")],
+                    )
                 return out
 
             object.__setattr__(layer, "call", recorder)

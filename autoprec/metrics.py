@@ -51,8 +51,9 @@ class Metric:
     output: int | str | None = None
 
     @classmethod
-    def get(cls, metric: Any = None, *, model: Any = None, y: Any, y_pred: Any,
-            higher_is_better: bool | None = None) -> "Metric":
+    def get(
+        cls, metric: Any = None, *, model: Any = None, y: Any, y_pred: Any, higher_is_better: bool | None = None
+    ) -> Metric:
         """Turn ``metric=`` into a :class:`Metric`.
 
         ``None`` means the model's first compiled metric, else its compiled
@@ -79,7 +80,9 @@ class Metric:
                 return float(np.mean(self.values(yt, yp)))
             return float(self.fn(yt, yp))
         except (ValueError, TypeError) as exc:
-            raise MetricError(f"Metric {self.name!r} could not be computed on these labels and outputs: {exc}") from None
+            raise MetricError(
+                f"Metric {self.name!r} could not be computed on these labels and outputs: {exc}"
+            ) from None
 
     def values(self, y_true: Any, y_pred: Any) -> np.ndarray:
         """Per-sample values (NumPy) of an already selected output."""
@@ -132,30 +135,45 @@ def _resolve(metric: Any, model: Any, y: Any, y_pred: Any, higher_is_better: boo
                 "without it; autoprec cannot tell whether a larger value is better."
             )
         return Metric(getattr(metric, "__name__", "metric"), bool(higher_is_better), metric)
-    raise MetricError(f"Expected metric to be None, a Keras metric name or instance, a Keras loss, or a callable. "
-                      f"Received: {describe(metric)}.")
+    raise MetricError(
+        f"Expected metric to be None, a Keras metric name or instance, a Keras loss, or a callable. "
+        f"Received: {describe(metric)}."
+    )
 
 
 def _per_output(metric: Any, model: Any, y: Any, y_pred: Any, higher_is_better: bool | None) -> Metric:
     if not _is_multi(y_pred) and isinstance(metric, Mapping) and len(metric) == 1:
         return _resolve(next(iter(metric.values())), model, y, y_pred, higher_is_better)  # one output: just its metric
-    names = list(getattr(model, "output_names", None) or (list(y_pred) if isinstance(y_pred, dict) else range(len(y_pred))))
-    hint = (f"Pass metric={{{names[0]!r}: 'accuracy'}} to measure one output, or metric=callable(y_true, y_pred) -> "
-            "float with higher_is_better= to combine them (it receives the outputs and labels as lists or dicts).")
+    names = list(
+        getattr(model, "output_names", None) or (list(y_pred) if isinstance(y_pred, dict) else range(len(y_pred)))
+    )
+    hint = (
+        f"Pass metric={{{names[0]!r}: 'accuracy'}} to measure one output, or metric=callable(y_true, y_pred) -> "
+        "float with higher_is_better= to combine them (it receives the outputs and labels as lists or dicts)."
+    )
     if not isinstance(metric, Mapping) or len(metric) != 1:
-        raise MetricError(f"Expected one metric for a model with {len(names)} outputs ({names}). Received: "
-                          f"metric={describe(metric)}. {hint}")
-    (name, inner), = metric.items()
+        raise MetricError(
+            f"Expected one metric for a model with {len(names)} outputs ({names}). Received: "
+            f"metric={describe(metric)}. {hint}"
+        )
+    ((name, inner),) = metric.items()
     if name not in names:
         raise MetricError(f"Expected an output name among {names}. Received metric={{{name!r}: ...}}. {hint}")
     index = names.index(name) if not isinstance(y_pred, dict) else name
     resolved = _resolve(inner, None, _pick(y, index), _pick(y_pred, index), higher_is_better)
-    return Metric(f"{name}/{resolved.name}", resolved.higher_is_better, resolved.fn, resolved.per_sample,
-                  resolved.bounds, output=index)
+    return Metric(
+        f"{name}/{resolved.name}",
+        resolved.higher_is_better,
+        resolved.fn,
+        resolved.per_sample,
+        resolved.bounds,
+        output=index,
+    )
 
 
 def _per_sample(fn: Callable, **kwargs: Any) -> Callable:
     """Per-sample values of an element-wise metric function: mean over every axis but the batch."""
+
     def values(y_true: Any, y_pred: Any) -> Any:
         from keras import ops
 
@@ -180,7 +198,11 @@ def _keras_metric(metric: Any, higher_is_better: bool | None) -> Metric:
         return float(keras.ops.convert_to_numpy(m.result()))
 
     direction = getattr(metric, "_direction", None)
-    hib = higher_is_better if higher_is_better is not None else (direction == "up" if direction else _name_says_up(metric.name))
+    hib = (
+        higher_is_better
+        if higher_is_better is not None
+        else (direction == "up" if direction else _name_says_up(metric.name))
+    )
     per_sample, bounds = None, None
     if isinstance(metric, keras.metrics.MeanMetricWrapper):
         per_sample = _per_sample(metric._fn, **metric._fn_kwargs)
@@ -192,20 +214,26 @@ def _compiled_metric(model: Any) -> Any:
     config = getattr(getattr(model, "_compile_config", None), "config", None) or {}
     flat = []
     metrics = config.get("metrics")
-    for value in (metrics.values() if isinstance(metrics, dict) else metrics if isinstance(metrics, (list, tuple)) else [metrics]):
+    for value in (
+        metrics.values() if isinstance(metrics, dict) else metrics if isinstance(metrics, (list, tuple)) else [metrics]
+    ):
         flat.extend(value if isinstance(value, (list, tuple)) else [value])
     flat = [m for m in flat if m is not None]
     if flat:
         return flat[0]
     if config.get("loss") is not None and not isinstance(config["loss"], (list, dict)):
         return config["loss"]
-    raise MetricError("Expected metric= or a compiled model to take the metric from. Received metric=None and a model "
-                      "compiled without metrics or loss. Pass e.g. metric='accuracy'.")
+    raise MetricError(
+        "Expected metric= or a compiled model to take the metric from. Received metric=None and a model "
+        "compiled without metrics or loss. Pass e.g. metric='accuracy'."
+    )
 
 
 def _name_says_up(name: str) -> bool:
     name = name.lower()
-    return not any(k in name for k in ("loss", "error", "entropy", "mse", "mae", "hinge", "divergence", "poisson", "logcosh"))
+    return not any(
+        k in name for k in ("loss", "error", "entropy", "mse", "mae", "hinge", "divergence", "poisson", "logcosh")
+    )
 
 
 def _named_metric(name: str, y: Any, y_pred: Any, higher_is_better: bool | None) -> Metric:
@@ -232,11 +260,18 @@ def _named_metric(name: str, y: Any, y_pred: Any, higher_is_better: bool | None)
     except (ValueError, TypeError):
         fn = metric if callable(metric) else None
     if fn is None:
-        raise MetricError(f"Expected a Keras metric or loss name. Received: metric={name!r}, which Keras does not know.")
+        raise MetricError(
+            f"Expected a Keras metric or loss name. Received: metric={name!r}, which Keras does not know."
+        )
     hib = higher_is_better if higher_is_better is not None else _name_says_up(name)
     per_sample = _per_sample(fn)
-    return Metric(name, hib, lambda yt, yp: float(np.mean(keras.ops.convert_to_numpy(per_sample(yt, yp)))), per_sample,
-                  _loss_bounds(name))
+    return Metric(
+        name,
+        hib,
+        lambda yt, yp: float(np.mean(keras.ops.convert_to_numpy(per_sample(yt, yp)))),
+        per_sample,
+        _loss_bounds(name),
+    )
 
 
 def label_kind(y: Any, y_pred: Any) -> str:
@@ -271,6 +306,7 @@ def label_reshaper(y: Any, y_pred: Any) -> Any:
     >>> label_reshaper(np.zeros(4), np.zeros((4, 1)))(np.zeros(4)).shape
     (4, 1)
     """
+
     def needs(label: Any, pred: Any) -> bool:
         label, pred = np.asarray(label), np.asarray(pred)
         return pred.ndim >= 2 and pred.shape[-1] == 1 and label.shape == pred.shape[:-1]
@@ -311,11 +347,15 @@ def check_labels(model: Any, y: Any, y_pred: Any, *, what: str) -> None:
             raise DataError(f"{exc} ({where})") from None
         lowered = (loss or "").lower()
         if "sparse" in lowered and kind == "dense" and np.asarray(pk).shape[-1] > 1:
-            raise DataError(f"Expected class ids with the sparse loss {loss!r}. Received one-hot labels of shape "
-                            f"{np.shape(yk)} in {where}. Pass y.argmax(-1), or compile with 'categorical_crossentropy'.")
+            raise DataError(
+                f"Expected class ids with the sparse loss {loss!r}. Received one-hot labels of shape "
+                f"{np.shape(yk)} in {where}. Pass y.argmax(-1), or compile with 'categorical_crossentropy'."
+            )
         if "categorical" in lowered and "sparse" not in lowered and kind == "sparse":
-            raise DataError(f"Expected one-hot labels with the loss {loss!r}. Received class ids of shape {np.shape(yk)} "
-                            f"in {where}. Pass keras.utils.to_categorical(y), or compile with 'sparse_categorical_crossentropy'.")
+            raise DataError(
+                f"Expected one-hot labels with the loss {loss!r}. Received class ids of shape {np.shape(yk)} "
+                f"in {where}. Pass keras.utils.to_categorical(y), or compile with 'sparse_categorical_crossentropy'."
+            )
 
 
 def _label_pairs(y: Any, y_pred: Any, losses: Any) -> dict[Any, tuple[Any, Any, str | None]]:
@@ -324,11 +364,15 @@ def _label_pairs(y: Any, y_pred: Any, losses: Any) -> dict[Any, tuple[Any, Any, 
         return {0: (single(y), y_pred, losses if isinstance(losses, str) else None)}
     keys = list(y_pred) if isinstance(y_pred, dict) else list(range(len(y_pred)))
     if not isinstance(y, (list, tuple, dict)) or len(y) != len(keys):
-        raise DataError(f"Expected labels for each of the model's {len(keys)} outputs, as a list or dict. "
-                        f"Received y of type {type(y).__name__}.")
+        raise DataError(
+            f"Expected labels for each of the model's {len(keys)} outputs, as a list or dict. "
+            f"Received y of type {type(y).__name__}."
+        )
     out = {}
     for i, key in enumerate(keys):
-        loss = losses.get(key) if isinstance(losses, dict) else losses[i] if isinstance(losses, (list, tuple)) else losses
+        loss = (
+            losses.get(key) if isinstance(losses, dict) else losses[i] if isinstance(losses, (list, tuple)) else losses
+        )
         out[key] = (_pick(y, key if isinstance(y, dict) else i), y_pred[key], loss if isinstance(loss, str) else None)
     return out
 

@@ -16,8 +16,16 @@ from typing import Any
 from autoprec.formats import DEFAULT_LOSS_SCALE, MIXED_FLOAT16, split
 from autoprec.formats import get as get_format
 
-COLORS = {"float32": "#4c72b0", "mixed_float16": "#dd8452", "mixed_bfloat16": "#55a868", "float64": "#8172b3",
-          "follows": "#bbbbbb", "int8": "#c44e52", "int4": "#937860", "float8": "#da8bc3"}
+COLORS = {
+    "float32": "#4c72b0",
+    "mixed_float16": "#dd8452",
+    "mixed_bfloat16": "#55a868",
+    "float64": "#8172b3",
+    "follows": "#bbbbbb",
+    "int8": "#c44e52",
+    "int4": "#937860",
+    "float8": "#da8bc3",
+}
 
 
 def _decision_color(decision: Any) -> str:
@@ -43,13 +51,24 @@ def strip_data(saved: Any) -> dict:
 def sensitivity_data(saved: Any) -> dict:
     """The decisions' most telling measure that is not zero everywhere: metric drop, else output error, else score."""
     frame = saved.sensitivity
-    frame = frame[frame["kind"] == "decision"] if "kind" in frame else frame[frame["decision_unit"] & (frame["pinned"] == "")]
-    column = next((c for c in ("metric_drop", "output_error", "score") if c in frame and (frame[c].fillna(0) > 0).any()), "score")
+    frame = (
+        frame[frame["kind"] == "decision"]
+        if "kind" in frame
+        else frame[frame["decision_unit"] & (frame["pinned"] == "")]
+    )
+    column = next(
+        (c for c in ("metric_drop", "output_error", "score") if c in frame and (frame[c].fillna(0) > 0).any()), "score"
+    )
     frame = frame.sort_values(column, ascending=False, na_position="last") if column in frame else frame
     raw = frame[column] if column in frame else [math.nan] * len(frame)
     values = [float(v) if isinstance(v, (int, float)) and not math.isnan(float(v)) else math.nan for v in raw]
-    return {"paths": list(frame["path"]), "values": values, "decisions": list(frame["decision"]), "measure": column,
-            "allowed": float(saved.meta.get("budget", {}).get("allowed", math.nan))}
+    return {
+        "paths": list(frame["path"]),
+        "values": values,
+        "decisions": list(frame["decision"]),
+        "measure": column,
+        "allowed": float(saved.meta.get("budget", {}).get("allowed", math.nan)),
+    }
 
 
 def ranges_data(saved: Any) -> dict:
@@ -57,10 +76,19 @@ def ranges_data(saved: Any) -> dict:
     frame = saved.sensitivity.sort_values("order") if "order" in saved.sensitivity else saved.sensitivity
     fmt = get_format(saved.meta.get("target", MIXED_FLOAT16))
     cols = {c: [float(v) for v in frame[c]] if c in frame else [] for c in ("act_absmax", "grad_absmax")}
-    return {"paths": list(frame["path"]), "act": cols["act_absmax"], "grad": cols["grad_absmax"],
-            "grad_scaled": [g * DEFAULT_LOSS_SCALE for g in cols["grad_absmax"]], "scale": DEFAULT_LOSS_SCALE,
-            "limits": {"largest finite": fmt.max_finite, "smallest normal": fmt.min_normal,
-                       "smallest subnormal": fmt.min_subnormal}, "format": fmt.short}
+    return {
+        "paths": list(frame["path"]),
+        "act": cols["act_absmax"],
+        "grad": cols["grad_absmax"],
+        "grad_scaled": [g * DEFAULT_LOSS_SCALE for g in cols["grad_absmax"]],
+        "scale": DEFAULT_LOSS_SCALE,
+        "limits": {
+            "largest finite": fmt.max_finite,
+            "smallest normal": fmt.min_normal,
+            "smallest subnormal": fmt.min_subnormal,
+        },
+        "format": fmt.short,
+    }
 
 
 def _evaluated(trials: Any) -> Any:
@@ -93,11 +121,17 @@ def tradeoff_data(saved: Any) -> dict:
     feasible = list(trials["feasible"])
     rejected = list(trials["rejected"]) if "rejected" in trials else [False] * len(trials)
     chosen_x = float(meta.get("size_ratio", 1.0)) if size else float(meta["speedup_estimate"])
-    return {"speedup": [float(xs[i]) for i in keep], "drop": [drops[i] for i in keep],
-            "feasible": [_true(feasible[i]) for i in keep], "rejected": [_true(rejected[i]) for i in keep],
-            "allowed": float(meta["budget"]["allowed"]), "chosen": (chosen_x, float(meta["drop"])),
-            "metric": meta.get("metric_name", "metric"), "over_range": len(drops) - len(keep),
-            "x_label": "weights smaller than float32 (x)" if size else "estimated speed-up (x)"}
+    return {
+        "speedup": [float(xs[i]) for i in keep],
+        "drop": [drops[i] for i in keep],
+        "feasible": [_true(feasible[i]) for i in keep],
+        "rejected": [_true(rejected[i]) for i in keep],
+        "allowed": float(meta["budget"]["allowed"]),
+        "chosen": (chosen_x, float(meta["drop"])),
+        "metric": meta.get("metric_name", "metric"),
+        "over_range": len(drops) - len(keep),
+        "x_label": "weights smaller than float32 (x)" if size else "estimated speed-up (x)",
+    }
 
 
 def training_data(saved: Any) -> dict | None:
@@ -136,16 +170,31 @@ def timeline_data(saved: Any) -> dict | None:
     finite = lambda v: float(v) if v is not None and v == v and math.isfinite(float(v)) else math.nan  # noqa: E731
     scale = [finite(v) for v in checks["loss_scale"]] if "loss_scale" in checks else []
     triggers = list(checks["trigger"]) if "trigger" in checks else []
-    return {"lanes": lanes, "last_step": last, "steps": [int(s) for s in checks["step"]],
-            "nonfinite_steps": [int(s) for s, t in zip(checks["step"], triggers) if t == "nonfinite_loss"],
-            "loss": [finite(v) for v in checks["loss"]], "loss_scale": scale if any(v == v for v in scale) else [],
-            "events": [{"step": int(r["step"]), "layer": str(r["layer"]), "direction": str(r["direction"]),
-                        "reason": str(r["reason"])} for r in events.to_dict("records")]}
+    return {
+        "lanes": lanes,
+        "last_step": last,
+        "steps": [int(s) for s in checks["step"]],
+        "nonfinite_steps": [int(s) for s, t in zip(checks["step"], triggers) if t == "nonfinite_loss"],
+        "loss": [finite(v) for v in checks["loss"]],
+        "loss_scale": scale if any(v == v for v in scale) else [],
+        "events": [
+            {
+                "step": int(r["step"]),
+                "layer": str(r["layer"]),
+                "direction": str(r["direction"]),
+                "reason": str(r["reason"]),
+            }
+            for r in events.to_dict("records")
+        ],
+    }
 
 
 def _true(value: Any) -> bool:
-    return value is True or (isinstance(value, str) and value.lower() == "true") or (
-        not isinstance(value, str) and value == value and value is not None and bool(value))
+    return (
+        value is True
+        or (isinstance(value, str) and value.lower() == "true")
+        or (not isinstance(value, str) and value == value and value is not None and bool(value))
+    )
 
 
 # --- drawing ----------------------------------------------------------------
@@ -204,16 +253,20 @@ def draw_sensitivity(data: dict, path: str) -> None:
     ax.set_yticklabels(data["paths"], fontsize=7 if n > 30 else 9)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    label = {"metric_drop": "metric drop with only this layer in 16-bit (log)",
-             "output_error": "output error (relative L2) with only this layer in 16-bit (log)"}.get(data["measure"], "first-order score (log)")
+    label = {
+        "metric_drop": "metric drop with only this layer in 16-bit (log)",
+        "output_error": "output error (relative L2) with only this layer in 16-bit (log)",
+    }.get(data["measure"], "first-order score (log)")
     if any(v <= 0 for v in values):
         label += "; a zero (or a layer cleared with its group) is drawn at the left edge"
     ax.set_xlabel(label)
     if data["measure"] == "metric_drop" and data["allowed"] == data["allowed"] and data["allowed"] > 0:
         ax.axvline(data["allowed"], color="black", linestyle="--", linewidth=1, label="budget")
     _legend(ax, [_legend_key(d) for d in data["decisions"]], loc="lower right", fontsize=8)
-    ax.set_title("Per-layer sensitivity, most sensitive first"
-                 + (" (no layer drops the metric alone)" if data["measure"] != "metric_drop" else ""))
+    ax.set_title(
+        "Per-layer sensitivity, most sensitive first"
+        + (" (no layer drops the metric alone)" if data["measure"] != "metric_drop" else "")
+    )
     _save(fig, path)
 
 
@@ -248,21 +301,35 @@ def draw_history(data: dict, path: str) -> None:
 
 def draw_tradeoff(data: dict, path: str) -> None:
     fig, ax = _figure(7, 4)
-    groups = (("over budget", "#c44e52", lambda i: not data["feasible"][i] and not data["rejected"][i]),
-              ("over budget, stopped early (drop at least)", "#e39c9e", lambda i: data["rejected"][i]),
-              ("within budget", "#55a868", lambda i: data["feasible"][i]))
+    groups = (
+        ("over budget", "#c44e52", lambda i: not data["feasible"][i] and not data["rejected"][i]),
+        ("over budget, stopped early (drop at least)", "#e39c9e", lambda i: data["rejected"][i]),
+        ("within budget", "#55a868", lambda i: data["feasible"][i]),
+    )
     for label, color, member in groups:
         idx = [i for i in range(len(data["speedup"])) if member(i)]
         if idx:
-            ax.scatter([data["speedup"][i] for i in idx], [max(data["drop"][i], 1e-6) for i in idx], c=color, s=14, label=label)
+            ax.scatter(
+                [data["speedup"][i] for i in idx], [max(data["drop"][i], 1e-6) for i in idx], c=color, s=14, label=label
+            )
     ax.axhline(max(data["allowed"], 1e-6), color="black", linestyle="--", linewidth=1, label="budget")
-    ax.scatter([data["chosen"][0]], [max(data["chosen"][1], 1e-6)], marker="*", s=220, c="gold", edgecolors="black",
-               label="chosen", zorder=5)
+    ax.scatter(
+        [data["chosen"][0]],
+        [max(data["chosen"][1], 1e-6)],
+        marker="*",
+        s=220,
+        c="gold",
+        edgecolors="black",
+        label="chosen",
+        zorder=5,
+    )
     ax.set_yscale("log")
     ax.set_xlabel(data.get("x_label", "estimated speed-up (x)"))
     ax.set_ylabel(f"{data['metric']} drop (log; 0 shown at 1e-6)")
-    ax.set_title("Every trial: drop against speed-up"
-                 + (f" ({data['over_range']} with non-finite outputs not shown)" if data.get("over_range") else ""))
+    ax.set_title(
+        "Every trial: drop against speed-up"
+        + (f" ({data['over_range']} with non-finite outputs not shown)" if data.get("over_range") else "")
+    )
     ax.legend(fontsize=8)
     _save(fig, path)
 
@@ -288,26 +355,48 @@ def draw_timeline(data: dict, path: str) -> None:
     from matplotlib.patches import Patch
 
     lanes = data["lanes"]
-    fig, (top, bottom) = _figure(10, 2.6 + 0.3 * len(lanes), nrows=2, sharex=True,
-                                 gridspec_kw={"height_ratios": [max(1, len(lanes)), 2]})
+    fig, (top, bottom) = _figure(
+        10, 2.6 + 0.3 * len(lanes), nrows=2, sharex=True, gridspec_kw={"height_ratios": [max(1, len(lanes)), 2]}
+    )
     for i, spans in enumerate(lanes.values()):
-        top.broken_barh([(s, max(e - s, 0.5)) for s, e, _ in spans], (i - 0.4, 0.8),
-                        facecolors=[_decision_color(p) for _, _, p in spans])
+        top.broken_barh(
+            [(s, max(e - s, 0.5)) for s, e, _ in spans],
+            (i - 0.4, 0.8),
+            facecolors=[_decision_color(p) for _, _, p in spans],
+        )
     top.set_yticks(range(len(lanes)))
     top.set_yticklabels(list(lanes), fontsize=8)
     top.invert_yaxis()
-    used = sorted({p for spans in lanes.values() for _, _, p in spans}, key=lambda d: list(COLORS).index(d) if d in COLORS else 99)
-    top.legend(handles=[Patch(color=_decision_color(p), label=p) for p in used], fontsize=7, loc="center left",
-               bbox_to_anchor=(1.01, 0.5), frameon=False)
+    used = sorted(
+        {p for spans in lanes.values() for _, _, p in spans}, key=lambda d: list(COLORS).index(d) if d in COLORS else 99
+    )
+    top.legend(
+        handles=[Patch(color=_decision_color(p), label=p) for p in used],
+        fontsize=7,
+        loc="center left",
+        bbox_to_anchor=(1.01, 0.5),
+        frameon=False,
+    )
     n = len(data["events"])
-    top.set_title(f"Policy changes during training ({n} change{'s' if n != 1 else ''})" if lanes else "No policy change during training")
+    top.set_title(
+        f"Policy changes during training ({n} change{'s' if n != 1 else ''})"
+        if lanes
+        else "No policy change during training"
+    )
     loss = [v if v > 0 else math.nan for v in data["loss"]]
     bottom.plot(data["steps"], loss, "o-", markersize=3, color="black", label="loss (logged)")
     if any(v == v for v in loss):
         bottom.set_yscale("log")
     for step in data["nonfinite_steps"]:
-        bottom.annotate("non-finite loss", (step, 1.0), xycoords=("data", "axes fraction"), color="#c44e52",
-                        fontsize=7, ha="right", va="top")
+        bottom.annotate(
+            "non-finite loss",
+            (step, 1.0),
+            xycoords=("data", "axes fraction"),
+            color="#c44e52",
+            fontsize=7,
+            ha="right",
+            va="top",
+        )
     bottom.set_xlabel("training step")
     bottom.set_ylabel("loss")
     if data["loss_scale"]:
@@ -317,8 +406,12 @@ def draw_timeline(data: dict, path: str) -> None:
         twin.set_ylabel("loss scale (log2)")
     for event in data["events"]:
         for ax in (top, bottom):
-            ax.axvline(event["step"], color="#c44e52" if event["direction"] == "promote" else "#55a868",
-                       linestyle="--", linewidth=0.8)
+            ax.axvline(
+                event["step"],
+                color="#c44e52" if event["direction"] == "promote" else "#55a868",
+                linestyle="--",
+                linewidth=0.8,
+            )
     bottom.set_xlim(0, data["last_step"])
     _save(fig, path)
 

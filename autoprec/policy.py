@@ -24,7 +24,16 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from autoprec.errors import ModelMismatchError, PolicyError, SchemaError, describe
-from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, POLICY_NAMES, TARGETS, check_policy_name, is_quantized, split
+from autoprec.formats import (
+    FLOAT32,
+    LOW_PRECISION,
+    MIXED_FLOAT16,
+    POLICY_NAMES,
+    TARGETS,
+    check_policy_name,
+    is_quantized,
+    split,
+)
 
 logger = logging.getLogger("autoprec")
 
@@ -53,8 +62,13 @@ class PrecisionPolicy(Mapping):
 
     __slots__ = ("_entries", "_target", "_layers")
 
-    def __init__(self, entries: Mapping[str, str], *, target: str | None = None,
-                 layers: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        entries: Mapping[str, str],
+        *,
+        target: str | None = None,
+        layers: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         if target is not None and target not in TARGETS:
             raise PolicyError(f"Expected target to be one of {list(TARGETS)} or None. Received: {describe(target)}.")
         self._entries = _clean_entries(entries)
@@ -62,7 +76,7 @@ class PrecisionPolicy(Mapping):
         self._layers = {k: dict(v) for k, v in (layers or {}).items()}
 
     @classmethod
-    def get(cls, policy: Any) -> "PrecisionPolicy":
+    def get(cls, policy: Any) -> PrecisionPolicy:
         """Accept a PrecisionPolicy, a DTypePolicyMap, a ``{path: name}`` dict, a config, or a JSON path.
 
         >>> PrecisionPolicy.get({"d": "mixed_bfloat16"})["d"]
@@ -98,7 +112,7 @@ class PrecisionPolicy(Mapping):
         return {"entries": dict(self._entries), "target": self._target, "layers": self.layers}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "PrecisionPolicy":
+    def from_config(cls, config: Mapping[str, Any]) -> PrecisionPolicy:
         return cls(config["entries"], target=config.get("target"), layers=config.get("layers"))
 
     # Derived views ------------------------------------------------------------
@@ -145,14 +159,16 @@ class PrecisionPolicy(Mapping):
         PrecisionPolicy for 1 layer (target: none)
         """
         share = self.low_precision_share()
-        lines = [f"PrecisionPolicy for {len(self)} layer{'' if len(self) == 1 else 's'} (target: {self._target or 'none'})"]
+        lines = [
+            f"PrecisionPolicy for {len(self)} layer{'' if len(self) == 1 else 's'} (target: {self._target or 'none'})"
+        ]
         lines += [f"  {name:<15} {n:>5} layers" for name, n in self.counts().items()]
         for key, label in (("params", "parameters"), ("flops", "FLOPs")):
             if not math.isnan(share[key]):
                 lines.append(f"  16-bit share of {label + ':':<11} {share[key]:.1%}")
         return "\n".join(lines)
 
-    def replace(self, updates: Mapping[str, str]) -> "PrecisionPolicy":
+    def replace(self, updates: Mapping[str, str]) -> PrecisionPolicy:
         """A new policy with some entries changed (the original is immutable)."""
         return PrecisionPolicy({**self._entries, **updates}, target=self._target, layers=self._layers)
 
@@ -173,7 +189,7 @@ class PrecisionPolicy(Mapping):
         return _to_keras(self, model)
 
     @classmethod
-    def from_keras(cls, policy_map, *, target: str | None = None) -> "PrecisionPolicy":
+    def from_keras(cls, policy_map, *, target: str | None = None) -> PrecisionPolicy:
         """Build from a ``DTypePolicyMap`` (its exact keys become paths).
 
         >>> from keras import dtype_policies
@@ -207,7 +223,7 @@ class PrecisionPolicy(Mapping):
         write_text_atomic(path, json.dumps(self.to_json_dict(), indent=2, allow_nan=False) + "\n", what="policy file")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PrecisionPolicy":
+    def load(cls, path: str | os.PathLike) -> PrecisionPolicy:
         """Read and schema-check a policy file written by :meth:`save`.
 
         The file is untrusted: anything off-schema raises :class:`SchemaError`.
@@ -225,7 +241,7 @@ class PrecisionPolicy(Mapping):
         return cls.from_json_dict(doc, source=str(path))
 
     @classmethod
-    def from_json_dict(cls, doc: Any, *, source: str = "<dict>") -> "PrecisionPolicy":
+    def from_json_dict(cls, doc: Any, *, source: str = "<dict>") -> PrecisionPolicy:
         """Validate a JSON document and build the policy from it."""
         entries, target, facts = _parse_document(doc, source)
         return cls(entries, target=target, layers=facts)
@@ -288,7 +304,8 @@ def _to_keras(policy: PrecisionPolicy, model: Any):
     else:
         keyed = _keyed_by_keras_path(policy, model)
     return dtype_policies.DTypePolicyMap(
-        default_policy=FLOAT32, policy_map={path: dtype_policies.DTypePolicy(name) for path, name in keyed.items()},
+        default_policy=FLOAT32,
+        policy_map={path: dtype_policies.DTypePolicy(name) for path, name in keyed.items()},
     )
 
 
@@ -299,10 +316,13 @@ def _document(policy: PrecisionPolicy) -> dict[str, Any]:
 
     facts = policy.layers
     return {
-        "format": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "autoprec_version": __version__,
+        "format": SCHEMA_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "autoprec_version": __version__,
         "keras_version": keras.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "target": policy.target, "default_policy": FLOAT32,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "target": policy.target,
+        "default_policy": FLOAT32,
         "layers": [{"path": path, "policy": name, **facts.get(path, {})} for path, name in policy.items()],
     }
 
@@ -317,8 +337,10 @@ def _parse_document(doc: Any, source: str) -> tuple[dict[str, str], str | None, 
         raise fail(f"expected format={SCHEMA_NAME!r}, received {doc.get('format')!r}.")
     version = doc.get("schema_version")
     if version not in READABLE_VERSIONS or isinstance(version, bool):
-        raise fail(f"expected schema_version in {list(READABLE_VERSIONS)}, received {version!r}. "
-                   "It was written by another autoprec version; re-export it with this one.")
+        raise fail(
+            f"expected schema_version in {list(READABLE_VERSIONS)}, received {version!r}. "
+            "It was written by another autoprec version; re-export it with this one."
+        )
     target = doc.get("target")
     if target is not None and target not in TARGETS:
         raise fail(f"expected target in {list(TARGETS)} or null, received {target!r}.")
@@ -326,8 +348,10 @@ def _parse_document(doc: Any, source: str) -> tuple[dict[str, str], str | None, 
     if not isinstance(layers, list):
         raise fail(f"expected 'layers' to be a list, received {type(layers).__name__}.")
     if not layers:  # an empty policy would apply as "all float32" without a word: never what a written file meant
-        raise fail("expected at least one layer in 'layers', received an empty list. The file holds no policy; "
-                   "write it again with result.policy.save(path).")
+        raise fail(
+            "expected at least one layer in 'layers', received an empty list. The file holds no policy; "
+            "write it again with result.policy.save(path)."
+        )
     entries: dict[str, str] = {}
     facts: dict[str, dict[str, Any]] = {}
     for i, row in enumerate(layers):
@@ -340,8 +364,10 @@ def _parse_document(doc: Any, source: str) -> tuple[dict[str, str], str | None, 
             raise fail(f"layer path {path!r} appears twice.")
         quantized_ok = version >= 2 and is_quantized(name)  # version 1 predates quantized names
         if not isinstance(name, str) or (name not in POLICY_NAMES and not quantized_ok):
-            raise fail(f"layers[{i}].policy should be one of {list(POLICY_NAMES)}"
-                       f"{' or a quantized name such as int8_from_float32' if version >= 2 else ''}, received {name!r}.")
+            raise fail(
+                f"layers[{i}].policy should be one of {list(POLICY_NAMES)}"
+                f"{' or a quantized name such as int8_from_float32' if version >= 2 else ''}, received {name!r}."
+            )
         entry = _parse_facts(row, i, fail)
         entries[path] = name
         if entry:
@@ -386,7 +412,8 @@ def _match_graph(policy: PrecisionPolicy, graph: Any) -> dict[str, str]:
         parts += [f"in the model but not in the policy: {_short_list(extra)}"] if extra else []
         parts += [f"with another class: {_short_list(sorted(changed))}"] if changed else []
         raise ModelMismatchError(
-            "This policy was made for a different model. Layers " + "; ".join(parts)
+            "This policy was made for a different model. Layers "
+            + "; ".join(parts)
             + ". Tune this model (autoprec.tune) or load the policy made for it. A policy may name a layer by "
             "its key (`autoprec layers MODEL`), by its Keras layer.path, or a nested model by its name."
         )
@@ -417,7 +444,8 @@ def _keyed_by_keras_path(policy: PrecisionPolicy, model: Any) -> dict[str, str]:
             "autoprec: %d layer(s) have no layer.path (Keras sets one only for layers with their own build()), so a "
             "DTypePolicyMap passed as dtype= gives them its default, float32, although the policy says 16-bit: %s. "
             "They compute in float32 at the cost of a cast; apply_policy sets them exactly.",
-            len(unaddressable), _short_list(unaddressable),
+            len(unaddressable),
+            _short_list(unaddressable),
         )
     return keyed
 

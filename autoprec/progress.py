@@ -29,7 +29,7 @@ class Progress:
         if self.verbose:
             print(message, flush=True)
 
-    def stage(self, name: str, *, total: int | None, unit: str = "step") -> "StageBar":
+    def stage(self, name: str, *, total: int | None, unit: str = "step") -> StageBar:
         """Start a stage of ``total`` steps (None when unknown)."""
         return StageBar(self, name, total, unit)
 
@@ -55,7 +55,10 @@ class StageBar:
         if progress.verbose:
             import keras
 
-            print(f"autoprec: {name} ({total} {plural(unit, total)} at most)" if total else f"autoprec: {name}", flush=True)
+            print(
+                f"autoprec: {name} ({total} {plural(unit, total)} at most)" if total else f"autoprec: {name}",
+                flush=True,
+            )
             self._bar = keras.utils.Progbar(total, unit_name=unit, stateful_metrics=["best"])
 
     def update(self, current: int, values: list | None = None) -> None:
@@ -65,5 +68,7 @@ class StageBar:
     def done(self, current: int, values: list | None = None) -> None:
         self.progress.seconds[self.name] = self.progress.seconds.get(self.name, 0.0) + time.monotonic() - self.started
         if self._bar is not None:
-            self._bar.target = max(current, 1)  # a stage of unknown length ends with its count known: "2/2", not "2/Unknown"
+            self._bar.target = max(
+                current, 1
+            )  # a stage of unknown length ends with its count known: "2/2", not "2/Unknown"
             self._bar.update(current, values, finalize=True)

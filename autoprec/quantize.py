@@ -45,8 +45,15 @@ QUANTIZABLE = ("Dense", "EinsumDense", "Embedding", "ReversibleEmbedding")
 FLOAT8_MAX = 448.0  # float8_e4m3fn's largest finite value
 # Bytes one weight takes in storage. Mixed policies keep float32 variables, and
 # float8 layers keep a float32 kernel with their scales: no saving on disk.
-BYTES_PER_WEIGHT = {"float32": 4.0, "mixed_float16": 4.0, "mixed_bfloat16": 4.0, "float64": 8.0,
-                    "int8": 1.0, "int4": 0.5, "float8": 4.0}
+BYTES_PER_WEIGHT = {
+    "float32": 4.0,
+    "mixed_float16": 4.0,
+    "mixed_bfloat16": 4.0,
+    "float64": 8.0,
+    "int8": 1.0,
+    "int4": 0.5,
+    "float8": 4.0,
+}
 
 
 def quantized_name(mode: str, base: str) -> str:
@@ -119,8 +126,10 @@ def measured_speed(mode: str, base: str = FLOAT32, *, width: int = 1024, batch: 
     dense.build((None, width))
     quantized = quantized_twin(dense, quantized_name(mode, base))
     x = np.random.default_rng(0).normal(size=(batch, width)).astype("float32")
-    calls = {"float32": keras.Sequential([keras.Input((width,)), dense]),
-             mode: keras.Sequential([keras.Input((width,)), quantized])}
+    calls = {
+        "float32": keras.Sequential([keras.Input((width,)), dense]),
+        mode: keras.Sequential([keras.Input((width,)), quantized]),
+    }
     times: dict[str, list[float]] = {k: [] for k in calls}
     for k, m in calls.items():
         m.predict_on_batch(x)  # trace

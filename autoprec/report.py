@@ -55,22 +55,30 @@ def load_saved(directory: str | os.PathLike) -> Saved:
 
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
-        raise DataError(f"Expected a result directory written by TuneResult.save (or `autoprec tune -o DIR`). "
-                        f"Received {directory!r}, which is not a directory.")
+        raise DataError(
+            f"Expected a result directory written by TuneResult.save (or `autoprec tune -o DIR`). "
+            f"Received {directory!r}, which is not a directory."
+        )
     adaptive = load_adaptive(directory)
     if adaptive is not None and not os.path.isfile(os.path.join(directory, "result.json")):
         return Saved({}, None, None, directory, adaptive)
-    missing = [n for n in ("result.json", "sensitivity.csv", "trials.csv") if not os.path.isfile(os.path.join(directory, n))]
+    missing = [
+        n for n in ("result.json", "sensitivity.csv", "trials.csv") if not os.path.isfile(os.path.join(directory, n))
+    ]
     if missing:
-        raise DataError(f"Expected a directory written by TuneResult.save (or `autoprec tune -o DIR`). Received {directory!r}, "
-                        f"which lacks {missing}.")
+        raise DataError(
+            f"Expected a directory written by TuneResult.save (or `autoprec tune -o DIR`). Received {directory!r}, "
+            f"which lacks {missing}."
+        )
     try:
         with open(os.path.join(directory, "result.json"), encoding="utf-8") as fh:
             meta = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"Expected valid JSON in {directory}/result.json: {exc}.") from None
     if not isinstance(meta, dict) or not {"baseline_metric", "metric", "budget", "target"} <= set(meta):
-        raise DataError(f"Expected {directory}/result.json to hold a tune result (baseline_metric, metric, budget, target).")
+        raise DataError(
+            f"Expected {directory}/result.json to hold a tune result (baseline_metric, metric, budget, target)."
+        )
     try:
         sensitivity = pd.read_csv(os.path.join(directory, "sensitivity.csv"), keep_default_na=True)
         trials = pd.read_csv(os.path.join(directory, "trials.csv"))
@@ -78,8 +86,10 @@ def load_saved(directory: str | os.PathLike) -> Saved:
         raise DataError(f"Expected the CSV files in {directory!r} as TuneResult.save writes them: {exc}.") from None
     needed = {"path", "decision", "reason", "pinned"}
     if not needed <= set(sensitivity.columns) or not {"trial", "state"} <= set(trials.columns):
-        raise DataError(f"Expected {directory}/sensitivity.csv with columns {sorted(needed)} and trials.csv with "
-                        "'trial' and 'state'. Regenerate the directory with `autoprec tune`.")
+        raise DataError(
+            f"Expected {directory}/sensitivity.csv with columns {sorted(needed)} and trials.csv with "
+            "'trial' and 'state'. Regenerate the directory with `autoprec tune`."
+        )
     sensitivity["pinned"] = sensitivity["pinned"].fillna("")
     return Saved(meta, sensitivity, trials, directory, adaptive)
 
@@ -100,13 +110,19 @@ def load_adaptive(directory: str) -> dict | None:
         return None
     try:
         events = pd.read_csv(paths[0])
-        checks = pd.read_csv(paths[1]) if os.path.isfile(paths[1]) else pd.DataFrame(columns=["step", "loss", "loss_scale"])
+        checks = (
+            pd.read_csv(paths[1]) if os.path.isfile(paths[1]) else pd.DataFrame(columns=["step", "loss", "loss_scale"])
+        )
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"Expected the adaptive history in {directory!r} as AdaptivePrecision.save writes it: {exc}.") from None
+        raise DataError(
+            f"Expected the adaptive history in {directory!r} as AdaptivePrecision.save writes it: {exc}."
+        ) from None
     needed = {"step", "layer", "direction", "before", "after", "reason"}
     if not needed <= set(events.columns) or not {"step", "loss"} <= set(checks.columns):
-        raise DataError(f"Expected {paths[0]} with columns {sorted(needed)} and {ADAPTIVE_FILES[1]} with 'step' and 'loss'. "
-                        "Save them again with AdaptivePrecision.save(directory).")
+        raise DataError(
+            f"Expected {paths[0]} with columns {sorted(needed)} and {ADAPTIVE_FILES[1]} with 'step' and 'loss'. "
+            "Save them again with AdaptivePrecision.save(directory)."
+        )
     return {"events": events, "checks": checks}
 
 
@@ -125,9 +141,13 @@ def plot_records(saved: Saved) -> dict[str, Any]:
 
 def reason_text(row: dict, meta: dict) -> str:
     """The sentence for one row of a saved result."""
-    return sentence(row, target=meta.get("target", "mixed_float16"), metric=meta.get("metric_name", "metric"),
-                    higher_is_better=meta.get("higher_is_better", True),
-                    allowed=float(meta.get("budget", {}).get("allowed", math.inf)))
+    return sentence(
+        row,
+        target=meta.get("target", "mixed_float16"),
+        metric=meta.get("metric_name", "metric"),
+        higher_is_better=meta.get("higher_is_better", True),
+        allowed=float(meta.get("budget", {}).get("allowed", math.inf)),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -136,17 +156,30 @@ def reason_text(row: dict, meta: dict) -> str:
 
 def _md(text: Any) -> str:
     """Escape a string for a Markdown table cell (Markdown renders inline HTML, so escape that too)."""
-    return html.escape(str(text), quote=True).replace("|", "\\|").replace("*", "\\*").replace("_", "\\_").replace("`", "\\`")
+    return (
+        html.escape(str(text), quote=True)
+        .replace("|", "\\|")
+        .replace("*", "\\*")
+        .replace("_", "\\_")
+        .replace("`", "\\`")
+    )
 
 
 def _table_rows(saved: Saved) -> list[dict]:
     frame = saved.sensitivity.sort_values("order") if "order" in saved.sensitivity else saved.sensitivity
     rows = []
     for i, row in enumerate(frame.to_dict("records")):
-        rows.append({"#": i, "path": row["path"], "class": row["class"], "kind": row.get("kind", ""),
-                     "flops": f"{float(row.get('flops_share', 0)) * 100:.2f}%",
-                     "decision": row["decision"] if isinstance(row["decision"], str) else "follows",
-                     "reason": reason_text(row, saved.meta)})
+        rows.append(
+            {
+                "#": i,
+                "path": row["path"],
+                "class": row["class"],
+                "kind": row.get("kind", ""),
+                "flops": f"{float(row.get('flops_share', 0)) * 100:.2f}%",
+                "decision": row["decision"] if isinstance(row["decision"], str) else "follows",
+                "reason": reason_text(row, saved.meta),
+            }
+        )
     return rows
 
 
@@ -161,16 +194,30 @@ def _headline(saved: Saved) -> list[tuple[str, str]]:
         ("Target", m["target"]),
         ("Budget", m.get("formula", "")),
         ("float32 baseline", f"{m['metric_name']} = {m['baseline_metric']:.6g}"),
-        ("Verified with Keras policies", f"{m['metric_name']} = {m['metric']:.6g} (drop {m['drop']:.4g}, allowed "
-                                         f"{m['budget']['allowed']:.4g}: {verdict})"),
-        (f"Estimated speed-up on a {device}", f"{m['speedup_estimate']:.2f}x, an estimate of the cost model for a {device} "
-                                              "(not a measurement on this machine)"
-         + (f"; measured here: {m['measured_speedup']:.2f}x" if m.get("measured_speedup") else "")),
-        ("16-bit decisions", f"{m.get('n_16bit', 0)} of {m.get('n_units', 0)}, {share * 100:.1f}% of the model's FLOPs"),
+        (
+            "Verified with Keras policies",
+            f"{m['metric_name']} = {m['metric']:.6g} (drop {m['drop']:.4g}, allowed "
+            f"{m['budget']['allowed']:.4g}: {verdict})",
+        ),
+        (
+            f"Estimated speed-up on a {device}",
+            f"{m['speedup_estimate']:.2f}x, an estimate of the cost model for a {device} "
+            "(not a measurement on this machine)"
+            + (f"; measured here: {m['measured_speedup']:.2f}x" if m.get("measured_speedup") else ""),
+        ),
+        (
+            "16-bit decisions",
+            f"{m.get('n_16bit', 0)} of {m.get('n_units', 0)}, {share * 100:.1f}% of the model's FLOPs",
+        ),
     ]
     if m.get("size_ratio", 1.0) > 1.0 + 1e-9 or m.get("objective") == "size":
-        rows.append(("Weights", f"{m.get('size_ratio', 1.0):.2f}x smaller than float32; the search optimised "
-                                f"{m.get('objective', 'speed')}"))
+        rows.append(
+            (
+                "Weights",
+                f"{m.get('size_ratio', 1.0):.2f}x smaller than float32; the search optimised "
+                f"{m.get('objective', 'speed')}",
+            )
+        )
     if m.get("pretrain_steps"):
         rows.append(("Pretraining", f"float32 copy trained {m['pretrain_steps']} steps before the search"))
     verification = m.get("verification") or {}
@@ -180,9 +227,14 @@ def _headline(saved: Saved) -> list[tuple[str, str]]:
         rows.append(("Why over the budget", verification.get("why", "")))
     stats = m.get("stats") or {}
     if stats:
-        rows.append(("Search", f"{len(saved.trials)} trials, {stats.get('evaluations', '?')} evaluated "
-                               f"({stats.get('rejected_early', 0)} stopped early), {stats.get('passes', '?')} passes "
-                               f"over the data, {stats.get('seconds', 0):.1f} s"))
+        rows.append(
+            (
+                "Search",
+                f"{len(saved.trials)} trials, {stats.get('evaluations', '?')} evaluated "
+                f"({stats.get('rejected_early', 0)} stopped early), {stats.get('passes', '?')} passes "
+                f"over the data, {stats.get('seconds', 0):.1f} s",
+            )
+        )
     return rows
 
 
@@ -214,14 +266,18 @@ def _adaptive_lines(saved: Saved) -> list[str]:
     events, checks = saved.adaptive["events"], saved.adaptive["checks"]
     promoted = int((events["direction"] == "promote").sum())
     steps = int(checks["step"].max()) if len(checks) else 0
-    lines = [f"{len(events)} policy changes ({promoted} to float32, {len(events) - promoted} to 16-bit) over {steps} "
-             f"steps and {len(checks)} checks."]
+    lines = [
+        f"{len(events)} policy changes ({promoted} to float32, {len(events) - promoted} to 16-bit) over {steps} "
+        f"steps and {len(checks)} checks."
+    ]
     if len(checks):
         last = checks.iloc[-1]
         scale = last.get("loss_scale")
-        lines.append(f"At the last check: loss {_num(last['loss'])}, loss scale "
-                     f"{_num(scale) if scale == scale and scale is not None else 'none (no LossScaleOptimizer)'}"
-                     + (f", {int(last['layers_16bit'])} layers in 16-bit." if "layers_16bit" in last else "."))
+        lines.append(
+            f"At the last check: loss {_num(last['loss'])}, loss scale "
+            f"{_num(scale) if scale == scale and scale is not None else 'none (no LossScaleOptimizer)'}"
+            + (f", {int(last['layers_16bit'])} layers in 16-bit." if "layers_16bit" in last else ".")
+        )
     return lines
 
 
@@ -241,8 +297,10 @@ def _adaptive_markdown(saved: Saved, images: dict[str, str]) -> list[str]:
         lines += ["", f"![policy timeline]({images['timeline']})"]
     if len(saved.adaptive["events"]):
         lines += ["", "| step | layer | reason | change |", "|---:|---|---|---|"]
-        lines += [f"| {r['step']} | `{html.escape(str(r['layer']))}` | {_md(r['reason'])} | {_md(r['why'])} |"
-                  for r in _event_rows(saved)]
+        lines += [
+            f"| {r['step']} | `{html.escape(str(r['layer']))}` | {_md(r['reason'])} | {_md(r['why'])} |"
+            for r in _event_rows(saved)
+        ]
     return lines
 
 
@@ -252,11 +310,16 @@ def _adaptive_html(saved: Saved, images: dict[str, str]) -> list[str]:
     esc = lambda s: html.escape(str(s), quote=True)  # noqa: E731
     parts = ["<h2>Adaptive precision during training</h2>"] + [f"<p>{esc(t)}</p>" for t in _adaptive_lines(saved)]
     if "timeline" in images:
-        parts.append(f"<img alt='policy timeline' src='{_data_uri(os.path.join(saved.directory, images['timeline']))}'>")
+        parts.append(
+            f"<img alt='policy timeline' src='{_data_uri(os.path.join(saved.directory, images['timeline']))}'>"
+        )
     if len(saved.adaptive["events"]):
         parts.append("<table><thead><tr><th>step</th><th>layer</th><th>reason</th><th>change</th></tr></thead><tbody>")
-        parts += [f"<tr><td class='num'>{r['step']}</td><td><code>{esc(r['layer'])}</code></td><td>{esc(r['reason'])}</td>"
-                  f"<td>{esc(r['why'])}</td></tr>" for r in _event_rows(saved)]
+        parts += [
+            f"<tr><td class='num'>{r['step']}</td><td><code>{esc(r['layer'])}</code></td><td>{esc(r['reason'])}</td>"
+            f"<td>{esc(r['why'])}</td></tr>"
+            for r in _event_rows(saved)
+        ]
         parts.append("</tbody></table>")
     return parts
 
@@ -268,10 +331,18 @@ def render_markdown(saved: Saved, images: dict[str, str]) -> str:
     lines += [f"- **{_md(k)}**: {_md(v)}" for k, v in _headline(saved)]
     if "precision_strip" in images:
         lines += ["", f"![precision of each layer]({images['precision_strip']})"]
-    lines += ["", "## Layers", "", "| # | path | class | kind | FLOPs share | decision | reason |", "|---:|---|---|---|---:|---|---|"]
+    lines += [
+        "",
+        "## Layers",
+        "",
+        "| # | path | class | kind | FLOPs share | decision | reason |",
+        "|---:|---|---|---|---:|---|---|",
+    ]
     for r in _table_rows(saved):
-        lines.append(f"| {r['#']} | `{html.escape(str(r['path']))}` | {_md(r['class'])} | {_md(r['kind'])} | {r['flops']} | "
-                     f"{_md(r['decision'])} | {_md(r['reason'])} |")
+        lines.append(
+            f"| {r['#']} | `{html.escape(str(r['path']))}` | {_md(r['class'])} | {_md(r['kind'])} | {r['flops']} | "
+            f"{_md(r['decision'])} | {_md(r['reason'])} |"
+        )
     training = _training_lines(saved)
     if training:
         lines += ["", "## Training check", ""] + [_md(t) for t in training]
@@ -292,21 +363,29 @@ dl{display:grid;grid-template-columns:max-content auto;gap:4px 16px}dt{font-weig
 
 def render_html(saved: Saved, images: dict[str, str]) -> str:
     esc = lambda s: html.escape(str(s), quote=True)  # noqa: E731
-    head = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>autoprec report</title>",
-            f"<style>{_CSS}</style></head><body><h1>autoprec report</h1>"]
+    head = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>autoprec report</title>",
+        f"<style>{_CSS}</style></head><body><h1>autoprec report</h1>",
+    ]
     if saved.sensitivity is None:
         return "\n".join([*head, *_adaptive_html(saved, images), "</body></html>"])
     parts = [*head, "<dl>"]
     parts += [f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in _headline(saved)]
     parts.append("</dl>")
     if "precision_strip" in images:
-        parts.append(f"<img alt='precision of each layer' src='{_data_uri(os.path.join(saved.directory, images['precision_strip']))}'>")
-    parts.append("<h2>Layers</h2><table><thead><tr><th>#</th><th>path</th><th>class</th><th>kind</th><th>FLOPs share</th>"
-                 "<th>decision</th><th>reason</th></tr></thead><tbody>")
+        parts.append(
+            f"<img alt='precision of each layer' src='{_data_uri(os.path.join(saved.directory, images['precision_strip']))}'>"
+        )
+    parts.append(
+        "<h2>Layers</h2><table><thead><tr><th>#</th><th>path</th><th>class</th><th>kind</th><th>FLOPs share</th>"
+        "<th>decision</th><th>reason</th></tr></thead><tbody>"
+    )
     for r in _table_rows(saved):
-        parts.append(f"<tr><td class='num'>{r['#']}</td><td><code>{esc(r['path'])}</code></td><td>{esc(r['class'])}</td>"
-                     f"<td>{esc(r['kind'])}</td><td class='num'>{esc(r['flops'])}</td><td class='p-{esc(r['decision'])}'>"
-                     f"{esc(r['decision'])}</td><td>{esc(r['reason'])}</td></tr>")
+        parts.append(
+            f"<tr><td class='num'>{r['#']}</td><td><code>{esc(r['path'])}</code></td><td>{esc(r['class'])}</td>"
+            f"<td>{esc(r['kind'])}</td><td class='num'>{esc(r['flops'])}</td><td class='p-{esc(r['decision'])}'>"
+            f"{esc(r['decision'])}</td><td>{esc(r['reason'])}</td></tr>"
+        )
     parts.append("</tbody></table>")
     training = _training_lines(saved)
     if training:

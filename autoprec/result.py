@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from autoprec.budget import Budget
-from autoprec.formats import leaves_float32, split
 from autoprec.formats import get as get_format
+from autoprec.formats import leaves_float32, split
 from autoprec.policy import PrecisionPolicy
 from autoprec.verify import TrainCheck
 
@@ -75,7 +75,11 @@ class TuneResult:
     def units(self):
         """The rows of the layers the search decided."""
         frame = self.sensitivity
-        return frame[frame["kind"] == "decision"] if "kind" in frame else frame[frame["decision_unit"] & (frame["pinned"] == "")]
+        return (
+            frame[frame["kind"] == "decision"]
+            if "kind" in frame
+            else frame[frame["decision_unit"] & (frame["pinned"] == "")]
+        )
 
     @property
     def n_16bit(self) -> int:
@@ -97,44 +101,69 @@ class TuneResult:
     def __repr__(self) -> str:
         rel = "<=" if self.budget.feasible(baseline=self.baseline_metric, drop=self.drop) else ">"
         tail = "" if self.feasible else ", INFEASIBLE"
-        return (f"TuneResult(metric={self.metric:.4g}, baseline={self.baseline_metric:.4g}, "
-                f"drop={self.drop:.4g}{rel}{self.allowed_drop:.4g}, {self._low_label}={self.n_16bit}/"
-                f"{len(self.units)} layers, trials={len(self.trials)}{tail})")
+        return (
+            f"TuneResult(metric={self.metric:.4g}, baseline={self.baseline_metric:.4g}, "
+            f"drop={self.drop:.4g}{rel}{self.allowed_drop:.4g}, {self._low_label}={self.n_16bit}/"
+            f"{len(self.units)} layers, trials={len(self.trials)}{tail})"
+        )
 
     def summary(self) -> str:
         """A short human summary: budget, metrics, speed-up and the policy's counts."""
         verdict = "verified with Keras policies" if self.feasible else "verified with Keras policies: OVER THE BUDGET"
         lines = [
-            repr(self), f"  budget: {self.formula}",
+            repr(self),
+            f"  budget: {self.formula}",
             f"  {self.metric_name}: float32 {self.baseline_metric:.6g} -> tuned {self.metric:.6g} ({verdict})",
             f"  estimated speed-up on a {self.device} (an estimate from the cost model): {self.speedup_estimate:.2f}x"
             + (f"; measured on this machine: {self.measured_speedup:.2f}x" if self.measured_speedup else ""),
             self.policy.summary(),
         ]
         if self.size_ratio > 1.0 + 1e-9 or self.objective == "size":
-            lines.insert(4, f"  weights {self.size_ratio:.2f}x smaller than float32; the search optimised {self.objective}")
+            lines.insert(
+                4, f"  weights {self.size_ratio:.2f}x smaller than float32; the search optimised {self.objective}"
+            )
         fallbacks = self.verification.get("fallbacks") or []
         if fallbacks:
             lines.append(f"  checks returned {len(fallbacks)} decision(s) to float32: {[f['key'] for f in fallbacks]}")
         if not self.feasible:
             lines.append(f"  NOT within the budget: {self.verification.get('why', 'the verified drop exceeds it')}")
         if self.training is not None:
-            lines.append(f"  training check ({self.training.steps} steps): "
-                         f"{'passed' if self.training.passed else 'FAILED'}: {self.training.reason}")
+            lines.append(
+                f"  training check ({self.training.steps} steps): "
+                f"{'passed' if self.training.passed else 'FAILED'}: {self.training.reason}"
+            )
         return "\n".join(lines)
 
     def to_json_dict(self) -> dict[str, Any]:
         """Metadata for ``result.json`` (what the report needs besides the CSVs)."""
-        return jsonable({
-            "metric_name": self.metric_name, "higher_is_better": self.higher_is_better, "target": self.target,
-            "baseline_metric": self.baseline_metric, "metric": self.metric, "drop": self.drop, "feasible": self.feasible,
-            "budget": {"max_drop": self.budget.max_drop, "relative": self.budget.relative, "allowed": self.allowed_drop},
-            "formula": self.formula, "device": self.device, "speedup_estimate": self.speedup_estimate,
-            "objective": self.objective, "size_ratio": self.size_ratio,
-            "measured_speedup": self.measured_speedup, "pretrain_steps": self.pretrain_steps,
-            "verification": self.verification, "training": self.training.to_dict() if self.training else None,
-            "stats": self.stats, "n_16bit": self.n_16bit, "n_units": int(len(self.units)),
-        })
+        return jsonable(
+            {
+                "metric_name": self.metric_name,
+                "higher_is_better": self.higher_is_better,
+                "target": self.target,
+                "baseline_metric": self.baseline_metric,
+                "metric": self.metric,
+                "drop": self.drop,
+                "feasible": self.feasible,
+                "budget": {
+                    "max_drop": self.budget.max_drop,
+                    "relative": self.budget.relative,
+                    "allowed": self.allowed_drop,
+                },
+                "formula": self.formula,
+                "device": self.device,
+                "speedup_estimate": self.speedup_estimate,
+                "objective": self.objective,
+                "size_ratio": self.size_ratio,
+                "measured_speedup": self.measured_speedup,
+                "pretrain_steps": self.pretrain_steps,
+                "verification": self.verification,
+                "training": self.training.to_dict() if self.training else None,
+                "stats": self.stats,
+                "n_16bit": self.n_16bit,
+                "n_units": int(len(self.units)),
+            }
+        )
 
     def save(self, directory: str | os.PathLike, *, lock: bool = True) -> list[str]:
         """Write policy.json, sensitivity.csv, trials.csv, result.json, model.keras and the report, atomically.
@@ -156,7 +185,7 @@ class TuneResult:
 
         from autoprec.files import DirectoryLock, write_directory
 
-        with (DirectoryLock(directory) if lock else contextlib.nullcontext()), write_directory(directory) as tmp:
+        with DirectoryLock(directory) if lock else contextlib.nullcontext(), write_directory(directory) as tmp:
             names = self._write_files(tmp)
         return [os.path.join(os.fspath(directory), name) for name in names]
 
@@ -172,8 +201,10 @@ class TuneResult:
             json.dump(self.to_json_dict(), fh, indent=2, allow_nan=False)
         names = ["policy.json", "sensitivity.csv", "trials.csv", "result.json"]
         if model_kind(self.model) == SUBCLASSED:
-            logger.warning("autoprec: model.keras of a subclassed model reloads with default dtypes (Keras rebuilds its layers "
-                           "in __init__); after loading, apply policy.json again: apply_policy(model, 'policy.json', inplace=True).")
+            logger.warning(
+                "autoprec: model.keras of a subclassed model reloads with default dtypes (Keras rebuilds its layers "
+                "in __init__); after loading, apply policy.json again: apply_policy(model, 'policy.json', inplace=True)."
+            )
         try:
             self.model.save(join("model.keras"))
             names.append("model.keras")

@@ -131,20 +131,23 @@ class WorkerResult:
     seconds: float
 
     @classmethod
-    def of(cls, study: Any, *, evaluations: int, best_speedup: float, seconds: float) -> "WorkerResult":
+    def of(cls, study: Any, *, evaluations: int, best_speedup: float, seconds: float) -> WorkerResult:
         from autoprec.study import evaluated_trials
 
-        return cls(study.study_name, len(evaluated_trials(study)),
-                   evaluations, float(best_speedup), float(seconds))
+        return cls(study.study_name, len(evaluated_trials(study)), evaluations, float(best_speedup), float(seconds))
 
     def __repr__(self) -> str:
-        return (f"WorkerResult(study={self.study_name!r}, trials={self.trials}, evaluated_here={self.evaluations}, "
-                f"best_estimate={self.best_speedup:.3f})")
+        return (
+            f"WorkerResult(study={self.study_name!r}, trials={self.trials}, evaluated_here={self.evaluations}, "
+            f"best_estimate={self.best_speedup:.3f})"
+        )
 
     def summary(self) -> str:
-        return (f"autoprec: searched study {self.study_name!r} for {self.seconds:.1f}s: it holds {self.trials} finished "
-                f"trials, {self.evaluations} evaluated here; best estimated speed-up so far {self.best_speedup:.3f}x "
-                "(unverified). The run without search_only verifies and emits the policy.")
+        return (
+            f"autoprec: searched study {self.study_name!r} for {self.seconds:.1f}s: it holds {self.trials} finished "
+            f"trials, {self.evaluations} evaluated here; best estimated speed-up so far {self.best_speedup:.3f}x "
+            "(unverified). The run without search_only verifies and emits the policy."
+        )
 
 
 def stored_drop(attrs: Mapping[str, Any]) -> float:
@@ -170,10 +173,14 @@ def _as_complete(trial: Any, allowed: float) -> Any:
         return trial
     drop = stored_drop(trial.user_attrs)
     violation = drop - allowed if math.isfinite(drop) else _LEGACY_INFEASIBLE
-    return optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=objective_value(trial),
-                                     params=trial.params, distributions=trial.distributions,
-                                     user_attrs=trial.user_attrs,
-                                     system_attrs={**trial.system_attrs, CONSTRAINTS_KEY: [violation]})
+    return optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE,
+        value=objective_value(trial),
+        params=trial.params,
+        distributions=trial.distributions,
+        user_attrs=trial.user_attrs,
+        system_attrs={**trial.system_attrs, CONSTRAINTS_KEY: [violation]},
+    )
 
 
 def make_sampler(seed: int):
@@ -211,8 +218,12 @@ def _sampler_class() -> type:
 
             with warnings.catch_warnings():  # "multivariate is experimental", once per trial otherwise
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.samplers.TPESampler(seed=(self.seed * 100_003 + number) % (2**31), n_startup_trials=5,
-                                                  multivariate=True, constant_liar=True)
+                return optuna.samplers.TPESampler(
+                    seed=(self.seed * 100_003 + number) % (2**31),
+                    n_startup_trials=5,
+                    multivariate=True,
+                    constant_liar=True,
+                )
 
         def before_trial(self, study, trial) -> None:
             self._inner = self._tpe(trial.number)
@@ -274,9 +285,21 @@ class _SharedStudy:
         if rejected and feasible:
             return  # its lower bound fits this budget: only a full pass can tell
         self._frozen[key] = t  # also for a trial this worker ran: TPE's history must not depend on who ran what
-        self.cache.setdefault(key, Outcome(assignment, objective_value(t), attrs.get("metric", math.nan), drop,
-                                           feasible and not rejected, attrs.get("output_error", math.nan),
-                                           attrs.get("nonfinite_outputs", 0), t.number, attrs.get("phase", ""), rejected))
+        self.cache.setdefault(
+            key,
+            Outcome(
+                assignment,
+                objective_value(t),
+                attrs.get("metric", math.nan),
+                drop,
+                feasible and not rejected,
+                attrs.get("output_error", math.nan),
+                attrs.get("nonfinite_outputs", 0),
+                t.number,
+                attrs.get("phase", ""),
+                rejected,
+            ),
+        )
 
     def finished(self) -> int:
         import optuna
@@ -396,7 +419,7 @@ class Search(_SharedStudy):
     study: Any
     n_trials: int = 60
     timeout: float | None = None
-    on_trial: Callable[["Search"], None] | None = None
+    on_trial: Callable[[Search], None] | None = None
     seed: int | None = None
     poll: float = 0.25
     cache: dict[tuple[str, ...], Outcome] = field(default_factory=dict)
@@ -445,8 +468,9 @@ class Search(_SharedStudy):
         """Evaluate ``assignment`` unless cached, or unable to beat the best; None when out of trials or time."""
         return self.consider_round([assignment], phase, prune=prune)[0]
 
-    def consider_round(self, assignments: list[Mapping[str, str]], phase: str, *, prune: bool = True,
-                       proposals: int | None = None) -> list[Outcome | None]:
+    def consider_round(
+        self, assignments: list[Mapping[str, str]], phase: str, *, prune: bool = True, proposals: int | None = None
+    ) -> list[Outcome | None]:
         """Evaluate candidates that do not depend on one another; the study's workers share them out.
 
         A candidate is skipped when cached, or (``prune``) when its estimate
@@ -475,9 +499,16 @@ class Search(_SharedStudy):
             elif j not in skip and key not in self.cache:
                 todo[key] = (a, phase, "")
         self._share_out(todo)
-        return [None if proposals is not None and proposals + j not in self._proposed else self.cache[k] if k in self.cache
-                else Outcome(a, self.estimate(a), math.nan, math.nan, False, phase="pruned") if skip.get(j) == "pruned"
-                else None for j, (k, a) in enumerate(zip(keys, items))]
+        return [
+            None
+            if proposals is not None and proposals + j not in self._proposed
+            else self.cache[k]
+            if k in self.cache
+            else Outcome(a, self.estimate(a), math.nan, math.nan, False, phase="pruned")
+            if skip.get(j) == "pruned"
+            else None
+            for j, (k, a) in enumerate(zip(keys, items))
+        ]
 
     # Evaluation ------------------------------------------------------------
     def _measure(self, key: tuple[str, ...], assignment: dict[str, str]) -> tuple[Any, bool]:
@@ -507,10 +538,16 @@ class Search(_SharedStudy):
         feasible = self.feasible(drop) and not rejected
         finite = lambda v: float(v) if math.isfinite(float(v)) else math.nan  # noqa: E731  (NaN: not stored)
         attrs = {
-            "phase": phase, "metric": finite(result.metric) if not rejected else math.nan, "drop": finite(drop),
-            "output_error": finite(result.output_error), "nonfinite_outputs": int(result.nonfinite_outputs),
-            "feasible": feasible, "rejected": rejected, "samples": int(getattr(result, "samples", 0) or 0),
-            "cached": cached, "n_16bit": sum(v != FLOAT32 for v in assignment.values()),
+            "phase": phase,
+            "metric": finite(result.metric) if not rejected else math.nan,
+            "drop": finite(drop),
+            "output_error": finite(result.output_error),
+            "nonfinite_outputs": int(result.nonfinite_outputs),
+            "feasible": feasible,
+            "rejected": rejected,
+            "samples": int(getattr(result, "samples", 0) or 0),
+            "cached": cached,
+            "n_16bit": sum(v != FLOAT32 for v in assignment.values()),
         }
         try:
             for name, value in attrs.items():
@@ -526,10 +563,22 @@ class Search(_SharedStudy):
         except optuna.exceptions.UpdateFinishedTrialError:
             # Another worker took this one for dead (its heartbeat went stale) and failed it: the
             # assignment will be claimed again; this result is not part of the study.
-            logger.warning("autoprec: trial %d was failed by another worker while it ran; its result is dropped.", trial.number)
+            logger.warning(
+                "autoprec: trial %d was failed by another worker while it ran; its result is dropped.", trial.number
+            )
             return None
-        outcome = Outcome(assignment, speedup, attrs["metric"], drop, feasible, result.output_error,
-                          attrs["nonfinite_outputs"], trial.number, phase, rejected)
+        outcome = Outcome(
+            assignment,
+            speedup,
+            attrs["metric"],
+            drop,
+            feasible,
+            result.output_error,
+            attrs["nonfinite_outputs"],
+            trial.number,
+            phase,
+            rejected,
+        )
         self.cache.setdefault(key, outcome)
         if self.on_trial is not None:
             self.on_trial(self)
@@ -608,7 +657,7 @@ def _phase_local(search: Search) -> bool:
             return True
         moves = _moves(search, best)
         for start in range(0, len(moves), ROUND):
-            outcomes = search.consider_round(moves[start:start + ROUND], "local")
+            outcomes = search.consider_round(moves[start : start + ROUND], "local")
             if None in outcomes:
                 return False
             if any(o.feasible and o.speedup > best.speedup for o in outcomes):

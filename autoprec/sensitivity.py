@@ -68,11 +68,22 @@ RISK_SCORE_RATIO = 10.0  # a weightless layer whose score is 10x every neighbour
 PROFILE_MEMORY = 256 << 20  # bytes of activations, gradients and rounding errors one micro-batch may hold
 
 
-def profile(model: Any, data: Any, *, target: str = MIXED_FLOAT16, method: str = "full", metric: Any = None,
-            higher_is_better: bool | None = None, batch_size: int | str = "auto",
-            profile_batch_size: int | str = "auto", loss_scale: float = DEFAULT_LOSS_SCALE,
-            tolerance: float | None = None, max_ablation_passes: int | None = None, verbose: int = 1,
-            session: Session | None = None):
+def profile(
+    model: Any,
+    data: Any,
+    *,
+    target: str = MIXED_FLOAT16,
+    method: str = "full",
+    metric: Any = None,
+    higher_is_better: bool | None = None,
+    batch_size: int | str = "auto",
+    profile_batch_size: int | str = "auto",
+    loss_scale: float = DEFAULT_LOSS_SCALE,
+    tolerance: float | None = None,
+    max_ablation_passes: int | None = None,
+    verbose: int = 1,
+    session: Session | None = None,
+):
     """Measure each layer's sensitivity to computing in ``target``.
 
     Args:
@@ -111,8 +122,14 @@ def profile(model: Any, data: Any, *, target: str = MIXED_FLOAT16, method: str =
     if own_session:
         from autoprec.formats import resolve_target
 
-        session = open_session(model, data, target=resolve_target(target)[0], metric=metric,
-                               higher_is_better=higher_is_better, batch_size=batch_size)
+        session = open_session(
+            model,
+            data,
+            target=resolve_target(target)[0],
+            metric=metric,
+            higher_is_better=higher_is_better,
+            batch_size=batch_size,
+        )
     try:
         return _profile(session, method, loss_scale, profile_batch_size, tolerance, max_ablation_passes, verbose)
     finally:
@@ -120,8 +137,15 @@ def profile(model: Any, data: Any, *, target: str = MIXED_FLOAT16, method: str =
             session.close()  # a subclassed model gets its own policies back
 
 
-def _profile(session: Session, method: str, loss_scale: float, profile_batch_size: Any, tolerance: float | None,
-             max_ablation_passes: int | None, verbose: int):
+def _profile(
+    session: Session,
+    method: str,
+    loss_scale: float,
+    profile_batch_size: Any,
+    tolerance: float | None,
+    max_ablation_passes: int | None,
+    verbose: int,
+):
     import pandas as pd
 
     progress = Progress(verbose)
@@ -129,26 +153,36 @@ def _profile(session: Session, method: str, loss_scale: float, profile_batch_siz
     rows = {info.path: _graph_row(info, session.graph.total_flops) for info in session.graph.layers}
     if method in ("full", "fast"):
         if isinstance(session.engine, SimEngine) and backends.name() in ("tensorflow", "jax"):
-            for path, columns in statistics(session, fmt, loss_scale=loss_scale, batch_size=profile_batch_size,
-                                            progress=progress).items():
+            for path, columns in statistics(
+                session, fmt, loss_scale=loss_scale, batch_size=profile_batch_size, progress=progress
+            ).items():
                 rows[path].update(columns)
         else:
             logger.info("autoprec: range statistics need a graph and TensorFlow or JAX; only ablation is measured.")
     if method in ("full", "ablation"):
         tol = default_tolerance(session) if tolerance is None else float(tolerance)
         ranked, alone = prior_order(alone_prior(session.graph, rows))
-        for path, result in ablation(session, ranked, tolerance=tol, max_passes=max_ablation_passes, alone=alone,
-                                     progress=progress).items():
+        for path, result in ablation(
+            session, ranked, tolerance=tol, max_passes=max_ablation_passes, alone=alone, progress=progress
+        ).items():
             rows[path].update(result)
         for row in rows.values():  # the columns exist even when every layer was cleared with its group
             for column in ("metric_drop", "output_error", "nonfinite_outputs", "group_drop"):
                 row.setdefault(column, math.nan)
     frame = rank(pd.DataFrame(list(rows.values())))
-    frame["kind"] = kinds(frame, session.graph, tolerance=default_tolerance(session) if tolerance is None else tolerance)
+    frame["kind"] = kinds(
+        frame, session.graph, tolerance=default_tolerance(session) if tolerance is None else tolerance
+    )
     frame.attrs.update(
-        baseline_metric=session.baseline, metric_name=session.metric.name,
-        higher_is_better=session.metric.higher_is_better, target=session.target, passes=session.passes,
-        traces=session.engine.traces, engine=session.engine.kind, seconds=dict(progress.seconds), method=method,
+        baseline_metric=session.baseline,
+        metric_name=session.metric.name,
+        higher_is_better=session.metric.higher_is_better,
+        target=session.target,
+        passes=session.passes,
+        traces=session.engine.traces,
+        engine=session.engine.kind,
+        seconds=dict(progress.seconds),
+        method=method,
     )
     return frame
 
@@ -160,9 +194,16 @@ def default_tolerance(session: Session) -> float:
 
 def _graph_row(info: Any, total_flops: float) -> dict[str, Any]:
     return {
-        "order": info.order, "path": info.path, "class": info.class_name, "role": info.role, "params": info.params,
-        "flops": info.flops, "flops_share": info.flops / total_flops if total_flops else 0.0,
-        "decision_unit": info.is_unit, "eligible": info.eligible, "pinned": info.pinned or "",
+        "order": info.order,
+        "path": info.path,
+        "class": info.class_name,
+        "role": info.role,
+        "params": info.params,
+        "flops": info.flops,
+        "flops_share": info.flops / total_flops if total_flops else 0.0,
+        "decision_unit": info.is_unit,
+        "eligible": info.eligible,
+        "pinned": info.pinned or "",
         "producers": ";".join(info.producers),
     }
 
@@ -248,9 +289,13 @@ def own_risk(frame, graph: ModelGraph, *, tolerance: float) -> set[str]:
             continue
         r = rows.get(info.path, {})
         drop = _num(r.get("metric_drop"))
-        risky = (_num(r.get("act_overflow")) > 0 or _num(r.get("act_nonfinite")) > 0
-                 or _num(r.get("act_flush")) > 0.01 or _num(r.get("nonfinite_outputs")) > 0
-                 or (r.get("ablation") == "alone" and drop > tolerance))
+        risky = (
+            _num(r.get("act_overflow")) > 0
+            or _num(r.get("act_nonfinite")) > 0
+            or _num(r.get("act_flush")) > 0.01
+            or _num(r.get("nonfinite_outputs")) > 0
+            or (r.get("ablation") == "alone" and drop > tolerance)
+        )
         neighbours = [scores.get(p, 0.0) for p in (*info.producers, *consumers.get(info.path, ())) if p in graph]
         mine = scores.get(info.path, 0.0)
         if not risky and neighbours and mine > 0:
@@ -272,8 +317,15 @@ def _num(value: Any) -> float:
 # Ablation by group testing
 
 
-def ablation(session: Session, ranked: Sequence[str], *, tolerance: float, max_passes: int | None = None,
-             alone: Sequence[str] = (), progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+def ablation(
+    session: Session,
+    ranked: Sequence[str],
+    *,
+    tolerance: float,
+    max_passes: int | None = None,
+    alone: Sequence[str] = (),
+    progress: Progress | None = None,
+) -> dict[str, dict[str, Any]]:
     """Group-tested ablation of ``ranked`` (most suspicious first); see the module docstring.
 
     ``alone`` are tested one by one at once (the suspects of the one-pass measures).
@@ -300,19 +352,35 @@ def ablation(session: Session, ranked: Sequence[str], *, tolerance: float, max_p
         alone = len(group) == 1
         # A group is only asked whether its harm (losses, gains ignored, so that members
         # cannot hide each other) is over the tolerance: the pass stops once it is.
-        ev = session.evaluate({**everything, **{p: session.target for p in group}}, harm_above=None if alone else tolerance)
+        ev = session.evaluate(
+            {**everything, **{p: session.target for p in group}}, harm_above=None if alone else tolerance
+        )
         passes += 1
         if bar:
             bar.update(passes)
         if alone:
-            out[group[0]] = {"metric": ev.metric, "metric_drop": ev.drop, "output_error": ev.output_error,
-                             "nonfinite_outputs": ev.nonfinite_outputs, "ablation": "alone"}
+            out[group[0]] = {
+                "metric": ev.metric,
+                "metric_drop": ev.drop,
+                "output_error": ev.output_error,
+                "nonfinite_outputs": ev.nonfinite_outputs,
+                "ablation": "alone",
+            }
         elif ev.rejected or not math.isfinite(ev.harm) or ev.harm > tolerance:
             middle = len(group) // 2
             queue.extend([group[:middle], group[middle:]])
         else:
-            out.update({p: {"group_drop": ev.drop, "group_harm": ev.harm, "group_error": ev.output_error,
-                            "ablation": f"cleared in a group of {len(group)}"} for p in group})
+            out.update(
+                {
+                    p: {
+                        "group_drop": ev.drop,
+                        "group_harm": ev.harm,
+                        "group_error": ev.output_error,
+                        "ablation": f"cleared in a group of {len(group)}",
+                    }
+                    for p in group
+                }
+            )
     if bar:
         bar.done(passes)
     return out
@@ -322,8 +390,14 @@ def ablation(session: Session, ranked: Sequence[str], *, tolerance: float, max_p
 # Statistics and score
 
 
-def statistics(session: Session, fmt: Format, *, loss_scale: float = DEFAULT_LOSS_SCALE,
-               batch_size: int | str = "auto", progress: Progress | None = None) -> dict[str, dict[str, float]]:
+def statistics(
+    session: Session,
+    fmt: Format,
+    *,
+    loss_scale: float = DEFAULT_LOSS_SCALE,
+    batch_size: int | str = "auto",
+    progress: Progress | None = None,
+) -> dict[str, dict[str, float]]:
     """Activation, output-gradient and weight-gradient statistics, score and SQNR, streamed in micro-batches."""
     import keras
 
@@ -365,7 +439,9 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float):
     eligible = {i.path for i in graph.eligible}
     unit_vars = [(u.path, v) for u in graph.units for v in u.layer.trainable_variables]
     variables = [v for _, v in unit_vars]
-    loss = _training_batch_loss(resolve_loss(session.model, session.metric, session.data.y, session.baseline_outputs[0]))
+    loss = _training_batch_loss(
+        resolve_loss(session.model, session.metric, session.data.y, session.baseline_outputs[0])
+    )
     rnd = round_with(fmt.dtype)
     names: dict[str, list[str]] = {}  # the path of each row of each output, set while tracing
 
@@ -396,15 +472,21 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float):
         out: dict[str, Any] = {}
         if taken:
             # In chunks: one flat copy of every activation and gradient at once would double the step's memory.
-            chunks = [_node_rows([a for _, a in taken[i:i + _CHUNK]], list(out_grads[i:i + _CHUNK]), fmt, loss_scale)
-                      for i in range(0, len(taken), _CHUNK)]
+            chunks = [
+                _node_rows([a for _, a in taken[i : i + _CHUNK]], list(out_grads[i : i + _CHUNK]), fmt, loss_scale)
+                for i in range(0, len(taken), _CHUNK)
+            ]
             out["nodes"] = ops.concatenate(chunks, axis=0)
         by_unit = _weight_rows(unit_vars, var_grads, y, fmt, loss_scale)
         if by_unit is not None:
             out["weights"] = by_unit
         if own:
             out["own"] = ops.stack(list(own.values()))
-        names["nodes"], names["weights"], names["own"] = [p for p, _ in taken], list(dict.fromkeys(p for p, _ in unit_vars)), list(own)
+        names["nodes"], names["weights"], names["own"] = (
+            [p for p, _ in taken],
+            list(dict.fromkeys(p for p, _ in unit_vars)),
+            list(own),
+        )
         return out
 
     return step, names
@@ -455,7 +537,9 @@ def _node_rows(acts: list, grads: list, fmt: Format, loss_scale: float) -> Any:
     (act,), values, ids = stats.table(acts, fmt)
     (grad, grad_scaled), flat_grads, _ = stats.table(grads, fmt, (1.0, loss_scale))
     err = round_to(values, fmt.dtype) - values
-    contrib = ops.where(ops.isfinite(err), ops.square(flat_grads * err), ops.where(ops.abs(flat_grads) > 0, np.inf, 0.0))
+    contrib = ops.where(
+        ops.isfinite(err), ops.square(flat_grads * err), ops.where(ops.abs(flat_grads) > 0, np.inf, 0.0)
+    )
     score = ops.segment_sum(contrib, ids, num_segments=len(acts))
     return ops.concatenate([act, grad, grad_scaled, ops.reshape(score, (-1, 1))], axis=1)
 
@@ -468,13 +552,15 @@ def _columns(totals: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
         row = out.setdefault(path, {})
         if kind == "":
             row.update(stats.columns(v[0:w], "act"))
-            row.update(stats.columns(v[w:2 * w], "grad"))
-            row.update(stats.columns(v[2 * w:3 * w], "grad_scaled", scaled=True))
+            row.update(stats.columns(v[w : 2 * w], "grad"))
+            row.update(stats.columns(v[2 * w : 3 * w], "grad_scaled", scaled=True))
             row["score"] = float(v[3 * w])
         elif kind == "w":
             row.update(stats.columns(v[0:w], "wgrad"))
-            row.update(stats.columns(v[w:2 * w], "wgrad_scaled", scaled=True))
+            row.update(stats.columns(v[w : 2 * w], "wgrad_scaled", scaled=True))
         elif kind == "q":
             signal, noise = v
-            row["sqnr_db"] = math.inf if noise == 0 else (10 * math.log10(signal / noise) if math.isfinite(noise) else -math.inf)
+            row["sqnr_db"] = (
+                math.inf if noise == 0 else (10 * math.log10(signal / noise) if math.isfinite(noise) else -math.inf)
+            )
     return out

@@ -87,8 +87,9 @@ class Session:
         v = self.baseline_values
         return v is not None and bool(np.all((v == 0) | (v == 1)))
 
-    def evaluate(self, assignment: Mapping[str, str], *, budget: Budget | None = None,
-                 harm_above: float | None = None) -> Evaluation:
+    def evaluate(
+        self, assignment: Mapping[str, str], *, budget: Budget | None = None, harm_above: float | None = None
+    ) -> Evaluation:
         """Score ``assignment`` in one pass.
 
         With ``budget``, stop as soon as the drop is certainly over it; with
@@ -127,7 +128,7 @@ class Session:
         num, den, offset = 0.0, 0.0, 0
         for b in base:
             n = len(b[0])
-            part = [o[offset:offset + n] for o in flat]
+            part = [o[offset : offset + n] for o in flat]
             num += sum(float(np.sum((p.astype(np.float64) - q) ** 2)) for p, q in zip(part, b))
             den += sum(float(np.sum(np.square(q, dtype=np.float64))) for q in b)
             offset += n
@@ -146,8 +147,17 @@ class Session:
         return h.hexdigest()[:16]
 
 
-def _evaluation(session: Session, value: float, nonfinite: int, num: float, den: float, samples: int,
-                rejected: bool = False, drop: float | None = None, harm: float | None = None) -> Evaluation:
+def _evaluation(
+    session: Session,
+    value: float,
+    nonfinite: int,
+    num: float,
+    den: float,
+    samples: int,
+    rejected: bool = False,
+    drop: float | None = None,
+    harm: float | None = None,
+) -> Evaluation:
     error = math.inf if nonfinite or not math.isfinite(num) else math.sqrt(num) / (math.sqrt(den) or 1.0)
     if drop is None:
         drop = Budget.drop(baseline=session.baseline, value=value, higher_is_better=session.metric.higher_is_better)
@@ -191,14 +201,18 @@ class _Pass:
                 values.append(vals)
             stop = self._certain_drop(vals, start, seen, bad)
             if stop is not None and seen < s.data.n:
-                return _evaluation(s, math.nan, nonfinite, num, den, seen, rejected=True, drop=stop,
-                                   harm=self.hsum / s.data.n)
+                return _evaluation(
+                    s, math.nan, nonfinite, num, den, seen, rejected=True, drop=stop, harm=self.hsum / s.data.n
+                )
             if self.harm_above is not None and seen < s.data.n and (bad or self.hsum / s.data.n > self.harm_above):
-                return _evaluation(s, math.nan, nonfinite, num, den, seen, rejected=True, drop=math.nan,
-                                   harm=self.hsum / s.data.n)
+                return _evaluation(
+                    s, math.nan, nonfinite, num, den, seen, rejected=True, drop=math.nan, harm=self.hsum / s.data.n
+                )
         if values:
             value = float(np.mean(np.concatenate(values)))
-            return _evaluation(s, value, nonfinite, num, den, seen, harm=self.hsum / s.data.n if s.binary_values else None)
+            return _evaluation(
+                s, value, nonfinite, num, den, seen, harm=self.hsum / s.data.n if s.binary_values else None
+            )
         import keras
 
         value = s.metric.compute(s.data.y, keras.tree.map_structure(lambda *p: np.concatenate(p), *outputs))
@@ -231,9 +245,19 @@ def _flat(structure: Any) -> list[np.ndarray]:
     return [np.asarray(a) for a in keras.tree.flatten(structure)]
 
 
-def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...] | None = None, metric: Any = None,
-                 higher_is_better: bool | None = None, batch_size: int | str = "auto", keep_float32=(),
-                 force_16bit=(), nonfinite_inputs: str = "raise") -> Session:
+def open_session(
+    model: Any,
+    data: Any,
+    *,
+    target: str,
+    formats: tuple[str, ...] | None = None,
+    metric: Any = None,
+    higher_is_better: bool | None = None,
+    batch_size: int | str = "auto",
+    keep_float32=(),
+    force_16bit=(),
+    nonfinite_inputs: str = "raise",
+) -> Session:
     """Check the model and data, build the graph and engine, and measure the float32 baseline.
 
     Raises:
@@ -242,13 +266,20 @@ def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...]
         MetricError: the metric cannot be resolved.
     """
     _check_weights(model)
-    ev = EvalData.get(data, batch_size=256 if batch_size == "auto" else batch_size, model=model, nonfinite=nonfinite_inputs)
+    ev = EvalData.get(
+        data, batch_size=256 if batch_size == "auto" else batch_size, model=model, nonfinite=nonfinite_inputs
+    )
     check_inputs_fit(model, ev)
     graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
-    if graph.kind != SUBCLASSED and any(i.is_layer and i.layer.compute_dtype != "float32" and i.pinned is None for i in graph.layers):
+    if graph.kind != SUBCLASSED and any(
+        i.is_layer and i.layer.compute_dtype != "float32" and i.pinned is None for i in graph.layers
+    ):
         # A model built under a mixed global policy: the baseline and the
         # search need float32, so they run on a float32 copy with the same weights.
-        logger.info("autoprec: %r already computes partly in 16-bit; measuring a float32 copy with the same weights.", model.name)
+        logger.info(
+            "autoprec: %r already computes partly in 16-bit; measuring a float32 copy with the same weights.",
+            model.name,
+        )
         model = clone_with_policies(model, graph.resolve({}))
         graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
     if batch_size == "auto":
@@ -270,8 +301,11 @@ def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...]
     if fix is not None:  # y of shape (n,) for an output of shape (n, 1), as Keras accepts it
         ev = ev.map_labels(fix)
     # A callable metric over several outputs reads y as the user passed it (one array may serve them all).
-    own_labels = (callable(metric) and isinstance(single(full), (list, tuple, dict))
-                  and not isinstance(single(ev.y), (list, tuple, dict)))
+    own_labels = (
+        callable(metric)
+        and isinstance(single(full), (list, tuple, dict))
+        and not isinstance(single(ev.y), (list, tuple, dict))
+    )
     if not own_labels:
         check_labels(model, ev.y, full, what="the evaluation data")
     resolved = Metric.get(metric, model=model, y=ev.y, y_pred=full, higher_is_better=higher_is_better)
@@ -288,8 +322,9 @@ def open_session(model: Any, data: Any, *, target: str, formats: tuple[str, ...]
 EVAL_MEMORY = 256 << 20  # bytes of activations one evaluation batch may hold
 
 
-def auto_batch_size(graph: ModelGraph, *, budget_bytes: int, cap: int, per_sample: float | None = None,
-                    floor: int = 8) -> int:
+def auto_batch_size(
+    graph: ModelGraph, *, budget_bytes: int, cap: int, per_sample: float | None = None, floor: int = 8
+) -> int:
     """The largest batch whose activations fit ``budget_bytes`` (at least ``floor``, at most ``cap``).
 
     ``per_sample`` is the bytes one sample needs; by default every layer's

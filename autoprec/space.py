@@ -21,14 +21,14 @@ it (``int8_from_mixed_bfloat16``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from autoprec.formats import FLOAT32, QUANTIZED_MODES
-from autoprec.quantize import quantized_name
 from autoprec.graph import ModelGraph
+from autoprec.quantize import quantized_name
 from autoprec.search import Space
 from autoprec.sensitivity import own_risk
 
@@ -67,14 +67,18 @@ class DecisionSpace:
                 out[path] = self.quantized.get(choice, choice)
         return out
 
-    def as_searched(self) -> "DecisionSpace":
+    def as_searched(self) -> DecisionSpace:
         """The space the study searched: without the followers split off after it (see ``tuner.split_stage``)."""
         if not self.split:
             return self
         followers = {f for fs in self.split.values() for f in fs}
-        return dataclasses.replace(self, groups={k: v for k, v in self.groups.items() if k not in followers},
-                                   order=tuple(k for k in self.order if k not in followers),
-                                   own=frozenset(self.own - followers), split={})
+        return dataclasses.replace(
+            self,
+            groups={k: v for k, v in self.groups.items() if k not in followers},
+            order=tuple(k for k in self.order if k not in followers),
+            own=frozenset(self.own - followers),
+            split={},
+        )
 
     def key_of(self, path: str) -> str | None:
         """The decision key that sets ``path``, if any."""
@@ -84,12 +88,26 @@ class DecisionSpace:
         return None
 
     def search_space(self) -> Space:
-        return Space(self.keys, self.choices, self.target, self.order,
-                     options={k: v for k, v in self.options.items() if v != self.choices}, top=dict(self.top))
+        return Space(
+            self.keys,
+            self.choices,
+            self.target,
+            self.order,
+            options={k: v for k, v in self.options.items() if v != self.choices},
+            top=dict(self.top),
+        )
 
 
-def build_space(graph: ModelGraph, frame: Any, *, granularity: str, target: str, choices: Sequence[str],
-                tolerance: float, objective: str = "speed") -> DecisionSpace:
+def build_space(
+    graph: ModelGraph,
+    frame: Any,
+    *,
+    granularity: str,
+    target: str,
+    choices: Sequence[str],
+    tolerance: float,
+    objective: str = "speed",
+) -> DecisionSpace:
     """The decision space for ``graph`` from its profile ``frame`` (ranked most sensitive first)."""
     forced = tuple(p for p in graph.forced if p in graph and graph[p].eligible)
     own = own_risk(frame, graph, tolerance=tolerance) - set(forced)
@@ -109,9 +127,17 @@ def build_space(graph: ModelGraph, frame: Any, *, granularity: str, target: str,
     # The choice each key takes when everything goes as far as it can: the smallest format for size.
     smallest = [m for m in ("int4", "int8") if m in modes]
     top = {k: smallest[0] for k in keys if objective == "size" and smallest and smallest[0] in options[k]}
-    return DecisionSpace({k: groups[k] for k in keys}, choices=tuple(choices), target=target if target in choices else
-                         floats[-1], order=ordered, forced=forced, own=frozenset(own), options=options,
-                         quantized={m: quantized_name(m, target if target in choices else FLOAT32) for m in modes}, top=top)
+    return DecisionSpace(
+        {k: groups[k] for k in keys},
+        choices=tuple(choices),
+        target=target if target in choices else floats[-1],
+        order=ordered,
+        forced=forced,
+        own=frozenset(own),
+        options=options,
+        quantized={m: quantized_name(m, target if target in choices else FLOAT32) for m in modes},
+        top=top,
+    )
 
 
 def _blocks(graph: ModelGraph, paths: list[str]) -> dict[str, tuple[str, ...]]:

@@ -54,8 +54,9 @@ def tensor_stats(t: Any, fmt: Format, scale: float = 1.0) -> Any:
     finite = ops.isfinite(t)
     safe = ops.where(finite, a, ops.zeros_like(a))
     # A segment sum with a static count, not bincount: JAX's bincount needs a length known at trace time.
-    counts = ops.segment_sum(ops.ones_like(safe), ops.cast(ops.digitize(safe, _edges(fmt, scale)), "int32"),
-                             num_segments=5)
+    counts = ops.segment_sum(
+        ops.ones_like(safe), ops.cast(ops.digitize(safe, _edges(fmt, scale)), "int32"), num_segments=5
+    )
     size = ops.cast(ops.size(t), "float32")
     nonfinite = ops.sum(ops.cast(ops.logical_not(finite), "float32"))
     zeros = counts[0] - nonfinite  # non-finite values are zeros in `safe`: take them out of the zero bucket
@@ -86,11 +87,24 @@ def table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,)) -> tup
     for scale in scales:
         # bucket 0 zero, 1 flush, 2 subnormal, 3 fine, 4 overflow, 5 non-finite
         bucket = ops.where(finite, ops.digitize(safe, _edges(fmt, scale)), 5)
-        counts = ops.reshape(ops.segment_sum(ops.ones_like(safe), ids * 6 + ops.cast(bucket, "int32"), num_segments=6 * k),
-                             (k, 6))
+        counts = ops.reshape(
+            ops.segment_sum(ops.ones_like(safe), ids * 6 + ops.cast(bucket, "int32"), num_segments=6 * k), (k, 6)
+        )
         size = ops.sum(counts, axis=1)
-        rows.append(ops.stack([absmax * scale, size, size - counts[:, 0] - counts[:, 5], counts[:, 4], counts[:, 1],
-                               counts[:, 1] + counts[:, 2], counts[:, 5]], axis=1))
+        rows.append(
+            ops.stack(
+                [
+                    absmax * scale,
+                    size,
+                    size - counts[:, 0] - counts[:, 5],
+                    counts[:, 4],
+                    counts[:, 1],
+                    counts[:, 1] + counts[:, 2],
+                    counts[:, 5],
+                ],
+                axis=1,
+            )
+        )
     return rows, values, ids
 
 
@@ -113,7 +127,11 @@ def columns(v: np.ndarray, prefix: str, *, scaled: bool = False) -> dict[str, fl
     """Named columns from one statistics vector: shares of the total or of the nonzero values."""
     absmax, total, nonzero, overflow, flush, below_normal, nonfinite = (float(x) for x in v[:WIDTH])
     nz, total = nonzero or 1.0, total or 1.0
-    out = {f"{prefix}_overflow": overflow / total, f"{prefix}_flush": flush / nz, f"{prefix}_subnormal": (below_normal - flush) / nz}
+    out = {
+        f"{prefix}_overflow": overflow / total,
+        f"{prefix}_flush": flush / nz,
+        f"{prefix}_subnormal": (below_normal - flush) / nz,
+    }
     if not scaled:
         out = {f"{prefix}_absmax": absmax, **out, f"{prefix}_nonfinite": int(nonfinite)}
     return out

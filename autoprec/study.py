@@ -23,9 +23,9 @@ heartbeat for one elsewhere (server storages record a heartbeat every
 from __future__ import annotations
 
 import contextlib
-import math
 import hashlib
 import logging
+import math
 import os
 import random
 import socket
@@ -84,8 +84,10 @@ def _with_driver(text: str) -> str:
     if driver and not wanted:
         return f"{dialect}+{driver}://{rest}"  # a driver we do not know: SQLAlchemy says if it is missing
     names = " or ".join(m for _, m in wanted)
-    raise ArgumentError(f"Expected the {names} driver for storage={_redact(text)!r}. Received: it is not installed. "
-                        f"Install it with {install}.")
+    raise ArgumentError(
+        f"Expected the {names} driver for storage={_redact(text)!r}. Received: it is not installed. "
+        f"Install it with {install}."
+    )
 
 
 def open_storage(storage: Any) -> Any:
@@ -131,7 +133,7 @@ def check_storage(storage: Any) -> None:
         check_parent(text, what="study journal")
         return
     if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
-        check_parent(text[len("sqlite:///"):], what="SQLite study database")
+        check_parent(text[len("sqlite:///") :], what="SQLite study database")
     url = _with_driver(text)
     try:
         import sqlalchemy.engine
@@ -139,9 +141,11 @@ def check_storage(storage: Any) -> None:
         sqlalchemy.engine.make_url(url).get_dialect()
     except Exception as exc:  # sqlalchemy: ArgumentError for a malformed URL, NoSuchModuleError for an unknown database
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ArgumentError(f"Expected storage to be a database URL SQLAlchemy knows (sqlite:///study.db, "
-                            f"postgresql://user:pw@host/db) or a journal file path (study.log). Received: "
-                            f"storage={_redact(text)!r} ({first}).") from None
+        raise ArgumentError(
+            f"Expected storage to be a database URL SQLAlchemy knows (sqlite:///study.db, "
+            f"postgresql://user:pw@host/db) or a journal file path (study.log). Received: "
+            f"storage={_redact(text)!r} ({first})."
+        ) from None
 
 
 def _resolve(storage: Any) -> Any:
@@ -150,8 +154,10 @@ def _resolve(storage: Any) -> Any:
 
     if storage is None or not isinstance(storage, (str, os.PathLike)):
         if storage is not None and not isinstance(storage, optuna.storages.BaseStorage):
-            raise ArgumentError(f"Expected storage as a URL, a journal file path or an Optuna storage. "
-                                f"Received: storage={describe(storage)}.")
+            raise ArgumentError(
+                f"Expected storage as a URL, a journal file path or an Optuna storage. "
+                f"Received: storage={describe(storage)}."
+            )
         return storage
     text = os.fspath(storage)
     if "://" not in text:
@@ -160,14 +166,16 @@ def _resolve(storage: Any) -> Any:
         check_parent(text, what="study journal")
         return optuna.storages.JournalStorage(JournalFileBackend(text))
     if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
-        check_parent(text[len("sqlite:///"):], what="SQLite study database")
+        check_parent(text[len("sqlite:///") :], what="SQLite study database")
     return _with_driver(text)
 
 
 def _unreachable(url: str, exc: BaseException) -> ArgumentError:
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    return ArgumentError(f"Expected a reachable database at storage={_redact(url)!r}. Received: {first}. Start the "
-                         "server, or check the host, port, user, password and database name in the URL.")
+    return ArgumentError(
+        f"Expected a reachable database at storage={_redact(url)!r}. Received: {first}. Start the "
+        "server, or check the host, port, user, password and database name in the URL."
+    )
 
 
 def _rdb_storage(url: str) -> Any:
@@ -182,8 +190,10 @@ def _rdb_storage(url: str) -> Any:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
             return optuna.storages.RDBStorage(url, **beat)
     except ImportError as exc:
-        raise ArgumentError(f"Expected a database driver for storage={_redact(url)!r}. Received: {exc.__cause__ or exc}. "
-                            f"Install the driver the URL names ({INSTALL} for PostgreSQL).") from None
+        raise ArgumentError(
+            f"Expected a database driver for storage={_redact(url)!r}. Received: {exc.__cause__ or exc}. "
+            f"Install the driver the URL names ({INSTALL} for PostgreSQL)."
+        ) from None
     except sqlalchemy.exc.OperationalError as exc:
         if not server:
             raise  # SQLite's "database is locked" is a creation race: open_study retries it
@@ -247,8 +257,9 @@ def open_study(name: str, storage: Any, sampler: Any, *, attempts: int = 6) -> A
         try:
             with _created_once(spec) if isinstance(spec, str) else contextlib.nullcontext():
                 opened = _rdb_storage(spec) if isinstance(spec, str) else spec
-                return optuna.create_study(study_name=name, storage=opened, direction="maximize", load_if_exists=True,
-                                           sampler=sampler)
+                return optuna.create_study(
+                    study_name=name, storage=opened, direction="maximize", load_if_exists=True, sampler=sampler
+                )
         except Exception as exc:  # sqlalchemy errors differ by driver; only races are retried
             if attempt == attempts - 1 or not _is_creation_race(exc):
                 raise
@@ -260,8 +271,17 @@ def _is_creation_race(exc: Exception) -> bool:
     if isinstance(exc, ArgumentError):
         return False
     text = f"{type(exc).__name__}: {exc}".lower()
-    return any(k in text for k in ("integrityerror", "duplicate", "already exists", "unique constraint",
-                                   "duplicatedstudyerror", "database is locked"))
+    return any(
+        k in text
+        for k in (
+            "integrityerror",
+            "duplicate",
+            "already exists",
+            "unique constraint",
+            "duplicatedstudyerror",
+            "database is locked",
+        )
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -295,14 +315,17 @@ def study_lock(study: Any) -> contextlib.AbstractContextManager:
     if url.startswith("postgresql"):
         key = int.from_bytes(hashlib.blake2b(study.study_name.encode(), digest_size=8).digest(), "big", signed=True)
         return _pooled_advisory(backend.engine, key)
-    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
+    path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else None
     path = path or getattr(getattr(backend, "_backend", None), "_file_path", None)  # JournalFileBackend's file
     if path and path != ":memory:":
         return _flock(f"{path}.autoprec-lock")
     if not isinstance(backend, optuna.storages.InMemoryStorage) and type(backend).__name__ not in _warned:
         _warned.add(type(backend).__name__)
-        logger.warning("autoprec: %s has no cross-process lock here; workers sharing it may evaluate an assignment "
-                       "twice. Use PostgreSQL, a journal file or SQLite.", type(backend).__name__)
+        logger.warning(
+            "autoprec: %s has no cross-process lock here; workers sharing it may evaluate an assignment "
+            "twice. Use PostgreSQL, a journal file or SQLite.",
+            type(backend).__name__,
+        )
     return _local_locks.setdefault(id(backend), threading.Lock())
 
 
@@ -472,8 +495,12 @@ def record_or_check(study: Any, facts: dict[str, Any], *, budget: str) -> tuple[
         _check_same_search(study, attrs, facts)
         budgets = list(attrs.get("budgets", []))
         if budget not in budgets:
-            logger.info("autoprec: study %r was made under budget %s; its stored drops are judged again under %s.",
-                        study.study_name, budgets[-1] if budgets else "?", budget)
+            logger.info(
+                "autoprec: study %r was made under budget %s; its stored drops are judged again under %s.",
+                study.study_name,
+                budgets[-1] if budgets else "?",
+                budget,
+            )
             study.set_user_attr("budgets", budgets + [budget])
         stored = attrs.get("order")
         # A score-only order (the profile skipped the ablation because everything met the first budget) gives way
@@ -490,16 +517,22 @@ def record_or_check(study: Any, facts: dict[str, Any], *, budget: str) -> tuple[
 def _check_same_search(study: Any, attrs: dict[str, Any], facts: dict[str, Any]) -> None:
     fix = f"Pass a new study_name= (or another storage) to start afresh; the stored study {study.study_name!r} is kept."
     if attrs.get("keys") != facts["keys"] or list(attrs.get("choices", ())) != list(facts["choices"]):
-        raise StudyError(f"Expected the stored study {study.study_name!r} to search the same decisions and formats. "
-                         f"Received a study made for another model, granularity or candidates. {fix}")
+        raise StudyError(
+            f"Expected the stored study {study.study_name!r} to search the same decisions and formats. "
+            f"Received a study made for another model, granularity or candidates. {fix}"
+        )
     for key, what in (("fingerprint", "evaluation data"), ("metric", "metric")):
         if key in attrs and attrs[key] != facts[key]:
-            raise StudyError(f"Expected the stored study {study.study_name!r} to be judged on the same {what}. Received "
-                             f"{what} that differ from the run that made it: its stored drops would mean something else. {fix}")
+            raise StudyError(
+                f"Expected the stored study {study.study_name!r} to be judged on the same {what}. Received "
+                f"{what} that differ from the run that made it: its stored drops would mean something else. {fix}"
+            )
     baseline = facts["baseline"]
     if abs(float(attrs.get("baseline", baseline)) - baseline) > 1e-6 * max(1.0, abs(baseline)):
-        raise StudyError(f"Expected the stored study {study.study_name!r} to share this run's float32 baseline "
-                         f"({baseline:.6g}); it recorded {attrs.get('baseline')}. The data or weights changed. {fix}")
+        raise StudyError(
+            f"Expected the stored study {study.study_name!r} to share this run's float32 baseline "
+            f"({baseline:.6g}); it recorded {attrs.get('baseline')}. The data or weights changed. {fix}"
+        )
 
 
 def trials_frame(study: Any, keys: list[str], measured: dict[int, float] | None = None):
@@ -513,13 +546,16 @@ def trials_frame(study: Any, keys: list[str], measured: dict[int, float] | None 
     frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs"))
     if frame.empty:
         return pd.DataFrame(columns=["trial", "state", "phase", "speedup_estimate", "drop", "feasible"])
-    frame = frame.rename(columns={c: "speedup_estimate" for c in frame.columns if c == "value" or c.startswith("value_")})
+    frame = frame.rename(
+        columns={c: "speedup_estimate" for c in frame.columns if c == "value" or c.startswith("value_")}
+    )
     frame = frame.rename(columns={"number": "trial"})
-    frame.columns = [c[len("user_attrs_"):] if c.startswith("user_attrs_") else c for c in frame.columns]
+    frame.columns = [c[len("user_attrs_") :] if c.startswith("user_attrs_") else c for c in frame.columns]
     params = [f"params_{k}" for k in keys]
     frame["float32_units"] = [
-        ";".join(k for k, p in zip(keys, params) if p in frame and row.get(p, "float32") == "float32") if any(
-            p in frame and isinstance(row.get(p), str) for p in params) else ""
+        ";".join(k for k, p in zip(keys, params) if p in frame and row.get(p, "float32") == "float32")
+        if any(p in frame and isinstance(row.get(p), str) for p in params)
+        else ""
         for row in frame.to_dict("records")
     ]
     frame = frame.drop(columns=[c for c in frame.columns if c.startswith("params_")])

@@ -29,9 +29,7 @@ from typing import Any
 import numpy as np
 
 
-def mlp(
-    *, depth: int = 8, width: int = 64, inputs: int = 64, classes: int = 10, seed: int = 0, name: str = "mlp"
-):
+def mlp(*, depth: int = 8, width: int = 64, inputs: int = 64, classes: int = 10, seed: int = 0, name: str = "mlp"):
     """A plain stack of ReLU Dense layers ``d1..dN`` and a softmax head ``out``.
 
     >>> len(mlp(depth=3).layers)
@@ -88,7 +86,9 @@ def plant_offset(model: Any, producer: str, consumer: str, *, offset: float = 51
     layer, nxt = model.get_layer(producer), model.get_layer(consumer)
     activation = getattr(layer.activation, "__name__", "")
     if activation != "linear":
-        raise ValueError(f"Expected a linear producer for plant_offset. Received {producer!r} with activation {activation!r}.")
+        raise ValueError(
+            f"Expected a linear producer for plant_offset. Received {producer!r} with activation {activation!r}."
+        )
     kernel, bias = layer.get_weights()
     layer.set_weights([kernel, bias + offset])
     k2, b2 = nxt.get_weights()
@@ -170,8 +170,10 @@ def planted_weightless_mlp(*, seed: int = 0, width: int = 128, epochs: int = 15)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     train(model, x_train, y_train, epochs=epochs, seed=seed)
     _plant_weightless(model)
-    fragile = {"mixed_float16": ["up", "down", "exp", "exp_out", "add", "unshift", "shift", "attn"],
-               "mixed_bfloat16": ["add", "unshift", "shift", "attn"]}
+    fragile = {
+        "mixed_float16": ["up", "down", "exp", "exp_out", "add", "unshift", "shift", "attn"],
+        "mixed_bfloat16": ["add", "unshift", "shift", "attn"],
+    }
     return model, (x_train, y_train), (x_val, y_val), fragile
 
 
@@ -188,8 +190,9 @@ def _plant_weightless(model: Any) -> None:
     model.train_function = model.test_function = model.predict_function = None
 
 
-def mild_weightless_mlp(*, seed: int = 0, width: int = 64, blocks: int = 4, offset: float = 64.0, n: int = 6000,
-                        epochs: int = 12):
+def mild_weightless_mlp(
+    *, seed: int = 0, width: int = 64, blocks: int = 4, offset: float = 64.0, n: int = 6000, epochs: int = 12
+):
     """A trained MLP for a synthetic 10-class task with mild 16-bit hazards in weightless blocks.
 
     Six Dense layers ``d1..d6`` (``d6`` the softmax head); between ``d1..d5``,

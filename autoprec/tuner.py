@@ -29,11 +29,19 @@ import numpy as np
 
 from autoprec.budget import Budget
 from autoprec.cost import CostModel, Device, check_device, resolve_device, slower_note
-from autoprec.errors import ArgumentError, DataError, UnsupportedModelError, UntrainedModelError, check_choice, check_int, describe
+from autoprec.errors import (
+    ArgumentError,
+    DataError,
+    UnsupportedModelError,
+    UntrainedModelError,
+    check_choice,
+    check_int,
+    describe,
+)
 from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_BFLOAT16, MIXED_FLOAT16, QUANTIZED_MODES, resolve_target
-from autoprec.quantize import quantized_name
 from autoprec.graph import MOVEMENT, SUBCLASSED
 from autoprec.progress import Progress
+from autoprec.quantize import quantized_name
 from autoprec.result import TuneResult
 from autoprec.session import Session, open_session
 from autoprec.space import GRANULARITIES, DecisionSpace, build_space
@@ -93,12 +101,13 @@ class TuneOptions:
         The target is always among them: the profile measures sensitivity in it,
         even where only quantized candidates (over float32) are searched.
         """
-        out = tuple(quantized_name(c, self.quantize_base) if c in QUANTIZED_MODES else c
-                    for c in self.choices if c != FLOAT32)
+        out = tuple(
+            quantized_name(c, self.quantize_base) if c in QUANTIZED_MODES else c for c in self.choices if c != FLOAT32
+        )
         return out if self.target in out else (*out, self.target)
 
     @classmethod
-    def create(cls, budget: Any, *, target: str | None = None, candidates: Any = None, **options: Any) -> "TuneOptions":
+    def create(cls, budget: Any, *, target: str | None = None, candidates: Any = None, **options: Any) -> TuneOptions:
         """Validate the arguments of :func:`tune`.
 
         Raises:
@@ -115,8 +124,12 @@ class TuneOptions:
         budget = Budget.get(budget)
         target, why, choices = _target_and_candidates(target, candidates)
         options["objective"] = _check_objective(options.get("objective"), choices, options.get("verify", "eval"))
-        for name, choices_ in (("granularity", GRANULARITIES), ("verify", VERIFY_MODES), ("cost", COSTS),
-                               ("nonfinite_inputs", NONFINITE_MODES)):
+        for name, choices_ in (
+            ("granularity", GRANULARITIES),
+            ("verify", VERIFY_MODES),
+            ("cost", COSTS),
+            ("nonfinite_inputs", NONFINITE_MODES),
+        ):
             if name in options:
                 check_choice(name, options[name], choices_)
         for name, minimum in (("n_trials", 1), ("seed", 0), ("steps", 2), ("max_fallbacks", 0), ("verbose", 0)):
@@ -126,22 +139,30 @@ class TuneOptions:
         for name in ("batch_size", "profile_batch_size"):
             options[name] = check_batch_size(options.get(name, "auto"), name)
         timeout = options.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
-            raise ArgumentError(f"Expected timeout to be a number of seconds > 0, or None. Received: timeout={describe(timeout)}.")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+        ):
+            raise ArgumentError(
+                f"Expected timeout to be a number of seconds > 0, or None. Received: timeout={describe(timeout)}."
+            )
         check_device(options.get("device"))  # validated here (without reading this machine), resolved per run
         if options.get("verify") == "train" and options.get("train_data") is None:
             raise DataError("Expected train_data=(x, y) with verify='train': the training check fine-tunes on it.")
         if options.get("pretrain_steps") is not None and options.get("train_data") is None:
             raise DataError("Expected train_data=(x, y) with pretrain_steps: the float32 copy is pretrained on it.")
         if not isinstance(options.get("inplace", False), bool):
-            raise ArgumentError(f"Expected inplace to be True or False. Received: inplace={describe(options['inplace'])}.")
+            raise ArgumentError(
+                f"Expected inplace to be True or False. Received: inplace={describe(options['inplace'])}."
+            )
         only, storage = options.get("search_only", False), options.get("storage")
         from autoprec.study import check_storage
 
         check_storage(storage)  # a bad URL fails here, in well under a second, before any model work
         if not isinstance(only, bool) or (only and storage is None):
-            raise ArgumentError(f"Expected search_only=True with a shared storage= and study_name=, or False. Received: "
-                                f"search_only={describe(only)}, storage={describe(storage)}.")
+            raise ArgumentError(
+                f"Expected search_only=True with a shared storage= and study_name=, or False. Received: "
+                f"search_only={describe(only)}, storage={describe(storage)}."
+            )
         return cls(budget=budget, target=target, target_why=why, choices=choices, **options)
 
 
@@ -162,11 +183,18 @@ def _target_and_candidates(target: Any, candidates: Any) -> tuple[str, str, tupl
         return target, why, (FLOAT32, target)
     choices = tuple(candidates) if isinstance(candidates, (list, tuple)) else None
     valid = (FLOAT32, *LOW_PRECISION, *QUANTIZED_MODES)
-    if (choices is None or FLOAT32 not in choices or len(set(choices)) != len(choices) or len(choices) < 2
-            or any(not isinstance(c, str) or c not in valid for c in choices)):
-        raise ArgumentError(f"Expected candidates to be a list holding 'float32' and at least one of {list(valid[1:])}, each "
-                            f"once. Received: candidates={describe(candidates)}. For example candidates=('float32', "
-                            "'mixed_bfloat16', 'int8').")
+    if (
+        choices is None
+        or FLOAT32 not in choices
+        or len(set(choices)) != len(choices)
+        or len(choices) < 2
+        or any(not isinstance(c, str) or c not in valid for c in choices)
+    ):
+        raise ArgumentError(
+            f"Expected candidates to be a list holding 'float32' and at least one of {list(valid[1:])}, each "
+            f"once. Received: candidates={describe(candidates)}. For example candidates=('float32', "
+            "'mixed_bfloat16', 'int8')."
+        )
     offered = [c for c in choices if c in LOW_PRECISION]
     if target is None:
         if not offered:
@@ -175,9 +203,11 @@ def _target_and_candidates(target: Any, candidates: Any) -> tuple[str, str, tupl
         return preferred, "the 16-bit format among candidates", choices
     target, why = resolve_target(target)
     if target not in choices:
-        raise ArgumentError(f"Expected target to be one of the 16-bit formats among candidates {offered}. Received: "
-                            f"target={target!r} with candidates={list(choices)}. candidates defines the formats and "
-                            f"target only picks the preferred one: add {target!r} to candidates, or leave target out.")
+        raise ArgumentError(
+            f"Expected target to be one of the 16-bit formats among candidates {offered}. Received: "
+            f"target={target!r} with candidates={list(choices)}. candidates defines the formats and "
+            f"target only picks the preferred one: add {target!r} to candidates, or leave target out."
+        )
     return target, why, choices
 
 
@@ -188,9 +218,11 @@ def _check_objective(objective: Any, choices: tuple[str, ...], verify: Any) -> s
         objective = "size" if integer else "speed"
     check_choice("objective", objective, OBJECTIVES)
     if integer and verify == "train":
-        raise ArgumentError(f"Expected float candidates with verify='train'. Received candidates {integer}: int8 and int4 are "
-                            "post-training formats for inference, which Keras does not train. Use verify='eval', or "
-                            "'float8', the format Keras trains in.")
+        raise ArgumentError(
+            f"Expected float candidates with verify='train'. Received candidates {integer}: int8 and int4 are "
+            "post-training formats for inference, which Keras does not train. Use verify='eval', or "
+            "'float8', the format Keras trains in."
+        )
     return objective
 
 
@@ -236,8 +268,15 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
     model = working_model(model, inplace=opts.inplace)
     session, pretrained = open_run(model, data, opts, progress)
     frame = profile_stage(session, opts, progress)
-    space = build_space(session.graph, frame, granularity=opts.granularity, target=opts.target, choices=opts.choices,
-                        tolerance=ablation_tolerance(session, opts.budget), objective=opts.objective)
+    space = build_space(
+        session.graph,
+        frame,
+        granularity=opts.granularity,
+        target=opts.target,
+        choices=opts.choices,
+        tolerance=ablation_tolerance(session, opts.budget),
+        objective=opts.objective,
+    )
     device, device_why = resolve_device(opts.device, target=opts.target, target_why=opts.target_why)
     progress.say(f"autoprec: cost model for a {device.name} ({device_why}).")
     cost = CostModel(session.graph, device=device, quantized_speed=_speeds(opts))
@@ -246,11 +285,24 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
         from autoprec.search import WorkerResult
 
         best = cost.speedup(space.expand(found.assignment)) if found.feasible else 1.0
-        return WorkerResult.of(found.study, evaluations=found.evaluations, best_speedup=best, seconds=time.monotonic() - started)
+        return WorkerResult.of(
+            found.study, evaluations=found.evaluations, best_speedup=best, seconds=time.monotonic() - started
+        )
     space, found = split_stage(session, space, found, cost, opts, progress)
     verified = verify_stage(session, space, frame, found, cost, opts, progress)
-    return result_stage(model, session, space, frame, found, verified, cost, opts, pretrained,
-                        seconds=time.monotonic() - started, progress=progress)
+    return result_stage(
+        model,
+        session,
+        space,
+        frame,
+        found,
+        verified,
+        cost,
+        opts,
+        pretrained,
+        seconds=time.monotonic() - started,
+        progress=progress,
+    )
 
 
 def working_model(model: Any, *, inplace: bool) -> Any:
@@ -271,8 +323,10 @@ def working_model(model: Any, *, inplace: bool) -> Any:
 
         return load_model_file(model)
     if not isinstance(model, keras.Model):
-        raise UnsupportedModelError(f"Expected a Keras model (keras.Model, or the path of a .keras file). Received: "
-                                    f"model={describe(model)}. autoprec tunes Keras 3 models only.")
+        raise UnsupportedModelError(
+            f"Expected a Keras model (keras.Model, or the path of a .keras file). Received: "
+            f"model={describe(model)}. autoprec tunes Keras 3 models only."
+        )
     from autoprec.graph import model_kind
 
     if inplace or model_kind(model) != SUBCLASSED:
@@ -282,7 +336,6 @@ def working_model(model: Any, *, inplace: bool) -> Any:
 
 def _copy_subclassed(model: Any) -> Any:
     """A subclassed model rebuilt from its config, with its weights and its compile configuration."""
-    import keras
 
     why = "its class cannot be rebuilt from get_config()"
     try:
@@ -303,7 +356,8 @@ def _copy_subclassed(model: Any) -> Any:
     raise UnsupportedModelError(
         f"Expected a model tune can copy, or inplace=True. Received the subclassed model {model.name!r}: {why}, and Keras "
         "cannot clone subclassed models layer by layer. Pass inplace=True to let tune set the tuned policies (and a "
-        "LossScaleOptimizer) on this model itself, or give the class a get_config() that rebuilds it.")
+        "LossScaleOptimizer) on this model itself, or give the class a get_config() that rebuilds it."
+    )
 
 
 def _speeds(opts: TuneOptions) -> dict[str, float]:
@@ -319,6 +373,7 @@ def objective(cost: CostModel, space: DecisionSpace, which: str):
     """The search's objective per assignment: the estimated speed-up, or the weight-size ratio with
     the speed-up as a tie-break (a 16-bit float layer is no smaller than a float32 one, but it is faster)."""
     if which == "size":
+
         def size(a: dict[str, str]) -> float:
             expanded = space.expand(a)
             return cost.size_ratio(expanded) + 1e-3 * cost.speedup(expanded)
@@ -349,7 +404,9 @@ def open_run(model: Any, data: Any, opts: TuneOptions, progress: Progress) -> tu
             "tune the model after training it."
         )
     if session.graph.kind == SUBCLASSED:
-        raise UnsupportedModelError("Pretraining clones the model; a subclassed model cannot be cloned. Train it first, then tune.")
+        raise UnsupportedModelError(
+            "Pretraining clones the model; a subclassed model cannot be cloned. Train it first, then tune."
+        )
     from autoprec.apply import apply_policy
     from autoprec.verify import cycle_batches, train_steps
 
@@ -360,35 +417,48 @@ def open_run(model: Any, data: Any, opts: TuneOptions, progress: Progress) -> tu
     train_steps(work, cycle_batches(opts.train_data, steps, 32, model=work))
     session = _session(work, data, opts)
     if at_chance_level(session):
-        logger.warning("autoprec: still at chance level after %d pretraining steps; pass a larger pretrain_steps.", steps)
+        logger.warning(
+            "autoprec: still at chance level after %d pretraining steps; pass a larger pretrain_steps.", steps
+        )
     _check_resolution(session, opts.budget)
     return session, steps
 
 
 def _session(model: Any, data: Any, opts: TuneOptions) -> Session:
-    return open_session(model, data, target=opts.target, formats=opts.formats, metric=opts.metric,
-                        higher_is_better=opts.higher_is_better, batch_size=opts.batch_size,
-                        keep_float32=opts.keep_float32, force_16bit=opts.force_16bit,
-                        nonfinite_inputs=opts.nonfinite_inputs)
+    return open_session(
+        model,
+        data,
+        target=opts.target,
+        formats=opts.formats,
+        metric=opts.metric,
+        higher_is_better=opts.higher_is_better,
+        batch_size=opts.batch_size,
+        keep_float32=opts.keep_float32,
+        force_16bit=opts.force_16bit,
+        nonfinite_inputs=opts.nonfinite_inputs,
+    )
 
 
 def _check_train_labels(session: Session, opts: TuneOptions) -> None:
     """Training data whose labels cannot fit the outputs or the loss fails here, before any search."""
     if opts.train_data is None:
         return
+    import keras
+
     from autoprec.data import EvalData
     from autoprec.metrics import check_labels, label_reshaper
     from autoprec.verify import predict_batches
 
-    import keras
-
-    train = EvalData.get(opts.train_data, batch_size=64, what="train_data", model=session.model,
-                         nonfinite=opts.nonfinite_inputs)
+    train = EvalData.get(
+        opts.train_data, batch_size=64, what="train_data", model=session.model, nonfinite=opts.nonfinite_inputs
+    )
     from autoprec.session import check_inputs_fit
 
     check_inputs_fit(session.model, train, what="train_data")
-    one = predict_batches(session.model, EvalData.get((train.x_sample(1), keras.tree.map_structure(
-        lambda a: a[:1], train.y)), model=session.model))
+    one = predict_batches(
+        session.model,
+        EvalData.get((train.x_sample(1), keras.tree.map_structure(lambda a: a[:1], train.y)), model=session.model),
+    )
     # Every label is checked against the shape of one prediction, broadcast (no copy) to all samples.
     like = keras.tree.map_structure(lambda a: np.broadcast_to(a, (train.n, *a.shape[1:])), one)
     fix = label_reshaper(train.y, like)  # y of shape (n,) for an (n, 1) output: Keras's fit accepts it as it is
@@ -399,8 +469,9 @@ def _check_resolution(session: Session, budget: Budget) -> None:
     """Refuse a budget the data is too small to resolve, or one that allows any result."""
     metric, n = session.metric, session.data.n
     bounded = metric.bounds is not None and metric.bounds[0] >= 0
-    budget.check_meaningful(baseline=session.baseline, higher_is_better=metric.higher_is_better,
-                            bounded_below=bounded, metric=metric.name)
+    budget.check_meaningful(
+        baseline=session.baseline, higher_is_better=metric.higher_is_better, bounded_below=bounded, metric=metric.name
+    )
     allowed = budget.allowed(session.baseline)
     if metric.bounds == (0.0, 1.0) and 0 < allowed < 1.0 / n:
         need = math.ceil(1.0 / allowed)
@@ -426,7 +497,9 @@ def at_chance_level(session: Session) -> bool:
         return False
     y = np.asarray(y)
     n_out = np.asarray(pred).shape[-1]
-    classes = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 and y.shape[-1] == n_out else y.reshape(len(y), -1)[:, 0].round()
+    classes = (
+        y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 and y.shape[-1] == n_out else y.reshape(len(y), -1)[:, 0].round()
+    )
     _, counts = np.unique(classes, return_counts=True)
     freqs = counts / len(y)
     if "acc" in name and session.metric.higher_is_better:
@@ -462,23 +535,39 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
     from autoprec.metrics import single
 
     if isinstance(single(session.baseline_outputs[0]), (list, tuple, dict)) and not isinstance(
-            single(session.data.y), (list, tuple, dict)):
+        single(session.data.y), (list, tuple, dict)
+    ):
         # One label array for several outputs (a callable metric reads it): the compiled losses, one per output,
         # have no labels to differentiate, so the profile ranks by ablation alone.
-        progress.say("autoprec: one label array for several outputs: no per-output loss to take gradients of; the "
-                     "profile ranks layers by ablation alone.")
+        progress.say(
+            "autoprec: one label array for several outputs: no per-output loss to take gradients of; the "
+            "profile ranks layers by ablation alone."
+        )
         gradients = False
-    progress.say(f"autoprec: target {opts.target}; budget {opts.budget}: "
-                 + opts.budget.formula(metric=session.metric.name, higher_is_better=session.metric.higher_is_better,
-                                       baseline=session.baseline))
+    progress.say(
+        f"autoprec: target {opts.target}; budget {opts.budget}: "
+        + opts.budget.formula(
+            metric=session.metric.name, higher_is_better=session.metric.higher_is_better, baseline=session.baseline
+        )
+    )
     all_fit = False
     if opts.target in opts.choices:  # with quantized candidates alone, the 16-bit target only ranks: rank fully
         everything = {i.path: opts.target for i in session.graph.eligible}
-        all_fit = opts.budget.feasible(baseline=session.baseline, drop=session.evaluate(everything, budget=opts.budget).drop)
+        all_fit = opts.budget.feasible(
+            baseline=session.baseline, drop=session.evaluate(everything, budget=opts.budget).drop
+        )
     method = ("fast" if all_fit else "full") if gradients else "ablation"
-    frame = profile(session.model, None, target=opts.target, method=method, profile_batch_size=opts.profile_batch_size,
-                    tolerance=ablation_tolerance(session, opts.budget),
-                    max_ablation_passes=len(session.graph.eligible) + 8, verbose=opts.verbose, session=session)
+    frame = profile(
+        session.model,
+        None,
+        target=opts.target,
+        method=method,
+        profile_batch_size=opts.profile_batch_size,
+        tolerance=ablation_tolerance(session, opts.budget),
+        max_ablation_passes=len(session.graph.eligible) + 8,
+        verbose=opts.verbose,
+        session=session,
+    )
     progress.seconds.update({k: v for k, v in frame.attrs.get("seconds", {}).items()})
     return frame
 
@@ -499,8 +588,15 @@ class Found:
     measured: dict[int, float] = field(default_factory=dict)
 
 
-def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: TuneOptions, progress: Progress, *,
-                 ranked_by: str = "full") -> Found:
+def search_stage(
+    session: Session,
+    space: DecisionSpace,
+    cost: CostModel,
+    opts: TuneOptions,
+    progress: Progress,
+    *,
+    ranked_by: str = "full",
+) -> Found:
     """Run (or resume) the Optuna study over the decision space.
 
     ``ranked_by`` is the profile method that ordered the decisions: a resumed
@@ -511,43 +607,66 @@ def search_stage(session: Session, space: DecisionSpace, cost: CostModel, opts: 
     from autoprec.search import Search, make_sampler
     from autoprec.study import fail_orphans, name_objective, open_study, record_or_check
 
-    name = opts.study_name or (f"autoprec-{getattr(session.model, 'name', 'model')}-{opts.target}-"
-                               f"{opts.budget.max_drop:g}{'rel' if opts.budget.relative else ''}-seed{opts.seed}")
+    name = opts.study_name or (
+        f"autoprec-{getattr(session.model, 'name', 'model')}-{opts.target}-"
+        f"{opts.budget.max_drop:g}{'rel' if opts.budget.relative else ''}-seed{opts.seed}"
+    )
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar replaces Optuna's per-trial log
     try:
         study = open_study(name, opts.storage, make_sampler(opts.seed))
         name_objective(study, opts.objective)
         fail_orphans(study)
-        order = record_or_check(study, {"keys": list(space.keys), "choices": list(space.choices), "order": list(space.order),
-                                        "baseline": session.baseline, "fingerprint": session.fingerprint(),
-                                        "metric": session.metric.name, "ranked_by": ranked_by},
-                               budget=str(opts.budget))
+        order = record_or_check(
+            study,
+            {
+                "keys": list(space.keys),
+                "choices": list(space.choices),
+                "order": list(space.order),
+                "baseline": session.baseline,
+                "fingerprint": session.fingerprint(),
+                "metric": session.metric.name,
+                "ranked_by": ranked_by,
+            },
+            budget=str(opts.budget),
+        )
         bar = progress.stage("search", total=opts.n_trials, unit="trial")
         feasible = lambda drop: opts.budget.feasible(baseline=session.baseline, drop=drop)  # noqa: E731
-        search = Search(dataclasses.replace(space.search_space(), order=order),
-                        lambda a: session.evaluate(space.expand(a), budget=opts.budget),
-                        objective(cost, space, opts.objective), feasible, opts.budget.allowed(session.baseline), study,
-                        n_trials=opts.n_trials, timeout=opts.timeout,
-                        on_trial=lambda s: bar.update(s.finished(), [("best", s.best_speedup())]))
+        search = Search(
+            dataclasses.replace(space.search_space(), order=order),
+            lambda a: session.evaluate(space.expand(a), budget=opts.budget),
+            objective(cost, space, opts.objective),
+            feasible,
+            opts.budget.allowed(session.baseline),
+            study,
+            n_trials=opts.n_trials,
+            timeout=opts.timeout,
+            on_trial=lambda s: bar.update(s.finished(), [("best", s.best_speedup())]),
+        )
         best = search.run()
         bar.done(min(search.finished(), opts.n_trials), [("best", search.best_speedup())])
     finally:
         optuna.logging.set_verbosity(verbosity)
     if best is not None and opts.objective == "speed" and best.speedup < 1.0:
         # Within budget, but slower than float32 by the cost model: float32 itself is the faster answer.
-        progress.say(f"autoprec: the best assignment within budget is estimated at {best.speedup:.2f}x float32 on the "
-                     f"{cost.device.name} profile; float32 is faster, so the result is all float32.")
+        progress.say(
+            f"autoprec: the best assignment within budget is estimated at {best.speedup:.2f}x float32 on the "
+            f"{cost.device.name} profile; float32 is faster, so the result is all float32."
+        )
         best = None
     elif best is None and not space.keys:
-        progress.say("autoprec: nothing to search: every layer is pinned float32 (a model output, a layer that "
-                     "hard-codes float32, or keep_float32); the result is all float32.")
+        progress.say(
+            "autoprec: nothing to search: every layer is pinned float32 (a model output, a layer that "
+            "hard-codes float32, or keep_float32); the result is all float32."
+        )
     elif best is None:
         slower = slower_note(cost.device, opts.target)
         if slower:
             # Candidates the cost model rates slower than float32 are never tried, so "none met the budget" would be false.
-            progress.say(f"autoprec: the result is all float32: no assignment both met the budget and was estimated "
-                         f"faster than float32; {slower}.")
+            progress.say(
+                f"autoprec: the result is all float32: no assignment both met the budget and was estimated "
+                f"faster than float32; {slower}."
+            )
         else:
             progress.say("autoprec: no assignment with a decision in 16-bit met the budget; the result is all float32.")
     found = Found(study, dict(best.assignment) if best else {}, best is not None, search.evaluations, search.cache_hits)
@@ -625,8 +744,9 @@ def followers_of(graph: Any, space: DecisionSpace, key: str) -> tuple[list[str],
     return keys, joined
 
 
-def split_stage(session: Session, space: DecisionSpace, found: Found, cost: CostModel, opts: TuneOptions,
-                progress: Progress) -> tuple[DecisionSpace, Found]:
+def split_stage(
+    session: Session, space: DecisionSpace, found: Found, cost: CostModel, opts: TuneOptions, progress: Progress
+) -> tuple[DecisionSpace, Found]:
     """Try each float32 layer in 16-bit with the weightless layers that follow it kept float32.
 
     A weightless layer without a risk of its own joins its producer, so a mild
@@ -648,8 +768,11 @@ def split_stage(session: Session, space: DecisionSpace, found: Found, cost: Cost
         if not (keys or followers):
             continue
         moved = {**assignment, key: opts.target, **{k: FLOAT32 for k in keys}}
-        trial = {**space.expand(moved), **{f: FLOAT32 for f in followers},
-                 **{f: FLOAT32 for fs in splits.values() for f in fs}}
+        trial = {
+            **space.expand(moved),
+            **{f: FLOAT32 for f in followers},
+            **{f: FLOAT32 for fs in splits.values() for f in fs},
+        }
         speed = cost.speedup(trial)
         if speed <= best + 1e-9:
             continue
@@ -659,18 +782,23 @@ def split_stage(session: Session, space: DecisionSpace, found: Found, cost: Cost
         assignment, best = moved, speed
         if followers:
             splits[key] = followers
-        progress.say(f"autoprec: {key!r} computes in {opts.target} with {', '.join(map(repr, [*keys, *followers]))} "
-                     f"after it in float32 (estimated {speed:.3f}x, drop {evaluation.drop:.4g}).")
+        progress.say(
+            f"autoprec: {key!r} computes in {opts.target} with {', '.join(map(repr, [*keys, *followers]))} "
+            f"after it in float32 (estimated {speed:.3f}x, drop {evaluation.drop:.4g})."
+        )
     if assignment == found.assignment:
         return space, found
     if not splits:
         return space, dataclasses.replace(found, assignment=assignment)
     own = {f: (f,) for fs in splits.values() for f in fs}
-    space = dataclasses.replace(space, groups={**space.groups, **own}, order=(*space.order, *own),
-                                own=space.own | set(own),
-                                options={**space.options, **{f: tuple(c for c in space.choices if c not in QUANTIZED_MODES)
-                                                             for f in own}},
-                                split={**getattr(space, "split", {}), **splits})
+    space = dataclasses.replace(
+        space,
+        groups={**space.groups, **own},
+        order=(*space.order, *own),
+        own=space.own | set(own),
+        options={**space.options, **{f: tuple(c for c in space.choices if c not in QUANTIZED_MODES) for f in own}},
+        split={**getattr(space, "split", {}), **splits},
+    )
     assignment.update({f: FLOAT32 for f in own})
     return space, dataclasses.replace(found, assignment=assignment)
 
@@ -692,8 +820,15 @@ class Verified:
     measured_speedup: float | None
 
 
-def verify_stage(session: Session, space: DecisionSpace, frame: Any, found: Found, cost: CostModel,
-                 opts: TuneOptions, progress: Progress) -> Verified:
+def verify_stage(
+    session: Session,
+    space: DecisionSpace,
+    frame: Any,
+    found: Found,
+    cost: CostModel,
+    opts: TuneOptions,
+    progress: Progress,
+) -> Verified:
     """Real Keras policies on this device, then (on request) a short training run; fall back decision by decision."""
     bar = progress.stage("verify", total=None, unit="check")
     checks: list[dict] = []
@@ -704,24 +839,45 @@ def verify_stage(session: Session, space: DecisionSpace, frame: Any, found: Foun
         state["model"], real = verify_eval(session, names)
         state["evaluation"] = real
         simulated = session.evaluate(space.expand(assignment))
-        checks.append({"simulated_drop": simulated.drop, "real_drop": real.drop,
-                       "n_16bit": sum(v != FLOAT32 for v in assignment.values())})
+        checks.append(
+            {
+                "simulated_drop": simulated.drop,
+                "real_drop": real.drop,
+                "n_16bit": sum(v != FLOAT32 for v in assignment.values()),
+            }
+        )
         ok = opts.budget.feasible(baseline=session.baseline, drop=real.drop)
         return ok, f"real drop {real.drop:.4g} misses the budget"
 
     pick = _sensitive_first(space, found.assignment)
     limit = opts.max_fallbacks
-    assignment, fallbacks, _ = fall_back(dict(found.assignment), check_eval, pick, kind="verify", limit=limit, say=progress.say)
+    assignment, fallbacks, _ = fall_back(
+        dict(found.assignment), check_eval, pick, kind="verify", limit=limit, say=progress.say
+    )
     training = None
     if opts.verify == "train":
+
         def check_train(assignment: dict[str, str]) -> tuple[bool, str]:
             nonlocal training
-            training = train_check(session.model, session.graph.resolve(space.expand(assignment)), opts.train_data,
-                                   graph=session.graph, steps=opts.steps, metric=session.metric, eval_data=session.data)
+            training = train_check(
+                session.model,
+                session.graph.resolve(space.expand(assignment)),
+                opts.train_data,
+                graph=session.graph,
+                steps=opts.steps,
+                metric=session.metric,
+                eval_data=session.data,
+            )
             return training.passed, training.reason
 
-        assignment, more, _ = fall_back(assignment, check_train, _hazards_first(space, frame, pick), kind="train",
-                                        limit=limit - len(fallbacks), say=progress.say)
+        assignment, more, _ = fall_back(
+            assignment,
+            check_train,
+            _hazards_first(space, frame, pick),
+            kind="train",
+            limit=limit - len(fallbacks),
+            say=progress.say,
+        )
         fallbacks += more
         if more:
             check_eval(assignment)
@@ -734,6 +890,7 @@ def verify_stage(session: Session, space: DecisionSpace, frame: Any, found: Foun
 
 def _sensitive_first(space: DecisionSpace, start: dict[str, str]):
     """Pick the most sensitive 16-bit decision (profile order)."""
+
     def pick(assignment: dict[str, str]) -> str | None:
         return next((k for k in space.order if assignment.get(k, FLOAT32) != FLOAT32), None)
 
@@ -749,8 +906,10 @@ def _hazards_first(space: DecisionSpace, frame: Any, fallback: Any):
         for path in space.groups[key]:
             if path in rows.index:
                 row = rows.loc[path]
-                total += sum(float(row.get(c, 0) or 0) if row.get(c, 0) == row.get(c, 0) else 0.0
-                             for c in ("grad_scaled_overflow", "act_overflow", "grad_scaled_flush", "wgrad_scaled_overflow"))
+                total += sum(
+                    float(row.get(c, 0) or 0) if row.get(c, 0) == row.get(c, 0) else 0.0
+                    for c in ("grad_scaled_overflow", "act_overflow", "grad_scaled_flush", "wgrad_scaled_overflow")
+                )
         return total
 
     def pick(assignment: dict[str, str]) -> str | None:
@@ -767,8 +926,20 @@ def _hazards_first(space: DecisionSpace, frame: Any, fallback: Any):
 # Stage: result
 
 
-def result_stage(model: Any, session: Session, space: DecisionSpace, frame: Any, found: Found, verified: Verified,
-                 cost: CostModel, opts: TuneOptions, pretrained: int, *, seconds: float, progress: Progress) -> TuneResult:
+def result_stage(
+    model: Any,
+    session: Session,
+    space: DecisionSpace,
+    frame: Any,
+    found: Found,
+    verified: Verified,
+    cost: CostModel,
+    opts: TuneOptions,
+    pretrained: int,
+    *,
+    seconds: float,
+    progress: Progress,
+) -> TuneResult:
     """Emit the policy, the tuned model and the tables, with every decision's reason."""
     from autoprec.policy import PrecisionPolicy
     from autoprec.study import trials_frame
@@ -781,42 +952,78 @@ def result_stage(model: Any, session: Session, space: DecisionSpace, frame: Any,
     trials = _with_costs(trials, found.study, space, cost)
     if "drop" in trials and len(trials):
         drops = trials["drop"].astype(float)
-        trials["feasible"] = [opts.budget.feasible(baseline=session.baseline, drop=d if d < 1e8 else math.inf) and not r
-                              for d, r in zip(drops, trials["rejected"].fillna(False).astype(bool))]
+        trials["feasible"] = [
+            opts.budget.feasible(baseline=session.baseline, drop=d if d < 1e8 else math.inf) and not r
+            for d, r in zip(drops, trials["rejected"].fillna(False).astype(bool))
+        ]
     ev = verified.evaluation
     feasible = opts.budget.feasible(baseline=session.baseline, drop=ev.drop)
     verification = {
         "fallbacks": [{"key": f.key, "check": f.check, "detail": f.detail} for f in verified.fallbacks],
-        "checks": verified.discrepancies, "real_drop": ev.drop, "feasible": feasible,
-        "why": "" if feasible else (f"after {len(verified.fallbacks)} fallback(s) (max_fallbacks={opts.max_fallbacks}) the "
-                                    f"verified drop is {ev.drop:.4g}, over the {opts.budget.allowed(session.baseline):.4g} allowed"),
+        "checks": verified.discrepancies,
+        "real_drop": ev.drop,
+        "feasible": feasible,
+        "why": ""
+        if feasible
+        else (
+            f"after {len(verified.fallbacks)} fallback(s) (max_fallbacks={opts.max_fallbacks}) the "
+            f"verified drop is {ev.drop:.4g}, over the {opts.budget.allowed(session.baseline):.4g} allowed"
+        ),
     }
     stats = {
-        "evaluations": found.evaluations, "cache_hits": found.cache_hits, "passes": session.passes,
-        "traces": session.engine.traces, "engine": session.engine.kind, "granularity": opts.granularity,
-        "decision_keys": len(space.keys), "own_weightless": sorted(space.own), "misaligned": sorted(cost.flagged),
-        "seconds": seconds, "stage_seconds": dict(progress.seconds), "study_name": found.study.study_name,
-        "quantized_speed": dict(cost.quantized_speed), "weight_bytes": cost.weight_bytes(decided),
+        "evaluations": found.evaluations,
+        "cache_hits": found.cache_hits,
+        "passes": session.passes,
+        "traces": session.engine.traces,
+        "engine": session.engine.kind,
+        "granularity": opts.granularity,
+        "decision_keys": len(space.keys),
+        "own_weightless": sorted(space.own),
+        "misaligned": sorted(cost.flagged),
+        "seconds": seconds,
+        "stage_seconds": dict(progress.seconds),
+        "study_name": found.study.study_name,
+        "quantized_speed": dict(cost.quantized_speed),
+        "weight_bytes": cost.weight_bytes(decided),
         "rejected_early": int(trials["rejected"].fillna(False).astype(bool).sum()) if "rejected" in trials else 0,
     }
     result = TuneResult(
-        policy=PrecisionPolicy(names, target=opts.target, layers=session.graph.layer_facts()), model=verified.model,
+        policy=PrecisionPolicy(names, target=opts.target, layers=session.graph.layer_facts()),
+        model=verified.model,
         sensitivity=decision_frame(frame, session, space, names, verified.fallbacks, cost=cost, target=opts.target),
-        trials=trials, study=found.study,
-        baseline_metric=session.baseline, metric=ev.metric, budget=opts.budget, speedup_estimate=cost.speedup(decided),
-        objective=opts.objective, size_ratio=cost.size_ratio(decided),
-        metric_name=session.metric.name, higher_is_better=session.metric.higher_is_better, target=opts.target,
-        formula=opts.budget.formula(metric=session.metric.name, higher_is_better=session.metric.higher_is_better,
-                                    baseline=session.baseline),
-        device=cost.device.name, verification=verification, training=verified.training,
-        measured_speedup=verified.measured_speedup, pretrain_steps=pretrained, stats=stats,
+        trials=trials,
+        study=found.study,
+        baseline_metric=session.baseline,
+        metric=ev.metric,
+        budget=opts.budget,
+        speedup_estimate=cost.speedup(decided),
+        objective=opts.objective,
+        size_ratio=cost.size_ratio(decided),
+        metric_name=session.metric.name,
+        higher_is_better=session.metric.higher_is_better,
+        target=opts.target,
+        formula=opts.budget.formula(
+            metric=session.metric.name, higher_is_better=session.metric.higher_is_better, baseline=session.baseline
+        ),
+        device=cost.device.name,
+        verification=verification,
+        training=verified.training,
+        measured_speedup=verified.measured_speedup,
+        pretrain_steps=pretrained,
+        stats=stats,
     )
     progress.say(result.summary())
     if result.n_16bit and result.speedup_estimate < 1.0:
-        logger.warning("autoprec: the tuned policy is estimated at %.2fx float32 on the %s profile, slower than float32. %s",
-                       result.speedup_estimate, cost.device.name,
-                       (slower_note(cost.device, opts.target) or "Casts at precision boundaries cost more than the "
-                        "16-bit layers gain").capitalize() + ".")
+        logger.warning(
+            "autoprec: the tuned policy is estimated at %.2fx float32 on the %s profile, slower than float32. %s",
+            result.speedup_estimate,
+            cost.device.name,
+            (
+                slower_note(cost.device, opts.target)
+                or "Casts at precision boundaries cost more than the 16-bit layers gain"
+            ).capitalize()
+            + ".",
+        )
     return result
 
 
@@ -832,8 +1039,16 @@ def _with_costs(trials: Any, study: Any, space: DecisionSpace, cost: CostModel) 
     return trials
 
 
-def decision_frame(frame: Any, session: Session, space: DecisionSpace, names: dict[str, str], fallbacks: list, *,
-                   cost: CostModel | None = None, target: str | None = None) -> Any:
+def decision_frame(
+    frame: Any,
+    session: Session,
+    space: DecisionSpace,
+    names: dict[str, str],
+    fallbacks: list,
+    *,
+    cost: CostModel | None = None,
+    target: str | None = None,
+) -> Any:
     """The profile with each layer's ``decision``, ``reason``, ``kind`` and the facts its sentence needs.
 
     With ``cost``, each float32 decision gets the cost model's estimate of the
@@ -853,21 +1068,32 @@ def decision_frame(frame: Any, session: Session, space: DecisionSpace, names: di
         as_is = cost.speedup(space.expand(final))
         for key, choice in final.items():
             if choice == FLOAT32 and target in space.choices_of(key):
-                gains.update({p: (cost.speedup(space.expand({**final, key: target})), as_is) for p in space.groups[key]})
+                gains.update(
+                    {p: (cost.speedup(space.expand({**final, key: target})), as_is) for p in space.groups[key]}
+                )
     hazards = op_hazards(graph, frame)
     decisions, reasons_, kinds_, details, producer_decisions, op_notes = [], [], [], [], [], []
     for row in out.to_dict("records"):
         info = graph[row["path"]]
-        decision = names.get(info.path, nodes.get(info.path, FLOAT32)) if info.is_layer else f"follows ({nodes[info.path]})"
+        decision = (
+            names.get(info.path, nodes.get(info.path, FLOAT32)) if info.is_layer else f"follows ({nodes[info.path]})"
+        )
         own = info.is_unit or info.path in space.own
         kind = "pinned" if info.pinned else "decision" if own else {"compute": "joined"}.get(info.role, info.role)
         fallback = failed.get(info.path)
         row["op_hazard"] = hazards.get(info.path, "")
         row["speedup_16bit"], row["speedup_float32"] = gains.get(info.path, (math.nan, math.nan))
         row["split_from"] = split_from.get(info.path, "")
-        reason = reason_for(row, decision=decision if info.is_layer else FLOAT32, pinned=info.pinned, role=info.role,
-                            own_decision=own and info.pinned is None, forced=info.path in space.forced,
-                            fallback=fallback.check if fallback else None, split_from=split_from.get(info.path))
+        reason = reason_for(
+            row,
+            decision=decision if info.is_layer else FLOAT32,
+            pinned=info.pinned,
+            role=info.role,
+            own_decision=own and info.pinned is None,
+            forced=info.path in space.forced,
+            fallback=fallback.check if fallback else None,
+            split_from=split_from.get(info.path),
+        )
         decisions.append(decision)
         reasons_.append(str(reason))
         kinds_.append(kind)
@@ -894,7 +1120,11 @@ def op_hazards(graph: Any, frame: Any) -> dict[str, str]:
         if info.is_layer:
             continue
         row = rows.get(info.path, {})
-        if not (_positive(row.get("act_overflow")) or _positive(row.get("act_nonfinite")) or _positive(row.get("act_flush"), 0.01)):
+        if not (
+            _positive(row.get("act_overflow"))
+            or _positive(row.get("act_nonfinite"))
+            or _positive(row.get("act_flush"), 0.01)
+        ):
             continue
         for path in graph.deciders(info.path):
             out.setdefault(path, f"ops.{info.class_name.lower()}")

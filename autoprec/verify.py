@@ -60,9 +60,15 @@ class Fallback:
     detail: str
 
 
-def fall_back(assignment: dict[str, str], check: Callable[[dict[str, str]], tuple[bool, str]],
-              pick: Callable[[dict[str, str]], str | None], *, kind: str, limit: int,
-              say: Callable[[str], None] = lambda message: None) -> tuple[dict[str, str], list[Fallback], bool]:
+def fall_back(
+    assignment: dict[str, str],
+    check: Callable[[dict[str, str]], tuple[bool, str]],
+    pick: Callable[[dict[str, str]], str | None],
+    *,
+    kind: str,
+    limit: int,
+    say: Callable[[str], None] = lambda message: None,
+) -> tuple[dict[str, str], list[Fallback], bool]:
     """While ``check(assignment)`` fails, return ``pick(assignment)`` to float32, at most ``limit`` times.
 
     Returns the final assignment, the fallbacks made, and whether the last check passed.
@@ -84,8 +90,13 @@ def verify_eval(session: Any, names: dict[str, str]) -> tuple[Any, Any]:
     """Apply the resolved policy for real and score it on the full evaluation data."""
     graph = session.graph
     float8 = any(split(name)[0] == "float8" for name in names.values())
-    real = apply_policy(session.model, names, graph=graph, inplace=graph.kind == SUBCLASSED,
-                        calibration_data=session.data if float8 else None)
+    real = apply_policy(
+        session.model,
+        names,
+        graph=graph,
+        inplace=graph.kind == SUBCLASSED,
+        calibration_data=session.data if float8 else None,
+    )
     return real, session.score_outputs(predict_batches(real, session.data))
 
 
@@ -101,8 +112,12 @@ def predict_batches(model: Any, data: EvalData) -> Any:
 
     distributed = getattr(model, "_distribute_strategy", None) is not None
     with quiet_retracing():
-        outs = [model.predict(x, batch_size=len(keras.tree.flatten(x)[0]), verbose=0) if distributed
-                else model.predict_on_batch(x) for x, _ in data.batches()]
+        outs = [
+            model.predict(x, batch_size=len(keras.tree.flatten(x)[0]), verbose=0)
+            if distributed
+            else model.predict_on_batch(x)
+            for x, _ in data.batches()
+        ]
     return keras.tree.map_structure(lambda *parts: np.concatenate(parts), *outs)
 
 
@@ -188,9 +203,18 @@ def _step_recorder() -> type:
     return StepRecorder
 
 
-def train_check(model: Any, names: dict[str, str], train_data: Any, *, graph: ModelGraph, steps: int = 50,
-                batch_size: int = 32, metric: Any = None, eval_data: EvalData | None = None,
-                progress_ratio: float = 0.5) -> TrainCheck:
+def train_check(
+    model: Any,
+    names: dict[str, str],
+    train_data: Any,
+    *,
+    graph: ModelGraph,
+    steps: int = 50,
+    batch_size: int = 32,
+    metric: Any = None,
+    eval_data: EvalData | None = None,
+    progress_ratio: float = 0.5,
+) -> TrainCheck:
     """Fine-tune the tuned model and a float32 copy for ``steps`` steps and compare.
 
     Both start from ``model``'s weights with fresh copies of its optimizer and
@@ -208,10 +232,14 @@ def train_check(model: Any, names: dict[str, str], train_data: Any, *, graph: Mo
     """
     check_int("steps", steps, 2)
     if getattr(model, "optimizer", None) is None:
-        raise DataError("Expected a compiled model for the training check (its loss and optimizer are used). Compile it first.")
+        raise DataError(
+            "Expected a compiled model for the training check (its loss and optimizer are used). Compile it first."
+        )
     if graph.kind == SUBCLASSED:
-        raise UnsupportedModelError("The training check clones the model twice; a subclassed model cannot be cloned. "
-                                    "Run verify='eval', or rebuild the model functionally.")
+        raise UnsupportedModelError(
+            "The training check clones the model twice; a subclassed model cannot be cloned. "
+            "Run verify='eval', or rebuild the model functionally."
+        )
     batches = cycle_batches(train_data, steps, batch_size, model=model)
     reference = apply_policy(model, {}, graph=graph)
     tuned = apply_policy(model, names, graph=graph)
@@ -224,11 +252,14 @@ def train_check(model: Any, names: dict[str, str], train_data: Any, *, graph: Mo
     passed, reason = judge_training(f32_losses, tuned_losses, scales, steps=steps, progress_ratio=progress_ratio)
     skipped = sum(1 for a, b in zip([DEFAULT_LOSS_SCALE] + scales, scales) if b < a)
     nonfinite = sum(1 for v in tuned_losses if not math.isfinite(v))
-    return TrainCheck(steps, f32_losses, tuned_losses, scales, skipped, nonfinite, f32_metric, tuned_metric, passed, reason)
+    return TrainCheck(
+        steps, f32_losses, tuned_losses, scales, skipped, nonfinite, f32_metric, tuned_metric, passed, reason
+    )
 
 
-def judge_training(f32_losses: list[float], tuned_losses: list[float], scales: list[float], *, steps: int,
-                   progress_ratio: float = 0.5) -> tuple[bool, str]:
+def judge_training(
+    f32_losses: list[float], tuned_losses: list[float], scales: list[float], *, steps: int, progress_ratio: float = 0.5
+) -> tuple[bool, str]:
     """Pass or fail a tuned training run against float32, with the reason in words.
 
     Rounding makes the two trajectories differ a little; only a tuned run that
@@ -253,6 +284,8 @@ def judge_training(f32_losses: list[float], tuned_losses: list[float], scales: l
     if not finite_tail:
         return False, f"the last {window} training losses are all non-finite"
     if math.isfinite(tail32) and tail16 > tail32 + slack:
-        return False, (f"training stopped making progress: its loss ends at {tail16:.4g} against {tail32:.4g} in float32 "
-                       f"(fell by {head32 - tail16:.4g} against {progress32:.4g})")
+        return False, (
+            f"training stopped making progress: its loss ends at {tail16:.4g} against {tail32:.4g} in float32 "
+            f"(fell by {head32 - tail16:.4g} against {progress32:.4g})"
+        )
     return True, "trains like float32"

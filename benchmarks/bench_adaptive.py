@@ -19,7 +19,6 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-
 from common import interleaved, median, table
 
 
@@ -74,25 +73,55 @@ def run(steps: int = 50, batch: int = 64, repeats: int = 24) -> tuple[str, list[
         x = rng.normal(size=(steps * batch, *shape)).astype("float32")
         y = rng.integers(0, 10, size=steps * batch)
         plain, watched = _pair(build)
-        callback = autoprec.AdaptivePrecision(data=(x[:4 * batch], y[:4 * batch]), batch_size=batch, verbose=0)
+        callback = autoprec.AdaptivePrecision(data=(x[: 4 * batch], y[: 4 * batch]), batch_size=batch, verbose=0)
         fit = lambda m, cbs: m.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=cbs, shuffle=False)  # noqa: E731
-        times = interleaved({"plain": lambda: fit(plain, []), "callback": lambda: fit(watched, [callback])},
-                            repeats=repeats, warmup=2)
+        times = interleaved(
+            {"plain": lambda: fit(plain, []), "callback": lambda: fit(watched, [callback])}, repeats=repeats, warmup=2
+        )
         ratio = median([c / p for c, p in zip(times["callback"], times["plain"])])
         checks = callback.checks
         scheduled = checks[checks["trigger"] == "scheduled"]
         timed = scheduled[scheduled["step"] > 2 * steps]  # the checks made while the rounds were timed
         share = float(timed["seconds"].sum()) / sum(times["callback"])
         step_ms = median(times["plain"]) / steps * 1e3
-        rows.append([name, f"{step_ms:.2f}", f"{median(times['callback']) / steps * 1e3:.2f}", f"{ratio:.3f}x",
-                     f"{float(timed['seconds'].median()) * 1e3:.1f}", len(timed), f"{share:.1%}", len(callback.history)])
-        records.append({"model": name, "plain_ms_per_step": step_ms, "ratio": ratio, "check_share": share,
-                        "check_ms": float(timed["seconds"].median()) * 1e3, "checks": len(timed),
-                        "check_every": check_every, "changes": len(callback.history)})
+        rows.append(
+            [
+                name,
+                f"{step_ms:.2f}",
+                f"{median(times['callback']) / steps * 1e3:.2f}",
+                f"{ratio:.3f}x",
+                f"{float(timed['seconds'].median()) * 1e3:.1f}",
+                len(timed),
+                f"{share:.1%}",
+                len(callback.history),
+            ]
+        )
+        records.append(
+            {
+                "model": name,
+                "plain_ms_per_step": step_ms,
+                "ratio": ratio,
+                "check_share": share,
+                "check_ms": float(timed["seconds"].median()) * 1e3,
+                "checks": len(timed),
+                "check_every": check_every,
+                "changes": len(callback.history),
+            }
+        )
         keras.backend.clear_session()
-    text = table([f"model ({repeats} rounds of {steps} steps of {batch})", "plain fit ms/step (median)",
-                  "with callback ms/step (median)", "callback / plain (median of pairs)", "ms per check",
-                  "checks timed", "checks' share of the callback run", "changes"], rows)
+    text = table(
+        [
+            f"model ({repeats} rounds of {steps} steps of {batch})",
+            "plain fit ms/step (median)",
+            "with callback ms/step (median)",
+            "callback / plain (median of pairs)",
+            "ms per check",
+            "checks timed",
+            "checks' share of the callback run",
+            "changes",
+        ],
+        rows,
+    )
     return text, records
 
 

@@ -38,7 +38,7 @@ def data(n: int, seed: int, size: int = SIZE):
     y = rng.integers(0, CLASSES, n)
     for i, k in enumerate(y):
         r, c = divmod(int(k), 5)
-        x[i, 8 + 24 * r: 16 + 24 * r, 4 + 12 * c: 12 + 12 * c, :] += 2.0
+        x[i, 8 + 24 * r : 16 + 24 * r, 4 + 12 * c : 12 + 12 * c, :] += 2.0
     return x, y.astype("int32")
 
 
@@ -93,11 +93,25 @@ def _worker(name: str, mode: str, n: int, out: str) -> None:
             # The Brier score (mean squared error against one-hot labels) resolves changes far smaller than
             # one sample's worth of accuracy on 128 images; a mean of per-sample values.
             brier = keras.metrics.MeanMetricWrapper(_brier, name="brier")
-            result = autoprec.tune(model, (x, y), budget="2% relative", metric=brier, higher_is_better=False,
-                                   target="mixed_bfloat16", verbose=0)
-            record.update(stages=result.stats["stage_seconds"], n_16bit=result.n_16bit, units=len(result.units),
-                          layers=len(result.sensitivity), passes=result.stats["passes"], drop=result.drop,
-                          feasible=result.feasible, baseline=result.baseline_metric)
+            result = autoprec.tune(
+                model,
+                (x, y),
+                budget="2% relative",
+                metric=brier,
+                higher_is_better=False,
+                target="mixed_bfloat16",
+                verbose=0,
+            )
+            record.update(
+                stages=result.stats["stage_seconds"],
+                n_16bit=result.n_16bit,
+                units=len(result.units),
+                layers=len(result.sensitivity),
+                passes=result.stats["passes"],
+                drop=result.drop,
+                feasible=result.feasible,
+                baseline=result.baseline_metric,
+            )
         record["seconds"] = time.perf_counter() - t
     record["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     with open(out, "w", encoding="utf-8") as fh:
@@ -107,8 +121,13 @@ def _worker(name: str, mode: str, n: int, out: str) -> None:
 def _measure(name: str, mode: str, n: int, workdir: str) -> dict:
     out = os.path.join(workdir, f"{name}-{mode}.json")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.path.dirname(HERE)}
-    proc = subprocess.run([sys.executable, __file__, "--worker", name, mode, str(n), out], env=env,
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", name, mode, str(n), out],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         return {"model": name, "mode": mode, "error": proc.stderr.strip().splitlines()[-1][:200]}
     with open(out, encoding="utf-8") as fh:
@@ -127,14 +146,40 @@ def run(models=MODELS, n: int = 128) -> tuple[str, list[dict]]:
             rec = {"model": name, "train": trained, "predict": predict, "tune": tuned}
             records.append(rec)
             stages = tuned.get("stages", {})
-            rows.append([name, f"{trained.get('size', SIZE)}x{trained.get('size', SIZE)}", tuned.get("layers", "?"), f"{trained.get('accuracy', float('nan')):.2f}",
-                         predict.get("peak_rss_gb", float("nan")), tuned.get("peak_rss_gb", float("nan")),
-                         tuned.get("seconds", float("nan")),
-                         *[stages.get(s, 0.0) for s in ("statistics", "ablation", "search", "verify")],
-                         tuned.get("passes", "?"), f"{tuned.get('n_16bit', '?')}/{tuned.get('units', '?')}",
-                         tuned.get("error", "")])
-    text = table(["model", "input", "layers", "float32 accuracy", "predict peak RSS GB", "tune peak RSS GB", "tune s",
-                  "statistics s", "ablation s", "search s", "verify s", "passes", "bf16 decisions", "error"], rows)
+            rows.append(
+                [
+                    name,
+                    f"{trained.get('size', SIZE)}x{trained.get('size', SIZE)}",
+                    tuned.get("layers", "?"),
+                    f"{trained.get('accuracy', float('nan')):.2f}",
+                    predict.get("peak_rss_gb", float("nan")),
+                    tuned.get("peak_rss_gb", float("nan")),
+                    tuned.get("seconds", float("nan")),
+                    *[stages.get(s, 0.0) for s in ("statistics", "ablation", "search", "verify")],
+                    tuned.get("passes", "?"),
+                    f"{tuned.get('n_16bit', '?')}/{tuned.get('units', '?')}",
+                    tuned.get("error", ""),
+                ]
+            )
+    text = table(
+        [
+            "model",
+            "input",
+            "layers",
+            "float32 accuracy",
+            "predict peak RSS GB",
+            "tune peak RSS GB",
+            "tune s",
+            "statistics s",
+            "ablation s",
+            "search s",
+            "verify s",
+            "passes",
+            "bf16 decisions",
+            "error",
+        ],
+        rows,
+    )
     return text, records
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-
 from common import interleaved, median, table
 
 
@@ -56,22 +55,51 @@ def run() -> tuple[str, list[dict]]:
         everything.set_weights(model.get_weights())
         everything.quantize("int8")
         variants["all int8 (model.quantize)"] = everything
-        for label, candidates in (("tuned int8", ("float32", "mixed_bfloat16", "int8")),
-                                  ("tuned int8+int4", ("float32", "mixed_bfloat16", "int8", "int4"))):
-            result = autoprec.tune(model, (x, y), budget="1%", target="mixed_bfloat16", candidates=candidates,
-                                   n_trials=30, verbose=0)
+        for label, candidates in (
+            ("tuned int8", ("float32", "mixed_bfloat16", "int8")),
+            ("tuned int8+int4", ("float32", "mixed_bfloat16", "int8", "int4")),
+        ):
+            result = autoprec.tune(
+                model, (x, y), budget="1%", target="mixed_bfloat16", candidates=candidates, n_trials=30, verbose=0
+            )
             variants[label] = result.model
         batch = x[:256]
         times = interleaved({k: (lambda m=m: m.predict_on_batch(batch)) for k, m in variants.items()}, repeats=20)
         base_t, base_bytes = median(times["float32"]), _weight_bytes(model)
         for label, m in variants.items():
             accuracy = float(np.mean(np.argmax(m.predict(x, verbose=0), -1) == y))
-            rows.append([name, label, _weight_bytes(m) / 1e6, base_bytes / _weight_bytes(m), accuracy,
-                         median(times[label]) * 1e3, median(times[label]) / base_t])
-            records.append({"model": name, "variant": label, "size_ratio": base_bytes / _weight_bytes(m),
-                            "accuracy": accuracy, "time_ratio": median(times[label]) / base_t})
-    text = table(["model", "variant", "weights MB", "smaller than float32 (x)", "accuracy", "predict ms (batch 256)",
-                  "time / float32"], rows)
+            rows.append(
+                [
+                    name,
+                    label,
+                    _weight_bytes(m) / 1e6,
+                    base_bytes / _weight_bytes(m),
+                    accuracy,
+                    median(times[label]) * 1e3,
+                    median(times[label]) / base_t,
+                ]
+            )
+            records.append(
+                {
+                    "model": name,
+                    "variant": label,
+                    "size_ratio": base_bytes / _weight_bytes(m),
+                    "accuracy": accuracy,
+                    "time_ratio": median(times[label]) / base_t,
+                }
+            )
+    text = table(
+        [
+            "model",
+            "variant",
+            "weights MB",
+            "smaller than float32 (x)",
+            "accuracy",
+            "predict ms (batch 256)",
+            "time / float32",
+        ],
+        rows,
+    )
     return text, records
 
 

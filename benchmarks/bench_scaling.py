@@ -12,7 +12,6 @@ import sys
 import time
 
 import numpy as np
-
 from common import table
 
 
@@ -43,7 +42,9 @@ def run(sizes=(10, 20, 40, 80, 160), n_trials: int = 20) -> tuple[str, list[dict
         # is well defined at any depth without training, which this benchmark does not measure.
         y = model.predict(x, verbose=0) + rng.normal(scale=0.003, size=(256, 4)).astype("float32")
         t = time.perf_counter()
-        result = autoprec.tune(model, (x, y), budget="10% relative", target="mixed_bfloat16", n_trials=n_trials, verbose=0)
+        result = autoprec.tune(
+            model, (x, y), budget="10% relative", target="mixed_bfloat16", n_trials=n_trials, verbose=0
+        )
         wall = time.perf_counter() - t
         rows.append([n, result.stats["decision_keys"], wall, result.stats["passes"], wall / n, len(result.trials)])
         records.append({"layers": n, "seconds": wall, "passes": result.stats["passes"]})
@@ -54,10 +55,12 @@ def run(sizes=(10, 20, 40, 80, 160), n_trials: int = 20) -> tuple[str, list[dict
     tail = float(np.polyfit(xs[half:], ys[half:], 1)[0])
     records[-1]["slope"], records[-1]["tail"] = slope, tail
     text = table(["layers", "decision units", "tune wall s", "passes over data", "s per layer", "trials"], rows)
-    text += (f"\n\nGrowth: time ~ layers^{slope:.2f} over all sizes, ^{tail:.2f} over the larger half. Passes over the "
-             "data no longer grow with the layers: the statistics are one pass, the group-tested ablation clears "
-             "benign groups at once, and a search at a fixed trial budget is a fixed number of passes; each pass "
-             "costs time in proportion to the layers.")
+    text += (
+        f"\n\nGrowth: time ~ layers^{slope:.2f} over all sizes, ^{tail:.2f} over the larger half. Passes over the "
+        "data no longer grow with the layers: the statistics are one pass, the group-tested ablation clears "
+        "benign groups at once, and a search at a fixed trial budget is a fixed number of passes; each pass "
+        "costs time in proportion to the layers."
+    )
     return text, records
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import sys
 
-
 from common import table
 
 
@@ -102,8 +101,10 @@ def exhaustive(session, cost, eligible, target, budget):
     optimum, and only the ones before it are evaluated.
     """
     # Every eligible layer is named in each assignment: a weightless layer left out would follow its producer.
-    assignments = [{u: target if b else "float32" for u, b in zip(eligible, bits)}
-                   for bits in itertools.product([0, 1], repeat=len(eligible))]
+    assignments = [
+        {u: target if b else "float32" for u, b in zip(eligible, bits)}
+        for bits in itertools.product([0, 1], repeat=len(eligible))
+    ]
     ranked = sorted(assignments, key=lambda a: -cost.speedup(a))
     for evals, a in enumerate(ranked, start=1):
         if budget.feasible(baseline=session.baseline, drop=session.evaluate(a, budget=budget).drop):
@@ -117,7 +118,9 @@ def _named(eligible, chosen, target):
 
 
 def _ok(session, eligible, chosen, target, budget):
-    return budget.feasible(baseline=session.baseline, drop=session.evaluate(_named(eligible, chosen, target), budget=budget).drop)
+    return budget.feasible(
+        baseline=session.baseline, drop=session.evaluate(_named(eligible, chosen, target), budget=budget).drop
+    )
 
 
 def halving(session, cost, eligible, target, budget):
@@ -167,12 +170,38 @@ def run(n_trials: int = 60) -> tuple[str, list[dict]]:
         half, half_evals = halving(session, cost, eligible, target, budget)
         pre, pre_evals = prefix_bisect(session, cost, eligible, target, budget)
         tuned = result.speedup_estimate
-        rows.append([name, len(eligible), result.stats["decision_keys"], opt, f"{tuned / opt:.1%}",
-                     result.stats["evaluations"], f"{half / opt:.1%}", half_evals, f"{pre / opt:.1%}", pre_evals,
-                     2 ** len(eligible)])
+        rows.append(
+            [
+                name,
+                len(eligible),
+                result.stats["decision_keys"],
+                opt,
+                f"{tuned / opt:.1%}",
+                result.stats["evaluations"],
+                f"{half / opt:.1%}",
+                half_evals,
+                f"{pre / opt:.1%}",
+                pre_evals,
+                2 ** len(eligible),
+            ]
+        )
         records.append({"model": name, "tune": tuned / opt, "halving": half / opt, "prefix": pre / opt})
-    text = table(["model", "eligible layers", "tune's decisions", "optimum (est. speed-up)", "tune / optimum", "tune evals",
-                  "halving / optimum", "halving evals", "prefix bisection / optimum", "prefix evals", "assignments"], rows)
+    text = table(
+        [
+            "model",
+            "eligible layers",
+            "tune's decisions",
+            "optimum (est. speed-up)",
+            "tune / optimum",
+            "tune evals",
+            "halving / optimum",
+            "halving evals",
+            "prefix bisection / optimum",
+            "prefix evals",
+            "assignments",
+        ],
+        rows,
+    )
     return text, records
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-
 from common import interleaved, median, table
 
 
@@ -113,9 +112,12 @@ def run(steps: int = 30, batch: int = 256) -> tuple[str, list[dict]]:
     rng = np.random.default_rng(0)
     weightless, (wxt, wyt), wval, _ = testing.planted_weightless_mlp(width=1024)
     planted, (pxt, pyt), pval, _ = testing.planted_mlp(width=1024, epochs=4)
-    cases = [("Dense-heavy MLP", dense_model(), (512,)), ("small CNN", cnn_model(), (32, 32, 3)),
-             ("planted MLP (width 1024)", planted, ((pxt, pyt), pval)),
-             ("weightless hazards (width 1024)", weightless, ((wxt, wyt), wval))]
+    cases = [
+        ("Dense-heavy MLP", dense_model(), (512,)),
+        ("small CNN", cnn_model(), (32, 32, 3)),
+        ("planted MLP (width 1024)", planted, ((pxt, pyt), pval)),
+        ("weightless hazards (width 1024)", weightless, ((wxt, wyt), wval)),
+    ]
     rows, records = [], []
     for name, model, shape in cases:
         (xtr, ytr), (xv, yv) = shape if isinstance(shape[0], tuple) else _task(model, shape, 1024, rng)
@@ -126,28 +128,53 @@ def run(steps: int = 30, batch: int = 256) -> tuple[str, list[dict]]:
         variants = {"float32": autoprec.apply_policy(model, {}), "Keras global bf16": everything, "tuned": result.model}
         grappler, grappler_pred = _grappler(model, xtr, ytr, xv, batch)
         variants["grappler AMP"] = grappler
-        accuracy = {k: _accuracy(m.predict(xv, batch_size=batch, verbose=0), yv) for k, m in variants.items()
-                    if k != "grappler AMP"}
+        accuracy = {
+            k: _accuracy(m.predict(xv, batch_size=batch, verbose=0), yv)
+            for k, m in variants.items()
+            if k != "grappler AMP"
+        }
         accuracy["grappler AMP"] = _accuracy(grappler_pred, yv)
         fns = {k: (lambda m=m: m.train_on_batch(xb, yb)) for k, m in variants.items()}
         fns["grappler AMP"] = lambda m=grappler: _with_amp(lambda: m.train_on_batch(xb, yb))
         times = interleaved(fns, repeats=steps, warmup=3)
         base = median(times["float32"])
-        record = {"model": name, "float32_ms": base * 1e3, "allowed": result.allowed_drop,
-                  "n_16bit": f"{result.n_16bit}/{len(result.units)}"}
+        record = {
+            "model": name,
+            "float32_ms": base * 1e3,
+            "allowed": result.allowed_drop,
+            "n_16bit": f"{result.n_16bit}/{len(result.units)}",
+        }
         for k in variants:
             drop = accuracy["float32"] - accuracy[k]
-            record[k] = {"ratio": median(times[k]) / base, "accuracy": accuracy[k], "drop": drop,
-                         "meets": drop <= result.allowed_drop + 1e-9}
+            record[k] = {
+                "ratio": median(times[k]) / base,
+                "accuracy": accuracy[k],
+                "drop": drop,
+                "meets": drop <= result.allowed_drop + 1e-9,
+            }
         records.append(record)
-        cells = [f"{record[k]['ratio']:.2f}x / {record[k]['accuracy']:.3f}{'' if record[k]['meets'] else ' (over)'}"
-                 for k in ("Keras global bf16", "grappler AMP", "tuned")]
+        cells = [
+            f"{record[k]['ratio']:.2f}x / {record[k]['accuracy']:.3f}{'' if record[k]['meets'] else ' (over)'}"
+            for k in ("Keras global bf16", "grappler AMP", "tuned")
+        ]
         rows.append([name, f"{base * 1e3:.1f}", f"{accuracy['float32']:.3f}", *cells, record["n_16bit"]])
         keras.backend.clear_session()
-    text = table(["model", "float32 ms/step", "float32 accuracy", "Keras global mixed_bfloat16: step/float32 / accuracy",
-                  "TF grappler AMP (onednn bf16)", "autoprec tuned (budget 0.5%)", "tuned 16-bit decisions"], rows)
-    text += ("\n\nEach cell: training-step time as a ratio to float32, measured interleaved in this run, then accuracy "
-             "on the evaluation data; '(over)' marks a drop beyond the 0.5-point budget.")
+    text = table(
+        [
+            "model",
+            "float32 ms/step",
+            "float32 accuracy",
+            "Keras global mixed_bfloat16: step/float32 / accuracy",
+            "TF grappler AMP (onednn bf16)",
+            "autoprec tuned (budget 0.5%)",
+            "tuned 16-bit decisions",
+        ],
+        rows,
+    )
+    text += (
+        "\n\nEach cell: training-step time as a ratio to float32, measured interleaved in this run, then accuracy "
+        "on the evaluation data; '(over)' marks a drop beyond the 0.5-point budget."
+    )
     return text, records
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-
 from common import interleaved, median, table
 
 TARGET = "mixed_bfloat16"
@@ -74,8 +73,17 @@ def run(sizes=(10, 50, 150), repeats: int = 9, n: int = 512) -> tuple[str, list[
         n_layers = len(session.graph.layers)
         rows.append([n_layers, len(eligible), e, r, r / e, session.engine.traces])
         records.append({"layers": n_layers, "units": len(eligible), "engine_s": e, "rebuild_s": r, "ratio": r / e})
-    text = table(["layers", "decisions possible", "engine s/trial (median)", "rebuild s/trial (median)", "rebuild / engine",
-                  "engine traces"], rows)
+    text = table(
+        [
+            "layers",
+            "decisions possible",
+            "engine s/trial (median)",
+            "rebuild s/trial (median)",
+            "rebuild / engine",
+            "engine traces",
+        ],
+        rows,
+    )
     return text, records
 
 

@@ -30,7 +30,6 @@ import sys
 import tempfile
 
 import numpy as np
-
 from common import table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,28 +63,60 @@ def _one_run(server, paths, workers: int, n_trials: int, threads: int | None, ta
     if threads:
         env.update(TF_NUM_INTRAOP_THREADS=str(threads), TF_NUM_INTEROP_THREADS=str(threads))
     policy = os.path.join(barrier, "policy.json")
-    command = [sys.executable, os.path.join(TESTS, "tune_worker.py"), *paths, url, "s", str(n_trials), "--budget", BUDGET,
-               "--barrier", barrier, "--workers", str(workers)]
-    procs = [subprocess.Popen(command + (["--search-only"] if i else ["--out", policy]), env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(workers)]
+    command = [
+        sys.executable,
+        os.path.join(TESTS, "tune_worker.py"),
+        *paths,
+        url,
+        "s",
+        str(n_trials),
+        "--budget",
+        BUDGET,
+        "--barrier",
+        barrier,
+        "--workers",
+        str(workers),
+    ]
+    procs = [
+        subprocess.Popen(
+            command + (["--search-only"] if i else ["--out", policy]),
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(workers)
+    ]
     outs = [p.communicate(timeout=1800) for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"a worker failed: {[err[-1500:] for _, err in outs]}")
-    searched = [dict(f.split("=") for f in line.split()[1:]) for out, _ in outs for line in out.splitlines()
-                if line.startswith("search ")]
+    searched = [
+        dict(f.split("=") for f in line.split()[1:])
+        for out, _ in outs
+        for line in out.splitlines()
+        if line.startswith("search ")
+    ]
     study = optuna.load_study(study_name="s", storage=open_storage(url))
     finished = [t for t in study.trials if t.datetime_complete is not None and t.state.name != "FAIL"]
     first, last = min(t.datetime_start for t in finished), max(t.datetime_complete for t in finished)
     complete = [t for t in finished if t.state.name == "COMPLETE"]
     took = {t.number: (t.datetime_complete - t.datetime_start).total_seconds() for t in complete}
     sequential = [t.number for t in complete if t.user_attrs.get("phase") in ("all_16bit", "fallback")]
-    return {"workers": workers, "threads": threads or "default", "seconds": (last - first).total_seconds(),
-            "evaluated": len(complete), "trials": len(finished), "sequential": len(sequential),
-            "sequential_share": sum(took[n] for n in sequential) / max(sum(took.values()), 1e-9),
-            "by_worker": sorted(sum(t.user_attrs.get("worker") == w for t in complete)
-                                for w in {t.user_attrs.get("worker") for t in complete}),
-            "cores_busy": sum(float(s["cpu_s"]) for s in searched) / max(float(s["wall_s"]) for s in searched),
-            "policy": autoprec.PrecisionPolicy.load(policy)}
+    return {
+        "workers": workers,
+        "threads": threads or "default",
+        "seconds": (last - first).total_seconds(),
+        "evaluated": len(complete),
+        "trials": len(finished),
+        "sequential": len(sequential),
+        "sequential_share": sum(took[n] for n in sequential) / max(sum(took.values()), 1e-9),
+        "by_worker": sorted(
+            sum(t.user_attrs.get("worker") == w for t in complete)
+            for w in {t.user_attrs.get("worker") for t in complete}
+        ),
+        "cores_busy": sum(float(s["cpu_s"]) for s in searched) / max(float(s["wall_s"]) for s in searched),
+        "policy": autoprec.PrecisionPolicy.load(policy),
+    }
 
 
 def run(workers=(1, 2, 4), n_trials: int = 24, threads=(None, 1), repeats: int = 1) -> tuple[str, list[dict]]:
@@ -100,7 +131,7 @@ def run(workers=(1, 2, 4), n_trials: int = 24, threads=(None, 1), repeats: int =
         for t, thread in enumerate(threads):
             runs: dict[int, list[dict]] = {w: [] for w in workers}
             for r in range(repeats):  # 1, 2, 4, then 4, 2, 1: drift on the machine hits every count alike
-                for w in (workers if (t + r) % 2 == 0 else workers[::-1]):
+                for w in workers if (t + r) % 2 == 0 else workers[::-1]:
                     runs[w].append(_one_run(server, paths, w, n_trials, thread, f"t{thread or 0}_w{w}_{r}"))
             base = statistics.median(r["seconds"] for r in runs[workers[0]])
             for w in workers:
@@ -110,11 +141,36 @@ def run(workers=(1, 2, 4), n_trials: int = 24, threads=(None, 1), repeats: int =
                 records.append(rec)
     for rec in records:
         rec["ceiling"] = _ceiling(rec, records, ROUND)
-    rows = [[r["threads"], r["workers"], r["seconds"], r["speedup"], r["ceiling"], r["cores_busy"], r["evaluated"],
-             r["sequential"], "/".join(map(str, r["by_worker"])), r["same_policy"]] for r in records]
-    text = table(["TF threads per worker", "workers", "search wall s", "speed-up vs 1 worker", "ceiling (plan, cores)",
-                  "cores busy", "trials evaluated", "of them sequential", "evaluated per worker",
-                  "same policy as the others"], rows)
+    rows = [
+        [
+            r["threads"],
+            r["workers"],
+            r["seconds"],
+            r["speedup"],
+            r["ceiling"],
+            r["cores_busy"],
+            r["evaluated"],
+            r["sequential"],
+            "/".join(map(str, r["by_worker"])),
+            r["same_policy"],
+        ]
+        for r in records
+    ]
+    text = table(
+        [
+            "TF threads per worker",
+            "workers",
+            "search wall s",
+            "speed-up vs 1 worker",
+            "ceiling (plan, cores)",
+            "cores busy",
+            "trials evaluated",
+            "of them sequential",
+            "evaluated per worker",
+            "same policy as the others",
+        ],
+        rows,
+    )
     return text, [{k: v for k, v in r.items() if k != "policy"} for r in records]
 
 

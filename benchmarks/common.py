@@ -28,8 +28,10 @@ def machine() -> str:
     from autoprec import backends
 
     bf16 = "AVX512_BF16/AMX" if backends.cpu_has_fast_bf16() else "no fast bf16"
-    return (f"{cpu}, {os.cpu_count()} cores ({bf16}); Python {platform.python_version()}, TensorFlow {tf.__version__}, "
-            f"Keras {keras.__version__} ({keras.backend.backend()}), Optuna {optuna.__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores ({bf16}); Python {platform.python_version()}, TensorFlow {tf.__version__}, "
+        f"Keras {keras.__version__} ({keras.backend.backend()}), Optuna {optuna.__version__}"
+    )
 
 
 def interleaved(fns: dict, *, repeats: int, warmup: int = 2) -> dict[str, list[float]]:

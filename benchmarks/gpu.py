@@ -84,7 +84,7 @@ def scale_history(keras, model, x, y, steps=200, batch=128):
     scales, skipped, last = [], 0, None
     for s in range(steps):
         i = (s * batch) % (len(x) - batch)
-        model.train_on_batch(x[i:i + batch], y[i:i + batch])
+        model.train_on_batch(x[i : i + batch], y[i : i + batch])
         scale = float(keras.ops.convert_to_numpy(model.optimizer.dynamic_scale))
         if last is not None and scale < last:
             skipped += 1
@@ -97,28 +97,39 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the code path on a CPU in a minute or two")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes: checks the code path on a CPU in a minute or two"
+    )
     args = parser.parse_args(argv)
     import keras
 
     import autoprec
     from autoprec import backends, examples
 
-    lines = [f"# autoprec GPU benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
-             f"Command: `KERAS_BACKEND={keras.backend.backend()} python benchmarks/gpu.py`", ""]
+    lines = [
+        f"# autoprec GPU benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        "",
+        f"Command: `KERAS_BACKEND={keras.backend.backend()} python benchmarks/gpu.py`",
+        "",
+    ]
     device = "CUDA GPU" if backends.is_cuda_gpu_available() else "NO GPU (numbers below are CPU numbers)"
     if keras.backend.backend() == "jax":
         import jax
 
         device += f": {jax.devices()[0].device_kind}"
-    lines += [f"Machine: {device}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-              f"Keras {keras.__version__} ({keras.backend.backend()}), autoprec {autoprec.__version__}", ""]
+    lines += [
+        f"Machine: {device}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"Keras {keras.__version__} ({keras.backend.backend()}), autoprec {autoprec.__version__}",
+        "",
+    ]
     rng = np.random.default_rng(0)
     n, steps, scale_steps = (256, 5, 20) if args.quick else (2048, 30, 200)
     if args.quick:
         args.trials = min(args.trials, 5)
-    lines += ["| model | float32 ms/step | all-float16 / float32 | tuned / float32 | tuned 16-bit units | verified drop |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "| model | float32 ms/step | all-float16 / float32 | tuned / float32 | tuned 16-bit units | verified drop |",
+        "|---|---|---|---|---|---|",
+    ]
     for build, shape in ((conv_model, (32, 32, 3)), (transformer_model, (128, 256))):
         keras.utils.set_random_seed(0)
         model = build(keras)
@@ -126,24 +137,38 @@ def main(argv=None) -> int:
         result = autoprec.tune(model, val, budget="1%", target="mixed_float16", n_trials=args.trials, verbose=0)
         graph = autoprec.build_graph(model)
         all16 = graph.resolve({u.path: "mixed_float16" for u in graph.units})
-        variants = {"float32": autoprec.apply_policy(model, {}), "all16": autoprec.apply_policy(model, all16),
-                    "tuned": autoprec.apply_policy(model, result.policy)}
+        variants = {
+            "float32": autoprec.apply_policy(model, {}),
+            "all16": autoprec.apply_policy(model, all16),
+            "tuned": autoprec.apply_policy(model, result.policy),
+        }
         t = timed(variants, xt[:256], yt[:256], steps=steps, warmup=2 if args.quick else 5)
-        lines.append(f"| {model.name} | {t['float32'] * 1e3:.2f} | {t['all16'] / t['float32']:.2f}x | "
-                     f"{t['tuned'] / t['float32']:.2f}x | {result.n_16bit}/{len(result.units)} | {result.drop:.4f} |")
+        lines.append(
+            f"| {model.name} | {t['float32'] * 1e3:.2f} | {t['all16'] / t['float32']:.2f}x | "
+            f"{t['tuned'] / t['float32']:.2f}x | {result.n_16bit}/{len(result.units)} | {result.drop:.4f} |"
+        )
         print(lines[-1], flush=True)
 
-    lines += ["", "## Loss scale on real float16 kernels", "",
-              "| model | policy | final scale | min scale | scale decreases (skipped steps) | final loss |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Loss scale on real float16 kernels",
+        "",
+        "| model | policy | final scale | min scale | scale decreases (skipped steps) | final loss |",
+        "|---|---|---|---|---|---|",
+    ]
     planted, (xt, yt), val, _ = examples.planted_mlp(width=64 if args.quick else 512, epochs=4)
     result = autoprec.tune(planted, val, budget="0.5%", target="mixed_float16", n_trials=args.trials, verbose=0)
     graph = autoprec.build_graph(planted)
-    for label, names in (("all float16", graph.resolve({u.path: "mixed_float16" for u in graph.units})),
-                         ("tuned", dict(result.policy))):
+    for label, names in (
+        ("all float16", graph.resolve({u.path: "mixed_float16" for u in graph.units})),
+        ("tuned", dict(result.policy)),
+    ):
         m = autoprec.apply_policy(planted, names)
         scales, skipped = scale_history(keras, m, xt, yt, steps=scale_steps)
         loss = float(m.evaluate(*val, verbose=0)[0])
-        lines.append(f"| planted MLP (overflow d3->d4) | {label} | {scales[-1]:g} | {min(scales):g} | {skipped} | {loss:.4g} |")
+        lines.append(
+            f"| planted MLP (overflow d3->d4) | {label} | {scales[-1]:g} | {min(scales):g} | {skipped} | {loss:.4g} |"
+        )
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)

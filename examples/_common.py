@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def output_path(name: str, default: str = "reports/examples") -> str:
     """The path ``name`` under the examples' output directory (created): see the module docstring."""
     base = os.environ.get("AUTOPREC_EXAMPLES_OUT") or (
-        tempfile.mkdtemp(prefix="autoprec-example-") if FAST else os.path.join(ROOT, default))
+        tempfile.mkdtemp(prefix="autoprec-example-") if FAST else os.path.join(ROOT, default)
+    )
     os.makedirs(base, exist_ok=True)
     return os.path.join(base, name)

@@ -86,8 +86,9 @@ def train(weights: list, policy: str, data: tuple, *, epochs: int, callback=None
     if policy == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, loss=relative_mse)
-    history = model.fit(*data, epochs=epochs, batch_size=32, shuffle=False, verbose=0,
-                        callbacks=[callback] if callback else [])
+    history = model.fit(
+        *data, epochs=epochs, batch_size=32, shuffle=False, verbose=0, callbacks=[callback] if callback else []
+    )
     return model, history.history
 
 
@@ -98,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     keras.utils.set_random_seed(0)
     weights = growing_model().get_weights()
     callback = autoprec.AdaptivePrecision(data=data, verbose=1)  # starts from the model's current policies
-    runs = {"float32": train(weights, "float32", data, epochs=epochs),
-            "float16": train(weights, "mixed_float16", data, epochs=epochs),
-            "float16 + AdaptivePrecision": train(weights, "mixed_float16", data, epochs=epochs, callback=callback)}
+    runs = {
+        "float32": train(weights, "float32", data, epochs=epochs),
+        "float16": train(weights, "mixed_float16", data, epochs=epochs),
+        "float16 + AdaptivePrecision": train(weights, "mixed_float16", data, epochs=epochs, callback=callback),
+    }
     print(f"\n{'run':<30} {'final loss':>12} {'loss scale':>12}")
     for name, (model, history) in runs.items():
         optimizer = model.optimizer

@@ -24,10 +24,9 @@ from __future__ import annotations
 import os
 import sys
 
-from _common import FAST, output_path  # examples/_common.py; imported first, it quiets TensorFlow
-
 import keras
 import numpy as np
+from _common import FAST, output_path  # examples/_common.py; imported first, it quiets TensorFlow
 
 import autoprec
 
@@ -42,7 +41,7 @@ def squares(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     half = SIZE // 2
     for i, k in enumerate(y):
         r, c = divmod(int(k), 2)
-        x[i, r * half + 2: (r + 1) * half - 2, c * half + 2: (c + 1) * half - 2, :] += 2.0
+        x[i, r * half + 2 : (r + 1) * half - 2, c * half + 2 : (c + 1) * half - 2, :] += 2.0
     return x, y
 
 
@@ -67,13 +66,25 @@ def main(argv: list[str] | None = None) -> int:
     train, val = squares(192 if FAST else 512, seed=0), squares(256, seed=1)  # 256: a 0.5% budget needs >= 200 samples
     model = application(name)
     model.fit(*train, epochs=3, batch_size=16, verbose=0)
-    print(f"{name}: {len(model.layers)} layers, {model.count_params():,} parameters; float32 accuracy "
-          f"{model.evaluate(*val, verbose=0)[1]:.3f} on {len(val[0])} generated images.")
-    result = autoprec.tune(model, val, budget="0.5%", target="auto", granularity="block", n_trials=20 if FAST else 40,
-                           train_data=train, verbose=0)
+    print(
+        f"{name}: {len(model.layers)} layers, {model.count_params():,} parameters; float32 accuracy "
+        f"{model.evaluate(*val, verbose=0)[1]:.3f} on {len(val[0])} generated images."
+    )
+    result = autoprec.tune(
+        model,
+        val,
+        budget="0.5%",
+        target="auto",
+        granularity="block",
+        n_trials=20 if FAST else 40,
+        train_data=train,
+        verbose=0,
+    )
     print(result.summary())
-    print(f"{result.stats['decision_keys']} decisions (blocks, and weightless layers risky on their own) "
-          f"for {len(result.units)} layers.")
+    print(
+        f"{result.stats['decision_keys']} decisions (blocks, and weightless layers risky on their own) "
+        f"for {len(result.units)} layers."
+    )
     out = output_path("keras_applications")
     result.save(out)
     print(f"Report: {os.path.join(out, 'report.html')} (and report.md)")

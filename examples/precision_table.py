@@ -50,9 +50,8 @@ import platform
 import sys
 import time
 
-from _common import FAST, output_path  # examples/_common.py; imported first, it quiets TensorFlow
-
 import keras
+from _common import FAST, output_path  # examples/_common.py; imported first, it quiets TensorFlow
 
 import autoprec
 from autoprec import backends
@@ -104,8 +103,10 @@ def check_pitfalls() -> list[str]:
     return [
         f"policy set after building: dense1 computes in {late_dtype} (no effect); set it before building",
         f"a softmax built under mixed_float16 without dtype='float32' computes in {naive.compute_dtype}",
-        (f"keras.mixed_precision.experimental exists: {hasattr(keras.mixed_precision, 'experimental')}; "
-         "use keras.config.set_dtype_policy"),
+        (
+            f"keras.mixed_precision.experimental exists: {hasattr(keras.mixed_precision, 'experimental')}; "
+            "use keras.config.set_dtype_policy"
+        ),
     ]
 
 
@@ -149,32 +150,59 @@ def table_rows(models: dict, seconds: dict, val: tuple) -> list[dict]:
     rows = []
     for name, model in models.items():
         per_epoch = min(seconds[name][1:])  # other processes only ever add time: the fastest epoch is the cleanest
-        rows.append({"variant": name, "s/epoch": per_epoch, "speed": base / per_epoch,
-                     "accuracy": float(model.evaluate(*val, verbose=0)[1])})
+        rows.append(
+            {
+                "variant": name,
+                "s/epoch": per_epoch,
+                "speed": base / per_epoch,
+                "accuracy": float(model.evaluate(*val, verbose=0)[1]),
+            }
+        )
     return rows
 
 
 def render(rows: list[dict], labels: dict, pitfalls: list[str], train_n: int) -> str:
     lines = ["| variant | train s/epoch | speed vs float32 | validation accuracy |", "|---|---:|---:|---:|"]
-    lines += [f"| {labels.get(r['variant'], r['variant'])} | {r['s/epoch']:.3f} | {r['speed']:.2f}x | "
-              f"{r['accuracy']:.4f} |" for r in rows]
+    lines += [
+        f"| {labels.get(r['variant'], r['variant'])} | {r['s/epoch']:.3f} | {r['speed']:.2f}x | {r['accuracy']:.4f} |"
+        for r in rows
+    ]
     slower = [r["variant"] for r in rows if r["variant"] not in ("float32", "float64") and r["speed"] < 0.95]
     faster = [r["variant"] for r in rows if r["speed"] > 1.05]
-    verdict = (f"On this machine, slower than float32: {_words(slower) or 'no 16-bit variant'}; faster: "
-               f"{_words(faster) or 'none'}. " + _why(slower) + " Timings on a shared machine move between runs; "
-               "compare the ratios within one table.")
-    machine = (f"{_cpu_name()}, {os.cpu_count()} cores, fast bfloat16 kernels (AVX512_BF16/AMX): "
-               f"{'yes' if backends.cpu_has_fast_bf16() else 'no'}; {keras.backend.backend()} backend, Keras "
-               f"{keras.__version__}; " + ("no GPU used" if not backends.is_cuda_gpu_available() else "on a CUDA GPU"))
-    how = (f"Measured by `python examples/precision_table.py` in one run: an MLP 64-{WIDTH}-{WIDTH}-10 on {train_n} "
-           f"digits images, batch {BATCH}, {EPOCHS} epochs from the same initial weights on the same batches, the "
-           "variants' epochs interleaved. Seconds per epoch are the fastest epoch after the first (which traces): "
-           "other processes on the machine only ever add time.")
-    return "\n".join([
-        "# Precision table: the same digits model in float64, float32, 16-bit and tuned by autoprec", "",
-        how, "", *lines, "", verdict, "", f"Machine: {machine}.", "",
-        "Checked on the way (the bugs of the naive version):", "", *[f"- {p}" for p in pitfalls], "",
-    ])
+    verdict = (
+        f"On this machine, slower than float32: {_words(slower) or 'no 16-bit variant'}; faster: "
+        f"{_words(faster) or 'none'}. " + _why(slower) + " Timings on a shared machine move between runs; "
+        "compare the ratios within one table."
+    )
+    machine = (
+        f"{_cpu_name()}, {os.cpu_count()} cores, fast bfloat16 kernels (AVX512_BF16/AMX): "
+        f"{'yes' if backends.cpu_has_fast_bf16() else 'no'}; {keras.backend.backend()} backend, Keras "
+        f"{keras.__version__}; " + ("no GPU used" if not backends.is_cuda_gpu_available() else "on a CUDA GPU")
+    )
+    how = (
+        f"Measured by `python examples/precision_table.py` in one run: an MLP 64-{WIDTH}-{WIDTH}-10 on {train_n} "
+        f"digits images, batch {BATCH}, {EPOCHS} epochs from the same initial weights on the same batches, the "
+        "variants' epochs interleaved. Seconds per epoch are the fastest epoch after the first (which traces): "
+        "other processes on the machine only ever add time."
+    )
+    return "\n".join(
+        [
+            "# Precision table: the same digits model in float64, float32, 16-bit and tuned by autoprec",
+            "",
+            how,
+            "",
+            *lines,
+            "",
+            verdict,
+            "",
+            f"Machine: {machine}.",
+            "",
+            "Checked on the way (the bugs of the naive version):",
+            "",
+            *[f"- {p}" for p in pitfalls],
+            "",
+        ]
+    )
 
 
 def _words(names: list[str]) -> str:
@@ -183,9 +211,11 @@ def _words(names: list[str]) -> str:
 
 def _why(slower: list[str]) -> str:
     if "mixed_float16" in slower:
-        return ("A CPU has no fast float16 kernels: float16 math is emulated and casts cost extra, so "
-                "`mixed_float16` pays only on a GPU with tensor cores. bfloat16 has native kernels on CPUs with "
-                "AVX512_BF16 or AMX (oneDNN).")
+        return (
+            "A CPU has no fast float16 kernels: float16 math is emulated and casts cost extra, so "
+            "`mixed_float16` pays only on a GPU with tensor cores. bfloat16 has native kernels on CPUs with "
+            "AVX512_BF16 or AMX (oneDNN)."
+        )
     return ""
 
 

@@ -24,9 +24,8 @@ from __future__ import annotations
 import os
 import sys
 
-from _common import FAST, output_path  # examples/_common.py; imported first, it quiets TensorFlow
-
 import keras
+from _common import FAST, output_path  # examples/_common.py; imported first, it quiets TensorFlow
 
 import autoprec
 from autoprec.demo import digits_data
@@ -35,15 +34,18 @@ from autoprec.demo import digits_data
 def build_model() -> keras.Model:
     """Your model: any Functional or Sequential Keras model, built and compiled in float32."""
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv1"),
-        keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="conv2"),
-        keras.layers.MaxPooling2D(name="pool"),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(128, activation="relu", name="fc"),
-        keras.layers.Dense(10, activation="softmax", name="probs"),
-    ], name="quickstart_cnn")
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv1"),
+            keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="conv2"),
+            keras.layers.MaxPooling2D(name="pool"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(128, activation="relu", name="fc"),
+            keras.layers.Dense(10, activation="softmax", name="probs"),
+        ],
+        name="quickstart_cnn",
+    )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
 
@@ -66,8 +68,10 @@ def main() -> int:
     print(f"optimizer: {type(tuned.optimizer).__name__}")
     history = tuned.fit(x_train, y_train, epochs=1 if FAST else 3, batch_size=32, verbose=0).history
     accuracy = tuned.evaluate(x_val, y_val, verbose=0)[1]
-    print(f"\nThe tuned model trained on: training loss per epoch {[round(v, 4) for v in history['loss']]}, "
-          f"validation accuracy {accuracy:.4f} (float32 before: {result.baseline_metric:.4f}).")
+    print(
+        f"\nThe tuned model trained on: training loss per epoch {[round(v, 4) for v in history['loss']]}, "
+        f"validation accuracy {accuracy:.4f} (float32 before: {result.baseline_metric:.4f})."
+    )
     print(f"Report: {os.path.join(out, 'report.md')}")
     return 0
 

@@ -30,10 +30,9 @@ from __future__ import annotations
 import os
 import sys
 
-from _common import FAST, output_path  # examples/_common.py; imported first, it quiets TensorFlow
-
 import keras
 import numpy as np
+from _common import FAST, output_path  # examples/_common.py; imported first, it quiets TensorFlow
 from keras import layers
 
 import autoprec
@@ -85,8 +84,10 @@ def main() -> int:
     train, val = sequences(800 if FAST else 2000, seed=0), sequences(512, seed=1)
     model = transformer()
     model.fit(*train, epochs=2 if FAST else 5, batch_size=64, verbose=0)
-    print(f"float32 accuracy {model.evaluate(*val, verbose=0)[1]:.4f}; residual stream near "
-          f"{float(np.abs(model.get_layer('embed').embeddings.numpy()).mean()):.0f}")
+    print(
+        f"float32 accuracy {model.evaluate(*val, verbose=0)[1]:.4f}; residual stream near "
+        f"{float(np.abs(model.get_layer('embed').embeddings.numpy()).mean()):.0f}"
+    )
     result = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=8 if FAST else 40, verbose=0)
     print(result.summary())
     print_decisions(result)

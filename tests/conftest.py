@@ -36,8 +36,12 @@ def functional_model():
 
 def sequential_model():
     model = keras.Sequential(
-        [keras.Input((12,)), keras.layers.Dense(16, activation="relu", name="s1"),
-         keras.layers.Dense(16, activation="relu", name="s2"), keras.layers.Dense(3, activation="softmax", name="s_out")],
+        [
+            keras.Input((12,)),
+            keras.layers.Dense(16, activation="relu", name="s1"),
+            keras.layers.Dense(16, activation="relu", name="s2"),
+            keras.layers.Dense(3, activation="softmax", name="s_out"),
+        ],
         name="seq",
     )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])

@@ -19,8 +19,10 @@ import subprocess
 import tempfile
 
 REQUIRE = "AUTOPREC_REQUIRE_POSTGRES"  # set (as .ci/run does) to fail instead of skipping without PostgreSQL
-HOW = ("install Debian's postgresql package (apt-get install postgresql), which provides initdb and pg_ctl "
-       "and the postgres system user, and the driver: pip install 'autoprec[distributed]'")
+HOW = (
+    "install Debian's postgresql package (apt-get install postgresql), which provides initdb and pg_ctl "
+    "and the postgres system user, and the driver: pip install 'autoprec[distributed]'"
+)
 
 
 class Unavailable(RuntimeError):
@@ -45,7 +47,7 @@ class PostgresServer:
         self.directory: str | None = None
         self._bin = binaries()
 
-    def __enter__(self) -> "PostgresServer":
+    def __enter__(self) -> PostgresServer:
         self.start()
         return self
 
@@ -78,11 +80,14 @@ class PostgresServer:
         data = os.path.join(self.directory, "data")
         self._run("initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
         options = f"-k {self.directory} -p {self.port} -c listen_addresses='' -c fsync=off -c max_connections=200"
-        self._run("pg_ctl", "-D", data, "-l", os.path.join(self.directory, "log"), "-o", options, "-w", "-t", "60", "start")
+        self._run(
+            "pg_ctl", "-D", data, "-l", os.path.join(self.directory, "log"), "-o", options, "-w", "-t", "60", "start"
+        )
 
     def _run(self, program: str, *args: str) -> None:
-        done = subprocess.run(self._as_owner(os.path.join(self._bin, program), *args), capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run(
+            self._as_owner(os.path.join(self._bin, program), *args), capture_output=True, text=True, timeout=120
+        )
         if done.returncode != 0:
             raise Unavailable(f"{program} failed ({done.returncode}): {(done.stderr or done.stdout)[-1000:]}")
 
@@ -99,7 +104,10 @@ class PostgresServer:
             return
         data = os.path.join(self.directory, "data")
         if os.path.isdir(data):
-            subprocess.run(self._as_owner(os.path.join(self._bin, "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"),
-                           capture_output=True, timeout=60)
+            subprocess.run(
+                self._as_owner(os.path.join(self._bin, "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"),
+                capture_output=True,
+                timeout=60,
+            )
         shutil.rmtree(self.directory, ignore_errors=True)
         self.directory = None

@@ -19,8 +19,16 @@ import pytest
 
 import autoprec
 from autoprec import plots, report
-from autoprec.adaptive import (CHECKS_FILE, HISTORY_FILE, POLICY_FILE, AdaptiveOptions, AdaptivePrecision, Change,
-                               Judge, float32_policies)
+from autoprec.adaptive import (
+    CHECKS_FILE,
+    HISTORY_FILE,
+    POLICY_FILE,
+    AdaptiveOptions,
+    AdaptivePrecision,
+    Change,
+    Judge,
+    float32_policies,
+)
 from autoprec.errors import ArgumentError, PolicyError, UnsupportedModelError
 from autoprec.formats import get as get_format
 
@@ -50,21 +58,43 @@ def _scaled_mse(scale):
 # Arguments
 
 
-@pytest.mark.parametrize("options", [
-    {"check_every": 0}, {"check_every": 2.5}, {"check_every": True}, {"batch_size": 0}, {"patience": 0},
-    {"cooldown": -1}, {"skip_limit": 0}, {"promote_at": 0}, {"promote_at": 1.5}, {"promote_at": "half"},
-    {"demote_at": 0.5}, {"demote_at": 0.0}, {"demote_at": 0.6, "promote_at": 0.5}, {"flush_share": 1.0},
-    {"flush_share": -0.1}, {"checkevery": 10},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"check_every": 0},
+        {"check_every": 2.5},
+        {"check_every": True},
+        {"batch_size": 0},
+        {"patience": 0},
+        {"cooldown": -1},
+        {"skip_limit": 0},
+        {"promote_at": 0},
+        {"promote_at": 1.5},
+        {"promote_at": "half"},
+        {"demote_at": 0.5},
+        {"demote_at": 0.0},
+        {"demote_at": 0.6, "promote_at": 0.5},
+        {"flush_share": 1.0},
+        {"flush_share": -0.1},
+        {"checkevery": 10},
+    ],
+)
 def test_options_are_validated(options):
     with pytest.raises(ArgumentError, match="Expected"):
         AdaptivePrecision(data=(np.zeros((4, 2)), np.zeros(4)), **options)
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    ({"data": None, "demote": True}, ArgumentError), ({"target": "float16"}, ArgumentError), ({"demote": 1}, ArgumentError),
-    ({"verbose": 2}, ArgumentError), ({"policy": 3}, PolicyError), ({"policy": {"d": "half"}}, PolicyError),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"data": None, "demote": True}, ArgumentError),
+        ({"target": "float16"}, ArgumentError),
+        ({"demote": 1}, ArgumentError),
+        ({"verbose": 2}, ArgumentError),
+        ({"policy": 3}, PolicyError),
+        ({"policy": {"d": "half"}}, PolicyError),
+    ],
+)
 def test_arguments_are_validated(kwargs, error):
     kwargs = {"data": (np.zeros((4, 2)), np.zeros(4)), **kwargs}
     with pytest.raises(error, match="Expected"):
@@ -103,7 +133,8 @@ def test_promotes_on_own_overflow_before_it_happens():
     judge = _judge({"a": "mixed_float16", "b": "mixed_float16"})
     events = judge.decide({"a": {**SAFE, "act_absmax": 40000.0}, "b": SAFE}, step=7, epoch=1)
     assert [(e.layer, e.reason, e.statistic, e.node, e.step, e.epoch) for e in events] == [
-        ("a", Change.OVERFLOW, "act_absmax", "a", 7, 1)]
+        ("a", Change.OVERFLOW, "act_absmax", "a", 7, 1)
+    ]
     assert events[0].value == 40000.0 and events[0].threshold == 0.5 * 65504
     assert judge.assignment == {"a": "float32", "b": "mixed_float16"}
     assert "act_absmax reached 4e+04 >= 3.28e+04" in events[0].why
@@ -120,7 +151,10 @@ def test_promotes_a_consumer_that_reads_an_overflowing_input():
 def test_promotes_on_flush_and_gradient_flush():
     judge = _judge({"a": "mixed_float16", "b": "mixed_float16", "c": "mixed_float16"})
     rows = {"a": {**SAFE, "act_flush": 0.02}, "b": {**SAFE, "grad_flush": 0.5}, "c": {**SAFE, "act_flush": 0.005}}
-    assert {(e.layer, e.reason) for e in judge.decide(rows, step=1)} == {("a", Change.UNDERFLOW), ("b", Change.GRAD_UNDERFLOW)}
+    assert {(e.layer, e.reason) for e in judge.decide(rows, step=1)} == {
+        ("a", Change.UNDERFLOW),
+        ("b", Change.GRAD_UNDERFLOW),
+    }
 
 
 def test_gradient_overflow_counts_only_with_skipped_steps():
@@ -150,7 +184,9 @@ def test_demotes_after_patience_safe_checks_and_resets_on_an_unsafe_one():
     assert judge.decide({"a": {**SAFE, "act_absmax": 5000.0}}, step=3) == []  # over 65504/16: the count restarts
     assert judge.decide({"a": SAFE}, step=4) == [] and judge.decide({"a": SAFE}, step=5) == []
     events = judge.decide({"a": SAFE}, step=6)
-    assert [(e.layer, e.direction, e.reason, e.after) for e in events] == [("a", "demote", Change.SAFE_RANGE, "mixed_float16")]
+    assert [(e.layer, e.direction, e.reason, e.after) for e in events] == [
+        ("a", "demote", Change.SAFE_RANGE, "mixed_float16")
+    ]
     assert events[0].value <= events[0].threshold == 65504 / 16
 
 
@@ -185,8 +221,11 @@ def growth():
     data = example.growing_data()
     weights = example.growing_model().get_weights()
     callback = AdaptivePrecision(data=data, verbose=0)
-    runs = {"float32": _growth_run(weights, data, "float32"), "float16": _growth_run(weights, data, "mixed_float16"),
-            "adaptive": _growth_run(weights, data, "mixed_float16", callback)}
+    runs = {
+        "float32": _growth_run(weights, data, "float32"),
+        "float16": _growth_run(weights, data, "mixed_float16"),
+        "adaptive": _growth_run(weights, data, "mixed_float16", callback),
+    }
     return runs, callback
 
 
@@ -195,7 +234,7 @@ def test_growth_breaks_float16_and_the_callback_fixes_it(growth):
     runs, callback = growth
     f16_model, f16_loss, _ = runs["float16"]
     assert not math.isfinite(f16_loss[-1])  # every step after the first overflow overflows again...
-    assert float(f16_model.optimizer.dynamic_scale.numpy()) < 2.0 ** -20  # ...and each one halved the scale
+    assert float(f16_model.optimizer.dynamic_scale.numpy()) < 2.0**-20  # ...and each one halved the scale
     f32_loss, adaptive_loss = runs["float32"][1][-1], runs["adaptive"][1][-1]  # 0.0102 and 0.0107 when written
     assert math.isfinite(adaptive_loss) and abs(adaptive_loss - f32_loss) <= 0.10 * f32_loss
     history = callback.history
@@ -213,14 +252,14 @@ def test_growth_run_keeps_optimizer_scale_and_one_trace(growth):
     checks = callback.checks
     event_step = int(callback.history["step"].iloc[0])
     at_change = checks[(checks["step"] == event_step) & (checks["trigger"] != "epoch_end")].iloc[0]
-    assert at_change["skipped_steps"] >= 1 and at_change["loss_scale"] == 2.0 ** 15  # restored after the halving
+    assert at_change["skipped_steps"] >= 1 and at_change["loss_scale"] == 2.0**15  # restored after the halving
     sampled = checks[checks["trigger"].isin(["scheduled", "nonfinite_loss"])]
     assert len(sampled) <= 320 // 100 + 1 and (np.diff(sampled["step"]) == 100).all()  # never every step
     assert int(model.optimizer.iterations.numpy()) >= 320 - 3  # the same optimizer went on stepping
     logs = runs["adaptive"][2]  # the events reach the Keras logs (and so History, CSVLogger, TensorBoard)
     event_epoch = int(callback.history["epoch"].iloc[0])
     assert logs["autoprec_changes"][event_epoch] == 1.0 and sum(logs["autoprec_changes"]) == 1.0
-    assert logs["autoprec_16bit_layers"][-1] == 2.0 and logs["autoprec_loss_scale"][-1] >= 2.0 ** 15
+    assert logs["autoprec_16bit_layers"][-1] == 2.0 and logs["autoprec_loss_scale"][-1] >= 2.0**15
 
 
 @pytest.mark.slow
@@ -242,16 +281,31 @@ def test_a_callback_without_data_watches_the_training_it_is_given(growth):
 def test_sequential_promotes_a_layer_past_the_threshold(tmp_path):
     keras.utils.set_random_seed(0)
     x, y = example.growing_data(n=128)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh", name="d1"),
-                              example.Gain(name="gain"), keras.layers.Dense(16, name="d2"),
-                              keras.layers.Dense(1, name="out", trainable=False)], name="seq")
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="tanh", name="d1"),
+            example.Gain(name="gain"),
+            keras.layers.Dense(16, name="d2"),
+            keras.layers.Dense(1, name="out", trainable=False),
+        ],
+        name="seq",
+    )
     model.get_layer("gain").s.assign(np.log(4e4))
     model.compile(_lso(1e-3), example.relative_mse)
-    callback = AdaptivePrecision({"d1": "mixed_float16", "gain": "mixed_float16", "d2": "mixed_float16"},
-                                 data=(x, y), check_every=2, verbose=0)
+    callback = AdaptivePrecision(
+        {"d1": "mixed_float16", "gain": "mixed_float16", "d2": "mixed_float16"}, data=(x, y), check_every=2, verbose=0
+    )
     csv = tmp_path / "log.csv"  # a later callback sees the events in the logs (CSVLogger, TensorBoard, History)
-    history = model.fit(x, y, epochs=2, batch_size=32, verbose=0, validation_data=(x, y),
-                        callbacks=[callback, keras.callbacks.CSVLogger(str(csv))])
+    history = model.fit(
+        x,
+        y,
+        epochs=2,
+        batch_size=32,
+        verbose=0,
+        validation_data=(x, y),
+        callbacks=[callback, keras.callbacks.CSVLogger(str(csv))],
+    )
     # gain (about 4e4) and d2 (about 6e4) are past half of 65504 at the first check: promoted before they overflow
     assert set(callback.history["layer"]) == {"gain", "d2"} and set(callback.history["reason"]) == {Change.OVERFLOW}
     assert (callback.checks["skipped_steps"].fillna(0) == 0).all() and callback.history["step"].max() == 2
@@ -273,32 +327,40 @@ def test_demotion_after_a_warm_up():
     optimizer = _lso()
     model.compile(optimizer, _scaled_mse(1000.0))
     optimizer.build(model.trainable_variables)
-    optimizer.dynamic_scale.assign(2.0 ** 20)  # as if it had grown while every layer was float32
+    optimizer.dynamic_scale.assign(2.0**20)  # as if it had grown while every layer was float32
     callback = AdaptivePrecision(data=(x, y), demote=True, target="mixed_float16", check_every=10, verbose=0)
     model.fit(x, y, epochs=10, batch_size=32, verbose=0, callbacks=[callback], shuffle=False)
     history = callback.history
     assert set(history["direction"]) == {"demote"} and set(history["reason"]) == {Change.SAFE_RANGE}
-    assert {layer: callback.policy[layer] for layer in ("d1", "gain", "d2")} == dict.fromkeys(("d1", "gain", "d2"),
-                                                                                               "mixed_float16")
+    assert {layer: callback.policy[layer] for layer in ("d1", "gain", "d2")} == dict.fromkeys(
+        ("d1", "gain", "d2"), "mixed_float16"
+    )
     assert (history["value"] <= history["threshold"]).all()
     steps = dict(zip(history["layer"], history["step"]))
     patience_steps = AdaptiveOptions().patience * 10
     assert steps["gain"] > patience_steps and steps["d2"] > patience_steps  # they waited for the gain to shrink
     checks = callback.checks
     first = min(steps.values())
-    assert checks[checks["step"] < first]["loss_scale"].min() == 2.0 ** 20
-    assert checks[checks["step"] >= first]["loss_scale"].max() <= 2.0 ** 15  # capped when float16 layers returned
+    assert checks[checks["step"] < first]["loss_scale"].min() == 2.0**20
+    assert checks[checks["step"] >= first]["loss_scale"].max() <= 2.0**15  # capped when float16 layers returned
     assert callback.policy["out"] == "float32"  # the output stays float32
 
 
 def test_keep_float32_pins_a_layer_and_bfloat16_needs_no_loss_scale():
     x, y = example.growing_data(n=64)
     y = y / 1e6
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, activation="relu", name="a"),
-                              keras.layers.Dense(8, activation="relu", name="b"), keras.layers.Dense(1, name="out")])
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(8, activation="relu", name="a"),
+            keras.layers.Dense(8, activation="relu", name="b"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
     model.compile("adam", "mse")
-    callback = AdaptivePrecision(data=(x, y), demote=True, target="mixed_bfloat16", keep_float32=["a"], check_every=1,
-                                 patience=1, verbose=0)
+    callback = AdaptivePrecision(
+        data=(x, y), demote=True, target="mixed_bfloat16", keep_float32=["a"], check_every=1, patience=1, verbose=0
+    )
     model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[callback])
     assert list(callback.history["layer"]) == ["b"] and callback.policy["b"] == "mixed_bfloat16"
     assert model.get_layer("a").compute_dtype == "float32" and model.get_layer("b").compute_dtype == "bfloat16"
@@ -362,12 +424,13 @@ def test_subclassed_model_acts_on_signals_and_keeps_the_optimizer():
     assert math.isfinite(history.history["loss"][-1])
     # No float16 layer is left, and the LossScaleOptimizer stays: same object, its Adam state kept.
     assert model.optimizer is optimizer and int(optimizer.iterations.numpy()) >= 7
-    assert float(optimizer.dynamic_scale.numpy()) == 2.0 ** 15
+    assert float(optimizer.dynamic_scale.numpy()) == 2.0**15
 
 
 def test_float32_policies_restores_the_policies():
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, name="a", dtype="mixed_float16"),
-                              keras.layers.Dense(1, name="b")])
+    model = keras.Sequential(
+        [keras.Input((2,)), keras.layers.Dense(3, name="a", dtype="mixed_float16"), keras.layers.Dense(1, name="b")]
+    )
     with float32_policies(model):
         assert model.get_layer("a").compute_dtype == "float32"
     assert model.get_layer("a").dtype_policy.name == "mixed_float16"
@@ -383,8 +446,9 @@ def test_save_writes_history_policy_and_a_timeline_report(tmp_path):
     model = example.growing_model()
     model.get_layer("gain").s.assign(np.log(1e5))
     model.compile(_lso(1e-3), example.relative_mse)
-    callback = AdaptivePrecision({"d1": "mixed_float16", "gain": "mixed_float16", "d2": "mixed_float16"}, data=(x, y),
-                                 check_every=1, verbose=0)
+    callback = AdaptivePrecision(
+        {"d1": "mixed_float16", "gain": "mixed_float16", "d2": "mixed_float16"}, data=(x, y), check_every=1, verbose=0
+    )
     with pytest.raises(ArgumentError, match="before fit"):
         callback.save(tmp_path / "early")
     model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[callback])
@@ -409,8 +473,14 @@ def test_save_writes_history_policy_and_a_timeline_report(tmp_path):
 @pytest.mark.slow
 def test_example_runs_in_fast_mode():
     env = {**os.environ, "AUTOPREC_EXAMPLES_FAST": "1", "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "adaptive_training.py")], capture_output=True,
-                         text=True, env=env, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "adaptive_training.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = {line.split("  ")[0]: line for line in out.stdout.splitlines()}
     assert "promote 'd2'" in out.stdout

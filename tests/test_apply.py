@@ -1,12 +1,11 @@
 import keras
 import numpy as np
 import pytest
+from conftest import MODEL_BUILDERS, small_data, trained
 
 from autoprec import PrecisionPolicy, apply_policy
 from autoprec.errors import ModelMismatchError, UnsupportedModelError
 from autoprec.graph import build_graph, keyed_layers
-
-from conftest import MODEL_BUILDERS, small_data, trained
 
 SAMPLE = np.zeros((2, 12), "float32")
 

@@ -3,12 +3,11 @@
 import keras
 import numpy as np
 import pytest
+from conftest import simulate
 
 import autoprec
 from autoprec.session import open_session
 from autoprec.verify import predict_batches
-
-from conftest import simulate
 
 L = keras.layers
 
@@ -42,7 +41,9 @@ def conv1d_gru():
 
 def two_inputs():
     a, b = keras.Input((6,), name="a"), keras.Input((4,), name="b")
-    x = L.Concatenate(name="cat")([L.Dense(8, activation="relu", name="da")(a), L.Dense(8, activation="relu", name="db")(b)])
+    x = L.Concatenate(name="cat")(
+        [L.Dense(8, activation="relu", name="da")(a), L.Dense(8, activation="relu", name="db")(b)]
+    )
     o = L.Dense(3, activation="softmax", name="out")(L.Dense(8, activation="relu", name="mix")(x))
     return keras.Model([a, b], o), None
 

@@ -6,12 +6,11 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import MODEL_BUILDERS, small_data, trained
 
 from autoprec import PrecisionPolicy
 from autoprec.cli import EXIT_ALL_FLOAT32, EXIT_OK, EXIT_USER_ERROR, main  # forced all-float32: test_pipeline
 from autoprec.graph import build_graph, keyed_layers
-
-from conftest import MODEL_BUILDERS, small_data, trained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +48,10 @@ def test_apply(saved, tmp_path, capsys):
 def test_profile(saved, tmp_path, capsys):
     _, path, data = saved
     csv = tmp_path / "p.csv"
-    assert main(["profile", path, "--data", data, "--target", "mixed_bfloat16", "-o", str(csv), "--verbose", "0"]) == EXIT_OK
+    assert (
+        main(["profile", path, "--data", data, "--target", "mixed_bfloat16", "-o", str(csv), "--verbose", "0"])
+        == EXIT_OK
+    )
     assert csv.exists() and "metric_drop" in csv.read_text().splitlines()[0]
     assert "h1" in capsys.readouterr().out
 
@@ -57,7 +59,24 @@ def test_profile(saved, tmp_path, capsys):
 def test_tune_and_report(saved, tmp_path):
     _, path, data = saved
     out = tmp_path / "run"
-    code = main(["tune", path, "--data", data, "--budget", "2%", "--target", "mixed_bfloat16", "--trials", "6", "-o", str(out), "--verbose", "0"])
+    code = main(
+        [
+            "tune",
+            path,
+            "--data",
+            data,
+            "--budget",
+            "2%",
+            "--target",
+            "mixed_bfloat16",
+            "--trials",
+            "6",
+            "-o",
+            str(out),
+            "--verbose",
+            "0",
+        ]
+    )
     assert code in (EXIT_OK, EXIT_ALL_FLOAT32)
     meta = json.loads((out / "result.json").read_text())
     assert (code == EXIT_ALL_FLOAT32) == (meta["n_16bit"] == 0)
@@ -66,13 +85,16 @@ def test_tune_and_report(saved, tmp_path):
     assert (out / "report.html").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["layers", "missing.keras"], "does not exist"),
-    (["tune", "{model}", "--data", "{model}", "--budget", "1%", "-o", "x"], "npz"),
-    (["tune", "{model}", "--data", "{data}", "--budget", "lots", "-o", "x"], "does not parse"),
-    (["apply", "{model}", "--policy", "{data}", "-o", "x.keras"], "binary"),
-    (["report", "/nonexistent"], "not a directory"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["layers", "missing.keras"], "does not exist"),
+        (["tune", "{model}", "--data", "{model}", "--budget", "1%", "-o", "x"], "npz"),
+        (["tune", "{model}", "--data", "{data}", "--budget", "lots", "-o", "x"], "does not parse"),
+        (["apply", "{model}", "--policy", "{data}", "-o", "x.keras"], "binary"),
+        (["report", "/nonexistent"], "not a directory"),
+    ],
+)
 def test_user_errors_exit_1(saved, argv, message, capsys):
     _, path, data = saved
     argv = [a.format(model=path, data=data) for a in argv]
@@ -98,9 +120,13 @@ def test_unsafe_model_needs_flag(tmp_path, capsys):
 def test_subprocess_smoke(saved):
     _, path, _ = saved
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    proc = subprocess.run([sys.executable, "-m", "autoprec", "layers", path], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "autoprec", "layers", path], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0 and "h1" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "autoprec", "--version"], capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "autoprec", "--version"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert proc.returncode == 0 and "autoprec" in proc.stdout
 
 
@@ -109,11 +135,19 @@ def test_bad_arguments_fail_before_keras_is_imported(tmp_path):
     import subprocess
     import sys
 
-    probe = ("import sys; from autoprec.cli import main; code = main(['tune', 'm.keras', '--data', 'd.npz', "
-             "'--budget', '0.5%', '--candidates', 'float32,int9', '-o', 'out']); "
-             "print(code, 'keras' in sys.modules, 'tensorflow' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+    probe = (
+        "import sys; from autoprec.cli import main; code = main(['tune', 'm.keras', '--data', 'd.npz', "
+        "'--budget', '0.5%', '--candidates', 'float32,int9', '-o', 'out']); "
+        "print(code, 'keras' in sys.modules, 'tensorflow' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     assert done.stdout.split() == ["1", "False", "False"], done.stdout + done.stderr[-2000:]
     assert "candidates" in done.stderr and "int9" in done.stderr
 
@@ -124,6 +158,20 @@ def test_every_tune_option_a_shell_needs_has_a_flag_with_help():
     parser = build_parser()
     tune = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("tune"))
     flags = {opt: action for action in tune._actions for opt in action.option_strings}
-    for flag in ("--metric", "--keep-float32", "--force-16bit", "--candidates", "--objective", "--device", "--target",
-                 "--trials", "--study-name", "--seed", "--granularity", "--overwrite", "--max-fallbacks", "--cost"):
+    for flag in (
+        "--metric",
+        "--keep-float32",
+        "--force-16bit",
+        "--candidates",
+        "--objective",
+        "--device",
+        "--target",
+        "--trials",
+        "--study-name",
+        "--seed",
+        "--granularity",
+        "--overwrite",
+        "--max-fallbacks",
+        "--cost",
+    ):
         assert flag in flags and flags[flag].help, flag

@@ -16,19 +16,16 @@ import time
 import numpy as np
 import optuna
 import pytest
-
-from autoprec.study import evaluated_trials
+from conftest import MODEL_BUILDERS, small_data, trained
+from pgserver import REQUIRE, PostgresServer, Unavailable
+from test_search import DROP, KEYS, estimate, outcome
 
 import autoprec
 from autoprec import study as study_module
 from autoprec.cli import EXIT_ALL_FLOAT32, EXIT_OK, EXIT_USER_ERROR, main
 from autoprec.errors import ArgumentError
 from autoprec.search import Search, Space, make_sampler
-from autoprec.study import heartbeat, open_storage, open_study, reap
-
-from conftest import MODEL_BUILDERS, small_data, trained
-from pgserver import REQUIRE, PostgresServer, Unavailable
-from test_search import DROP, KEYS, estimate, outcome
+from autoprec.study import evaluated_trials, heartbeat, open_storage, open_study, reap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")])}
@@ -101,8 +98,16 @@ print(",".join(record_or_check(study, facts, budget="1%")), "late" if late else 
 def test_workers_started_at_the_same_instant_on_an_empty_database_all_come_up(pg_url):
     """Without the advisory lock, two of four such processes died on CREATE TYPE studydirection (measured)."""
     start = time.time() + 4  # the imports take about 2 s on 2 cores
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, pg_url, str(start), order], env=ENV, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for order in ("a,b", "b,a", "a,b", "b,a")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, pg_url, str(start), order],
+            env=ENV,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for order in ("a,b", "b,a", "a,b", "b,a")
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-1500:] for _, err in outs]
     lines = [out.split() for out, _ in outs]
@@ -120,14 +125,19 @@ def _worker_search(url, name, n_trials, calls, lock):
 
     study = open_study(name, url, make_sampler(0))
     keys = KEYS[:6]  # test_search's problem, smaller: the plan reaches its TPE rounds within 14 trials
-    space = Space(keys, ("float32", "mixed_float16"), "mixed_float16", tuple(sorted(keys, key=lambda k: -DROP.get(k, 0.0))))
+    space = Space(
+        keys, ("float32", "mixed_float16"), "mixed_float16", tuple(sorted(keys, key=lambda k: -DROP.get(k, 0.0)))
+    )
     return Search(space, evaluate, estimate, lambda d: d <= 0.005 + 1e-12, 0.005, study, n_trials=n_trials, poll=0.1)
 
 
 def _markers(study):
     """TPE's proposals recorded without an evaluation: their place in the plan and their assignment."""
-    return {(t.user_attrs["proposal"], tuple(sorted(t.params.items()))) for t in study.get_trials(states=(STATE.PRUNED,))
-            if "feasible" not in t.user_attrs}
+    return {
+        (t.user_attrs["proposal"], tuple(sorted(t.params.items())))
+        for t in study.get_trials(states=(STATE.PRUNED,))
+        if "feasible" not in t.user_attrs
+    }
 
 
 def _complete_keys(study):
@@ -187,10 +197,29 @@ def test_three_worker_processes_one_killed_mid_trial(planted, pg_url, tmp_path):
     model_path, data_path = str(tmp_path / "m.keras"), str(tmp_path / "d.npz")
     model.save(model_path)
     np.savez(data_path, x=val[0], y=val[1])
-    worker = [sys.executable, os.path.join(HERE, "tune_worker.py"), model_path, data_path, pg_url, "s", str(n_trials),
-              "--sleep", "0.4", "--barrier", str(tmp_path), "--workers", "3"]
-    procs = [subprocess.Popen(worker + extra, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for extra in
-             (["--out", str(tmp_path / "policy.json")], ["--search-only"], ["--search-only", "--kill-after", "0"])]
+    worker = [
+        sys.executable,
+        os.path.join(HERE, "tune_worker.py"),
+        model_path,
+        data_path,
+        pg_url,
+        "s",
+        str(n_trials),
+        "--sleep",
+        "0.4",
+        "--barrier",
+        str(tmp_path),
+        "--workers",
+        "3",
+    ]
+    procs = [
+        subprocess.Popen(worker + extra, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for extra in (
+            ["--out", str(tmp_path / "policy.json")],
+            ["--search-only"],
+            ["--search-only", "--kill-after", "0"],
+        )
+    ]
     deadline = time.monotonic() + 300
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         time.sleep(0.2)  # poll(), not wait() in turn: a killed worker must be reaped, or it looks alive
@@ -206,8 +235,10 @@ def test_three_worker_processes_one_killed_mid_trial(planted, pg_url, tmp_path):
     assert len(failed) == 1 and tuple(sorted(failed[0].params.items())) in _complete_keys(study)  # run again
     assert len({t.user_attrs["worker"] for t in complete}) == 2  # the finaliser and the surviving worker
     expected = reference.trials[reference.trials["evaluated"]]["float32_units"]
-    by_number = {int(r["trial"]): r["float32_units"] for _, r in
-                 study_module.trials_frame(study, list(study.user_attrs["keys"])).iterrows()}
+    by_number = {
+        int(r["trial"]): r["float32_units"]
+        for _, r in study_module.trials_frame(study, list(study.user_attrs["keys"])).iterrows()
+    }
     assert sorted(by_number[t.number] for t in complete) == sorted(expected)
     assert autoprec.PrecisionPolicy.load(tmp_path / "policy.json") == reference.policy
 
@@ -221,8 +252,24 @@ def test_search_only_worker_then_finaliser(tmp_path, capsys):
     path, data = str(tmp_path / "m.keras"), str(tmp_path / "d.npz")
     model.save(path)
     np.savez(data, x=small_data()[0], y=small_data()[1])
-    base = ["tune", path, "--data", data, "--budget", "2%", "--target", "mixed_bfloat16", "--trials", "6",
-            "--storage", str(tmp_path / "study.log"), "--study-name", "s", "--verbose", "0"]
+    base = [
+        "tune",
+        path,
+        "--data",
+        data,
+        "--budget",
+        "2%",
+        "--target",
+        "mixed_bfloat16",
+        "--trials",
+        "6",
+        "--storage",
+        str(tmp_path / "study.log"),
+        "--study-name",
+        "s",
+        "--verbose",
+        "0",
+    ]
     assert main(base + ["--search-only"]) == EXIT_OK
     assert "searched study 's'" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
@@ -283,8 +330,13 @@ print(json.dumps({
 @pytest.mark.slow
 def test_mirrored_strategy_model_is_tuned_emitted_and_trained_under_its_strategy():
     """Pretraining, the training check (fit) and the emitted model all run in the strategy the model was built in."""
-    done = subprocess.run([sys.executable, "-c", MIRRORED], env={**ENV, "TF_CPP_MIN_LOG_LEVEL": "3"},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", MIRRORED],
+        env={**ENV, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["float16"] and got["lso"] and got["strategy"]

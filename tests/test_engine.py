@@ -3,6 +3,7 @@ import math
 import keras
 import numpy as np
 import pytest
+from conftest import MODEL_BUILDERS, small_data, trained
 
 import autoprec
 from autoprec.data import EvalData
@@ -10,8 +11,6 @@ from autoprec.engine import RealEngine, SimEngine, make_engine, round_to
 from autoprec.graph import build_graph
 from autoprec.session import open_session
 from autoprec.verify import predict_batches
-
-from conftest import MODEL_BUILDERS, small_data, trained
 
 
 def test_round_to_float16_overflows_and_flushes():
@@ -101,8 +100,9 @@ def test_simulated_metric_matches_real_on_bundled_models(request, which, target)
     for trial in range(4):
         assignment = {p: target for p in eligible if trial == 0 or rng.random() < 0.5}
         sim = session.evaluate(assignment)
-        real = session.score_outputs(predict_batches(autoprec.apply_policy(model, session.graph.resolve(assignment)),
-                                                     session.data))
+        real = session.score_outputs(
+            predict_batches(autoprec.apply_policy(model, session.graph.resolve(assignment)), session.data)
+        )
         if real.nonfinite_outputs or real.drop > 0.1:
             # NaN propagation differs by kernel (oneDNN's float32 ReLU maps NaN
             # to 0, the float16 one keeps it): the simulated outputs may stay

@@ -24,8 +24,10 @@ RUN_ELSEWHERE = {"adaptive_training.py": "tests/test_adaptive.py::test_example_r
 # What each example must print, and the files it must write under AUTOPREC_EXAMPLES_OUT.
 CHECKS = {
     "quickstart.py": (["TuneResult(", "compute dtype", "The tuned model trained on"], ["quickstart/policy.json"]),
-    "precision_table.py": (["policy set after building: dense1 computes in float32", "| float64 |", "| mixed_float16 |",
-                            "| autoprec ("], ["precision_table.md"]),
+    "precision_table.py": (
+        ["policy set after building: dense1 computes in float32", "| float64 |", "| mixed_float16 |", "| autoprec ("],
+        ["precision_table.md"],
+    ),
     "keras_applications.py": (["MobileNetV2", "decisions (blocks", "Report:"], ["keras_applications/report.md"]),
     "transformer.py": (["embed              float32", "block1_ff1"], ["transformer/report.md"]),
     "cli.sh": (["== 5.", "wrote tuned.keras"], ["cli/run/report.md", "cli/tuned.keras", "cli/profile.csv"]),
@@ -39,8 +41,14 @@ def _scripts() -> list[str]:
 
 
 def _run(name: str, out: pathlib.Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "AUTOPREC_EXAMPLES_FAST": "1", "AUTOPREC_EXAMPLES_OUT": str(out), "PYTHONPATH": str(ROOT),
-           "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "AUTOPREC_EXAMPLES_FAST": "1",
+        "AUTOPREC_EXAMPLES_OUT": str(out),
+        "PYTHONPATH": str(ROOT),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHON": sys.executable,
+    }
     command = ["bash", str(EXAMPLES / name)] if name.endswith(".sh") else [sys.executable, str(EXAMPLES / name)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
@@ -90,14 +98,21 @@ def test_committed_demo_report_shows_a_real_search():
     report = (demo / "report.md").read_text(encoding="utf-8")
     assert "Estimated speed-up on a gpu" in report and "an estimate" in report
     assert "65504" in report  # the overflow, in words
-    assert (demo.parent / "demo-screenshot.png").stat().st_size > 50_000  # beside reports/demo/, which each run rewrites
+    assert (
+        demo.parent / "demo-screenshot.png"
+    ).stat().st_size > 50_000  # beside reports/demo/, which each run rewrites
 
 
 def test_committed_precision_table_has_every_variant_measured_in_one_run():
     text = (ROOT / "reports" / "precision_table.md").read_text(encoding="utf-8")
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [r.split("|")[1].strip().split(" ")[0] for r in rows] == ["float64", "float32", "mixed_bfloat16",
-                                                                      "mixed_float16", "autoprec"]
+    assert [r.split("|")[1].strip().split(" ")[0] for r in rows] == [
+        "float64",
+        "float32",
+        "mixed_bfloat16",
+        "mixed_float16",
+        "autoprec",
+    ]
     assert "in one run" in text and "slower than float32: mixed_float16" in text  # no fast float16 kernels on a CPU
 
 

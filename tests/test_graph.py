@@ -1,13 +1,12 @@
 import keras
 import numpy as np
 import pytest
+from conftest import MODEL_BUILDERS
 
 from autoprec.decisions import Reason as reasons
 from autoprec.errors import PathCollisionError, PolicyError, UnsupportedModelError
 from autoprec.flops import layer_flops
 from autoprec.graph import build_graph, match_paths
-
-from conftest import MODEL_BUILDERS
 
 
 def test_functional_graph_facts():

@@ -15,13 +15,21 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import MODEL_BUILDERS, small_data, trained
 
 import autoprec
 from autoprec.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, main
-from autoprec.errors import (ArgumentError, BudgetError, DataError, MetricError, ModelError, OutputError,
-                             PolicyError, SchemaError, StudyError)
-
-from conftest import MODEL_BUILDERS, small_data, trained
+from autoprec.errors import (
+    ArgumentError,
+    BudgetError,
+    DataError,
+    MetricError,
+    ModelError,
+    OutputError,
+    PolicyError,
+    SchemaError,
+    StudyError,
+)
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
@@ -68,7 +76,12 @@ DATA_CASES = [
     ("a scalar x", lambda m: (3.0, 1.0), DataError, "batch dimension"),
     ("an empty x", lambda m: (np.zeros((0, 12), "float32"), np.zeros(0)), DataError, "at least one sample"),
     ("a file name as data", lambda m: "val.npz", DataError, "tuple of arrays"),
-    ("one sample for a 0.5% budget", lambda m: (_x_y()[0][:1], _x_y()[1][:1]), DataError, "evaluation samples to resolve"),
+    (
+        "one sample for a 0.5% budget",
+        lambda m: (_x_y()[0][:1], _x_y()[1][:1]),
+        DataError,
+        "evaluation samples to resolve",
+    ),
 ]
 
 
@@ -81,8 +94,9 @@ def test_bad_evaluation_data(model, name, make, error, fragment):
 
 def test_nonfinite_inputs_can_be_dropped_with_a_warning(model, caplog):
     x, y = _with_nan_input()
-    result = autoprec.tune(model, (x, y), budget="2%", target="mixed_bfloat16", nonfinite_inputs="drop", n_trials=3,
-                           verbose=0)
+    result = autoprec.tune(
+        model, (x, y), budget="2%", target="mixed_bfloat16", nonfinite_inputs="drop", n_trials=3, verbose=0
+    )
     assert result.feasible
     assert "dropped 1 sample(s) with NaN or inf" in caplog.text
 
@@ -121,8 +135,15 @@ def test_categorical_loss_with_class_ids():
 
 def test_the_documented_quantization_call_uses_the_offered_16bit_format(model):
     """Issue 20: without target=, int8 combines with the 16-bit format the user offered, not float16's default."""
-    result = autoprec.tune(model, _x_y(), budget="2%", candidates=("float32", "mixed_bfloat16", "int8"),
-                           objective="size", n_trials=6, verbose=0)
+    result = autoprec.tune(
+        model,
+        _x_y(),
+        budget="2%",
+        candidates=("float32", "mixed_bfloat16", "int8"),
+        objective="size",
+        n_trials=6,
+        verbose=0,
+    )
     assert result.target == "mixed_bfloat16"
     assert {v for v in result.policy.values() if v != "float32"} <= {"mixed_bfloat16", "int8_from_mixed_bfloat16"}
     alone = autoprec.tune(model, _x_y(), budget="2%", candidates=("float32", "int8"), n_trials=6, verbose=0)
@@ -131,8 +152,11 @@ def test_the_documented_quantization_call_uses_the_offered_16bit_format(model):
 
 MODEL_CASES = [
     ("an object that is no model", lambda tmp: object(), "Expected a Keras model"),
-    ("a scikit-learn estimator", lambda tmp: __import__("sklearn.linear_model").linear_model.LogisticRegression(),
-     "Expected a Keras model"),
+    (
+        "a scikit-learn estimator",
+        lambda tmp: __import__("sklearn.linear_model").linear_model.LogisticRegression(),
+        "Expected a Keras model",
+    ),
     ("a path that does not exist", lambda tmp: str(tmp / "nope.keras"), "does not exist"),
     ("a path to a text file", lambda tmp: (tmp / "m.txt").write_text("x") and str(tmp / "m.txt"), "Keras model file"),
 ]
@@ -149,7 +173,9 @@ def test_what_is_not_a_keras_model_is_a_typed_error(name, make, fragment, tmp_pa
 
 def test_a_path_to_a_keras_file_is_tuned(model, tmp_path):
     model.save(tmp_path / "m.keras")
-    result = autoprec.tune(str(tmp_path / "m.keras"), _x_y(), budget="2%", target="mixed_bfloat16", n_trials=3, verbose=0)
+    result = autoprec.tune(
+        str(tmp_path / "m.keras"), _x_y(), budget="2%", target="mixed_bfloat16", n_trials=3, verbose=0
+    )
     assert isinstance(result, autoprec.TuneResult)
 
 
@@ -175,14 +201,15 @@ def test_subclassed_models_are_changed_only_with_inplace(model):
     assert {layer.dtype_policy.name for layer in sub.layers} == {"float32"}
     assert not isinstance(sub.optimizer, keras.optimizers.LossScaleOptimizer)
     np.testing.assert_array_equal(sub.predict(x, verbose=0), before)
-    assert autoprec.tune(sub, (x, y), budget="2%", target="mixed_float16", n_trials=3, inplace=True,
-                         verbose=0).model is sub
+    assert (
+        autoprec.tune(sub, (x, y), budget="2%", target="mixed_float16", n_trials=3, inplace=True, verbose=0).model
+        is sub
+    )
 
 
 def test_an_empty_policy_file_is_refused(tmp_path):
     """Issue 20: schema_version 2 with no layers loaded as an empty policy, silently."""
-    (tmp_path / "p.json").write_text(json.dumps({"format": "autoprec.policy", "schema_version": 2,
-                                                 "layers": []}))
+    (tmp_path / "p.json").write_text(json.dumps({"format": "autoprec.policy", "schema_version": 2, "layers": []}))
     with pytest.raises(SchemaError, match="at least one layer"):
         autoprec.PrecisionPolicy.load(tmp_path / "p.json")
 
@@ -235,7 +262,9 @@ ARGUMENT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, error, fragment", ARGUMENT_CASES, ids=[str(sorted(c[0])) + str(i) for i, c in enumerate(ARGUMENT_CASES)])
+@pytest.mark.parametrize(
+    "kwargs, error, fragment", ARGUMENT_CASES, ids=[str(sorted(c[0])) + str(i) for i, c in enumerate(ARGUMENT_CASES)]
+)
 def test_arguments(model, kwargs, error, fragment):
     args = {"budget": "2%", "n_trials": 3, "target": "mixed_bfloat16", "verbose": 0, **kwargs}
     if error is None:
@@ -247,8 +276,9 @@ def test_arguments(model, kwargs, error, fragment):
 
 
 def test_force_16bit_inside_is_the_same_in_model_and_policy(model, tmp_path):
-    result = autoprec.tune(model, _x_y(), budget="0%", target="mixed_bfloat16", force_16bit=["h1"], n_trials=3,
-                           verbose=0)
+    result = autoprec.tune(
+        model, _x_y(), budget="0%", target="mixed_bfloat16", force_16bit=["h1"], n_trials=3, verbose=0
+    )
     assert result.policy["h1"] == "mixed_bfloat16" == result.model.get_layer("h1").dtype_policy.name
     again = autoprec.apply_policy(model, result.policy)
     assert again.get_layer("h1").compute_dtype == result.model.get_layer("h1").compute_dtype
@@ -276,11 +306,19 @@ def two_outputs():
 
 def test_multi_output_with_one_named_output(two_outputs):
     m, x, y_cls, y_reg = two_outputs
-    result = autoprec.tune(m, (x, [y_cls, y_reg]), budget="2%", metric={"cls": "accuracy"}, target="mixed_bfloat16",
-                           n_trials=4, verbose=0)
+    result = autoprec.tune(
+        m, (x, [y_cls, y_reg]), budget="2%", metric={"cls": "accuracy"}, target="mixed_bfloat16", n_trials=4, verbose=0
+    )
     assert result.metric_name == "cls/accuracy" and result.baseline_metric > 0.6 and result.feasible
-    by_dict = autoprec.tune(m, (x, {"cls": y_cls, "reg": y_reg}), budget="2% relative", metric={"reg": "mae"},
-                            target="mixed_bfloat16", n_trials=4, verbose=0)
+    by_dict = autoprec.tune(
+        m,
+        (x, {"cls": y_cls, "reg": y_reg}),
+        budget="2% relative",
+        metric={"reg": "mae"},
+        target="mixed_bfloat16",
+        n_trials=4,
+        verbose=0,
+    )
     assert not by_dict.higher_is_better and by_dict.feasible
 
 
@@ -290,25 +328,55 @@ def test_multi_output_with_a_callable(two_outputs):
     def combined(y_true, y_pred):
         return float(np.mean(np.argmax(y_pred[0], -1) == y_true[0]) - np.mean(np.abs(y_pred[1] - y_true[1])))
 
-    result = autoprec.tune(m, (x, [y_cls, y_reg]), budget="2%", metric=combined, higher_is_better=True,
-                           target="mixed_bfloat16", n_trials=4, verbose=0)
+    result = autoprec.tune(
+        m,
+        (x, [y_cls, y_reg]),
+        budget="2%",
+        metric=combined,
+        higher_is_better=True,
+        target="mixed_bfloat16",
+        n_trials=4,
+        verbose=0,
+    )
     assert result.feasible
 
 
 def test_multi_output_labels_as_keras_accepts_them(two_outputs):
     """Issue 20: y_reg of shape (n,) for an output of shape (n, 1) was refused; a callable with y as one array too."""
     m, x, y_cls, y_reg = two_outputs
-    flat = autoprec.tune(m, (x, [y_cls, y_reg[:, 0]]), budget="2% relative", metric={"reg": "mae"},
-                         target="mixed_bfloat16", n_trials=4, verbose=0)
-    shaped = autoprec.tune(m, (x, [y_cls, y_reg]), budget="2% relative", metric={"reg": "mae"},
-                           target="mixed_bfloat16", n_trials=4, verbose=0)
+    flat = autoprec.tune(
+        m,
+        (x, [y_cls, y_reg[:, 0]]),
+        budget="2% relative",
+        metric={"reg": "mae"},
+        target="mixed_bfloat16",
+        n_trials=4,
+        verbose=0,
+    )
+    shaped = autoprec.tune(
+        m,
+        (x, [y_cls, y_reg]),
+        budget="2% relative",
+        metric={"reg": "mae"},
+        target="mixed_bfloat16",
+        n_trials=4,
+        verbose=0,
+    )
     assert flat.baseline_metric == pytest.approx(shaped.baseline_metric, rel=1e-6)  # the same mean absolute error
 
     def accuracy_of_cls(y_true, y_pred):
         return float(np.mean(np.argmax(y_pred[0], -1) == y_true))
 
-    one = autoprec.tune(m, (x, y_cls), budget="2%", metric=accuracy_of_cls, higher_is_better=True,
-                        target="mixed_bfloat16", n_trials=4, verbose=0)
+    one = autoprec.tune(
+        m,
+        (x, y_cls),
+        budget="2%",
+        metric=accuracy_of_cls,
+        higher_is_better=True,
+        target="mixed_bfloat16",
+        n_trials=4,
+        verbose=0,
+    )
     assert one.baseline_metric > 0.6 and one.feasible
 
 
@@ -345,8 +413,9 @@ def test_a_resumed_study_on_other_data_is_refused(model, tmp_path):
     autoprec.tune(model, _x_y(), budget="2%", n_trials=3, storage=storage, study_name="x", verbose=0)
     x, y = _x_y()
     with pytest.raises(StudyError, match="same float32 baseline|same evaluation data"):
-        autoprec.tune(model, (x[::-1].copy(), y[::-1].copy()), budget="2%", n_trials=3, storage=storage,
-                      study_name="x", verbose=0)
+        autoprec.tune(
+            model, (x[::-1].copy(), y[::-1].copy()), budget="2%", n_trials=3, storage=storage, study_name="x", verbose=0
+        )
 
 
 def test_a_trial_left_running_by_a_killed_worker_is_failed(tmp_path):
@@ -403,28 +472,84 @@ def cli_files(tmp_path_factory, model):
 
 
 CLI_CASES = [
-    ("a truncated .npz", ["tune", "{r}/m.keras", "--data", "{r}/short.npz", "--budget", "1%", "-o", "{r}/o1"], "is not one"),
-    ("a .npy as --data", ["tune", "{r}/m.keras", "--data", "{r}/x.npy", "--budget", "1%", "-o", "{r}/o2"], "a .npy holds one array"),
+    (
+        "a truncated .npz",
+        ["tune", "{r}/m.keras", "--data", "{r}/short.npz", "--budget", "1%", "-o", "{r}/o1"],
+        "is not one",
+    ),
+    (
+        "a .npy as --data",
+        ["tune", "{r}/m.keras", "--data", "{r}/x.npy", "--budget", "1%", "-o", "{r}/o2"],
+        "a .npy holds one array",
+    ),
     ("a truncated .keras", ["layers", "{r}/short.keras"], "truncated or not a Keras file"),
-    ("-o under a regular file", ["tune", "{r}/m.keras", "--data", "{r}/d.npz", "--budget", "1%", "-o", "{r}/file/out"],
-     "is a file, not a directory"),
-    ("a storage in a missing directory", ["tune", "{r}/m.keras", "--data", "{r}/d.npz", "--budget", "1%", "-o", "{r}/o3",
-                                          "--storage", "{r}/missing/study.log"], "does not exist"),
-    ("apply -o in a missing directory", ["apply", "{r}/m.keras", "--policy", "{r}/p.json", "-o", "{r}/missing/t.keras"],
-     "does not exist"),
-    ("apply -o with a wrong extension", ["apply", "{r}/m.keras", "--policy", "{r}/p.json", "-o", "{r}/t.h5"], ".keras file"),
+    (
+        "-o under a regular file",
+        ["tune", "{r}/m.keras", "--data", "{r}/d.npz", "--budget", "1%", "-o", "{r}/file/out"],
+        "is a file, not a directory",
+    ),
+    (
+        "a storage in a missing directory",
+        [
+            "tune",
+            "{r}/m.keras",
+            "--data",
+            "{r}/d.npz",
+            "--budget",
+            "1%",
+            "-o",
+            "{r}/o3",
+            "--storage",
+            "{r}/missing/study.log",
+        ],
+        "does not exist",
+    ),
+    (
+        "apply -o in a missing directory",
+        ["apply", "{r}/m.keras", "--policy", "{r}/p.json", "-o", "{r}/missing/t.keras"],
+        "does not exist",
+    ),
+    (
+        "apply -o with a wrong extension",
+        ["apply", "{r}/m.keras", "--policy", "{r}/p.json", "-o", "{r}/t.h5"],
+        ".keras file",
+    ),
     ("report on an empty sensitivity.csv", ["report", "{r}/empty"], "CSV files"),
     ("report on a file", ["report", "{r}/file"], "not a directory"),
     ("a model that does not exist", ["layers", "{r}/nope.keras"], "does not exist"),
-    ("an .npz without x and y", ["tune", "{r}/m.keras", "--data", "{r}/ab.npz", "--budget", "1%", "-o", "{r}/o4"],
-     "Received arrays ['a', 'b']"),
-    ("a result already in -o", ["tune", "{r}/m.keras", "--data", "{r}/d.npz", "--budget", "1%", "-o", "{r}/empty"],
-     "--overwrite"),
-    ("a target the candidates lack", ["tune", "{r}/m.keras", "--data", "{r}/d.npz", "--budget", "1%", "-o", "{r}/o5",
-                                      "--candidates", "float32,mixed_bfloat16", "--target", "mixed_float16"],
-     "among candidates"),
-    ("a bad storage URL", ["tune", "{r}/m.keras", "--data", "{r}/d.npz", "--budget", "1%", "-o", "{r}/o6",
-                           "--storage", "notadb://x"], "SQLAlchemy knows"),
+    (
+        "an .npz without x and y",
+        ["tune", "{r}/m.keras", "--data", "{r}/ab.npz", "--budget", "1%", "-o", "{r}/o4"],
+        "Received arrays ['a', 'b']",
+    ),
+    (
+        "a result already in -o",
+        ["tune", "{r}/m.keras", "--data", "{r}/d.npz", "--budget", "1%", "-o", "{r}/empty"],
+        "--overwrite",
+    ),
+    (
+        "a target the candidates lack",
+        [
+            "tune",
+            "{r}/m.keras",
+            "--data",
+            "{r}/d.npz",
+            "--budget",
+            "1%",
+            "-o",
+            "{r}/o5",
+            "--candidates",
+            "float32,mixed_bfloat16",
+            "--target",
+            "mixed_float16",
+        ],
+        "among candidates",
+    ),
+    (
+        "a bad storage URL",
+        ["tune", "{r}/m.keras", "--data", "{r}/d.npz", "--budget", "1%", "-o", "{r}/o6", "--storage", "notadb://x"],
+        "SQLAlchemy knows",
+    ),
 ]
 
 
@@ -447,15 +572,36 @@ def _sigint_default():
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
 
 
 @pytest.mark.slow
 def test_two_cli_runs_into_one_directory(cli_files, tmp_path):
     """Bad case 2: the second writer fails at once with a clear message; the result is the first run's, whole."""
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "autoprec", "tune", str(cli_files / "m.keras"), "--data", str(cli_files / "d.npz"),
-            "--budget", "2%", "--target", "mixed_bfloat16", "--trials", "4", "-o", str(out), "--verbose", "0"]
+    argv = [
+        sys.executable,
+        "-m",
+        "autoprec",
+        "tune",
+        str(cli_files / "m.keras"),
+        "--data",
+        str(cli_files / "d.npz"),
+        "--budget",
+        "2%",
+        "--target",
+        "mixed_bfloat16",
+        "--trials",
+        "4",
+        "-o",
+        str(out),
+        "--verbose",
+        "0",
+    ]
     first = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = tmp_path / ".run.lock"
     for _ in range(300):
@@ -503,9 +649,14 @@ def test_ctrl_c_during_a_save_leaves_the_old_result_whole(cli_files, tmp_path, m
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     script = tmp_path / "saver.py"
     script.write_text(SAVER)
-    proc = subprocess.Popen([sys.executable, str(script), str(cli_files / "m.keras"), str(cli_files / "d.npz"), str(out)],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_sigint_default)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(cli_files / "m.keras"), str(cli_files / "d.npz"), str(out)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_sigint_default,
+    )
     line = proc.stdout.readline()
     assert line.strip() == "writing", proc.stderr.read()[-2000:]
     proc.send_signal(signal.SIGINT)
@@ -521,11 +672,32 @@ def test_ctrl_c_during_tune_exits_130_with_the_resume_hint(planted, tmp_path):
     model, _, val, _ = planted  # all 16-bit misses a zero budget: the search goes on until interrupted
     model.save(tmp_path / "m.keras")
     np.savez(tmp_path / "d.npz", x=val[0], y=val[1])
-    argv = [sys.executable, "-m", "autoprec", "tune", str(tmp_path / "m.keras"), "--data", str(tmp_path / "d.npz"),
-            "--budget", "0%", "--target", "mixed_float16", "--trials", "100000", "--storage", str(tmp_path / "s.log"),
-            "--study-name", "s", "-o", str(tmp_path / "run"), "--verbose", "1"]
-    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_sigint_default)
+    argv = [
+        sys.executable,
+        "-m",
+        "autoprec",
+        "tune",
+        str(tmp_path / "m.keras"),
+        "--data",
+        str(tmp_path / "d.npz"),
+        "--budget",
+        "0%",
+        "--target",
+        "mixed_float16",
+        "--trials",
+        "100000",
+        "--storage",
+        str(tmp_path / "s.log"),
+        "--study-name",
+        "s",
+        "-o",
+        str(tmp_path / "run"),
+        "--verbose",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default
+    )
     for line in proc.stdout:
         if "autoprec: search" in line:
             break

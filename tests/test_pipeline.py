@@ -3,14 +3,13 @@
 import keras
 import numpy as np
 import pytest
+from conftest import MODEL_BUILDERS, small_data, trained
 
 import autoprec
 from autoprec import Budget, PrecisionPolicy, tuner
 from autoprec.decisions import Reason, sentence
 from autoprec.graph import build_graph, keyed_layers
 from autoprec.verify import judge_training
-
-from conftest import MODEL_BUILDERS, small_data, trained
 
 
 def _failing_verification(monkeypatch, times):
@@ -48,8 +47,9 @@ def test_verification_falls_back_most_sensitive_first(planted, monkeypatch):
 def test_max_fallbacks_leaves_an_honest_infeasible_result(planted, monkeypatch, tmp_path):
     model, _, val, _ = planted
     _failing_verification(monkeypatch, times=100)
-    result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", device="gpu", n_trials=20, max_fallbacks=1,
-                           verbose=0)
+    result = autoprec.tune(
+        model, val, budget="0.5%", target="mixed_bfloat16", device="gpu", n_trials=20, max_fallbacks=1, verbose=0
+    )
     assert len(result.verification["fallbacks"]) == 1
     assert not result.feasible
     assert ">" in repr(result) and "INFEASIBLE" in repr(result) and "<=" not in repr(result)
@@ -69,27 +69,42 @@ def test_training_check_falls_back_with_its_reason(digits_cnn, monkeypatch):
         check = original(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 1:
-            return verify.TrainCheck(**{**check.to_dict(), "passed": False, "reason": "the loss scale collapsed to 0.5 (< 1)"})
+            return verify.TrainCheck(
+                **{**check.to_dict(), "passed": False, "reason": "the loss scale collapsed to 0.5 (< 1)"}
+            )
         return check
 
     monkeypatch.setattr(tuner, "train_check", flaky)
-    result = autoprec.tune(model, val, budget="1%", target="mixed_float16", n_trials=6, verify="train", train_data=train,
-                           steps=10, verbose=0)
+    result = autoprec.tune(
+        model,
+        val,
+        budget="1%",
+        target="mixed_float16",
+        n_trials=6,
+        verify="train",
+        train_data=train,
+        steps=10,
+        verbose=0,
+    )
     fallback = result.verification["fallbacks"][0]
     assert fallback["check"] == "train" and "collapsed" in fallback["detail"]
     frame = result.sensitivity.set_index("path")
     assert frame.loc[fallback["key"], "reason"] == Reason.TRAIN_FALLBACK
     assert "loss-scaled training check (with it in 16-bit: the loss scale collapsed" in autoprec.report.reason_text(
-        frame.loc[fallback["key"]].to_dict(), result.to_json_dict())
+        frame.loc[fallback["key"]].to_dict(), result.to_json_dict()
+    )
     assert result.training.passed
 
 
-@pytest.mark.parametrize("f32, tuned, scales, passed, fragment", [
-    ([2.0, 1.5, 1.0, 0.8, 0.6], [2.0, 1.5, 1.0, 0.8, 0.6], [32768.0] * 5, True, "trains like float32"),
-    ([2.0, 1.5, 1.0, 0.8, 0.6], [2.0, 1.5, 1.0, 0.8, 0.6], [32768.0, 8.0, 1.0, 0.5, 0.25], False, "collapsed"),
-    ([2.0, 1.5, 1.0, 0.8, 0.6], [2.0, 1.5, 1.0, float("nan"), float("inf")], [], False, "non-finite"),
-    ([2.0, 1.5, 1.0, 0.8, 0.6], [2.0, 2.0, 2.0, 2.0, 2.0], [], False, "stopped making progress"),
-])
+@pytest.mark.parametrize(
+    "f32, tuned, scales, passed, fragment",
+    [
+        ([2.0, 1.5, 1.0, 0.8, 0.6], [2.0, 1.5, 1.0, 0.8, 0.6], [32768.0] * 5, True, "trains like float32"),
+        ([2.0, 1.5, 1.0, 0.8, 0.6], [2.0, 1.5, 1.0, 0.8, 0.6], [32768.0, 8.0, 1.0, 0.5, 0.25], False, "collapsed"),
+        ([2.0, 1.5, 1.0, 0.8, 0.6], [2.0, 1.5, 1.0, float("nan"), float("inf")], [], False, "non-finite"),
+        ([2.0, 1.5, 1.0, 0.8, 0.6], [2.0, 2.0, 2.0, 2.0, 2.0], [], False, "stopped making progress"),
+    ],
+)
 def test_every_training_check_outcome(f32, tuned, scales, passed, fragment):
     ok, reason = judge_training(f32, tuned, scales, steps=len(f32))
     assert ok == passed and fragment in reason
@@ -118,8 +133,17 @@ def measured(monkeypatch):
 def test_measured_cost_keeps_force_16bit_when_nothing_is_feasible(planted, measured):
     """Bug (a): with cost='measured' and no feasible candidate, the forced layers stayed 16-bit only on the other path."""
     model, _, val, _ = planted
-    result = autoprec.tune(model, val, budget="0%", target="mixed_float16", force_16bit=["d3"], cost="measured",
-                           n_trials=6, max_fallbacks=0, verbose=0)
+    result = autoprec.tune(
+        model,
+        val,
+        budget="0%",
+        target="mixed_float16",
+        force_16bit=["d3"],
+        cost="measured",
+        n_trials=6,
+        max_fallbacks=0,
+        verbose=0,
+    )
     assert result.policy["d3"] == "mixed_float16"
     assert measured[-1][0]["d3"] == "mixed_float16"  # bug (b): the last timing is of the final policy
 
@@ -129,8 +153,9 @@ def test_measured_speedup_describes_the_final_policy(planted, monkeypatch, measu
     """Bug (b): measured_speedup was timed before the fallbacks, for another assignment than the result's."""
     model, _, val, _ = planted
     _failing_verification(monkeypatch, times=1)
-    result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", device="gpu", cost="measured",
-                           n_trials=15, verbose=0)
+    result = autoprec.tune(
+        model, val, budget="0.5%", target="mixed_bfloat16", device="gpu", cost="measured", n_trials=15, verbose=0
+    )
     assert result.verification["fallbacks"] and result.measured_speedup is not None
     final = measured[-1]
     assert len(final) == 1
@@ -156,8 +181,24 @@ def test_all_float32_exit_code_is_forced(tmp_path):
     model.save(tmp_path / "m.keras")
     x, y = small_data()
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    code = main(["tune", str(tmp_path / "m.keras"), "--data", str(tmp_path / "d.npz"), "--budget", "1%", "--trials", "6",
-                 "--target", "mixed_bfloat16", "-o", str(tmp_path / "r"), "--verbose", "0"])
+    code = main(
+        [
+            "tune",
+            str(tmp_path / "m.keras"),
+            "--data",
+            str(tmp_path / "d.npz"),
+            "--budget",
+            "1%",
+            "--trials",
+            "6",
+            "--target",
+            "mixed_bfloat16",
+            "-o",
+            str(tmp_path / "r"),
+            "--verbose",
+            "0",
+        ]
+    )
     assert code == EXIT_ALL_FLOAT32
     policy = PrecisionPolicy.load(tmp_path / "r" / "policy.json")
     assert policy["a"] == policy["b"] == "float32"
@@ -171,15 +212,38 @@ def test_infeasible_result_exit_code(tmp_path, monkeypatch):
     x, y = small_data()
     np.savez(tmp_path / "d.npz", x=x, y=y)
     _failing_verification(monkeypatch, times=100)
-    code = main(["tune", str(tmp_path / "m.keras"), "--data", str(tmp_path / "d.npz"), "--budget", "2%", "--trials", "4",
-                 "--target", "mixed_bfloat16", "-o", str(tmp_path / "r"), "--verbose", "0"])
+    code = main(
+        [
+            "tune",
+            str(tmp_path / "m.keras"),
+            "--data",
+            str(tmp_path / "d.npz"),
+            "--budget",
+            "2%",
+            "--trials",
+            "4",
+            "--target",
+            "mixed_bfloat16",
+            "-o",
+            str(tmp_path / "r"),
+            "--verbose",
+            "0",
+        ]
+    )
     assert code == EXIT_INFEASIBLE
 
 
 def _sequential():
-    return keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, activation="relu", name="s1"),
-                             keras.layers.ReLU(name="s_relu"), keras.layers.Dense(16, name="s2"),
-                             keras.layers.Dense(3, activation="softmax", name="s_out")], name="seq")
+    return keras.Sequential(
+        [
+            keras.Input((12,)),
+            keras.layers.Dense(16, activation="relu", name="s1"),
+            keras.layers.ReLU(name="s_relu"),
+            keras.layers.Dense(16, name="s2"),
+            keras.layers.Dense(3, activation="softmax", name="s_out"),
+        ],
+        name="seq",
+    )
 
 
 def _nested():
@@ -208,8 +272,11 @@ def test_to_keras_map_builds_the_same_model_from_code(build):
     """Bug (d): a model built from code with dtype=policy.to_keras(model) on each layer computes as result.model does."""
     model = build()
     graph = build_graph(model)
-    policy = PrecisionPolicy(graph.resolve({u.path: "mixed_bfloat16" for u in graph.units}), target="mixed_bfloat16",
-                             layers=graph.layer_facts())
+    policy = PrecisionPolicy(
+        graph.resolve({u.path: "mixed_bfloat16" for u in graph.units}),
+        target="mixed_bfloat16",
+        layers=graph.layer_facts(),
+    )
     reference = autoprec.apply_policy(model, policy)
     dtype_map = policy.to_keras(model)
     keras.config.set_dtype_policy("float32")
@@ -240,14 +307,26 @@ def test_block_granularity_groups_by_nested_model_and_prefix(digits_cnn):
     model, _, val = digits_cnn
     session = autoprec.session.open_session(model, val, target="mixed_bfloat16")
     frame = autoprec.profile(model, None, method="fast", session=session, verbose=0)
-    space = build_space(session.graph, frame, granularity="block", target="mixed_bfloat16",
-                        choices=("float32", "mixed_bfloat16"), tolerance=0.0)
+    space = build_space(
+        session.graph,
+        frame,
+        granularity="block",
+        target="mixed_bfloat16",
+        choices=("float32", "mixed_bfloat16"),
+        tolerance=0.0,
+    )
     assert space.groups["conv1"] == ("conv1", "conv1_bn")  # name prefix 'conv1'
     nested = _nested()
     session = autoprec.session.open_session(trained_nested(nested), small_data(), target="mixed_bfloat16")
     frame = autoprec.profile(nested, None, method="fast", session=session, verbose=0)
-    space = build_space(session.graph, frame, granularity="block", target="mixed_bfloat16",
-                        choices=("float32", "mixed_bfloat16"), tolerance=0.0)
+    space = build_space(
+        session.graph,
+        frame,
+        granularity="block",
+        target="mixed_bfloat16",
+        choices=("float32", "mixed_bfloat16"),
+        tolerance=0.0,
+    )
     assert space.groups["encoder"] == ("enc_dense",)
 
 
@@ -260,17 +339,31 @@ def trained_nested(model):
 
 @pytest.mark.parametrize("reason", list(Reason))
 def test_every_reason_has_a_sentence(reason):
-    row = {"decision": "mixed_float16" if reason in (Reason.LOW_PRECISION_OK, Reason.FORCED_16BIT) else "float32",
-           "reason": str(reason), "metric_drop": 0.02, "act_overflow": 0.1 if reason == Reason.OVERFLOW else 0.0,
-           "act_absmax": 7e4, "act_flush": 0.2 if reason == Reason.UNDERFLOW else 0.0,
-           "op_hazard": "ops.exp" if reason == Reason.OP_HAZARD else "", "fallback_detail": "scale collapsed",
-           "flops_share": 0.1}
+    row = {
+        "decision": "mixed_float16" if reason in (Reason.LOW_PRECISION_OK, Reason.FORCED_16BIT) else "float32",
+        "reason": str(reason),
+        "metric_drop": 0.02,
+        "act_overflow": 0.1 if reason == Reason.OVERFLOW else 0.0,
+        "act_absmax": 7e4,
+        "act_flush": 0.2 if reason == Reason.UNDERFLOW else 0.0,
+        "op_hazard": "ops.exp" if reason == Reason.OP_HAZARD else "",
+        "fallback_detail": "scale collapsed",
+        "flops_share": 0.1,
+    }
     text = sentence(row, target="mixed_float16", metric="accuracy", allowed=0.005)
     assert text.startswith(row["decision"] + ": ") and len(text) > len(row["decision"]) + 10
-    expected = {Reason.OVERFLOW: "> 65504", Reason.UNDERFLOW: "flush to zero", Reason.OP_HAZARD: "`ops.exp` after it",
-                Reason.VERIFY_FALLBACK: "real Keras policies", Reason.TRAIN_FALLBACK: "scale collapsed",
-                Reason.NO_GAIN: "does not pay", Reason.PINNED_USER: "keep_float32", Reason.JOINED: "layers that feed it",
-                Reason.FORCED_16BIT: "force_16bit", Reason.METRIC_DROP: "drops accuracy by 2 points"}.get(reason)
+    expected = {
+        Reason.OVERFLOW: "> 65504",
+        Reason.UNDERFLOW: "flush to zero",
+        Reason.OP_HAZARD: "`ops.exp` after it",
+        Reason.VERIFY_FALLBACK: "real Keras policies",
+        Reason.TRAIN_FALLBACK: "scale collapsed",
+        Reason.NO_GAIN: "does not pay",
+        Reason.PINNED_USER: "keep_float32",
+        Reason.JOINED: "layers that feed it",
+        Reason.FORCED_16BIT: "force_16bit",
+        Reason.METRIC_DROP: "drops accuracy by 2 points",
+    }.get(reason)
     if expected:
         assert expected in text, text
 

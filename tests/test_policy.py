@@ -11,8 +11,12 @@ def make_policy():
     return PrecisionPolicy(
         {"h1": "mixed_float16", "h2": "mixed_bfloat16", "out": "float32", "wide": "float64"},
         target="mixed_float16",
-        layers={"h1": {"class": "Dense", "params": 100, "flops": 300.0}, "h2": {"class": "Dense", "params": 50, "flops": 100.0},
-                "out": {"class": "Dense", "params": 50, "flops": 100.0}, "wide": {"class": "Dense", "params": 0, "flops": 0.0}},
+        layers={
+            "h1": {"class": "Dense", "params": 100, "flops": 300.0},
+            "h2": {"class": "Dense", "params": 50, "flops": 100.0},
+            "out": {"class": "Dense", "params": 50, "flops": 100.0},
+            "wide": {"class": "Dense", "params": 0, "flops": 0.0},
+        },
     )
 
 
@@ -113,7 +117,9 @@ def _graph(*names, cls=keras.layers.Dense):
 
 
 def test_for_graph_names_missing_extra_and_changed():
-    p = PrecisionPolicy({"h1": "mixed_float16", "h2": "float32"}, layers={"h1": {"class": "Dense"}, "h2": {"class": "Dense"}})
+    p = PrecisionPolicy(
+        {"h1": "mixed_float16", "h2": "float32"}, layers={"h1": {"class": "Dense"}, "h2": {"class": "Dense"}}
+    )
     with pytest.raises(ModelMismatchError, match="in the policy but not in the model: 'h2'") as info:
         p.for_graph(_graph("h1", "other"))
     assert "in the model but not in the policy: 'other'" in str(info.value)
@@ -159,8 +165,9 @@ def test_version_1_files_are_read_and_quantized_names_need_version_2(tmp_path):
     assert policy.quantized == {"q": "int8_from_mixed_bfloat16"}
 
 
-@pytest.mark.parametrize("name", ["int8_from_float32", "int8_from_mixed_bfloat16", "int4_from_mixed_float16",
-                                  "float8_from_mixed_bfloat16"])
+@pytest.mark.parametrize(
+    "name", ["int8_from_float32", "int8_from_mixed_bfloat16", "int4_from_mixed_float16", "float8_from_mixed_bfloat16"]
+)
 def test_quantized_names_are_keras_policies(name):
     assert PrecisionPolicy({"a": name})["a"] == name
     assert keras.dtype_policies.get(name).quantization_mode == name.split("_from_")[0]

@@ -95,8 +95,16 @@ def test_simulated_and_real_quantized_metrics_agree(digits_mlp, fmt):
 @pytest.mark.slow
 def test_tune_for_size_with_int8(digits_mlp, tmp_path):
     model, _, val = digits_mlp
-    result = autoprec.tune(model, val, budget="1%", target="mixed_bfloat16",
-                           candidates=("float32", "mixed_bfloat16", "int8"), objective="size", n_trials=25, verbose=0)
+    result = autoprec.tune(
+        model,
+        val,
+        budget="1%",
+        target="mixed_bfloat16",
+        candidates=("float32", "mixed_bfloat16", "int8"),
+        objective="size",
+        n_trials=25,
+        verbose=0,
+    )
     assert result.feasible and result.drop <= 0.01
     assert result.objective == "size"
     quantized = result.policy.quantized
@@ -113,8 +121,15 @@ def test_tune_for_size_with_int8(digits_mlp, tmp_path):
     result.model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), result.model.predict(x, verbose=0))
-    with_int4 = autoprec.tune(model, val, budget="1%", target="mixed_bfloat16",
-                              candidates=("float32", "mixed_bfloat16", "int8", "int4"), n_trials=30, verbose=0)
+    with_int4 = autoprec.tune(
+        model,
+        val,
+        budget="1%",
+        target="mixed_bfloat16",
+        candidates=("float32", "mixed_bfloat16", "int8", "int4"),
+        n_trials=30,
+        verbose=0,
+    )
     assert with_int4.objective == "size"  # integer candidates: size unless speed is asked for
     assert with_int4.feasible and with_int4.size_ratio > result.size_ratio
 
@@ -122,8 +137,15 @@ def test_tune_for_size_with_int8(digits_mlp, tmp_path):
 @pytest.mark.slow
 def test_transformer_quantizes_its_dense_layers(digits_transformer):
     model, _, val = digits_transformer
-    result = autoprec.tune(model, val, budget="1%", target="mixed_bfloat16",
-                           candidates=("float32", "mixed_bfloat16", "int8"), n_trials=20, verbose=0)
+    result = autoprec.tune(
+        model,
+        val,
+        budget="1%",
+        target="mixed_bfloat16",
+        candidates=("float32", "mixed_bfloat16", "int8"),
+        n_trials=20,
+        verbose=0,
+    )
     assert result.feasible
     assert set(result.policy.quantized) <= {"embed", "ffn1", "ffn2", "head1"} and result.policy.quantized
 
@@ -131,7 +153,9 @@ def test_transformer_quantizes_its_dense_layers(digits_transformer):
 def test_integer_candidates_are_refused_for_the_training_check(digits_mlp):
     model, train, val = digits_mlp
     with pytest.raises(ArgumentError, match="inference"):
-        autoprec.tune(model, val, candidates=("float32", "int8"), verify="train", train_data=train, n_trials=3, verbose=0)
+        autoprec.tune(
+            model, val, candidates=("float32", "int8"), verify="train", train_data=train, n_trials=3, verbose=0
+        )
     with pytest.raises(ArgumentError, match="candidates"):
         autoprec.tune(model, val, candidates=("float32", "mixed_bfloat16", "int3"), n_trials=3, verbose=0)
     with pytest.raises(ArgumentError, match="objective"):
@@ -140,8 +164,16 @@ def test_integer_candidates_are_refused_for_the_training_check(digits_mlp):
 
 def test_speed_objective_uses_a_measured_factor(digits_mlp):
     model, _, val = digits_mlp
-    result = autoprec.tune(model, val, budget="1%", target="mixed_bfloat16", objective="speed",
-                           candidates=("float32", "mixed_bfloat16", "int8"), n_trials=10, verbose=0)
+    result = autoprec.tune(
+        model,
+        val,
+        budget="1%",
+        target="mixed_bfloat16",
+        objective="speed",
+        candidates=("float32", "mixed_bfloat16", "int8"),
+        n_trials=10,
+        verbose=0,
+    )
     factor = result.stats["quantized_speed"]["int8"]
     assert factor > 0  # measured on this device; on this CPU int8 is slower than float32
     if factor < 1:
@@ -153,8 +185,15 @@ def test_report_shows_integer_formats_and_the_size_tradeoff(digits_mlp, tmp_path
     from autoprec import plots, report
 
     model, _, val = digits_mlp
-    result = autoprec.tune(model, val, budget="1%", target="mixed_bfloat16",
-                           candidates=("float32", "mixed_bfloat16", "int8", "int4"), n_trials=12, verbose=0)
+    result = autoprec.tune(
+        model,
+        val,
+        budget="1%",
+        target="mixed_bfloat16",
+        candidates=("float32", "mixed_bfloat16", "int8", "int4"),
+        n_trials=12,
+        verbose=0,
+    )
     result.save(tmp_path / "run")
     saved = report.load_saved(tmp_path / "run")
     trade = plots.tradeoff_data(saved)

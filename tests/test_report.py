@@ -7,11 +7,10 @@ import shutil
 import keras
 import numpy as np
 import pytest
+from conftest import small_data
 
 import autoprec
 from autoprec import plots, report
-
-from conftest import small_data
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,11 @@ def test_markdown_matches_result(run):
     assert f"{result.baseline_metric:.6g}" in text and f"{result.metric:.6g}" in text
     assert result.formula in html.unescape(text.replace("\\_", "_"))  # Markdown-escaped, renders as the formula
     assert f"{result.speedup_estimate:.2f}x" in text
-    rows = {line.split("|")[2].strip().strip("`"): line for line in text.splitlines() if line.startswith("| ") and "`" in line}
+    rows = {
+        line.split("|")[2].strip().strip("`"): line
+        for line in text.splitlines()
+        if line.startswith("| ") and "`" in line
+    }
     assert set(rows) == set(result.sensitivity["path"])
     sens = result.sensitivity.set_index("path")
     drop_points = f"{sens.loc['d3', 'metric_drop'] * 100:.2g} points"
@@ -101,8 +104,9 @@ def test_layer_names_are_escaped(tmp_path):
     x, y = small_data(200)
     model.fit(x, y, epochs=20, verbose=0)
     metric = lambda yt, yp: float(np.mean(np.argmax(yp, -1) == yt))  # noqa: E731
-    result = autoprec.tune(model, (x, y), budget="5%", metric=metric, higher_is_better=True,
-                           target="mixed_bfloat16", n_trials=3, verbose=0)
+    result = autoprec.tune(
+        model, (x, y), budget="5%", metric=metric, higher_is_better=True, target="mixed_bfloat16", n_trials=3, verbose=0
+    )
     result.save(tmp_path)
     text = (tmp_path / "report.html").read_text()
     assert "a&gt;b_1" in text and "a>b_1" not in text
@@ -116,8 +120,17 @@ def test_layer_names_are_escaped(tmp_path):
 
 def test_training_plot_when_checked(digits_cnn, tmp_path):
     model, train, val = digits_cnn
-    result = autoprec.tune(model, val, budget="1%", target="mixed_float16", n_trials=6, verify="train",
-                           train_data=train, steps=20, verbose=0)
+    result = autoprec.tune(
+        model,
+        val,
+        budget="1%",
+        target="mixed_float16",
+        n_trials=6,
+        verify="train",
+        train_data=train,
+        steps=20,
+        verbose=0,
+    )
     result.save(tmp_path)
     assert (tmp_path / "training.png").exists()
     meta = json.loads((tmp_path / "result.json").read_text())

@@ -22,7 +22,9 @@ def estimate(assignment):
 
 
 def outcome(drop):
-    return SimpleNamespace(metric=1 - drop, drop=drop, output_error=drop, nonfinite_outputs=0, rejected=False, samples=100)
+    return SimpleNamespace(
+        metric=1 - drop, drop=drop, output_error=drop, nonfinite_outputs=0, rejected=False, samples=100
+    )
 
 
 def make(allowed=0.005, n_trials=40, storage=None, name="s", seed=0, calls=None):
@@ -31,13 +33,15 @@ def make(allowed=0.005, n_trials=40, storage=None, name="s", seed=0, calls=None)
             calls.append(dict(assignment))
         return outcome(sum(DROP.get(k, 0.0) for k, v in assignment.items() if v != "float32"))
 
-    study = optuna.create_study(direction="maximize", storage=storage, study_name=name, load_if_exists=True,
-                                sampler=make_sampler(seed))
+    study = optuna.create_study(
+        direction="maximize", storage=storage, study_name=name, load_if_exists=True, sampler=make_sampler(seed)
+    )
     order = tuple(sorted(KEYS, key=lambda k: -DROP.get(k, 0.0)))
     space = Space(KEYS, ("float32", "mixed_float16"), "mixed_float16", order)
     budget = Budget(allowed)
-    return Search(space, evaluate, estimate, lambda d: budget.feasible(baseline=1.0, drop=d), allowed, study,
-                  n_trials=n_trials)
+    return Search(
+        space, evaluate, estimate, lambda d: budget.feasible(baseline=1.0, drop=d), allowed, study, n_trials=n_trials
+    )
 
 
 def optimum(allowed):
@@ -68,7 +72,9 @@ def test_constraints_are_optuna_constraints():
     search = make(0.005, n_trials=15)
     search.run()
     trials = evaluated_trials(search.study)
-    assert len(trials) > 3 and all(len(t.system_attrs["constraints"]) == 1 for t in trials)  # the list every reader knows
+    assert len(trials) > 3 and all(
+        len(t.system_attrs["constraints"]) == 1 for t in trials
+    )  # the list every reader knows
     assert all((t.constraints["0"] <= 0) == t.user_attrs["feasible"] for t in trials)
     # over budget is PRUNED with its estimate kept: no reader can take it for the best
     state = optuna.trial.TrialState

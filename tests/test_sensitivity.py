@@ -3,12 +3,11 @@ import math
 import keras
 import numpy as np
 import pytest
+from conftest import MODEL_BUILDERS, small_data, trained
 
 import autoprec
 from autoprec import testing
 from autoprec.errors import ArgumentError, DataError, MetricError, ModelError
-
-from conftest import MODEL_BUILDERS, small_data, trained
 
 
 @pytest.mark.parametrize("target", ["mixed_float16", "mixed_bfloat16"])
@@ -104,8 +103,14 @@ def test_metric_forms():
     by_name = autoprec.profile(model, data, metric="accuracy", method="ablation", verbose=0)
     by_loss = autoprec.profile(model, data, metric="sparse_categorical_crossentropy", method="ablation", verbose=0)
     assert by_name.attrs["higher_is_better"] and not by_loss.attrs["higher_is_better"]
-    fn = autoprec.profile(model, data, metric=lambda yt, yp: float(np.mean(np.argmax(yp, -1) == yt)),
-                          higher_is_better=True, method="ablation", verbose=0)
+    fn = autoprec.profile(
+        model,
+        data,
+        metric=lambda yt, yp: float(np.mean(np.argmax(yp, -1) == yt)),
+        higher_is_better=True,
+        method="ablation",
+        verbose=0,
+    )
     assert fn.attrs["baseline_metric"] == pytest.approx(by_name.attrs["baseline_metric"])
     inst = autoprec.profile(model, data, metric=keras.metrics.SparseCategoricalAccuracy(), method="ablation", verbose=0)
     assert inst.attrs["baseline_metric"] == pytest.approx(by_name.attrs["baseline_metric"])

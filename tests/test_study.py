@@ -28,8 +28,9 @@ def test_optuna_dashboard_shows_only_feasible_trials_as_best_with_a_named_object
 
     model, _, val, _ = planted
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    result = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=12, storage=url,
-                           study_name="dash", verbose=0)
+    result = autoprec.tune(
+        model, val, budget="0.5%", target="mixed_float16", n_trials=12, storage=url, study_name="dash", verbose=0
+    )
     first = result.trials.sort_values("trial").iloc[0]
     assert first["phase"] == "all_16bit" and not first["feasible"]  # an infeasible trial with the highest estimate
 

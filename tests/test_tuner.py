@@ -5,13 +5,12 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import MODEL_BUILDERS, small_data, trained
 
 import autoprec
 from autoprec.decisions import Reason as reasons
 from autoprec.errors import ArgumentError, BudgetError, DataError, PolicyError, StudyError, UntrainedModelError
 from autoprec.graph import keyed_layers
-
-from conftest import MODEL_BUILDERS, small_data, trained
 
 HERE = os.path.dirname(__file__)
 
@@ -62,8 +61,15 @@ def test_bfloat16_on_a_cpu_without_fast_bf16_is_tuned_for_the_accelerator(plante
 
 def test_three_way_candidates_put_overflow_layers_in_bfloat16(planted):
     model, _, val, _ = planted
-    result = autoprec.tune(model, val, budget="0.5%", target="mixed_float16",
-                           candidates=("float32", "mixed_bfloat16", "mixed_float16"), n_trials=40, verbose=0)
+    result = autoprec.tune(
+        model,
+        val,
+        budget="0.5%",
+        target="mixed_float16",
+        candidates=("float32", "mixed_bfloat16", "mixed_float16"),
+        n_trials=40,
+        verbose=0,
+    )
     policy = result.policy
     assert policy["d3"] == policy["d4"] == "mixed_bfloat16"  # bf16 has float32's range: no overflow
     assert policy["d1"] == "mixed_float16"
@@ -99,9 +105,13 @@ def test_resume_after_exception(planted, tmp_path, monkeypatch):
 
     monkeypatch.setattr(search.Search, "_measure", flaky)
     with pytest.raises(Interrupt):
-        autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=25, storage=storage, study_name="s", verbose=0)
+        autoprec.tune(
+            model, val, budget="0.5%", target="mixed_float16", n_trials=25, storage=storage, study_name="s", verbose=0
+        )
     monkeypatch.setattr(search.Search, "_measure", original)
-    resumed = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=25, storage=storage, study_name="s", verbose=0)
+    resumed = autoprec.tune(
+        model, val, budget="0.5%", target="mixed_float16", n_trials=25, storage=storage, study_name="s", verbose=0
+    )
     complete = resumed.trials[resumed.trials["evaluated"]]
     evaluated = complete[~complete["cached"].astype(bool)]
     assert evaluated["float32_units"].is_unique  # no finished trial was run twice
@@ -119,16 +129,30 @@ def test_resume_after_killed_process_and_two_workers(planted, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
 
     # A worker killed (SIGKILL) after 4 search trials, then resumed: same policy as one uninterrupted run.
-    killed = subprocess.run(worker + [str(tmp_path / "k.log"), "k", "25", "--kill-after", "4"], env=env, capture_output=True, timeout=300)
+    killed = subprocess.run(
+        worker + [str(tmp_path / "k.log"), "k", "25", "--kill-after", "4"], env=env, capture_output=True, timeout=300
+    )
     assert killed.returncode != 0
-    subprocess.run(worker + [str(tmp_path / "k.log"), "k", "25", "--out", str(tmp_path / "resumed.json")], env=env, check=True, timeout=300)
+    subprocess.run(
+        worker + [str(tmp_path / "k.log"), "k", "25", "--out", str(tmp_path / "resumed.json")],
+        env=env,
+        check=True,
+        timeout=300,
+    )
     reference = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=25, seed=0, verbose=0)
     assert autoprec.PrecisionPolicy.load(tmp_path / "resumed.json") == reference.policy
 
     # Two workers on one journal file contribute trials to one study.
     journal = str(tmp_path / "shared.log")
-    procs = [subprocess.Popen(worker + [journal, "shared", "30", "--sleep", "0.15"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            worker + [journal, "shared", "30", "--sleep", "0.15"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
     import optuna
@@ -144,8 +168,17 @@ def test_resume_after_killed_process_and_two_workers(planted, tmp_path):
 
 def test_verify_train_records_loss_scale(digits_cnn):
     model, train, val = digits_cnn
-    result = autoprec.tune(model, val, budget="1%", target="mixed_float16", n_trials=10, verify="train",
-                           train_data=train, steps=30, verbose=0)
+    result = autoprec.tune(
+        model,
+        val,
+        budget="1%",
+        target="mixed_float16",
+        n_trials=10,
+        verify="train",
+        train_data=train,
+        steps=30,
+        verbose=0,
+    )
     check = result.training
     assert check is not None and check.steps == 30 and len(check.tuned_losses) == 30
     if result.policy.uses_float16:
@@ -157,8 +190,9 @@ def test_verify_train_records_loss_scale(digits_cnn):
 @pytest.mark.slow
 def test_block_granularity_and_measured_cost(digits_cnn):
     model, _, val = digits_cnn
-    result = autoprec.tune(model, val, budget="1%", target="mixed_bfloat16", granularity="block", cost="measured",
-                           n_trials=8, verbose=0)
+    result = autoprec.tune(
+        model, val, budget="1%", target="mixed_bfloat16", granularity="block", cost="measured", n_trials=8, verbose=0
+    )
     assert result.stats["decision_keys"] < len(result.units)
     assert result.measured_speedup is not None and result.measured_speedup > 0
     assert result.trials["measured_speedup"].notna().any()
@@ -183,8 +217,15 @@ def test_untrained_model_needs_training_data():
 
 def test_loss_metric_direction():
     model = trained(MODEL_BUILDERS["sequential"]())
-    result = autoprec.tune(model, small_data(), budget="5% relative", metric="sparse_categorical_crossentropy",
-                           target="mixed_bfloat16", n_trials=5, verbose=0)
+    result = autoprec.tune(
+        model,
+        small_data(),
+        budget="5% relative",
+        metric="sparse_categorical_crossentropy",
+        target="mixed_bfloat16",
+        n_trials=5,
+        verbose=0,
+    )
     assert not result.higher_is_better
     assert result.drop == pytest.approx(result.metric - result.baseline_metric)
     assert result.drop <= result.allowed_drop + 1e-9
@@ -192,7 +233,9 @@ def test_loss_metric_direction():
 
 def test_subclassed_model_is_tuned_in_place():
     model = trained(MODEL_BUILDERS["subclassed"]())
-    result = autoprec.tune(model, small_data(), budget="2%", target="mixed_bfloat16", n_trials=5, inplace=True, verbose=0)
+    result = autoprec.tune(
+        model, small_data(), budget="2%", target="mixed_bfloat16", n_trials=5, inplace=True, verbose=0
+    )
     assert result.stats["engine"] == "real"
     assert result.model is model
 
@@ -202,7 +245,15 @@ def test_save_writes_everything_and_round_trips(planted, tmp_path):
     result = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=12, verbose=0)
     written = result.save(tmp_path / "run")
     names = {os.path.basename(p) for p in written}
-    assert {"policy.json", "sensitivity.csv", "trials.csv", "result.json", "model.keras", "report.md", "report.html"} <= names
+    assert {
+        "policy.json",
+        "sensitivity.csv",
+        "trials.csv",
+        "result.json",
+        "model.keras",
+        "report.md",
+        "report.html",
+    } <= names
     policy = autoprec.PrecisionPolicy.load(tmp_path / "run" / "policy.json")
     assert policy == result.policy
     again = autoprec.apply_policy(model, policy)
@@ -211,20 +262,23 @@ def test_save_writes_everything_and_round_trips(planted, tmp_path):
         assert layer.compute_dtype == keyed_layers(again)[key].compute_dtype
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"budget": "-1%"}, BudgetError, ">= 0"),
-    ({"budget": "150%"}, BudgetError, "100%"),
-    ({"budget": float("nan")}, BudgetError, "finite"),
-    ({"budget": "lots"}, BudgetError, "does not parse"),
-    ({"n_trials": 0}, ArgumentError, "n_trials"),
-    ({"granularity": "layerwise"}, ArgumentError, "granularity"),
-    ({"candidates": ("mixed_float16",)}, ArgumentError, "candidates"),
-    ({"verify": "train"}, DataError, "train_data"),
-    ({"timeout": -1}, ArgumentError, "timeout"),
-    ({"cost": "guess"}, ArgumentError, "cost"),
-    ({"device": "npu"}, ArgumentError, "device"),
-    ({"keep_float32": ["nope"]}, PolicyError, "matches none"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"budget": "-1%"}, BudgetError, ">= 0"),
+        ({"budget": "150%"}, BudgetError, "100%"),
+        ({"budget": float("nan")}, BudgetError, "finite"),
+        ({"budget": "lots"}, BudgetError, "does not parse"),
+        ({"n_trials": 0}, ArgumentError, "n_trials"),
+        ({"granularity": "layerwise"}, ArgumentError, "granularity"),
+        ({"candidates": ("mixed_float16",)}, ArgumentError, "candidates"),
+        ({"verify": "train"}, DataError, "train_data"),
+        ({"timeout": -1}, ArgumentError, "timeout"),
+        ({"cost": "guess"}, ArgumentError, "cost"),
+        ({"device": "npu"}, ArgumentError, "device"),
+        ({"keep_float32": ["nope"]}, PolicyError, "matches none"),
+    ],
+)
 def test_bad_arguments(kwargs, error, message):
     model = MODEL_BUILDERS["functional"]()
     args = {"budget": "1%", "n_trials": 5, "verbose": 0, **kwargs}
@@ -267,8 +321,18 @@ def test_applications(name, size, granularity, tmp_path):
     elsewhere), so the metric here is the Brier score, lower is better.
     """
     model, data = _application(name, size)
-    result = autoprec.tune(model, data, budget="2% relative", metric=_brier, higher_is_better=False,
-                           target="mixed_bfloat16", n_trials=6, granularity=granularity, batch_size=16, verbose=0)
+    result = autoprec.tune(
+        model,
+        data,
+        budget="2% relative",
+        metric=_brier,
+        higher_is_better=False,
+        target="mixed_bfloat16",
+        n_trials=6,
+        granularity=granularity,
+        batch_size=16,
+        verbose=0,
+    )
     assert result.stats["traces"] <= 2
     result.policy.save(tmp_path / "p.json")
     policy = autoprec.PrecisionPolicy.load(tmp_path / "p.json")
@@ -286,7 +350,9 @@ def test_untrained_model_judged_by_its_loss_is_refused_too():
     out = model.get_layer("out")
     out.kernel.assign(np.zeros(out.kernel.shape, "float32"))  # a constant predictor: uniform probabilities
     with pytest.raises(UntrainedModelError, match="chance level"):
-        autoprec.tune(model, (x, y), budget="5% relative", metric="sparse_categorical_crossentropy", n_trials=3, verbose=0)
+        autoprec.tune(
+            model, (x, y), budget="5% relative", metric="sparse_categorical_crossentropy", n_trials=3, verbose=0
+        )
 
 
 def test_auto_target_says_why(capsys):
@@ -308,8 +374,9 @@ def test_uncompiled_list_output_model_and_tf_data():
     assert result.sensitivity["score"].notna().any()  # the gradient pass handled the list output
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
     again = autoprec.tune(source, dataset, budget="2%", target="mixed_bfloat16", n_trials=4, verbose=0)
-    assert again.baseline_metric == pytest.approx(autoprec.tune(source, (x, y), budget="2%", target="mixed_bfloat16",
-                                                                 n_trials=4, verbose=0).baseline_metric)
+    assert again.baseline_metric == pytest.approx(
+        autoprec.tune(source, (x, y), budget="2%", target="mixed_bfloat16", n_trials=4, verbose=0).baseline_metric
+    )
 
 
 def test_model_built_under_a_mixed_global_policy():
@@ -327,7 +394,9 @@ def test_model_built_under_a_mixed_global_policy():
 
 def test_force_16bit_units_stay_16bit_with_their_reason(planted):
     model, _, val, _ = planted
-    result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", force_16bit=["d6"], n_trials=10, verbose=0)
+    result = autoprec.tune(
+        model, val, budget="0.5%", target="mixed_bfloat16", force_16bit=["d6"], n_trials=10, verbose=0
+    )
     decisions = result.sensitivity.set_index("path")
     assert result.policy["d6"] == "mixed_bfloat16"
     assert decisions.loc["d6", "reason"] == reasons.FORCED_16BIT

@@ -159,7 +159,6 @@ def mild():
 
 def test_a_producer_kept_float32_by_its_joined_followers_is_split_from_them(mild):
     """Issue 24: a joined weightless follower with a mild hazard kept its producer float32 (reported NO_GAIN)."""
-    from autoprec.budget import Budget
     from autoprec.cost import CostModel
     from autoprec.decisions import Reason
     from autoprec.progress import Progress
@@ -173,8 +172,9 @@ def test_a_producer_kept_float32_by_its_joined_followers_is_split_from_them(mild
     session = open_session(model, val, target=target)
     frame = profile(model, None, target=target, method="fast", verbose=0, session=session)
     # A tolerance that no drop exceeds: the offset blocks join their producers, as a mild hazard's layers may.
-    space = build_space(session.graph, frame, granularity="layer", target=target, choices=("float32", target),
-                        tolerance=1.0)
+    space = build_space(
+        session.graph, frame, granularity="layer", target=target, choices=("float32", target), tolerance=1.0
+    )
     block = ["b1_up", "b1_relu", "b1_down"]
     assert not set(block) & set(space.own) and "d1" in space.keys
     start = {k: target for k in space.keys}
@@ -215,5 +215,9 @@ def test_mild_weightless_hazards_never_cost_a_weighted_layer_its_speed_up(target
         kept = dense[dense["decision"] == "float32"]
         for path, row in kept.iterrows():
             assert row["reason"] != Reason.NO_GAIN or row["speedup_16bit"] <= row["speedup_float32"], (seed, path)
-            assert row["reason"] in (Reason.NOT_WITHIN_BUDGET, Reason.METRIC_DROP, Reason.NO_GAIN), (seed, path, row["reason"])
+            assert row["reason"] in (Reason.NOT_WITHIN_BUDGET, Reason.METRIC_DROP, Reason.NO_GAIN), (
+                seed,
+                path,
+                row["reason"],
+            )
         assert len(kept) <= 1, (seed, list(kept.index))

@@ -70,8 +70,18 @@ if args.barrier:
 model = keras.models.load_model(args.model)
 with np.load(args.data) as archive:
     data = (archive["x"], archive["y"])
-result = autoprec.tune(model, data, budget=args.budget, target="mixed_float16", n_trials=args.n_trials, seed=0,
-                       storage=args.storage, study_name=args.study, search_only=args.search_only, verbose=0)
+result = autoprec.tune(
+    model,
+    data,
+    budget=args.budget,
+    target="mixed_float16",
+    n_trials=args.n_trials,
+    seed=0,
+    storage=args.storage,
+    study_name=args.study,
+    search_only=args.search_only,
+    verbose=0,
+)
 if args.out:
     result.policy.save(args.out)
 print("done", len(result.trials) if hasattr(result, "policy") else result.trials)

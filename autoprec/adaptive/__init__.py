@@ -67,11 +67,31 @@ signals alone: a non-finite loss or ``skip_limit`` skipped steps return every
 ('mixed_float16', 0)
 """
 
-
 from autoprec.adaptive.callback import AdaptivePrecision
-from autoprec.adaptive.rules import (CHECK_COLUMNS, CHECKS_FILE, EVENT_COLUMNS, HISTORY_FILE, POLICY_FILE, AdaptiveOptions,
-                                     Change, Event, Judge)
+from autoprec.adaptive.rules import (
+    CHECK_COLUMNS,
+    CHECKS_FILE,
+    EVENT_COLUMNS,
+    HISTORY_FILE,
+    POLICY_FILE,
+    AdaptiveOptions,
+    Change,
+    Event,
+    Judge,
+)
 from autoprec.adaptive.sampler import Sampler, float32_policies
 
-__all__ = ["AdaptivePrecision", "AdaptiveOptions", "Change", "Event", "Judge", "Sampler", "float32_policies",
-           "HISTORY_FILE", "CHECKS_FILE", "POLICY_FILE", "EVENT_COLUMNS", "CHECK_COLUMNS"]
+__all__ = [
+    "AdaptivePrecision",
+    "AdaptiveOptions",
+    "Change",
+    "Event",
+    "Judge",
+    "Sampler",
+    "float32_policies",
+    "HISTORY_FILE",
+    "CHECKS_FILE",
+    "POLICY_FILE",
+    "EVENT_COLUMNS",
+    "CHECK_COLUMNS",
+]

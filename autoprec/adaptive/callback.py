@@ -23,7 +23,16 @@ from autoprec.policy import PrecisionPolicy
 
 logger = logging.getLogger("autoprec")
 
-from autoprec.adaptive.rules import (CHECK_COLUMNS, CHECKS_FILE, EVENT_COLUMNS, HISTORY_FILE, POLICY_FILE, AdaptiveOptions, Event, Judge)
+from autoprec.adaptive.rules import (
+    CHECK_COLUMNS,
+    CHECKS_FILE,
+    EVENT_COLUMNS,
+    HISTORY_FILE,
+    POLICY_FILE,
+    AdaptiveOptions,
+    Event,
+    Judge,
+)
 from autoprec.adaptive.sampler import Sampler
 
 
@@ -43,8 +52,10 @@ def _pick_target(target: Any, policy: PrecisionPolicy | None, start: Mapping[str
         target = (policy.target if policy is not None else None) or (used[0] if used else MIXED_FLOAT16)
     target = resolve_target(target)[0]
     if any(name != target for name in used):
-        raise ArgumentError(f"Expected the starting policy's 16-bit layers to use target={target!r}. Received layers in "
-                            f"{used}. Pass target= to match them, or start from a policy with one 16-bit format.")
+        raise ArgumentError(
+            f"Expected the starting policy's 16-bit layers to use target={target!r}. Received layers in "
+            f"{used}. Pass target= to match them, or start from a policy with one 16-bit format."
+        )
     return target
 
 
@@ -71,14 +82,25 @@ def _require_loss_scale(model: Any, start: Mapping[str, str], target: str, demot
 class _Run:
     """The state of training under the callback: graph, rules, sampler, data, loss scale and records."""
 
-    def __init__(self, model: Any, policy: PrecisionPolicy | None, *, data: Any, target: Any, demote: bool,
-                 options: AdaptiveOptions, keep_float32: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        policy: PrecisionPolicy | None,
+        *,
+        data: Any,
+        target: Any,
+        demote: bool,
+        options: AdaptiveOptions,
+        keep_float32: tuple[str, ...],
+    ) -> None:
         from autoprec.data import EvalData
 
         self.model, self.options = model, options
         # Without data= the callback acts on the training signals alone: the loss scale, skipped steps and a
         # non-finite loss (Keras shows a callback neither the batches fit trains on nor their activations).
-        self.data = EvalData.get(data, batch_size=options.batch_size, model=model, what="data") if data is not None else None
+        self.data = (
+            EvalData.get(data, batch_size=options.batch_size, model=model, what="data") if data is not None else None
+        )
         self._batches = self._cycle() if self.data is not None else None
         x, y = next(self._batches) if self._batches is not None else (None, None)
         self.graph = build_graph(model, keep_float32=keep_float32, sample=x)
@@ -92,7 +114,8 @@ class _Run:
                 f"Expected a Functional or Sequential model on TensorFlow for demote=True. Received a "
                 f"{self.graph.kind} model on {backends.name()}: demotion needs per-layer statistics, which need a graph "
                 "to walk and TensorFlow's traced pass. Pass demote=False (promotion on a non-finite loss or skipped "
-                "steps still works).")
+                "steps still works)."
+            )
         _require_loss_scale(model, start, self.fmt.name, demote)
         producers = {i.path: i.producers for i in self.graph.eligible}
         self.judge = Judge(producers, start, self.fmt, options, demote=demote)
@@ -146,8 +169,9 @@ class _Run:
     # Policies ---------------------------------------------------------------
     @property
     def policy(self) -> PrecisionPolicy:
-        return PrecisionPolicy(self.graph.resolve(self.judge.assignment), target=self.fmt.name,
-                               layers=self.graph.layer_facts())
+        return PrecisionPolicy(
+            self.graph.resolve(self.judge.assignment), target=self.fmt.name, layers=self.graph.layer_facts()
+        )
 
     def apply(self) -> bool:
         """Set the current assignment on the model's layers; rebuild its functions when anything changed."""
@@ -180,27 +204,48 @@ class _Run:
             rows, sample_loss = self.sampler(*next(self._batches), judged)
         ratio = min(1.0, scale / judged) if scale else 1.0
         had_float16 = any(n == MIXED_FLOAT16 for n in self.judge.assignment.values())
-        events = self.judge.decide(rows, step=self.step, epoch=self.epoch, skipped=skipped, nonfinite_loss=nonfinite,
-                                   scale_ratio=ratio)
+        events = self.judge.decide(
+            rows, step=self.step, epoch=self.epoch, skipped=skipped, nonfinite_loss=nonfinite, scale_ratio=ratio
+        )
         if events:
             self._after_change(events, scale, skipped=skipped > 0, nonfinite=nonfinite, had_float16=had_float16)
         elif nonfinite:
-            logger.warning("autoprec: the loss turned non-finite at step %d and no 16-bit layer is left to blame: the "
-                           "model diverges in float32 too (lower the learning rate, or check the data).", self.step)
+            logger.warning(
+                "autoprec: the loss turned non-finite at step %d and no 16-bit layer is left to blame: the "
+                "model diverges in float32 too (lower the learning rate, or check the data).",
+                self.step,
+            )
         self.last_check, self.mark, self.iterations = self.step, self.step, iterations  # a change steps no optimizer
         self.record(trigger, loss, skipped=skipped, sample_loss=sample_loss, seconds=time.perf_counter() - started)
         return events
 
-    def record(self, trigger: str, loss: float | None, *, skipped: int | None = None, sample_loss: float = math.nan,
-               seconds: float = 0.0) -> None:
+    def record(
+        self,
+        trigger: str,
+        loss: float | None,
+        *,
+        skipped: int | None = None,
+        sample_loss: float = math.nan,
+        seconds: float = 0.0,
+    ) -> None:
         """One row of :attr:`AdaptivePrecision.checks`: a check, or the loss and scale at an epoch's end."""
-        self.checks.append({"step": self.step, "epoch": self.epoch, "trigger": trigger,
-                            "loss": math.nan if loss is None else loss, "sample_loss": sample_loss,
-                            "loss_scale": self.scale(), "skipped_steps": skipped, "layers_16bit": self.layers_16bit(),
-                            "seconds": seconds})
+        self.checks.append(
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "trigger": trigger,
+                "loss": math.nan if loss is None else loss,
+                "sample_loss": sample_loss,
+                "loss_scale": self.scale(),
+                "skipped_steps": skipped,
+                "layers_16bit": self.layers_16bit(),
+                "seconds": seconds,
+            }
+        )
 
-    def _after_change(self, events: list[Event], scale: float | None, *, skipped: bool, nonfinite: bool,
-                      had_float16: bool) -> None:
+    def _after_change(
+        self, events: list[Event], scale: float | None, *, skipped: bool, nonfinite: bool, had_float16: bool
+    ) -> None:
         self.apply()
         self.events.extend(events)
         if scale is not None:
@@ -259,31 +304,46 @@ class AdaptivePrecision(keras.callbacks.Callback):
         >>> callback.save("runs/adaptive")                                           # doctest: +SKIP
     """
 
-    def __init__(self, policy: Any = None, *, data: Any = None, target: str | None = None, demote: bool = False,
-                 keep_float32: Any = (), verbose: int = 1, **options: Any) -> None:
+    def __init__(
+        self,
+        policy: Any = None,
+        *,
+        data: Any = None,
+        target: str | None = None,
+        demote: bool = False,
+        keep_float32: Any = (),
+        verbose: int = 1,
+        **options: Any,
+    ) -> None:
         super().__init__()
         unknown = sorted(set(options) - {f.name for f in dataclasses.fields(AdaptiveOptions)})
         if unknown:
-            raise ArgumentError(f"Expected options among {[f.name for f in dataclasses.fields(AdaptiveOptions)]}. "
-                                f"Received: {unknown}.")
+            raise ArgumentError(
+                f"Expected options among {[f.name for f in dataclasses.fields(AdaptiveOptions)]}. Received: {unknown}."
+            )
         self.options = AdaptiveOptions(**options)
         self._policy = _policy_argument(policy)
         if target is not None and target not in (*LOW_PRECISION, "auto"):
-            raise ArgumentError(f"Expected target to be one of {[*LOW_PRECISION, 'auto']} or None. "
-                                f"Received: target={describe(target)}.")
+            raise ArgumentError(
+                f"Expected target to be one of {[*LOW_PRECISION, 'auto']} or None. Received: target={describe(target)}."
+            )
         if not isinstance(demote, bool):
             raise ArgumentError(f"Expected demote to be True or False. Received: demote={describe(demote)}.")
         if demote and data is None:
-            raise ArgumentError("Expected data=(x, y) of training samples with demote=True: moving a layer back to 16-bit "
-                                "needs its range statistics, sampled from data. Received: data=None. Pass data=, or "
-                                "demote=False (promotion on a non-finite loss or skipped steps needs no data).")
+            raise ArgumentError(
+                "Expected data=(x, y) of training samples with demote=True: moving a layer back to 16-bit "
+                "needs its range statistics, sampled from data. Received: data=None. Pass data=, or "
+                "demote=False (promotion on a non-finite loss or skipped steps needs no data)."
+            )
         if verbose not in (0, 1) or isinstance(verbose, float):
             raise ArgumentError(f"Expected verbose to be 0 or 1. Received: verbose={describe(verbose)}.")
         if isinstance(keep_float32, str):
             keep_float32 = (keep_float32,)
         if not isinstance(keep_float32, (list, tuple)) or not all(isinstance(k, str) for k in keep_float32):
-            raise ArgumentError(f"Expected keep_float32 to be a list of layer paths or regexes. "
-                                f"Received: keep_float32={describe(keep_float32)}.")
+            raise ArgumentError(
+                f"Expected keep_float32 to be a list of layer paths or regexes. "
+                f"Received: keep_float32={describe(keep_float32)}."
+            )
         self._keep = tuple(keep_float32)
         self._data, self._target, self._demote, self._verbose = data, target, demote, verbose
         self._run: _Run | None = None
@@ -339,8 +399,15 @@ class AdaptivePrecision(keras.callbacks.Callback):
     # Keras hooks ------------------------------------------------------------
     def on_train_begin(self, logs: dict | None = None) -> None:
         if self._run is None or self._run.model is not self.model:
-            self._run = _Run(self.model, self._policy, data=self._data, target=self._target, demote=self._demote,
-                             options=self.options, keep_float32=self._keep)
+            self._run = _Run(
+                self.model,
+                self._policy,
+                data=self._data,
+                target=self._target,
+                demote=self._demote,
+                options=self.options,
+                keep_float32=self._keep,
+            )
         # Steps count on across fit calls, so checks keep their cadence; the optimizer may have
         # stepped in between (a fit without this callback), so its count is read again.
         self._run.mark, self._run.iterations = self._run.step, self._run._iterations()

@@ -9,7 +9,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-
 from autoprec.decisions import FLUSH_SHARE
 from autoprec.errors import ArgumentError, check_int, describe
 from autoprec.formats import FLOAT32, LOW_PRECISION, Format
@@ -23,10 +22,31 @@ HISTORY_FILE = "adaptive_history.csv"
 CHECKS_FILE = "adaptive_checks.csv"
 POLICY_FILE = "adaptive_policy.json"
 
-EVENT_COLUMNS = ("step", "epoch", "layer", "direction", "before", "after", "reason", "node", "statistic", "value",
-                 "threshold", "why")
-CHECK_COLUMNS = ("step", "epoch", "trigger", "loss", "sample_loss", "loss_scale", "skipped_steps", "layers_16bit",
-                 "seconds")
+EVENT_COLUMNS = (
+    "step",
+    "epoch",
+    "layer",
+    "direction",
+    "before",
+    "after",
+    "reason",
+    "node",
+    "statistic",
+    "value",
+    "threshold",
+    "why",
+)
+CHECK_COLUMNS = (
+    "step",
+    "epoch",
+    "trigger",
+    "loss",
+    "sample_loss",
+    "loss_scale",
+    "skipped_steps",
+    "layers_16bit",
+    "seconds",
+)
 PROMOTE, DEMOTE = "promote", "demote"
 _CHUNK = 16  # tensors whose statistics share one flat vector (as in profile)
 
@@ -71,7 +91,13 @@ class AdaptiveOptions:
     skip_limit: int = 3
 
     def __post_init__(self) -> None:
-        for name, minimum in (("check_every", 1), ("batch_size", 1), ("patience", 1), ("cooldown", 0), ("skip_limit", 1)):
+        for name, minimum in (
+            ("check_every", 1),
+            ("batch_size", 1),
+            ("patience", 1),
+            ("cooldown", 0),
+            ("skip_limit", 1),
+        ):
             check_int(name, getattr(self, name), minimum)
         _check_share("promote_at", self.promote_at, 0.0, 1.0, closed="high")
         _check_share("demote_at", self.demote_at, 0.0, self.promote_at, what=" (below promote_at)")
@@ -152,8 +178,15 @@ class Judge:
         {'d': 'float32'}
     """
 
-    def __init__(self, producers: Mapping[str, tuple[str, ...]], assignment: Mapping[str, str], fmt: Format,
-                 options: AdaptiveOptions, *, demote: bool = False) -> None:
+    def __init__(
+        self,
+        producers: Mapping[str, tuple[str, ...]],
+        assignment: Mapping[str, str],
+        fmt: Format,
+        options: AdaptiveOptions,
+        *,
+        demote: bool = False,
+    ) -> None:
         self.producers, self.assignment, self.fmt, self.options = dict(producers), dict(assignment), fmt, options
         self.demote = demote
         self.checks = 0
@@ -161,8 +194,16 @@ class Judge:
         self._cool: dict[str, int] = {}  # path -> last check of its cool-down
         self._probation: dict[str, int] = {}  # path -> last check of its probation
 
-    def decide(self, rows: Mapping[str, Mapping[str, float]], *, step: int, epoch: int = 0, skipped: int = 0,
-               nonfinite_loss: bool = False, scale_ratio: float = 1.0) -> list[Event]:
+    def decide(
+        self,
+        rows: Mapping[str, Mapping[str, float]],
+        *,
+        step: int,
+        epoch: int = 0,
+        skipped: int = 0,
+        nonfinite_loss: bool = False,
+        scale_ratio: float = 1.0,
+    ) -> list[Event]:
         """The changes this check calls for (already applied to :attr:`assignment`).
 
         Args:
@@ -178,8 +219,10 @@ class Judge:
         changes = [(p, *h) for p, h in zip(self._low(), found) if h is not None]
         if trouble and not changes:
             changes = self._blame(rows, skipped, nonfinite_loss, scale_ratio)
-        events = [self._event(p, FLOAT32, reason, node, stat, value, limit, step, epoch)
-                  for p, reason, node, stat, value, limit in changes]
+        events = [
+            self._event(p, FLOAT32, reason, node, stat, value, limit, step, epoch)
+            for p, reason, node, stat, value, limit in changes
+        ]
         for event in events:
             self._cool[event.layer] = self.checks + self.options.cooldown
             self._probation.pop(event.layer, None)
@@ -206,7 +249,13 @@ class Judge:
             if _num(r, "grad_flush") > share:
                 return Change.GRAD_UNDERFLOW, node, "grad_flush", _num(r, "grad_flush"), share
             if trouble and _num(r, "grad_absmax") * scale_ratio >= self.fmt.max_finite:
-                return Change.GRAD_OVERFLOW, node, "grad_absmax", _num(r, "grad_absmax") * scale_ratio, self.fmt.max_finite
+                return (
+                    Change.GRAD_OVERFLOW,
+                    node,
+                    "grad_absmax",
+                    _num(r, "grad_absmax") * scale_ratio,
+                    self.fmt.max_finite,
+                )
         return None
 
     def _blame(self, rows: Mapping, skipped: int, nonfinite_loss: bool, scale_ratio: float) -> list[tuple]:
@@ -222,8 +271,10 @@ class Judge:
             return [(p, reason, p, statistic, value, math.nan) for p in low]
 
         def closeness(path: str) -> float:
-            return max([max(_num(r, "act_absmax"), _num(r, "grad_absmax") * scale_ratio) for _, r in self._nodes(path, rows)]
-                       or [-1.0])
+            return max(
+                [max(_num(r, "act_absmax"), _num(r, "grad_absmax") * scale_ratio) for _, r in self._nodes(path, rows)]
+                or [-1.0]
+            )
 
         return [(max(low, key=closeness), reason, "", statistic, value, math.nan)] if low else []
 
@@ -238,25 +289,61 @@ class Judge:
             self._safe[path] = self._safe.get(path, 0) + 1 if safe else 0
             if self._safe[path] >= self.options.patience:
                 node, r = max(nodes, key=lambda nr: _num(nr[1], "act_absmax"))
-                events.append(self._event(path, self.fmt.name, Change.SAFE_RANGE, node, "act_absmax",
-                                          _num(r, "act_absmax"), limit, step, epoch))
+                events.append(
+                    self._event(
+                        path,
+                        self.fmt.name,
+                        Change.SAFE_RANGE,
+                        node,
+                        "act_absmax",
+                        _num(r, "act_absmax"),
+                        limit,
+                        step,
+                        epoch,
+                    )
+                )
                 self._safe[path] = 0
                 self._probation[path] = self.checks + self.options.patience
         return events
 
     def _safe_row(self, r: Mapping[str, float], limit: float) -> bool:
         share = self.options.flush_share
-        return (_num(r, "act_absmax") <= limit and _num(r, "act_flush") <= share and _num(r, "grad_flush") <= share
-                and _num(r, "grad_absmax") < self.fmt.max_finite
-                and _num(r, "act_nonfinite") == 0 and _num(r, "grad_nonfinite") == 0)
+        return (
+            _num(r, "act_absmax") <= limit
+            and _num(r, "act_flush") <= share
+            and _num(r, "grad_flush") <= share
+            and _num(r, "grad_absmax") < self.fmt.max_finite
+            and _num(r, "act_nonfinite") == 0
+            and _num(r, "grad_nonfinite") == 0
+        )
 
-    def _event(self, path: str, after: str, reason: str, node: str, statistic: str, value: float, threshold: float,
-               step: int, epoch: int) -> Event:
+    def _event(
+        self,
+        path: str,
+        after: str,
+        reason: str,
+        node: str,
+        statistic: str,
+        value: float,
+        threshold: float,
+        step: int,
+        epoch: int,
+    ) -> Event:
         before = self.assignment[path]
         self.assignment[path] = after
-        return Event(step=step, epoch=epoch, layer=path, direction=PROMOTE if after == FLOAT32 else DEMOTE, before=before,
-                     after=after, reason=str(reason), node=node, statistic=statistic, value=float(value),
-                     threshold=float(threshold))
+        return Event(
+            step=step,
+            epoch=epoch,
+            layer=path,
+            direction=PROMOTE if after == FLOAT32 else DEMOTE,
+            before=before,
+            after=after,
+            reason=str(reason),
+            node=node,
+            statistic=statistic,
+            value=float(value),
+            threshold=float(threshold),
+        )
 
 
 def _num(row: Mapping[str, float], key: str) -> float:
@@ -266,4 +353,3 @@ def _num(row: Mapping[str, float], key: str) -> float:
 
 # ---------------------------------------------------------------------------
 # The sampled statistics pass
-

@@ -85,8 +85,8 @@ class Sampler:
             _, loss, grads, _ = backends.gradient_pass(forward, self._loss, x, y, [])
         chunks = []
         for i in range(0, len(taken), _CHUNK):
-            (act,), _, _ = stats.table([a for _, a in taken[i:i + _CHUNK]], self._fmt)
-            (grad,), _, _ = stats.table([g * ops.cast(scale, g.dtype) for g in grads[i:i + _CHUNK]], self._fmt)
+            (act,), _, _ = stats.table([a for _, a in taken[i : i + _CHUNK]], self._fmt)
+            (grad,), _, _ = stats.table([g * ops.cast(scale, g.dtype) for g in grads[i : i + _CHUNK]], self._fmt)
             chunks.append(ops.concatenate([act, grad], axis=1))
         self.names = [p for p, _ in taken]
         return ops.concatenate(chunks, axis=0), loss
@@ -104,5 +104,3 @@ class Sampler:
 
 # ---------------------------------------------------------------------------
 # One training run under the callback
-
-

@@ -40,7 +40,9 @@ def gradient_pass(forward: Callable, loss_fn: Callable, x: Any, y: Any, variable
 
     taps = [jnp.zeros(shape, dtype) for shape, dtype in shapes]
     values = [v.value for v in variables]
-    (loss, predictions), (tap_grads, var_grads) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(taps, values)
+    (loss, predictions), (tap_grads, var_grads) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
+        taps, values
+    )
     # The caller may keep tensors its forward saw; leave it with concrete ones, not tracers.
     forward(x, lambda tensor: tensor)
     return predictions, loss, list(tap_grads), list(var_grads)
