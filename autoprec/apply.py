@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from typing import Any
 
 from autoprec.decisions import Reason
@@ -174,6 +175,10 @@ def clone_with_policies(model: Any, names: dict[str, str]) -> Any:
 def _clone_with_policies(model: Any, names: dict[str, str]) -> Any:
     import keras
 
+    if _backbones(model):
+        # KerasHub's own way: rebuilt from the constructor config with a DTypePolicyMap, which it serialises.
+        return copy_with_policies(model, names)
+
     keys = {id(layer): key for key, layer in keyed_layers(model).items()}
 
     def clone_layer(layer):
@@ -186,11 +191,9 @@ def _clone_with_policies(model: Any, names: dict[str, str]) -> Any:
 
     try:
         clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    except Exception as exc:  # Keras raises many kinds here; name the step that failed.
-        raise UnsupportedModelError(
-            f"Keras could not clone model {model.name!r} with per-layer policies ({type(exc).__name__}: {exc}). "
-            "Pass inplace=True to set the policies on the model itself."
-        ) from exc
+    except Exception as exc:  # Keras raises many kinds here: a layer whose get_config cannot rebuild it
+        logger.info("autoprec: Keras could not clone %r layer by layer (%s); copying it whole.", model.name, exc)
+        return copy_with_policies(model, names, why=f"{type(exc).__name__}: {exc}")
     for layer, twin in _twins(model, clone):
         key = keys.get(id(layer), layer.name)
         base = split(names[key])[1] if key in names else None
@@ -202,6 +205,141 @@ def _clone_with_policies(model: Any, names: dict[str, str]) -> Any:
         if key in names and is_quantized(names[key]):
             quantize_in_place(twin, names[key])
     return clone
+
+
+def copy_with_policies(model: Any, names: dict[str, str], *, why: str = "") -> Any:
+    """A copy of ``model`` computing as ``names`` says, for a model Keras cannot clone layer by layer.
+
+    A model holding KerasHub backbones is rebuilt from its own constructor
+    config with a ``DTypePolicyMap`` as each backbone's ``dtype``, as KerasHub
+    itself does: every layer resolves its ``path`` in the map, a sublayer that
+    hard-codes ``dtype="float32"`` keeps it, and the map is serialised, so a
+    saved and reloaded copy computes as this one. Any other model is copied
+    through a ``.keras`` round trip (``safe_mode`` on) and its built layers
+    get their policies in place. The weights are copied either way.
+
+    Raises:
+        UnsupportedModelError: the model can be neither rebuilt nor saved and reloaded.
+
+    Example:
+        >>> copy = copy_with_policies(model, {"dense": "mixed_bfloat16"})  # doctest: +SKIP
+    """
+    floats = {key: split(name)[1] for key, name in names.items()}
+    try:
+        with strategy_scope(model):
+            if _backbones(model):
+                copy = _rebuild_with_maps(model, floats)
+            else:
+                copy = _round_trip(model)
+                set_policies_in_place(copy, floats)
+            copy.set_weights(model.get_weights())
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"Expected a model Keras can clone, rebuild or save and reload. Received {model.name!r}: the clone failed"
+            f"{f' ({why})' if why else ''} and so did a copy ({type(exc).__name__}: {exc}). "
+            "Pass inplace=True to set the policies on the model itself."
+        ) from exc
+    for key, layer in keyed_layers(copy).items():
+        if key in names and is_quantized(names[key]):
+            quantize_in_place(layer, names[key])
+    return copy
+
+
+def _backbones(model: Any) -> list[Any]:
+    """The KerasHub backbones in ``model`` (itself included): models that take and serialise a DTypePolicyMap."""
+    return [
+        sub
+        for sub in model._flatten_layers(include_self=True)
+        if any(c.__name__ == "Backbone" and c.__module__.startswith("keras_hub") for c in type(sub).__mro__)
+    ]
+
+
+def _rebuild_with_maps(model: Any, floats: dict[str, str]) -> Any:
+    import keras
+
+    by_key = keyed_layers(model)
+    named = {by_key[key].path: name for key, name in floats.items() if key in by_key and by_key[key].path}
+    # A layer that is never built (a block's Dropout, a rotary embedding) has no path, and Keras gives it the
+    # map's default: the policy most layers take, so that it matches the blocks it sits in.
+    counts = Counter(named.values())
+    default = max(counts, key=lambda name: (counts[name], name != FLOAT32)) if counts else FLOAT32
+    policy_map = keras.dtype_policies.DTypePolicyMap(default_policy=default)
+    for path, name in named.items():
+        policy_map[path] = name
+    config = keras.saving.serialize_keras_object(model)
+    for backbone in _backbones(model):
+        _set_dtype(config, backbone.name, keras.dtype_policies.serialize(policy_map))
+    copy = keras.saving.deserialize_keras_object(config, safe_mode=True)
+    _pathless_follow_parents(copy, default)
+    return copy
+
+
+def _pathless_follow_parents(model: Any, default: str) -> None:
+    """Give each never-built sublayer its parent's policy; warn where a reload would give it the map's default."""
+    import keras
+
+    differ = []
+    for parent in model._flatten_layers(include_self=False):
+        for sub in parent._flatten_layers(include_self=False, recursive=False):
+            # Only a sublayer that was handed the map resolves its default; one that hard-codes its dtype
+            # (a float32 attention softmax) keeps it.
+            if getattr(sub, "path", None) or not isinstance(sub._dtype_policy, keras.dtype_policies.DTypePolicyMap):
+                continue
+            if parent.compute_dtype == sub.compute_dtype:
+                continue
+            sub._dtype_policy = keras_policy(parent)
+            if _computes(sub):
+                differ.append(f"{parent.path}/{sub.name}")
+    if differ:
+        logger.warning(
+            "autoprec: %d never-built sublayers (%s...) compute in their block's precision, which differs from the "
+            "DTypePolicyMap default %s: after save and load_model Keras gives them the default. Keep the blocks "
+            "around them in one precision (keep_float32=/force_16bit=) for a model that reloads exactly.",
+            len(differ),
+            ", ".join(differ[:3]),
+            default,
+        )
+
+
+def keras_policy(layer: Any) -> Any:
+    """The plain policy ``layer`` computes with (its own entry when its dtype is a DTypePolicyMap)."""
+    import keras
+
+    policy = layer.dtype_policy
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return policy[layer.path] if layer.path else policy.default_policy
+    return policy
+
+
+def _computes(layer: Any) -> bool:
+    from autoprec.graph import MOVEMENT, _role
+
+    return _role(layer) != MOVEMENT
+
+
+def _set_dtype(config: Any, name: str, dtype: Any) -> None:
+    """Set ``dtype`` in the serialised config of the layer or model called ``name``, wherever it is nested."""
+    if isinstance(config, dict):
+        inner = config.get("config")
+        if isinstance(inner, dict) and inner.get("name") == name and "dtype" in inner:
+            inner["dtype"] = dtype
+        for value in config.values():
+            _set_dtype(value, name, dtype)
+    elif isinstance(config, list):
+        for value in config:
+            _set_dtype(value, name, dtype)
+
+
+def _round_trip(model: Any) -> Any:
+    import os
+    import tempfile
+
+    import keras
+
+    with tempfile.TemporaryDirectory(prefix="autoprec-copy-") as tmp:
+        path = os.path.join(tmp, "model.keras")
+        model.save(path)
+        return keras.saving.load_model(path, compile=False)
 
 
 def _twins(model: Any, clone: Any) -> list[tuple[Any, Any]]:

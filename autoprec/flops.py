@@ -3,7 +3,10 @@
 A multiply-add counts 2. Dense, EinsumDense, Conv1D/2D/3D, DepthwiseConv,
 SeparableConv, ConvTranspose, MultiHeadAttention, LSTM/GRU/SimpleRNN and
 Embedding are counted from their kernels; any other layer costs one FLOP per
-output element.
+output element. A layer that computes with sublayers (a KerasHub transformer
+block, a user's custom block) costs what its sublayers cost, counted from the
+shapes of one real call (:func:`composite_flops`), plus its attention's
+score and value einsums, which are ``keras.ops`` calls and not sublayers.
 
 >>> import keras
 >>> d = keras.layers.Dense(4); d.build((None, 3))
@@ -14,7 +17,7 @@ output element.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -72,16 +75,28 @@ def layer_flops(layer: Any, in_shapes: Sequence, out_shapes: Sequence) -> float:
         k = _kernel(layer)
         in_spatial = in_elems / k[-1] if k[-1] else 0.0
         return 2.0 * in_spatial * math.prod(k)
-    if cls in ("MultiHeadAttention", "GroupedQueryAttention"):
+    if cls in ("MultiHeadAttention", "GroupedQueryAttention") or _is_attention(layer):
         return _attention_flops(layer, in_shapes, out_elems)
     if cls in ("LSTM", "GRU", "SimpleRNN"):
         cell = getattr(layer, "cell", layer)
         k, rk = _kernel(cell), _kernel(cell, "recurrent_kernel")
         steps = int(in_shapes[0][1]) if in_shapes and len(in_shapes[0]) > 2 and in_shapes[0][1] else 1
         return 2.0 * steps * (math.prod(k) + math.prod(rk))
-    if cls == "Embedding":
+    if cls in ("Embedding", "ReversibleEmbedding"):
+        table = _kernel(layer, "embeddings") or (0, 0)
+        vocab, width = table[0], table[-1]
+        if cls == "ReversibleEmbedding" and in_shapes and list(in_shapes[0])[-1:] == [width]:
+            # Called in reverse (a language model's head): hidden states times the transposed table.
+            return 2.0 * in_elems * vocab
         return out_elems  # a gather: one read per output element
     return out_elems
+
+
+def _is_attention(layer: Any) -> bool:
+    """A subclass of Keras's attention layers (KerasHub's ``CachedMultiHeadAttention``)."""
+    import keras
+
+    return isinstance(layer, (keras.layers.MultiHeadAttention, keras.layers.GroupQueryAttention))
 
 
 def _einsum_contracted(layer: Any) -> float:
@@ -109,3 +124,65 @@ def _attention_flops(layer: Any, in_shapes: Sequence, out_elems: float) -> float
     value_dim = getattr(layer, "value_dim", None) or key_dim
     flops += 2.0 * tq * tk * heads * (key_dim + value_dim)
     return flops or out_elems
+
+
+def composite_flops(layer: Any, shapes: Mapping[int, tuple[Sequence, Sequence]]) -> float | None:
+    """FLOPs per sample of a layer that computes with sublayers, from their recorded calls; None for a leaf.
+
+    ``shapes`` maps ``id(sublayer)`` to the input and output shapes of one
+    real call (:func:`autoprec.graph.build_graph` records them on the
+    evaluation sample). Each called sublayer is counted by its kind,
+    recursively; a ``Softmax`` sublayer marks attention, whose score and
+    value products (``2 * scores * head_dim`` each) run as ``keras.ops.einsum``
+    inside the parent's ``call``. Without any recorded sublayer call, None.
+
+    >>> import keras
+    >>> composite_flops(keras.layers.Dense(2), {}) is None
+    True
+    """
+    subs = layer._flatten_layers(include_self=False, recursive=False)
+    called = [s for s in subs if id(s) in shapes]
+    if not called:
+        return None
+    total, scores = 0.0, 0.0
+    for sub in called:
+        ins, outs = shapes[id(sub)]
+        inner = composite_flops(sub, shapes)
+        total += inner if inner is not None else layer_flops(sub, ins, outs)
+        if type(sub).__name__ == "Softmax" and ins:
+            scores += sample_elements(ins[0])
+    if _is_attention(layer):
+        # Keras's attention may take the fused dot_product_attention path and never call its Softmax.
+        return total + _attention_core(layer, shapes)
+    return total + 4.0 * scores * head_dim(layer)
+
+
+def _attention_core(layer: Any, shapes: Mapping[int, tuple[Sequence, Sequence]]) -> float:
+    """Scores and weighted sum of a Keras attention layer, from its projections' real output shapes."""
+    outs = {}
+    for name in ("_query_dense", "_key_dense", "_value_dense"):
+        sub = getattr(layer, name, None)
+        recorded = shapes.get(id(sub)) if sub is not None else None
+        if not recorded or not recorded[1] or len(recorded[1][0]) < 4:
+            return 0.0
+        outs[name] = tuple(recorded[1][0])  # (batch, steps, heads, dim)
+    (_, tq, heads, dk), (_, tk, _, _), (_, _, _, dv) = outs.values()
+    return 2.0 * tq * tk * heads * (dk + dv)
+
+
+def head_dim(layer: Any) -> float:
+    """The per-head width of an attention layer: its own attribute, else its query projection's last kernel dim.
+
+    >>> import keras
+    >>> head_dim(keras.layers.MultiHeadAttention(num_heads=2, key_dim=4))
+    4.0
+    """
+    for name in ("key_dim", "head_dim", "_key_dim", "_head_dim"):
+        value = getattr(layer, name, None)
+        if isinstance(value, int) and value > 0:
+            return float(value)
+    for sub in layer._flatten_layers(include_self=False):
+        kernel = getattr(sub, "kernel", None)
+        if type(sub).__name__ in ("EinsumDense", "Dense") and kernel is not None:
+            return float(kernel.shape[-1])
+    return 1.0

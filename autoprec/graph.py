@@ -38,7 +38,7 @@ from typing import Any
 
 from autoprec.decisions import Reason
 from autoprec.errors import PathCollisionError, PolicyError, UnsupportedModelError, describe
-from autoprec.flops import layer_flops, sample_elements, weights_of
+from autoprec.flops import composite_flops, layer_flops, sample_elements, weights_of
 from autoprec.formats import FLOAT32, LOW_PRECISION, split
 
 FUNCTIONAL = "functional"
@@ -465,10 +465,12 @@ def build_graph(
         walker.walk_subclassed(model, sample)
     else:
         fn = graph_function(model)
-        if sample is not None and _has_unknown_dims(fn):
-            # Variable-length inputs (keras.Input((None,))): the symbolic shapes hold None where the cost
-            # lives; one eager call on the sample gives every layer its real shapes.
-            walker.real_shapes, _ = _record_calls(model, list(_functional_leaves(fn)), sample)
+        leaves = list(_functional_leaves(fn))
+        inner = _inner_layers(leaves)
+        if sample is not None and (inner or _has_unknown_dims(fn)):
+            # Variable-length inputs (keras.Input((None,))) hold None where the cost lives, and a block's
+            # sublayers have no symbolic shapes at all: one eager call on the sample gives each its real ones.
+            walker.use_calls(_record_calls(model, leaves + inner, sample)[0])
         walker.walk_functional(fn, parents=(), input_map={})
         walker.outputs = [p for t in fn.outputs for p in walker.producers_of(t)]
     _check_collisions(walker.records)
@@ -507,9 +509,7 @@ def _info(order: int, rec: dict[str, Any], pinned: str | None) -> LayerInfo:
     )
 
 
-def _pins(
-    walker: _Walker, keep_float32: Iterable[str], force_16bit: Iterable[str]
-) -> tuple[dict[str, str], set[str]]:
+def _pins(walker: _Walker, keep_float32: Iterable[str], force_16bit: Iterable[str]) -> tuple[dict[str, str], set[str]]:
     """Pin reason per pinned path, and the paths force_16bit matched."""
     paths = [r["path"] for r in walker.records]
     user = set(match_paths(keep_float32, paths, what="keep_float32"))
@@ -588,7 +588,9 @@ class _Walker:
         self.by_id: dict[int, dict[str, Any]] = {}
         self.tensor_producers: dict[int, tuple[str, ...]] = {}
         self.outputs: list[str] = []
-        self.real_shapes: dict[int, tuple[list, list]] = {}  # id(layer) -> shapes of one real call
+        self.real_shapes: dict[int, tuple[list, list]] = {}  # id(layer) -> shapes of its first real call
+        self.real_calls: dict[int, list[tuple[list, list]]] = {}
+        self.nodes_seen: dict[int, int] = {}
 
     def producers_of(self, tensor: Any) -> tuple[str, ...]:
         return self.tensor_producers.get(id(tensor), ())
@@ -627,29 +629,46 @@ class _Walker:
 
     def walk_subclassed(self, model: Any, sample: Any) -> None:
         leaves = list(_subclassed_leaves(model))
-        shapes, order = _record_calls(model, leaves, sample) if sample is not None else ({}, [])
+        calls, order = _record_calls(model, leaves + _inner_layers(leaves), sample) if sample is not None else ({}, [])
+        self.use_calls(calls)
+        leaf_ids = {id(layer) for layer in leaves}
+        order = [layer for layer in order if id(layer) in leaf_ids]
         seen = {id(layer) for layer in order}
         order += [layer for layer in leaves if id(layer) not in seen]
         previous: tuple[str, ...] = ()
         for layer in order:
-            ins, outs = shapes.get(id(layer), ([], []))
+            ins, outs = self.real_shapes.get(id(layer), ([], []))
             rec = self._record(layer, (), ins, outs, previous)
             previous = (rec["path"],)
         if order:
             # Without a graph, the last layer called is taken to produce the output.
-            self.outputs = [layer_key(order[-1] if shapes else leaves[-1], self.containers)]
+            self.outputs = [layer_key(order[-1] if calls else leaves[-1], self.containers)]
+
+    def use_calls(self, calls: dict[int, list[tuple[list, list]]]) -> None:
+        """Shapes of real calls, per layer in call order: a shared layer's n-th node is its n-th call."""
+        self.real_calls = calls
+        self.real_shapes = {key: seen[0] for key, seen in calls.items()}
 
     def _record(
         self, layer: Any, parents: tuple[str, ...], in_shapes: list, out_shapes: list, producers: tuple
     ) -> dict:
-        real = self.real_shapes.get(id(layer))
+        seen = self.real_calls.get(id(layer), [])
+        nth = self.nodes_seen.get(id(layer), 0)
+        self.nodes_seen[id(layer)] = nth + 1
+        real = seen[min(nth, len(seen) - 1)] if seen else None
         if real is not None and any(_unknown(sh) for sh in (*in_shapes, *out_shapes)):
             in_shapes, out_shapes = (
                 [(None, *tuple(sh)[1:]) for sh in real[0]],
                 [(None, *tuple(sh)[1:]) for sh in real[1]],
             )
         existing = self.by_id.get(id(layer))
-        flops = layer_flops(layer, in_shapes, out_shapes)
+        inner = composite_flops(layer, self.real_shapes) if _is_layer(layer) else None
+        # A block costs its sublayers' work plus one FLOP per output element of its own (residual adds).
+        flops = (
+            layer_flops(layer, in_shapes, out_shapes)
+            if inner is None
+            else inner + sum(map(sample_elements, out_shapes))
+        )
         nbytes = 4.0 * sum(sample_elements(s) for s in out_shapes)
         if existing is not None:  # a shared layer called at several nodes: costs add up
             existing["flops"] += flops
@@ -701,15 +720,15 @@ def _has_unknown_dims(fn: Any) -> bool:
     return any(_unknown(t.shape) for t in keras.tree.flatten(fn.inputs))
 
 
-def _record_calls(model: Any, leaves: list, sample: Any) -> tuple[dict[int, tuple[list, list]], list]:
-    """Run ``model`` once on ``sample`` and record each leaf's call order and shapes.
+def _record_calls(model: Any, leaves: list, sample: Any) -> tuple[dict[int, list[tuple[list, list]]], list]:
+    """Run ``model`` once on ``sample`` and record each leaf's call order and the shapes of each of its calls.
 
     Each leaf's ``call`` is wrapped on the instance for one eager call and
     restored in ``finally``.
     """
     import keras
 
-    shapes: dict[int, tuple[list, list]] = {}
+    shapes: dict[int, list[tuple[list, list]]] = {}
     order: list[Any] = []
     originals = {}
     try:
@@ -720,10 +739,12 @@ def _record_calls(model: Any, leaves: list, sample: Any) -> tuple[dict[int, tupl
                 out = __call(*args, **kwargs)
                 if id(__layer) not in shapes:
                     order.append(__layer)
-                    shapes[id(__layer)] = (
+                shapes.setdefault(id(__layer), []).append(
+                    (
                         [t.shape for t in keras.tree.flatten(args) if hasattr(t, "shape")],
                         [t.shape for t in keras.tree.flatten(out) if hasattr(t, "shape")],
                     )
+                )
                 return out
 
             object.__setattr__(layer, "call", recorder)
@@ -735,6 +756,11 @@ def _record_calls(model: Any, leaves: list, sample: Any) -> tuple[dict[int, tupl
             else:
                 object.__setattr__(layer, "call", originals[id(layer)])
     return shapes, order
+
+
+def _inner_layers(leaves: list) -> list:
+    """Every sublayer of the given leaf layers (a transformer block's projections, norms, softmax)."""
+    return [s for layer in leaves if _is_layer(layer) for s in layer._flatten_layers(include_self=False)]
 
 
 def _quantizable(layer: Any) -> bool:
