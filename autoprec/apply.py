@@ -23,7 +23,7 @@ from typing import Any
 from autoprec.decisions import Reason
 from autoprec.errors import ArgumentError, UnsupportedModelError, describe
 from autoprec.formats import FLOAT32, MIXED_FLOAT16, is_quantized, split
-from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers, leaf_layers
+from autoprec.graph import SUBCLASSED, ModelGraph, _policy_name, build_graph, keyed_layers, leaf_layers
 from autoprec.policy import PrecisionPolicy
 from autoprec.quantize import calibrate_model, quantize_in_place
 
@@ -287,7 +287,7 @@ def _pathless_follow_parents(model: Any, default: str) -> None:
                 continue
             if parent.compute_dtype == sub.compute_dtype:
                 continue
-            sub._dtype_policy = keras_policy(parent)
+            sub._dtype_policy = keras.dtype_policies.get(_policy_name(parent))
             if _computes(sub):
                 differ.append(f"{parent.path}/{sub.name}")
     if differ:
@@ -299,16 +299,6 @@ def _pathless_follow_parents(model: Any, default: str) -> None:
             ", ".join(differ[:3]),
             default,
         )
-
-
-def keras_policy(layer: Any) -> Any:
-    """The plain policy ``layer`` computes with (its own entry when its dtype is a DTypePolicyMap)."""
-    import keras
-
-    policy = layer.dtype_policy
-    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
-        return policy[layer.path] if layer.path else policy.default_policy
-    return policy
 
 
 def _computes(layer: Any) -> bool:

@@ -342,6 +342,51 @@ def sublayer_key(sublayer: Any, parent_key: str, containers: Iterable[str] = ())
     return f"{parent_key}/{sublayer.name}"
 
 
+def sublayer_frame(model: Any):
+    """One row per layer inside a block (a transformer block's projections, norms, softmax), with its real precision.
+
+    ``computes`` is the policy Keras really computes the sublayer in, read
+    from the model (a ``DTypePolicyMap`` resolved at the sublayer's path).
+    ``pinned`` is True where the sublayer stays float32 inside a 16-bit block
+    because its own code fixes its dtype (KerasHub's attention softmax, a
+    norm built with ``dtype="float32"``): autoprec never claims to lower those.
+
+    >>> import keras
+    >>> x = keras.Input((3, 4))
+    >>> m = keras.Model(x, keras.layers.MultiHeadAttention(2, 2, name="mha")(x, x))
+    >>> sorted(sublayer_frame(m)["path"])[-2:]
+    ['mha/softmax', 'mha/value']
+    """
+    import pandas as pd
+
+    containers = container_names(model)
+    fn = graph_function(model)
+    units = _functional_leaves(fn) if fn is not None else _subclassed_leaves(model)
+    rows: list[dict[str, Any]] = []
+    for unit in dict.fromkeys(units):
+        _sublayer_rows(unit, layer_key(unit, containers), _policy_name(unit), containers, rows)
+    return pd.DataFrame(rows, columns=["block", "path", "class", "computes", "pinned"])
+
+
+def _sublayer_rows(parent: Any, block: str, block_policy: str, containers: frozenset[str], rows: list) -> None:
+    parent_key = layer_key(parent, containers)
+    for sub in parent._flatten_layers(include_self=False, recursive=False):
+        key = sublayer_key(sub, parent_key, containers)
+        computes = _policy_name(sub)
+        pinned = computes == FLOAT32 and block_policy != FLOAT32 and _role(sub) != MOVEMENT
+        rows.append({"block": block, "path": key, "class": type(sub).__name__, "computes": computes, "pinned": pinned})
+        _sublayer_rows(sub, block, block_policy, containers, rows)
+
+
+def _policy_name(layer: Any) -> str:
+    import keras
+
+    policy = layer.dtype_policy
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        policy = policy[layer.path] if layer.path else policy.default_policy
+    return policy.name
+
+
 def layer_key(layer: Any, containers: Iterable[str] = ()) -> str:
     """The key of a layer everywhere in autoprec: its Keras ``layer.path``, without container models.
 

@@ -43,6 +43,7 @@ class Saved:
     trials: Any
     directory: str
     adaptive: dict | None = None  # {"events": DataFrame, "checks": DataFrame} of an adaptive training run
+    sublayers: Any = None  # the layers inside blocks (sublayers.csv), when the model has any
 
 
 def load_saved(directory: str | os.PathLike) -> Saved:
@@ -91,7 +92,12 @@ def load_saved(directory: str | os.PathLike) -> Saved:
             "'trial' and 'state'. Regenerate the directory with `autoprec tune`."
         )
     sensitivity["pinned"] = sensitivity["pinned"].fillna("")
-    return Saved(meta, sensitivity, trials, directory, adaptive)
+    sublayers = None
+    if os.path.isfile(os.path.join(directory, "sublayers.csv")):
+        sublayers = pd.read_csv(os.path.join(directory, "sublayers.csv"))
+        if not {"block", "path", "class", "computes", "pinned"} <= set(sublayers.columns):
+            raise DataError(f"Expected {directory}/sublayers.csv as TuneResult.save writes it (block, path, ...).")
+    return Saved(meta, sensitivity, trials, directory, adaptive, sublayers)
 
 
 def load_adaptive(directory: str) -> dict | None:
@@ -178,6 +184,28 @@ def _table_rows(saved: Saved) -> list[dict]:
                 "flops": f"{float(row.get('flops_share', 0)) * 100:.2f}%",
                 "decision": row["decision"] if isinstance(row["decision"], str) else "follows",
                 "reason": reason_text(row, saved.meta),
+            }
+        )
+    return rows
+
+
+def _sublayer_rows(saved: Saved) -> list[dict]:
+    """The tree under each block: one row per sublayer, indented by its depth below the block."""
+    if saved.sublayers is None:
+        return []
+    rows = []
+    for row in saved.sublayers.to_dict("records"):
+        block, path = str(row["block"]), str(row["path"])
+        depth = path.count("/") - block.count("/")
+        pinned = str(row["pinned"]).lower() == "true"
+        rows.append(
+            {
+                "block": block,
+                "path": path,
+                "depth": max(depth, 1),
+                "class": row["class"],
+                "computes": row["computes"],
+                "note": "pinned: the layer fixes its own dtype" if pinned else "",
             }
         )
     return rows
@@ -343,6 +371,21 @@ def render_markdown(saved: Saved, images: dict[str, str]) -> str:
             f"| {r['#']} | `{html.escape(str(r['path']))}` | {_md(r['class'])} | {_md(r['kind'])} | {r['flops']} | "
             f"{_md(r['decision'])} | {_md(r['reason'])} |"
         )
+    inner = _sublayer_rows(saved)
+    if inner:
+        lines += [
+            "",
+            "## Inside the blocks",
+            "",
+            "| block | sublayer | class | computes in | |",
+            "|---|---|---|---|---|",
+        ]
+        for r in inner:
+            indent = "&nbsp;&nbsp;" * (r["depth"] - 1)
+            lines.append(
+                f"| `{html.escape(r['block'])}` | {indent}`{html.escape(r['path'])}` | {_md(r['class'])} | "
+                f"{_md(r['computes'])} | {_md(r['note'])} |"
+            )
     training = _training_lines(saved)
     if training:
         lines += ["", "## Training check", ""] + [_md(t) for t in training]
@@ -387,6 +430,20 @@ def render_html(saved: Saved, images: dict[str, str]) -> str:
             f"{esc(r['decision'])}</td><td>{esc(r['reason'])}</td></tr>"
         )
     parts.append("</tbody></table>")
+    inner = _sublayer_rows(saved)
+    if inner:
+        parts.append(
+            "<h2>Inside the blocks</h2><table><thead><tr><th>block</th><th>sublayer</th><th>class</th>"
+            "<th>computes in</th><th></th></tr></thead><tbody>"
+        )
+        for r in inner:
+            pad = r["depth"] - 1
+            parts.append(
+                f"<tr><td><code>{esc(r['block'])}</code></td><td style='padding-left:{6 + 16 * pad}px'>"
+                f"<code>{esc(r['path'])}</code></td><td>{esc(r['class'])}</td><td class='p-{esc(r['computes'])}'>"
+                f"{esc(r['computes'])}</td><td>{esc(r['note'])}</td></tr>"
+            )
+        parts.append("</tbody></table>")
     training = _training_lines(saved)
     if training:
         parts.append("<h2>Training check</h2>" + "".join(f"<p>{esc(t)}</p>" for t in training))

@@ -82,6 +82,16 @@ class TuneResult:
         )
 
     @property
+    def sublayers(self):
+        """The layers inside blocks, read from :attr:`model`: the precision each really computes in, pinned ones marked.
+
+        See :func:`autoprec.graph.sublayer_frame`.
+        """
+        from autoprec.graph import sublayer_frame
+
+        return sublayer_frame(self.model)
+
+    @property
     def n_16bit(self) -> int:
         """Decisions that left float32: 16-bit, or quantized."""
         decisions = self.units["decision"].astype(str)
@@ -200,6 +210,10 @@ class TuneResult:
         with open(join("result.json"), "w", encoding="utf-8") as fh:
             json.dump(self.to_json_dict(), fh, indent=2, allow_nan=False)
         names = ["policy.json", "sensitivity.csv", "trials.csv", "result.json"]
+        sublayers = self.sublayers
+        if len(sublayers):
+            sublayers.to_csv(join("sublayers.csv"), index=False)
+            names.append("sublayers.csv")
         if model_kind(self.model) == SUBCLASSED:
             logger.warning(
                 "autoprec: model.keras of a subclassed model reloads with default dtypes (Keras rebuilds its layers "

@@ -1,0 +1,157 @@
+"""KerasHub models as users fine-tune them: built from a config (no download), trained briefly, tuned.
+
+Six backbone families of four kinds (decoder-only language models, encoders, a vision
+transformer, an encoder-decoder), each with its task head and ``preprocessor=None``,
+tuned for float16 and for bfloat16 under a 0.5% budget. What a user relies on:
+
+- the drop Keras measures on the tuned model is within the budget;
+- at least 90% of the Dense/EinsumDense kernel parameters, counted over every sublayer by
+  the ``compute_dtype`` Keras really uses in ``result.model``, compute in 16-bit;
+- the cost model sees the blocks' matmuls (estimated GPU speed-up > 1.2);
+- ``save`` and ``load_model`` give identical predictions and dtypes;
+- the report lists the sublayers, pinned ones marked.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+keras_hub = pytest.importorskip("keras_hub")
+import keras  # noqa: E402
+
+import autoprec  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+VOCAB, SEQ, WIDTH = 64, 16, 32
+
+
+def _tokens(rng, n):
+    """A learnable language task: each next token is the previous one plus one."""
+    seq = (rng.integers(0, VOCAB, size=(n, 1)) + np.arange(SEQ + 1)) % VOCAB
+    return seq[:, :-1].astype("int32"), seq[:, 1:].astype("int32")
+
+
+def _lm(rng, n):
+    x, y = _tokens(rng, n)
+    return {"token_ids": x, "padding_mask": np.ones_like(x)}, y
+
+
+def _classify(rng, n, segments=False):
+    ids = rng.integers(1, VOCAB, size=(n, SEQ)).astype("int32")
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    if segments:
+        x["segment_ids"] = np.zeros_like(ids)
+    return x, (ids[:, 0] > VOCAB // 2).astype("int32")
+
+
+def _seq2seq(rng, n):
+    x, y = _tokens(rng, n)
+    ones = np.ones_like(x)
+    return {
+        "encoder_token_ids": x,
+        "encoder_padding_mask": ones,
+        "decoder_token_ids": x,
+        "decoder_padding_mask": ones,
+    }, y
+
+
+def _images(rng, n):
+    x = rng.normal(size=(n, 16, 16, 3)).astype("float32")
+    return x, (x[:, :8].mean(axis=(1, 2, 3)) > 0).astype("int32")
+
+
+def _build(family):
+    m = keras_hub.models
+    text = dict(vocabulary_size=VOCAB, num_layers=2, hidden_dim=WIDTH, intermediate_dim=2 * WIDTH)
+    if family == "gpt2":
+        bb = m.GPT2Backbone(num_heads=2, max_sequence_length=SEQ, **text)
+        return m.GPT2CausalLM(backbone=bb, preprocessor=None), _lm
+    if family == "llama":
+        bb = m.LlamaBackbone(num_query_heads=2, num_key_value_heads=1, **text)
+        return m.LlamaCausalLM(backbone=bb, preprocessor=None), _lm
+    if family == "bert":
+        bb = m.BertBackbone(num_heads=2, max_sequence_length=SEQ, **text)
+        return m.BertTextClassifier(backbone=bb, num_classes=2, preprocessor=None), lambda r, n: _classify(r, n, True)
+    if family == "roberta":
+        bb = m.RobertaBackbone(num_heads=2, max_sequence_length=SEQ, **text)
+        return m.RobertaTextClassifier(backbone=bb, num_classes=2, preprocessor=None), _classify
+    if family == "vit":
+        bb = m.ViTBackbone(
+            image_shape=(16, 16, 3), patch_size=4, num_layers=2, num_heads=2, hidden_dim=WIDTH, mlp_dim=64
+        )
+        return m.ViTImageClassifier(backbone=bb, num_classes=2, preprocessor=None), _images
+    if family == "bart":
+        bb = m.BartBackbone(num_heads=2, max_sequence_length=SEQ, **text)
+        return m.BartSeq2SeqLM(backbone=bb, preprocessor=None), _seq2seq
+    raise AssertionError(family)
+
+
+FAMILIES = ["gpt2", "llama", "bert", "roberta", "vit", "bart"]
+_TRAINED: dict = {}
+
+
+def _trained(family):
+    if family not in _TRAINED:
+        keras.utils.set_random_seed(0)
+        rng = np.random.default_rng(0)
+        model, data = _build(family)
+        x, y = data(rng, 1024)
+        model.compile(
+            optimizer=keras.optimizers.Adam(2e-3),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        model.fit(x, y, epochs=3, batch_size=32, verbose=0)
+        _TRAINED[family] = (model, data(rng, 256))
+    return _TRAINED[family]
+
+
+def _kernel_share_16bit(model):
+    """Share of Dense/EinsumDense kernel parameters whose layer really computes in 16-bit."""
+    total = low = 0
+    for layer in model._flatten_layers(include_self=False):
+        if type(layer).__name__ in ("Dense", "EinsumDense") and getattr(layer, "kernel", None) is not None:
+            n = int(np.prod(layer.kernel.shape))
+            total += n
+            low += n * (layer.compute_dtype in ("float16", "bfloat16"))
+    return low / total
+
+
+def _dtypes(model):
+    return [(type(layer).__name__, layer.compute_dtype) for layer in model._flatten_layers(include_self=False)]
+
+
+@pytest.mark.parametrize("target", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kerashub_models_tune_emit_reload_and_report(family, target, tmp_path):
+    model, (x, y) = _trained(family)
+    result = autoprec.tune(model, (x, y), budget="0.5%", target=target, device="gpu", n_trials=8, seed=0, verbose=0)
+
+    real = dict(zip(result.model.metrics_names, result.model.evaluate(x, y, verbose=0, return_dict=False)))
+    baseline = dict(zip(model.metrics_names, model.evaluate(x, y, verbose=0, return_dict=False)))
+    assert baseline["compile_metrics"] - real["compile_metrics"] <= 0.005 + 1e-6
+    assert result.drop <= result.allowed_drop + 1e-9
+
+    share = _kernel_share_16bit(result.model)
+    assert share >= 0.9, f"{family}: only {share:.0%} of the matmul kernels compute in 16-bit"
+    assert result.speedup_estimate > 1.2
+
+    path = os.fspath(tmp_path / "tuned.keras")
+    result.model.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert _dtypes(reloaded) == _dtypes(result.model)
+    np.testing.assert_array_equal(
+        np.asarray(reloaded.predict(x, verbose=0), "float32"), np.asarray(result.model.predict(x, verbose=0), "float32")
+    )
+
+    result.save(tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Inside the blocks" in report
+    sub = result.sublayers
+    assert len(sub) > 0 and set(sub["computes"]) & {target}
+    if family == "llama":  # KerasHub hard-codes the attention softmax to float32: pinned, never lowered
+        pinned = sub[sub["class"] == "Softmax"]
+        assert len(pinned) and pinned["pinned"].all() and (pinned["computes"] == "float32").all()
+        assert "pinned: the layer fixes its own dtype" in report
