@@ -263,6 +263,15 @@ def _headline(saved: Saved) -> list[tuple[str, str]]:
                 f"over the data, {stats.get('seconds', 0):.1f} s",
             )
         )
+    passes = stats.get("stage_passes") or {}
+    if passes:
+        rows.append(
+            (
+                "Cost in float32 passes",
+                ", ".join(f"{k} {v:g}" for k, v in passes.items())
+                + f" (one warm float32 pass over the data: {stats.get('pass_seconds', 0):.3g} s)",
+            )
+        )
     return rows
 
 

@@ -82,6 +82,15 @@ class TuneResult:
         )
 
     @property
+    def cost_in_passes(self) -> dict[str, float]:
+        """Each stage's wall time in warm float32 passes over the evaluation data, with the ``total``.
+
+        ``{"open": ..., "profile": ..., "search": ..., "split": ..., "verify": ..., "total": ...}``; see
+        :func:`autoprec.tuner.stage_passes`.
+        """
+        return dict(self.stats.get("stage_passes") or {})
+
+    @property
     def sublayers(self):
         """The layers inside blocks, read from :attr:`model`: the precision each really computes in, pinned ones marked.
 

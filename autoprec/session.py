@@ -79,6 +79,7 @@ class Session:
     baseline_outputs: list = field(repr=False)
     baseline_values: np.ndarray | None = field(repr=False)
     passes: int = 0
+    pass_seconds: float = 0.0  # one warm float32 pass over the whole data: the unit of tune's cost
     _cache: dict = field(default_factory=dict, repr=False)
 
     @functools.cached_property
@@ -316,7 +317,22 @@ def open_session(
     baseline = float(np.mean(values)) if values is not None else resolved.compute(ev.y, full)
     if not math.isfinite(baseline):
         raise DataError(f"Expected a finite float32 baseline metric. Received {resolved.name}={baseline}.")
-    return Session(model, graph, ev, resolved, engine, target, formats, baseline, outputs, values)
+    session = Session(model, graph, ev, resolved, engine, target, formats, baseline, outputs, values)
+    session.pass_seconds = _warm_pass_seconds(engine, ev)
+    return session
+
+
+def _warm_pass_seconds(engine: Any, ev: EvalData) -> float:
+    """One warm float32 pass over the data, extrapolated from the first batch run again (already traced)."""
+    import time
+
+    import keras
+
+    for x, y in ev.batches():
+        started = time.monotonic()
+        engine.forward(x, y)
+        return (time.monotonic() - started) / max(len(keras.tree.flatten(x)[0]), 1) * ev.n
+    return 0.0
 
 
 EVAL_MEMORY = 256 << 20  # bytes of activations one evaluation batch may hold

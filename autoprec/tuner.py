@@ -266,8 +266,9 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
     progress = Progress(opts.verbose)
     started = time.monotonic()
     model = working_model(model, inplace=opts.inplace)
-    session, pretrained = open_run(model, data, opts, progress)
-    frame = profile_stage(session, opts, progress)
+    clock = StageClock()
+    session, pretrained = clock.run("open", open_run, model, data, opts, progress)
+    frame = clock.run("profile", profile_stage, session, opts, progress)
     space = build_space(
         session.graph,
         frame,
@@ -280,7 +281,9 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
     device, device_why = resolve_device(opts.device, target=opts.target, target_why=opts.target_why)
     progress.say(f"autoprec: cost model for a {device.name} ({device_why}).")
     cost = CostModel(session.graph, device=device, quantized_speed=_speeds(opts))
-    found = search_stage(session, space, cost, opts, progress, ranked_by=frame.attrs.get("method", "full"))
+    found = clock.run(
+        "search", search_stage, session, space, cost, opts, progress, ranked_by=frame.attrs.get("method", "full")
+    )
     if opts.search_only:  # a worker: the run without search_only verifies and emits
         from autoprec.search import WorkerResult
 
@@ -288,8 +291,14 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
         return WorkerResult.of(
             found.study, evaluations=found.evaluations, best_speedup=best, seconds=time.monotonic() - started
         )
-    space, found = split_stage(session, space, found, cost, opts, progress)
-    verified = verify_stage(session, space, frame, found, cost, opts, progress)
+    space, found = clock.run("split", split_stage, session, space, found, cost, opts, progress)
+    verified = clock.run("verify", verify_stage, session, space, frame, found, cost, opts, progress)
+    progress.stage_seconds = clock.seconds
+    costs = stage_passes(clock.seconds, session.pass_seconds)
+    if costs:
+        progress.say(
+            "autoprec: cost in float32 passes over the data: " + ", ".join(f"{k} {v:g}" for k, v in costs.items())
+        )
     return result_stage(
         model,
         session,
@@ -303,6 +312,38 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
         seconds=time.monotonic() - started,
         progress=progress,
     )
+
+
+class StageClock:
+    """Wall seconds per pipeline stage, for the cost in passes (:func:`stage_passes`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, stage: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
+
+
+def stage_passes(seconds: dict[str, float], pass_seconds: float) -> dict[str, float]:
+    """Each stage's wall time in float32 passes over the evaluation data, and their ``total``.
+
+    The unit is one warm float32 forward pass of the model over the whole
+    evaluation data (:attr:`Session.pass_seconds`), so the figures compare
+    across machines and models: ``open`` includes the baseline pass, the
+    graph walk and the first trace.
+
+    >>> stage_passes({"open": 2.0, "search": 6.0}, 2.0)
+    {'open': 1.0, 'search': 3.0, 'total': 4.0}
+    """
+    if not pass_seconds or pass_seconds <= 0:
+        return {}
+    out = {name: round(sec / pass_seconds, 2) for name, sec in seconds.items()}
+    out["total"] = round(sum(seconds.values()) / pass_seconds, 2)
+    return out
 
 
 def working_model(model: Any, *, inplace: bool) -> Any:
@@ -982,6 +1023,8 @@ def result_stage(
         "misaligned": sorted(cost.flagged),
         "seconds": seconds,
         "stage_seconds": dict(progress.seconds),
+        "pass_seconds": session.pass_seconds,
+        "stage_passes": stage_passes(getattr(progress, "stage_seconds", {}), session.pass_seconds),
         "study_name": found.study.study_name,
         "quantized_speed": dict(cost.quantized_speed),
         "weight_bytes": cost.weight_bytes(decided),

@@ -42,6 +42,20 @@ def test_planted_regions_end_float32_and_the_rest_16bit(planted, target):
     assert "verified with Keras policies" in result.summary()
 
 
+def test_cost_in_passes_is_reported_per_stage(planted, tmp_path, capsys):
+    """Issue 27: every stage's cost in warm float32 passes, in the result, the progress line and the report."""
+    model, _, val, _ = planted
+    result = autoprec.tune(model, val, budget="0.5%", target="mixed_bfloat16", device="gpu", n_trials=10, verbose=1)
+    cost = result.cost_in_passes
+    assert {"open", "profile", "search", "split", "verify", "total"} <= set(cost)
+    assert all(v >= 0 for v in cost.values()) and cost["total"] >= cost["search"] > 0
+    assert cost["total"] == pytest.approx(sum(v for k, v in cost.items() if k != "total"), abs=0.1)
+    assert result.stats["pass_seconds"] > 0
+    assert "cost in float32 passes over the data: open " in capsys.readouterr().out
+    result.save(tmp_path)
+    assert "Cost in float32 passes" in (tmp_path / "report.md").read_text()
+
+
 def test_bfloat16_on_a_cpu_without_fast_bf16_is_tuned_for_the_accelerator(planted, monkeypatch, capsys):
     """Issue 22: the tuning CPU's kind never decides the policy unless asked (device='this'), and the message is true."""
     from autoprec.backends import FAST_BF16_ENV
