@@ -514,13 +514,34 @@ def _check_resolution(session: Session, budget: Budget) -> None:
         baseline=session.baseline, higher_is_better=metric.higher_is_better, bounded_below=bounded, metric=metric.name
     )
     allowed = budget.allowed(session.baseline)
-    if metric.bounds == (0.0, 1.0) and 0 < allowed < 1.0 / n:
-        need = math.ceil(1.0 / allowed)
+    per = units_per_sample(session.data.y)
+    units, what = n * per, ("sample" if per == 1 else "token")
+    if metric.bounds == (0.0, 1.0) and 0 < allowed < 1.0 / units:
+        need = math.ceil(1.0 / allowed / per)
         raise DataError(
-            f"Expected at least {need} evaluation samples to resolve a drop of {allowed:.4g} in {metric.name}: one sample "
-            f"is 1/{n} = {1.0 / n:.4g} of it here, so any change would exceed the budget. Pass more data, or a budget "
-            f"of at least {1.0 / n:.4g} (or 0 to allow no change at all)."
+            f"Expected at least {need} evaluation samples to resolve a drop of {allowed:.4g} in {metric.name}: one {what} "
+            f"is 1/{units} = {1.0 / units:.4g} of it here, so any change would exceed the budget. Pass more data, or a "
+            f"budget of at least {1.0 / units:.4g} (or 0 to allow no change at all)."
         )
+
+
+def units_per_sample(y: Any) -> int:
+    """How many values a per-sample metric averages over in one sample: 1, or the tokens of a sequence label.
+
+    Keras's accuracy and losses on a ``(batch, steps, classes)`` output average
+    over every step: integer labels ``(batch, steps)`` hold ``steps`` of them,
+    one-hot labels ``(batch, steps, classes)`` too.
+
+    >>> units_per_sample(np.zeros((8, 128), "int32")), units_per_sample(np.zeros((8, 10), "float32"))
+    (128, 1)
+    """
+    import keras
+
+    first = np.asarray(keras.tree.flatten(y)[0]) if keras.tree.flatten(y) else np.zeros((0,))
+    if first.ndim <= 1:
+        return 1
+    dims = first.shape[1:] if np.issubdtype(first.dtype, np.integer) else first.shape[1:-1]
+    return int(np.prod(dims)) if len(dims) else 1
 
 
 def at_chance_level(session: Session) -> bool:
