@@ -161,7 +161,9 @@ def _facts(row: Mapping[str, Any], fmt: Any, metric: str, higher_is_better: bool
 
 _PINNED_WORDS = {
     Reason.PINNED_OUTPUT: "it produces a model output, and outputs stay float32",
-    Reason.PINNED_SOFTMAX: "a softmax/sigmoid feeding the output; Keras computes it in the layer's dtype, so it stays float32",
+    Reason.PINNED_SOFTMAX: (
+        "a softmax/sigmoid feeding the output; Keras computes it in the layer's dtype, so it stays float32"
+    ),
     Reason.PINNED_USER: "pinned by keep_float32",
     Reason.PINNED_DTYPE: "not a float32 layer to begin with; left as it was",
     Reason.JOINED: "no weights and no hazard of its own; it takes the precision of the layers that feed it",

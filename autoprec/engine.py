@@ -311,7 +311,7 @@ class RealEngine:
         self, model: Any, graph: ModelGraph, *, formats: tuple[str, ...], metric: Metric | None = None
     ) -> None:
         self.model, self.graph, self.formats, self.metric = model, graph, tuple(formats), metric
-        self._original = {id(l): l.dtype_policy for l in model._flatten_layers(include_self=False)}
+        self._original = {id(layer): layer.dtype_policy for layer in model._flatten_layers(include_self=False)}
         self.traces = 0
 
     def set_assignment(self, assignment: Mapping[str, str]) -> None:

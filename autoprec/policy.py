@@ -432,7 +432,7 @@ def _keyed_by_keras_path(policy: PrecisionPolicy, model: Any) -> dict[str, str]:
     names = policy.for_graph(graph)
     keyed, unaddressable = {}, []
     for info in graph.layers:
-        for key, kpath in zip((info.path, *info.sublayers), (info.keras_path, *info.sublayer_keras_paths)):
+        for key, kpath in zip((info.path, *info.sublayers), (info.keras_path, *info.sublayer_keras_paths), strict=True):
             if key not in names:
                 continue
             if kpath:

@@ -57,6 +57,7 @@ bound: under a looser budget it is evaluated again.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
@@ -245,6 +246,11 @@ def _sampler_class() -> type:
             self._inner.reseed_rng()
 
     return ReplayableTPESampler
+
+
+def _finite_or_nan(value: float) -> float:
+    """``value``, or NaN when it is not finite: a NaN attribute is not stored."""
+    return float(value) if math.isfinite(float(value)) else math.nan
 
 
 def _worker() -> str:
@@ -489,7 +495,7 @@ class Search(_SharedStudy):
             self._position.setdefault(key, len(self._position))
         todo: dict[Any, tuple[dict[str, str], str, str]] = {}
         skip: dict[int, str] = {}
-        for j, (key, a) in enumerate(zip(keys, items)):
+        for j, (key, a) in enumerate(zip(keys, items, strict=True)):
             if key in keys[:j]:
                 skip[j] = "seen"
             elif prune and key not in self.cache and self.estimate(a) <= floor + 1e-12:
@@ -507,7 +513,7 @@ class Search(_SharedStudy):
             else Outcome(a, self.estimate(a), math.nan, math.nan, False, phase="pruned")
             if skip.get(j) == "pruned"
             else None
-            for j, (k, a) in enumerate(zip(keys, items))
+            for j, (k, a) in enumerate(zip(keys, items, strict=True))
         ]
 
     # Evaluation ------------------------------------------------------------
@@ -536,12 +542,11 @@ class Search(_SharedStudy):
         drop = float(result.drop)
         rejected = bool(getattr(result, "rejected", False))
         feasible = self.feasible(drop) and not rejected
-        finite = lambda v: float(v) if math.isfinite(float(v)) else math.nan  # noqa: E731  (NaN: not stored)
         attrs = {
             "phase": phase,
-            "metric": finite(result.metric) if not rejected else math.nan,
-            "drop": finite(drop),
-            "output_error": finite(result.output_error),
+            "metric": _finite_or_nan(result.metric) if not rejected else math.nan,
+            "drop": _finite_or_nan(drop),
+            "output_error": _finite_or_nan(result.output_error),
             "nonfinite_outputs": int(result.nonfinite_outputs),
             "feasible": feasible,
             "rejected": rejected,
@@ -632,7 +637,7 @@ def _phase_segments(search: Search) -> bool:
     keys = list(search.space.keys)
     f32 = [i for i, k in enumerate(keys) if best.assignment[k] == FLOAT32]
     candidates = []
-    for a, b in zip(f32, f32[1:]):
+    for a, b in itertools.pairwise(f32):
         if 1 < b - a <= 3:  # bridge a short 16-bit gap between float32 decisions
             candidates.append({**best.assignment, **{keys[i]: FLOAT32 for i in range(a + 1, b)}})
     return None not in search.consider_round(candidates, "segment")

@@ -417,7 +417,7 @@ def statistics(
         for kind, value in step(x, y).items():
             rows = np.asarray(keras.ops.convert_to_numpy(value), np.float64)
             suffix = {"nodes": "", "weights": "\x00w", "own": "\x00q"}[kind]
-            for path, row in zip(names[kind], rows):
+            for path, row in zip(names[kind], rows, strict=True):
                 key = path + suffix
                 totals[key] = stats.merge(totals.get(key), row, blocks=_BLOCKS[suffix[1:]])
         if bar:
@@ -524,7 +524,7 @@ def _weight_rows(unit_vars: list, var_grads: list, y: Any, fmt: Format, loss_sca
         return None
     whole = TRAIN_BATCH / ops.cast(ops.shape(keras.tree.flatten(y)[0])[0], "float32")
     by_unit: dict[str, list] = {}
-    for (path, _), g in zip(unit_vars, var_grads):
+    for (path, _), g in zip(unit_vars, var_grads, strict=True):
         by_unit.setdefault(path, []).append(ops.reshape(ops.cast(g, "float32") * whole, (-1,)))
     w, w_scaled = stats.table([ops.concatenate(parts) for parts in by_unit.values()], fmt, (1.0, loss_scale))[0]
     return ops.concatenate([w, w_scaled], axis=1)

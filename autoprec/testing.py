@@ -151,7 +151,10 @@ def planted_weightless_mlp(*, seed: int = 0, width: int = 128, epochs: int = 15)
 
     (x_train, y_train), (x_val, y_val) = digits_data(seed=seed, flat=True)
     keras.utils.set_random_seed(seed)
-    dense = lambda name, act=None, units=width: layers.Dense(units, activation=act, name=name)  # noqa: E731
+
+    def dense(name: str, act: str | None = None, units: int = width) -> Any:
+        return layers.Dense(units, activation=act, name=name)
+
     x_in = keras.Input((64,), name="x")
     h = dense("d1", "relu")(x_in)
     h = layers.Rescaling(1.0, name="up")(dense("d2")(h))

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -354,9 +355,9 @@ def _copy_subclassed(model: Any) -> Any:
     except Exception as exc:  # a user's class: any error means it cannot be copied
         why = f"{why} ({type(exc).__name__}: {str(exc)[:160]})"
     raise UnsupportedModelError(
-        f"Expected a model tune can copy, or inplace=True. Received the subclassed model {model.name!r}: {why}, and Keras "
-        "cannot clone subclassed models layer by layer. Pass inplace=True to let tune set the tuned policies (and a "
-        "LossScaleOptimizer) on this model itself, or give the class a get_config() that rebuilds it."
+        f"Expected a model tune can copy, or inplace=True. Received the subclassed model {model.name!r}: {why}, and "
+        "Keras cannot clone subclassed models layer by layer. Pass inplace=True to let tune set the tuned policies "
+        "(and a LossScaleOptimizer) on this model itself, or give the class a get_config() that rebuilds it."
     )
 
 
@@ -398,8 +399,8 @@ def open_run(model: Any, data: Any, opts: TuneOptions, progress: Progress) -> tu
         return session, 0
     if opts.train_data is None:
         raise UntrainedModelError(
-            f"The float32 model scores {session.metric.name}={session.baseline:.4g} on the evaluation data, which is chance "
-            "level: its weights look untrained, and a budget measured on random weights means nothing. Pass "
+            f"The float32 model scores {session.metric.name}={session.baseline:.4g} on the evaluation data, which is "
+            "chance level: its weights look untrained, and a budget measured on random weights means nothing. Pass "
             "train_data=(x, y) (and optionally pretrain_steps=N) so autoprec trains a float32 copy first, or "
             "tune the model after training it."
         )
@@ -476,9 +477,9 @@ def _check_resolution(session: Session, budget: Budget) -> None:
     if metric.bounds == (0.0, 1.0) and 0 < allowed < 1.0 / n:
         need = math.ceil(1.0 / allowed)
         raise DataError(
-            f"Expected at least {need} evaluation samples to resolve a drop of {allowed:.4g} in {metric.name}: one sample "
-            f"is 1/{n} = {1.0 / n:.4g} of it here, so any change would exceed the budget. Pass more data, or a budget "
-            f"of at least {1.0 / n:.4g} (or 0 to allow no change at all)."
+            f"Expected at least {need} evaluation samples to resolve a drop of {allowed:.4g} in {metric.name}: one "
+            f"sample is 1/{n} = {1.0 / n:.4g} of it here, so any change would exceed the budget. Pass more data, or a "
+            f"budget of at least {1.0 / n:.4g} (or 0 to allow no change at all)."
         )
 
 
@@ -631,7 +632,10 @@ def search_stage(
             budget=str(opts.budget),
         )
         bar = progress.stage("search", total=opts.n_trials, unit="trial")
-        feasible = lambda drop: opts.budget.feasible(baseline=session.baseline, drop=drop)  # noqa: E731
+
+        def feasible(drop: float) -> bool:
+            return opts.budget.feasible(baseline=session.baseline, drop=drop)
+
         search = Search(
             dataclasses.replace(space.search_space(), order=order),
             lambda a: session.evaluate(space.expand(a), budget=opts.budget),
@@ -662,7 +666,8 @@ def search_stage(
     elif best is None:
         slower = slower_note(cost.device, opts.target)
         if slower:
-            # Candidates the cost model rates slower than float32 are never tried, so "none met the budget" would be false.
+            # Candidates the cost model rates slower than float32 are never tried, so "none met the budget" would
+            # be false.
             progress.say(
                 f"autoprec: the result is all float32: no assignment both met the budget and was estimated "
                 f"faster than float32; {slower}."
@@ -682,7 +687,7 @@ def _measure_candidates(session: Session, space: DecisionSpace, search: Any, fou
         return found  # nothing feasible to time; force_16bit layers still come from space.expand
     speeds = measure_speedups(session, [space.expand(o.assignment) for o in candidates])
     winner = int(np.argmax(speeds))
-    by_trial = {o.trial: s for o, s in zip(candidates, speeds) if o.trial is not None}
+    by_trial = {o.trial: s for o, s in zip(candidates, speeds, strict=True) if o.trial is not None}
     return Found(found.study, dict(candidates[winner].assignment), True, found.evaluations, found.cache_hits, by_trial)
 
 
@@ -691,7 +696,7 @@ def measure_speedups(session: Session, assignments: list[dict[str, str]], *, ste
     from autoprec.apply import apply_policy
     from autoprec.verify import train_steps
 
-    batches = [b for _, b in zip(range(steps), _cycle(session.data))]
+    batches = list(itertools.islice(_cycle(session.data), steps))
     models = [apply_policy(session.model, {}, graph=session.graph)]
     models += [apply_policy(session.model, session.graph.resolve(a), graph=session.graph) for a in assignments]
     for m in models:
@@ -954,7 +959,7 @@ def result_stage(
         drops = trials["drop"].astype(float)
         trials["feasible"] = [
             opts.budget.feasible(baseline=session.baseline, drop=d if d < 1e8 else math.inf) and not r
-            for d, r in zip(drops, trials["rejected"].fillna(False).astype(bool))
+            for d, r in zip(drops, trials["rejected"].fillna(False).astype(bool), strict=True)
         ]
     ev = verified.evaluation
     feasible = opts.budget.feasible(baseline=session.baseline, drop=ev.drop)

@@ -102,7 +102,7 @@ def exhaustive(session, cost, eligible, target, budget):
     """
     # Every eligible layer is named in each assignment: a weightless layer left out would follow its producer.
     assignments = [
-        {u: target if b else "float32" for u, b in zip(eligible, bits)}
+        {u: target if b else "float32" for u, b in zip(eligible, bits, strict=True)}
         for bits in itertools.product([0, 1], repeat=len(eligible))
     ]
     ranked = sorted(assignments, key=lambda a: -cost.speedup(a))

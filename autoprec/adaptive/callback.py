@@ -14,15 +14,6 @@ import keras
 import numpy as np
 
 from autoprec import backends
-from autoprec.apply import set_policies_in_place
-from autoprec.errors import ArgumentError, UnsupportedModelError, describe
-from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, resolve_target
-from autoprec.formats import get as get_format
-from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers
-from autoprec.policy import PrecisionPolicy
-
-logger = logging.getLogger("autoprec")
-
 from autoprec.adaptive.rules import (
     CHECK_COLUMNS,
     CHECKS_FILE,
@@ -34,6 +25,14 @@ from autoprec.adaptive.rules import (
     Judge,
 )
 from autoprec.adaptive.sampler import Sampler
+from autoprec.apply import set_policies_in_place
+from autoprec.errors import ArgumentError, UnsupportedModelError, describe
+from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, resolve_target
+from autoprec.formats import get as get_format
+from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers
+from autoprec.policy import PrecisionPolicy
+
+logger = logging.getLogger("autoprec")
 
 
 def _start_policy(policy: Any, model: Any, graph: ModelGraph) -> dict[str, str]:
@@ -112,9 +111,9 @@ class _Run:
         if demote and not has_stats:
             raise UnsupportedModelError(
                 f"Expected a Functional or Sequential model on TensorFlow for demote=True. Received a "
-                f"{self.graph.kind} model on {backends.name()}: demotion needs per-layer statistics, which need a graph "
-                "to walk and TensorFlow's traced pass. Pass demote=False (promotion on a non-finite loss or skipped "
-                "steps still works)."
+                f"{self.graph.kind} model on {backends.name()}: demotion needs per-layer statistics, which need a "
+                "graph to walk and TensorFlow's traced pass. Pass demote=False (promotion on a non-finite loss or "
+                "skipped steps still works)."
             )
         _require_loss_scale(model, start, self.fmt.name, demote)
         producers = {i.path: i.producers for i in self.graph.eligible}
@@ -364,7 +363,10 @@ class AdaptivePrecision(keras.callbacks.Callback):
 
     @property
     def checks(self):
-        """One row per check and per epoch end (``trigger``): logged and sampled loss, loss scale, skipped steps, seconds."""
+        """One row per check and per epoch end (``trigger``).
+
+        The columns: logged and sampled loss, loss scale, skipped steps, seconds.
+        """
         import pandas as pd
 
         return pd.DataFrame(self._run.checks if self._run else [], columns=list(CHECK_COLUMNS))
