@@ -205,13 +205,17 @@ class SimEngine:
         def as_float32(out: Any) -> Any:
             return keras.tree.map_structure(lambda t: ops.cast(t, "float32") if "float" in str(t.dtype) else t, out)
 
-        branches = [lambda: call(*args, **kwargs)]
+        # One factory per kind of branch, so that each branch keeps its own twin or dtype.
+        def twin_branch(twin: Any) -> Callable[[], Any]:
+            twin_call = keras_operation_fn(twin, training=False)
+            return lambda: as_float32(twin_call(*args, **kwargs))
+
+        def rounded_branch(dtype: Any) -> Callable[[], Any]:
+            return lambda: call_rounded(op, call, round_with(dtype), args, kwargs)
+
+        branches: list[Callable[[], Any]] = [lambda: call(*args, **kwargs)]
         for index, dtype in enumerate(self._dtypes, start=1):
-            if index in twins:
-                twin_call = keras_operation_fn(twins[index], training=False)
-                branches.append(lambda c=twin_call: as_float32(c(*args, **kwargs)))
-            else:
-                branches.append(lambda d=dtype: call_rounded(op, call, round_with(d), args, kwargs))
+            branches.append(twin_branch(twins[index]) if index in twins else rounded_branch(dtype))
         return ops.switch(code, branches)
 
     def calibrate(self, batches: Any) -> None:

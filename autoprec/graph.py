@@ -792,7 +792,7 @@ def _activation_name(layer: Any) -> str:
     return getattr(act, "__name__", str(act or "")).lower()
 
 
-def _auto_pins(walker: _Walker) -> dict[str, str]:
+def _auto_pins(walker: _Walker) -> dict[str, Reason]:
     """Outputs stay float32, and so does a softmax/sigmoid that feeds an output."""
     pins = {p: Reason.PINNED_OUTPUT for p in walker.outputs}
     by_path = {r["path"]: r for r in walker.records}

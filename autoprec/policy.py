@@ -75,8 +75,10 @@ class PrecisionPolicy(Mapping):
         self._target = target
         self._layers = {k: dict(v) for k, v in (layers or {}).items()}
 
+    # Keras's get() idiom (keras.dtype_policies.get) on purpose: the constructor from any accepted input, which
+    # hides Mapping.get; read an entry with policy[path] or `path in policy`.
     @classmethod
-    def get(cls, policy: Any) -> PrecisionPolicy:
+    def get(cls, policy: Any) -> PrecisionPolicy:  # type: ignore[override]
         """Accept a PrecisionPolicy, a DTypePolicyMap, a ``{path: name}`` dict, a config, or a JSON path.
 
         >>> PrecisionPolicy.get({"d": "mixed_bfloat16"})["d"]
@@ -277,7 +279,7 @@ def _entries_of_map(policy_map: Any) -> dict[str, str]:
     return {key: policy_map[key].name for key in policy_map}
 
 
-def _from_any(cls: type, policy: Any) -> PrecisionPolicy:
+def _from_any(cls: type[PrecisionPolicy], policy: Any) -> PrecisionPolicy:
     if isinstance(policy, PrecisionPolicy):
         return policy
     if isinstance(policy, (str, os.PathLike)):

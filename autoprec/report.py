@@ -130,7 +130,7 @@ def plot_records(saved: Saved) -> dict[str, Any]:
     """Plain data for every chart that applies to this result."""
     if saved.sensitivity is None:  # an adaptive training run alone
         return {"timeline": CHARTS["timeline"][0](saved)}
-    records = {name: data_fn(saved) for name, (data_fn, _) in CHARTS.items()}
+    records: dict[str, Any] = {name: data_fn(saved) for name, (data_fn, _) in CHARTS.items()}
     for name in ("training", "timeline"):
         if records.get(name) is None:
             records.pop(name, None)
@@ -269,9 +269,9 @@ def _num(value: Any) -> str:
     return "nan" if value is None else f"{float(value):.4g}"
 
 
-def _adaptive_lines(saved: Saved) -> list[str]:
+def _adaptive_lines(adaptive: dict) -> list[str]:
     """The adaptive training run in a few sentences."""
-    events, checks = saved.adaptive["events"], saved.adaptive["checks"]
+    events, checks = adaptive["events"], adaptive["checks"]
     promoted = int((events["direction"] == "promote").sum())
     steps = int(checks["step"].max()) if len(checks) else 0
     lines = [
@@ -289,9 +289,9 @@ def _adaptive_lines(saved: Saved) -> list[str]:
     return lines
 
 
-def _event_rows(saved: Saved) -> list[dict]:
+def _event_rows(adaptive: dict) -> list[dict]:
     rows = []
-    for r in saved.adaptive["events"].sort_values("step", kind="stable").to_dict("records"):
+    for r in adaptive["events"].sort_values("step", kind="stable").to_dict("records"):
         why = r.get("why") if isinstance(r.get("why"), str) else f"{r['before']} -> {r['after']}"
         rows.append({"step": int(r["step"]), "layer": r["layer"], "reason": r["reason"], "why": why})
     return rows
@@ -300,14 +300,14 @@ def _event_rows(saved: Saved) -> list[dict]:
 def _adaptive_markdown(saved: Saved, images: dict[str, str]) -> list[str]:
     if saved.adaptive is None:
         return []
-    lines = ["", "## Adaptive precision during training", ""] + [_md(t) for t in _adaptive_lines(saved)]
+    lines = ["", "## Adaptive precision during training", ""] + [_md(t) for t in _adaptive_lines(saved.adaptive)]
     if "timeline" in images:
         lines += ["", f"![policy timeline]({images['timeline']})"]
     if len(saved.adaptive["events"]):
         lines += ["", "| step | layer | reason | change |", "|---:|---|---|---|"]
         lines += [
             f"| {r['step']} | `{html.escape(str(r['layer']))}` | {_md(r['reason'])} | {_md(r['why'])} |"
-            for r in _event_rows(saved)
+            for r in _event_rows(saved.adaptive)
         ]
     return lines
 
@@ -315,7 +315,9 @@ def _adaptive_markdown(saved: Saved, images: dict[str, str]) -> list[str]:
 def _adaptive_html(saved: Saved, images: dict[str, str]) -> list[str]:
     if saved.adaptive is None:
         return []
-    parts = ["<h2>Adaptive precision during training</h2>"] + [f"<p>{_esc(t)}</p>" for t in _adaptive_lines(saved)]
+    parts = ["<h2>Adaptive precision during training</h2>"] + [
+        f"<p>{_esc(t)}</p>" for t in _adaptive_lines(saved.adaptive)
+    ]
     if "timeline" in images:
         parts.append(
             f"<img alt='policy timeline' src='{_data_uri(os.path.join(saved.directory, images['timeline']))}'>"
@@ -325,7 +327,7 @@ def _adaptive_html(saved: Saved, images: dict[str, str]) -> list[str]:
         parts += [
             f"<tr><td class='num'>{r['step']}</td><td><code>{_esc(r['layer'])}</code></td><td>{_esc(r['reason'])}</td>"
             f"<td>{_esc(r['why'])}</td></tr>"
-            for r in _event_rows(saved)
+            for r in _event_rows(saved.adaptive)
         ]
         parts.append("</tbody></table>")
     return parts

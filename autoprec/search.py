@@ -64,9 +64,9 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 logger = logging.getLogger("autoprec")
 
@@ -189,15 +189,9 @@ def make_sampler(seed: int):
     return _sampler_class()(seed)
 
 
-def __getattr__(name: str) -> Any:
-    # The sampler class subclasses Optuna's, which `import autoprec.search` must not import.
-    if name == "ReplayableTPESampler":
-        return _sampler_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @functools.cache
 def _sampler_class() -> type:
+    # Defined on first use: the class subclasses Optuna's, which `import autoprec.search` must not import.
     import optuna
 
     class ReplayableTPESampler(optuna.samplers.BaseSampler):
@@ -263,12 +257,36 @@ class _SharedStudy:
     A mixin of :class:`Search`, which holds the fields it reads.
     """
 
+    # Search's fields and methods this mixin uses, declared for the type checker only (no values, so no fields).
+    space: Space
+    study: Any
+    feasible: Callable[[float], bool]
+    n_trials: int
+    timeout: float | None
+    poll: float
+    cache: dict[tuple[str, ...], Outcome]
+    _started: float
+    _frozen: dict[tuple[str, ...], Any]
+    _running: set[tuple[str, ...]]
+    _taken: int
+    _proposed: set[int]
+    _proposing: set[int]
+
+    if TYPE_CHECKING:
+
+        def _run_trial(self, trial: Any, phase: str) -> Outcome | None: ...
+
+        def distributions(self) -> dict[str, Any]: ...
+
     def refresh(self) -> None:
         """Read the study: the cache from finished trials (ours, resumed, other workers'), what runs, what counts."""
         import optuna
 
         state = optuna.trial.TrialState
-        running, taken, proposed, proposing = set(), 0, set(), set()
+        running: set[tuple[str, ...]] = set()
+        proposed: set[int] = set()
+        proposing: set[int] = set()
+        taken = 0
         for t in self.study.get_trials(deepcopy=False):
             if t.state == state.RUNNING:
                 running.add(self.space.key_of(t.params))
@@ -312,9 +330,6 @@ class _SharedStudy:
 
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         return len(self.study.get_trials(deepcopy=False, states=states))
-
-    def out_of_budget(self) -> bool:
-        return self._taken >= self.n_trials or self._timed_out()
 
     def _timed_out(self) -> bool:
         return self.timeout is not None and time.monotonic() - self._started > self.timeout
@@ -475,7 +490,7 @@ class Search(_SharedStudy):
         return self.consider_round([assignment], phase, prune=prune)[0]
 
     def consider_round(
-        self, assignments: list[Mapping[str, str]], phase: str, *, prune: bool = True, proposals: int | None = None
+        self, assignments: Sequence[Mapping[str, str]], phase: str, *, prune: bool = True, proposals: int | None = None
     ) -> list[Outcome | None]:
         """Evaluate candidates that do not depend on one another; the study's workers share them out.
 
@@ -665,7 +680,7 @@ def _phase_local(search: Search) -> bool:
             outcomes = search.consider_round(moves[start : start + ROUND], "local")
             if None in outcomes:
                 return False
-            if any(o.feasible and o.speedup > best.speedup for o in outcomes):
+            if any(o is not None and o.feasible and o.speedup > best.speedup for o in outcomes):
                 break
         else:
             return True

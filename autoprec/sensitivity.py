@@ -119,7 +119,7 @@ def profile(
     if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not loss_scale >= 1:
         raise ArgumentError(f"Expected loss_scale to be a number >= 1. Received: loss_scale={describe(loss_scale)}.")
     own_session = session is None
-    if own_session:
+    if session is None:
         from autoprec.formats import resolve_target
 
         session = open_session(
@@ -349,16 +349,16 @@ def ablation(
         if passes >= cap:
             out.update({p: {"ablation": "untested"} for p in group})
             continue
-        alone = len(group) == 1
+        single = len(group) == 1
         # A group is only asked whether its harm (losses, gains ignored, so that members
         # cannot hide each other) is over the tolerance: the pass stops once it is.
         ev = session.evaluate(
-            {**everything, **{p: session.target for p in group}}, harm_above=None if alone else tolerance
+            {**everything, **{p: session.target for p in group}}, harm_above=None if single else tolerance
         )
         passes += 1
         if bar:
             bar.update(passes)
-        if alone:
+        if single:
             out[group[0]] = {
                 "metric": ev.metric,
                 "metric_drop": ev.drop,

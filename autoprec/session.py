@@ -266,9 +266,9 @@ def open_session(
         MetricError: the metric cannot be resolved.
     """
     _check_weights(model)
-    ev = EvalData.get(
-        data, batch_size=256 if batch_size == "auto" else batch_size, model=model, nonfinite=nonfinite_inputs
-    )
+    # A string other than "auto" reaches EvalData.get, whose check refuses it with the argument's name.
+    size = 256 if batch_size == "auto" else batch_size
+    ev = EvalData.get(data, batch_size=size, model=model, nonfinite=nonfinite_inputs)  # type: ignore[arg-type]
     check_inputs_fit(model, ev)
     graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
     if graph.kind != SUBCLASSED and any(

@@ -184,7 +184,7 @@ def _rdb_storage(url: str) -> Any:
 
     server = url.startswith(("postgresql", "mysql"))
     # Heartbeats let a worker fail the trials of a dead worker on another machine (see reap()).
-    beat = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": GRACE_SECONDS} if server else {}
+    beat: dict[str, Any] = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": GRACE_SECONDS} if server else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -47,6 +47,9 @@ from autoprec.result import TuneResult
 from autoprec.session import Session, open_session
 from autoprec.space import GRANULARITIES, DecisionSpace, build_space
 from autoprec.verify import TrainCheck, fall_back, train_check, verify_eval
+
+if TYPE_CHECKING:
+    from autoprec.search import WorkerResult
 
 logger = logging.getLogger("autoprec")
 
@@ -227,7 +230,16 @@ def _check_objective(objective: Any, choices: tuple[str, ...], verify: Any) -> s
     return objective
 
 
-def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneResult:
+# A worker (search_only=True) gets the study's summary; every other call the verified result.
+@overload
+def tune(model: Any, data: Any, budget: Any = ..., *, search_only: Literal[True], **options: Any) -> WorkerResult: ...
+@overload
+def tune(
+    model: Any, data: Any, budget: Any = ..., *, search_only: Literal[False] = ..., **options: Any
+) -> TuneResult: ...
+
+
+def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneResult | WorkerResult:
     """Find the fastest per-layer precision whose metric stays within ``budget``.
 
     Args:
@@ -763,7 +775,8 @@ def split_stage(
     """
     if not found.feasible or opts.objective != "speed" or opts.target not in opts.choices:
         return space, found
-    assignment, splits = dict(found.assignment), {}
+    assignment = dict(found.assignment)
+    splits: dict[str, list[str]] = {}
     best = cost.speedup(space.expand(assignment))
     for key in space.order[::-1]:  # least sensitive first: the likeliest to fit
         if assignment.get(key, FLOAT32) != FLOAT32 or opts.target not in space.choices_of(key):

@@ -196,7 +196,9 @@ def _step_recorder() -> type:
 
         def __init__(self, record_scale: bool) -> None:
             super().__init__()
-            self.record_scale, self.losses, self.scales = record_scale, [], []
+            self.record_scale = record_scale
+            self.losses: list[float] = []
+            self.scales: list[float] = []
 
         def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
             for metric in self.model.metrics:  # fit logs running means: from zero, the mean is this step's

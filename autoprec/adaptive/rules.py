@@ -106,9 +106,9 @@ class AdaptiveOptions:
 
 def _check_share(name: str, value: object, low: float, high: float, *, closed: str = "", what: str = "") -> None:
     """Raise unless ``value`` is a number between ``low`` and ``high``; ``closed`` names the ends included."""
-    number = not isinstance(value, bool) and isinstance(value, (int, float))
-    above = number and (low <= value if "low" in closed else low < value)
-    below = number and (value <= high if "high" in closed else value < high)
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    above = number is not None and (low <= number if "low" in closed else low < number)
+    below = number is not None and (number <= high if "high" in closed else number < high)
     if not (above and below):
         span = f"{'[' if 'low' in closed else '('}{low:g}, {high:g}{']' if 'high' in closed else ')'}"
         raise ArgumentError(f"Expected {name} to be a number in {span}{what}. Received: {name}={describe(value)}.")
