@@ -46,8 +46,6 @@ class Reason(enum.StrEnum):
     MOVES_DATA = "MOVES_DATA"  # pure data movement (reshape, dropout...): follows its input
 
 
-PINNED = frozenset({Reason.PINNED_OUTPUT, Reason.PINNED_SOFTMAX, Reason.PINNED_USER, Reason.PINNED_DTYPE})
-
 # Thresholds of the profile facts that name a hazard, shared by reason_for and sentence.
 FLUSH_SHARE = 0.01  # more than 1% of nonzero outputs flush to zero
 

@@ -40,7 +40,6 @@ logger = logging.getLogger("autoprec")
 SCHEMA_NAME = "autoprec.policy"
 SCHEMA_VERSION = 2  # 2: quantized policy names (int8_from_..., int4_from_..., float8_from_...); 1 is read too
 READABLE_VERSIONS = (1, 2)
-_FACT_KEYS = ("class", "params", "flops", "keras_path")
 
 
 class PrecisionPolicy(Mapping):

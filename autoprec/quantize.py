@@ -36,11 +36,10 @@ import logging
 import time
 from typing import Any
 
-from autoprec.formats import FLOAT32, MIXED_FLOAT16, QUANTIZED_MODES, split
+from autoprec.formats import FLOAT32, MIXED_FLOAT16, split
 
 logger = logging.getLogger("autoprec")
 
-MODES = QUANTIZED_MODES
 QUANTIZABLE = ("Dense", "EinsumDense", "Embedding", "ReversibleEmbedding")
 FLOAT8_MAX = 448.0  # float8_e4m3fn's largest finite value
 # Bytes one weight takes in storage. Mixed policies keep float32 variables, and

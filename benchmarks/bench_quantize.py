@@ -22,9 +22,9 @@ from common import interleaved, median, table
 def _models():
     import keras
 
-    from autoprec import demo, testing
+    from autoprec import testing
 
-    (xt, yt), (xv, yv) = demo.digits_data(flat=True)
+    (xt, yt), (xv, yv) = testing.digits_data(flat=True)
     keras.utils.set_random_seed(0)
     mlp = testing.train(testing.mlp(depth=3, width=512), xt, yt, epochs=12)
     L = keras.layers
