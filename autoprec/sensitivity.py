@@ -46,7 +46,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,6 +59,9 @@ from autoprec.graph import COMPUTE, MOVEMENT, OP, WEIGHTED, ModelGraph
 from autoprec.metrics import resolve_loss
 from autoprec.progress import Progress
 from autoprec.session import Session, auto_batch_size, open_session
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger("autoprec")
 
@@ -83,7 +86,7 @@ def profile(
     max_ablation_passes: int | None = None,
     verbose: int = 1,
     session: Session | None = None,
-):
+) -> pd.DataFrame:
     """Measure each layer's sensitivity to computing in ``target``.
 
     Args:

@@ -268,8 +268,15 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
         A :class:`TuneResult` (with ``search_only=True``, a :class:`autoprec.search.WorkerResult`).
 
     Raises:
-        BudgetError, ArgumentError, PolicyError, DataError, ModelError, MetricError,
-        UntrainedModelError, StudyError, OutputError.
+        BudgetError: the budget is malformed, or allows any result at all.
+        ArgumentError: another option has the wrong type or value.
+        PolicyError: a pin matches no layer, a layer is in both lists, or an output is forced.
+        DataError: the data is malformed, non-finite, too small for the budget, or does not fit the model.
+        ModelError: the model's weights or float32 outputs are not finite.
+        MetricError: the metric cannot be resolved.
+        UntrainedModelError: the model scores at chance level and no ``train_data`` was given.
+        StudyError: a stored study belongs to another search.
+        OutputError: an output path cannot be written.
 
     Example:
         >>> result = tune(model, (x_val, y_val), budget="0.5%", target="mixed_bfloat16")  # doctest: +SKIP
