@@ -35,3 +35,14 @@ def test_type_checking_imports_match_the_lazy_exports():
             assert alias.asname == alias.name, f"{alias.name}: re-export it as `{alias.name} as {alias.name}`"
             imported[alias.name] = f"{node.module}.{alias.name}" if node.module == "autoprec" else node.module
     assert imported == autoprec._EXPORTS
+
+
+def test_the_api_reference_renders_every_public_name():
+    import pathlib
+    import re
+
+    import autoprec
+
+    api = pathlib.Path(__file__).resolve().parents[1] / "docs" / "api.md"
+    rendered = set(re.findall(r"^::: autoprec\.(\w+)$", api.read_text(), flags=re.M))
+    assert rendered == set(autoprec.__all__)
