@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: demo test test-fast test-other-cpu bench install clean
+.PHONY: demo test test-fast test-other-cpu bench install lint docs clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,8 +37,18 @@ test-other-cpu: $(VENV)/.installed
 	@kind=$(OTHER_CPU); echo "autoprec: the fast core again, as on a CPU with AUTOPREC_CPU_FAST_BF16=$$kind"; \
 	AUTOPREC_CPU_FAST_BF16=$$kind $(PYTEST) -m "not slow"
 
+# The linter, the formatter (checking only) and the type checker, as configured in pyproject.toml.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy autoprec
+
+# The documentation site (mkdocs.yml, docs/) into site/; any warning fails the build.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py --output reports/benchmarks.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

@@ -11,9 +11,23 @@ matplotlib are imported when a function that needs them is first used.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what the lazy names resolve to (``X as X``: re-exported), for type checkers and the docs
+    from autoprec import errors as errors
+    from autoprec.adaptive import AdaptivePrecision as AdaptivePrecision
+    from autoprec.apply import apply_policy as apply_policy
+    from autoprec.budget import Budget as Budget
+    from autoprec.decisions import Reason as Reason
+    from autoprec.graph import ModelGraph as ModelGraph
+    from autoprec.graph import build_graph as build_graph
+    from autoprec.policy import PrecisionPolicy as PrecisionPolicy
+    from autoprec.result import TuneResult as TuneResult
+    from autoprec.sensitivity import profile as profile
+    from autoprec.tuner import TuneOptions as TuneOptions
+    from autoprec.tuner import tune as tune
 
 # Public name -> module that defines it. Resolved on first access (PEP 562),
 # so that importing autoprec pulls in neither TensorFlow nor Optuna.

@@ -341,13 +341,12 @@ def _twins(model: Any, clone: Any) -> list[tuple[Any, Any]]:
     fresh random weights.
     """
     originals, clones = leaf_layers(model), leaf_layers(clone)
-    pairs = list(zip(originals, clones))
-    if len(originals) != len(clones) or any(type(a) is not type(b) for a, b in pairs):
+    if len(originals) != len(clones) or any(type(a) is not type(b) for a, b in zip(originals, clones, strict=True)):
         raise UnsupportedModelError(
             f"Expected Keras's clone of {model.name!r} to have the same layers in the same order. "
             "Pass inplace=True to set the policies on the model itself."
         )
-    return pairs
+    return list(zip(originals, clones, strict=True))
 
 
 def copy_weights(source: Any, target: Any, key: str) -> None:
@@ -358,7 +357,7 @@ def copy_weights(source: Any, target: Any, key: str) -> None:
     twin_own = [*target._trainable_variables, *target._non_trainable_variables]
     if len(own) != len(twin_own):
         raise UnsupportedModelError(f"Layer {key!r} has {len(own)} weights but its clone has {len(twin_own)}.")
-    for src, dst in zip(own, twin_own):
+    for src, dst in zip(own, twin_own, strict=True):
         # Through NumPy: on JAX, assigning the same immutable array would share
         # one buffer between the models, and a jitted step that donates it
         # (Keras's JAX trainer does) would delete the original's weights.

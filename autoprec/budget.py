@@ -109,7 +109,8 @@ class Budget:
         if higher_is_better and bounded_below and baseline > 0 and self.allowed(baseline) >= baseline:
             raise BudgetError(
                 f"Expected a budget smaller than the float32 baseline {metric}={baseline:.4g}. Received: {self}, which "
-                f"allows any result at all ({metric} cannot fall below 0). Budgets are drops: '0.5%' means half a point."
+                f"allows any result at all ({metric} cannot fall below 0). Budgets are drops: '0.5%' means half a "
+                "point."
             )
 
     def formula(self, *, metric: str, higher_is_better: bool, baseline: float) -> str:

@@ -53,8 +53,8 @@ def _load_npz(path: str) -> tuple:
         with np.load(path, allow_pickle=False) as archive:  # never unpickle an untrusted file
             if "x" not in archive or "y" not in archive:
                 raise DataError(
-                    f"Expected the NumPy .npz file {path!r} to hold arrays named 'x' and 'y' (np.savez(path, x=x, y=y)). "
-                    f"Received arrays {sorted(archive.files)}."
+                    f"Expected the NumPy .npz file {path!r} to hold arrays named 'x' and 'y' "
+                    f"(np.savez(path, x=x, y=y)). Received arrays {sorted(archive.files)}."
                 )
             return archive["x"], archive["y"]
     except DataError:

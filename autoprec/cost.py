@@ -225,7 +225,7 @@ class CostModel:
         return self._baseline / t if t > 0 else 1.0
 
     def weight_bytes(self, assignment: Mapping[str, str]) -> float:
-        """The model's weight bytes in storage under ``assignment`` (every layer, mixed policies keep float32 weights)."""
+        """The model's weight bytes in storage under ``assignment``, every layer (mixed policies keep float32 ones)."""
         names = self.graph.resolve_nodes(assignment)
         return float(sum(weight_bytes_of(i.params, names[i.path]) for i in self.graph.layers if i.is_layer))
 

@@ -222,10 +222,9 @@ class _StreamingSource:
                 x, y = _take(x, keep), _take(y, keep)
             if _length(y, "y") == 0:
                 continue
-            want = next(expected, None)
-            same = want is not None and all(
-                np.array_equal(a, b) for a, b in zip(keras.tree.flatten(want), keras.tree.flatten(y))
-            )
+            want, got = next(expected, None), keras.tree.flatten(y)
+            same = want is not None and len(keras.tree.flatten(want)) == len(got)
+            same = same and all(np.array_equal(a, b) for a, b in zip(keras.tree.flatten(want), got, strict=True))
             if not same:
                 raise DataError(
                     f"Expected {self.what} to yield the same samples in the same order on every pass. Received other "

@@ -46,8 +46,6 @@ class Reason(enum.StrEnum):
     MOVES_DATA = "MOVES_DATA"  # pure data movement (reshape, dropout...): follows its input
 
 
-PINNED = frozenset({Reason.PINNED_OUTPUT, Reason.PINNED_SOFTMAX, Reason.PINNED_USER, Reason.PINNED_DTYPE})
-
 # Thresholds of the profile facts that name a hazard, shared by reason_for and sentence.
 FLUSH_SHARE = 0.01  # more than 1% of nonzero outputs flush to zero
 
@@ -161,7 +159,9 @@ def _facts(row: Mapping[str, Any], fmt: Any, metric: str, higher_is_better: bool
 
 _PINNED_WORDS = {
     Reason.PINNED_OUTPUT: "it produces a model output, and outputs stay float32",
-    Reason.PINNED_SOFTMAX: "a softmax/sigmoid feeding the output; Keras computes it in the layer's dtype, so it stays float32",
+    Reason.PINNED_SOFTMAX: (
+        "a softmax/sigmoid feeding the output; Keras computes it in the layer's dtype, so it stays float32"
+    ),
     Reason.PINNED_USER: "pinned by keep_float32",
     Reason.PINNED_DTYPE: "not a float32 layer to begin with; left as it was",
     Reason.JOINED: "no weights and no hazard of its own; it takes the precision of the layers that feed it",

@@ -1,7 +1,8 @@
-"""The built-in example: the digits data, two digits models, and ``make demo``.
+"""The built-in example: two digits models and ``make demo``.
 
-The digits data ships inside scikit-learn (``pip install autoprec[examples]``),
-so everything here runs offline.
+The digits data (:func:`autoprec.testing.digits_data`) ships inside
+scikit-learn (``pip install autoprec[examples]``), so everything here runs
+offline.
 
 :func:`digits_model` is a plain small CNN: every layer of it computes in
 float16 within half a point of accuracy, so tuning it is a one-trial search.
@@ -33,29 +34,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
+from autoprec.testing import digits_data, train
 
 COUNTS = 200_000.0  # the detector's count for the brightest pixel
 ATTENTION_OFFSET = 4096.0  # the attention logits' common offset; float16 spacing there is 4
 PATCHES = 16  # 4x4 patches after the pooling, each scored by the attention head
-
-
-def digits_data(*, seed: int = 0, val_fraction: float = 0.3, flat: bool = False):
-    """The 1,797 8x8 digits images, scaled to [0, 1], split into train and validation.
-
-    Returns ``((x_train, y_train), (x_val, y_val))``; ``x`` is ``(n, 8, 8, 1)``,
-    or ``(n, 64)`` with ``flat=True``; ``y`` holds class ids 0-9.
-    """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = (digits.images / 16.0).astype("float32")
-    x = x.reshape(len(x), 64) if flat else x[..., None]
-    y = digits.target.astype("int32")
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_val = int(len(x) * val_fraction)
-    val, train = order[:n_val], order[n_val:]
-    return (x[train], y[train]), (x[val], y[val])
 
 
 def detector_data(*, seed: int = 0):
@@ -125,7 +108,6 @@ def run_demo(
 
     Takes about 20 s on a laptop CPU. Returns the :class:`autoprec.TuneResult`.
     """
-    from autoprec.testing import train
     from autoprec.tuner import tune
 
     train_data, val = detector_data()

@@ -205,13 +205,17 @@ class SimEngine:
         def as_float32(out: Any) -> Any:
             return keras.tree.map_structure(lambda t: ops.cast(t, "float32") if "float" in str(t.dtype) else t, out)
 
-        branches = [lambda: call(*args, **kwargs)]
+        # One factory per kind of branch, so that each branch keeps its own twin or dtype.
+        def twin_branch(twin: Any) -> Callable[[], Any]:
+            twin_call = keras_operation_fn(twin, training=False)
+            return lambda: as_float32(twin_call(*args, **kwargs))
+
+        def rounded_branch(dtype: Any) -> Callable[[], Any]:
+            return lambda: call_rounded(op, call, round_with(dtype), args, kwargs)
+
+        branches: list[Callable[[], Any]] = [lambda: call(*args, **kwargs)]
         for index, dtype in enumerate(self._dtypes, start=1):
-            if index in twins:
-                twin_call = keras_operation_fn(twins[index], training=False)
-                branches.append(lambda c=twin_call: as_float32(c(*args, **kwargs)))
-            else:
-                branches.append(lambda d=dtype: call_rounded(op, call, round_with(d), args, kwargs))
+            branches.append(twin_branch(twins[index]) if index in twins else rounded_branch(dtype))
         return ops.switch(code, branches)
 
     def calibrate(self, batches: Any) -> None:
@@ -311,7 +315,7 @@ class RealEngine:
         self, model: Any, graph: ModelGraph, *, formats: tuple[str, ...], metric: Metric | None = None
     ) -> None:
         self.model, self.graph, self.formats, self.metric = model, graph, tuple(formats), metric
-        self._original = {id(l): l.dtype_policy for l in model._flatten_layers(include_self=False)}
+        self._original = {id(layer): layer.dtype_policy for layer in model._flatten_layers(include_self=False)}
         self.traces = 0
 
     def set_assignment(self, assignment: Mapping[str, str]) -> None:

@@ -72,10 +72,6 @@ class BackendError(AutoprecError, NotImplementedError):
     """A feature needs backend machinery that the active Keras backend lacks."""
 
 
-class VerificationError(AutoprecError, RuntimeError):
-    """Verification with real Keras policies failed in a way no fallback can fix."""
-
-
 def describe(value: object) -> str:
     """Format a received value for an error message: ``value (of type T)``.
 

@@ -229,7 +229,8 @@ def load_model_file(path: str | os.PathLike, *, safe_mode: bool = True) -> Any:
     except Exception as exc:  # Keras raises many kinds for a bad file; name the file and the likely fix
         text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         hint = (
-            " It holds a Lambda layer or custom code; if you trust its source, pass --unsafe (safe_mode=False in Python)."
+            " It holds a Lambda layer or custom code; if you trust its source, pass --unsafe "
+            "(safe_mode=False in Python)."
             if ("safe_mode" in str(exc) or "lambda" in str(exc).lower())
             else " The file may be damaged: save the model again."
         )

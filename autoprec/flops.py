@@ -107,7 +107,9 @@ def _einsum_contracted(layer: Any) -> float:
         _, k_sub = ins.split(",")
     except ValueError:
         return float(math.prod(kernel)) if kernel else 0.0
-    return float(math.prod(d for c, d in zip(k_sub, kernel) if c not in out))
+    # Not strict: the count is an estimate, and an equation whose kernel subscripts do not match the kernel's
+    # rank (an ellipsis) should cost a rough figure, not stop the tuning.
+    return float(math.prod(d for c, d in zip(k_sub, kernel, strict=False) if c not in out))
 
 
 def _attention_flops(layer: Any, in_shapes: Sequence, out_elems: float) -> float:

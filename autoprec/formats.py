@@ -55,11 +55,6 @@ class Format:
         """``float16`` or ``bfloat16``: the word used in sentences."""
         return self.dtype
 
-    @property
-    def needs_loss_scale(self) -> bool:
-        """float16 gradients underflow without a loss scale; bfloat16 has float32's range."""
-        return self.name == MIXED_FLOAT16
-
 
 @functools.cache
 def get(name: object) -> Format:

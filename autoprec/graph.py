@@ -258,7 +258,7 @@ class ModelGraph:
         for info in self.layers:
             if info.is_layer:
                 rows.append((info.path, info.class_name))
-                rows.extend(zip(info.sublayers, info.sublayer_classes))
+                rows.extend(zip(info.sublayers, info.sublayer_classes, strict=True))
         return sorted(rows)
 
     def layer_facts(self) -> dict[str, dict[str, Any]]:
@@ -273,7 +273,7 @@ class ModelGraph:
                 "flops": float(info.flops),
                 "keras_path": info.keras_path,
             }
-            for sub, cls, kpath in zip(info.sublayers, info.sublayer_classes, info.sublayer_keras_paths):
+            for sub, cls, kpath in zip(info.sublayers, info.sublayer_classes, info.sublayer_keras_paths, strict=True):
                 facts[sub] = {"class": cls, "params": 0, "flops": 0.0, "keras_path": kpath}
         return facts
 
@@ -293,7 +293,9 @@ class ModelGraph:
         for info in self.layers:
             if not info.is_layer:
                 continue
-            for key, kpath in zip((info.path, *info.sublayers), (info.keras_path, *info.sublayer_keras_paths)):
+            for key, kpath in zip(
+                (info.path, *info.sublayers), (info.keras_path, *info.sublayer_keras_paths), strict=True
+            ):
                 for alias in {key, kpath} - {""}:
                     table.setdefault(alias, []).append(key)
                 for container in (getattr(self.model, "name", None), *info.containers):
@@ -413,7 +415,7 @@ def container_names(model: Any) -> frozenset[str]:
     """Names of ``model`` and every model nested in it."""
     import keras
 
-    return frozenset([model.name] + [l.name for l in model._flatten_layers() if isinstance(l, keras.Model)])
+    return frozenset([model.name] + [layer.name for layer in model._flatten_layers() if isinstance(layer, keras.Model)])
 
 
 def keyed_layers(model: Any) -> dict[str, Any]:
@@ -425,7 +427,7 @@ def keyed_layers(model: Any) -> dict[str, Any]:
     ['d']
     """
     containers = container_names(model)
-    return {layer_key(l, containers): l for l in leaf_layers(model)}
+    return {layer_key(layer, containers): layer for layer in leaf_layers(model)}
 
 
 def leaf_layers(model: Any) -> list[Any]:
@@ -438,9 +440,9 @@ def leaf_layers(model: Any) -> list[Any]:
     import keras
 
     return [
-        l
-        for l in model._flatten_layers(include_self=False)
-        if not isinstance(l, keras.Model) and type(l).__name__ != "InputLayer"
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if not isinstance(layer, keras.Model) and type(layer).__name__ != "InputLayer"
     ]
 
 
@@ -567,10 +569,12 @@ def _pins(walker: _Walker, keep_float32: Iterable[str], force_16bit: Iterable[st
     auto = _auto_pins(walker)
     outputs = sorted(p for p in forced if p in auto)
     if outputs:
+        produce = any(auto[p] == Reason.PINNED_OUTPUT for p in outputs)
         raise PolicyError(
             f"Expected force_16bit to name layers inside the model. Received {outputs}, which "
-            f"{'produce a model output' if any(auto[p] == Reason.PINNED_OUTPUT for p in outputs) else 'feed the output as its softmax/sigmoid'}: "
-            "outputs stay float32 in every model autoprec emits, so forcing them could not be honoured. Remove them from force_16bit."
+            f"{'produce a model output' if produce else 'feed the output as its softmax/sigmoid'}: outputs stay "
+            "float32 in every model autoprec emits, so forcing them could not be honoured. Remove them from "
+            "force_16bit."
         )
     pins: dict[str, str] = {}
     for rec in walker.records:
@@ -665,11 +669,11 @@ class _Walker:
                 f"{op.name!r} inside a functional model; its inner layers cannot be tuned separately. "
                 "Rebuild it functionally, or wrap it in a keras.layers.Layer subclass so it is one unit."
             )
-        inner_map = {id(it): self.producers_of(ot) for it, ot in zip(inner.inputs, inputs)}
+        inner_map = {id(it): self.producers_of(ot) for it, ot in zip(inner.inputs, inputs, strict=True)}
         if id(op) not in self.by_id:
             self.by_id[id(op)] = {"container": True}
             self.walk_functional(inner, parents=(*parents, op.name), input_map=inner_map)
-        for out, inner_out in zip(node.outputs, inner.outputs):
+        for out, inner_out in zip(node.outputs, inner.outputs, strict=True):
             self.tensor_producers[id(out)] = self.producers_of(inner_out)
 
     def walk_subclassed(self, model: Any, sample: Any) -> None:
@@ -861,7 +865,7 @@ def _activation_name(layer: Any) -> str:
     return getattr(act, "__name__", str(act or "")).lower()
 
 
-def _auto_pins(walker: _Walker) -> dict[str, str]:
+def _auto_pins(walker: _Walker) -> dict[str, Reason]:
     """Outputs stay float32, and so does a softmax/sigmoid that feeds an output."""
     pins = {p: Reason.PINNED_OUTPUT for p in walker.outputs}
     by_path = {r["path"]: r for r in walker.records}
@@ -883,17 +887,21 @@ def _auto_pins(walker: _Walker) -> dict[str, str]:
     return pins
 
 
+def _container(rec: dict[str, Any]) -> str:
+    """The innermost model that holds the layer of ``rec``."""
+    return rec["containers"][-1] if rec["containers"] else "the top model"
+
+
 def _check_collisions(records: list[dict[str, Any]]) -> None:
     seen: dict[str, dict[str, Any]] = {}
     for rec in records:
         for path in [rec["path"], *(s[0] for s in rec["sublayers"])]:
             other = seen.get(path)
             if other is not None and other is not rec:
-                where = lambda r: r["containers"][-1] if r["containers"] else "the top model"  # noqa: E731
                 raise PathCollisionError(
                     f"Expected every layer to have a unique layer.path. Received two different layers with "
-                    f"path {path!r} (one in {where(other)!r}, one in {where(rec)!r}). A DTypePolicyMap could not tell "
-                    "them apart, so autoprec refuses to merge them. Give the layers distinct names when building the "
-                    "nested models, e.g. `keras.layers.Dense(8, name='encoder_dense')`."
+                    f"path {path!r} (one in {_container(other)!r}, one in {_container(rec)!r}). A DTypePolicyMap could "
+                    "not tell them apart, so autoprec refuses to merge them. Give the layers distinct names when "
+                    "building the nested models, e.g. `keras.layers.Dense(8, name='encoder_dense')`."
                 )
             seen[path] = rec

@@ -88,6 +88,8 @@ class Metric:
         """Per-sample values (NumPy) of an already selected output."""
         import keras
 
+        if self.per_sample is None:  # callers ask only a metric that is a mean (AUC or a callable is not)
+            raise TypeError(f"Expected a metric with per-sample values. Received {self.name!r}, which has none.")
         return np.asarray(keras.ops.convert_to_numpy(self.per_sample(y_true, y_pred)), dtype=np.float64)
 
 
@@ -212,7 +214,7 @@ def _keras_metric(metric: Any, higher_is_better: bool | None) -> Metric:
 
 def _compiled_metric(model: Any) -> Any:
     config = getattr(getattr(model, "_compile_config", None), "config", None) or {}
-    flat = []
+    flat: list[Any] = []
     metrics = config.get("metrics")
     for value in (
         metrics.values() if isinstance(metrics, dict) else metrics if isinstance(metrics, (list, tuple)) else [metrics]

@@ -111,7 +111,7 @@ def history_data(saved: Any) -> dict:
 
 
 def tradeoff_data(saved: Any) -> dict:
-    """Every evaluated trial: what the search optimised (speed-up or weight-size ratio) against drop, with the budget."""
+    """Every evaluated trial: what the search optimised (speed-up or weight-size ratio) against drop, and the budget."""
     trials = _evaluated(saved.trials)
     drops = [float(v) if v == v and v is not None else math.nan for v in trials["drop"]]
     keep = [i for i, d in enumerate(drops) if d < 1e8]
@@ -167,15 +167,15 @@ def timeline_data(saved: Any) -> dict | None:
         spans = lanes.setdefault(str(row["layer"]), [(0, last, str(row["before"]))])
         start, _, policy = spans.pop()
         spans += [(start, int(row["step"]), policy), (int(row["step"]), last, str(row["after"]))]
-    finite = lambda v: float(v) if v is not None and v == v and math.isfinite(float(v)) else math.nan  # noqa: E731
-    scale = [finite(v) for v in checks["loss_scale"]] if "loss_scale" in checks else []
-    triggers = list(checks["trigger"]) if "trigger" in checks else []
+    scale = [_finite(v) for v in checks["loss_scale"]] if "loss_scale" in checks else []
+    # a history without the trigger column marks no step: one "" per check keeps the columns aligned
+    triggers = list(checks["trigger"]) if "trigger" in checks else [""] * len(checks)
     return {
         "lanes": lanes,
         "last_step": last,
         "steps": [int(s) for s in checks["step"]],
-        "nonfinite_steps": [int(s) for s, t in zip(checks["step"], triggers) if t == "nonfinite_loss"],
-        "loss": [finite(v) for v in checks["loss"]],
+        "nonfinite_steps": [int(s) for s, t in zip(checks["step"], triggers, strict=True) if t == "nonfinite_loss"],
+        "loss": [_finite(v) for v in checks["loss"]],
         "loss_scale": scale if any(v == v for v in scale) else [],
         "events": [
             {
@@ -270,14 +270,23 @@ def draw_sensitivity(data: dict, path: str) -> None:
     _save(fig, path)
 
 
+def _finite(value: Any) -> float:
+    """``value`` as a float, or NaN when it is missing or not finite."""
+    return float(value) if value is not None and value == value and math.isfinite(float(value)) else math.nan
+
+
+def _positive(values: list) -> list[float]:
+    """The values a log axis can draw; NaN (a gap) for the rest."""
+    return [v if v and v > 0 and math.isfinite(v) else float("nan") for v in values]
+
+
 def draw_ranges(data: dict, path: str) -> None:
     fig, ax = _figure(10, 4.2)
     xs = range(len(data["paths"]))
-    pos = lambda vals: [v if v and v > 0 and math.isfinite(v) else float("nan") for v in vals]  # noqa: E731
-    ax.plot(xs, pos(data["act"]), "o-", markersize=3, label="activations |x| max")
-    ax.plot(xs, pos(data["grad"]), "s-", markersize=3, label="gradients |g| max")
-    ax.plot(xs, pos(data["grad_scaled"]), "^-", markersize=3, label=f"gradients x {data['scale']:g} (loss scale)")
-    for (label, value), style in zip(data["limits"].items(), ("-", "--", ":")):
+    ax.plot(xs, _positive(data["act"]), "o-", markersize=3, label="activations |x| max")
+    ax.plot(xs, _positive(data["grad"]), "s-", markersize=3, label="gradients |g| max")
+    ax.plot(xs, _positive(data["grad_scaled"]), "^-", markersize=3, label=f"gradients x {data['scale']:g} (loss scale)")
+    for (label, value), style in zip(data["limits"].items(), ("-", "--", ":"), strict=True):
         ax.axhline(value, color="red", linestyle=style, linewidth=1, label=f"{data['format']} {label} ({value:.3g})")
     ax.set_yscale("log")
     ax.set_xlabel("layer index, input to output")

@@ -40,7 +40,6 @@ logger = logging.getLogger("autoprec")
 SCHEMA_NAME = "autoprec.policy"
 SCHEMA_VERSION = 2  # 2: quantized policy names (int8_from_..., int4_from_..., float8_from_...); 1 is read too
 READABLE_VERSIONS = (1, 2)
-_FACT_KEYS = ("class", "params", "flops", "keras_path")
 
 
 class PrecisionPolicy(Mapping):
@@ -75,8 +74,10 @@ class PrecisionPolicy(Mapping):
         self._target = target
         self._layers = {k: dict(v) for k, v in (layers or {}).items()}
 
+    # Keras's get() idiom (keras.dtype_policies.get) on purpose: the constructor from any accepted input, which
+    # hides Mapping.get; read an entry with policy[path] or `path in policy`.
     @classmethod
-    def get(cls, policy: Any) -> PrecisionPolicy:
+    def get(cls, policy: Any) -> PrecisionPolicy:  # type: ignore[override]
         """Accept a PrecisionPolicy, a DTypePolicyMap, a ``{path: name}`` dict, a config, or a JSON path.
 
         >>> PrecisionPolicy.get({"d": "mixed_bfloat16"})["d"]
@@ -277,7 +278,7 @@ def _entries_of_map(policy_map: Any) -> dict[str, str]:
     return {key: policy_map[key].name for key in policy_map}
 
 
-def _from_any(cls: type, policy: Any) -> PrecisionPolicy:
+def _from_any(cls: type[PrecisionPolicy], policy: Any) -> PrecisionPolicy:
     if isinstance(policy, PrecisionPolicy):
         return policy
     if isinstance(policy, (str, os.PathLike)):
@@ -432,7 +433,7 @@ def _keyed_by_keras_path(policy: PrecisionPolicy, model: Any) -> dict[str, str]:
     names = policy.for_graph(graph)
     keyed, unaddressable = {}, []
     for info in graph.layers:
-        for key, kpath in zip((info.path, *info.sublayers), (info.keras_path, *info.sublayer_keras_paths)):
+        for key, kpath in zip((info.path, *info.sublayers), (info.keras_path, *info.sublayer_keras_paths), strict=True):
             if key not in names:
                 continue
             if kpath:

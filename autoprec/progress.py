@@ -23,6 +23,7 @@ class Progress:
     def __init__(self, verbose: int = 1) -> None:
         self.verbose = verbose
         self.seconds: dict[str, float] = {}
+        self.stage_seconds: dict[str, float] = {}  # whole pipeline stages, as tune's StageClock timed them
 
     def say(self, message: str) -> None:
         """One line of progress, printed when verbose."""

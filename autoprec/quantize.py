@@ -36,11 +36,10 @@ import logging
 import time
 from typing import Any
 
-from autoprec.formats import FLOAT32, MIXED_FLOAT16, QUANTIZED_MODES, split
+from autoprec.formats import FLOAT32, MIXED_FLOAT16, split
 
 logger = logging.getLogger("autoprec")
 
-MODES = QUANTIZED_MODES
 QUANTIZABLE = ("Dense", "EinsumDense", "Embedding", "ReversibleEmbedding")
 FLOAT8_MAX = 448.0  # float8_e4m3fn's largest finite value
 # Bytes one weight takes in storage. Mixed policies keep float32 variables, and
@@ -131,7 +130,7 @@ def measured_speed(mode: str, base: str = FLOAT32, *, width: int = 1024, batch: 
         mode: keras.Sequential([keras.Input((width,)), quantized]),
     }
     times: dict[str, list[float]] = {k: [] for k in calls}
-    for k, m in calls.items():
+    for m in calls.values():
         m.predict_on_batch(x)  # trace
     for _ in range(repeats):
         for k, m in calls.items():
@@ -154,7 +153,11 @@ def calibrate_model(model: Any, data: Any) -> int:
 
     from autoprec.data import EvalData
 
-    layers = [l for l in model._flatten_layers(include_self=False) if getattr(l, "quantization_mode", None) == "float8"]
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if getattr(layer, "quantization_mode", None) == "float8"
+    ]
     if not layers:
         return 0
     probe = keras.Model(model.inputs, [layer.input for layer in layers])
@@ -163,6 +166,6 @@ def calibrate_model(model: Any, data: Any) -> int:
         outs = probe.predict_on_batch(x)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         amax = np.maximum(amax, [float(np.max(np.abs(o))) for o in outs])
-    for layer, value in zip(layers, amax):
+    for layer, value in zip(layers, amax, strict=True):
         calibrate_float8(layer, float(value))
     return len(layers)

@@ -136,7 +136,7 @@ def plot_records(saved: Saved) -> dict[str, Any]:
     """Plain data for every chart that applies to this result."""
     if saved.sensitivity is None:  # an adaptive training run alone
         return {"timeline": CHARTS["timeline"][0](saved)}
-    records = {name: data_fn(saved) for name, (data_fn, _) in CHARTS.items()}
+    records: dict[str, Any] = {name: data_fn(saved) for name, (data_fn, _) in CHARTS.items()}
     for name in ("training", "timeline"):
         if records.get(name) is None:
             records.pop(name, None)
@@ -275,11 +275,18 @@ def _headline(saved: Saved) -> list[tuple[str, str]]:
     return rows
 
 
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _last(xs: list) -> float:
+    return xs[-1] if xs else float("nan")
+
+
 def _training_lines(saved: Saved) -> list[str]:
     t = saved.meta.get("training")
     if not t:
         return []
-    last = lambda xs: xs[-1] if xs else float("nan")  # noqa: E731
     window = max(1, int(t["steps"]) // 5)  # the judge's window: one batch's loss is noise
 
     def tail(xs: list) -> float:
@@ -289,8 +296,9 @@ def _training_lines(saved: Saved) -> list[str]:
     return [
         f"{'Passed' if t['passed'] else 'FAILED'}: {t['reason']}.",
         f"{t['steps']} steps from the same weights; mean loss over the last {window} steps: float32 "
-        f"{_num(tail(t['float32_losses']))} vs tuned {_num(tail(t['tuned_losses']))}; skipped steps {t['skipped_steps']}; non-finite losses {t['nonfinite_losses']}; "
-        f"final loss scale {_num(last(t['loss_scale'])) if t['loss_scale'] else 'none (no float16 layer)'}.",
+        f"{_num(tail(t['float32_losses']))} vs tuned {_num(tail(t['tuned_losses']))}; "
+        f"skipped steps {t['skipped_steps']}; non-finite losses {t['nonfinite_losses']}; "
+        f"final loss scale {_num(_last(t['loss_scale'])) if t['loss_scale'] else 'none (no float16 layer)'}.",
     ]
 
 
@@ -298,9 +306,9 @@ def _num(value: Any) -> str:
     return "nan" if value is None else f"{float(value):.4g}"
 
 
-def _adaptive_lines(saved: Saved) -> list[str]:
+def _adaptive_lines(adaptive: dict) -> list[str]:
     """The adaptive training run in a few sentences."""
-    events, checks = saved.adaptive["events"], saved.adaptive["checks"]
+    events, checks = adaptive["events"], adaptive["checks"]
     promoted = int((events["direction"] == "promote").sum())
     steps = int(checks["step"].max()) if len(checks) else 0
     lines = [
@@ -318,9 +326,9 @@ def _adaptive_lines(saved: Saved) -> list[str]:
     return lines
 
 
-def _event_rows(saved: Saved) -> list[dict]:
+def _event_rows(adaptive: dict) -> list[dict]:
     rows = []
-    for r in saved.adaptive["events"].sort_values("step", kind="stable").to_dict("records"):
+    for r in adaptive["events"].sort_values("step", kind="stable").to_dict("records"):
         why = r.get("why") if isinstance(r.get("why"), str) else f"{r['before']} -> {r['after']}"
         rows.append({"step": int(r["step"]), "layer": r["layer"], "reason": r["reason"], "why": why})
     return rows
@@ -329,14 +337,14 @@ def _event_rows(saved: Saved) -> list[dict]:
 def _adaptive_markdown(saved: Saved, images: dict[str, str]) -> list[str]:
     if saved.adaptive is None:
         return []
-    lines = ["", "## Adaptive precision during training", ""] + [_md(t) for t in _adaptive_lines(saved)]
+    lines = ["", "## Adaptive precision during training", ""] + [_md(t) for t in _adaptive_lines(saved.adaptive)]
     if "timeline" in images:
         lines += ["", f"![policy timeline]({images['timeline']})"]
     if len(saved.adaptive["events"]):
         lines += ["", "| step | layer | reason | change |", "|---:|---|---|---|"]
         lines += [
             f"| {r['step']} | `{html.escape(str(r['layer']))}` | {_md(r['reason'])} | {_md(r['why'])} |"
-            for r in _event_rows(saved)
+            for r in _event_rows(saved.adaptive)
         ]
     return lines
 
@@ -344,8 +352,9 @@ def _adaptive_markdown(saved: Saved, images: dict[str, str]) -> list[str]:
 def _adaptive_html(saved: Saved, images: dict[str, str]) -> list[str]:
     if saved.adaptive is None:
         return []
-    esc = lambda s: html.escape(str(s), quote=True)  # noqa: E731
-    parts = ["<h2>Adaptive precision during training</h2>"] + [f"<p>{esc(t)}</p>" for t in _adaptive_lines(saved)]
+    parts = ["<h2>Adaptive precision during training</h2>"] + [
+        f"<p>{_esc(t)}</p>" for t in _adaptive_lines(saved.adaptive)
+    ]
     if "timeline" in images:
         parts.append(
             f"<img alt='policy timeline' src='{_data_uri(os.path.join(saved.directory, images['timeline']))}'>"
@@ -353,9 +362,9 @@ def _adaptive_html(saved: Saved, images: dict[str, str]) -> list[str]:
     if len(saved.adaptive["events"]):
         parts.append("<table><thead><tr><th>step</th><th>layer</th><th>reason</th><th>change</th></tr></thead><tbody>")
         parts += [
-            f"<tr><td class='num'>{r['step']}</td><td><code>{esc(r['layer'])}</code></td><td>{esc(r['reason'])}</td>"
-            f"<td>{esc(r['why'])}</td></tr>"
-            for r in _event_rows(saved)
+            f"<tr><td class='num'>{r['step']}</td><td><code>{_esc(r['layer'])}</code></td><td>{_esc(r['reason'])}</td>"
+            f"<td>{_esc(r['why'])}</td></tr>"
+            for r in _event_rows(saved.adaptive)
         ]
         parts.append("</tbody></table>")
     return parts
@@ -406,15 +415,16 @@ def render_markdown(saved: Saved, images: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;width:100%;font-size:13px}th,td{border:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top}
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222}
+table{border-collapse:collapse;width:100%;font-size:13px}
+th,td{border:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top}
 th{background:#f3f3f3}td.num{text-align:right}code{font-size:12px}img{max-width:100%;margin:0.5em 0}
 dl{display:grid;grid-template-columns:max-content auto;gap:4px 16px}dt{font-weight:600}dd{margin:0}
 .p-float32{color:#4c72b0}.p-mixed_float16{color:#c65f16}.p-mixed_bfloat16{color:#2f7d46}"""
 
 
 def render_html(saved: Saved, images: dict[str, str]) -> str:
-    esc = lambda s: html.escape(str(s), quote=True)  # noqa: E731
     head = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>autoprec report</title>",
         f"<style>{_CSS}</style></head><body><h1>autoprec report</h1>",
@@ -422,21 +432,20 @@ def render_html(saved: Saved, images: dict[str, str]) -> str:
     if saved.sensitivity is None:
         return "\n".join([*head, *_adaptive_html(saved, images), "</body></html>"])
     parts = [*head, "<dl>"]
-    parts += [f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in _headline(saved)]
+    parts += [f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in _headline(saved)]
     parts.append("</dl>")
     if "precision_strip" in images:
-        parts.append(
-            f"<img alt='precision of each layer' src='{_data_uri(os.path.join(saved.directory, images['precision_strip']))}'>"
-        )
+        strip = _data_uri(os.path.join(saved.directory, images["precision_strip"]))
+        parts.append(f"<img alt='precision of each layer' src='{strip}'>")
     parts.append(
         "<h2>Layers</h2><table><thead><tr><th>#</th><th>path</th><th>class</th><th>kind</th><th>FLOPs share</th>"
         "<th>decision</th><th>reason</th></tr></thead><tbody>"
     )
     for r in _table_rows(saved):
         parts.append(
-            f"<tr><td class='num'>{r['#']}</td><td><code>{esc(r['path'])}</code></td><td>{esc(r['class'])}</td>"
-            f"<td>{esc(r['kind'])}</td><td class='num'>{esc(r['flops'])}</td><td class='p-{esc(r['decision'])}'>"
-            f"{esc(r['decision'])}</td><td>{esc(r['reason'])}</td></tr>"
+            f"<tr><td class='num'>{r['#']}</td><td><code>{_esc(r['path'])}</code></td><td>{_esc(r['class'])}</td>"
+            f"<td>{_esc(r['kind'])}</td><td class='num'>{_esc(r['flops'])}</td><td class='p-{_esc(r['decision'])}'>"
+            f"{_esc(r['decision'])}</td><td>{_esc(r['reason'])}</td></tr>"
         )
     parts.append("</tbody></table>")
     inner = _sublayer_rows(saved)
@@ -448,19 +457,19 @@ def render_html(saved: Saved, images: dict[str, str]) -> str:
         for r in inner:
             pad = r["depth"] - 1
             parts.append(
-                f"<tr><td><code>{esc(r['block'])}</code></td><td style='padding-left:{6 + 16 * pad}px'>"
-                f"<code>{esc(r['path'])}</code></td><td>{esc(r['class'])}</td><td class='p-{esc(r['computes'])}'>"
-                f"{esc(r['computes'])}</td><td>{esc(r['note'])}</td></tr>"
+                f"<tr><td><code>{_esc(r['block'])}</code></td><td style='padding-left:{6 + 16 * pad}px'>"
+                f"<code>{_esc(r['path'])}</code></td><td>{_esc(r['class'])}</td><td class='p-{_esc(r['computes'])}'>"
+                f"{_esc(r['computes'])}</td><td>{_esc(r['note'])}</td></tr>"
             )
         parts.append("</tbody></table>")
     training = _training_lines(saved)
     if training:
-        parts.append("<h2>Training check</h2>" + "".join(f"<p>{esc(t)}</p>" for t in training))
+        parts.append("<h2>Training check</h2>" + "".join(f"<p>{_esc(t)}</p>" for t in training))
     parts += _adaptive_html(saved, images)
     parts.append("<h2>Plots</h2>")
     for name in PLOTS[1:]:
         if name in images and name != "timeline":
-            parts.append(f"<img alt='{esc(name)}' src='{_data_uri(os.path.join(saved.directory, images[name]))}'>")
+            parts.append(f"<img alt='{_esc(name)}' src='{_data_uri(os.path.join(saved.directory, images[name]))}'>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -8,6 +8,7 @@ TuneResult(metric=0.912, baseline=0.915, drop=0.003<=0.005, float16=41/52 layers
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -212,7 +213,7 @@ class TuneResult:
         from autoprec.graph import SUBCLASSED, model_kind
         from autoprec.report import write_report
 
-        join = lambda name: os.path.join(directory, name)  # noqa: E731
+        join = functools.partial(os.path.join, directory)
         self.policy.save(join("policy.json"))
         self.sensitivity.to_csv(join("sensitivity.csv"), index=False)
         self.trials.to_csv(join("trials.csv"), index=False)
@@ -226,7 +227,8 @@ class TuneResult:
         if model_kind(self.model) == SUBCLASSED:
             logger.warning(
                 "autoprec: model.keras of a subclassed model reloads with default dtypes (Keras rebuilds its layers "
-                "in __init__); after loading, apply policy.json again: apply_policy(model, 'policy.json', inplace=True)."
+                "in __init__); after loading, apply policy.json again: "
+                "apply_policy(model, 'policy.json', inplace=True)."
             )
         try:
             self.model.save(join("model.keras"))

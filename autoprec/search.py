@@ -57,15 +57,16 @@ bound: under a looser budget it is evaluated again.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 logger = logging.getLogger("autoprec")
 
@@ -188,15 +189,9 @@ def make_sampler(seed: int):
     return _sampler_class()(seed)
 
 
-def __getattr__(name: str) -> Any:
-    # The sampler class subclasses Optuna's, which `import autoprec.search` must not import.
-    if name == "ReplayableTPESampler":
-        return _sampler_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @functools.cache
 def _sampler_class() -> type:
+    # Defined on first use: the class subclasses Optuna's, which `import autoprec.search` must not import.
     import optuna
 
     class ReplayableTPESampler(optuna.samplers.BaseSampler):
@@ -247,6 +242,11 @@ def _sampler_class() -> type:
     return ReplayableTPESampler
 
 
+def _finite_or_nan(value: float) -> float:
+    """``value``, or NaN when it is not finite: a NaN attribute is not stored."""
+    return float(value) if math.isfinite(float(value)) else math.nan
+
+
 def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -257,12 +257,36 @@ class _SharedStudy:
     A mixin of :class:`Search`, which holds the fields it reads.
     """
 
+    # Search's fields and methods this mixin uses, declared for the type checker only (no values, so no fields).
+    space: Space
+    study: Any
+    feasible: Callable[[float], bool]
+    n_trials: int
+    timeout: float | None
+    poll: float
+    cache: dict[tuple[str, ...], Outcome]
+    _started: float
+    _frozen: dict[tuple[str, ...], Any]
+    _running: set[tuple[str, ...]]
+    _taken: int
+    _proposed: set[int]
+    _proposing: set[int]
+
+    if TYPE_CHECKING:
+
+        def _run_trial(self, trial: Any, phase: str) -> Outcome | None: ...
+
+        def distributions(self) -> dict[str, Any]: ...
+
     def refresh(self) -> None:
         """Read the study: the cache from finished trials (ours, resumed, other workers'), what runs, what counts."""
         import optuna
 
         state = optuna.trial.TrialState
-        running, taken, proposed, proposing = set(), 0, set(), set()
+        running: set[tuple[str, ...]] = set()
+        proposed: set[int] = set()
+        proposing: set[int] = set()
+        taken = 0
         for t in self.study.get_trials(deepcopy=False):
             if t.state == state.RUNNING:
                 running.add(self.space.key_of(t.params))
@@ -306,9 +330,6 @@ class _SharedStudy:
 
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         return len(self.study.get_trials(deepcopy=False, states=states))
-
-    def out_of_budget(self) -> bool:
-        return self._taken >= self.n_trials or self._timed_out()
 
     def _timed_out(self) -> bool:
         return self.timeout is not None and time.monotonic() - self._started > self.timeout
@@ -469,7 +490,7 @@ class Search(_SharedStudy):
         return self.consider_round([assignment], phase, prune=prune)[0]
 
     def consider_round(
-        self, assignments: list[Mapping[str, str]], phase: str, *, prune: bool = True, proposals: int | None = None
+        self, assignments: Sequence[Mapping[str, str]], phase: str, *, prune: bool = True, proposals: int | None = None
     ) -> list[Outcome | None]:
         """Evaluate candidates that do not depend on one another; the study's workers share them out.
 
@@ -489,7 +510,7 @@ class Search(_SharedStudy):
             self._position.setdefault(key, len(self._position))
         todo: dict[Any, tuple[dict[str, str], str, str]] = {}
         skip: dict[int, str] = {}
-        for j, (key, a) in enumerate(zip(keys, items)):
+        for j, (key, a) in enumerate(zip(keys, items, strict=True)):
             if key in keys[:j]:
                 skip[j] = "seen"
             elif prune and key not in self.cache and self.estimate(a) <= floor + 1e-12:
@@ -507,7 +528,7 @@ class Search(_SharedStudy):
             else Outcome(a, self.estimate(a), math.nan, math.nan, False, phase="pruned")
             if skip.get(j) == "pruned"
             else None
-            for j, (k, a) in enumerate(zip(keys, items))
+            for j, (k, a) in enumerate(zip(keys, items, strict=True))
         ]
 
     # Evaluation ------------------------------------------------------------
@@ -536,12 +557,11 @@ class Search(_SharedStudy):
         drop = float(result.drop)
         rejected = bool(getattr(result, "rejected", False))
         feasible = self.feasible(drop) and not rejected
-        finite = lambda v: float(v) if math.isfinite(float(v)) else math.nan  # noqa: E731  (NaN: not stored)
         attrs = {
             "phase": phase,
-            "metric": finite(result.metric) if not rejected else math.nan,
-            "drop": finite(drop),
-            "output_error": finite(result.output_error),
+            "metric": _finite_or_nan(result.metric) if not rejected else math.nan,
+            "drop": _finite_or_nan(drop),
+            "output_error": _finite_or_nan(result.output_error),
             "nonfinite_outputs": int(result.nonfinite_outputs),
             "feasible": feasible,
             "rejected": rejected,
@@ -632,7 +652,7 @@ def _phase_segments(search: Search) -> bool:
     keys = list(search.space.keys)
     f32 = [i for i, k in enumerate(keys) if best.assignment[k] == FLOAT32]
     candidates = []
-    for a, b in zip(f32, f32[1:]):
+    for a, b in itertools.pairwise(f32):
         if 1 < b - a <= 3:  # bridge a short 16-bit gap between float32 decisions
             candidates.append({**best.assignment, **{keys[i]: FLOAT32 for i in range(a + 1, b)}})
     return None not in search.consider_round(candidates, "segment")
@@ -660,7 +680,7 @@ def _phase_local(search: Search) -> bool:
             outcomes = search.consider_round(moves[start : start + ROUND], "local")
             if None in outcomes:
                 return False
-            if any(o.feasible and o.speedup > best.speedup for o in outcomes):
+            if any(o is not None and o.feasible and o.speedup > best.speedup for o in outcomes):
                 break
         else:
             return True

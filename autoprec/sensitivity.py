@@ -46,7 +46,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,6 +59,9 @@ from autoprec.graph import COMPUTE, MOVEMENT, OP, WEIGHTED, ModelGraph
 from autoprec.metrics import resolve_loss
 from autoprec.progress import Progress
 from autoprec.session import Session, auto_batch_size, open_session
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger("autoprec")
 
@@ -83,7 +86,7 @@ def profile(
     max_ablation_passes: int | None = None,
     verbose: int = 1,
     session: Session | None = None,
-):
+) -> pd.DataFrame:
     """Measure each layer's sensitivity to computing in ``target``.
 
     Args:
@@ -119,7 +122,7 @@ def profile(
     if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not loss_scale >= 1:
         raise ArgumentError(f"Expected loss_scale to be a number >= 1. Received: loss_scale={describe(loss_scale)}.")
     own_session = session is None
-    if own_session:
+    if session is None:
         from autoprec.formats import resolve_target
 
         session = open_session(
@@ -349,16 +352,16 @@ def ablation(
         if passes >= cap:
             out.update({p: {"ablation": "untested"} for p in group})
             continue
-        alone = len(group) == 1
+        single = len(group) == 1
         # A group is only asked whether its harm (losses, gains ignored, so that members
         # cannot hide each other) is over the tolerance: the pass stops once it is.
         ev = session.evaluate(
-            {**everything, **{p: session.target for p in group}}, harm_above=None if alone else tolerance
+            {**everything, **{p: session.target for p in group}}, harm_above=None if single else tolerance
         )
         passes += 1
         if bar:
             bar.update(passes)
-        if alone:
+        if single:
             out[group[0]] = {
                 "metric": ev.metric,
                 "metric_drop": ev.drop,
@@ -417,7 +420,7 @@ def statistics(
         for kind, value in step(x, y).items():
             rows = np.asarray(keras.ops.convert_to_numpy(value), np.float64)
             suffix = {"nodes": "", "weights": "\x00w", "own": "\x00q"}[kind]
-            for path, row in zip(names[kind], rows):
+            for path, row in zip(names[kind], rows, strict=True):
                 key = path + suffix
                 totals[key] = stats.merge(totals.get(key), row, blocks=_BLOCKS[suffix[1:]])
         if bar:
@@ -524,7 +527,7 @@ def _weight_rows(unit_vars: list, var_grads: list, y: Any, fmt: Format, loss_sca
         return None
     whole = TRAIN_BATCH / ops.cast(ops.shape(keras.tree.flatten(y)[0])[0], "float32")
     by_unit: dict[str, list] = {}
-    for (path, _), g in zip(unit_vars, var_grads):
+    for (path, _), g in zip(unit_vars, var_grads, strict=True):
         by_unit.setdefault(path, []).append(ops.reshape(ops.cast(g, "float32") * whole, (-1,)))
     w, w_scaled = stats.table([ops.concatenate(parts) for parts in by_unit.values()], fmt, (1.0, loss_scale))[0]
     return ops.concatenate([w, w_scaled], axis=1)

@@ -130,7 +130,7 @@ class Session:
         for b in base:
             n = len(b[0])
             part = [o[offset : offset + n] for o in flat]
-            num += sum(float(np.sum((p.astype(np.float64) - q) ** 2)) for p, q in zip(part, b))
+            num += sum(float(np.sum((p.astype(np.float64) - q) ** 2)) for p, q in zip(part, b, strict=True))
             den += sum(float(np.sum(np.square(q, dtype=np.float64))) for q in b)
             offset += n
         nonfinite = int(sum(np.size(o) - np.count_nonzero(np.isfinite(o)) for o in flat))
@@ -187,13 +187,13 @@ class _Pass:
         s = self.s
         values, outputs, num, den, nonfinite, seen = [], [], 0.0, 0.0, 0, 0
         self.dsum = self.hsum = 0.0
-        for (x, y), base in zip(s.data.batches(), s.baseline_outputs):
+        for (x, y), base in zip(s.data.batches(), s.baseline_outputs, strict=True):
             out, vals = s.engine.forward(x, y)
             flat, bflat = _flat(out), _flat(base)
             bad = int(sum(np.size(o) - np.count_nonzero(np.isfinite(o)) for o in flat))
             nonfinite += bad
             with np.errstate(all="ignore"):
-                num += sum(float(np.sum((o.astype(np.float64) - b) ** 2)) for o, b in zip(flat, bflat))
+                num += sum(float(np.sum((o.astype(np.float64) - b) ** 2)) for o, b in zip(flat, bflat, strict=True))
             den += sum(float(np.sum(np.square(b, dtype=np.float64))) for b in bflat)
             start, seen = seen, seen + len(flat[0])
             if vals is None:
@@ -267,9 +267,9 @@ def open_session(
         MetricError: the metric cannot be resolved.
     """
     _check_weights(model)
-    ev = EvalData.get(
-        data, batch_size=256 if batch_size == "auto" else batch_size, model=model, nonfinite=nonfinite_inputs
-    )
+    # A string other than "auto" reaches EvalData.get, whose check refuses it with the argument's name.
+    size = 256 if batch_size == "auto" else batch_size
+    ev = EvalData.get(data, batch_size=size, model=model, nonfinite=nonfinite_inputs)  # type: ignore[arg-type]
     check_inputs_fit(model, ev)
     graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
     if graph.kind != SUBCLASSED and any(
@@ -361,8 +361,8 @@ def _check_weights(model: Any) -> None:
                 if not np.all(np.isfinite(value)):
                     raise ModelError(
                         f"Expected finite weights. Received NaN or inf in {v.path or v.name!r} of layer {layer.name!r} "
-                        f"({int(np.size(value) - np.count_nonzero(np.isfinite(value)))} value(s)). The model is broken in "
-                        "float32 already (a diverged run, a bad checkpoint); no precision can fix it."
+                        f"({int(np.size(value) - np.count_nonzero(np.isfinite(value)))} value(s)). The model is "
+                        "broken in float32 already (a diverged run, a bad checkpoint); no precision can fix it."
                     )
 
 
@@ -376,19 +376,19 @@ def check_inputs_fit(model: Any, data: EvalData, *, what: str = "the evaluation 
     xs = keras.tree.flatten(data.x_sample(1))
     if len(xs) != len(inputs):
         raise DataError(f"Expected {len(inputs)} input array(s) for the model. Received {len(xs)} in {what}.")
-    for array, spec in zip(xs, inputs):
+    for array, spec in zip(xs, inputs, strict=True):
         want, got = tuple(spec.shape[1:]), tuple(array.shape[1:])
-        if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
+        if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got, strict=True)):
             raise DataError(
                 f"Expected inputs of shape (batch, {', '.join('?' if w is None else str(w) for w in want)}) "
-                f"for input {spec.name!r}. Received x of shape {(data.n, *array.shape[1:])} in {what}. Reshape the data "
-                "to fit the model."
+                f"for input {spec.name!r}. Received x of shape {(data.n, *array.shape[1:])} in {what}. Reshape the "
+                "data to fit the model."
             )
 
 
 def _check_outputs(engine: Any, data: EvalData, outputs: list) -> None:
     """Refuse non-finite float32 outputs, naming the first layer whose output goes non-finite."""
-    for (x, _), out in zip(data.batches(), outputs):
+    for (x, _), out in zip(data.batches(), outputs, strict=True):
         if all(np.all(np.isfinite(a)) for a in _flat(out)):
             continue
         culprit = _first_nonfinite_layer(engine, x)

@@ -184,7 +184,7 @@ def _rdb_storage(url: str) -> Any:
 
     server = url.startswith(("postgresql", "mysql"))
     # Heartbeats let a worker fail the trials of a dead worker on another machine (see reap()).
-    beat = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": GRACE_SECONDS} if server else {}
+    beat: dict[str, Any] = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": GRACE_SECONDS} if server else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
@@ -553,7 +553,7 @@ def trials_frame(study: Any, keys: list[str], measured: dict[int, float] | None 
     frame.columns = [c[len("user_attrs_") :] if c.startswith("user_attrs_") else c for c in frame.columns]
     params = [f"params_{k}" for k in keys]
     frame["float32_units"] = [
-        ";".join(k for k, p in zip(keys, params) if p in frame and row.get(p, "float32") == "float32")
+        ";".join(k for k, p in zip(keys, params, strict=True) if p in frame and row.get(p, "float32") == "float32")
         if any(p in frame and isinstance(row.get(p), str) for p in params)
         else ""
         for row in frame.to_dict("records")

@@ -1,7 +1,7 @@
 """Models with planted 16-bit hazards, for tests, benchmarks and examples (``autoprec.testing``).
 
-Everything here runs offline: the digits data ships inside scikit-learn
-(``pip install autoprec[examples]``). The *planted* models take a trained
+Everything here runs offline: the digits data (:func:`digits_data`) ships
+inside scikit-learn (``pip install autoprec[examples]``). The *planted* models take a trained
 model and change weights so that the float32 function stays the same while
 one region becomes fragile in 16-bit:
 
@@ -27,6 +27,24 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+
+def digits_data(*, seed: int = 0, val_fraction: float = 0.3, flat: bool = False):
+    """The 1,797 8x8 digits images, scaled to [0, 1], split into train and validation.
+
+    Returns ``((x_train, y_train), (x_val, y_val))``; ``x`` is ``(n, 8, 8, 1)``,
+    or ``(n, 64)`` with ``flat=True``; ``y`` holds class ids 0-9.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype("float32")
+    x = x.reshape(len(x), 64) if flat else x[..., None]
+    y = digits.target.astype("int32")
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = int(len(x) * val_fraction)
+    val, train = order[:n_val], order[n_val:]
+    return (x[train], y[train]), (x[val], y[val])
 
 
 def mlp(*, depth: int = 8, width: int = 64, inputs: int = 64, classes: int = 10, seed: int = 0, name: str = "mlp"):
@@ -104,8 +122,6 @@ def planted_mlp(*, seed: int = 0, depth: int = 8, width: int = 64, epochs: int =
     import keras
     from keras import layers
 
-    from autoprec.demo import digits_data
-
     (x_train, y_train), (x_val, y_val) = digits_data(seed=seed, flat=True)
     keras.utils.set_random_seed(seed)
     x_in = keras.Input((64,), name="x")
@@ -147,11 +163,12 @@ def planted_weightless_mlp(*, seed: int = 0, width: int = 128, epochs: int = 15)
     import keras
     from keras import layers
 
-    from autoprec.demo import digits_data
-
     (x_train, y_train), (x_val, y_val) = digits_data(seed=seed, flat=True)
     keras.utils.set_random_seed(seed)
-    dense = lambda name, act=None, units=width: layers.Dense(units, activation=act, name=name)  # noqa: E731
+
+    def dense(name: str, act: str | None = None, units: int = width) -> Any:
+        return layers.Dense(units, activation=act, name=name)
+
     x_in = keras.Input((64,), name="x")
     h = dense("d1", "relu")(x_in)
     h = layers.Rescaling(1.0, name="up")(dense("d2")(h))

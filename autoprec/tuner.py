@@ -19,11 +19,12 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -46,6 +47,9 @@ from autoprec.result import TuneResult
 from autoprec.session import Session, open_session
 from autoprec.space import GRANULARITIES, DecisionSpace, build_space
 from autoprec.verify import TrainCheck, fall_back, train_check, verify_eval
+
+if TYPE_CHECKING:
+    from autoprec.search import WorkerResult
 
 logger = logging.getLogger("autoprec")
 
@@ -226,7 +230,16 @@ def _check_objective(objective: Any, choices: tuple[str, ...], verify: Any) -> s
     return objective
 
 
-def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneResult:
+# A worker (search_only=True) gets the study's summary; every other call the verified result.
+@overload
+def tune(model: Any, data: Any, budget: Any = ..., *, search_only: Literal[True], **options: Any) -> WorkerResult: ...
+@overload
+def tune(
+    model: Any, data: Any, budget: Any = ..., *, search_only: Literal[False] = ..., **options: Any
+) -> TuneResult: ...
+
+
+def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneResult | WorkerResult:
     """Find the fastest per-layer precision whose metric stays within ``budget``.
 
     Args:
@@ -255,8 +268,15 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
         A :class:`TuneResult` (with ``search_only=True``, a :class:`autoprec.search.WorkerResult`).
 
     Raises:
-        BudgetError, ArgumentError, PolicyError, DataError, ModelError, MetricError,
-        UntrainedModelError, StudyError, OutputError.
+        BudgetError: the budget is malformed, or allows any result at all.
+        ArgumentError: another option has the wrong type or value.
+        PolicyError: a pin matches no layer, a layer is in both lists, or an output is forced.
+        DataError: the data is malformed, non-finite, too small for the budget, or does not fit the model.
+        ModelError: the model's weights or float32 outputs are not finite.
+        MetricError: the metric cannot be resolved.
+        UntrainedModelError: the model scores at chance level and no ``train_data`` was given.
+        StudyError: a stored study belongs to another search.
+        OutputError: an output path cannot be written.
 
     Example:
         >>> result = tune(model, (x_val, y_val), budget="0.5%", target="mixed_bfloat16")  # doctest: +SKIP
@@ -395,9 +415,9 @@ def _copy_subclassed(model: Any) -> Any:
     except Exception as exc:  # a user's class: any error means it cannot be copied
         why = f"{why} ({type(exc).__name__}: {str(exc)[:160]})"
     raise UnsupportedModelError(
-        f"Expected a model tune can copy, or inplace=True. Received the subclassed model {model.name!r}: {why}, and Keras "
-        "cannot clone subclassed models layer by layer. Pass inplace=True to let tune set the tuned policies (and a "
-        "LossScaleOptimizer) on this model itself, or give the class a get_config() that rebuilds it."
+        f"Expected a model tune can copy, or inplace=True. Received the subclassed model {model.name!r}: {why}, and "
+        "Keras cannot clone subclassed models layer by layer. Pass inplace=True to let tune set the tuned policies "
+        "(and a LossScaleOptimizer) on this model itself, or give the class a get_config() that rebuilds it."
     )
 
 
@@ -439,8 +459,8 @@ def open_run(model: Any, data: Any, opts: TuneOptions, progress: Progress) -> tu
         return session, 0
     if opts.train_data is None:
         raise UntrainedModelError(
-            f"The float32 model scores {session.metric.name}={session.baseline:.4g} on the evaluation data, which is chance "
-            "level: its weights look untrained, and a budget measured on random weights means nothing. Pass "
+            f"The float32 model scores {session.metric.name}={session.baseline:.4g} on the evaluation data, which is "
+            "chance level: its weights look untrained, and a budget measured on random weights means nothing. Pass "
             "train_data=(x, y) (and optionally pretrain_steps=N) so autoprec trains a float32 copy first, or "
             "tune the model after training it."
         )
@@ -519,9 +539,9 @@ def _check_resolution(session: Session, budget: Budget) -> None:
     if metric.bounds == (0.0, 1.0) and 0 < allowed < 1.0 / units:
         need = math.ceil(1.0 / allowed / per)
         raise DataError(
-            f"Expected at least {need} evaluation samples to resolve a drop of {allowed:.4g} in {metric.name}: one {what} "
-            f"is 1/{units} = {1.0 / units:.4g} of it here, so any change would exceed the budget. Pass more data, or a "
-            f"budget of at least {1.0 / units:.4g} (or 0 to allow no change at all)."
+            f"Expected at least {need} evaluation samples to resolve a drop of {allowed:.4g} in {metric.name}: "
+            f"one {what} is 1/{units} = {1.0 / units:.4g} of it here, so any change would exceed the budget. "
+            f"Pass more data, or a budget of at least {1.0 / units:.4g} (or 0 to allow no change at all)."
         )
 
 
@@ -693,7 +713,10 @@ def search_stage(
             budget=str(opts.budget),
         )
         bar = progress.stage("search", total=opts.n_trials, unit="trial")
-        feasible = lambda drop: opts.budget.feasible(baseline=session.baseline, drop=drop)  # noqa: E731
+
+        def feasible(drop: float) -> bool:
+            return opts.budget.feasible(baseline=session.baseline, drop=drop)
+
         search = Search(
             dataclasses.replace(space.search_space(), order=order),
             lambda a: session.evaluate(space.expand(a), budget=opts.budget),
@@ -724,7 +747,8 @@ def search_stage(
     elif best is None:
         slower = slower_note(cost.device, opts.target)
         if slower:
-            # Candidates the cost model rates slower than float32 are never tried, so "none met the budget" would be false.
+            # Candidates the cost model rates slower than float32 are never tried, so "none met the budget" would
+            # be false.
             progress.say(
                 f"autoprec: the result is all float32: no assignment both met the budget and was estimated "
                 f"faster than float32; {slower}."
@@ -744,7 +768,7 @@ def _measure_candidates(session: Session, space: DecisionSpace, search: Any, fou
         return found  # nothing feasible to time; force_16bit layers still come from space.expand
     speeds = measure_speedups(session, [space.expand(o.assignment) for o in candidates])
     winner = int(np.argmax(speeds))
-    by_trial = {o.trial: s for o, s in zip(candidates, speeds) if o.trial is not None}
+    by_trial = {o.trial: s for o, s in zip(candidates, speeds, strict=True) if o.trial is not None}
     return Found(found.study, dict(candidates[winner].assignment), True, found.evaluations, found.cache_hits, by_trial)
 
 
@@ -753,7 +777,7 @@ def measure_speedups(session: Session, assignments: list[dict[str, str]], *, ste
     from autoprec.apply import apply_policy
     from autoprec.verify import train_steps
 
-    batches = [b for _, b in zip(range(steps), _cycle(session.data))]
+    batches = list(itertools.islice(_cycle(session.data), steps))
     models = [apply_policy(session.model, {}, graph=session.graph)]
     models += [apply_policy(session.model, session.graph.resolve(a), graph=session.graph) for a in assignments]
     for m in models:
@@ -820,7 +844,8 @@ def split_stage(
     """
     if not found.feasible or opts.objective != "speed" or opts.target not in opts.choices:
         return space, found
-    assignment, splits = dict(found.assignment), {}
+    assignment = dict(found.assignment)
+    splits: dict[str, list[str]] = {}
     best = cost.speedup(space.expand(assignment))
     for key in space.order[::-1]:  # least sensitive first: the likeliest to fit
         if assignment.get(key, FLOAT32) != FLOAT32 or opts.target not in space.choices_of(key):
@@ -1016,7 +1041,7 @@ def result_stage(
         drops = trials["drop"].astype(float)
         trials["feasible"] = [
             opts.budget.feasible(baseline=session.baseline, drop=d if d < 1e8 else math.inf) and not r
-            for d, r in zip(drops, trials["rejected"].fillna(False).astype(bool))
+            for d, r in zip(drops, trials["rejected"].fillna(False).astype(bool), strict=True)
         ]
     ev = verified.evaluation
     feasible = opts.budget.feasible(baseline=session.baseline, drop=ev.drop)
@@ -1045,7 +1070,7 @@ def result_stage(
         "seconds": seconds,
         "stage_seconds": dict(progress.seconds),
         "pass_seconds": session.pass_seconds,
-        "stage_passes": stage_passes(getattr(progress, "stage_seconds", {}), session.pass_seconds),
+        "stage_passes": stage_passes(progress.stage_seconds, session.pass_seconds),
         "study_name": found.study.study_name,
         "quantized_speed": dict(cost.quantized_speed),
         "weight_bytes": cost.weight_bytes(decided),

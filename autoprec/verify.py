@@ -17,6 +17,7 @@ fails, return one decision to float32, chosen by a picker.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,6 +122,13 @@ def predict_batches(model: Any, data: EvalData) -> Any:
     return keras.tree.map_structure(lambda *parts: np.concatenate(parts), *outs)
 
 
+def _rows(batch: Any, lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of every array in ``batch``."""
+    import keras
+
+    return keras.tree.map_structure(lambda a: a[lo:hi], batch)
+
+
 def cycle_batches(train_data: Any, steps: int, batch_size: int, *, model: Any = None) -> list:
     """``steps`` training batches of ``batch_size`` samples, cycling through ``train_data`` in order.
 
@@ -131,7 +139,6 @@ def cycle_batches(train_data: Any, steps: int, batch_size: int, *, model: Any = 
     import keras
 
     data = EvalData.get(train_data, batch_size=batch_size, what="train_data", model=model)
-    cut = lambda b, lo, hi: keras.tree.map_structure(lambda a: a[lo:hi], b)  # noqa: E731
     batches: list = []
     held, parts = 0, []
     while len(batches) < steps:
@@ -140,8 +147,8 @@ def cycle_batches(train_data: Any, steps: int, batch_size: int, *, model: Any = 
             held += len(keras.tree.flatten(batch[0])[0])
             while held >= batch_size and len(batches) < steps:
                 whole = keras.tree.map_structure(lambda *a: np.concatenate(a), *parts)
-                batches.append(cut(whole, 0, batch_size))
-                parts, held = [cut(whole, batch_size, held)], held - batch_size
+                batches.append(_rows(whole, 0, batch_size))
+                parts, held = [_rows(whole, batch_size, held)], held - batch_size
             if len(batches) == steps:
                 break
     return batches
@@ -189,7 +196,9 @@ def _step_recorder() -> type:
 
         def __init__(self, record_scale: bool) -> None:
             super().__init__()
-            self.record_scale, self.losses, self.scales = record_scale, [], []
+            self.record_scale = record_scale
+            self.losses: list[float] = []
+            self.scales: list[float] = []
 
         def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
             for metric in self.model.metrics:  # fit logs running means: from zero, the mean is this step's
@@ -250,7 +259,7 @@ def train_check(
         f32_metric = metric.compute(eval_data.y, predict_batches(reference, eval_data))
         tuned_metric = metric.compute(eval_data.y, predict_batches(tuned, eval_data))
     passed, reason = judge_training(f32_losses, tuned_losses, scales, steps=steps, progress_ratio=progress_ratio)
-    skipped = sum(1 for a, b in zip([DEFAULT_LOSS_SCALE] + scales, scales) if b < a)
+    skipped = sum(1 for a, b in itertools.pairwise([DEFAULT_LOSS_SCALE, *scales]) if b < a)
     nonfinite = sum(1 for v in tuned_losses if not math.isfinite(v))
     return TrainCheck(
         steps, f32_losses, tuned_losses, scales, skipped, nonfinite, f32_metric, tuned_metric, passed, reason

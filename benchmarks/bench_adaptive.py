@@ -16,6 +16,7 @@ reads the loss Keras already logged).
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -60,6 +61,10 @@ def _pair(build):
     return a, b
 
 
+def _fit(model, callbacks, *, x, y, batch):
+    return model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=callbacks, shuffle=False)
+
+
 def run(steps: int = 50, batch: int = 64, repeats: int = 24) -> tuple[str, list[dict]]:
     import keras
 
@@ -74,11 +79,14 @@ def run(steps: int = 50, batch: int = 64, repeats: int = 24) -> tuple[str, list[
         y = rng.integers(0, 10, size=steps * batch)
         plain, watched = _pair(build)
         callback = autoprec.AdaptivePrecision(data=(x[: 4 * batch], y[: 4 * batch]), batch_size=batch, verbose=0)
-        fit = lambda m, cbs: m.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=cbs, shuffle=False)  # noqa: E731
+        # partial binds this case's model and data now: the callables never see a later case's.
+        fit = functools.partial(_fit, x=x, y=y, batch=batch)
         times = interleaved(
-            {"plain": lambda: fit(plain, []), "callback": lambda: fit(watched, [callback])}, repeats=repeats, warmup=2
+            {"plain": functools.partial(fit, plain, []), "callback": functools.partial(fit, watched, [callback])},
+            repeats=repeats,
+            warmup=2,
         )
-        ratio = median([c / p for c, p in zip(times["callback"], times["plain"])])
+        ratio = median([c / p for c, p in zip(times["callback"], times["plain"], strict=True)])
         checks = callback.checks
         scheduled = checks[checks["trigger"] == "scheduled"]
         timed = scheduled[scheduled["step"] > 2 * steps]  # the checks made while the rounds were timed

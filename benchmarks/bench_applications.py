@@ -5,9 +5,10 @@ smallest Keras allows), trained briefly in float32 (4 epochs of 512 images,
 BatchNormalization momentum 0.8 so that its statistics settle in so short a fit)
 on a generated 10-class task (a bright square whose position is the class,
 on noise), then tuned for ``mixed_bfloat16`` on 128 evaluation images with
-the default options, against a 2% relative budget on the Brier score. Every measurement runs in a fresh process, so the peak
-RSS is that process's own: ``tune`` against ``model.predict`` on the same
-data, and the seconds each stage took.
+the default options, against a 2% relative budget on the Brier score. Every
+measurement runs in a fresh process, so the peak RSS is that process's own:
+``tune`` against ``model.predict`` on the same data, and the seconds each stage
+took.
 
     python benchmarks/bench_applications.py [--models ResNet50 Xception ...] [--n 128]
 """

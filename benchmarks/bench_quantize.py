@@ -12,6 +12,7 @@ batch of 256, interleaved across the variants.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -21,9 +22,9 @@ from common import interleaved, median, table
 def _models():
     import keras
 
-    from autoprec import demo, testing
+    from autoprec import testing
 
-    (xt, yt), (xv, yv) = demo.digits_data(flat=True)
+    (xt, yt), (xv, yv) = testing.digits_data(flat=True)
     keras.utils.set_random_seed(0)
     mlp = testing.train(testing.mlp(depth=3, width=512), xt, yt, epochs=12)
     L = keras.layers
@@ -64,7 +65,7 @@ def run() -> tuple[str, list[dict]]:
             )
             variants[label] = result.model
         batch = x[:256]
-        times = interleaved({k: (lambda m=m: m.predict_on_batch(batch)) for k, m in variants.items()}, repeats=20)
+        times = interleaved({k: functools.partial(m.predict_on_batch, batch) for k, m in variants.items()}, repeats=20)
         base_t, base_bytes = median(times["float32"]), _weight_bytes(model)
         for label, m in variants.items():
             accuracy = float(np.mean(np.argmax(m.predict(x, verbose=0), -1) == y))

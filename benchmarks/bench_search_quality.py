@@ -31,9 +31,9 @@ def _weightless(width: int = 48):
     import numpy as np
     from keras import layers
 
-    from autoprec import demo, testing
+    from autoprec import testing
 
-    (xt, yt), val = demo.digits_data(flat=True)
+    (xt, yt), val = testing.digits_data(flat=True)
     keras.utils.set_random_seed(0)
     i = keras.Input((64,))
     h = layers.Dense(width, activation="relu", name="d1")(i)
@@ -58,7 +58,7 @@ def models():
     import keras
     from keras import layers
 
-    from autoprec import demo, testing
+    from autoprec import testing
 
     out = []
     planted, _, val, _ = testing.planted_mlp()
@@ -75,7 +75,7 @@ def models():
         out.append((f"mild weightless blocks (seed {seed}), bfloat16", mild, mval, "mixed_bfloat16", "0.5%"))
         out.append((f"mild weightless blocks (seed {seed}), float16", mild, mval, "mixed_float16", "0.5%"))
 
-    (xt, yt), (xv, yv) = demo.digits_data()
+    (xt, yt), (xv, yv) = testing.digits_data()
     keras.utils.set_random_seed(0)
     i = keras.Input((8, 8, 1))
     x = i
@@ -102,7 +102,7 @@ def exhaustive(session, cost, eligible, target, budget):
     """
     # Every eligible layer is named in each assignment: a weightless layer left out would follow its producer.
     assignments = [
-        {u: target if b else "float32" for u, b in zip(eligible, bits)}
+        {u: target if b else "float32" for u, b in zip(eligible, bits, strict=True)}
         for bits in itertools.product([0, 1], repeat=len(eligible))
     ]
     ranked = sorted(assignments, key=lambda a: -cost.speedup(a))

@@ -13,6 +13,7 @@ on the same evaluation data.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -134,8 +135,8 @@ def run(steps: int = 30, batch: int = 256) -> tuple[str, list[dict]]:
             if k != "grappler AMP"
         }
         accuracy["grappler AMP"] = _accuracy(grappler_pred, yv)
-        fns = {k: (lambda m=m: m.train_on_batch(xb, yb)) for k, m in variants.items()}
-        fns["grappler AMP"] = lambda m=grappler: _with_amp(lambda: m.train_on_batch(xb, yb))
+        fns = {k: functools.partial(m.train_on_batch, xb, yb) for k, m in variants.items()}
+        fns["grappler AMP"] = functools.partial(_with_amp, functools.partial(grappler.train_on_batch, xb, yb))
         times = interleaved(fns, repeats=steps, warmup=3)
         base = median(times["float32"])
         record = {

@@ -42,10 +42,27 @@ def model_of(n_layers: int):
     return model
 
 
-def run(sizes=(10, 50, 150), repeats: int = 9, n: int = 512) -> tuple[str, list[dict]]:
+def _trials(model, session, assignments) -> dict:
+    """One trial each way: the engine's pass, and a rebuilt model's prediction."""
     import autoprec
-    from autoprec.session import open_session
     from autoprec.verify import predict_batches
+
+    it = {"engine": iter(assignments), "rebuild": iter(assignments)}
+
+    def engine():
+        for _ in range(RUN):
+            session._cache.clear()  # a trial is a fresh pass, never a cache hit
+            session.evaluate(next(it["engine"]))
+
+    def rebuild():
+        tuned = autoprec.apply_policy(model, session.graph.resolve(next(it["rebuild"])), graph=session.graph)
+        session.score_outputs(predict_batches(tuned, session.data))
+
+    return {"engine": engine, "rebuild": rebuild}
+
+
+def run(sizes=(10, 50, 150), repeats: int = 9, n: int = 512) -> tuple[str, list[dict]]:
+    from autoprec.session import open_session
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, 64)).astype("float32")
@@ -57,18 +74,7 @@ def run(sizes=(10, 50, 150), repeats: int = 9, n: int = 512) -> tuple[str, list[
         session = open_session(model, (x, y), target=TARGET, metric="accuracy")
         eligible = [i.path for i in session.graph.eligible]
         assignments = [{u: TARGET for u in eligible if rng.random() < 0.5} for _ in range((repeats + 1) * (RUN + 1))]
-        it = {"engine": iter(assignments), "rebuild": iter(assignments)}
-
-        def engine():
-            for _ in range(RUN):
-                session._cache.clear()  # a trial is a fresh pass, never a cache hit
-                session.evaluate(next(it["engine"]))
-
-        def rebuild():
-            tuned = autoprec.apply_policy(model, session.graph.resolve(next(it["rebuild"])), graph=session.graph)
-            session.score_outputs(predict_batches(tuned, session.data))
-
-        times = interleaved({"engine": engine, "rebuild": rebuild}, repeats=repeats, warmup=1)
+        times = interleaved(_trials(model, session, assignments), repeats=repeats, warmup=1)
         e, r = median(times["engine"]) / RUN, median(times["rebuild"])
         n_layers = len(session.graph.layers)
         rows.append([n_layers, len(eligible), e, r, r / e, session.engine.traces])

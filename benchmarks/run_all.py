@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import machine  # noqa: E402
+from common import machine  # noqa: E402  (found through the sys.path entry above)
 
 GPU_NOTE = """No CUDA machine was lent to the sessions that made this report, so `benchmarks/gpu.py`
 has not been run; it is ready: `KERAS_BACKEND=jax python benchmarks/gpu.py --out gpu.md` on a CUDA
@@ -33,7 +33,8 @@ def _quality(rec):
     beaten = [r["model"] for r in rec if r["tune"] + 1e-9 < max(r["halving"], r["prefix"])]
     return [
         f"- Search quality: tune reaches {worst:.1%} of the exhaustive optimum over every eligible layer at worst "
-        f"(target >= 99%): {'met' if worst >= 0.99 else 'MISSED'}; below a baseline on: {', '.join(beaten) or 'no model'}."
+        f"(target >= 99%): {'met' if worst >= 0.99 else 'MISSED'}; "
+        f"below a baseline on: {', '.join(beaten) or 'no model'}."
     ]
 
 
@@ -106,7 +107,8 @@ def _adaptive(rec):
 
 def _workers(rec):
     return [
-        f"- Shared search, {r['workers']} worker(s): {r['seconds']:.1f} s wall, {r.get('speedup', 1.0):.2f}x one worker."
+        f"- Shared search, {r['workers']} worker(s): {r['seconds']:.1f} s wall, "
+        f"{r.get('speedup', 1.0):.2f}x one worker."
         for r in rec
     ]
 

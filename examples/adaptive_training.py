@@ -32,11 +32,11 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from keras import ops  # noqa: E402
+import keras
+import numpy as np
+from keras import ops
 
-import autoprec  # noqa: E402
+import autoprec
 
 SCALE = 1e6  # the targets' scale: the backbone's activations must grow past 65504 to reach it
 FAST = os.environ.get("AUTOPREC_EXAMPLES_FAST") == "1"

@@ -35,8 +35,8 @@ echo "== 0. a trained model and its data, saved as model.keras, train.npz and va
 "$PYTHON" - "$FAST" <<'EOF'
 import sys
 import numpy as np
-from autoprec.demo import digits_data, digits_model
-from autoprec.testing import train
+from autoprec.demo import digits_model
+from autoprec.testing import digits_data, train
 
 (x_train, y_train), (x_val, y_val) = digits_data()
 train(digits_model(), x_train, y_train, epochs=2 if sys.argv[1] == "1" else 8).save("model.keras")

@@ -55,7 +55,7 @@ from _common import FAST, output_path  # examples/_common.py; imported first, it
 
 import autoprec
 from autoprec import backends
-from autoprec.demo import digits_data
+from autoprec.testing import digits_data
 
 WIDTH = 256 if FAST else 2048
 EPOCHS = 2 if FAST else 8

@@ -28,7 +28,7 @@ import keras
 from _common import FAST, output_path  # examples/_common.py; imported first, it quiets TensorFlow
 
 import autoprec
-from autoprec.demo import digits_data
+from autoprec.testing import digits_data
 
 
 def build_model() -> keras.Model:

@@ -47,7 +47,7 @@ def sequences(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = rng.integers(CLASSES, VOCAB, size=(n, LENGTH))
     y = rng.integers(0, CLASSES, n)
-    for row, label in zip(x, y):
+    for row, label in zip(x, y, strict=True):
         row[rng.choice(LENGTH, 2, replace=False)] = label
     return x.astype("int32"), y.astype("int32")
 

@@ -117,7 +117,7 @@ def digits_cnn():
     """The bundled digits CNN, trained briefly once per session: (model, train, val)."""
     from autoprec import demo, testing
 
-    train, val = demo.digits_data()
+    train, val = testing.digits_data()
     model = testing.train(demo.digits_model(), *train, epochs=4)
     return model, train, val
 

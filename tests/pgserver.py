@@ -61,7 +61,7 @@ class PostgresServer:
 
     def start(self) -> None:
         try:
-            import psycopg2  # noqa: F401
+            import psycopg2  # noqa: F401  (only whether the driver imports)
         except ImportError:
             raise Unavailable(f"the psycopg2 driver is not installed: {HOW}") from None
         if self._bin is None:

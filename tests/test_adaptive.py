@@ -336,7 +336,7 @@ def test_demotion_after_a_warm_up():
         ("d1", "gain", "d2"), "mixed_float16"
     )
     assert (history["value"] <= history["threshold"]).all()
-    steps = dict(zip(history["layer"], history["step"]))
+    steps = dict(zip(history["layer"], history["step"], strict=True))
     patience_steps = AdaptiveOptions().patience * 10
     assert steps["gain"] > patience_steps and steps["d2"] > patience_steps  # they waited for the gain to shrink
     checks = callback.checks

@@ -16,7 +16,7 @@ def all16(model, fmt):
 
 
 def compute_dtypes(model):
-    return {k: l.compute_dtype for k, l in keyed_layers(model).items() if l.weights}
+    return {k: layer.compute_dtype for k, layer in keyed_layers(model).items() if layer.weights}
 
 
 @pytest.mark.parametrize("kind", sorted(MODEL_BUILDERS))
@@ -35,7 +35,7 @@ def test_apply_each_kind(kind, fmt, tmp_path):
         expected = "float32" if info.pinned else want
         if info.is_unit or info.pinned:
             assert layer.compute_dtype == expected, info.path
-    assert all(np.array_equal(a, b) for a, b in zip(before, tuned.get_weights()))
+    assert all(np.array_equal(a, b) for a, b in zip(before, tuned.get_weights(), strict=True))
     pred = tuned.predict(x, verbose=0)
     assert pred.dtype == np.float32  # outputs stay float32
     tolerance = 2e-2 if fmt == "mixed_float16" else 8e-2
@@ -43,7 +43,7 @@ def test_apply_each_kind(kind, fmt, tmp_path):
     is_lso = isinstance(tuned.optimizer, keras.optimizers.LossScaleOptimizer)
     assert is_lso == (fmt == "mixed_float16")
     if not inplace:
-        assert all(l.compute_dtype == "float32" for l in model._flatten_layers(include_self=False))
+        assert all(layer.compute_dtype == "float32" for layer in model._flatten_layers(include_self=False))
         path = tmp_path / "tuned.keras"
         tuned.save(path)
         loaded = keras.models.load_model(path)

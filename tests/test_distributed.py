@@ -152,7 +152,9 @@ def test_workers_share_one_plan_and_choose_what_one_worker_chooses(pg_url):
     expected = alone.run()
     searches = [_worker_search(pg_url, "shared", n_trials, calls, lock) for _ in range(3)]
     threads = [threading.Thread(target=lambda s=s: bests.append(s.run())) for s in searches]
-    for t, delay in zip(threads, (0.0, 0.1, 0.6)):  # the last joins late and replays what the others did meanwhile
+    for t, delay in zip(
+        threads, (0.0, 0.1, 0.6), strict=True
+    ):  # the last joins late and replays what the others did meanwhile
         time.sleep(delay)
         t.start()
     for t in threads:

@@ -18,3 +18,31 @@ def test_public_names_resolve():
     for name in autoprec.__all__:
         assert getattr(autoprec, name) is not None
     assert callable(autoprec.tune) and callable(autoprec.profile) and callable(autoprec.apply_policy)
+
+
+def test_type_checking_imports_match_the_lazy_exports():
+    """The ``if TYPE_CHECKING:`` re-exports (read by type checkers and the API docs) name what ``_EXPORTS`` resolves."""
+    import ast
+    import pathlib
+
+    import autoprec
+
+    tree = ast.parse(pathlib.Path(autoprec.__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", None) == "TYPE_CHECKING")
+    imported = {}
+    for node in block.body:
+        for alias in node.names:
+            assert alias.asname == alias.name, f"{alias.name}: re-export it as `{alias.name} as {alias.name}`"
+            imported[alias.name] = f"{node.module}.{alias.name}" if node.module == "autoprec" else node.module
+    assert imported == autoprec._EXPORTS
+
+
+def test_the_api_reference_renders_every_public_name():
+    import pathlib
+    import re
+
+    import autoprec
+
+    api = pathlib.Path(__file__).resolve().parents[1] / "docs" / "api.md"
+    rendered = set(re.findall(r"^::: autoprec\.(\w+)$", api.read_text(), flags=re.M))
+    assert rendered == set(autoprec.__all__)

@@ -281,8 +281,8 @@ def test_to_keras_map_builds_the_same_model_from_code(build):
     dtype_map = policy.to_keras(model)
     keras.config.set_dtype_policy("float32")
     rebuilt = _rebuild_with(build, dtype_map)
-    want = {k: l.compute_dtype for k, l in keyed_layers(reference).items() if l.path}
-    got = {k: l.compute_dtype for k, l in keyed_layers(rebuilt).items() if l.path}
+    want = {k: layer.compute_dtype for k, layer in keyed_layers(reference).items() if layer.path}
+    got = {k: layer.compute_dtype for k, layer in keyed_layers(rebuilt).items() if layer.path}
     assert got == want and "bfloat16" in got.values()
 
 

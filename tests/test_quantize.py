@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import autoprec
-from autoprec import demo, testing
+from autoprec import testing
 from autoprec.errors import ArgumentError
 from autoprec.graph import build_graph, keyed_layers
 from autoprec.quantize import is_quantizable, quantized_twin, split, weight_bytes
@@ -17,7 +17,7 @@ L = keras.layers
 
 @pytest.fixture(scope="module")
 def digits_mlp():
-    (x_train, y_train), val = demo.digits_data(flat=True)
+    (x_train, y_train), val = testing.digits_data(flat=True)
     keras.utils.set_random_seed(0)
     model = testing.train(testing.mlp(depth=3, width=256), x_train, y_train, epochs=12)
     return model, (x_train, y_train), val
@@ -26,7 +26,7 @@ def digits_mlp():
 @pytest.fixture(scope="module")
 def digits_transformer():
     """Rows of the 8x8 image as a sequence of 8 tokens: Dense embedding, attention, LayerNorm, a Dense FFN."""
-    (x_train, y_train), (x_val, y_val) = demo.digits_data()
+    (x_train, y_train), (x_val, y_val) = testing.digits_data()
     x_train, x_val = x_train[..., 0], x_val[..., 0]
     keras.utils.set_random_seed(0)
     i = keras.Input((8, 8))

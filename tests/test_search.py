@@ -47,7 +47,7 @@ def make(allowed=0.005, n_trials=40, storage=None, name="s", seed=0, calls=None)
 def optimum(allowed):
     best = 1.0
     for bits in itertools.product([0, 1], repeat=len(KEYS)):
-        a = {k: ("mixed_float16" if b else "float32") for k, b in zip(KEYS, bits)}
+        a = {k: ("mixed_float16" if b else "float32") for k, b in zip(KEYS, bits, strict=True)}
         if sum(DROP.get(k, 0) for k, v in a.items() if v != "float32") <= allowed + 1e-12:
             best = max(best, estimate(a))
     return best

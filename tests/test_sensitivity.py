@@ -154,9 +154,7 @@ def test_progress_bar_and_silence(capsys):
 
 def _slightly_sensitive_mlp():
     """16 Dense layers; seven linear ones carry a small planted offset, so their region loses a little in bfloat16."""
-    from autoprec import demo
-
-    (x_train, y_train), val = demo.digits_data(flat=True)
+    (x_train, y_train), val = testing.digits_data(flat=True)
     keras.utils.set_random_seed(0)
     x_in = keras.Input((64,))
     h = x_in

@@ -1,13 +1,13 @@
 import numpy as np
 
-from autoprec import demo, testing
+from autoprec import testing
 
 
 def test_planting_keeps_the_float32_function():
     import keras
     import pytest
 
-    (x_train, y_train), (x_val, _) = demo.digits_data(flat=True)
+    (x_train, y_train), (x_val, _) = testing.digits_data(flat=True)
     model = testing.train(testing.mlp(depth=4, width=32), x_train, y_train, epochs=2)
     model.get_layer("d3").activation = keras.activations.linear  # plant_offset needs a linear producer
     before = model.predict(x_val, verbose=0)

@@ -353,8 +353,8 @@ def test_applications(name, size, granularity, tmp_path):
     applied = autoprec.apply_policy(model, policy)
     applied.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
-    got = {k: l.compute_dtype for k, l in keyed_layers(loaded).items() if l.weights}
-    assert got == {k: l.compute_dtype for k, l in keyed_layers(applied).items() if l.weights}
+    got = {k: layer.compute_dtype for k, layer in keyed_layers(loaded).items() if layer.weights}
+    assert got == {k: layer.compute_dtype for k, layer in keyed_layers(applied).items() if layer.weights}
     assert "bfloat16" in got.values() or result.all_float32
 
 

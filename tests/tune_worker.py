@@ -20,11 +20,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-import autoprec  # noqa: E402
-from autoprec import search  # noqa: E402
+import autoprec
+from autoprec import search
 
 parser = argparse.ArgumentParser()
 for name in ("model", "data", "storage", "study"):

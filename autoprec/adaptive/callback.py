@@ -8,21 +8,12 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 
 from autoprec import backends
-from autoprec.apply import set_policies_in_place
-from autoprec.errors import ArgumentError, UnsupportedModelError, describe
-from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, resolve_target
-from autoprec.formats import get as get_format
-from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers
-from autoprec.policy import PrecisionPolicy
-
-logger = logging.getLogger("autoprec")
-
 from autoprec.adaptive.rules import (
     CHECK_COLUMNS,
     CHECKS_FILE,
@@ -34,6 +25,17 @@ from autoprec.adaptive.rules import (
     Judge,
 )
 from autoprec.adaptive.sampler import Sampler
+from autoprec.apply import set_policies_in_place
+from autoprec.errors import ArgumentError, UnsupportedModelError, describe
+from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_FLOAT16, resolve_target
+from autoprec.formats import get as get_format
+from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers
+from autoprec.policy import PrecisionPolicy
+
+if TYPE_CHECKING:
+    from autoprec.data import EvalData
+
+logger = logging.getLogger("autoprec")
 
 
 def _start_policy(policy: Any, model: Any, graph: ModelGraph) -> dict[str, str]:
@@ -101,7 +103,7 @@ class _Run:
         self.data = (
             EvalData.get(data, batch_size=options.batch_size, model=model, what="data") if data is not None else None
         )
-        self._batches = self._cycle() if self.data is not None else None
+        self._batches = self._cycle(self.data) if self.data is not None else None
         x, y = next(self._batches) if self._batches is not None else (None, None)
         self.graph = build_graph(model, keep_float32=keep_float32, sample=x)
         start = _start_policy(policy, model, self.graph)
@@ -112,9 +114,9 @@ class _Run:
         if demote and not has_stats:
             raise UnsupportedModelError(
                 f"Expected a Functional or Sequential model on TensorFlow for demote=True. Received a "
-                f"{self.graph.kind} model on {backends.name()}: demotion needs per-layer statistics, which need a graph "
-                "to walk and TensorFlow's traced pass. Pass demote=False (promotion on a non-finite loss or skipped "
-                "steps still works)."
+                f"{self.graph.kind} model on {backends.name()}: demotion needs per-layer statistics, which need a "
+                "graph to walk and TensorFlow's traced pass. Pass demote=False (promotion on a non-finite loss or "
+                "skipped steps still works)."
             )
         _require_loss_scale(model, start, self.fmt.name, demote)
         producers = {i.path: i.producers for i in self.graph.eligible}
@@ -131,7 +133,7 @@ class _Run:
         self.healthy_scale = self.scale() or 1.0
         self.iterations = self._iterations()
 
-    def _cycle(self) -> Iterator[tuple[Any, Any]]:
+    def _cycle(self, data: EvalData) -> Iterator[tuple[Any, Any]]:
         """The batches of ``data`` over and over; smaller ones only when no batch is full.
 
         Gradients at layer outputs scale with one over the batch size, so a
@@ -140,7 +142,7 @@ class _Run:
         any_size = False
         while True:
             full = 0
-            for x, y in self.data.batches():
+            for x, y in data.batches():
                 if any_size or len(keras.tree.flatten(y)[0]) == self.options.batch_size:
                     full += 1
                     yield x, y
@@ -199,8 +201,9 @@ class _Run:
         # Gradients are judged at the healthy scale, capped at the initial one: the scale keeps doubling
         # while no layer is float16, and is set back to the initial one when float16 layers return.
         judged = min(self.healthy_scale, _loss_scale_optimizer(self.model).initial_scale) if scale else 1.0
-        rows, sample_loss = ({}, math.nan)
-        if self.sampler is not None:
+        rows: Mapping[str, Mapping[str, float]] = {}
+        sample_loss = math.nan
+        if self.sampler is not None and self._batches is not None:  # a sampler exists only with data
             rows, sample_loss = self.sampler(*next(self._batches), judged)
         ratio = min(1.0, scale / judged) if scale else 1.0
         had_float16 = any(n == MIXED_FLOAT16 for n in self.judge.assignment.values())
@@ -364,7 +367,10 @@ class AdaptivePrecision(keras.callbacks.Callback):
 
     @property
     def checks(self):
-        """One row per check and per epoch end (``trigger``): logged and sampled loss, loss scale, skipped steps, seconds."""
+        """One row per check and per epoch end (``trigger``).
+
+        The columns: logged and sampled loss, loss scale, skipped steps, seconds.
+        """
         import pandas as pd
 
         return pd.DataFrame(self._run.checks if self._run else [], columns=list(CHECK_COLUMNS))
@@ -386,7 +392,7 @@ class AdaptivePrecision(keras.callbacks.Callback):
             raise ArgumentError("Expected a callback that has trained. Received one before fit; call model.fit first.")
         folder = check_output_directory(directory)
         os.makedirs(folder, exist_ok=True)
-        self.policy.save(os.path.join(folder, POLICY_FILE))
+        self._run.policy.save(os.path.join(folder, POLICY_FILE))
         for name, frame in ((HISTORY_FILE, self.history), (CHECKS_FILE, self.checks)):
             write_text_atomic(os.path.join(folder, name), frame.to_csv(index=False), what="adaptive history")
         paths = [os.path.join(folder, n) for n in (POLICY_FILE, HISTORY_FILE, CHECKS_FILE)]
@@ -413,11 +419,17 @@ class AdaptivePrecision(keras.callbacks.Callback):
         self._run.mark, self._run.iterations = self._run.step, self._run._iterations()
         self._run.record("train_begin", None)
 
+    def _started(self) -> _Run:
+        if self._run is None:  # Keras calls on_train_begin before any other hook of fit
+            raise RuntimeError("Expected on_train_begin to run before the other hooks of fit.")
+        return self._run
+
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._run.epoch, self._epoch_start, self._nonfinite = epoch, self._run.step, False
+        run = self._started()
+        run.epoch, self._epoch_start, self._nonfinite = epoch, run.step, False
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        run = self._run
+        run = self._started()
         run.step = self._epoch_start + batch + 1
         loss = (logs or {}).get("loss")
         loss = float(loss) if isinstance(loss, (int, float, np.floating)) else None
@@ -437,7 +449,7 @@ class AdaptivePrecision(keras.callbacks.Callback):
                 logs["autoprec_changes"] = float(len(events))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        run = self._run
+        run = self._started()
         loss = (logs or {}).get("loss")
         run.record("epoch_end", float(loss) if isinstance(loss, (int, float, np.floating)) else None)
         if logs is None:

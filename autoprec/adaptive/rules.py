@@ -78,7 +78,7 @@ class AdaptiveOptions:
         >>> AdaptiveOptions(check_every=0)
         Traceback (most recent call last):
         ...
-        autoprec.errors.ArgumentError: Expected check_every to be an integer >= 1. Received: check_every=0 (of type int).
+        autoprec.errors.ArgumentError: Expected check_every to be an integer >= 1. Received: check_every=0 ...
     """
 
     check_every: int = 100
@@ -106,9 +106,9 @@ class AdaptiveOptions:
 
 def _check_share(name: str, value: object, low: float, high: float, *, closed: str = "", what: str = "") -> None:
     """Raise unless ``value`` is a number between ``low`` and ``high``; ``closed`` names the ends included."""
-    number = not isinstance(value, bool) and isinstance(value, (int, float))
-    above = number and (low <= value if "low" in closed else low < value)
-    below = number and (value <= high if "high" in closed else value < high)
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    above = number is not None and (low <= number if "low" in closed else low < number)
+    below = number is not None and (number <= high if "high" in closed else number < high)
     if not (above and below):
         span = f"{'[' if 'low' in closed else '('}{low:g}, {high:g}{']' if 'high' in closed else ')'}"
         raise ArgumentError(f"Expected {name} to be a number in {span}{what}. Received: {name}={describe(value)}.")
@@ -141,9 +141,15 @@ class Event:
         where = "" if self.node in ("", self.layer) else f" at its input from `{self.node}`"
         fact = {
             Change.OVERFLOW: f"{self.statistic}{where} reached {self.value:.3g} >= {self.threshold:.3g}",
-            Change.UNDERFLOW: f"{self.value:.2%} of the nonzero activations{where} flush to zero (> {self.threshold:.2%})",
-            Change.GRAD_UNDERFLOW: f"{self.value:.2%} of the gradients{where} flush at the loss scale (> {self.threshold:.2%})",
-            Change.GRAD_OVERFLOW: f"after skipped steps, its gradients{where} reach {self.value:.3g} at the lowered loss scale",
+            Change.UNDERFLOW: (
+                f"{self.value:.2%} of the nonzero activations{where} flush to zero (> {self.threshold:.2%})"
+            ),
+            Change.GRAD_UNDERFLOW: (
+                f"{self.value:.2%} of the gradients{where} flush at the loss scale (> {self.threshold:.2%})"
+            ),
+            Change.GRAD_OVERFLOW: (
+                f"after skipped steps, its gradients{where} reach {self.value:.3g} at the lowered loss scale"
+            ),
             Change.SKIPPED_STEPS: f"{self.value:g} skipped steps, and it is the 16-bit layer closest to the limits",
             Change.NONFINITE_LOSS: "the loss turned non-finite, and it is the 16-bit layer closest to the limits",
             Change.RETRY_FAILED: "training misbehaved while it was on probation in 16-bit",
@@ -216,7 +222,7 @@ class Judge:
         self.checks += 1
         trouble = nonfinite_loss or skipped >= self.options.skip_limit
         found = [self._hazard(p, rows, trouble, scale_ratio) for p in self._low()]
-        changes = [(p, *h) for p, h in zip(self._low(), found) if h is not None]
+        changes = [(p, *h) for p, h in zip(self._low(), found, strict=True) if h is not None]
         if trouble and not changes:
             changes = self._blame(rows, skipped, nonfinite_loss, scale_ratio)
         events = [

@@ -11,13 +11,12 @@ import keras
 import numpy as np
 
 from autoprec import backends, stats
+from autoprec.adaptive.rules import _CHUNK
 from autoprec.apply import set_policies_in_place
 from autoprec.formats import FLOAT32, LOW_PRECISION, Format
 from autoprec.graph import ModelGraph, keyed_layers
 
 logger = logging.getLogger("autoprec")
-
-from autoprec.adaptive.rules import _CHUNK
 
 
 @contextlib.contextmanager
@@ -95,7 +94,7 @@ class Sampler:
         """Statistics columns per node path (a shared layer's calls merged), and the batch loss."""
         rows, loss = self._fn(x, y, np.float32(scale))
         merged: dict[str, np.ndarray] = {}
-        for path, row in zip(self.names, np.asarray(keras.ops.convert_to_numpy(rows), np.float64)):
+        for path, row in zip(self.names, np.asarray(keras.ops.convert_to_numpy(rows), np.float64), strict=True):
             merged[path] = stats.merge(merged.get(path), row)
         w = stats.WIDTH
         out = {p: {**stats.columns(v[:w], "act"), **stats.columns(v[w:], "grad")} for p, v in merged.items()}

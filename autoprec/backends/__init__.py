@@ -44,7 +44,8 @@ class _GenericTFFunction:
     """A ``tf.function`` whose input signature is the first call's with the leading dimensions unknown."""
 
     def __init__(self, fn: Callable) -> None:
-        self._fn, self._compiled = fn, None
+        self._fn = fn
+        self._compiled: Callable | None = None
 
     def __call__(self, *args: Any) -> Any:
         if self._compiled is None:

@@ -33,7 +33,7 @@ def gradient_pass(forward: Callable, loss_fn: Callable, x: Any, y: Any, variable
         def watch(tensor):
             return tensor + next(slots)
 
-        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
             predictions = forward(x, watch)
             loss = loss_fn(y, predictions)
         return loss, predictions
