@@ -83,13 +83,17 @@ def layer_flops(layer: Any, in_shapes: Sequence, out_shapes: Sequence) -> float:
         steps = int(in_shapes[0][1]) if in_shapes and len(in_shapes[0]) > 2 and in_shapes[0][1] else 1
         return 2.0 * steps * (math.prod(k) + math.prod(rk))
     if cls in ("Embedding", "ReversibleEmbedding"):
-        table = _kernel(layer, "embeddings") or (0, 0)
-        vocab, width = table[0], table[-1]
-        if cls == "ReversibleEmbedding" and in_shapes and list(in_shapes[0])[-1:] == [width]:
-            # Called in reverse (a language model's head): hidden states times the transposed table.
-            return 2.0 * in_elems * vocab
-        return out_elems  # a gather: one read per output element
+        return _embedding_flops(layer, in_shapes, in_elems, out_elems)
     return out_elems
+
+
+def _embedding_flops(layer: Any, in_shapes: Sequence, in_elems: float, out_elems: float) -> float:
+    table = _kernel(layer, "embeddings") or (0, 0)
+    vocab, width = table[0], table[-1]
+    if type(layer).__name__ == "ReversibleEmbedding" and in_shapes and list(in_shapes[0])[-1:] == [width]:
+        # Called in reverse (a language model's head): hidden states times the transposed table.
+        return 2.0 * in_elems * vocab
+    return out_elems  # a gather: one read per output element
 
 
 def _is_attention(layer: Any) -> bool:
