@@ -82,6 +82,17 @@ def paired_upper_bound(
     return mean + t_quantile(confidence, n - 1) * sd / math.sqrt(n)
 
 
+def no_change_bound(n: int, confidence: float) -> float:
+    """The bound on a right-or-wrong metric for a candidate that changed none of ``n`` predictions.
+
+    No budget below it can be met by a 16-bit candidate on ``n`` samples.
+
+    >>> round(no_change_bound(1000, 0.95), 4)
+    0.0016
+    """
+    return _paired_proportions_upper(0, 0, n, confidence)
+
+
 def _paired_proportions_upper(worse: int, better: int, n: int, confidence: float) -> float:
     """Agresti and Min's adjusted bound on a paired difference of proportions.
 
@@ -111,7 +122,7 @@ def t_quantile(confidence: float, dof: int) -> float:
 
 
 def bootstrap_upper_bound(
-    score: Callable[[np.ndarray], tuple[float, float]],
+    score: Callable[[np.ndarray], float],
     n: int,
     *,
     confidence: float,

@@ -113,13 +113,21 @@ class Budget:
                 "point."
             )
 
-    def formula(self, *, metric: str, higher_is_better: bool, baseline: float) -> str:
-        """The feasibility rule in words and numbers, as printed at the start of a run."""
+    def formula(self, *, metric: str, higher_is_better: bool, baseline: float, confidence: float | None = None) -> str:
+        """The feasibility rule in words and numbers, as printed at the start of a run.
+
+        With ``confidence``, the rule is on the drop's one-sided upper bound
+        at that confidence, paired over the same samples (:mod:`autoprec.bounds`).
+
+        >>> Budget(0.005).formula(metric="accuracy", higher_is_better=True, baseline=0.9, confidence=0.95)
+        'feasible when the 95% upper bound on drop <= 0.005, where drop = baseline - accuracy and ...'
+        """
         drop = f"drop = baseline - {metric}" if higher_is_better else f"drop = {metric} - baseline"
+        subject = f"the {confidence:.0%} upper bound on drop" if confidence is not None else "drop"
         if self.relative:
-            rule = f"drop <= {self.max_drop:g} * |baseline| = {self.allowed(baseline):.6g}"
+            rule = f"{subject} <= {self.max_drop:g} * |baseline| = {self.allowed(baseline):.6g}"
         else:
-            rule = f"drop <= {self.max_drop:g}"
+            rule = f"{subject} <= {self.max_drop:g}"
         return f"feasible when {rule}, where {drop} and baseline = {baseline:.6g} (float32, same data)"
 
     def __str__(self) -> str:

@@ -159,12 +159,27 @@ def _tune_options(args: argparse.Namespace, train: Any) -> dict[str, Any]:
         max_fallbacks=args.max_fallbacks,
         batch_size=args.batch_size,
         nonfinite_inputs=args.nonfinite_inputs,
+        confidence=None if args.confidence in ("none", "None") else _float(args.confidence, "--confidence"),
+        holdout=args.holdout if args.holdout == "auto" else _holdout(args.holdout),
     )
     if args.candidates:
         options["candidates"] = tuple(c.strip() for c in args.candidates.split(",") if c.strip())
     if args.higher_is_better is not None:
         options["higher_is_better"] = args.higher_is_better == "yes"
     return options
+
+
+def _float(text: str, flag: str) -> float:
+    from autoprec.errors import ArgumentError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise ArgumentError(f"Expected {flag} as a number (e.g. 0.95) or none. Received: {text!r}.") from None
+
+
+def _holdout(text: str) -> float | None:
+    return None if text.lower() in ("none", "0") else _float(text, "--holdout")
 
 
 def _check_tune_args(args: argparse.Namespace) -> None:
@@ -414,6 +429,16 @@ def _add_tune(p: argparse.ArgumentParser, model_arg: Any, targets: list[str]) ->
         default="layer",
         choices=["layer", "block"],
         help="one decision per layer, or per block (nested model or name prefix)",
+    )
+    p.add_argument(
+        "--confidence",
+        default="0.95",
+        help="judge the budget by the drop's upper bound at this confidence (default 0.95), or none: the drop",
+    )
+    p.add_argument(
+        "--holdout",
+        default="auto",
+        help="fraction of the data the search never sees, checked at verification; auto (default) or none",
     )
     p.add_argument(
         "--max-fallbacks",

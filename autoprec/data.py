@@ -124,6 +124,46 @@ class EvalData:
 
         return EvalData(fixed, n=self.n, y=fix(self.y), batch_size=self.batch_size, sample=self._sample, what=self.what)
 
+    def split(self, fraction: float, *, seed: int = 0) -> tuple[EvalData, EvalData]:
+        """A seeded random ``fraction`` of the samples held out: ``(the rest, the held-out part)``.
+
+        Each part reads the same source and keeps its samples' order; a part
+        that fits ``DEFAULT_CACHE_BYTES`` is kept in memory after its first pass.
+
+        >>> rest, held = EvalData.get((np.arange(10.0)[:, None], np.arange(10))).split(0.3)
+        >>> rest.n, held.n, sorted(set(rest.y) | set(held.y)) == list(range(10))
+        (7, 3, True)
+        """
+        rng = np.random.default_rng(seed)
+        held = np.zeros(self.n, dtype=bool)
+        held[rng.choice(self.n, size=int(round(fraction * self.n)), replace=False)] = True
+        return self._subset(~held), self._subset(held)
+
+    def _subset(self, mask: np.ndarray) -> EvalData:
+        source, what = self._source, self.what
+        cache: list[list[tuple[Any, Any]]] = []
+
+        def part() -> Iterator[tuple[Any, Any]]:
+            if cache:
+                yield from cache[0]
+                return
+            pieces, size, offset = [], 0, 0
+            for x, y in source():
+                n = _length(x, what)
+                keep, offset = mask[offset : offset + n], offset + n
+                if keep.any():
+                    piece = (_take(x, keep), _take(y, keep))
+                    size += _nbytes(piece)
+                    pieces.append(piece)
+                    yield piece
+            if size <= DEFAULT_CACHE_BYTES:
+                cache.append(pieces)
+
+        sample = _slice(next(iter(part()))[0], 0, 2)
+        return EvalData(
+            part, n=int(mask.sum()), y=_take(self.y, mask), batch_size=self.batch_size, sample=sample, what=what
+        )
+
     def x_sample(self, k: int = 2) -> Any:
         """The first ``k`` inputs."""
         return _slice(self._sample, 0, k)

@@ -57,10 +57,24 @@ class TuneResult:
     stats: dict = field(default_factory=dict, repr=False)
     objective: str = "speed"
     size_ratio: float = 1.0
+    drop_bound: float = math.nan  # the verified drop's upper bound at ``confidence`` (NaN: judged by the drop)
+    confidence: float | None = None
 
     @property
     def drop(self) -> float:
         return Budget.drop(baseline=self.baseline_metric, value=self.metric, higher_is_better=self.higher_is_better)
+
+    @property
+    def judged_drop(self) -> float:
+        """What the budget judged: the drop's upper bound at :attr:`confidence`, or the drop where none was asked."""
+        return self.drop if self.confidence is None or math.isnan(self.drop_bound) else max(self.drop_bound, self.drop)
+
+    @property
+    def drop_text(self) -> str:
+        """``0.0031`` or ``0.0031 (95% bound 0.0046)``."""
+        if self.judged_drop == self.drop and (self.confidence is None or math.isnan(self.drop_bound)):
+            return f"{self.drop:.4g}"
+        return f"{self.drop:.4g} ({self.confidence:.0%} bound {self.drop_bound:.4g})"
 
     @property
     def allowed_drop(self) -> float:
@@ -70,7 +84,7 @@ class TuneResult:
     def feasible(self) -> bool:
         """The verified drop is within the budget, and the training check (if any) passed."""
         trained = self.training is None or self.training.passed
-        return self.budget.feasible(baseline=self.baseline_metric, drop=self.drop) and trained
+        return self.budget.feasible(baseline=self.baseline_metric, drop=self.judged_drop) and trained
 
     @property
     def units(self):
@@ -119,11 +133,12 @@ class TuneResult:
         return "reduced" if quantized else get_format(self.target).short
 
     def __repr__(self) -> str:
-        rel = "<=" if self.budget.feasible(baseline=self.baseline_metric, drop=self.drop) else ">"
+        rel = " <= " if self.budget.feasible(baseline=self.baseline_metric, drop=self.judged_drop) else " > "
+        rel = rel.strip() if self.drop_text == f"{self.drop:.4g}" else rel
         tail = "" if self.feasible else ", INFEASIBLE"
         return (
             f"TuneResult(metric={self.metric:.4g}, baseline={self.baseline_metric:.4g}, "
-            f"drop={self.drop:.4g}{rel}{self.allowed_drop:.4g}, {self._low_label}={self.n_16bit}/"
+            f"drop={self.drop_text}{rel}{self.allowed_drop:.4g}, {self._low_label}={self.n_16bit}/"
             f"{len(self.units)} layers, trials={len(self.trials)}{tail})"
         )
 
@@ -141,6 +156,15 @@ class TuneResult:
         if self.size_ratio > 1.0 + 1e-9 or self.objective == "size":
             lines.insert(
                 4, f"  weights {self.size_ratio:.2f}x smaller than float32; the search optimised {self.objective}"
+            )
+        held = self.verification.get("holdout")
+        if held:
+            bound = held.get("drop_bound")
+            shown = f"{held['drop']:.4g}" + (f" ({self.confidence:.0%} bound {bound:.4g})" if bound is not None else "")
+            lines.insert(
+                3,
+                f"  held-out check on {held['samples']} samples the search never saw: drop={shown} "
+                f"{'<=' if held['feasible'] else '>'} {held['allowed']:.4g}",
             )
         fallbacks = self.verification.get("fallbacks") or []
         if fallbacks:
@@ -164,6 +188,8 @@ class TuneResult:
                 "baseline_metric": self.baseline_metric,
                 "metric": self.metric,
                 "drop": self.drop,
+                "drop_bound": None if math.isnan(self.drop_bound) else self.drop_bound,
+                "confidence": self.confidence,
                 "feasible": self.feasible,
                 "budget": {
                     "max_drop": self.budget.max_drop,

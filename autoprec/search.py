@@ -159,6 +159,14 @@ def stored_drop(attrs: Mapping[str, Any]) -> float:
     return math.inf if float(drop) >= _LEGACY_INFEASIBLE else float(drop)
 
 
+def stored_judged(attrs: Mapping[str, Any]) -> float:
+    """The drop a stored trial is judged by: its upper confidence bound where one was stored, else its drop."""
+    bound = attrs.get("drop_bound")
+    if bound is None or bound != bound:
+        return stored_drop(attrs)
+    return math.inf if float(bound) >= _LEGACY_INFEASIBLE else float(bound)
+
+
 def objective_value(trial: Any) -> float:
     """The estimated objective of an evaluated trial: its value, or a PRUNED one's intermediate value."""
     if trial.value is not None:
@@ -172,7 +180,7 @@ def _as_complete(trial: Any, allowed: float) -> Any:
 
     if trial.state == optuna.trial.TrialState.COMPLETE:
         return trial
-    drop = stored_drop(trial.user_attrs)
+    drop = stored_judged(trial.user_attrs)
     violation = drop - allowed if math.isfinite(drop) else _LEGACY_INFEASIBLE
     return optuna.trial.create_trial(
         state=optuna.trial.TrialState.COMPLETE,
@@ -305,7 +313,7 @@ class _SharedStudy:
             return
         drop = stored_drop(attrs)
         rejected = bool(attrs.get("rejected", False))
-        feasible = self.feasible(drop)
+        feasible = self.feasible(stored_judged(attrs))
         if rejected and feasible:
             return  # its lower bound fits this budget: only a full pass can tell
         self._frozen[key] = t  # also for a trial this worker ran: TPE's history must not depend on who ran what
@@ -555,12 +563,14 @@ class Search(_SharedStudy):
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             raise
         drop = float(result.drop)
+        judged = float(getattr(result, "judged", drop))
         rejected = bool(getattr(result, "rejected", False))
-        feasible = self.feasible(drop) and not rejected
+        feasible = self.feasible(judged) and not rejected
         attrs = {
             "phase": phase,
             "metric": _finite_or_nan(result.metric) if not rejected else math.nan,
             "drop": _finite_or_nan(drop),
+            "drop_bound": _finite_or_nan(getattr(result, "bound", math.nan)) if not rejected else math.nan,
             "output_error": _finite_or_nan(result.output_error),
             "nonfinite_outputs": int(result.nonfinite_outputs),
             "feasible": feasible,
@@ -573,8 +583,8 @@ class Search(_SharedStudy):
             for name, value in attrs.items():
                 if not (isinstance(value, float) and math.isnan(value)):
                     trial.set_user_attr(name, value)
-            if math.isfinite(drop):  # a non-finite drop has no violation to store; PRUNED says it is infeasible
-                trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_KEY, [drop - self.allowed])
+            if math.isfinite(judged):  # a non-finite drop has no violation to store; PRUNED says it is infeasible
+                trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_KEY, [judged - self.allowed])
             if feasible:
                 self.study.tell(trial, speedup)
             else:

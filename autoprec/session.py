@@ -62,6 +62,16 @@ class Evaluation:
     samples: int
     rejected: bool = False
     harm: float = math.nan
+    bound: float = math.nan  # upper confidence bound on the drop (autoprec.bounds); NaN when none is asked for
+
+    @property
+    def judged(self) -> float:
+        """The drop the budget judges: its upper confidence bound where one was computed, else the drop itself.
+
+        Every feasibility decision (search, split, verify, fall-back, a
+        resumed study) reads this one number, so they all follow one rule.
+        """
+        return self.drop if math.isnan(self.bound) else self.bound
 
 
 @dataclass
@@ -80,6 +90,8 @@ class Session:
     baseline_values: np.ndarray | None = field(repr=False)
     passes: int = 0
     pass_seconds: float = 0.0  # one warm float32 pass over the whole data: the unit of tune's cost
+    confidence: float | None = None  # judge drops by their upper bound at this confidence (autoprec.bounds)
+    holdout: Any = None  # a Session over held-out data (autoprec.holdout), scored at verification only
     _cache: dict = field(default_factory=dict, repr=False)
 
     @functools.cached_property
@@ -134,8 +146,47 @@ class Session:
             den += sum(float(np.sum(np.square(q, dtype=np.float64))) for q in b)
             offset += n
         nonfinite = int(sum(np.size(o) - np.count_nonzero(np.isfinite(o)) for o in flat))
+        if self.metric.per_sample is not None and self.baseline_values is not None:
+            values = self.metric.values(*self.metric.select(self.data.y, outputs))
+            value = float(np.mean(values))
+            return _evaluation(self, value, nonfinite, num, den, self.data.n, bound=self.bound_of(values, value))
         value = self.metric.compute(self.data.y, outputs)
-        return _evaluation(self, value, nonfinite, num, den, self.data.n)
+        return _evaluation(self, value, nonfinite, num, den, self.data.n, bound=self.bootstrap_bound(outputs, value))
+
+    def bound_of(self, values: np.ndarray, value: float) -> float:
+        """Upper confidence bound on the drop of per-sample ``values`` against the float32 ones (NaN: none asked)."""
+        if self.confidence is None or self.baseline_values is None:
+            return math.nan
+        if not math.isfinite(value):
+            return math.inf
+        from autoprec.bounds import paired_upper_bound
+
+        return paired_upper_bound(
+            self.baseline_values,
+            values,
+            higher_is_better=self.metric.higher_is_better,
+            binary=self.binary_values,
+            confidence=self.confidence,
+        )
+
+    def bootstrap_bound(self, outputs: Any, value: float) -> float:
+        """Paired bootstrap bound for a metric that is not a mean over samples (AUC, F1, a callable)."""
+        if self.confidence is None:
+            return math.nan
+        import keras
+
+        from autoprec.bounds import bootstrap_upper_bound
+
+        base = keras.tree.map_structure(lambda *p: np.concatenate(p), *self.baseline_outputs)
+        take = lambda tree, idx: keras.tree.map_structure(lambda a: np.asarray(a)[idx], tree)  # noqa: E731
+        sign = 1.0 if self.metric.higher_is_better else -1.0
+
+        def drop_on(idx: np.ndarray) -> float:
+            y = take(self.data.y, idx)
+            return sign * (self.metric.compute(y, take(base, idx)) - self.metric.compute(y, take(outputs, idx)))
+
+        point = Budget.drop(baseline=self.baseline, value=value, higher_is_better=self.metric.higher_is_better)
+        return bootstrap_upper_bound(drop_on, self.data.n, confidence=self.confidence, point=point)
 
     def fingerprint(self) -> str:
         """A short hash of the labels, the first inputs and the sample count: what a stored study was judged on."""
@@ -158,6 +209,7 @@ def _evaluation(
     rejected: bool = False,
     drop: float | None = None,
     harm: float | None = None,
+    bound: float = math.nan,
 ) -> Evaluation:
     error = math.inf if nonfinite or not math.isfinite(num) else math.sqrt(num) / (math.sqrt(den) or 1.0)
     if drop is None:
@@ -166,7 +218,13 @@ def _evaluation(
             drop = math.inf  # a model whose outputs go non-finite has no usable metric
     if harm is None or nonfinite:
         harm = math.inf if nonfinite else max(float(drop), 0.0)
-    return Evaluation(float(value), float(drop), float(error), int(nonfinite), int(samples), rejected, float(harm))
+    if nonfinite or not math.isfinite(drop):
+        bound = math.nan if math.isnan(bound) else math.inf
+    elif num == 0.0 and not math.isnan(bound):
+        bound = drop  # outputs bit for bit the float32 ones (all float32): nothing is uncertain
+    return Evaluation(
+        float(value), float(drop), float(error), int(nonfinite), int(samples), rejected, float(harm), float(bound)
+    )
 
 
 class _Pass:
@@ -210,14 +268,15 @@ class _Pass:
                     s, math.nan, nonfinite, num, den, seen, rejected=True, drop=math.nan, harm=self.hsum / s.data.n
                 )
         if values:
-            value = float(np.mean(np.concatenate(values)))
-            return _evaluation(
-                s, value, nonfinite, num, den, seen, harm=self.hsum / s.data.n if s.binary_values else None
-            )
+            every = np.concatenate(values)
+            value = float(np.mean(every))
+            harm = self.hsum / s.data.n if s.binary_values else None
+            return _evaluation(s, value, nonfinite, num, den, seen, harm=harm, bound=s.bound_of(every, value))
         import keras
 
-        value = s.metric.compute(s.data.y, keras.tree.map_structure(lambda *p: np.concatenate(p), *outputs))
-        return _evaluation(s, value, nonfinite, num, den, seen)
+        full = keras.tree.map_structure(lambda *p: np.concatenate(p), *outputs)
+        value = s.metric.compute(s.data.y, full)
+        return _evaluation(s, value, nonfinite, num, den, seen, bound=s.bootstrap_bound(full, value))
 
     def _certain_drop(self, vals: np.ndarray | None, start: int, seen: int, bad: int) -> float | None:
         """Accumulate the per-sample drops; return a lower bound on the final drop that is over budget, or None."""
@@ -258,6 +317,7 @@ def open_session(
     keep_float32=(),
     force_16bit=(),
     nonfinite_inputs: str = "raise",
+    confidence: float | None = None,
 ) -> Session:
     """Check the model and data, build the graph and engine, and measure the float32 baseline.
 
@@ -318,6 +378,7 @@ def open_session(
     if not math.isfinite(baseline):
         raise DataError(f"Expected a finite float32 baseline metric. Received {resolved.name}={baseline}.")
     session = Session(model, graph, ev, resolved, engine, target, formats, baseline, outputs, values)
+    session.confidence = confidence
     session.pass_seconds = _warm_pass_seconds(engine, ev)
     return session
 

@@ -24,10 +24,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
+from autoprec.bounds import DEFAULT_CONFIDENCE, check_confidence, no_change_bound
 from autoprec.budget import Budget
 from autoprec.cost import CostModel, Device, check_device, resolve_device, slower_note
 from autoprec.errors import (
@@ -41,12 +43,13 @@ from autoprec.errors import (
 )
 from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_BFLOAT16, MIXED_FLOAT16, QUANTIZED_MODES, resolve_target
 from autoprec.graph import MOVEMENT, SUBCLASSED
+from autoprec.holdout import check_holdout, held_session, split_holdout
 from autoprec.progress import Progress
 from autoprec.quantize import quantized_name
 from autoprec.result import TuneResult
 from autoprec.session import Session, open_session
 from autoprec.space import GRANULARITIES, DecisionSpace, build_space
-from autoprec.verify import TrainCheck, fall_back, train_check, verify_eval
+from autoprec.verify import TrainCheck, fall_back, predict_batches, train_check, verify_eval
 
 if TYPE_CHECKING:
     from autoprec.search import WorkerResult
@@ -90,6 +93,8 @@ class TuneOptions:
     verbose: int = 1
     search_only: bool = False
     objective: str = "speed"
+    confidence: float | None = DEFAULT_CONFIDENCE
+    holdout: Any = field(default="auto", repr=False)
     calibration_data: Any = field(default=None, repr=False)
     inplace: bool = False
 
@@ -140,6 +145,10 @@ class TuneOptions:
             if name in options:
                 check_int(name, options[name], minimum)
         check_int("pretrain_steps", options.get("pretrain_steps"), 1, allow_none=True)
+        if "confidence" in options:
+            options["confidence"] = check_confidence(options["confidence"])
+        if "holdout" in options:
+            options["holdout"] = check_holdout(options["holdout"])
         for name in ("batch_size", "profile_batch_size"):
             options[name] = check_batch_size(options.get(name, "auto"), name)
         timeout = options.get("timeout")
@@ -260,7 +269,13 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
             (``"eval"``/``"train"`` with ``train_data`` and ``steps``);
             ``pretrain_steps``; ``max_fallbacks``; ``batch_size`` and
             ``profile_batch_size`` (``"auto"`` fits memory); ``nonfinite_inputs``
-            (``"raise"``/``"drop"``); ``verbose``; ``search_only`` (a worker
+            (``"raise"``/``"drop"``); ``confidence`` (default 0.95: the budget
+            judges the drop's one-sided upper confidence bound, paired over the
+            same samples, see :mod:`autoprec.bounds`; ``None`` judges the
+            measured drop); ``holdout`` (``"auto"``, a fraction, separate
+            ``(x, y)`` data, or ``None``: data the search never sees, on which
+            the winner must also hold, see :mod:`autoprec.holdout`);
+            ``verbose``; ``search_only`` (a worker
             that adds trials to a shared ``storage`` and returns a
             :class:`autoprec.search.WorkerResult`, verifying and emitting nothing).
 
@@ -451,11 +466,22 @@ def open_run(model: Any, data: Any, opts: TuneOptions, progress: Progress) -> tu
     """Open the session; pretrain a float32 copy when the model scores at chance. Returns (session, steps trained)."""
     if opts.target_why != "as asked":
         progress.say(f"autoprec: target=auto -> {opts.target} ({opts.target_why}).")
+    data, held, why = split_holdout(
+        data,
+        opts.holdout,
+        max_drop=opts.budget.max_drop,
+        confidence=opts.confidence,
+        model=model,
+        nonfinite=opts.nonfinite_inputs,
+        seed=opts.seed,
+    )
+    progress.say(f"autoprec: {why}.")
     session = _session(model, data, opts)
     _check_train_labels(session, opts)
     at_chance = at_chance_level(session)
     if not (at_chance or opts.pretrain_steps):
         _check_resolution(session, opts.budget)
+        session.holdout = held_session(session, held) if held is not None else None
         return session, 0
     if opts.train_data is None:
         raise UntrainedModelError(
@@ -482,6 +508,7 @@ def open_run(model: Any, data: Any, opts: TuneOptions, progress: Progress) -> tu
             "autoprec: still at chance level after %d pretraining steps; pass a larger pretrain_steps.", steps
         )
     _check_resolution(session, opts.budget)
+    session.holdout = held_session(session, held) if held is not None else None
     return session, steps
 
 
@@ -497,6 +524,7 @@ def _session(model: Any, data: Any, opts: TuneOptions) -> Session:
         keep_float32=opts.keep_float32,
         force_16bit=opts.force_16bit,
         nonfinite_inputs=opts.nonfinite_inputs,
+        confidence=opts.confidence,
     )
 
 
@@ -536,6 +564,17 @@ def _check_resolution(session: Session, budget: Budget) -> None:
     allowed = budget.allowed(session.baseline)
     per = units_per_sample(session.data.y)
     units, what = n * per, ("sample" if per == 1 else "token")
+    if session.confidence is not None and session.binary_values and 0 < allowed:
+        # The bound on a candidate that flips no sample is about z / n: below that budget nothing in 16-bit can pass.
+        smallest = no_change_bound(units, session.confidence)
+        if allowed < smallest:
+            need = math.ceil(NormalDist().inv_cdf(session.confidence) / allowed / per)
+            raise DataError(
+                f"Expected at least {need} evaluation samples to tell a drop of {allowed:.4g} in {metric.name} from "
+                f"zero at {session.confidence:.0%} confidence: on {units} {what}s, even a candidate that changes no "
+                f"prediction has an upper bound of {smallest:.4g}. Pass more data, a budget of at least "
+                f"{smallest:.4g}, or confidence=None to judge the measured drop itself."
+            )
     if metric.bounds == (0.0, 1.0) and 0 < allowed < 1.0 / units:
         need = math.ceil(1.0 / allowed / per)
         raise DataError(
@@ -543,6 +582,29 @@ def _check_resolution(session: Session, budget: Budget) -> None:
             f"one {what} is 1/{units} = {1.0 / units:.4g} of it here, so any change would exceed the budget. "
             f"Pass more data, or a budget of at least {1.0 / units:.4g} (or 0 to allow no change at all)."
         )
+
+
+def _holdout_facts(session: Session, ev: Any, opts: TuneOptions) -> dict[str, Any] | None:
+    """The held-out check's figures for the result and the report, or None without a held-out part."""
+    held = session.holdout
+    if held is None or ev is None:
+        return None
+    return {
+        "samples": held.data.n,
+        "baseline": held.baseline,
+        "metric": ev.metric,
+        "drop": ev.drop,
+        "drop_bound": None if math.isnan(ev.bound) else ev.bound,
+        "allowed": opts.budget.allowed(held.baseline),
+        "feasible": opts.budget.feasible(baseline=held.baseline, drop=ev.judged),
+    }
+
+
+def _drop_text(ev: Any, session: Session) -> str:
+    """``0.0031`` or, judged by a bound, ``0.0031 (95% bound 0.0046)``."""
+    if session.confidence is None or math.isnan(ev.bound):
+        return f"{ev.drop:.4g}"
+    return f"{ev.drop:.4g} ({session.confidence:.0%} bound {ev.bound:.4g})"
 
 
 def units_per_sample(y: Any) -> int:
@@ -629,14 +691,17 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
     progress.say(
         f"autoprec: target {opts.target}; budget {opts.budget}: "
         + opts.budget.formula(
-            metric=session.metric.name, higher_is_better=session.metric.higher_is_better, baseline=session.baseline
+            metric=session.metric.name,
+            higher_is_better=session.metric.higher_is_better,
+            baseline=session.baseline,
+            confidence=session.confidence,
         )
     )
     all_fit = False
     if opts.target in opts.choices:  # with quantized candidates alone, the 16-bit target only ranks: rank fully
         everything = {i.path: opts.target for i in session.graph.eligible}
         all_fit = opts.budget.feasible(
-            baseline=session.baseline, drop=session.evaluate(everything, budget=opts.budget).drop
+            baseline=session.baseline, drop=session.evaluate(everything, budget=opts.budget).judged
         )
     method = ("fast" if all_fit else "full") if gradients else "ablation"
     frame = profile(
@@ -710,7 +775,7 @@ def search_stage(
                 "metric": session.metric.name,
                 "ranked_by": ranked_by,
             },
-            budget=str(opts.budget),
+            budget=str(opts.budget) + (f" at {opts.confidence:.0%} confidence" if opts.confidence else ""),
         )
         bar = progress.stage("search", total=opts.n_trials, unit="trial")
 
@@ -864,7 +929,7 @@ def split_stage(
         if speed <= best + 1e-9:
             continue
         evaluation = session.evaluate(trial, budget=opts.budget)
-        if evaluation.rejected or not opts.budget.feasible(baseline=session.baseline, drop=evaluation.drop):
+        if evaluation.rejected or not opts.budget.feasible(baseline=session.baseline, drop=evaluation.judged):
             continue
         assignment, best = moved, speed
         if followers:
@@ -905,6 +970,7 @@ class Verified:
     training: TrainCheck | None
     discrepancies: list
     measured_speedup: float | None
+    holdout: Any = None  # the winner's Evaluation on the held-out data, when there is any
 
 
 def verify_stage(
@@ -933,8 +999,16 @@ def verify_stage(
                 "n_16bit": sum(v != FLOAT32 for v in assignment.values()),
             }
         )
-        ok = opts.budget.feasible(baseline=session.baseline, drop=real.drop)
-        return ok, f"real drop {real.drop:.4g} misses the budget"
+        ok = opts.budget.feasible(baseline=session.baseline, drop=real.judged)
+        if not ok:
+            return ok, f"real drop {_drop_text(real, session)} misses the budget"
+        held = session.holdout
+        if held is None:
+            return ok, ""
+        state["holdout"] = h = held.score_outputs(predict_batches(state["model"], held.data))
+        checks[-1]["holdout_drop"] = h.drop
+        ok = opts.budget.feasible(baseline=held.baseline, drop=h.judged)
+        return ok, f"held-out drop {_drop_text(h, held)} on {held.data.n} samples misses the budget"
 
     pick = _sensitive_first(space, found.assignment)
     limit = opts.max_fallbacks
@@ -972,7 +1046,9 @@ def verify_stage(
     if opts.cost == "measured" and any(v != FLOAT32 for v in space.expand(assignment).values()):
         measured = measure_speedups(session, [space.expand(assignment)])[0]  # the final policy, after fallbacks
     bar.done(len(checks))
-    return Verified(assignment, state["model"], state["evaluation"], fallbacks, training, checks, measured)
+    return Verified(
+        assignment, state["model"], state["evaluation"], fallbacks, training, checks, measured, state.get("holdout")
+    )
 
 
 def _sensitive_first(space: DecisionSpace, start: dict[str, str]):
@@ -1039,22 +1115,28 @@ def result_stage(
     trials = _with_costs(trials, found.study, space, cost)
     if "drop" in trials and len(trials):
         drops = trials["drop"].astype(float)
+        if "drop_bound" in trials:
+            drops = trials["drop_bound"].astype(float).fillna(drops)
         trials["feasible"] = [
             opts.budget.feasible(baseline=session.baseline, drop=d if d < 1e8 else math.inf) and not r
             for d, r in zip(drops, trials["rejected"].fillna(False).astype(bool), strict=True)
         ]
     ev = verified.evaluation
-    feasible = opts.budget.feasible(baseline=session.baseline, drop=ev.drop)
+    feasible = opts.budget.feasible(baseline=session.baseline, drop=ev.judged)
     verification = {
         "fallbacks": [{"key": f.key, "check": f.check, "detail": f.detail} for f in verified.fallbacks],
         "checks": verified.discrepancies,
         "real_drop": ev.drop,
+        "real_drop_bound": None if math.isnan(ev.bound) else ev.bound,
+        "confidence": session.confidence,
+        "samples": session.data.n,
+        "holdout": _holdout_facts(session, verified.holdout, opts),
         "feasible": feasible,
         "why": ""
         if feasible
         else (
             f"after {len(verified.fallbacks)} fallback(s) (max_fallbacks={opts.max_fallbacks}) the "
-            f"verified drop is {ev.drop:.4g}, over the {opts.budget.allowed(session.baseline):.4g} allowed"
+            f"verified drop is {_drop_text(ev, session)}, over the {opts.budget.allowed(session.baseline):.4g} allowed"
         ),
     }
     stats = {
@@ -1092,7 +1174,10 @@ def result_stage(
         higher_is_better=session.metric.higher_is_better,
         target=opts.target,
         formula=opts.budget.formula(
-            metric=session.metric.name, higher_is_better=session.metric.higher_is_better, baseline=session.baseline
+            metric=session.metric.name,
+            higher_is_better=session.metric.higher_is_better,
+            baseline=session.baseline,
+            confidence=session.confidence,
         ),
         device=cost.device.name,
         verification=verification,
@@ -1100,6 +1185,8 @@ def result_stage(
         measured_speedup=verified.measured_speedup,
         pretrain_steps=pretrained,
         stats=stats,
+        drop_bound=ev.bound,
+        confidence=session.confidence,
     )
     progress.say(result.summary())
     if result.n_16bit and result.speedup_estimate < 1.0:
