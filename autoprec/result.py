@@ -133,8 +133,8 @@ class TuneResult:
         return "reduced" if quantized else get_format(self.target).short
 
     def __repr__(self) -> str:
-        rel = " <= " if self.budget.feasible(baseline=self.baseline_metric, drop=self.judged_drop) else " > "
-        rel = rel.strip() if self.drop_text == f"{self.drop:.4g}" else rel
+        rel = "<=" if self.budget.feasible(baseline=self.baseline_metric, drop=self.judged_drop) else ">"
+        rel = rel if self.drop_text == f"{self.drop:.4g}" else f" {rel} "
         tail = "" if self.feasible else ", INFEASIBLE"
         return (
             f"TuneResult(metric={self.metric:.4g}, baseline={self.baseline_metric:.4g}, "
@@ -157,15 +157,9 @@ class TuneResult:
             lines.insert(
                 4, f"  weights {self.size_ratio:.2f}x smaller than float32; the search optimised {self.objective}"
             )
-        held = self.verification.get("holdout")
+        held = _holdout_line(self.verification.get("holdout"), self.confidence)
         if held:
-            bound = held.get("drop_bound")
-            shown = f"{held['drop']:.4g}" + (f" ({self.confidence:.0%} bound {bound:.4g})" if bound is not None else "")
-            lines.insert(
-                3,
-                f"  held-out check on {held['samples']} samples the search never saw: drop={shown} "
-                f"{'<=' if held['feasible'] else '>'} {held['allowed']:.4g}",
-            )
+            lines.insert(3, held)
         fallbacks = self.verification.get("fallbacks") or []
         if fallbacks:
             lines.append(f"  checks returned {len(fallbacks)} decision(s) to float32: {[f['key'] for f in fallbacks]}")
@@ -263,6 +257,20 @@ class TuneResult:
             logger.warning("autoprec: could not save the tuned model (%s); the policy and reports are saved.", exc)
         names += [os.path.basename(p) for p in write_report(directory)]
         return names
+
+
+def _holdout_line(held: dict | None, confidence: float | None) -> str:
+    """The summary's line on the held-out check, or "" without one."""
+    if not held:
+        return ""
+    bound = held.get("drop_bound")
+    shown = f"{held['drop']:.4g}" + (
+        f" ({confidence:.0%} bound {bound:.4g})" if bound is not None and confidence else ""
+    )
+    return (
+        f"  held-out check on {held['samples']} samples the search never saw: drop={shown} "
+        f"{'<=' if held['feasible'] else '>'} {held['allowed']:.4g}"
+    )
 
 
 def jsonable(value: Any) -> Any:

@@ -469,8 +469,6 @@ def open_run(model: Any, data: Any, opts: TuneOptions, progress: Progress) -> tu
     data, held, why = split_holdout(
         data,
         opts.holdout,
-        max_drop=opts.budget.max_drop,
-        confidence=opts.confidence,
         model=model,
         nonfinite=opts.nonfinite_inputs,
         seed=opts.seed,
@@ -570,8 +568,8 @@ def _check_resolution(session: Session, budget: Budget) -> None:
         if allowed < smallest:
             need = math.ceil(NormalDist().inv_cdf(session.confidence) / allowed / per)
             raise DataError(
-                f"Expected at least {need} evaluation samples to tell a drop of {allowed:.4g} in {metric.name} from "
-                f"zero at {session.confidence:.0%} confidence: on {units} {what}s, even a candidate that changes no "
+                f"Expected at least {need} evaluation samples to resolve a drop of {allowed:.4g} in {metric.name} "
+                f"at {session.confidence:.0%} confidence: on {units} {what}s, even a candidate that changes no "
                 f"prediction has an upper bound of {smallest:.4g}. Pass more data, a budget of at least "
                 f"{smallest:.4g}, or confidence=None to judge the measured drop itself."
             )

@@ -306,7 +306,9 @@ def test_resumed_study_for_another_model_is_refused(planted, tmp_path):
     autoprec.tune(model, val, budget="0.5%", n_trials=3, storage=storage, study_name="x", verbose=0)
     other = trained(MODEL_BUILDERS["functional"]())
     with pytest.raises(StudyError, match="same decisions"):
-        autoprec.tune(other, small_data(), budget="1%", n_trials=3, storage=storage, study_name="x", verbose=0)
+        autoprec.tune(
+            other, small_data(), budget="1%", n_trials=3, storage=storage, study_name="x", verbose=0, confidence=None
+        )
 
 
 def _application(name, size):

@@ -51,7 +51,11 @@ def _neighbours(graph, paths):
 def test_planted_weightless_hazards_stay_float32_alone(planted_weightless, target):
     """Exactly the fragile weightless layers end float32 (plus at most one neighbour each), the heavy ones 16-bit."""
     model, _, val, fragile = planted_weightless
-    result = autoprec.tune(model, val, budget="0.5%", target=target, device="gpu", n_trials=40, verbose=0)
+    # confidence=None: which layers the hazards pin, on the measured drop; the bound's own extra caution
+    # (a mildly sensitive neighbour kept float32) is tested in test_bounds.
+    result = autoprec.tune(
+        model, val, budget="0.5%", target=target, device="gpu", n_trials=40, verbose=0, confidence=None
+    )
     assert result.feasible and result.drop <= 0.005
     frame = result.sensitivity.set_index("path")
     graph = build_graph(model)
