@@ -566,7 +566,7 @@ def _check_resolution(session: Session, budget: Budget) -> None:
         # The bound on a candidate that flips no sample is about z / n: below that budget nothing in 16-bit can pass.
         smallest = no_change_bound(units, session.confidence)
         if allowed < smallest:
-            need = math.ceil(NormalDist().inv_cdf(session.confidence) / allowed / per)
+            need = math.ceil((NormalDist().inv_cdf(session.confidence) + 0.5) / allowed / per)
             raise DataError(
                 f"Expected at least {need} evaluation samples to resolve a drop of {allowed:.4g} in {metric.name} "
                 f"at {session.confidence:.0%} confidence: on {units} {what}s, even a candidate that changes no "

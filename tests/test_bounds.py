@@ -1,0 +1,99 @@
+"""Issue 26: the budget judged by a paired upper confidence bound, and a held-out check."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from conftest import small_data, trained
+
+import autoprec
+from autoprec.bounds import bootstrap_upper_bound, no_change_bound, paired_upper_bound, samples_to_resolve
+from autoprec.errors import ArgumentError, DataError
+
+
+@pytest.mark.parametrize("rate", [0.002, 0.01, 0.05])
+def test_the_accuracy_bound_covers_the_true_drop_at_its_confidence(rate):
+    """Seeded simulation: candidates flipping `rate` of samples wrong (and rate/4 right) on 1,000 samples."""
+    rng = np.random.default_rng(0)
+    n, runs, covered = 1000, 1000, 0
+    true_drop = rate - rate / 4
+    for _ in range(runs):
+        base = np.ones(n)
+        cand = base.copy()
+        u = rng.random(n)
+        cand[u < rate] = 0.0
+        base[(u >= rate) & (u < rate + rate / 4)] = 0.0
+        covered += paired_upper_bound(base, cand, higher_is_better=True, binary=True, confidence=0.95) >= true_drop
+    assert covered / runs >= 0.925  # nominal 0.95; 1,000 runs resolve about 0.007
+
+
+def test_the_loss_bound_covers_the_true_drop():
+    rng = np.random.default_rng(1)
+    covered = sum(
+        paired_upper_bound(
+            np.zeros(500), rng.normal(0.01, 0.2, 500), higher_is_better=False, binary=False, confidence=0.95
+        )
+        >= 0.01
+        for _ in range(300)
+    )
+    assert covered / 300 >= 0.93
+
+
+def test_bounds_for_nothing_changed_and_for_nonfinite_values():
+    assert 0 < no_change_bound(1000, 0.95) < 0.0025
+    bad = np.array([1.0, np.nan])
+    assert math.isinf(paired_upper_bound(np.ones(2), bad, higher_is_better=True, binary=False, confidence=0.95))
+    assert samples_to_resolve(0.005, binary=True, confidence=0.95) == 200
+    assert samples_to_resolve(0.01, binary=False, spread=0.2, confidence=0.95) > 1000
+
+
+def test_the_bootstrap_bound_is_never_below_the_point():
+    d = np.random.default_rng(0).normal(0.0, 0.05, 400)
+    ub = bootstrap_upper_bound(lambda i: float(d[i].mean()), 400, confidence=0.95, point=float(d.mean()))
+    assert ub >= d.mean() and ub - d.mean() < 0.02
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+    keras.utils.set_random_seed(0)
+    i = keras.Input((12,))
+    h = keras.layers.Dense(32, activation="relu", name="h1")(i)
+    h = keras.layers.Dense(32, activation="relu", name="h2")(h)
+    out = keras.layers.Dense(3, activation="softmax", name="out")(h)
+    model = keras.Model(i, out)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return trained(model), small_data(n=1500)
+
+
+def test_tune_reports_the_bound_and_checks_held_out_data(model_and_data, tmp_path):
+    model, (x, y) = model_and_data
+    result = autoprec.tune(
+        model, (x, y), budget="2%", target="mixed_bfloat16", device="gpu", n_trials=6, holdout=0.3, verbose=0
+    )
+    assert result.confidence == 0.95 and result.drop_bound >= result.drop
+    assert "(95% bound" in repr(result)
+    held = result.verification["holdout"]
+    assert held["samples"] == 450 and held["drop_bound"] >= held["drop"]
+    assert "held-out check on 450 samples" in result.summary()
+    assert "drop_bound" in result.trials.columns
+    result.save(tmp_path)
+    assert "drop_bound" in (tmp_path / "trials.csv").read_text().splitlines()[0]
+
+
+def test_confidence_none_judges_the_drop_and_bad_values_are_refused(model_and_data):
+    model, (x, y) = model_and_data
+    result = autoprec.tune(
+        model, (x, y), budget="2%", target="mixed_bfloat16", device="gpu", n_trials=4, confidence=None, verbose=0
+    )
+    assert result.confidence is None and math.isnan(result.drop_bound) and "bound" not in repr(result)
+    with pytest.raises(ArgumentError, match="confidence"):
+        autoprec.tune(model, (x, y), confidence=1.5)
+    with pytest.raises(ArgumentError, match="holdout"):
+        autoprec.tune(model, (x, y), holdout=0.9)
+
+
+def test_the_resolution_check_names_the_samples_needed(model_and_data):
+    model, (x, y) = model_and_data
+    with pytest.raises(DataError, match=r"at least \d+ evaluation samples to resolve a drop of 0.002 .* at 95%"):
+        autoprec.tune(model, (x[:500], y[:500]), budget="0.2%", target="mixed_bfloat16", verbose=0)
