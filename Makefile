@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: demo test test-fast test-other-cpu bench install lint docs clean
+.PHONY: demo test test-fast test-other-cpu test-jax bench install lint docs clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,14 +28,35 @@ OTHER_CPU = $$(env -u AUTOPREC_CPU_FAST_BF16 $(PY) -c "from autoprec.backends im
 test: $(VENV)/.installed
 	$(PYTEST)
 	$(MAKE) --no-print-directory test-other-cpu
+	$(MAKE) --no-print-directory test-jax
 
 # A developer's quick loop: everything not marked slow.
 test-fast: $(VENV)/.installed
 	$(PYTEST) -m "not slow"
 
+# The tests whose outcome can depend on the kind of CPU: target="auto", device="this" and the examples and CLI
+# that use them. The rest of the suite reads no CPU flag.
+CPU_KIND_TESTS := tests/test_cost.py tests/test_tuner.py tests/test_fuzz.py tests/test_examples.py tests/test_cli.py
+
 test-other-cpu: $(VENV)/.installed
-	@kind=$(OTHER_CPU); echo "autoprec: the fast core again, as on a CPU with AUTOPREC_CPU_FAST_BF16=$$kind"; \
-	AUTOPREC_CPU_FAST_BF16=$$kind $(PYTEST) -m "not slow"
+	@kind=$(OTHER_CPU); echo "autoprec: the CPU-dependent tests again, as on a CPU with AUTOPREC_CPU_FAST_BF16=$$kind"; \
+	AUTOPREC_CPU_FAST_BF16=$$kind $(PYTEST) -m "not slow" $(CPU_KIND_TESTS)
+
+# The JAX backend, in an environment without TensorFlow: the core that runs under every backend.
+JAX_VENV ?= .venv-jax
+JAX_CORE := tests/test_bounds.py tests/test_policy.py tests/test_budget.py tests/test_apply.py tests/test_search.py
+
+$(JAX_VENV)/.installed: pyproject.toml
+	test -x $(JAX_VENV)/bin/python || $(PYTHON) -m venv $(JAX_VENV)
+	$(JAX_VENV)/bin/python -m pip install -q --upgrade pip
+	$(JAX_VENV)/bin/python -m pip install -q "jax[cpu]>=0.10" "keras>=3.15" "optuna>=5.0" "pandas>=3.1" "numpy>=2.4" \
+		"matplotlib>=3.11" "scikit-learn>=1.9" "pytest>=9.0" "pytest-xdist>=3.8" "hypothesis>=6.170"
+	$(JAX_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-jax: $(JAX_VENV)/.installed
+	@! $(JAX_VENV)/bin/python -c "import tensorflow" 2>/dev/null || (echo "TensorFlow is installed in $(JAX_VENV)"; exit 1)
+	KERAS_BACKEND=jax $(JAX_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow" $(JAX_CORE)
 
 # The linter, the formatter (checking only) and the type checker, as configured in pyproject.toml.
 lint: $(VENV)/.installed
@@ -51,4 +72,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py --output reports/benchmarks.md
 
 clean:
-	rm -rf $(VENV) build site *.egg-info
+	rm -rf $(VENV) $(JAX_VENV) build site *.egg-info
