@@ -160,7 +160,7 @@ def _tune_options(args: argparse.Namespace, train: Any) -> dict[str, Any]:
         batch_size=args.batch_size,
         nonfinite_inputs=args.nonfinite_inputs,
         confidence=None if args.confidence in ("none", "None") else _float(args.confidence, "--confidence"),
-        holdout=args.holdout if args.holdout == "auto" else _holdout(args.holdout),
+        holdout=args.holdout if args.holdout == "auto" else _holdout(args.holdout),  # "none" -> None
     )
     if args.candidates:
         options["candidates"] = tuple(c.strip() for c in args.candidates.split(",") if c.strip())
@@ -432,13 +432,13 @@ def _add_tune(p: argparse.ArgumentParser, model_arg: Any, targets: list[str]) ->
     )
     p.add_argument(
         "--confidence",
-        default="0.95",
-        help="judge the budget by the drop's upper bound at this confidence (default 0.95), or none: the drop",
+        default="none",
+        help="judge the budget by the drop's upper bound at this confidence (e.g. 0.95); none (default): the drop",
     )
     p.add_argument(
         "--holdout",
-        default="auto",
-        help="fraction of the data the search never sees, checked at verification; auto (default) or none",
+        default="none",
+        help="fraction of the data the search never sees, checked at verification; auto, or none (default)",
     )
     p.add_argument(
         "--max-fallbacks",

@@ -72,7 +72,7 @@ def split_holdout(
     if holdout == AUTO:
         if ev.n < AUTO_MIN_SAMPLES:
             return (
-                ev,
+                data,
                 None,
                 (
                     f"holdout='auto': no held-out check on {ev.n} samples (auto holds out a fifth from "

@@ -146,11 +146,10 @@ class Session:
             den += sum(float(np.sum(np.square(q, dtype=np.float64))) for q in b)
             offset += n
         nonfinite = int(sum(np.size(o) - np.count_nonzero(np.isfinite(o)) for o in flat))
-        if self.metric.per_sample is not None and self.baseline_values is not None:
-            values = self.metric.values(*self.metric.select(self.data.y, outputs))
-            value = float(np.mean(values))
-            return _evaluation(self, value, nonfinite, num, den, self.data.n, bound=self.bound_of(values, value))
         value = self.metric.compute(self.data.y, outputs)
+        if self.metric.per_sample is not None and self.baseline_values is not None:
+            bound = self.bound_of(self.metric.values(*self.metric.select(self.data.y, outputs)), value)
+            return _evaluation(self, value, nonfinite, num, den, self.data.n, bound=bound)
         return _evaluation(self, value, nonfinite, num, den, self.data.n, bound=self.bootstrap_bound(outputs, value))
 
     def bound_of(self, values: np.ndarray, value: float) -> float:

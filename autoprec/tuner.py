@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
-from autoprec.bounds import DEFAULT_CONFIDENCE, check_confidence, no_change_bound
+from autoprec.bounds import check_confidence, no_change_bound
 from autoprec.budget import Budget
 from autoprec.cost import CostModel, Device, check_device, resolve_device, slower_note
 from autoprec.errors import (
@@ -93,8 +93,9 @@ class TuneOptions:
     verbose: int = 1
     search_only: bool = False
     objective: str = "speed"
-    confidence: float | None = DEFAULT_CONFIDENCE
-    holdout: Any = field(default="auto", repr=False)
+    # Opt-in for now: at 0.95 small evaluation sets (a few hundred samples) cannot resolve a 0.5% budget.
+    confidence: float | None = None
+    holdout: Any = field(default=None, repr=False)  # opt-in, like confidence: "auto", a fraction, or data
     calibration_data: Any = field(default=None, repr=False)
     inplace: bool = False
 
@@ -269,10 +270,10 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
             (``"eval"``/``"train"`` with ``train_data`` and ``steps``);
             ``pretrain_steps``; ``max_fallbacks``; ``batch_size`` and
             ``profile_batch_size`` (``"auto"`` fits memory); ``nonfinite_inputs``
-            (``"raise"``/``"drop"``); ``confidence`` (default 0.95: the budget
+            (``"raise"``/``"drop"``); ``confidence`` (e.g. 0.95: the budget
             judges the drop's one-sided upper confidence bound, paired over the
-            same samples, see :mod:`autoprec.bounds`; ``None`` judges the
-            measured drop); ``holdout`` (``"auto"``, a fraction, separate
+            same samples, see :mod:`autoprec.bounds`; the default ``None``
+            judges the measured drop); ``holdout`` (``"auto"``, a fraction, separate
             ``(x, y)`` data, or ``None``: data the search never sees, on which
             the winner must also hold, see :mod:`autoprec.holdout`);
             ``verbose``; ``search_only`` (a worker

@@ -69,7 +69,15 @@ def model_and_data():
 def test_tune_reports_the_bound_and_checks_held_out_data(model_and_data, tmp_path):
     model, (x, y) = model_and_data
     result = autoprec.tune(
-        model, (x, y), budget="2%", target="mixed_bfloat16", device="gpu", n_trials=6, holdout=0.3, verbose=0
+        model,
+        (x, y),
+        budget="2%",
+        target="mixed_bfloat16",
+        device="gpu",
+        n_trials=6,
+        holdout=0.3,
+        confidence=0.95,
+        verbose=0,
     )
     assert result.confidence == 0.95 and result.drop_bound >= result.drop
     assert "(95% bound" in repr(result)
@@ -96,4 +104,4 @@ def test_confidence_none_judges_the_drop_and_bad_values_are_refused(model_and_da
 def test_the_resolution_check_names_the_samples_needed(model_and_data):
     model, (x, y) = model_and_data
     with pytest.raises(DataError, match=r"at least \d+ evaluation samples to resolve a drop of 0.002 .* at 95%"):
-        autoprec.tune(model, (x[:500], y[:500]), budget="0.2%", target="mixed_bfloat16", verbose=0)
+        autoprec.tune(model, (x[:500], y[:500]), budget="0.2%", target="mixed_bfloat16", confidence=0.95, verbose=0)
