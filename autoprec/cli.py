@@ -95,6 +95,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 def _cmd_profile(args: argparse.Namespace) -> int:
     from autoprec.files import check_parent
     from autoprec.sensitivity import profile
+    from autoprec.stats import ACT_ABSMAX, ACT_OVERFLOW
 
     if args.output:
         check_parent(args.output, what="profile CSV")
@@ -114,8 +115,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
             "group_drop",
             "output_error",
             "score",
-            "act_absmax",
-            "act_overflow",
+            ACT_ABSMAX,
+            ACT_OVERFLOW,
             "sqnr_db",
         )
         if c in frame

@@ -19,6 +19,7 @@ from typing import Any
 
 from autoprec.formats import FLOAT32, MIXED_FLOAT16
 from autoprec.formats import get as get_format
+from autoprec.stats import ACT_ABSMAX, ACT_FLUSH, ACT_OVERFLOW, Hazard, hazard, hazards, number
 
 
 class Reason(enum.StrEnum):
@@ -46,16 +47,8 @@ class Reason(enum.StrEnum):
     MOVES_DATA = "MOVES_DATA"  # pure data movement (reshape, dropout...): follows its input
 
 
-# Thresholds of the profile facts that name a hazard, shared by reason_for and sentence.
-FLUSH_SHARE = 0.01  # more than 1% of nonzero outputs flush to zero
-
-
 def _num(row: Mapping[str, Any], key: str) -> float:
-    try:
-        value = float(row.get(key, math.nan))
-    except (TypeError, ValueError):
-        return math.nan
-    return value
+    return number(row, key)
 
 
 def _text(row: Mapping[str, Any], key: str) -> str:
@@ -111,14 +104,13 @@ def reason_for(
         return Reason.TRAIN_FALLBACK
     if fallback == "verify":
         return Reason.VERIFY_FALLBACK
-    if _positive(row, "act_overflow") or _positive(row, "act_nonfinite"):
+    found = hazard(row)
+    if found is Hazard.OVERFLOW:
         return Reason.OVERFLOW
     if _text(row, "op_hazard"):  # its own outputs are fine: the keras.ops call after it is not
         return Reason.OP_HAZARD
-    if _positive(row, "nonfinite_outputs"):
-        return Reason.OVERFLOW
-    if _num(row, "act_flush") > FLUSH_SHARE:
-        return Reason.UNDERFLOW
+    if found is not None:
+        return Reason.UNDERFLOW if found is Hazard.FLUSH else Reason.OVERFLOW
     if _positive(row, "metric_drop"):
         return Reason.METRIC_DROP
     faster, as_is = _num(row, "speedup_16bit"), _num(row, "speedup_float32")
@@ -141,13 +133,14 @@ def _facts(row: Mapping[str, Any], fmt: Any, metric: str, higher_is_better: bool
     if drop > 0:
         alone = "alone" if row.get("ablation", "alone") == "alone" else "in its group"
         facts.append(f"{alone} in {fmt.short} it {_drop_words(drop, metric, higher_is_better)}")
-    absmax, overflow = _num(row, "act_absmax"), _num(row, "act_overflow")
+    absmax, overflow = _num(row, ACT_ABSMAX), _num(row, ACT_OVERFLOW)
     if overflow > 0:
         reach = f"its output reaches {absmax:.2g} > {fmt.max_finite:g}" if absmax == absmax else "its outputs overflow"
         facts.append(f"{reach} ({overflow * 100:.2g}% of values)")
-    if _num(row, "act_flush") > FLUSH_SHARE:
-        facts.append(f"{_num(row, 'act_flush') * 100:.2g}% of its nonzero outputs flush to zero in {fmt.short}")
-    if _positive(row, "nonfinite_outputs"):
+    found = hazards(row)  # each one, not only the first: a layer can overflow and flush
+    if Hazard.FLUSH in found:
+        facts.append(f"{_num(row, ACT_FLUSH) * 100:.2g}% of its nonzero outputs flush to zero in {fmt.short}")
+    if Hazard.NONFINITE in found:
         facts.append(f"the model's outputs turn non-finite when it runs in {fmt.short}")
     if _text(row, "op_hazard"):
         facts.append(

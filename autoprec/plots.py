@@ -15,6 +15,7 @@ from typing import Any
 
 from autoprec.formats import DEFAULT_LOSS_SCALE, MIXED_FLOAT16, split
 from autoprec.formats import get as get_format
+from autoprec.stats import ACT_ABSMAX, GRAD_ABSMAX
 
 COLORS = {
     "float32": "#4c72b0",
@@ -75,12 +76,12 @@ def ranges_data(saved: Any) -> dict:
     """Largest activation and gradient magnitudes per layer against the format's limits."""
     frame = saved.sensitivity.sort_values("order") if "order" in saved.sensitivity else saved.sensitivity
     fmt = get_format(saved.meta.get("target", MIXED_FLOAT16))
-    cols = {c: [float(v) for v in frame[c]] if c in frame else [] for c in ("act_absmax", "grad_absmax")}
+    cols = {c: [float(v) for v in frame[c]] if c in frame else [] for c in (ACT_ABSMAX, GRAD_ABSMAX)}
     return {
         "paths": list(frame["path"]),
-        "act": cols["act_absmax"],
-        "grad": cols["grad_absmax"],
-        "grad_scaled": [g * DEFAULT_LOSS_SCALE for g in cols["grad_absmax"]],
+        "act": cols[ACT_ABSMAX],
+        "grad": cols[GRAD_ABSMAX],
+        "grad_scaled": [g * DEFAULT_LOSS_SCALE for g in cols[GRAD_ABSMAX]],
         "scale": DEFAULT_LOSS_SCALE,
         "limits": {
             "largest finite": fmt.max_finite,

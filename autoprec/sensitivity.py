@@ -170,7 +170,7 @@ def _profile(
         ).items():
             rows[path].update(result)
         for row in rows.values():  # the columns exist even when every layer was cleared with its group
-            for column in ("metric_drop", "output_error", "nonfinite_outputs", "group_drop"):
+            for column in ("metric_drop", "output_error", stats.NONFINITE_OUTPUTS, "group_drop"):
                 row.setdefault(column, math.nan)
     frame = rank(pd.DataFrame(list(rows.values())))
     frame["kind"] = kinds(
@@ -230,7 +230,7 @@ def rank(frame):
 
 def _flagged(row: dict[str, Any]) -> bool:
     """The statistics alone show a hazard: overflowing or non-finite outputs."""
-    return _num(row.get("act_overflow")) > 0 or _num(row.get("act_nonfinite")) > 0
+    return stats.hazard(row) is stats.Hazard.OVERFLOW
 
 
 OUTLIER = 100.0  # a layer whose prior is 100x the median is tested alone straight away
@@ -292,13 +292,7 @@ def own_risk(frame, graph: ModelGraph, *, tolerance: float) -> set[str]:
             continue
         r = rows.get(info.path, {})
         drop = _num(r.get("metric_drop"))
-        risky = (
-            _num(r.get("act_overflow")) > 0
-            or _num(r.get("act_nonfinite")) > 0
-            or _num(r.get("act_flush")) > 0.01
-            or _num(r.get("nonfinite_outputs")) > 0
-            or (r.get("ablation") == "alone" and drop > tolerance)
-        )
+        risky = stats.hazard(r) is not None or (r.get("ablation") == "alone" and drop > tolerance)
         neighbours = [scores.get(p, 0.0) for p in (*info.producers, *consumers.get(info.path, ())) if p in graph]
         mine = scores.get(info.path, 0.0)
         if not risky and neighbours and mine > 0:
@@ -309,11 +303,7 @@ def own_risk(frame, graph: ModelGraph, *, tolerance: float) -> set[str]:
 
 
 def _num(value: Any) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return 0.0
-    return 0.0 if math.isnan(value) else value
+    return stats.as_float(value, 0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -366,7 +356,7 @@ def ablation(
                 "metric": ev.metric,
                 "metric_drop": ev.drop,
                 "output_error": ev.output_error,
-                "nonfinite_outputs": ev.nonfinite_outputs,
+                stats.NONFINITE_OUTPUTS: ev.nonfinite_outputs,
                 "ablation": "alone",
             }
         elif ev.rejected or not math.isfinite(ev.harm) or ev.harm > tolerance:
@@ -554,13 +544,13 @@ def _columns(totals: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
         path, _, kind = key.partition("\x00")
         row = out.setdefault(path, {})
         if kind == "":
-            row.update(stats.columns(v[0:w], "act"))
-            row.update(stats.columns(v[w : 2 * w], "grad"))
-            row.update(stats.columns(v[2 * w : 3 * w], "grad_scaled", scaled=True))
+            row.update(stats.columns(v[0:w], stats.ACT))
+            row.update(stats.columns(v[w : 2 * w], stats.GRAD))
+            row.update(stats.columns(v[2 * w : 3 * w], stats.GRAD_SCALED, scaled=True))
             row["score"] = float(v[3 * w])
         elif kind == "w":
-            row.update(stats.columns(v[0:w], "wgrad"))
-            row.update(stats.columns(v[w : 2 * w], "wgrad_scaled", scaled=True))
+            row.update(stats.columns(v[0:w], stats.WGRAD))
+            row.update(stats.columns(v[w : 2 * w], stats.WGRAD_SCALED, scaled=True))
         elif kind == "q":
             signal, noise = v
             row["sqnr_db"] = (

@@ -12,6 +12,9 @@ code, so they judge ranges by the same rule:
 - ``subnormal``: share of nonzero values below the smallest normal;
 - ``nonfinite``: count of NaN or inf.
 
+Every module reads these facts by the column names defined here
+(``ACT_OVERFLOW``...) and judges them with one rule, :func:`hazard`.
+
 >>> import numpy as np
 >>> from autoprec.formats import get
 >>> v = np.asarray(tensor_stats(np.array([1.0, 7e4, 1e-9, 0.0], "float32"), get("mixed_float16")))
@@ -22,6 +25,9 @@ code, so they judge ranges by the same rule:
 
 from __future__ import annotations
 
+import enum
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -30,6 +36,91 @@ from autoprec.formats import Format
 
 FIELDS = ("absmax", "total", "nonzero", "overflow", "flush", "subnormal", "nonfinite")
 WIDTH = len(FIELDS)
+
+# The tensors a layer's statistics are taken of; "_scaled" ones are multiplied by the loss scale first.
+ACT, GRAD, GRAD_SCALED, WGRAD, WGRAD_SCALED = "act", "grad", "grad_scaled", "wgrad", "wgrad_scaled"
+
+
+def column(tensor: str, fact: str) -> str:
+    """The profile column of ``fact`` (a name in ``FIELDS``) about ``tensor`` (``ACT``, ``GRAD``...).
+
+    >>> column(ACT, "overflow")
+    'act_overflow'
+    """
+    return f"{tensor}_{fact}"
+
+
+ACT_ABSMAX = column(ACT, "absmax")
+ACT_OVERFLOW = column(ACT, "overflow")
+ACT_FLUSH = column(ACT, "flush")
+ACT_NONFINITE = column(ACT, "nonfinite")
+GRAD_ABSMAX = column(GRAD, "absmax")
+GRAD_FLUSH = column(GRAD, "flush")
+GRAD_NONFINITE = column(GRAD, "nonfinite")
+GRAD_SCALED_OVERFLOW = column(GRAD_SCALED, "overflow")
+GRAD_SCALED_FLUSH = column(GRAD_SCALED, "flush")
+WGRAD_SCALED_OVERFLOW = column(WGRAD_SCALED, "overflow")
+# Not a range statistic: the engine's count of non-finite model outputs with the layer alone in 16-bit.
+NONFINITE_OUTPUTS = "nonfinite_outputs"
+
+FLUSH_SHARE = 0.01  # a hazard: more than 1% of the nonzero values flush to zero
+
+
+class Hazard(enum.StrEnum):
+    """What a layer's profile row shows, in the order :func:`hazard` checks it."""
+
+    OVERFLOW = "overflow"  # its outputs exceed the format's range, or are non-finite
+    NONFINITE = "nonfinite"  # with it alone in 16-bit, the model's outputs turn non-finite
+    FLUSH = "flush"  # more than FLUSH_SHARE of its nonzero outputs flush to zero
+
+
+def as_float(value: Any, default: float = math.nan) -> float:
+    """``value`` as a float; ``default`` where it is None, NaN (an empty CSV cell) or not a number."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return default
+    return default if math.isnan(value) else value
+
+
+def number(row: Mapping[str, Any], key: str, default: float = math.nan) -> float:
+    """``row[key]`` by :func:`as_float`; ``default`` where it is missing."""
+    return as_float(row.get(key, default), default)
+
+
+def hazards(row: Mapping[str, Any]) -> list[Hazard]:
+    """Every hazard a profile row shows, in ``Hazard`` order: the one rule every stage judges ranges by.
+
+    >>> hazards({ACT_OVERFLOW: 0.2, ACT_FLUSH: 0.5}), hazards({ACT_FLUSH: 0.001})
+    ([<Hazard.OVERFLOW: 'overflow'>, <Hazard.FLUSH: 'flush'>], [])
+    """
+    found = []
+    if number(row, ACT_OVERFLOW, 0.0) > 0 or number(row, ACT_NONFINITE, 0.0) > 0:
+        found.append(Hazard.OVERFLOW)
+    if number(row, NONFINITE_OUTPUTS, 0.0) > 0:
+        found.append(Hazard.NONFINITE)
+    if number(row, ACT_FLUSH, 0.0) > FLUSH_SHARE:
+        found.append(Hazard.FLUSH)
+    return found
+
+
+def hazard(row: Mapping[str, Any]) -> Hazard | None:
+    """The first of :func:`hazards`, or None.
+
+    >>> hazard({ACT_FLUSH: 0.5}), hazard({})
+    (<Hazard.FLUSH: 'flush'>, None)
+    """
+    found = hazards(row)
+    return found[0] if found else None
+
+
+def hazard_share(row: Mapping[str, Any]) -> float:
+    """How much of a layer's training-step ranges fail at the loss scale: the shares that overflow or flush.
+
+    Orders the layers to return to float32 first when a loss-scaled training check fails.
+    """
+    facts = (GRAD_SCALED_OVERFLOW, ACT_OVERFLOW, GRAD_SCALED_FLUSH, WGRAD_SCALED_OVERFLOW)
+    return sum(number(row, c, 0.0) for c in facts)
 
 
 def _edges(fmt: Format, scale: float) -> list[float]:
@@ -128,10 +219,10 @@ def columns(v: np.ndarray, prefix: str, *, scaled: bool = False) -> dict[str, fl
     absmax, total, nonzero, overflow, flush, below_normal, nonfinite = (float(x) for x in v[:WIDTH])
     nz, total = nonzero or 1.0, total or 1.0
     out = {
-        f"{prefix}_overflow": overflow / total,
-        f"{prefix}_flush": flush / nz,
-        f"{prefix}_subnormal": (below_normal - flush) / nz,
+        column(prefix, "overflow"): overflow / total,
+        column(prefix, "flush"): flush / nz,
+        column(prefix, "subnormal"): (below_normal - flush) / nz,
     }
     if not scaled:
-        out = {f"{prefix}_absmax": absmax, **out, f"{prefix}_nonfinite": int(nonfinite)}
+        out = {column(prefix, "absmax"): absmax, **out, column(prefix, "nonfinite"): int(nonfinite)}
     return out

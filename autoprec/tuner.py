@@ -49,6 +49,7 @@ from autoprec.quantize import quantized_name
 from autoprec.result import TuneResult
 from autoprec.session import Session, open_session
 from autoprec.space import GRANULARITIES, DecisionSpace, build_space
+from autoprec.stats import hazard, hazard_share
 from autoprec.verify import TrainCheck, fall_back, predict_batches, train_check, verify_eval
 
 if TYPE_CHECKING:
@@ -1064,15 +1065,7 @@ def _hazards_first(space: DecisionSpace, frame: Any, fallback: Any):
     rows = frame.set_index("path")
 
     def hazard(key: str) -> float:
-        total = 0.0
-        for path in space.groups[key]:
-            if path in rows.index:
-                row = rows.loc[path]
-                total += sum(
-                    float(row.get(c, 0) or 0) if row.get(c, 0) == row.get(c, 0) else 0.0
-                    for c in ("grad_scaled_overflow", "act_overflow", "grad_scaled_flush", "wgrad_scaled_overflow")
-                )
-        return total
+        return sum(hazard_share(rows.loc[path]) for path in space.groups[key] if path in rows.index)
 
     def pick(assignment: dict[str, str]) -> str | None:
         live = [k for k in space.order if assignment.get(k, FLOAT32) != FLOAT32]
@@ -1294,20 +1287,8 @@ def op_hazards(graph: Any, frame: Any) -> dict[str, str]:
     for info in graph.layers:
         if info.is_layer:
             continue
-        row = rows.get(info.path, {})
-        if not (
-            _positive(row.get("act_overflow"))
-            or _positive(row.get("act_nonfinite"))
-            or _positive(row.get("act_flush"), 0.01)
-        ):
+        if hazard(rows.get(info.path, {})) is None:
             continue
         for path in graph.deciders(info.path):
             out.setdefault(path, f"ops.{info.class_name.lower()}")
     return out
-
-
-def _positive(value: Any, above: float = 0.0) -> bool:
-    try:
-        return float(value) > above
-    except (TypeError, ValueError):
-        return False

@@ -9,9 +9,18 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from autoprec.decisions import FLUSH_SHARE
 from autoprec.errors import ArgumentError, check_int, describe
 from autoprec.formats import FLOAT32, LOW_PRECISION, Format
+from autoprec.stats import (
+    ACT_ABSMAX,
+    ACT_FLUSH,
+    ACT_NONFINITE,
+    FLUSH_SHARE,
+    GRAD_ABSMAX,
+    GRAD_FLUSH,
+    GRAD_NONFINITE,
+    as_float,
+)
 
 logger = logging.getLogger("autoprec")
 
@@ -119,7 +128,7 @@ class Event:
     """One change of one layer's policy, with the statistic that caused it.
 
     >>> Event(step=98, epoch=6, layer="d2", direction="promote", before="mixed_float16", after="float32",
-    ...       reason="OVERFLOW", node="d2", statistic="act_absmax", value=7.2e4, threshold=32752.0).why
+    ...       reason="OVERFLOW", node="d2", statistic=ACT_ABSMAX, value=7.2e4, threshold=32752.0).why
     'mixed_float16 -> float32: act_absmax reached 7.2e+04 >= 3.28e+04'
     """
 
@@ -178,7 +187,7 @@ class Judge:
     Example:
         >>> from autoprec.formats import get
         >>> judge = Judge({"d": ()}, {"d": "mixed_float16"}, get("mixed_float16"), AdaptiveOptions())
-        >>> [e.reason for e in judge.decide({"d": {"act_absmax": 4e4}}, step=10)]
+        >>> [e.reason for e in judge.decide({"d": {ACT_ABSMAX: 4e4}}, step=10)]
         ['OVERFLOW']
         >>> judge.assignment
         {'d': 'float32'}
@@ -248,18 +257,18 @@ class Judge:
         """``(reason, node, statistic, value, threshold)`` of the first hazard at ``path``, or None."""
         top, share = self.options.promote_at * self.fmt.max_finite, self.options.flush_share
         for node, r in self._nodes(path, rows):
-            if _num(r, "act_absmax") >= top:
-                return Change.OVERFLOW, node, "act_absmax", _num(r, "act_absmax"), top
-            if _num(r, "act_flush") > share:
-                return Change.UNDERFLOW, node, "act_flush", _num(r, "act_flush"), share
-            if _num(r, "grad_flush") > share:
-                return Change.GRAD_UNDERFLOW, node, "grad_flush", _num(r, "grad_flush"), share
-            if trouble and _num(r, "grad_absmax") * scale_ratio >= self.fmt.max_finite:
+            if _num(r, ACT_ABSMAX) >= top:
+                return Change.OVERFLOW, node, ACT_ABSMAX, _num(r, ACT_ABSMAX), top
+            if _num(r, ACT_FLUSH) > share:
+                return Change.UNDERFLOW, node, ACT_FLUSH, _num(r, ACT_FLUSH), share
+            if _num(r, GRAD_FLUSH) > share:
+                return Change.GRAD_UNDERFLOW, node, GRAD_FLUSH, _num(r, GRAD_FLUSH), share
+            if trouble and _num(r, GRAD_ABSMAX) * scale_ratio >= self.fmt.max_finite:
                 return (
                     Change.GRAD_OVERFLOW,
                     node,
-                    "grad_absmax",
-                    _num(r, "grad_absmax") * scale_ratio,
+                    GRAD_ABSMAX,
+                    _num(r, GRAD_ABSMAX) * scale_ratio,
                     self.fmt.max_finite,
                 )
         return None
@@ -278,7 +287,7 @@ class Judge:
 
         def closeness(path: str) -> float:
             return max(
-                [max(_num(r, "act_absmax"), _num(r, "grad_absmax") * scale_ratio) for _, r in self._nodes(path, rows)]
+                [max(_num(r, ACT_ABSMAX), _num(r, GRAD_ABSMAX) * scale_ratio) for _, r in self._nodes(path, rows)]
                 or [-1.0]
             )
 
@@ -294,15 +303,15 @@ class Judge:
             safe = bool(nodes) and all(self._safe_row(r, limit) for _, r in nodes)
             self._safe[path] = self._safe.get(path, 0) + 1 if safe else 0
             if self._safe[path] >= self.options.patience:
-                node, r = max(nodes, key=lambda nr: _num(nr[1], "act_absmax"))
+                node, r = max(nodes, key=lambda nr: _num(nr[1], ACT_ABSMAX))
                 events.append(
                     self._event(
                         path,
                         self.fmt.name,
                         Change.SAFE_RANGE,
                         node,
-                        "act_absmax",
-                        _num(r, "act_absmax"),
+                        ACT_ABSMAX,
+                        _num(r, ACT_ABSMAX),
                         limit,
                         step,
                         epoch,
@@ -315,12 +324,12 @@ class Judge:
     def _safe_row(self, r: Mapping[str, float], limit: float) -> bool:
         share = self.options.flush_share
         return (
-            _num(r, "act_absmax") <= limit
-            and _num(r, "act_flush") <= share
-            and _num(r, "grad_flush") <= share
-            and _num(r, "grad_absmax") < self.fmt.max_finite
-            and _num(r, "act_nonfinite") == 0
-            and _num(r, "grad_nonfinite") == 0
+            _num(r, ACT_ABSMAX) <= limit
+            and _num(r, ACT_FLUSH) <= share
+            and _num(r, GRAD_FLUSH) <= share
+            and _num(r, GRAD_ABSMAX) < self.fmt.max_finite
+            and _num(r, ACT_NONFINITE) == 0
+            and _num(r, GRAD_NONFINITE) == 0
         )
 
     def _event(
@@ -353,8 +362,7 @@ class Judge:
 
 
 def _num(row: Mapping[str, float], key: str) -> float:
-    value = row.get(key, 0.0)
-    return 0.0 if value is None or value != value else float(value)
+    return as_float(row.get(key), 0.0)
 
 
 # ---------------------------------------------------------------------------

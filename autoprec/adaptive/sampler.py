@@ -97,7 +97,7 @@ class Sampler:
         for path, row in zip(self.names, np.asarray(keras.ops.convert_to_numpy(rows), np.float64), strict=True):
             merged[path] = stats.merge(merged.get(path), row)
         w = stats.WIDTH
-        out = {p: {**stats.columns(v[:w], "act"), **stats.columns(v[w:], "grad")} for p, v in merged.items()}
+        out = {p: {**stats.columns(v[:w], stats.ACT), **stats.columns(v[w:], stats.GRAD)} for p, v in merged.items()}
         return out, float(keras.ops.convert_to_numpy(loss))
 
 
