@@ -325,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="where to write the .keras model")
     p.set_defaults(fn=_cmd_apply)
 
-    targets = ["mixed_float16", "mixed_bfloat16", "auto"]
+    from autoprec.formats import TARGETS
+
+    targets = [*TARGETS, "auto"]
     p = sub.add_parser("profile", help="per-layer sensitivity to 16-bit")
     model_arg(p)
     p.add_argument("--data", required=True, help="DATA.npz with arrays x and y (evaluation data)")

@@ -24,10 +24,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from autoprec.data import COST_BATCH_SIZE
 from autoprec.errors import ArgumentError, describe
 from autoprec.formats import FLOAT32, FLOAT64, MIXED_BFLOAT16, MIXED_FLOAT16, split
+from autoprec.formats import weight_bytes as weight_bytes_of
 from autoprec.graph import ModelGraph
-from autoprec.quantize import weight_bytes as weight_bytes_of
 
 _ALIGNED_CLASSES = {
     "Dense",
@@ -169,7 +170,7 @@ class CostModel:
         graph: ModelGraph,
         *,
         device: str | Device | None = "cpu",
-        batch_size: int = 64,
+        batch_size: int = COST_BATCH_SIZE,
         quantized_speed: Mapping[str, float] | None = None,
     ) -> None:
         self.batch_size = batch_size

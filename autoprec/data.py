@@ -32,7 +32,11 @@ from autoprec.errors import ArgumentError, DataError, describe
 
 logger = logging.getLogger("autoprec")
 
-DEFAULT_BATCH_SIZE = 256
+# Batch sizes, in one place.
+DEFAULT_BATCH_SIZE = 256  # evaluation (predict) batches, where memory does not size them
+TRAIN_BATCH_SIZE = 32  # a training step's batch: Keras's default in fit, for the gradient statistics and checks
+PROFILE_BATCH_CAP = 64  # the profile's micro-batches hold at most this many samples, whatever memory allows
+COST_BATCH_SIZE = 64  # the training batch the cost model estimates, and measures, a step at
 DEFAULT_CACHE_BYTES = 1 << 30  # datasets up to 1 GiB are kept in memory as NumPy batches
 NONFINITE_MODES = ("raise", "drop")
 

@@ -27,6 +27,18 @@ LOW_PRECISION = (MIXED_FLOAT16, MIXED_BFLOAT16)
 TARGETS = LOW_PRECISION
 POLICY_NAMES = (FLOAT32, MIXED_FLOAT16, MIXED_BFLOAT16, FLOAT64)
 QUANTIZED_MODES = ("int8", "int4", "float8")  # Keras's layer.quantize modes offered as candidates
+FLOAT8_MAX = 448.0  # float8_e4m3fn's largest finite value
+# Bytes one weight takes in storage. Mixed policies keep float32 variables, and
+# float8 layers keep a float32 kernel with their scales: no saving on disk.
+BYTES_PER_WEIGHT = {
+    FLOAT32: 4.0,
+    MIXED_FLOAT16: 4.0,
+    MIXED_BFLOAT16: 4.0,
+    FLOAT64: 8.0,
+    "int8": 1.0,
+    "int4": 0.5,
+    "float8": 4.0,
+}
 
 # keras.optimizers.LossScaleOptimizer(initial_scale=2**15): the scale a
 # float16 training run starts at, and the one gradient statistics are judged
@@ -109,6 +121,25 @@ def leaves_float32(name: str) -> bool:
     return name in LOW_PRECISION or split(name)[0] is not None
 
 
+def _combines(mode: str, base: str) -> bool:
+    """Keras quantizes ``mode`` over the float policy ``base``.
+
+    Keras refuses int8 with float16 compute ("doesn't work well with compute_dtype='float16'").
+    """
+    return mode in QUANTIZED_MODES and base in (FLOAT32, *LOW_PRECISION) and (mode, base) != ("int8", MIXED_FLOAT16)
+
+
+def quantized_name(mode: str, base: str) -> str:
+    """The Keras policy name for ``mode`` on top of the float policy ``base`` (float32 where Keras refuses it).
+
+    >>> quantized_name("int8", "mixed_bfloat16"), quantized_name("int8", "mixed_float16")
+    ('int8_from_mixed_bfloat16', 'int8_from_float32')
+    """
+    if not _combines(mode, base):
+        base = FLOAT32
+    return f"{mode}_from_{base}"
+
+
 def is_quantized(name: object) -> bool:
     """A Keras quantized policy name autoprec accepts: ``{int8,int4,float8}_from_{float32,mixed_*}``.
 
@@ -118,8 +149,17 @@ def is_quantized(name: object) -> bool:
     if not isinstance(name, str) or "_from_" not in name:
         return False
     mode, base = name.split("_from_", 1)
-    # Keras refuses int8 with float16 compute ("doesn't work well with compute_dtype='float16'").
-    return mode in QUANTIZED_MODES and base in (FLOAT32, *LOW_PRECISION) and (mode, base) != ("int8", MIXED_FLOAT16)
+    return _combines(mode, base)
+
+
+def weight_bytes(params: int, name: str) -> float:
+    """Storage bytes of ``params`` weights under the policy ``name`` (scales excluded: one per output channel).
+
+    >>> weight_bytes(1000, "int4_from_float32"), weight_bytes(1000, "mixed_float16")
+    (500.0, 4000.0)
+    """
+    mode, base = split(name)
+    return params * BYTES_PER_WEIGHT[mode or base]
 
 
 def check_policy_name(name: object, *, what: str = "policy") -> str:

@@ -23,8 +23,8 @@ the layer (:func:`quantized_twin`), built once per mode, never per trial:
 the same numerics as the emitted model, which goes through the same
 ``quantize``.
 
->>> split("int8_from_mixed_bfloat16")
-('int8', 'mixed_bfloat16')
+Policy names are built and parsed in :mod:`autoprec.formats`:
+
 >>> quantized_name("int8", "mixed_float16")
 'int8_from_float32'
 """
@@ -36,42 +36,17 @@ import logging
 import time
 from typing import Any
 
-from autoprec.formats import FLOAT32, MIXED_FLOAT16, split
+from autoprec.formats import FLOAT8_MAX, FLOAT32, quantized_name, split
 
 logger = logging.getLogger("autoprec")
 
 QUANTIZABLE = ("Dense", "EinsumDense", "Embedding", "ReversibleEmbedding")
-FLOAT8_MAX = 448.0  # float8_e4m3fn's largest finite value
-# Bytes one weight takes in storage. Mixed policies keep float32 variables, and
-# float8 layers keep a float32 kernel with their scales: no saving on disk.
-BYTES_PER_WEIGHT = {
-    "float32": 4.0,
-    "mixed_float16": 4.0,
-    "mixed_bfloat16": 4.0,
-    "float64": 8.0,
-    "int8": 1.0,
-    "int4": 0.5,
-    "float8": 4.0,
-}
-
-
-def quantized_name(mode: str, base: str) -> str:
-    """The Keras policy name for ``mode`` on top of the float policy ``base`` (float32 where Keras refuses it)."""
-    if mode == "int8" and base == MIXED_FLOAT16:
-        base = FLOAT32  # Keras: "int8 doesn't work well with compute_dtype='float16'"
-    return f"{mode}_from_{base}"
 
 
 def is_quantizable(layer: Any) -> bool:
     """Keras can quantize this layer: one of :data:`QUANTIZABLE`, exactly (not a subclass), and built."""
     cls = type(layer)
     return cls.__name__ in QUANTIZABLE and cls.__module__.startswith(("keras.", "keras_hub.")) and layer.built
-
-
-def weight_bytes(params: int, name: str) -> float:
-    """Storage bytes of ``params`` weights under the policy ``name`` (scales excluded: one per output channel)."""
-    mode, base = split(name)
-    return params * BYTES_PER_WEIGHT[mode or base]
 
 
 def quantized_twin(layer: Any, name: str) -> Any:
@@ -151,7 +126,7 @@ def calibrate_model(model: Any, data: Any) -> int:
     import keras
     import numpy as np
 
-    from autoprec.data import EvalData
+    from autoprec.data import DEFAULT_BATCH_SIZE, EvalData
 
     layers = [
         layer
@@ -162,7 +137,7 @@ def calibrate_model(model: Any, data: Any) -> int:
         return 0
     probe = keras.Model(model.inputs, [layer.input for layer in layers])
     amax = np.zeros(len(layers))
-    for x, _ in EvalData.get(data, batch_size=256, what="calibration_data", model=model).batches():
+    for x, _ in EvalData.get(data, batch_size=DEFAULT_BATCH_SIZE, what="calibration_data", model=model).batches():
         outs = probe.predict_on_batch(x)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         amax = np.maximum(amax, [float(np.max(np.abs(o))) for o in outs])

@@ -68,9 +68,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from autoprec.formats import FLOAT32
+
 logger = logging.getLogger("autoprec")
 
-FLOAT32 = "float32"
 ROUND = 4  # candidates per round: a constant, so that the result never depends on how many workers share it
 # Studies written before 0.2 stored a non-finite drop as this number; it is still read as infinite.
 _LEGACY_INFEASIBLE = 1e9

@@ -5,7 +5,7 @@ its own (weighted layers and weightless layers that compute, in one ranking):
 
 - **Range statistics** for each node's output activations, the gradient at
   each output, and each weighted layer's weight gradients, as a training
-  step on a batch of ``TRAIN_BATCH`` (32) samples would see them: the largest
+  step on a batch of ``TRAIN_BATCH_SIZE`` (32) samples would see them: the largest
   magnitude, and the shares that would overflow the format, flush to zero or
   turn subnormal, unscaled and, for gradients, at the default loss scale;
   plus non-finite counts (see :mod:`autoprec.stats`).
@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoprec import backends, stats
+from autoprec.data import PROFILE_BATCH_CAP, TRAIN_BATCH_SIZE
 from autoprec.engine import SimEngine, call_rounded, round_to, round_with
 from autoprec.errors import ArgumentError, describe
 from autoprec.formats import DEFAULT_LOSS_SCALE, FLOAT32, MIXED_FLOAT16, Format
@@ -66,7 +67,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("autoprec")
 
 METHODS = ("full", "fast", "ablation")
-TRAIN_BATCH = 32  # gradients are those of a training step on this many samples (Keras's default fit batch)
 RISK_SCORE_RATIO = 10.0  # a weightless layer whose score is 10x every neighbour's decides on its own
 PROFILE_MEMORY = 256 << 20  # bytes of activations, gradients and rounding errors one micro-batch may hold
 
@@ -398,7 +398,7 @@ def statistics(
     if batch_size == "auto":
         # The tape holds every output; the step adds its gradient and rounding error.
         per_sample = 3.0 * sum(i.output_bytes for i in graph.layers) or 4.0
-        batch_size = auto_batch_size(graph, budget_bytes=PROFILE_MEMORY, cap=64, per_sample=per_sample)
+        batch_size = auto_batch_size(graph, budget_bytes=PROFILE_MEMORY, cap=PROFILE_BATCH_CAP, per_sample=per_sample)
     data = session.data.rebatch(int(batch_size))
     fn, names = _stats_step(session, fmt, loss_scale)
     step = backends.compile_function(fn)
@@ -489,7 +489,7 @@ _CHUNK = 16  # tensors whose statistics share one flat vector
 
 
 def _training_batch_loss(mean_loss: Any) -> Any:
-    """The loss as a part of a training batch of ``TRAIN_BATCH`` samples.
+    """The loss as a part of a training batch of ``TRAIN_BATCH_SIZE`` samples.
 
     Per-sample gradients at layer outputs are then what a training step
     sees, whatever the micro-batch.
@@ -499,7 +499,7 @@ def _training_batch_loss(mean_loss: Any) -> Any:
 
     def loss(y_true: Any, y_pred: Any) -> Any:
         m = ops.cast(ops.shape(keras.tree.flatten(y_true)[0])[0], "float32")
-        return mean_loss(y_true, y_pred) * m / TRAIN_BATCH
+        return mean_loss(y_true, y_pred) * m / TRAIN_BATCH_SIZE
 
     return loss
 
@@ -515,7 +515,7 @@ def _weight_rows(unit_vars: list, var_grads: list, y: Any, fmt: Format, loss_sca
 
     if not unit_vars:
         return None
-    whole = TRAIN_BATCH / ops.cast(ops.shape(keras.tree.flatten(y)[0])[0], "float32")
+    whole = TRAIN_BATCH_SIZE / ops.cast(ops.shape(keras.tree.flatten(y)[0])[0], "float32")
     by_unit: dict[str, list] = {}
     for (path, _), g in zip(unit_vars, var_grads, strict=True):
         by_unit.setdefault(path, []).append(ops.reshape(ops.cast(g, "float32") * whole, (-1,)))

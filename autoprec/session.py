@@ -34,7 +34,7 @@ import numpy as np
 
 from autoprec.apply import clone_with_policies
 from autoprec.budget import Budget
-from autoprec.data import EvalData
+from autoprec.data import DEFAULT_BATCH_SIZE, EvalData
 from autoprec.engine import make_engine
 from autoprec.errors import DataError, ModelError, UnsupportedModelError
 from autoprec.formats import split
@@ -327,7 +327,7 @@ def open_session(
     """
     _check_weights(model)
     # A string other than "auto" reaches EvalData.get, whose check refuses it with the argument's name.
-    size = 256 if batch_size == "auto" else batch_size
+    size = DEFAULT_BATCH_SIZE if batch_size == "auto" else batch_size
     ev = EvalData.get(data, batch_size=size, model=model, nonfinite=nonfinite_inputs)  # type: ignore[arg-type]
     check_inputs_fit(model, ev)
     graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())

@@ -26,9 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from autoprec.formats import FLOAT32, QUANTIZED_MODES
+from autoprec.formats import FLOAT32, QUANTIZED_MODES, quantized_name
 from autoprec.graph import ModelGraph
-from autoprec.quantize import quantized_name
 from autoprec.search import Space
 from autoprec.sensitivity import own_risk
 

@@ -32,6 +32,7 @@ import numpy as np
 from autoprec.bounds import check_confidence, no_change_bound
 from autoprec.budget import Budget
 from autoprec.cost import CostModel, Device, check_device, resolve_device, slower_note
+from autoprec.data import TRAIN_BATCH_SIZE
 from autoprec.errors import (
     ArgumentError,
     DataError,
@@ -41,11 +42,18 @@ from autoprec.errors import (
     check_int,
     describe,
 )
-from autoprec.formats import FLOAT32, LOW_PRECISION, MIXED_BFLOAT16, MIXED_FLOAT16, QUANTIZED_MODES, resolve_target
+from autoprec.formats import (
+    FLOAT32,
+    LOW_PRECISION,
+    MIXED_BFLOAT16,
+    MIXED_FLOAT16,
+    QUANTIZED_MODES,
+    quantized_name,
+    resolve_target,
+)
 from autoprec.graph import MOVEMENT, SUBCLASSED
 from autoprec.holdout import check_holdout, held_session, split_holdout
 from autoprec.progress import Progress
-from autoprec.quantize import quantized_name
 from autoprec.result import TuneResult
 from autoprec.session import Session, open_session
 from autoprec.space import GRANULARITIES, DecisionSpace, build_space
@@ -501,7 +509,7 @@ def open_run(model: Any, data: Any, opts: TuneOptions, progress: Progress) -> tu
     why = "the float32 baseline is at chance level" if at_chance else f"pretrain_steps={steps}"
     progress.say(f"autoprec: training a float32 copy for {steps} steps before searching ({why}).")
     work = apply_policy(session.model, {}, graph=session.graph)
-    train_steps(work, cycle_batches(opts.train_data, steps, 32, model=work))
+    train_steps(work, cycle_batches(opts.train_data, steps, TRAIN_BATCH_SIZE, model=work))
     session = _session(work, data, opts)
     if at_chance_level(session):
         logger.warning(
@@ -539,7 +547,11 @@ def _check_train_labels(session: Session, opts: TuneOptions) -> None:
     from autoprec.verify import predict_batches
 
     train = EvalData.get(
-        opts.train_data, batch_size=64, what="train_data", model=session.model, nonfinite=opts.nonfinite_inputs
+        opts.train_data,
+        batch_size=TRAIN_BATCH_SIZE,
+        what="train_data",
+        model=session.model,
+        nonfinite=opts.nonfinite_inputs,
     )
     from autoprec.session import check_inputs_fit
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from autoprec.apply import apply_policy, strategy_scope
-from autoprec.data import EvalData
+from autoprec.data import TRAIN_BATCH_SIZE, EvalData
 from autoprec.engine import quiet_retracing
 from autoprec.errors import ArgumentError, DataError, UnsupportedModelError, check_int
 from autoprec.formats import DEFAULT_LOSS_SCALE, FLOAT32, split
@@ -219,7 +219,7 @@ def train_check(
     *,
     graph: ModelGraph,
     steps: int = 50,
-    batch_size: int = 32,
+    batch_size: int = TRAIN_BATCH_SIZE,
     metric: Any = None,
     eval_data: EvalData | None = None,
     progress_ratio: float = 0.5,

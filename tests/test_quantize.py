@@ -7,8 +7,9 @@ import pytest
 import autoprec
 from autoprec import testing
 from autoprec.errors import ArgumentError
+from autoprec.formats import split, weight_bytes
 from autoprec.graph import build_graph, keyed_layers
-from autoprec.quantize import is_quantizable, quantized_twin, split, weight_bytes
+from autoprec.quantize import is_quantizable, quantized_twin
 from autoprec.session import open_session
 from autoprec.verify import predict_batches
 

@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from autoprec.data import TRAIN_BATCH_SIZE
 from autoprec.errors import ArgumentError, check_int, describe
 from autoprec.formats import FLOAT32, LOW_PRECISION, Format
 from autoprec.stats import (
@@ -91,7 +92,7 @@ class AdaptiveOptions:
     """
 
     check_every: int = 100
-    batch_size: int = 32
+    batch_size: int = TRAIN_BATCH_SIZE
     promote_at: float = 0.5
     demote_at: float = 1 / 16
     flush_share: float = FLUSH_SHARE
