@@ -19,6 +19,13 @@ Budget(max_drop=0.005, relative=False)
 0.01
 >>> Budget.drop(baseline=0.9, value=0.85, higher_is_better=True)
 0.05...
+
+Bound to its baseline and the metric's direction (:meth:`Budget.bind`), a
+budget judges a measured value or drop on its own:
+
+>>> rule = Budget.get("0.5%").bind(baseline=0.9, higher_is_better=True)
+>>> rule.feasible(rule.drop(0.897)), rule.feasible(rule.drop(0.89))
+(True, False)
 """
 
 from __future__ import annotations
@@ -92,6 +99,12 @@ class Budget:
         """How much worse ``value`` is than ``baseline`` (positive = worse); NaN stays NaN."""
         return baseline - value if higher_is_better else value - baseline
 
+    def bind(
+        self, *, baseline: float, higher_is_better: bool, metric: str = "metric", confidence: float | None = None
+    ) -> BoundBudget:
+        """This budget against a float32 ``baseline``: the object that judges every drop of one run."""
+        return BoundBudget(self, float(baseline), bool(higher_is_better), metric, confidence)
+
     def allowed(self, baseline: float) -> float:
         """The largest drop allowed for this baseline."""
         return self.max_drop * abs(baseline) if self.relative else self.max_drop
@@ -132,3 +145,54 @@ class Budget:
 
     def __str__(self) -> str:
         return f"{self.max_drop:.4%} relative" if self.relative else f"{self.max_drop:g} absolute"
+
+
+@dataclass(frozen=True)
+class BoundBudget:
+    """A :class:`Budget` bound to its float32 baseline and metric direction: one run's feasibility rule.
+
+    Example:
+        >>> rule = Budget(0.01, relative=True).bind(baseline=2.0, higher_is_better=False, metric="loss")
+        >>> rule.allowed, rule.drop(2.01), rule.feasible(0.03)
+        (0.02, 0.00999..., False)
+    """
+
+    budget: Budget
+    baseline: float
+    higher_is_better: bool = True
+    metric: str = "metric"
+    confidence: float | None = None  # the drop it judges is the upper bound at this confidence (None: the drop)
+
+    @property
+    def allowed(self) -> float:
+        """The largest drop allowed."""
+        return self.budget.allowed(self.baseline)
+
+    def drop(self, value: float) -> float:
+        """How much worse ``value`` is than the baseline (positive = worse)."""
+        return Budget.drop(baseline=self.baseline, value=value, higher_is_better=self.higher_is_better)
+
+    def feasible(self, drop: float) -> bool:
+        """True when ``drop`` is finite and within :attr:`allowed`."""
+        return self.budget.feasible(baseline=self.baseline, drop=drop)
+
+    def formula(self) -> str:
+        """The feasibility rule in words and numbers (see :meth:`Budget.formula`)."""
+        return self.budget.formula(
+            metric=self.metric,
+            higher_is_better=self.higher_is_better,
+            baseline=self.baseline,
+            confidence=self.confidence,
+        )
+
+    def check_meaningful(self, *, bounded_below: bool) -> None:
+        """Refuse a budget that allows every result (see :meth:`Budget.check_meaningful`)."""
+        self.budget.check_meaningful(
+            baseline=self.baseline,
+            higher_is_better=self.higher_is_better,
+            bounded_below=bounded_below,
+            metric=self.metric,
+        )
+
+    def __str__(self) -> str:
+        return f"{self.budget} (allowed drop {self.allowed:.4g} from {self.metric}={self.baseline:.4g})"

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from autoprec.budget import Budget
+from autoprec.budget import BoundBudget, Budget
 from autoprec.formats import get as get_format
 from autoprec.formats import leaves_float32, split
 from autoprec.policy import PrecisionPolicy
@@ -61,8 +61,18 @@ class TuneResult:
     confidence: float | None = None
 
     @property
+    def rule(self) -> BoundBudget:
+        """The budget bound to this result's float32 baseline: what judged it."""
+        return self.budget.bind(
+            baseline=self.baseline_metric,
+            higher_is_better=self.higher_is_better,
+            metric=self.metric_name,
+            confidence=self.confidence,
+        )
+
+    @property
     def drop(self) -> float:
-        return Budget.drop(baseline=self.baseline_metric, value=self.metric, higher_is_better=self.higher_is_better)
+        return self.rule.drop(self.metric)
 
     @property
     def judged_drop(self) -> float:
@@ -78,13 +88,13 @@ class TuneResult:
 
     @property
     def allowed_drop(self) -> float:
-        return self.budget.allowed(self.baseline_metric)
+        return self.rule.allowed
 
     @property
     def feasible(self) -> bool:
         """The verified drop is within the budget, and the training check (if any) passed."""
         trained = self.training is None or self.training.passed
-        return self.budget.feasible(baseline=self.baseline_metric, drop=self.judged_drop) and trained
+        return self.rule.feasible(self.judged_drop) and trained
 
     @property
     def units(self):
@@ -133,7 +143,7 @@ class TuneResult:
         return "reduced" if quantized else get_format(self.target).short
 
     def __repr__(self) -> str:
-        rel = "<=" if self.budget.feasible(baseline=self.baseline_metric, drop=self.judged_drop) else ">"
+        rel = "<=" if self.rule.feasible(self.judged_drop) else ">"
         rel = rel if self.drop_text == f"{self.drop:.4g}" else f" {rel} "
         tail = "" if self.feasible else ", INFEASIBLE"
         return (

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from autoprec.apply import clone_with_policies
-from autoprec.budget import Budget
+from autoprec.budget import BoundBudget, Budget
 from autoprec.data import DEFAULT_BATCH_SIZE, EvalData
 from autoprec.engine import make_engine
 from autoprec.errors import DataError, ModelError, UnsupportedModelError
@@ -129,8 +129,14 @@ class Session:
         if close is not None:
             close()
 
-    def _feasible(self, budget: Budget, drop: float) -> bool:
-        return budget.feasible(baseline=self.baseline, drop=drop)
+    def rule(self, budget: Budget) -> BoundBudget:
+        """``budget`` bound to this session's float32 baseline, metric direction and confidence."""
+        return budget.bind(
+            baseline=self.baseline,
+            higher_is_better=self.metric.higher_is_better,
+            metric=self.metric.name,
+            confidence=self.confidence,
+        )
 
     def score_outputs(self, outputs: Any) -> Evaluation:
         """Score full-data outputs of a real model (verification), batch-aligned with the data."""
@@ -295,7 +301,7 @@ class _Pass:
         if self.bound is None or vals is None:
             return None
         lower = (self.dsum + float(self.bound[seen])) / self.s.data.n
-        return lower if not self.s._feasible(self.budget, lower) else None
+        return lower if not self.s.rule(self.budget).feasible(lower) else None
 
 
 def _flat(structure: Any) -> list[np.ndarray]:

@@ -570,10 +570,9 @@ def _check_resolution(session: Session, budget: Budget) -> None:
     """Refuse a budget the data is too small to resolve, or one that allows any result."""
     metric, n = session.metric, session.data.n
     bounded = metric.bounds is not None and metric.bounds[0] >= 0
-    budget.check_meaningful(
-        baseline=session.baseline, higher_is_better=metric.higher_is_better, bounded_below=bounded, metric=metric.name
-    )
-    allowed = budget.allowed(session.baseline)
+    rule = session.rule(budget)
+    rule.check_meaningful(bounded_below=bounded)
+    allowed = rule.allowed
     per = units_per_sample(session.data.y)
     units, what = n * per, ("sample" if per == 1 else "token")
     if session.confidence is not None and session.binary_values and 0 < allowed:
@@ -607,8 +606,8 @@ def _holdout_facts(session: Session, ev: Any, opts: TuneOptions) -> dict[str, An
         "metric": ev.metric,
         "drop": ev.drop,
         "drop_bound": None if math.isnan(ev.bound) else ev.bound,
-        "allowed": opts.budget.allowed(held.baseline),
-        "feasible": opts.budget.feasible(baseline=held.baseline, drop=ev.judged),
+        "allowed": held.rule(opts.budget).allowed,
+        "feasible": held.rule(opts.budget).feasible(ev.judged),
     }
 
 
@@ -674,7 +673,7 @@ def at_chance_level(session: Session) -> bool:
 
 def ablation_tolerance(session: Session, budget: Budget) -> float:
     """Groups with a drop within a quarter of the budget are cleared without splitting."""
-    return budget.allowed(session.baseline) / 4.0
+    return session.rule(budget).allowed / 4.0
 
 
 def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
@@ -700,21 +699,12 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
             "profile ranks layers by ablation alone."
         )
         gradients = False
-    progress.say(
-        f"autoprec: target {opts.target}; budget {opts.budget}: "
-        + opts.budget.formula(
-            metric=session.metric.name,
-            higher_is_better=session.metric.higher_is_better,
-            baseline=session.baseline,
-            confidence=session.confidence,
-        )
-    )
+    rule = session.rule(opts.budget)
+    progress.say(f"autoprec: target {opts.target}; budget {opts.budget}: {rule.formula()}")
     all_fit = False
     if opts.target in opts.choices:  # with quantized candidates alone, the 16-bit target only ranks: rank fully
         everything = {i.path: opts.target for i in session.graph.eligible}
-        all_fit = opts.budget.feasible(
-            baseline=session.baseline, drop=session.evaluate(everything, budget=opts.budget).judged
-        )
+        all_fit = rule.feasible(session.evaluate(everything, budget=opts.budget).judged)
     method = ("fast" if all_fit else "full") if gradients else "ablation"
     frame = profile(
         session.model,
@@ -791,15 +781,13 @@ def search_stage(
         )
         bar = progress.stage("search", total=opts.n_trials, unit="trial")
 
-        def feasible(drop: float) -> bool:
-            return opts.budget.feasible(baseline=session.baseline, drop=drop)
-
+        rule = session.rule(opts.budget)
         search = Search(
             dataclasses.replace(space.search_space(), order=order),
             lambda a: session.evaluate(space.expand(a), budget=opts.budget),
             objective(cost, space, opts.objective),
-            feasible,
-            opts.budget.allowed(session.baseline),
+            rule.feasible,
+            rule.allowed,
             study,
             n_trials=opts.n_trials,
             timeout=opts.timeout,
@@ -941,7 +929,7 @@ def split_stage(
         if speed <= best + 1e-9:
             continue
         evaluation = session.evaluate(trial, budget=opts.budget)
-        if evaluation.rejected or not opts.budget.feasible(baseline=session.baseline, drop=evaluation.judged):
+        if evaluation.rejected or not session.rule(opts.budget).feasible(evaluation.judged):
             continue
         assignment, best = moved, speed
         if followers:
@@ -1011,7 +999,7 @@ def verify_stage(
                 "n_16bit": sum(v != FLOAT32 for v in assignment.values()),
             }
         )
-        ok = opts.budget.feasible(baseline=session.baseline, drop=real.judged)
+        ok = session.rule(opts.budget).feasible(real.judged)
         if not ok:
             return ok, f"real drop {_drop_text(real, session)} misses the budget"
         held = session.holdout
@@ -1019,7 +1007,7 @@ def verify_stage(
             return ok, ""
         state["holdout"] = h = held.score_outputs(predict_batches(state["model"], held.data))
         checks[-1]["holdout_drop"] = h.drop
-        ok = opts.budget.feasible(baseline=held.baseline, drop=h.judged)
+        ok = held.rule(opts.budget).feasible(h.judged)
         return ok, f"held-out drop {_drop_text(h, held)} on {held.data.n} samples misses the budget"
 
     pick = _sensitive_first(space, found.assignment)
@@ -1112,7 +1100,7 @@ def result_stage(
     from autoprec.study import trials_frame
 
     decided = space.expand(verified.assignment)
-    names = session.graph.resolve(decided)
+    names, rule = session.graph.resolve(decided), session.rule(opts.budget)
     if session.graph.kind == SUBCLASSED and opts.inplace:
         logger.info("autoprec: %r is subclassed and inplace=True: its layers now carry the tuned policies.", model.name)
     trials = trials_frame(found.study, list(space.as_searched().keys), found.measured)
@@ -1122,11 +1110,11 @@ def result_stage(
         if "drop_bound" in trials:
             drops = trials["drop_bound"].astype(float).fillna(drops)
         trials["feasible"] = [
-            opts.budget.feasible(baseline=session.baseline, drop=d if d < 1e8 else math.inf) and not r
+            rule.feasible(d if d < 1e8 else math.inf) and not r
             for d, r in zip(drops, trials["rejected"].fillna(False).astype(bool), strict=True)
         ]
     ev = verified.evaluation
-    feasible = opts.budget.feasible(baseline=session.baseline, drop=ev.judged)
+    feasible = rule.feasible(ev.judged)
     verification = {
         "fallbacks": [{"key": f.key, "check": f.check, "detail": f.detail} for f in verified.fallbacks],
         "checks": verified.discrepancies,
@@ -1140,7 +1128,7 @@ def result_stage(
         if feasible
         else (
             f"after {len(verified.fallbacks)} fallback(s) (max_fallbacks={opts.max_fallbacks}) the "
-            f"verified drop is {_drop_text(ev, session)}, over the {opts.budget.allowed(session.baseline):.4g} allowed"
+            f"verified drop is {_drop_text(ev, session)}, over the {rule.allowed:.4g} allowed"
         ),
     }
     stats = {
@@ -1177,12 +1165,7 @@ def result_stage(
         metric_name=session.metric.name,
         higher_is_better=session.metric.higher_is_better,
         target=opts.target,
-        formula=opts.budget.formula(
-            metric=session.metric.name,
-            higher_is_better=session.metric.higher_is_better,
-            baseline=session.baseline,
-            confidence=session.confidence,
-        ),
+        formula=rule.formula(),
         device=cost.device.name,
         verification=verification,
         training=verified.training,
