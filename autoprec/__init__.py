@@ -23,10 +23,10 @@ if TYPE_CHECKING:  # what the lazy names resolve to (``X as X``: re-exported), f
     from autoprec.decisions import Reason as Reason
     from autoprec.graph import ModelGraph as ModelGraph
     from autoprec.graph import build_graph as build_graph
+    from autoprec.options import TuneOptions as TuneOptions
     from autoprec.policy import PrecisionPolicy as PrecisionPolicy
     from autoprec.result import TuneResult as TuneResult
     from autoprec.sensitivity import profile as profile
-    from autoprec.tuner import TuneOptions as TuneOptions
     from autoprec.tuner import tune as tune
 
 # Public name -> module that defines it. Resolved on first access (PEP 562),
@@ -38,7 +38,7 @@ _EXPORTS = {
     "ModelGraph": "autoprec.graph",
     "profile": "autoprec.sensitivity",
     "tune": "autoprec.tuner",
-    "TuneOptions": "autoprec.tuner",
+    "TuneOptions": "autoprec.options",
     "TuneResult": "autoprec.result",
     "AdaptivePrecision": "autoprec.adaptive",
     "Budget": "autoprec.budget",

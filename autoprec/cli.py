@@ -186,7 +186,7 @@ def _holdout(text: str) -> float | None:
 def _check_tune_args(args: argparse.Namespace) -> None:
     """Every argument tune will validate, validated now: before Keras or TensorFlow is imported, and before any file
     is read. The training data stands in as its path; the files are only checked to exist."""
-    from autoprec.tuner import TuneOptions
+    from autoprec.options import TuneOptions
 
     options = _tune_options(args, args.train_data)
     if options.get("target") == "auto":
@@ -353,10 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_tune(p: argparse.ArgumentParser, model_arg: Any, targets: list[str]) -> None:
-    from autoprec.cost import DEVICE_NAMES
+    model_arg(p)
+    _add_tune_choices(p, targets)
+    _add_tune_cost(p)
+    _add_tune_search(p)
+    _add_tune_data(p)
+    p.set_defaults(fn=_cmd_tune)
+
+
+def _add_tune_choices(p: argparse.ArgumentParser, targets: list[str]) -> None:
+    """What the policy may hold and what it is judged on: formats, metric, pins."""
     from autoprec.formats import LOW_PRECISION, QUANTIZED_MODES
 
-    model_arg(p)
     p.add_argument("--data", required=True, help="DATA.npz with arrays x and y (evaluation data)")
     p.add_argument("--budget", required=True, help="largest allowed metric drop: 0.5%%, 0.005, or '1%% relative'")
     p.add_argument(
@@ -397,9 +405,16 @@ def _add_tune(p: argparse.ArgumentParser, model_arg: Any, targets: list[str]) ->
         metavar="PATH",
         help="a layer path or full-match regex that computes in 16-bit whatever the search finds (repeatable)",
     )
+
+
+def _add_tune_cost(p: argparse.ArgumentParser) -> None:
+    """What the search maximises, and on which device's terms."""
+    from autoprec.cost import DEVICE_NAMES
+    from autoprec.options import COSTS, OBJECTIVES
+
     p.add_argument(
         "--objective",
-        choices=["speed", "size"],
+        choices=list(OBJECTIVES),
         default=None,
         help="what the search maximises: estimated speed-up (default) or weight-size ratio (default with "
         "int8/int4 candidates)",
@@ -412,10 +427,16 @@ def _add_tune(p: argparse.ArgumentParser, model_arg: Any, targets: list[str]) ->
     )
     p.add_argument(
         "--cost",
-        choices=["estimate", "measured"],
+        choices=list(COSTS),
         default="estimate",
         help="rank by the cost model, or also time the best candidates' real training steps here",
     )
+
+
+def _add_tune_search(p: argparse.ArgumentParser) -> None:
+    """How the search runs: trials, time, storage, seed, granularity, confidence, held-out part, fallbacks."""
+    from autoprec.space import GRANULARITIES
+
     p.add_argument("--trials", type=int, default=60, help="the most trials the study may hold (default 60)")
     p.add_argument("--timeout", type=float, default=None, help="seconds for the search (default: no limit)")
     p.add_argument(
@@ -430,7 +451,7 @@ def _add_tune(p: argparse.ArgumentParser, model_arg: Any, targets: list[str]) ->
     p.add_argument(
         "--granularity",
         default="layer",
-        choices=["layer", "block"],
+        choices=list(GRANULARITIES),
         help="one decision per layer, or per block (nested model or name prefix)",
     )
     p.add_argument(
@@ -449,12 +470,18 @@ def _add_tune(p: argparse.ArgumentParser, model_arg: Any, targets: list[str]) ->
         default=8,
         help="decisions verification may return to float32 before giving up (default 8)",
     )
+
+
+def _add_tune_data(p: argparse.ArgumentParser) -> None:
+    """Data, the training check, and where the result goes."""
+    from autoprec.data import NONFINITE_MODES
+
     p.add_argument(
         "--batch-size", default="auto", type=_batch_size, help="evaluation batch size, or auto (fits memory)"
     )
     p.add_argument(
         "--nonfinite-inputs",
-        choices=["raise", "drop"],
+        choices=list(NONFINITE_MODES),
         default="raise",
         help="refuse evaluation samples holding NaN/inf (default), or drop them with a warning",
     )
@@ -480,7 +507,6 @@ def _add_tune(p: argparse.ArgumentParser, model_arg: Any, targets: list[str]) ->
         "exit, verifying and writing nothing; one run without it verifies and emits",
     )
     p.add_argument("--verbose", type=int, default=1, help="0 silent, 1 progress per stage (default)")
-    p.set_defaults(fn=_cmd_tune)
 
 
 def _batch_size(text: str) -> int | str:

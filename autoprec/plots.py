@@ -393,6 +393,21 @@ def draw_timeline(data: dict, path: str) -> None:
         if lanes
         else "No policy change during training"
     )
+    _draw_loss_lane(bottom, data)
+    for event in data["events"]:
+        for ax in (top, bottom):
+            ax.axvline(
+                event["step"],
+                color="#c44e52" if event["direction"] == "promote" else "#55a868",
+                linestyle="--",
+                linewidth=0.8,
+            )
+    bottom.set_xlim(0, data["last_step"])
+    _save(fig, path)
+
+
+def _draw_loss_lane(bottom: Any, data: dict) -> None:
+    """The timeline's lower lane: the logged loss (log scale), non-finite steps, and the loss scale."""
     loss = [v if v > 0 else math.nan for v in data["loss"]]
     bottom.plot(data["steps"], loss, "o-", markersize=3, color="black", label="loss (logged)")
     if any(v == v for v in loss):
@@ -414,16 +429,6 @@ def draw_timeline(data: dict, path: str) -> None:
         twin.step(data["steps"], data["loss_scale"], where="post", color="#dd8452", label="loss scale")
         twin.set_yscale("log", base=2)
         twin.set_ylabel("loss scale (log2)")
-    for event in data["events"]:
-        for ax in (top, bottom):
-            ax.axvline(
-                event["step"],
-                color="#c44e52" if event["direction"] == "promote" else "#55a868",
-                linestyle="--",
-                linewidth=0.8,
-            )
-    bottom.set_xlim(0, data["last_step"])
-    _save(fig, path)
 
 
 CHARTS = {

@@ -238,6 +238,12 @@ def _headline(saved: Saved) -> list[tuple[str, str]]:
             f"{m.get('n_16bit', 0)} of {m.get('n_units', 0)}, {share * 100:.1f}% of the model's FLOPs",
         ),
     ]
+    return rows + _run_rows(saved)
+
+
+def _run_rows(saved: Saved) -> list[tuple[str, str]]:
+    """The headline's rows about how the run went: size, pretraining, fallbacks, the search and its cost."""
+    m, rows = saved.meta, []
     if m.get("size_ratio", 1.0) > 1.0 + 1e-9 or m.get("objective") == "size":
         rows.append(
             (

@@ -170,17 +170,7 @@ class TuneResult:
         held = _holdout_line(self.verification.get("holdout"), self.confidence)
         if held:
             lines.insert(3, held)
-        fallbacks = self.verification.get("fallbacks") or []
-        if fallbacks:
-            lines.append(f"  checks returned {len(fallbacks)} decision(s) to float32: {[f['key'] for f in fallbacks]}")
-        if not self.feasible:
-            lines.append(f"  NOT within the budget: {self.verification.get('why', 'the verified drop exceeds it')}")
-        if self.training is not None:
-            lines.append(
-                f"  training check ({self.training.steps} steps): "
-                f"{'passed' if self.training.passed else 'FAILED'}: {self.training.reason}"
-            )
-        return "\n".join(lines)
+        return "\n".join(lines + _check_lines(self))
 
     def to_json_dict(self) -> dict[str, Any]:
         """Metadata for ``result.json`` (what the report needs besides the CSVs)."""
@@ -236,37 +226,55 @@ class TuneResult:
         from autoprec.files import DirectoryLock, write_directory
 
         with DirectoryLock(directory) if lock else contextlib.nullcontext(), write_directory(directory) as tmp:
-            names = self._write_files(tmp)
+            names = _write_files(self, tmp)
         return [os.path.join(os.fspath(directory), name) for name in names]
 
-    def _write_files(self, directory: str) -> list[str]:
-        from autoprec.graph import SUBCLASSED, model_kind
-        from autoprec.report import write_report
 
-        join = functools.partial(os.path.join, directory)
-        self.policy.save(join("policy.json"))
-        self.sensitivity.to_csv(join("sensitivity.csv"), index=False)
-        self.trials.to_csv(join("trials.csv"), index=False)
-        with open(join("result.json"), "w", encoding="utf-8") as fh:
-            json.dump(self.to_json_dict(), fh, indent=2, allow_nan=False)
-        names = ["policy.json", "sensitivity.csv", "trials.csv", "result.json"]
-        sublayers = self.sublayers
-        if len(sublayers):
-            sublayers.to_csv(join("sublayers.csv"), index=False)
-            names.append("sublayers.csv")
-        if model_kind(self.model) == SUBCLASSED:
-            logger.warning(
-                "autoprec: model.keras of a subclassed model reloads with default dtypes (Keras rebuilds its layers "
-                "in __init__); after loading, apply policy.json again: "
-                "apply_policy(model, 'policy.json', inplace=True)."
-            )
-        try:
-            self.model.save(join("model.keras"))
-            names.append("model.keras")
-        except Exception as exc:  # a subclassed model without get_config cannot be saved; the rest still is
-            logger.warning("autoprec: could not save the tuned model (%s); the policy and reports are saved.", exc)
-        names += [os.path.basename(p) for p in write_report(directory)]
-        return names
+def _write_files(result: TuneResult, directory: str) -> list[str]:
+    """Write every file of a result into ``directory`` (a fresh one); return their names."""
+    from autoprec.graph import SUBCLASSED, model_kind
+    from autoprec.report import write_report
+
+    join = functools.partial(os.path.join, directory)
+    result.policy.save(join("policy.json"))
+    result.sensitivity.to_csv(join("sensitivity.csv"), index=False)
+    result.trials.to_csv(join("trials.csv"), index=False)
+    with open(join("result.json"), "w", encoding="utf-8") as fh:
+        json.dump(result.to_json_dict(), fh, indent=2, allow_nan=False)
+    names = ["policy.json", "sensitivity.csv", "trials.csv", "result.json"]
+    sublayers = result.sublayers
+    if len(sublayers):
+        sublayers.to_csv(join("sublayers.csv"), index=False)
+        names.append("sublayers.csv")
+    if model_kind(result.model) == SUBCLASSED:
+        logger.warning(
+            "autoprec: model.keras of a subclassed model reloads with default dtypes (Keras rebuilds its layers "
+            "in __init__); after loading, apply policy.json again: "
+            "apply_policy(model, 'policy.json', inplace=True)."
+        )
+    try:
+        result.model.save(join("model.keras"))
+        names.append("model.keras")
+    except Exception as exc:  # a subclassed model without get_config cannot be saved; the rest still is
+        logger.warning("autoprec: could not save the tuned model (%s); the policy and reports are saved.", exc)
+    names += [os.path.basename(p) for p in write_report(directory)]
+    return names
+
+
+def _check_lines(result: TuneResult) -> list[str]:
+    """The summary's lines on the checks: fallbacks, a missed budget, the training check."""
+    lines = []
+    fallbacks = result.verification.get("fallbacks") or []
+    if fallbacks:
+        lines.append(f"  checks returned {len(fallbacks)} decision(s) to float32: {[f['key'] for f in fallbacks]}")
+    if not result.feasible:
+        lines.append(f"  NOT within the budget: {result.verification.get('why', 'the verified drop exceeds it')}")
+    if result.training is not None:
+        lines.append(
+            f"  training check ({result.training.steps} steps): "
+            f"{'passed' if result.training.passed else 'FAILED'}: {result.training.reason}"
+        )
+    return lines
 
 
 def _holdout_line(held: dict | None, confidence: float | None) -> str:

@@ -251,6 +251,24 @@ def _sampler_class() -> type:
     return ReplayableTPESampler
 
 
+def _trial_attrs(result: Any, assignment: dict[str, str], *, phase: str, feasible: bool, cached: bool) -> dict:
+    """The user attributes a trial stores: what it measured, and how it was judged."""
+    rejected = bool(getattr(result, "rejected", False))
+    return {
+        "phase": phase,
+        "metric": _finite_or_nan(result.metric) if not rejected else math.nan,
+        "drop": _finite_or_nan(float(result.drop)),
+        "drop_bound": _finite_or_nan(getattr(result, "bound", math.nan)) if not rejected else math.nan,
+        "output_error": _finite_or_nan(result.output_error),
+        "nonfinite_outputs": int(result.nonfinite_outputs),
+        "feasible": feasible,
+        "rejected": rejected,
+        "samples": int(getattr(result, "samples", 0) or 0),
+        "cached": cached,
+        "n_16bit": sum(v != FLOAT32 for v in assignment.values()),
+    }
+
+
 def _finite_or_nan(value: float) -> float:
     """``value``, or NaN when it is not finite: a NaN attribute is not stored."""
     return float(value) if math.isfinite(float(value)) else math.nan
@@ -567,36 +585,8 @@ class Search(_SharedStudy):
         judged = float(getattr(result, "judged", drop))
         rejected = bool(getattr(result, "rejected", False))
         feasible = self.feasible(judged) and not rejected
-        attrs = {
-            "phase": phase,
-            "metric": _finite_or_nan(result.metric) if not rejected else math.nan,
-            "drop": _finite_or_nan(drop),
-            "drop_bound": _finite_or_nan(getattr(result, "bound", math.nan)) if not rejected else math.nan,
-            "output_error": _finite_or_nan(result.output_error),
-            "nonfinite_outputs": int(result.nonfinite_outputs),
-            "feasible": feasible,
-            "rejected": rejected,
-            "samples": int(getattr(result, "samples", 0) or 0),
-            "cached": cached,
-            "n_16bit": sum(v != FLOAT32 for v in assignment.values()),
-        }
-        try:
-            for name, value in attrs.items():
-                if not (isinstance(value, float) and math.isnan(value)):
-                    trial.set_user_attr(name, value)
-            if math.isfinite(judged):  # a non-finite drop has no violation to store; PRUNED says it is infeasible
-                trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_KEY, [judged - self.allowed])
-            if feasible:
-                self.study.tell(trial, speedup)
-            else:
-                trial.report(speedup, 0)
-                self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            # Another worker took this one for dead (its heartbeat went stale) and failed it: the
-            # assignment will be claimed again; this result is not part of the study.
-            logger.warning(
-                "autoprec: trial %d was failed by another worker while it ran; its result is dropped.", trial.number
-            )
+        attrs = _trial_attrs(result, assignment, phase=phase, feasible=feasible, cached=cached)
+        if not self._store(trial, attrs, judged=judged, speedup=speedup):
             return None
         outcome = Outcome(
             assignment,
@@ -614,6 +604,30 @@ class Search(_SharedStudy):
         if self.on_trial is not None:
             self.on_trial(self)
         return outcome
+
+    def _store(self, trial: Any, attrs: dict[str, Any], *, judged: float, speedup: float) -> bool:
+        """Tell the study the trial's outcome; False when another worker failed it meanwhile."""
+        import optuna
+
+        try:
+            for name, value in attrs.items():
+                if not (isinstance(value, float) and math.isnan(value)):
+                    trial.set_user_attr(name, value)
+            if math.isfinite(judged):  # a non-finite drop has no violation to store; PRUNED says it is infeasible
+                trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_KEY, [judged - self.allowed])
+            if attrs["feasible"]:
+                self.study.tell(trial, speedup)
+            else:
+                trial.report(speedup, 0)
+                self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker took this one for dead (its heartbeat went stale) and failed it: the
+            # assignment will be claimed again; this result is not part of the study.
+            logger.warning(
+                "autoprec: trial %d was failed by another worker while it ran; its result is dropped.", trial.number
+            )
+            return False
+        return True
 
     def run(self) -> Outcome | None:
         """Run all phases until done or out of trials/time; return the best feasible outcome."""

@@ -336,18 +336,7 @@ def open_session(
     size = DEFAULT_BATCH_SIZE if batch_size == "auto" else batch_size
     ev = EvalData.get(data, batch_size=size, model=model, nonfinite=nonfinite_inputs)  # type: ignore[arg-type]
     check_inputs_fit(model, ev)
-    graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
-    if graph.kind != SUBCLASSED and any(
-        i.is_layer and i.layer.compute_dtype != "float32" and i.pinned is None for i in graph.layers
-    ):
-        # A model built under a mixed global policy: the baseline and the
-        # search need float32, so they run on a float32 copy with the same weights.
-        logger.info(
-            "autoprec: %r already computes partly in 16-bit; measuring a float32 copy with the same weights.",
-            model.name,
-        )
-        model = clone_with_policies(model, graph.resolve({}))
-        graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
+    model, graph = _float32_graph(model, ev, keep_float32=keep_float32, force_16bit=force_16bit)
     if batch_size == "auto":
         ev = ev.rebatch(auto_batch_size(graph, budget_bytes=EVAL_MEMORY, cap=1024))
     formats = tuple(formats or (target,))
@@ -360,6 +349,40 @@ def open_session(
     engine = make_engine(model, graph, formats=formats)
     outputs = [out for out, _ in (engine.forward(x, y) for x, y in ev.batches())]
     _check_outputs(engine, ev, outputs)
+    ev, full = _checked_labels(model, ev, outputs, metric)
+    resolved = Metric.get(metric, model=model, y=ev.y, y_pred=full, higher_is_better=higher_is_better)
+    engine.use_metric(resolved)
+    if hasattr(engine, "calibrate"):
+        engine.calibrate(ev.batches())  # float8 twins: scales from this data, as the emitted model gets them
+    values = resolved.values(*resolved.select(ev.y, full)) if resolved.per_sample is not None else None
+    baseline = float(np.mean(values)) if values is not None else resolved.compute(ev.y, full)
+    if not math.isfinite(baseline):
+        raise DataError(f"Expected a finite float32 baseline metric. Received {resolved.name}={baseline}.")
+    session = Session(model, graph, ev, resolved, engine, target, formats, baseline, outputs, values)
+    session.confidence = confidence
+    session.pass_seconds = _warm_pass_seconds(engine, ev)
+    return session
+
+
+def _float32_graph(model: Any, ev: EvalData, *, keep_float32: Any, force_16bit: Any) -> tuple[Any, ModelGraph]:
+    """The model's graph; a model built under a mixed global policy is measured on a float32 copy."""
+    graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
+    if graph.kind != SUBCLASSED and any(
+        i.is_layer and i.layer.compute_dtype != "float32" and i.pinned is None for i in graph.layers
+    ):
+        # A model built under a mixed global policy: the baseline and the
+        # search need float32, so they run on a float32 copy with the same weights.
+        logger.info(
+            "autoprec: %r already computes partly in 16-bit; measuring a float32 copy with the same weights.",
+            model.name,
+        )
+        model = clone_with_policies(model, graph.resolve({}))
+        graph = build_graph(model, keep_float32=keep_float32, force_16bit=force_16bit, sample=ev.x_sample())
+    return model, graph
+
+
+def _checked_labels(model: Any, ev: EvalData, outputs: list, metric: Any) -> tuple[EvalData, Any]:
+    """The data with labels shaped as the outputs (as Keras accepts them), checked; and the concatenated outputs."""
     import keras
 
     full = keras.tree.map_structure(lambda *p: np.concatenate(p), *outputs)
@@ -374,18 +397,7 @@ def open_session(
     )
     if not own_labels:
         check_labels(model, ev.y, full, what="the evaluation data")
-    resolved = Metric.get(metric, model=model, y=ev.y, y_pred=full, higher_is_better=higher_is_better)
-    engine.use_metric(resolved)
-    if hasattr(engine, "calibrate"):
-        engine.calibrate(ev.batches())  # float8 twins: scales from this data, as the emitted model gets them
-    values = resolved.values(*resolved.select(ev.y, full)) if resolved.per_sample is not None else None
-    baseline = float(np.mean(values)) if values is not None else resolved.compute(ev.y, full)
-    if not math.isfinite(baseline):
-        raise DataError(f"Expected a finite float32 baseline metric. Received {resolved.name}={baseline}.")
-    session = Session(model, graph, ev, resolved, engine, target, formats, baseline, outputs, values)
-    session.confidence = confidence
-    session.pass_seconds = _warm_pass_seconds(engine, ev)
-    return session
+    return ev, full
 
 
 def _warm_pass_seconds(engine: Any, ev: EvalData) -> float:

@@ -23,40 +23,34 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
-from autoprec.bounds import check_confidence, no_change_bound
-from autoprec.budget import Budget
-from autoprec.cost import CostModel, Device, check_device, resolve_device, slower_note
+from autoprec.bounds import no_change_bound
+from autoprec.budget import BoundBudget, Budget
+from autoprec.cost import CostModel, Device, resolve_device, slower_note
 from autoprec.data import TRAIN_BATCH_SIZE
 from autoprec.errors import (
-    ArgumentError,
     DataError,
     UnsupportedModelError,
     UntrainedModelError,
-    check_choice,
-    check_int,
     describe,
 )
 from autoprec.formats import (
     FLOAT32,
-    LOW_PRECISION,
-    MIXED_BFLOAT16,
-    MIXED_FLOAT16,
     QUANTIZED_MODES,
-    quantized_name,
-    resolve_target,
 )
 from autoprec.graph import MOVEMENT, SUBCLASSED
-from autoprec.holdout import check_holdout, held_session, split_holdout
+from autoprec.holdout import held_session, split_holdout
+from autoprec.options import TuneOptions
 from autoprec.progress import Progress
 from autoprec.result import TuneResult
 from autoprec.session import Session, open_session
-from autoprec.space import GRANULARITIES, DecisionSpace, build_space
+from autoprec.space import DecisionSpace, build_space
 from autoprec.stats import hazard, hazard_share
 from autoprec.verify import TrainCheck, fall_back, predict_batches, train_check, verify_eval
 
@@ -65,201 +59,124 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("autoprec")
 
-VERIFY_MODES = ("eval", "train")
-OBJECTIVES = ("speed", "size")
-COSTS = ("estimate", "measured")
 DEFAULT_PRETRAIN_STEPS = 200
 
 
-@dataclass(frozen=True)
-class TuneOptions:
-    """Every option of :func:`tune`, validated. Build it with :meth:`create`."""
-
-    budget: Budget
-    target: str
-    target_why: str
-    choices: tuple[str, ...]
-    metric: Any = None
-    higher_is_better: bool | None = None
-    granularity: str = "layer"
-    keep_float32: Any = ()
-    force_16bit: Any = ()
-    cost: str = "estimate"
-    device: str | Device | None = None
-    n_trials: int = 60
-    timeout: float | None = None
-    seed: int = 0
-    storage: Any = None
-    study_name: str | None = None
-    verify: str = "eval"
-    train_data: Any = field(default=None, repr=False)
-    steps: int = 50
-    pretrain_steps: int | None = None
-    max_fallbacks: int = 8
-    batch_size: int | str = "auto"
-    profile_batch_size: int | str = "auto"
-    nonfinite_inputs: str = "raise"
-    verbose: int = 1
-    search_only: bool = False
-    objective: str = "speed"
-    # Opt-in for now: at 0.95 small evaluation sets (a few hundred samples) cannot resolve a 0.5% budget.
-    confidence: float | None = None
-    holdout: Any = field(default=None, repr=False)  # opt-in, like confidence: "auto", a fraction, or data
-    calibration_data: Any = field(default=None, repr=False)
-    inplace: bool = False
-
-    @property
-    def quantize_base(self) -> str:
-        """The float policy quantized candidates compute in: the target when offered, else float32."""
-        return self.target if self.target in self.choices else FLOAT32
-
-    @property
-    def formats(self) -> tuple[str, ...]:
-        """The engine's formats: the 16-bit ones, the Keras names of the quantized ones, and the target.
-
-        The target is always among them: the profile measures sensitivity in it,
-        even where only quantized candidates (over float32) are searched.
-        """
-        out = tuple(
-            quantized_name(c, self.quantize_base) if c in QUANTIZED_MODES else c for c in self.choices if c != FLOAT32
-        )
-        return out if self.target in out else (*out, self.target)
-
-    @classmethod
-    def create(cls, budget: Any, *, target: str | None = None, candidates: Any = None, **options: Any) -> TuneOptions:
-        """Validate the arguments of :func:`tune`.
-
-        Raises:
-            BudgetError: the budget does not parse.
-            ArgumentError: any other argument has the wrong type or value.
-            DataError: training data is missing for an option that needs it.
-        """
-        from autoprec.data import NONFINITE_MODES, check_batch_size
-
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            valid = sorted({f.name for f in dataclasses.fields(cls)} - {"choices", "target_why"} | {"candidates"})
-            raise ArgumentError(f"Expected options of tune among {valid}. Received unknown option(s): {unknown}.")
-        budget = Budget.get(budget)
-        target, why, choices = _target_and_candidates(target, candidates)
-        options["objective"] = _check_objective(options.get("objective"), choices, options.get("verify", "eval"))
-        for name, choices_ in (
-            ("granularity", GRANULARITIES),
-            ("verify", VERIFY_MODES),
-            ("cost", COSTS),
-            ("nonfinite_inputs", NONFINITE_MODES),
-        ):
-            if name in options:
-                check_choice(name, options[name], choices_)
-        for name, minimum in (("n_trials", 1), ("seed", 0), ("steps", 2), ("max_fallbacks", 0), ("verbose", 0)):
-            if name in options:
-                check_int(name, options[name], minimum)
-        check_int("pretrain_steps", options.get("pretrain_steps"), 1, allow_none=True)
-        if "confidence" in options:
-            options["confidence"] = check_confidence(options["confidence"])
-        if "holdout" in options:
-            options["holdout"] = check_holdout(options["holdout"])
-        for name in ("batch_size", "profile_batch_size"):
-            options[name] = check_batch_size(options.get(name, "auto"), name)
-        timeout = options.get("timeout")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
-        ):
-            raise ArgumentError(
-                f"Expected timeout to be a number of seconds > 0, or None. Received: timeout={describe(timeout)}."
-            )
-        check_device(options.get("device"))  # validated here (without reading this machine), resolved per run
-        if options.get("verify") == "train" and options.get("train_data") is None:
-            raise DataError("Expected train_data=(x, y) with verify='train': the training check fine-tunes on it.")
-        if options.get("pretrain_steps") is not None and options.get("train_data") is None:
-            raise DataError("Expected train_data=(x, y) with pretrain_steps: the float32 copy is pretrained on it.")
-        if not isinstance(options.get("inplace", False), bool):
-            raise ArgumentError(
-                f"Expected inplace to be True or False. Received: inplace={describe(options['inplace'])}."
-            )
-        only, storage = options.get("search_only", False), options.get("storage")
-        from autoprec.study import check_storage
-
-        check_storage(storage)  # a bad URL fails here, in well under a second, before any model work
-        if not isinstance(only, bool) or (only and storage is None):
-            raise ArgumentError(
-                f"Expected search_only=True with a shared storage= and study_name=, or False. Received: "
-                f"search_only={describe(only)}, storage={describe(storage)}."
-            )
-        return cls(budget=budget, target=target, target_why=why, choices=choices, **options)
-
-
-def _target_and_candidates(target: Any, candidates: Any) -> tuple[str, str, tuple[str, ...]]:
-    """``(target, why, choices)``: ``candidates`` defines the formats; ``target`` says which 16-bit one is preferred.
-
-    Without ``candidates`` the choice is float32 or the target (``mixed_float16``
-    by default). With them, an unnamed target is the 16-bit format they offer
-    (float16 when they offer both), and a named one must be among them. When
-    they offer no 16-bit format (float32 and quantized modes), quantized layers
-    compute in float32 and the profile ranks layers in bfloat16.
-
-    >>> _target_and_candidates(None, ("float32", "mixed_bfloat16", "int8"))
-    ('mixed_bfloat16', 'the 16-bit format among candidates', ('float32', 'mixed_bfloat16', 'int8'))
-    """
-    if candidates is None:
-        target, why = resolve_target(MIXED_FLOAT16 if target is None else target)
-        return target, why, (FLOAT32, target)
-    choices = tuple(candidates) if isinstance(candidates, (list, tuple)) else None
-    valid = (FLOAT32, *LOW_PRECISION, *QUANTIZED_MODES)
-    if (
-        choices is None
-        or FLOAT32 not in choices
-        or len(set(choices)) != len(choices)
-        or len(choices) < 2
-        or any(not isinstance(c, str) or c not in valid for c in choices)
-    ):
-        raise ArgumentError(
-            f"Expected candidates to be a list holding 'float32' and at least one of {list(valid[1:])}, each "
-            f"once. Received: candidates={describe(candidates)}. For example candidates=('float32', "
-            "'mixed_bfloat16', 'int8')."
-        )
-    offered = [c for c in choices if c in LOW_PRECISION]
-    if target is None:
-        if not offered:
-            return MIXED_BFLOAT16, "ranking only: candidates offer no 16-bit format", choices
-        preferred = MIXED_FLOAT16 if MIXED_FLOAT16 in offered else offered[0]
-        return preferred, "the 16-bit format among candidates", choices
-    target, why = resolve_target(target)
-    if target not in choices:
-        raise ArgumentError(
-            f"Expected target to be one of the 16-bit formats among candidates {offered}. Received: "
-            f"target={target!r} with candidates={list(choices)}. candidates defines the formats and "
-            f"target only picks the preferred one: add {target!r} to candidates, or leave target out."
-        )
-    return target, why, choices
-
-
-def _check_objective(objective: Any, choices: tuple[str, ...], verify: Any) -> str:
-    """``speed`` or ``size``; by default size when integer candidates are offered (their CPU gain is size)."""
-    integer = [c for c in choices if c in ("int8", "int4")]
-    if objective is None:
-        objective = "size" if integer else "speed"
-    check_choice("objective", objective, OBJECTIVES)
-    if integer and verify == "train":
-        raise ArgumentError(
-            f"Expected float candidates with verify='train'. Received candidates {integer}: int8 and int4 are "
-            "post-training formats for inference, which Keras does not train. Use verify='eval', or "
-            "'float8', the format Keras trains in."
-        )
-    return objective
-
-
-# A worker (search_only=True) gets the study's summary; every other call the verified result.
-@overload
-def tune(model: Any, data: Any, budget: Any = ..., *, search_only: Literal[True], **options: Any) -> WorkerResult: ...
+# A worker (search_only=True) gets the study's summary; every other call the verified result. The overloads
+# say so to a type checker; the signature below them is the one help() and the docs show.
 @overload
 def tune(
-    model: Any, data: Any, budget: Any = ..., *, search_only: Literal[False] = ..., **options: Any
+    model: Any,
+    data: Any,
+    budget: str | float | Budget = ...,
+    *,
+    metric: Any = ...,
+    higher_is_better: bool | None = ...,
+    target: str | None = ...,
+    candidates: Sequence[str] | None = ...,
+    granularity: str = ...,
+    keep_float32: str | Sequence[str] = ...,
+    force_16bit: str | Sequence[str] = ...,
+    objective: str | None = ...,
+    cost: str = ...,
+    device: str | Device | None = ...,
+    n_trials: int = ...,
+    timeout: float | None = ...,
+    seed: int = ...,
+    storage: Any = ...,
+    study_name: str | None = ...,
+    verify: str = ...,
+    train_data: Any = ...,
+    steps: int = ...,
+    pretrain_steps: int | None = ...,
+    max_fallbacks: int = ...,
+    confidence: float | None = ...,
+    holdout: Any = ...,
+    calibration_data: Any = ...,
+    batch_size: int | str = ...,
+    profile_batch_size: int | str = ...,
+    nonfinite_inputs: str = ...,
+    inplace: bool = ...,
+    verbose: int = ...,
+    search_only: Literal[True],
+) -> WorkerResult: ...
+@overload
+def tune(
+    model: Any,
+    data: Any,
+    budget: str | float | Budget = ...,
+    *,
+    metric: Any = ...,
+    higher_is_better: bool | None = ...,
+    target: str | None = ...,
+    candidates: Sequence[str] | None = ...,
+    granularity: str = ...,
+    keep_float32: str | Sequence[str] = ...,
+    force_16bit: str | Sequence[str] = ...,
+    objective: str | None = ...,
+    cost: str = ...,
+    device: str | Device | None = ...,
+    n_trials: int = ...,
+    timeout: float | None = ...,
+    seed: int = ...,
+    storage: Any = ...,
+    study_name: str | None = ...,
+    verify: str = ...,
+    train_data: Any = ...,
+    steps: int = ...,
+    pretrain_steps: int | None = ...,
+    max_fallbacks: int = ...,
+    confidence: float | None = ...,
+    holdout: Any = ...,
+    calibration_data: Any = ...,
+    batch_size: int | str = ...,
+    profile_batch_size: int | str = ...,
+    nonfinite_inputs: str = ...,
+    inplace: bool = ...,
+    verbose: int = ...,
+    search_only: Literal[False] = ...,
 ) -> TuneResult: ...
 
 
-def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneResult | WorkerResult:
+def tune(
+    model: Any,
+    data: Any,
+    budget: str | float | Budget = "0.5%",
+    *,
+    metric: Any = None,
+    higher_is_better: bool | None = None,
+    target: str | None = None,
+    candidates: Sequence[str] | None = None,
+    granularity: str = "layer",
+    keep_float32: str | Sequence[str] = (),
+    force_16bit: str | Sequence[str] = (),
+    objective: str | None = None,
+    cost: str = "estimate",
+    device: str | Device | None = None,
+    n_trials: int = 60,
+    timeout: float | None = None,
+    seed: int = 0,
+    storage: Any = None,
+    study_name: str | None = None,
+    verify: str = "eval",
+    train_data: Any = None,
+    steps: int = 50,
+    pretrain_steps: int | None = None,
+    max_fallbacks: int = 8,
+    confidence: float | None = None,
+    holdout: Any = None,
+    calibration_data: Any = None,
+    batch_size: int | str = "auto",
+    profile_batch_size: int | str = "auto",
+    nonfinite_inputs: str = "raise",
+    inplace: bool = False,
+    verbose: int = 1,
+    search_only: bool = False,
+) -> TuneResult | WorkerResult:
     """Find the fastest per-layer precision whose metric stays within ``budget``.
+
+    Every option is keyword-only and validated (by :class:`autoprec.options.TuneOptions`)
+    before any work on the model starts.
 
     Args:
         model: a float32 Keras model (Functional, Sequential, nested; subclassed
@@ -267,47 +184,78 @@ def tune(model: Any, data: Any, budget: Any = "0.5%", **options: Any) -> TuneRes
         data: evaluation data: ``(x, y)``, a ``tf.data.Dataset`` or a ``PyDataset``.
         budget: largest allowed metric drop: ``"0.5%"`` / ``0.005`` (absolute),
             ``"1% relative"`` / ``Budget(0.01, relative=True)``.
-        **options: keyword-only, all validated by :meth:`TuneOptions.create`:
-            ``metric`` (name, instance, loss, callable with ``higher_is_better``,
-            or ``{output: metric}``); ``target`` (``"mixed_float16"``,
-            ``"mixed_bfloat16"``, ``"auto"``); ``candidates`` (add the other
-            16-bit format for a three-way choice); ``granularity``
-            (``"layer"``/``"block"``); ``keep_float32``/``force_16bit`` (paths or
-            full-match regexes); ``cost`` (``"estimate"``/``"measured"``);
-            ``device`` (cost-model device); ``n_trials``, ``timeout``, ``seed``;
-            ``storage``/``study_name`` (resume or share a study); ``verify``
-            (``"eval"``/``"train"`` with ``train_data`` and ``steps``);
-            ``pretrain_steps``; ``max_fallbacks``; ``batch_size`` and
-            ``profile_batch_size`` (``"auto"`` fits memory); ``nonfinite_inputs``
-            (``"raise"``/``"drop"``); ``confidence`` (e.g. 0.95: the budget
-            judges the drop's one-sided upper confidence bound, paired over the
-            same samples, see :mod:`autoprec.bounds`; the default ``None``
-            judges the measured drop); ``holdout`` (``"auto"``, a fraction, separate
-            ``(x, y)`` data, or ``None``: data the search never sees, on which
-            the winner must also hold, see :mod:`autoprec.holdout`);
-            ``verbose``; ``search_only`` (a worker
-            that adds trials to a shared ``storage`` and returns a
-            :class:`autoprec.search.WorkerResult`, verifying and emitting nothing).
+        metric: what the budget is judged on: a Keras metric name or instance, a
+            loss, a callable ``(y_true, y_pred) -> float`` (with ``higher_is_better``),
+            or ``{output name: metric}``; by default the model's first compiled
+            metric, else its loss.
+        higher_is_better: the direction of a callable ``metric``.
+        target: the 16-bit format to tune for: ``"mixed_float16"`` (the default),
+            ``"mixed_bfloat16"``, or ``"auto"`` (float16 on a CUDA GPU, bfloat16 elsewhere).
+        candidates: the formats each layer chooses among, ``float32`` first, e.g.
+            ``("float32", "mixed_float16", "mixed_bfloat16")`` for a three-way choice,
+            or with Keras's quantized modes ``"int8"``, ``"int4"``, ``"float8"``.
+        granularity: ``"layer"`` (one decision per layer) or ``"block"`` (one per
+            residual or transformer block).
+        keep_float32: layer paths, or full-match regexes, pinned to float32.
+        force_16bit: layer paths, or full-match regexes, put in 16-bit whatever the profile says.
+        objective: ``"speed"`` (the estimated training speed-up) or ``"size"``
+            (weight bytes); by default size when integer candidates are offered.
+        cost: ``"estimate"`` (the cost model) or ``"measured"`` (the best
+            candidates' training steps timed on this machine).
+        device: the device the policy is for, as the cost model knows it (``"gpu"``,
+            ``"tpu"``, ``"cpu"``, ``"this"`` or a :class:`autoprec.cost.Device`);
+            by default an accelerator for the target.
+        n_trials: the most trials the search runs.
+        timeout: seconds after which the search stops, or None.
+        seed: the sampler's seed: the same seed gives the same policy.
+        storage: an Optuna storage (URL or object) to resume or share the study.
+        study_name: the study's name in ``storage``.
+        verify: ``"eval"`` (real Keras policies on the evaluation data) or
+            ``"train"`` (also a loss-scaled training run on ``train_data``).
+        train_data: ``(x, y)`` for ``verify="train"`` and for pretraining.
+        steps: training steps of the ``verify="train"`` check.
+        pretrain_steps: steps to train an untrained model's float32 copy first.
+        max_fallbacks: decisions the verification may return to float32.
+        confidence: e.g. 0.95: the budget judges the drop's one-sided upper
+            confidence bound, paired over the same samples (:mod:`autoprec.bounds`);
+            None judges the measured drop.
+        holdout: data the search never sees, on which the winner must also hold:
+            ``"auto"``, a fraction, separate ``(x, y)`` data, or None (:mod:`autoprec.holdout`).
+        calibration_data: inputs whose ranges set float8 scales (default: ``data``).
+        batch_size: evaluation batch size; ``"auto"`` fits memory.
+        profile_batch_size: the profile's micro-batch size; ``"auto"`` fits memory.
+        nonfinite_inputs: ``"raise"`` on non-finite samples in ``data``, or ``"drop"`` them.
+        inplace: tune ``model`` itself instead of a copy (a subclassed model then
+            keeps the tuned policies).
+        verbose: 0 silent, 1 progress lines.
+        search_only: a worker that adds trials to a shared ``storage`` and returns a
+            :class:`autoprec.search.WorkerResult`, verifying and emitting nothing.
 
     Returns:
         A :class:`TuneResult` (with ``search_only=True``, a :class:`autoprec.search.WorkerResult`).
 
     Raises:
         BudgetError: the budget is malformed, or allows any result at all.
-        ArgumentError: another option has the wrong type or value.
+        ArgumentError: another option has the wrong type or value (a storage URL that cannot be opened too).
+        StudyError: a stored study belongs to another search.
         PolicyError: a pin matches no layer, a layer is in both lists, or an output is forced.
         DataError: the data is malformed, non-finite, too small for the budget, or does not fit the model.
         ModelError: the model's weights or float32 outputs are not finite.
         MetricError: the metric cannot be resolved.
         UntrainedModelError: the model scores at chance level and no ``train_data`` was given.
-        StudyError: a stored study belongs to another search.
         OutputError: an output path cannot be written.
 
     Example:
         >>> result = tune(model, (x_val, y_val), budget="0.5%", target="mixed_bfloat16")  # doctest: +SKIP
         >>> result.policy.save("policy.json")                                              # doctest: +SKIP
     """
-    opts = TuneOptions.create(budget, **options)
+    options = dict(locals())  # every keyword, as given: validated in one place before anything else
+    del options["model"], options["data"], options["budget"]
+    return run(model, data, TuneOptions.create(budget, **options))
+
+
+def run(model: Any, data: Any, opts: TuneOptions) -> TuneResult | WorkerResult:
+    """The stages of :func:`tune` for validated options."""
     progress = Progress(opts.verbose)
     started = time.monotonic()
     model = working_model(model, inplace=opts.inplace)
@@ -753,34 +701,13 @@ def search_stage(
     """
     import optuna
 
-    from autoprec.search import Search, make_sampler
-    from autoprec.study import fail_orphans, name_objective, open_study, record_or_check
+    from autoprec.search import Search
 
-    name = opts.study_name or (
-        f"autoprec-{getattr(session.model, 'name', 'model')}-{opts.target}-"
-        f"{opts.budget.max_drop:g}{'rel' if opts.budget.relative else ''}-seed{opts.seed}"
-    )
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar replaces Optuna's per-trial log
     try:
-        study = open_study(name, opts.storage, make_sampler(opts.seed))
-        name_objective(study, opts.objective)
-        fail_orphans(study)
-        order = record_or_check(
-            study,
-            {
-                "keys": list(space.keys),
-                "choices": list(space.choices),
-                "order": list(space.order),
-                "baseline": session.baseline,
-                "fingerprint": session.fingerprint(),
-                "metric": session.metric.name,
-                "ranked_by": ranked_by,
-            },
-            budget=str(opts.budget) + (f" at {opts.confidence:.0%} confidence" if opts.confidence else ""),
-        )
+        study, order = _open_study(session, space, opts, ranked_by)
         bar = progress.stage("search", total=opts.n_trials, unit="trial")
-
         rule = session.rule(opts.budget)
         search = Search(
             dataclasses.replace(space.search_space(), order=order),
@@ -797,6 +724,45 @@ def search_stage(
         bar.done(min(search.finished(), opts.n_trials), [("best", search.best_speedup())])
     finally:
         optuna.logging.set_verbosity(verbosity)
+    best = _say_outcome(best, space, cost, opts, progress)
+    found = Found(study, dict(best.assignment) if best else {}, best is not None, search.evaluations, search.cache_hits)
+    if opts.cost == "measured" and not opts.search_only:
+        found = _measure_candidates(session, space, search, found)
+    return found
+
+
+def _open_study(
+    session: Session, space: DecisionSpace, opts: TuneOptions, ranked_by: str
+) -> tuple[Any, tuple[str, ...]]:
+    """The study (opened, resumed or shared) and the decision order it searches in."""
+    from autoprec.search import make_sampler
+    from autoprec.study import fail_orphans, name_objective, open_study, record_or_check
+
+    name = opts.study_name or (
+        f"autoprec-{getattr(session.model, 'name', 'model')}-{opts.target}-"
+        f"{opts.budget.max_drop:g}{'rel' if opts.budget.relative else ''}-seed{opts.seed}"
+    )
+    study = open_study(name, opts.storage, make_sampler(opts.seed))
+    name_objective(study, opts.objective)
+    fail_orphans(study)
+    order = record_or_check(
+        study,
+        {
+            "keys": list(space.keys),
+            "choices": list(space.choices),
+            "order": list(space.order),
+            "baseline": session.baseline,
+            "fingerprint": session.fingerprint(),
+            "metric": session.metric.name,
+            "ranked_by": ranked_by,
+        },
+        budget=str(opts.budget) + (f" at {opts.confidence:.0%} confidence" if opts.confidence else ""),
+    )
+    return study, order
+
+
+def _say_outcome(best: Any, space: DecisionSpace, cost: CostModel, opts: TuneOptions, progress: Progress) -> Any:
+    """Say why the result is all float32 where it is; a best slower than float32 becomes None (all float32)."""
     if best is not None and opts.objective == "speed" and best.speedup < 1.0:
         # Within budget, but slower than float32 by the cost model: float32 itself is the faster answer.
         progress.say(
@@ -820,10 +786,7 @@ def search_stage(
             )
         else:
             progress.say("autoprec: no assignment with a decision in 16-bit met the budget; the result is all float32.")
-    found = Found(study, dict(best.assignment) if best else {}, best is not None, search.evaluations, search.cache_hits)
-    if opts.cost == "measured" and not opts.search_only:
-        found = _measure_candidates(session, space, search, found)
-    return found
+    return best
 
 
 def _measure_candidates(session: Session, space: DecisionSpace, search: Any, found: Found, *, top: int = 3) -> Found:
@@ -984,32 +947,7 @@ def verify_stage(
 ) -> Verified:
     """Real Keras policies on this device, then (on request) a short training run; fall back decision by decision."""
     bar = progress.stage("verify", total=None, unit="check")
-    checks: list[dict] = []
-    state: dict[str, Any] = {}
-
-    def check_eval(assignment: dict[str, str]) -> tuple[bool, str]:
-        names = session.graph.resolve(space.expand(assignment))
-        state["model"], real = verify_eval(session, names)
-        state["evaluation"] = real
-        simulated = session.evaluate(space.expand(assignment))
-        checks.append(
-            {
-                "simulated_drop": simulated.drop,
-                "real_drop": real.drop,
-                "n_16bit": sum(v != FLOAT32 for v in assignment.values()),
-            }
-        )
-        ok = session.rule(opts.budget).feasible(real.judged)
-        if not ok:
-            return ok, f"real drop {_drop_text(real, session)} misses the budget"
-        held = session.holdout
-        if held is None:
-            return ok, ""
-        state["holdout"] = h = held.score_outputs(predict_batches(state["model"], held.data))
-        checks[-1]["holdout_drop"] = h.drop
-        ok = held.rule(opts.budget).feasible(h.judged)
-        return ok, f"held-out drop {_drop_text(h, held)} on {held.data.n} samples misses the budget"
-
+    check_eval = _EvalCheck(session, space, opts)
     pick = _sensitive_first(space, found.assignment)
     limit = opts.max_fallbacks
     assignment, fallbacks, _ = fall_back(
@@ -1045,10 +983,53 @@ def verify_stage(
     measured = None
     if opts.cost == "measured" and any(v != FLOAT32 for v in space.expand(assignment).values()):
         measured = measure_speedups(session, [space.expand(assignment)])[0]  # the final policy, after fallbacks
-    bar.done(len(checks))
+    bar.done(len(check_eval.checks))
     return Verified(
-        assignment, state["model"], state["evaluation"], fallbacks, training, checks, measured, state.get("holdout")
+        assignment,
+        check_eval.model,
+        check_eval.evaluation,
+        fallbacks,
+        training,
+        check_eval.checks,
+        measured,
+        check_eval.holdout,
     )
+
+
+class _EvalCheck:
+    """The verification's check of one assignment: real Keras policies, then the held-out part if any.
+
+    It keeps the last model and evaluations, and every check's simulated and real drops.
+    """
+
+    def __init__(self, session: Session, space: DecisionSpace, opts: TuneOptions) -> None:
+        self.session, self.space, self.budget = session, space, opts.budget
+        self.checks: list[dict] = []
+        self.model: Any = None
+        self.evaluation: Any = None
+        self.holdout: Any = None
+
+    def __call__(self, assignment: dict[str, str]) -> tuple[bool, str]:
+        session, expanded = self.session, self.space.expand(assignment)
+        self.model, real = verify_eval(session, session.graph.resolve(expanded))
+        self.evaluation = real
+        simulated = session.evaluate(expanded)
+        self.checks.append(
+            {
+                "simulated_drop": simulated.drop,
+                "real_drop": real.drop,
+                "n_16bit": sum(v != FLOAT32 for v in assignment.values()),
+            }
+        )
+        if not session.rule(self.budget).feasible(real.judged):
+            return False, f"real drop {_drop_text(real, session)} misses the budget"
+        held = session.holdout
+        if held is None:
+            return True, ""
+        self.holdout = h = held.score_outputs(predict_batches(self.model, held.data))
+        self.checks[-1]["holdout_drop"] = h.drop
+        ok = held.rule(self.budget).feasible(h.judged)
+        return ok, f"held-out drop {_drop_text(h, held)} on {held.data.n} samples misses the budget"
 
 
 def _sensitive_first(space: DecisionSpace, start: dict[str, str]):
@@ -1097,59 +1078,15 @@ def result_stage(
 ) -> TuneResult:
     """Emit the policy, the tuned model and the tables, with every decision's reason."""
     from autoprec.policy import PrecisionPolicy
-    from autoprec.study import trials_frame
 
     decided = space.expand(verified.assignment)
     names, rule = session.graph.resolve(decided), session.rule(opts.budget)
     if session.graph.kind == SUBCLASSED and opts.inplace:
         logger.info("autoprec: %r is subclassed and inplace=True: its layers now carry the tuned policies.", model.name)
-    trials = trials_frame(found.study, list(space.as_searched().keys), found.measured)
-    trials = _with_costs(trials, found.study, space, cost)
-    if "drop" in trials and len(trials):
-        drops = trials["drop"].astype(float)
-        if "drop_bound" in trials:
-            drops = trials["drop_bound"].astype(float).fillna(drops)
-        trials["feasible"] = [
-            rule.feasible(d if d < 1e8 else math.inf) and not r
-            for d, r in zip(drops, trials["rejected"].fillna(False).astype(bool), strict=True)
-        ]
+    trials = _judged_trials(found, space, cost, rule)
     ev = verified.evaluation
-    feasible = rule.feasible(ev.judged)
-    verification = {
-        "fallbacks": [{"key": f.key, "check": f.check, "detail": f.detail} for f in verified.fallbacks],
-        "checks": verified.discrepancies,
-        "real_drop": ev.drop,
-        "real_drop_bound": None if math.isnan(ev.bound) else ev.bound,
-        "confidence": session.confidence,
-        "samples": session.data.n,
-        "holdout": _holdout_facts(session, verified.holdout, opts),
-        "feasible": feasible,
-        "why": ""
-        if feasible
-        else (
-            f"after {len(verified.fallbacks)} fallback(s) (max_fallbacks={opts.max_fallbacks}) the "
-            f"verified drop is {_drop_text(ev, session)}, over the {rule.allowed:.4g} allowed"
-        ),
-    }
-    stats = {
-        "evaluations": found.evaluations,
-        "cache_hits": found.cache_hits,
-        "passes": session.passes,
-        "traces": session.engine.traces,
-        "engine": session.engine.kind,
-        "granularity": opts.granularity,
-        "decision_keys": len(space.keys),
-        "own_weightless": sorted(space.own),
-        "misaligned": sorted(cost.flagged),
-        "seconds": seconds,
-        "stage_seconds": dict(progress.seconds),
-        "pass_seconds": session.pass_seconds,
-        "stage_passes": stage_passes(progress.stage_seconds, session.pass_seconds),
-        "study_name": found.study.study_name,
-        "quantized_speed": dict(cost.quantized_speed),
-        "weight_bytes": cost.weight_bytes(decided),
-        "rejected_early": int(trials["rejected"].fillna(False).astype(bool).sum()) if "rejected" in trials else 0,
-    }
+    verification = _verification_facts(session, verified, opts, rule)
+    stats = _run_stats(session, space, found, cost, opts, progress, seconds=seconds, decided=decided, trials=trials)
     result = TuneResult(
         policy=PrecisionPolicy(names, target=opts.target, layers=session.graph.layer_facts()),
         model=verified.model,
@@ -1176,6 +1113,84 @@ def result_stage(
         confidence=session.confidence,
     )
     progress.say(result.summary())
+    _warn_if_slower(result, cost, opts)
+    return result
+
+
+def _judged_trials(found: Found, space: DecisionSpace, cost: CostModel, rule: BoundBudget) -> Any:
+    """The trials table, each trial's feasibility judged again by this run's rule."""
+    from autoprec.study import trials_frame
+
+    trials = trials_frame(found.study, list(space.as_searched().keys), found.measured)
+    trials = _with_costs(trials, found.study, space, cost)
+    if "drop" in trials and len(trials):
+        drops = trials["drop"].astype(float)
+        if "drop_bound" in trials:
+            drops = trials["drop_bound"].astype(float).fillna(drops)
+        trials["feasible"] = [
+            rule.feasible(d if d < 1e8 else math.inf) and not r
+            for d, r in zip(drops, trials["rejected"].fillna(False).astype(bool), strict=True)
+        ]
+    return trials
+
+
+def _verification_facts(session: Session, verified: Verified, opts: TuneOptions, rule: BoundBudget) -> dict[str, Any]:
+    """What the verification found, for ``TuneResult.verification`` and the report."""
+    ev = verified.evaluation
+    feasible = rule.feasible(ev.judged)
+    return {
+        "fallbacks": [{"key": f.key, "check": f.check, "detail": f.detail} for f in verified.fallbacks],
+        "checks": verified.discrepancies,
+        "real_drop": ev.drop,
+        "real_drop_bound": None if math.isnan(ev.bound) else ev.bound,
+        "confidence": session.confidence,
+        "samples": session.data.n,
+        "holdout": _holdout_facts(session, verified.holdout, opts),
+        "feasible": feasible,
+        "why": ""
+        if feasible
+        else (
+            f"after {len(verified.fallbacks)} fallback(s) (max_fallbacks={opts.max_fallbacks}) the "
+            f"verified drop is {_drop_text(ev, session)}, over the {rule.allowed:.4g} allowed"
+        ),
+    }
+
+
+def _run_stats(
+    session: Session,
+    space: DecisionSpace,
+    found: Found,
+    cost: CostModel,
+    opts: TuneOptions,
+    progress: Progress,
+    *,
+    seconds: float,
+    decided: dict[str, str],
+    trials: Any,
+) -> dict[str, Any]:
+    """The run's counters and timings, for ``TuneResult.stats``."""
+    return {
+        "evaluations": found.evaluations,
+        "cache_hits": found.cache_hits,
+        "passes": session.passes,
+        "traces": session.engine.traces,
+        "engine": session.engine.kind,
+        "granularity": opts.granularity,
+        "decision_keys": len(space.keys),
+        "own_weightless": sorted(space.own),
+        "misaligned": sorted(cost.flagged),
+        "seconds": seconds,
+        "stage_seconds": dict(progress.seconds),
+        "pass_seconds": session.pass_seconds,
+        "stage_passes": stage_passes(progress.stage_seconds, session.pass_seconds),
+        "study_name": found.study.study_name,
+        "quantized_speed": dict(cost.quantized_speed),
+        "weight_bytes": cost.weight_bytes(decided),
+        "rejected_early": int(trials["rejected"].fillna(False).astype(bool).sum()) if "rejected" in trials else 0,
+    }
+
+
+def _warn_if_slower(result: TuneResult, cost: CostModel, opts: TuneOptions) -> None:
     if result.n_16bit and result.speedup_estimate < 1.0:
         logger.warning(
             "autoprec: the tuned policy is estimated at %.2fx float32 on the %s profile, slower than float32. %s",
@@ -1187,7 +1202,6 @@ def result_stage(
             ).capitalize()
             + ".",
         )
-    return result
 
 
 def _with_costs(trials: Any, study: Any, space: DecisionSpace, cost: CostModel) -> Any:
@@ -1226,14 +1240,7 @@ def decision_frame(
     nodes = graph.resolve_nodes(space.expand(final))
     failed = {p: f for f in fallbacks for p in space.groups.get(f.key, ())}
     split_from = {f: producer for producer, followers in space.split.items() for f in followers}
-    gains: dict[str, tuple[float, float]] = {}
-    if cost is not None and target is not None:
-        as_is = cost.speedup(space.expand(final))
-        for key, choice in final.items():
-            if choice == FLOAT32 and target in space.choices_of(key):
-                gains.update(
-                    {p: (cost.speedup(space.expand({**final, key: target})), as_is) for p in space.groups[key]}
-                )
+    gains = _gains(space, final, cost, target)
     hazards = op_hazards(graph, frame)
     decisions, reasons_, kinds_, details, producer_decisions, op_notes = [], [], [], [], [], []
     for row in out.to_dict("records"):
@@ -1270,6 +1277,20 @@ def decision_frame(
     out["speedup_float32"] = [gains.get(p, (math.nan, math.nan))[1] for p in out["path"]]
     out["split_from"] = [split_from.get(p, "") for p in out["path"]]
     return out
+
+
+def _gains(
+    space: DecisionSpace, final: dict[str, str], cost: CostModel | None, target: str | None
+) -> dict[str, tuple[float, float]]:
+    """Per path of a float32 decision: the estimated speed-up with it in ``target``, and as it is."""
+    gains: dict[str, tuple[float, float]] = {}
+    if cost is None or target is None:
+        return gains
+    as_is = cost.speedup(space.expand(final))
+    for key, choice in final.items():
+        if choice == FLOAT32 and target in space.choices_of(key):
+            gains.update({p: (cost.speedup(space.expand({**final, key: target})), as_is) for p in space.groups[key]})
+    return gains
 
 
 def op_hazards(graph: Any, frame: Any) -> dict[str, str]:

@@ -165,11 +165,12 @@ def test_a_producer_kept_float32_by_its_joined_followers_is_split_from_them(mild
     """Issue 24: a joined weightless follower with a mild hazard kept its producer float32 (reported NO_GAIN)."""
     from autoprec.cost import CostModel
     from autoprec.decisions import Reason
+    from autoprec.options import TuneOptions
     from autoprec.progress import Progress
     from autoprec.sensitivity import profile
     from autoprec.session import open_session
     from autoprec.space import build_space
-    from autoprec.tuner import Found, TuneOptions, decision_frame, split_stage
+    from autoprec.tuner import Found, decision_frame, split_stage
 
     model, _, val, _ = mild
     target = "mixed_bfloat16"
