@@ -246,7 +246,7 @@ ARGUMENT_CASES = [
     ({"n_trials": 2.5}, ArgumentError, "n_trials"),
     ({"batch_size": 0}, ArgumentError, "batch_size"),
     ({"nonfinite_inputs": "ignore"}, ArgumentError, "nonfinite_inputs"),
-    ({"trials": 3}, ArgumentError, "unknown option"),
+    ({"trials": 3}, TypeError, "unexpected keyword argument 'trials'"),  # Python names a misspelt option
     ({"force_16bit": ["out"]}, PolicyError, "outputs stay float32"),
     ({"keep_float32": ["h1"], "force_16bit": ["h1"]}, PolicyError, "at most one"),
     ({"metric": "no_such_metric"}, MetricError, "does not know"),
