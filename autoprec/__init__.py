@@ -10,8 +10,9 @@ matplotlib are imported when a function that needs them is first used.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from autoprec._lazy import exports
 
 __version__ = "0.1.0"
 
@@ -25,8 +26,8 @@ if TYPE_CHECKING:  # what the lazy names resolve to (``X as X``: re-exported), f
     from autoprec.graph import build_graph as build_graph
     from autoprec.options import TuneOptions as TuneOptions
     from autoprec.policy import PrecisionPolicy as PrecisionPolicy
+    from autoprec.profiling.sensitivity import profile as profile
     from autoprec.result import TuneResult as TuneResult
-    from autoprec.sensitivity import profile as profile
     from autoprec.tuner import tune as tune
 
 # Public name -> module that defines it. Resolved on first access (PEP 562),
@@ -36,7 +37,7 @@ _EXPORTS = {
     "apply_policy": "autoprec.apply",
     "build_graph": "autoprec.graph",
     "ModelGraph": "autoprec.graph",
-    "profile": "autoprec.sensitivity",
+    "profile": "autoprec.profiling.sensitivity",
     "tune": "autoprec.tuner",
     "TuneOptions": "autoprec.options",
     "TuneResult": "autoprec.result",
@@ -49,14 +50,7 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'autoprec' has no attribute {name!r}")
-    module = importlib.import_module(module_name)
-    value = module if module_name == f"autoprec.{name}" else getattr(module, name)
-    globals()[name] = value
-    return value
+__getattr__, _ = exports("autoprec", _EXPORTS)
 
 
 def __dir__() -> list[str]:

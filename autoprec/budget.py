@@ -130,7 +130,7 @@ class Budget:
         """The feasibility rule in words and numbers, as printed at the start of a run.
 
         With ``confidence``, the rule is on the drop's one-sided upper bound
-        at that confidence, paired over the same samples (:mod:`autoprec.bounds`).
+        at that confidence, paired over the same samples (:mod:`autoprec.verify.bounds`).
 
         >>> Budget(0.005).formula(metric="accuracy", higher_is_better=True, baseline=0.9, confidence=0.95)
         'feasible when the 95% upper bound on drop <= 0.005, where drop = baseline - accuracy and ...'

@@ -94,8 +94,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from autoprec.files import check_parent
-    from autoprec.sensitivity import profile
-    from autoprec.stats import ACT_ABSMAX, ACT_OVERFLOW
+    from autoprec.profiling.sensitivity import profile
+    from autoprec.profiling.stats import ACT_ABSMAX, ACT_OVERFLOW
 
     if args.output:
         check_parent(args.output, what="profile CSV")
@@ -218,7 +218,7 @@ def _check_output(path: str, *, overwrite: bool) -> None:
 def _cmd_search_only(args: argparse.Namespace) -> int:
     """A worker: add trials to the shared study, verify and write nothing (the run without --search-only does)."""
     from autoprec.errors import ArgumentError
-    from autoprec.study import open_storage
+    from autoprec.search.study import open_storage
     from autoprec.tuner import tune
 
     if not args.storage:
@@ -239,7 +239,7 @@ def _cmd_search_only(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from autoprec.errors import ArgumentError
     from autoprec.files import DirectoryLock
-    from autoprec.study import open_storage
+    from autoprec.search.study import open_storage
     from autoprec.tuner import tune
 
     if args.search_only:
@@ -281,7 +281,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from autoprec.report import write_report
+    from autoprec.report.pages import write_report
 
     paths = write_report(args.directory)
     print("wrote " + ", ".join(str(p) for p in paths))
@@ -409,8 +409,8 @@ def _add_tune_choices(p: argparse.ArgumentParser, targets: list[str]) -> None:
 
 def _add_tune_cost(p: argparse.ArgumentParser) -> None:
     """What the search maximises, and on which device's terms."""
-    from autoprec.cost import DEVICE_NAMES
     from autoprec.options import COSTS, OBJECTIVES
+    from autoprec.search.cost import DEVICE_NAMES
 
     p.add_argument(
         "--objective",
@@ -435,7 +435,7 @@ def _add_tune_cost(p: argparse.ArgumentParser) -> None:
 
 def _add_tune_search(p: argparse.ArgumentParser) -> None:
     """How the search runs: trials, time, storage, seed, granularity, confidence, held-out part, fallbacks."""
-    from autoprec.space import GRANULARITIES
+    from autoprec.search.space import GRANULARITIES
 
     p.add_argument("--trials", type=int, default=60, help="the most trials the study may hold (default 60)")
     p.add_argument("--timeout", type=float, default=None, help="seconds for the search (default: no limit)")

@@ -19,7 +19,7 @@ from typing import Any
 
 from autoprec.formats import FLOAT32, MIXED_FLOAT16
 from autoprec.formats import get as get_format
-from autoprec.stats import ACT_ABSMAX, ACT_FLUSH, ACT_OVERFLOW, Hazard, hazard, hazards, number
+from autoprec.profiling.stats import ACT_ABSMAX, ACT_FLUSH, ACT_OVERFLOW, Hazard, hazard, hazards, number
 
 
 class Reason(enum.StrEnum):

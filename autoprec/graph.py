@@ -13,7 +13,7 @@ Roles:
 - ``compute``: a weightless layer that computes (activations, ``Softmax``,
   ``Rescaling``, ``Lambda``, merges, average pooling, weightless
   normalization, custom weightless layers). It may carry its own policy; by
-  default it joins its producers' decision (see :mod:`autoprec.space`).
+  default it joins its producers' decision (see :mod:`autoprec.search.space`).
 - ``movement``: pure data movement (``Reshape``, ``Flatten``, ``Dropout``,
   cropping, padding, max pooling): it always follows its input.
 - ``op``: a ``keras.ops`` call on symbolic tensors. It is not a layer and has
@@ -38,8 +38,8 @@ from typing import Any
 
 from autoprec.decisions import Reason
 from autoprec.errors import PathCollisionError, PolicyError, UnsupportedModelError, describe
-from autoprec.flops import composite_flops, layer_flops, sample_elements, weights_of
 from autoprec.formats import FLOAT32, LOW_PRECISION, split
+from autoprec.profiling.flops import composite_flops, layer_flops, sample_elements, weights_of
 
 FUNCTIONAL = "functional"
 SEQUENTIAL = "sequential"

@@ -11,9 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from autoprec.bounds import check_confidence
 from autoprec.budget import Budget
-from autoprec.cost import Device, check_device
 from autoprec.errors import ArgumentError, DataError, check_choice, check_int, describe
 from autoprec.formats import (
     FLOAT32,
@@ -24,8 +22,10 @@ from autoprec.formats import (
     quantized_name,
     resolve_target,
 )
-from autoprec.holdout import check_holdout
-from autoprec.space import GRANULARITIES
+from autoprec.search.cost import Device, check_device
+from autoprec.search.space import GRANULARITIES
+from autoprec.verify.bounds import check_confidence
+from autoprec.verify.holdout import check_holdout
 
 VERIFY_MODES = ("eval", "train")
 OBJECTIVES = ("speed", "size")
@@ -161,7 +161,7 @@ def _check_training_data(options: dict[str, Any]) -> None:
 
 
 def _check_storage(options: dict[str, Any]) -> None:
-    from autoprec.study import check_storage
+    from autoprec.search.study import check_storage
 
     only, storage = options.get("search_only", False), options.get("storage")
     check_storage(storage)  # a bad URL fails here, in well under a second, before any model work

@@ -22,7 +22,7 @@ from autoprec.budget import BoundBudget, Budget
 from autoprec.formats import get as get_format
 from autoprec.formats import leaves_float32, split
 from autoprec.policy import PrecisionPolicy
-from autoprec.verify import TrainCheck
+from autoprec.verify.real import TrainCheck
 
 logger = logging.getLogger("autoprec")
 
@@ -233,7 +233,7 @@ class TuneResult:
 def _write_files(result: TuneResult, directory: str) -> list[str]:
     """Write every file of a result into ``directory`` (a fresh one); return their names."""
     from autoprec.graph import SUBCLASSED, model_kind
-    from autoprec.report import write_report
+    from autoprec.report.pages import write_report
 
     join = functools.partial(os.path.join, directory)
     result.policy.save(join("policy.json"))

@@ -62,7 +62,7 @@ class Evaluation:
     samples: int
     rejected: bool = False
     harm: float = math.nan
-    bound: float = math.nan  # upper confidence bound on the drop (autoprec.bounds); NaN when none is asked for
+    bound: float = math.nan  # upper confidence bound on the drop (autoprec.verify.bounds); NaN when none is asked for
 
     @property
     def judged(self) -> float:
@@ -90,8 +90,8 @@ class Session:
     baseline_values: np.ndarray | None = field(repr=False)
     passes: int = 0
     pass_seconds: float = 0.0  # one warm float32 pass over the whole data: the unit of tune's cost
-    confidence: float | None = None  # judge drops by their upper bound at this confidence (autoprec.bounds)
-    holdout: Any = None  # a Session over held-out data (autoprec.holdout), scored at verification only
+    confidence: float | None = None  # judge drops by their upper bound at this confidence (autoprec.verify.bounds)
+    holdout: Any = None  # a Session over held-out data (autoprec.verify.holdout), scored at verification only
     _cache: dict = field(default_factory=dict, repr=False)
 
     @functools.cached_property
@@ -164,7 +164,7 @@ class Session:
             return math.nan
         if not math.isfinite(value):
             return math.inf
-        from autoprec.bounds import paired_upper_bound
+        from autoprec.verify.bounds import paired_upper_bound
 
         return paired_upper_bound(
             self.baseline_values,
@@ -180,7 +180,7 @@ class Session:
             return math.nan
         import keras
 
-        from autoprec.bounds import bootstrap_upper_bound
+        from autoprec.verify.bounds import bootstrap_upper_bound
 
         base = keras.tree.map_structure(lambda *p: np.concatenate(p), *self.baseline_outputs)
         take = lambda tree, idx: keras.tree.map_structure(lambda a: np.asarray(a)[idx], tree)  # noqa: E731

@@ -6,7 +6,7 @@
 2. :func:`open_run` opens the session (model, data, metric, float32 baseline,
    graph, engine), pretraining a float32 copy first if the model is untrained;
 3. :func:`profile_stage` measures each layer's sensitivity;
-4. :func:`autoprec.space.build_space` fixes the decisions;
+4. :func:`autoprec.search.space.build_space` fixes the decisions;
 5. :func:`search_stage` runs the Optuna study under the budget;
 6. :func:`verify_stage` checks the winner with real Keras policies (and a
    training run on request), falling back decision by decision;
@@ -30,9 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
-from autoprec.bounds import no_change_bound
 from autoprec.budget import BoundBudget, Budget
-from autoprec.cost import CostModel, Device, resolve_device, slower_note
 from autoprec.data import TRAIN_BATCH_SIZE
 from autoprec.errors import (
     DataError,
@@ -45,17 +43,19 @@ from autoprec.formats import (
     QUANTIZED_MODES,
 )
 from autoprec.graph import MOVEMENT, SUBCLASSED
-from autoprec.holdout import held_session, split_holdout
 from autoprec.options import TuneOptions
+from autoprec.profiling.stats import hazard, hazard_share
 from autoprec.progress import Progress
 from autoprec.result import TuneResult
+from autoprec.search.cost import CostModel, Device, resolve_device, slower_note
+from autoprec.search.space import DecisionSpace, build_space
 from autoprec.session import Session, open_session
-from autoprec.space import DecisionSpace, build_space
-from autoprec.stats import hazard, hazard_share
-from autoprec.verify import TrainCheck, fall_back, predict_batches, train_check, verify_eval
+from autoprec.verify.bounds import no_change_bound
+from autoprec.verify.holdout import held_session, split_holdout
+from autoprec.verify.real import TrainCheck, fall_back, predict_batches, train_check, verify_eval
 
 if TYPE_CHECKING:
-    from autoprec.search import WorkerResult
+    from autoprec.search.plan import WorkerResult
 
 logger = logging.getLogger("autoprec")
 
@@ -203,7 +203,7 @@ def tune(
         cost: ``"estimate"`` (the cost model) or ``"measured"`` (the best
             candidates' training steps timed on this machine).
         device: the device the policy is for, as the cost model knows it (``"gpu"``,
-            ``"tpu"``, ``"cpu"``, ``"this"`` or a :class:`autoprec.cost.Device`);
+            ``"tpu"``, ``"cpu"``, ``"this"`` or a :class:`autoprec.search.cost.Device`);
             by default an accelerator for the target.
         n_trials: the most trials the search runs.
         timeout: seconds after which the search stops, or None.
@@ -217,10 +217,10 @@ def tune(
         pretrain_steps: steps to train an untrained model's float32 copy first.
         max_fallbacks: decisions the verification may return to float32.
         confidence: e.g. 0.95: the budget judges the drop's one-sided upper
-            confidence bound, paired over the same samples (:mod:`autoprec.bounds`);
+            confidence bound, paired over the same samples (:mod:`autoprec.verify.bounds`);
             None judges the measured drop.
         holdout: data the search never sees, on which the winner must also hold:
-            ``"auto"``, a fraction, separate ``(x, y)`` data, or None (:mod:`autoprec.holdout`).
+            ``"auto"``, a fraction, separate ``(x, y)`` data, or None (:mod:`autoprec.verify.holdout`).
         calibration_data: inputs whose ranges set float8 scales (default: ``data``).
         batch_size: evaluation batch size; ``"auto"`` fits memory.
         profile_batch_size: the profile's micro-batch size; ``"auto"`` fits memory.
@@ -229,10 +229,10 @@ def tune(
             keeps the tuned policies).
         verbose: 0 silent, 1 progress lines.
         search_only: a worker that adds trials to a shared ``storage`` and returns a
-            :class:`autoprec.search.WorkerResult`, verifying and emitting nothing.
+            :class:`autoprec.search.plan.WorkerResult`, verifying and emitting nothing.
 
     Returns:
-        A :class:`TuneResult` (with ``search_only=True``, a :class:`autoprec.search.WorkerResult`).
+        A :class:`TuneResult` (with ``search_only=True``, a :class:`autoprec.search.plan.WorkerResult`).
 
     Raises:
         BudgetError: the budget is malformed, or allows any result at all.
@@ -278,7 +278,7 @@ def run(model: Any, data: Any, opts: TuneOptions) -> TuneResult | WorkerResult:
         "search", search_stage, session, space, cost, opts, progress, ranked_by=frame.attrs.get("method", "full")
     )
     if opts.search_only:  # a worker: the run without search_only verifies and emits
-        from autoprec.search import WorkerResult
+        from autoprec.search.plan import WorkerResult
 
         best = cost.speedup(space.expand(found.assignment)) if found.feasible else 1.0
         return WorkerResult.of(
@@ -451,7 +451,7 @@ def open_run(model: Any, data: Any, opts: TuneOptions, progress: Progress) -> tu
             "Pretraining clones the model; a subclassed model cannot be cloned. Train it first, then tune."
         )
     from autoprec.apply import apply_policy
-    from autoprec.verify import cycle_batches, train_steps
+    from autoprec.verify.real import cycle_batches, train_steps
 
     steps = opts.pretrain_steps or DEFAULT_PRETRAIN_STEPS
     why = "the float32 baseline is at chance level" if at_chance else f"pretrain_steps={steps}"
@@ -492,7 +492,7 @@ def _check_train_labels(session: Session, opts: TuneOptions) -> None:
 
     from autoprec.data import EvalData
     from autoprec.metrics import check_labels, label_reshaper
-    from autoprec.verify import predict_batches
+    from autoprec.verify.real import predict_batches
 
     train = EvalData.get(
         opts.train_data,
@@ -632,7 +632,7 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
     for nothing: it is skipped (the verification still checks the winner).
     """
     from autoprec import backends
-    from autoprec.sensitivity import profile
+    from autoprec.profiling.sensitivity import profile
 
     gradients = backends.name() in ("tensorflow", "jax") and session.graph.kind != SUBCLASSED
     from autoprec.metrics import single
@@ -701,7 +701,7 @@ def search_stage(
     """
     import optuna
 
-    from autoprec.search import Search
+    from autoprec.search.plan import Search
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar replaces Optuna's per-trial log
@@ -735,8 +735,8 @@ def _open_study(
     session: Session, space: DecisionSpace, opts: TuneOptions, ranked_by: str
 ) -> tuple[Any, tuple[str, ...]]:
     """The study (opened, resumed or shared) and the decision order it searches in."""
-    from autoprec.search import make_sampler
-    from autoprec.study import fail_orphans, name_objective, open_study, record_or_check
+    from autoprec.search.plan import make_sampler
+    from autoprec.search.study import fail_orphans, name_objective, open_study, record_or_check
 
     name = opts.study_name or (
         f"autoprec-{getattr(session.model, 'name', 'model')}-{opts.target}-"
@@ -803,7 +803,7 @@ def _measure_candidates(session: Session, space: DecisionSpace, search: Any, fou
 def measure_speedups(session: Session, assignments: list[dict[str, str]], *, steps: int = 10) -> list[float]:
     """float32 step time / each assignment's step time, timed interleaved on this machine."""
     from autoprec.apply import apply_policy
-    from autoprec.verify import train_steps
+    from autoprec.verify.real import train_steps
 
     batches = list(itertools.islice(_cycle(session.data), steps))
     models = [apply_policy(session.model, {}, graph=session.graph)]
@@ -1119,7 +1119,7 @@ def result_stage(
 
 def _judged_trials(found: Found, space: DecisionSpace, cost: CostModel, rule: BoundBudget) -> Any:
     """The trials table, each trial's feasibility judged again by this run's rule."""
-    from autoprec.study import trials_frame
+    from autoprec.search.study import trials_frame
 
     trials = trials_frame(found.study, list(space.as_searched().keys), found.measured)
     trials = _with_costs(trials, found.study, space, cost)

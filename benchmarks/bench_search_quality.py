@@ -155,7 +155,7 @@ def prefix_bisect(session, cost, eligible, target, budget):
 def run(n_trials: int = 60) -> tuple[str, list[dict]]:
     import autoprec
     from autoprec.budget import Budget
-    from autoprec.cost import CostModel
+    from autoprec.search.cost import CostModel
     from autoprec.session import open_session
 
     rows, records = [], []

@@ -45,7 +45,7 @@ def model_of(n_layers: int):
 def _trials(model, session, assignments) -> dict:
     """One trial each way: the engine's pass, and a rebuilt model's prediction."""
     import autoprec
-    from autoprec.verify import predict_batches
+    from autoprec.verify.real import predict_batches
 
     it = {"engine": iter(assignments), "rebuild": iter(assignments)}
 

@@ -55,7 +55,7 @@ def _one_run(server, paths, workers: int, n_trials: int, threads: int | None, ta
     import optuna
 
     import autoprec
-    from autoprec.study import open_storage
+    from autoprec.search.study import open_storage
 
     url = server.create_database(tag)
     barrier = tempfile.mkdtemp(prefix="autoprec-barrier-")
@@ -123,7 +123,7 @@ def run(workers=(1, 2, 4), n_trials: int = 24, threads=(None, 1), repeats: int =
     sys.path.insert(0, TESTS)
     from pgserver import PostgresServer
 
-    from autoprec.search import ROUND
+    from autoprec.search.plan import ROUND
 
     records = []
     with tempfile.TemporaryDirectory() as directory, PostgresServer() as server:

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 import autoprec
-from autoprec import plots, report
 from autoprec.adaptive import (
     CHECKS_FILE,
     HISTORY_FILE,
@@ -31,6 +30,8 @@ from autoprec.adaptive import (
 )
 from autoprec.errors import ArgumentError, PolicyError, UnsupportedModelError
 from autoprec.formats import get as get_format
+from autoprec.report import pages as report
+from autoprec.report import plots
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 F16 = get_format("mixed_float16")

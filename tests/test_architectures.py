@@ -7,7 +7,7 @@ from conftest import simulate
 
 import autoprec
 from autoprec.session import open_session
-from autoprec.verify import predict_batches
+from autoprec.verify.real import predict_batches
 
 L = keras.layers
 

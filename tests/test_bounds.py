@@ -8,8 +8,8 @@ import pytest
 from conftest import small_data, trained
 
 import autoprec
-from autoprec.bounds import bootstrap_upper_bound, no_change_bound, paired_upper_bound, samples_to_resolve
 from autoprec.errors import ArgumentError, DataError
+from autoprec.verify.bounds import bootstrap_upper_bound, no_change_bound, paired_upper_bound, samples_to_resolve
 
 
 @pytest.mark.parametrize("rate", [0.002, 0.01, 0.05])

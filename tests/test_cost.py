@@ -1,9 +1,9 @@
 import keras
 import pytest
 
-from autoprec.cost import CostModel
 from autoprec.errors import ArgumentError
 from autoprec.graph import build_graph
+from autoprec.search.cost import CostModel
 
 
 def chain(width=256, depth=4, units_last=10):
@@ -56,7 +56,7 @@ def test_misaligned_dimensions_are_flagged_on_gpu_only():
 def test_the_default_device_is_the_accelerator_whatever_cpu_tunes(monkeypatch, fast, target):
     """The policy is for GPU training: the CPU that happens to run tune never changes the default."""
     from autoprec.backends import FAST_BF16_ENV
-    from autoprec.cost import resolve_device
+    from autoprec.search.cost import resolve_device
 
     monkeypatch.setenv(FAST_BF16_ENV, fast)
     device, why = resolve_device(None, target=target)
@@ -66,7 +66,7 @@ def test_the_default_device_is_the_accelerator_whatever_cpu_tunes(monkeypatch, f
 @pytest.mark.parametrize(("fast", "expected"), [("0", "cpu_no_bf16"), ("1", "cpu")])
 def test_device_this_is_the_local_machine_and_the_override_forces_its_kind(monkeypatch, fast, expected):
     from autoprec.backends import FAST_BF16_ENV, cpu_has_fast_bf16
-    from autoprec.cost import resolve_device
+    from autoprec.search.cost import resolve_device
 
     monkeypatch.setenv(FAST_BF16_ENV, fast)
     assert cpu_has_fast_bf16() == (fast == "1")
@@ -76,7 +76,7 @@ def test_device_this_is_the_local_machine_and_the_override_forces_its_kind(monke
 
 
 def test_a_device_slower_in_16bit_says_so_and_how_to_change_it():
-    from autoprec.cost import DEVICES, slower_note
+    from autoprec.search.cost import DEVICES, slower_note
 
     note = slower_note(DEVICES["cpu_no_bf16"], "mixed_bfloat16")
     assert "0.8x" in note and "device='gpu'" in note
@@ -85,7 +85,7 @@ def test_a_device_slower_in_16bit_says_so_and_how_to_change_it():
 
 
 def test_unknown_device_names_what_is_valid():
-    from autoprec.cost import resolve_device
+    from autoprec.search.cost import resolve_device
 
     with pytest.raises(ArgumentError, match=r"'gpu'.*'tpu'.*'this'.*Received: device='npu'"):
         resolve_device("npu", target="mixed_bfloat16")

@@ -21,11 +21,11 @@ from pgserver import REQUIRE, PostgresServer, Unavailable
 from test_search import DROP, KEYS, estimate, outcome
 
 import autoprec
-from autoprec import study as study_module
 from autoprec.cli import EXIT_ALL_FLOAT32, EXIT_OK, EXIT_USER_ERROR, main
 from autoprec.errors import ArgumentError
-from autoprec.search import Search, Space, make_sampler
-from autoprec.study import evaluated_trials, heartbeat, open_storage, open_study, reap
+from autoprec.search import study as study_module
+from autoprec.search.plan import Search, Space, make_sampler
+from autoprec.search.study import evaluated_trials, heartbeat, open_storage, open_study, reap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")])}
@@ -82,8 +82,8 @@ def test_an_unreachable_server_is_a_user_error(tmp_path):
 RACER = """
 import sys, time
 import optuna, sqlalchemy, psycopg2  # imported before the start line, so that only opening races
-from autoprec.search import make_sampler
-from autoprec.study import open_study, record_or_check
+from autoprec.search.plan import make_sampler
+from autoprec.search.study import open_study, record_or_check
 url, start, order = sys.argv[1], float(sys.argv[2]), sys.argv[3].split(",")
 late = time.time() > start
 time.sleep(max(0.0, start - time.time()))

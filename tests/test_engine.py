@@ -10,7 +10,7 @@ from autoprec.data import EvalData
 from autoprec.engine import RealEngine, SimEngine, make_engine, round_to
 from autoprec.graph import build_graph
 from autoprec.session import open_session
-from autoprec.verify import predict_batches
+from autoprec.verify.real import predict_batches
 
 
 def test_round_to_float16_overflows_and_flushes():

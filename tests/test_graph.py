@@ -5,8 +5,8 @@ from conftest import MODEL_BUILDERS
 
 from autoprec.decisions import Reason as reasons
 from autoprec.errors import PathCollisionError, PolicyError, UnsupportedModelError
-from autoprec.flops import layer_flops
 from autoprec.graph import build_graph, match_paths
+from autoprec.profiling.flops import layer_flops
 
 
 def test_functional_graph_facts():

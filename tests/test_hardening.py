@@ -430,7 +430,7 @@ def test_a_resumed_study_on_other_data_is_refused(model, tmp_path):
 def test_a_trial_left_running_by_a_killed_worker_is_failed(tmp_path):
     import optuna
 
-    from autoprec.study import fail_orphans
+    from autoprec.search.study import fail_orphans
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="o", direction="maximize")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -9,7 +9,7 @@ import autoprec
 from autoprec import Budget, PrecisionPolicy, tuner
 from autoprec.decisions import Reason, sentence
 from autoprec.graph import build_graph, keyed_layers
-from autoprec.verify import judge_training
+from autoprec.verify.real import judge_training
 
 
 def _failing_verification(monkeypatch, times):
@@ -59,7 +59,7 @@ def test_max_fallbacks_leaves_an_honest_infeasible_result(planted, monkeypatch, 
 
 
 def test_training_check_falls_back_with_its_reason(digits_cnn, monkeypatch):
-    from autoprec import verify
+    from autoprec.verify import real as verify
 
     model, train, val = digits_cnn
     original = verify.train_check
@@ -90,8 +90,9 @@ def test_training_check_falls_back_with_its_reason(digits_cnn, monkeypatch):
     assert fallback["check"] == "train" and "collapsed" in fallback["detail"]
     frame = result.sensitivity.set_index("path")
     assert frame.loc[fallback["key"], "reason"] == Reason.TRAIN_FALLBACK
-    assert "loss-scaled training check (with it in 16-bit: the loss scale collapsed" in autoprec.report.reason_text(
-        frame.loc[fallback["key"]].to_dict(), result.to_json_dict()
+    assert (
+        "loss-scaled training check (with it in 16-bit: the loss scale collapsed"
+        in autoprec.report.pages.reason_text(frame.loc[fallback["key"]].to_dict(), result.to_json_dict())
     )
     assert result.training.passed
 
@@ -304,7 +305,7 @@ def _rebuild_with(build, dtype_map):
 
 
 def test_block_granularity_groups_by_nested_model_and_prefix(digits_cnn):
-    from autoprec.space import build_space
+    from autoprec.search.space import build_space
 
     model, _, val = digits_cnn
     session = autoprec.session.open_session(model, val, target="mixed_bfloat16")

@@ -11,7 +11,7 @@ from autoprec.formats import split, weight_bytes
 from autoprec.graph import build_graph, keyed_layers
 from autoprec.quantize import is_quantizable, quantized_twin
 from autoprec.session import open_session
-from autoprec.verify import predict_batches
+from autoprec.verify.real import predict_batches
 
 L = keras.layers
 
@@ -183,7 +183,8 @@ def test_speed_objective_uses_a_measured_factor(digits_mlp):
 
 @pytest.mark.slow
 def test_report_shows_integer_formats_and_the_size_tradeoff(digits_mlp, tmp_path):
-    from autoprec import plots, report
+    from autoprec.report import pages as report
+    from autoprec.report import plots
 
     model, _, val = digits_mlp
     result = autoprec.tune(

@@ -11,7 +11,8 @@ import pytest
 from conftest import small_data
 
 import autoprec
-from autoprec import plots, report
+from autoprec.report import pages as report
+from autoprec.report import plots
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import optuna
 import pytest
 
 from autoprec import Budget
-from autoprec.search import Search, Space, make_sampler, objective_value
-from autoprec.study import evaluated_trials
+from autoprec.search.plan import Search, Space, make_sampler, objective_value
+from autoprec.search.study import evaluated_trials
 
 KEYS = tuple(f"u{i}" for i in range(10))
 COST = {k: 1.0 + (i % 3) for i, k in enumerate(KEYS)}

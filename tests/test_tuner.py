@@ -99,7 +99,7 @@ def test_same_seed_same_policy(planted):
 
 
 def test_resume_after_exception(planted, tmp_path, monkeypatch):
-    from autoprec import search
+    from autoprec.search import plan as search
 
     model, _, val, _ = planted
     reference = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=25, verbose=0)
@@ -172,7 +172,7 @@ def test_resume_after_killed_process_and_two_workers(planted, tmp_path):
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    from autoprec.study import evaluated_trials
+    from autoprec.search.study import evaluated_trials
 
     study = optuna.load_study(study_name="shared", storage=optuna.storages.JournalStorage(JournalFileBackend(journal)))
     workers = {t.user_attrs.get("worker") for t in evaluated_trials(study)}

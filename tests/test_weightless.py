@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import autoprec
-from autoprec.cost import CostModel
 from autoprec.decisions import Reason
 from autoprec.graph import COMPUTE, MOVEMENT, OP, WEIGHTED, build_graph
+from autoprec.search.cost import CostModel
 
 L = keras.layers
 
@@ -78,7 +78,7 @@ def test_reasons_name_the_hazard_and_its_producer(planted_weightless):
     result = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=20, verbose=0)
     frame = result.sensitivity.set_index("path")
     assert frame.loc["exp", "reason"] == Reason.OVERFLOW
-    from autoprec.report import reason_text
+    from autoprec.report.pages import reason_text
 
     text = reason_text(frame.loc["exp"].to_dict() | {"path": "exp"}, result.to_json_dict())
     assert text.startswith("float32: ") and "> 65504" in text
@@ -107,7 +107,7 @@ def test_a_keras_ops_hazard_is_named_not_blamed_silently():
     assert frame.loc["pre", "decision"] == "float32"
     assert frame.loc["pre", "reason"] == Reason.OP_HAZARD
     assert frame.loc["pre", "op_hazard"] == "ops.exp"
-    from autoprec.report import reason_text
+    from autoprec.report.pages import reason_text
 
     text = reason_text(frame.loc["pre"].to_dict(), result.to_json_dict())
     assert "`ops.exp` after it" in text and "wrap it in a layer" in text
@@ -163,13 +163,13 @@ def mild():
 
 def test_a_producer_kept_float32_by_its_joined_followers_is_split_from_them(mild):
     """Issue 24: a joined weightless follower with a mild hazard kept its producer float32 (reported NO_GAIN)."""
-    from autoprec.cost import CostModel
     from autoprec.decisions import Reason
     from autoprec.options import TuneOptions
+    from autoprec.profiling.sensitivity import profile
     from autoprec.progress import Progress
-    from autoprec.sensitivity import profile
+    from autoprec.search.cost import CostModel
+    from autoprec.search.space import build_space
     from autoprec.session import open_session
-    from autoprec.space import build_space
     from autoprec.tuner import Found, decision_frame, split_stage
 
     model, _, val, _ = mild

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 
 import autoprec
-from autoprec import search
+from autoprec.search import plan as search
 
 parser = argparse.ArgumentParser()
 for name in ("model", "data", "storage", "study"):

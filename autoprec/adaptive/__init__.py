@@ -8,7 +8,7 @@ once. Every ``check_every`` steps it checks: it reads the LossScaleOptimizer's
 scale and the steps it skipped (``optimizer.iterations`` counts applied steps
 only), and samples the range statistics of every layer's activations and
 gradients on one batch of ``data``, with the code ``profile`` uses
-(:mod:`autoprec.stats`). That pass is traced once, in float32 whatever the
+(:mod:`autoprec.profiling.stats`). That pass is traced once, in float32 whatever the
 layers' policies (they are switched to float32 while it traces), so it sees
 what a 16-bit layer *would* face and a policy change never retraces it.
 

@@ -397,7 +397,7 @@ class AdaptivePrecision(keras.callbacks.Callback):
             write_text_atomic(os.path.join(folder, name), frame.to_csv(index=False), what="adaptive history")
         paths = [os.path.join(folder, n) for n in (POLICY_FILE, HISTORY_FILE, CHECKS_FILE)]
         if report:
-            from autoprec.report import write_report
+            from autoprec.report.pages import write_report
 
             paths += write_report(folder)
         return paths

@@ -12,7 +12,7 @@ from typing import Any
 from autoprec.data import TRAIN_BATCH_SIZE
 from autoprec.errors import ArgumentError, check_int, describe
 from autoprec.formats import FLOAT32, LOW_PRECISION, Format
-from autoprec.stats import (
+from autoprec.profiling.stats import (
     ACT_ABSMAX,
     ACT_FLUSH,
     ACT_NONFINITE,
@@ -26,7 +26,7 @@ from autoprec.stats import (
 logger = logging.getLogger("autoprec")
 
 
-# Files AdaptivePrecision.save writes (autoprec.report spells the CSV names too, so that
+# Files AdaptivePrecision.save writes (autoprec.report.pages spells the CSV names too, so that
 # reading a report does not import Keras; a test holds the two spellings together).
 HISTORY_FILE = "adaptive_history.csv"
 CHECKS_FILE = "adaptive_checks.csv"

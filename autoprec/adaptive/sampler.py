@@ -10,11 +10,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from autoprec import backends, stats
+from autoprec import backends
 from autoprec.adaptive.rules import _CHUNK
 from autoprec.apply import set_policies_in_place
 from autoprec.formats import FLOAT32, LOW_PRECISION, Format
 from autoprec.graph import ModelGraph, keyed_layers
+from autoprec.profiling import stats
 
 logger = logging.getLogger("autoprec")
 
@@ -44,7 +45,7 @@ class Sampler:
     The layers are switched to float32 while the pass is traced (see
     :func:`float32_policies`), so the trace does not depend on the policies
     training runs with and is made once. The loss scale is a tensor argument
-    (gradients are multiplied by it before :func:`autoprec.stats.table`), so a
+    (gradients are multiplied by it before :func:`autoprec.profiling.stats.table`), so a
     new scale does not retrace either.
 
     Example:

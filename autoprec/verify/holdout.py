@@ -98,7 +98,7 @@ def held_session(session: Any, held: EvalData) -> Any:
 
     import keras
 
-    from autoprec.verify import predict_batches
+    from autoprec.verify.real import predict_batches
 
     held = held.rebatch(session.data.batch_size)
     full = predict_batches(session.model, held)

@@ -15,7 +15,7 @@ from typing import Any
 
 from autoprec.formats import DEFAULT_LOSS_SCALE, MIXED_FLOAT16, split
 from autoprec.formats import get as get_format
-from autoprec.stats import ACT_ABSMAX, GRAD_ABSMAX
+from autoprec.profiling.stats import ACT_ABSMAX, GRAD_ABSMAX
 
 COLORS = {
     "float32": "#4c72b0",

@@ -37,11 +37,11 @@ trials of earlier rounds, in a throwaway in-memory study, seeded by the
 seed and the trial's place in the plan). So one worker and many evaluate
 the same assignments and choose the same best. Each worker replays the plan
 from the study: a finished candidate is a cache hit, free. Within a round a
-worker claims, under the study's lock (:func:`autoprec.study.study_lock`),
+worker claims, under the study's lock (:func:`autoprec.search.study.study_lock`),
 the first candidate that no trial has finished or is running, as long as
 the study holds fewer than ``n_trials`` trials (running ones count); it
 waits while its round's last candidates run elsewhere. A worker killed
-mid-trial leaves a RUNNING trial that :func:`autoprec.study.reap` fails;
+mid-trial leaves a RUNNING trial that :func:`autoprec.search.study.reap` fails;
 its candidate is claimed again. No assignment is evaluated twice.
 
 Stored trials keep their measured drop; whether it is feasible is judged
@@ -134,7 +134,7 @@ class WorkerResult:
 
     @classmethod
     def of(cls, study: Any, *, evaluations: int, best_speedup: float, seconds: float) -> WorkerResult:
-        from autoprec.study import evaluated_trials
+        from autoprec.search.study import evaluated_trials
 
         return cls(study.study_name, len(evaluated_trials(study)), evaluations, float(best_speedup), float(seconds))
 
@@ -200,7 +200,7 @@ def make_sampler(seed: int):
 
 @functools.cache
 def _sampler_class() -> type:
-    # Defined on first use: the class subclasses Optuna's, which `import autoprec.search` must not import.
+    # Defined on first use: the class subclasses Optuna's, which `import autoprec.search.plan` must not import.
     import optuna
 
     class ReplayableTPESampler(optuna.samplers.BaseSampler):
@@ -390,7 +390,7 @@ class _SharedStudy:
         """
         import optuna
 
-        from autoprec.study import reap, study_lock
+        from autoprec.search.study import reap, study_lock
 
         if self._timed_out():
             return _OUT
@@ -424,7 +424,7 @@ class _SharedStudy:
         key = self.space.key_of(assignment)
         self.study.enqueue_trial(dict(assignment), user_attrs={**attrs, "worker": _worker()})
         while True:
-            with warnings.catch_warnings():  # autoprec records the heartbeats itself (autoprec.study.heartbeat)
+            with warnings.catch_warnings():  # autoprec records the heartbeats itself (autoprec.search.study.heartbeat)
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                 trial = self.study.ask(self.distributions())
             if self.space.key_of(trial.params) == key and all(trial.user_attrs.get(k) == v for k, v in attrs.items()):
@@ -570,7 +570,7 @@ class Search(_SharedStudy):
     def _run_trial(self, trial: Any, phase: str) -> Outcome | None:
         import optuna
 
-        from autoprec.study import heartbeat
+        from autoprec.search.study import heartbeat
 
         assignment = {k: trial.params.get(k, FLOAT32) for k in self.space.keys}
         key = self.space.key_of(assignment)

@@ -6,7 +6,7 @@ Everything is regenerated from the files :meth:`TuneResult.save` writes
 :meth:`autoprec.AdaptivePrecision.save` wrote a training history (alone or
 beside a tune result) also gets a timeline of the policy changes, with the
 loss and the loss scale. The charts live in
-:mod:`autoprec.plots` (plain data, then drawing); each layer's sentence comes
+:mod:`autoprec.report.plots` (plain data, then drawing); each layer's sentence comes
 from :func:`autoprec.decisions.sentence`. Every string that comes from the
 model is escaped.
 
@@ -26,7 +26,7 @@ from typing import Any
 from autoprec.decisions import sentence
 from autoprec.errors import DataError
 from autoprec.formats import leaves_float32
-from autoprec.plots import CHARTS
+from autoprec.report.plots import CHARTS
 
 PLOTS = tuple(CHARTS)
 # Written by AdaptivePrecision.save (autoprec.adaptive.HISTORY_FILE and CHECKS_FILE); spelled here so that

@@ -8,7 +8,7 @@ its own (weighted layers and weightless layers that compute, in one ranking):
   step on a batch of ``TRAIN_BATCH_SIZE`` (32) samples would see them: the largest
   magnitude, and the shares that would overflow the format, flush to zero or
   turn subnormal, unscaled and, for gradients, at the default loss scale;
-  plus non-finite counts (see :mod:`autoprec.stats`).
+  plus non-finite counts (see :mod:`autoprec.profiling.stats`).
 - A **first-order score** from the same forward/backward pass: the sum over
   the data of ``(dL/dy * (round(y) - y))^2`` at each output ``y``, the
   squared change in loss that rounding ``y`` would cause to first order. It
@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autoprec import backends, stats
+from autoprec import backends
 from autoprec.data import PROFILE_BATCH_CAP, TRAIN_BATCH_SIZE
 from autoprec.engine import SimEngine, call_rounded, round_to, round_with
 from autoprec.errors import ArgumentError, describe
@@ -58,6 +58,7 @@ from autoprec.formats import DEFAULT_LOSS_SCALE, FLOAT32, MIXED_FLOAT16, Format
 from autoprec.formats import get as get_format
 from autoprec.graph import COMPUTE, MOVEMENT, OP, WEIGHTED, ModelGraph
 from autoprec.metrics import resolve_loss
+from autoprec.profiling import stats
 from autoprec.progress import Progress
 from autoprec.session import Session, auto_batch_size, open_session
 

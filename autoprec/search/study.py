@@ -565,7 +565,7 @@ def trials_frame(study: Any, keys: list[str], measured: dict[int, float] | None 
     frame["evaluated"] = frame["samples"].notna() if "samples" in frame else False
     if "speedup_estimate" in frame:  # a PRUNED (over-budget) trial keeps its estimate as its intermediate value
         values = {t.number: t for t in study.get_trials(deepcopy=False)}
-        from autoprec.search import objective_value
+        from autoprec.search.plan import objective_value
 
         frame["speedup_estimate"] = [objective_value(values[n]) if n in values else math.nan for n in frame["trial"]]
     for column in ("phase", "drop", "feasible", "rejected"):

@@ -1,7 +1,7 @@
 """The decision space: which layers the search decides, in which groups, in which order.
 
 Decisions are the weighted layers, and the weightless layers that
-:func:`autoprec.sensitivity.own_risk` finds risky on their own. Every other
+:func:`autoprec.profiling.sensitivity.own_risk` finds risky on their own. Every other
 weightless layer joins its producers (``graph.resolve``). With
 ``granularity="block"``, weighted layers are grouped by nested model, else
 by name prefix (``conv2_block1_1_conv`` -> ``conv2_block1_1``); a risky
@@ -28,8 +28,8 @@ from typing import Any
 
 from autoprec.formats import FLOAT32, QUANTIZED_MODES, quantized_name
 from autoprec.graph import ModelGraph
-from autoprec.search import Space
-from autoprec.sensitivity import own_risk
+from autoprec.profiling.sensitivity import own_risk
+from autoprec.search.plan import Space
 
 GRANULARITIES = ("layer", "block")
 
