@@ -56,3 +56,36 @@ def test_the_api_reference_renders_every_public_name():
     rendered = set(re.findall(r"^::: autoprec\.(\w+)$", api.read_text(), flags=re.M))
     packages = {p.split(".")[1] for p in PACKAGES[1:]}
     assert rendered == set(autoprec.__all__) | packages
+
+
+def test_no_module_level_import_cycle():
+    """Dependencies point down the pipeline: no autoprec module imports, at module level, one that imports it back."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    deps: dict[str, set[str]] = {}
+    for path in (root / "autoprec").rglob("*.py"):
+        name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        found = set()
+        for node in ast.parse(path.read_text()).body:  # module level only: imports inside functions are lazy
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("autoprec"):
+                found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("autoprec")}
+        deps[name] = found
+    deps = {k: {d for d in v if d in deps and d != k} for k, v in deps.items()}
+    state: dict[str, int] = {}
+
+    def visit(module: str, stack: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(deps[module]):
+            assert state.get(dep) != 1, "import cycle: " + " -> ".join([*stack[stack.index(dep) :], module, dep])
+            if dep not in state:
+                visit(dep, [*stack, module])
+        state[module] = 2
+
+    for module in sorted(deps):
+        if module not in state:
+            visit(module, [])
+    assert len(deps) > 30
