@@ -635,13 +635,13 @@ model = keras.models.load_model(sys.argv[1])
 with np.load(sys.argv[2]) as d:
     data = (d["x"], d["y"])
 res = autoprec.tune(model, data, budget="2%", target="mixed_bfloat16", n_trials=3, verbose=0)
-original = result_module.TuneResult._write_files
-def slow(self, directory):
-    names = original(self, directory)
+original = result_module._write_files
+def slow(result, directory):
+    names = original(result, directory)
     print("writing", flush=True)
     time.sleep(30)  # Ctrl-C lands here: every file of the new result written, not yet in place
     return names
-result_module.TuneResult._write_files = slow
+result_module._write_files = slow
 res.save(sys.argv[3])
 """
 
