@@ -47,10 +47,6 @@ class Reason(enum.StrEnum):
     MOVES_DATA = "MOVES_DATA"  # pure data movement (reshape, dropout...): follows its input
 
 
-def _num(row: Mapping[str, Any], key: str) -> float:
-    return number(row, key)
-
-
 def _text(row: Mapping[str, Any], key: str) -> str:
     """A text field of a row ('' when missing; a CSV reads empty cells back as NaN)."""
     value = row.get(key)
@@ -58,7 +54,7 @@ def _text(row: Mapping[str, Any], key: str) -> str:
 
 
 def _positive(row: Mapping[str, Any], key: str) -> bool:
-    value = _num(row, key)
+    value = number(row, key)
     return not math.isnan(value) and value > 0
 
 
@@ -113,7 +109,7 @@ def reason_for(
         return Reason.UNDERFLOW if found is Hazard.FLUSH else Reason.OVERFLOW
     if _positive(row, "metric_drop"):
         return Reason.METRIC_DROP
-    faster, as_is = _num(row, "speedup_16bit"), _num(row, "speedup_float32")
+    faster, as_is = number(row, "speedup_16bit"), number(row, "speedup_float32")
     if faster > 0 and as_is > 0 and faster > as_is * (1 + 1e-9):
         return Reason.NOT_WITHIN_BUDGET
     return Reason.NO_GAIN
@@ -129,17 +125,17 @@ def _drop_words(drop: float, metric: str, higher_is_better: bool) -> str:
 def _facts(row: Mapping[str, Any], fmt: Any, metric: str, higher_is_better: bool) -> list[str]:
     """The measured hazards of one layer, in words (empty when none)."""
     facts = []
-    drop = _num(row, "metric_drop")
+    drop = number(row, "metric_drop")
     if drop > 0:
         alone = "alone" if row.get("ablation", "alone") == "alone" else "in its group"
         facts.append(f"{alone} in {fmt.short} it {_drop_words(drop, metric, higher_is_better)}")
-    absmax, overflow = _num(row, ACT_ABSMAX), _num(row, ACT_OVERFLOW)
+    absmax, overflow = number(row, ACT_ABSMAX), number(row, ACT_OVERFLOW)
     if overflow > 0:
         reach = f"its output reaches {absmax:.2g} > {fmt.max_finite:g}" if absmax == absmax else "its outputs overflow"
         facts.append(f"{reach} ({overflow * 100:.2g}% of values)")
     found = hazards(row)  # each one, not only the first: a layer can overflow and flush
     if Hazard.FLUSH in found:
-        facts.append(f"{_num(row, ACT_FLUSH) * 100:.2g}% of its nonzero outputs flush to zero in {fmt.short}")
+        facts.append(f"{number(row, ACT_FLUSH) * 100:.2g}% of its nonzero outputs flush to zero in {fmt.short}")
     if Hazard.NONFINITE in found:
         facts.append(f"the model's outputs turn non-finite when it runs in {fmt.short}")
     if _text(row, "op_hazard"):
@@ -187,7 +183,7 @@ def sentence(
     facts = _facts(row, fmt, metric, higher_is_better)
     if decision != FLOAT32:
         head = f"{decision}: " + ("forced by force_16bit; " if reason == Reason.FORCED_16BIT else "")
-        share = _num(row, "flops_share")
+        share = number(row, "flops_share")
         effect = (facts[0] + ", within the budget") if facts else "no measurable drop"
         return head + effect + (f"; {share * 100:.2g}% of the model's FLOPs" if share == share else "")
     detail = _text(row, "fallback_detail")
@@ -202,10 +198,10 @@ def sentence(
     elif reason == Reason.NO_GAIN:
         figures = (
             (
-                f"the cost model rates the policy at {_num(row, 'speedup_16bit'):.3g}x with it in 16-bit and "
-                f"{_num(row, 'speedup_float32'):.3g}x with it in float32: "
+                f"the cost model rates the policy at {number(row, 'speedup_16bit'):.3g}x with it in 16-bit and "
+                f"{number(row, 'speedup_float32'):.3g}x with it in float32: "
             )
-            if _num(row, "speedup_16bit") > 0
+            if number(row, "speedup_16bit") > 0
             else ""
         )
         facts.append(
@@ -214,7 +210,7 @@ def sentence(
         )
     elif reason == Reason.NOT_WITHIN_BUDGET:
         facts.append(
-            f"16-bit here would pay ({_num(row, 'speedup_16bit'):.3g}x against {_num(row, 'speedup_float32'):.3g}x "
+            f"16-bit here would pay ({number(row, 'speedup_16bit'):.3g}x against {number(row, 'speedup_float32'):.3g}x "
             "by the cost model), but no assignment the search tried with it in 16-bit met the budget"
         )
     elif reason == Reason.SPLIT_FOLLOWER:
@@ -224,7 +220,7 @@ def sentence(
             "had kept both in float32 together, and the split (the producer in 16-bit, this layer in "
             "float32) was measured within the budget",
         )
-    elif reason == Reason.METRIC_DROP and _num(row, "metric_drop") <= allowed:
+    elif reason == Reason.METRIC_DROP and number(row, "metric_drop") <= allowed:
         facts.append("together with the other 16-bit layers it would exceed the budget")
     if _text(row, "role") == "compute" and _text(row, "producer_decision") and _text(row, "producers"):
         facts.append(f"its producer `{row['producers']}` stays {row['producer_decision']}")
