@@ -23,7 +23,7 @@ from typing import Any
 from autoprec.decisions import Reason
 from autoprec.errors import ArgumentError, UnsupportedModelError, describe
 from autoprec.formats import FLOAT32, MIXED_FLOAT16, is_quantized, split
-from autoprec.graph import SUBCLASSED, ModelGraph, _policy_name, build_graph, keyed_layers, leaf_layers
+from autoprec.graph import SUBCLASSED, ModelGraph, build_graph, keyed_layers, leaf_layers, resolved_policy
 from autoprec.policy import PrecisionPolicy
 from autoprec.quantize import calibrate_model, quantize_in_place
 
@@ -287,7 +287,7 @@ def _pathless_follow_parents(model: Any, default: str) -> None:
                 continue
             if parent.compute_dtype == sub.compute_dtype:
                 continue
-            sub._dtype_policy = keras.dtype_policies.get(_policy_name(parent))
+            sub._dtype_policy = keras.dtype_policies.get(resolved_policy(parent))
             if _computes(sub):
                 differ.append(f"{parent.path}/{sub.name}")
     if differ:

@@ -20,9 +20,11 @@ from typing import Any
 EXIT_OK, EXIT_USER_ERROR, EXIT_ALL_FLOAT32, EXIT_INFEASIBLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
-def _load_model(path: str, *, unsafe: bool) -> Any:
-    from autoprec.files import load_model_file
+def _load_model(path: str, *, unsafe: bool, imports: list[str] | None = None) -> Any:
+    from autoprec.files import check_model_file, import_modules, load_model_file
 
+    check_model_file(path)  # a wrong path fails before the user's modules (and Keras) are imported
+    import_modules(imports or [])
     return load_model_file(path, safe_mode=not unsafe)
 
 
@@ -68,7 +70,7 @@ def _load_npz(path: str) -> tuple:
 def _cmd_layers(args: argparse.Namespace) -> int:
     from autoprec.graph import build_graph
 
-    frame = build_graph(_load_model(args.model, unsafe=args.unsafe)).to_frame()
+    frame = build_graph(_load_model(args.model, unsafe=args.unsafe, imports=args.imports)).to_frame()
     _print_frame(frame[["path", "class", "role", "params", "flops", "decision_unit", "pinned", "policy"]])
     return EXIT_OK
 
@@ -84,7 +86,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             f"Expected -o to name a .keras file. Received {args.output!r}; Keras saves models as NAME.keras."
         )
     check_parent(args.output, what="model file")
-    model = _load_model(args.model, unsafe=args.unsafe)
+    model = _load_model(args.model, unsafe=args.unsafe, imports=args.imports)
     policy = PrecisionPolicy.load(args.policy)
     tuned = apply_policy(model, policy)
     tuned.save(args.output)
@@ -99,7 +101,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     if args.output:
         check_parent(args.output, what="profile CSV")
-    model = _load_model(args.model, unsafe=args.unsafe)
+    model = _load_model(args.model, unsafe=args.unsafe, imports=args.imports)
     frame = profile(model, _load_npz(args.data), target=args.target, method=args.method, verbose=args.verbose)
     if args.output:
         frame.to_csv(args.output, index=False)
@@ -132,7 +134,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _tune_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The model, the evaluation data and the training data (or None) that ``tune`` reads, loaded and checked."""
-    model = _load_model(args.model, unsafe=args.unsafe)
+    model = _load_model(args.model, unsafe=args.unsafe, imports=args.imports)
     return model, _load_npz(args.data), _load_npz(args.train_data) if args.train_data else None
 
 
@@ -314,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     def model_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("model", help="a model saved with model.save('x.keras')")
         p.add_argument("--unsafe", action="store_true", help="load with safe_mode=False (only for files you trust)")
+        p.add_argument(
+            "--import",
+            dest="imports",
+            action="append",
+            default=[],
+            metavar="MODULE",
+            help="a module or .py file to import first: the one that registers the model's custom layers "
+            "(@keras.saving.register_keras_serializable); repeatable",
+        )
 
     p = sub.add_parser("layers", help="print the model graph: paths, FLOPs, roles, pins")
     model_arg(p)

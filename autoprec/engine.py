@@ -12,11 +12,21 @@ bfloat16 reproduces its 8-bit mantissa. The rounding sits in
 ``keras.ops.switch`` branches, so a float32 node costs nothing extra:
 only the branch its code selects runs.
 
-What it does not reproduce: rounding *inside* a layer (a Dense's
+What it does not reproduce: rounding *inside* a Keras layer (a Dense's
 pre-activation before its activation, or the accumulation order of a real
 16-bit matmul). Those differ from float32 by far less than the rounding of
 inputs, weights and outputs, which is why the winner is always verified with
 the real policies, and a test holds the two together.
+
+A layer whose ``call`` is not Keras's own (a user's custom layer, a KerasHub
+block, a ``Lambda``) may do anything inside: an ``ops.exp`` that overflows
+float16, a sum of squares, a softmax over large logits. Rounding its inputs
+and outputs would guess; the engine does not guess. Its 16-bit branch calls
+the layer itself with its real policy, set for the length of the trace (its
+sublayers take the policies the emitted model gives them, read from a twin
+built from the layer's config, so a sublayer that fixes its own dtype keeps
+it). Simulated and real metrics agree on such layers, at the price of real
+16-bit arithmetic for them on this machine.
 
 Changing an assignment changes the code vector: no rebuild, no retrace. The
 metric's per-sample values, where the metric has them, are computed in the
@@ -40,7 +50,7 @@ from autoprec import backends
 from autoprec.apply import set_policies_in_place
 from autoprec.errors import PolicyError, UnsupportedModelError
 from autoprec.formats import FLOAT32, LOW_PRECISION, compute_dtype, is_quantized, split
-from autoprec.graph import MOVEMENT, SUBCLASSED, ModelGraph, _is_model, graph_function
+from autoprec.graph import MOVEMENT, SUBCLASSED, ModelGraph, _is_model, graph_function, resolved_policy
 from autoprec.metrics import Metric
 
 
@@ -115,6 +125,7 @@ class SimEngine:
         self._index = {info.path: i for i, info in enumerate(graph.layers)}
         self._dtypes = [compute_dtype(split(f)[1]) for f in self.formats]
         self._twins = _quantized_twins(graph, self.formats)
+        self._real = _real_policies(graph, self.formats)
         self.codes = np.zeros(len(graph.layers), np.int32)
         self.traces = 0
         self._forward = backends.compile_function(self._forward_impl)
@@ -210,13 +221,26 @@ class SimEngine:
             twin_call = keras_operation_fn(twin, training=False)
             return lambda: as_float32(twin_call(*args, **kwargs))
 
-        def rounded_branch(dtype: Any) -> Callable[[], Any]:
-            return lambda: call_rounded(op, call, round_with(dtype), args, kwargs)
+        def sixteen_bit_branch(index: int) -> Callable[[], Any]:
+            return lambda: self.call_16bit(op, call, index, args, kwargs)
 
         branches: list[Callable[[], Any]] = [lambda: call(*args, **kwargs)]
-        for index, dtype in enumerate(self._dtypes, start=1):
-            branches.append(twin_branch(twins[index]) if index in twins else rounded_branch(dtype))
+        for index in range(1, len(self.formats) + 1):
+            branches.append(twin_branch(twins[index]) if index in twins else sixteen_bit_branch(index))
         return ops.switch(code, branches)
+
+    def call_16bit(self, op: Any, call: Callable, index: int, args: tuple, kwargs: dict) -> Any:
+        """``op`` called as it computes in ``self.formats[index - 1]``, its outputs in float32.
+
+        Rounded inputs, weights and outputs for a Keras layer; the real policy
+        for a layer whose own ``call`` the rounding cannot see into.
+        """
+        real = self._real.get(self.graph.key(op)) if _is_layer_op(op) else None
+        if real is None:
+            return call_rounded(op, call, round_with(self._dtypes[index - 1]), args, kwargs)
+        with policies_set(real[index]):
+            out = call(*args, **kwargs)
+        return _floats_to_float32(out)
 
     def calibrate(self, batches: Any) -> None:
         """Set the float8 twins' scales from the largest inputs each layer sees on ``batches``."""
@@ -257,6 +281,105 @@ def _quantized_twins(graph: ModelGraph, formats: tuple[str, ...]) -> dict[str, d
         for info in graph.layers
         if info.quantizable and info.pinned is None
     }
+
+
+def opaque(layer: Any) -> bool:
+    """True where a layer's arithmetic is its author's: its ``call`` is not Keras's own, or it is a ``Lambda``.
+
+    >>> import keras
+    >>> opaque(keras.layers.Dense(2)), opaque(keras.layers.Lambda(lambda t: t))
+    (False, True)
+    """
+    call = getattr(type(layer), "call", None)
+    module = getattr(call, "__module__", None) or ""
+    return type(layer).__name__ == "Lambda" or not module.startswith("keras.")
+
+
+def _is_layer_op(op: Any) -> bool:
+    import keras
+
+    return isinstance(op, keras.layers.Layer)
+
+
+def _real_policies(graph: ModelGraph, formats: tuple[str, ...]) -> dict[str, dict[int, list[tuple[Any, Any]]]]:
+    """For each opaque layer that may compute in 16-bit: per float format's code, the policy of it and each sublayer."""
+    out: dict[str, dict[int, list[tuple[Any, Any]]]] = {}
+    for info in graph.layers:
+        if not info.is_layer or info.pinned is not None or info.role == MOVEMENT or not opaque(info.layer):
+            continue
+        out[info.path] = {
+            index: emitted_policies(info.layer, split(fmt)[1])
+            for index, fmt in enumerate(formats, start=1)
+            if not is_quantized(fmt)
+        }
+    return out
+
+
+def emitted_policies(layer: Any, name: str) -> list[tuple[Any, Any]]:
+    """``[(layer or sublayer, policy)]`` as a copy of ``layer`` built with ``dtype=name`` has them.
+
+    The copy is built from the layer's config (as the emitted model is) and
+    dropped at once; only the policies are kept. A sublayer that fixes its own
+    dtype (KerasHub's attention softmax) keeps it. A layer that cannot be
+    rebuilt from its config gives every one of its layers ``name``.
+    """
+    import keras
+
+    policy = keras.dtype_policies.get(name)
+    own = [layer, *layer._flatten_layers(include_self=False)]
+    if len(own) == 1:
+        return [(layer, policy)]
+    try:
+        copy = type(layer).from_config({**layer.get_config(), "dtype": name})
+        build = layer.get_build_config()
+        if build:
+            copy.build_from_config(build)
+        theirs = [copy, *copy._flatten_layers(include_self=False)]
+    except Exception:  # a config that does not round-trip: the emitted model could not be built this way either
+        theirs = []
+    if len(theirs) != len(own):
+        return [(mine, policy) for mine in own]
+    return [(mine, keras.dtype_policies.get(resolved_policy(c))) for mine, c in zip(own, theirs, strict=True)]
+
+
+class policies_set:
+    """Give layers the policies ``[(layer, policy)]`` for a block (a trace), then their own back.
+
+    The policy object is swapped directly: the ``dtype_policy`` setter would
+    edit a ``DTypePolicyMap`` the layer shares with its model.
+    """
+
+    def __init__(self, policies: list[tuple[Any, Any]]) -> None:
+        self.policies = policies
+        self.saved: list[tuple[Any, Any]] = []
+
+    def __enter__(self) -> policies_set:
+        self.saved = [(layer, layer._dtype_policy) for layer, _ in self.policies]
+        for layer, policy in self.policies:
+            layer._dtype_policy = policy
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for layer, policy in self.saved:
+            layer._dtype_policy = policy
+
+
+def _floats_to_float32(structure: Any) -> Any:
+    """Every floating tensor of ``structure`` cast to float32, keeping a Keras mask that rides on it."""
+    import keras
+    from keras import ops
+    from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+
+    def cast(t: Any) -> Any:
+        if "float" not in str(getattr(t, "dtype", "")) or _is_float32_tensor(t):
+            return t
+        out = ops.cast(t, "float32")
+        mask = get_keras_mask(t)
+        if mask is not None:
+            set_keras_mask(out, mask)
+        return out
+
+    return keras.tree.map_structure(cast, structure)
 
 
 def round_with(dtype: str) -> Callable[[Any], Any]:

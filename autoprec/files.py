@@ -228,13 +228,56 @@ def load_model_file(path: str | os.PathLike, *, safe_mode: bool = True) -> Any:
         return keras.models.load_model(path, safe_mode=safe_mode)
     except Exception as exc:  # Keras raises many kinds for a bad file; name the file and the likely fix
         text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        hint = (
-            " It holds a Lambda layer or custom code; if you trust its source, pass --unsafe "
-            "(safe_mode=False in Python)."
-            if ("safe_mode" in str(exc) or "lambda" in str(exc).lower())
-            else " The file may be damaged: save the model again."
-        )
+        if "safe_mode" in str(exc) or "lambda" in str(exc).lower():
+            hint = (
+                " It holds a Lambda layer or custom code; if you trust its source, pass --unsafe "
+                "(safe_mode=False in Python)."
+            )
+        elif "could not locate" in str(exc).lower() or "register_keras_serializable" in str(exc):
+            hint = (
+                " It uses a custom layer that is not registered: import the module that defines it first "
+                "(the CLI's --import my_module or --import my_layers.py; in Python, import it before loading), "
+                "with the class decorated by @keras.saving.register_keras_serializable()."
+            )
+        else:
+            hint = " The file may be damaged: save the model again."
         raise DataError(f"Could not load the Keras model {path!r}: {text}.{hint}") from None
+
+
+def import_modules(specs: list[str] | tuple[str, ...]) -> None:
+    """Import the user's modules (dotted names or ``.py`` paths) so the custom layers they register can load.
+
+    A ``.keras`` file names its custom classes; Keras finds them only once the
+    module that decorates them with ``@keras.saving.register_keras_serializable``
+    has run. This is the CLI's ``--import``: code the user names, run on purpose.
+
+    >>> import_modules(["my_project.layers", "extra_layers.py"])  # doctest: +SKIP
+    """
+    import importlib
+    import importlib.util
+    import sys
+
+    from autoprec.errors import ArgumentError
+
+    for spec in specs:
+        try:
+            if spec.endswith(".py"):
+                if not os.path.isfile(spec):
+                    raise FileNotFoundError(f"no file {spec!r}")
+                name = os.path.splitext(os.path.basename(spec))[0]
+                found = importlib.util.spec_from_file_location(name, spec)
+                if found is None or found.loader is None:
+                    raise ImportError(f"cannot import {spec!r}")
+                module = importlib.util.module_from_spec(found)
+                sys.modules[name] = module
+                found.loader.exec_module(module)
+            else:
+                importlib.import_module(spec)
+        except Exception as exc:
+            raise ArgumentError(
+                f"Expected --import to name a Python module or .py file that defines the model's custom layers. "
+                f"Received {spec!r}, which failed to import ({type(exc).__name__}: {exc})."
+            ) from None
 
 
 def check_model_file(path: str) -> None:

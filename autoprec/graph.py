@@ -366,7 +366,7 @@ def sublayer_frame(model: Any):
     units = _functional_leaves(fn) if fn is not None else _subclassed_leaves(model)
     rows: list[dict[str, Any]] = []
     for unit in dict.fromkeys(units):
-        _sublayer_rows(unit, layer_key(unit, containers), _policy_name(unit), containers, rows)
+        _sublayer_rows(unit, layer_key(unit, containers), resolved_policy(unit), containers, rows)
     return pd.DataFrame(rows, columns=["block", "path", "class", "computes", "pinned"])
 
 
@@ -374,13 +374,19 @@ def _sublayer_rows(parent: Any, block: str, block_policy: str, containers: froze
     parent_key = layer_key(parent, containers)
     for sub in parent._flatten_layers(include_self=False, recursive=False):
         key = sublayer_key(sub, parent_key, containers)
-        computes = _policy_name(sub)
+        computes = resolved_policy(sub)
         pinned = computes == FLOAT32 and block_policy != FLOAT32 and _role(sub) != MOVEMENT
         rows.append({"block": block, "path": key, "class": type(sub).__name__, "computes": computes, "pinned": pinned})
         _sublayer_rows(sub, block, block_policy, containers, rows)
 
 
-def _policy_name(layer: Any) -> str:
+def resolved_policy(layer: Any) -> str:
+    """The name of the policy ``layer`` computes in (a ``DTypePolicyMap`` resolved at its path).
+
+    >>> import keras
+    >>> resolved_policy(keras.layers.Dense(2, dtype="mixed_float16"))
+    'mixed_float16'
+    """
     import keras
 
     policy = layer.dtype_policy

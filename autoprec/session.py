@@ -354,14 +354,43 @@ def open_session(
     engine.use_metric(resolved)
     if hasattr(engine, "calibrate"):
         engine.calibrate(ev.batches())  # float8 twins: scales from this data, as the emitted model gets them
-    values = resolved.values(*resolved.select(ev.y, full)) if resolved.per_sample is not None else None
-    baseline = float(np.mean(values)) if values is not None else resolved.compute(ev.y, full)
+    values, baseline = _baseline(resolved, ev, full)
     if not math.isfinite(baseline):
         raise DataError(f"Expected a finite float32 baseline metric. Received {resolved.name}={baseline}.")
     session = Session(model, graph, ev, resolved, engine, target, formats, baseline, outputs, values)
     session.confidence = confidence
     session.pass_seconds = _warm_pass_seconds(engine, ev)
     return session
+
+
+def _baseline(metric: Metric, ev: EvalData, full: Any) -> tuple[np.ndarray | None, float]:
+    """The float32 per-sample values (where the metric has them) and the metric; unreadable labels: DataError.
+
+    A metric that cannot compare these labels with these outputs (class ids
+    of shape ``(n,)`` scored by ``mse`` against ``(n, 2)`` outputs) fails
+    inside the backend with its own error; it is named here with the shapes.
+    """
+    from autoprec.errors import MetricError
+
+    y, pred = metric.select(ev.y, full)
+    try:
+        values = metric.values(y, pred) if metric.per_sample is not None else None
+        return values, float(np.mean(values)) if values is not None else metric.compute(ev.y, full)
+    except MetricError:
+        raise
+    except Exception as exc:
+        raise DataError(
+            f"Expected labels that the metric {metric.name!r} can compare with the model's outputs. Received "
+            f"labels of shape {_shapes(y)} for outputs of shape {_shapes(pred)}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}. Pass labels shaped like the output, or a "
+            "metric that reads these labels (metric='accuracy' for class ids)."
+        ) from None
+
+
+def _shapes(structure: Any) -> list[tuple[int, ...]]:
+    import keras
+
+    return [np.shape(a) for a in keras.tree.flatten(structure)]
 
 
 def _float32_graph(model: Any, ev: EvalData, *, keep_float32: Any, force_16bit: Any) -> tuple[Any, ModelGraph]:

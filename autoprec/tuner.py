@@ -52,7 +52,7 @@ from autoprec.search.space import DecisionSpace, build_space
 from autoprec.session import Session, open_session
 from autoprec.verify.bounds import no_change_bound
 from autoprec.verify.holdout import held_session, split_holdout
-from autoprec.verify.real import TrainCheck, fall_back, predict_batches, train_check, verify_eval
+from autoprec.verify.real import TrainCheck, fall_back, nonfinite_origins, predict_batches, train_check, verify_eval
 
 if TYPE_CHECKING:
     from autoprec.search.plan import WorkerResult
@@ -951,7 +951,12 @@ def verify_stage(
     pick = _sensitive_first(space, found.assignment)
     limit = opts.max_fallbacks
     assignment, fallbacks, _ = fall_back(
-        dict(found.assignment), check_eval, pick, kind="verify", limit=limit, say=progress.say
+        dict(found.assignment),
+        check_eval,
+        _nonfinite_first(session, space, check_eval, pick),
+        kind="verify",
+        limit=limit,
+        say=progress.say,
     )
     training = None
     if opts.verify == "train":
@@ -1037,6 +1042,27 @@ def _sensitive_first(space: DecisionSpace, start: dict[str, str]):
 
     def pick(assignment: dict[str, str]) -> str | None:
         return next((k for k in space.order if assignment.get(k, FLOAT32) != FLOAT32), None)
+
+    return pick
+
+
+def _nonfinite_first(session: Session, space: DecisionSpace, check: _EvalCheck, fallback: Any):
+    """Pick the 16-bit decision where the real model's values first turn non-finite, else ``fallback``'s pick.
+
+    The biggest or most sensitive layer is the wrong one to give up when a
+    small layer overflows: returning the layer where inf or NaN is born mends
+    the model at the least cost. The real model of the failed check is walked
+    batch by batch until a batch shows the origin (only when a check fails).
+    """
+
+    def pick(assignment: dict[str, str]) -> str | None:
+        live = {path: k for k in space.order if assignment.get(k, FLOAT32) != FLOAT32 for path in space.groups[k]}
+        if check.model is not None and check.evaluation is not None and check.evaluation.nonfinite_outputs:
+            for x, _ in session.data.batches():
+                origins = [live[p] for p in nonfinite_origins(check.model, x) if p in live]
+                if origins:
+                    return origins[0]
+        return fallback(assignment)
 
     return pick
 

@@ -175,3 +175,117 @@ def test_every_tune_option_a_shell_needs_has_a_flag_with_help():
         "--cost",
     ):
         assert flag in flags and flags[flag].help, flag
+
+
+USER_LAYERS = """
+import keras
+
+
+@keras.saving.register_keras_serializable("user_layers")
+class SoftmaxNoMax(keras.layers.Layer):
+    def call(self, x):
+        e = keras.ops.exp(x)
+        return e / keras.ops.sum(e, axis=-1, keepdims=True)
+"""
+
+
+def _cli(*argv, timeout=600):
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        [sys.executable, "-m", "autoprec", *argv], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_models_with_custom_layers_and_variable_length_inputs_from_keras_files(tmp_path):
+    """Issue 25: a user's custom layer (registered by their module) and a variable-length attention model, from .keras files."""
+    module = tmp_path / "user_layers.py"
+    module.write_text(USER_LAYERS)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import user_layers
+    finally:
+        sys.path.remove(str(tmp_path))
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 16)).astype("float32")
+    y = np.argmax(x[:, :4], axis=1).astype("int32")
+    i = keras.Input((16,))
+    h = keras.layers.Dense(4, name="logits")(keras.layers.Dense(32, name="d1")(i))
+    h = user_layers.SoftmaxNoMax(name="custom")(keras.layers.Rescaling(20.0, name="sharpen")(h))  # exp past 11: inf
+    custom = keras.Model(i, keras.layers.Dense(4, activation="softmax", name="out")(h))
+    custom.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    custom.fit(x, y, epochs=10, verbose=0)
+    custom.save(tmp_path / "custom.keras")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+
+    tokens = keras.Input((None,), dtype="int32")
+    e = keras.layers.Embedding(32, 16, name="embed")(tokens)
+    a = keras.layers.MultiHeadAttention(2, 8, name="mha")(e, e)
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(a)
+    attention = keras.Model(tokens, keras.layers.Dense(2, name="out")(pooled))
+    t = rng.integers(0, 32, size=(600, 12)).astype("int32")
+    labels = (t < 8).mean(axis=1) > 0.25
+    attention.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    attention.fit(t[:300], labels[:300], epochs=15, verbose=0)
+    attention.save(tmp_path / "attention.keras")
+    np.savez(tmp_path / "t.npz", x=t[300:], y=labels[300:].astype("int32"))
+
+    missing = _cli("layers", str(tmp_path / "custom.keras"))
+    assert missing.returncode == EXIT_USER_ERROR and "Traceback" not in missing.stderr
+    assert "--import" in missing.stderr and "not registered" in missing.stderr
+
+    listed = _cli("layers", str(tmp_path / "custom.keras"), "--import", str(module))
+    assert listed.returncode == EXIT_OK, listed.stderr
+    assert "custom" in listed.stdout
+
+    bad = _cli("layers", str(tmp_path / "custom.keras"), "--import", "no_such_module_here")
+    assert bad.returncode == EXIT_USER_ERROR and "no_such_module_here" in bad.stderr and "Traceback" not in bad.stderr
+
+    out = tmp_path / "tuned"
+    tuned = _cli(
+        "tune",
+        str(tmp_path / "custom.keras"),
+        "--import",
+        str(module),
+        "--data",
+        str(tmp_path / "d.npz"),
+        "--budget",
+        "1%",
+        "--target",
+        "mixed_float16",
+        "--device",
+        "gpu",
+        "--trials",
+        "6",
+        "-o",
+        str(out),
+    )
+    assert tuned.returncode in (EXIT_OK, EXIT_ALL_FLOAT32), tuned.stderr
+    assert "Traceback" not in tuned.stderr
+    policy = json.loads((out / "policy.json").read_text())
+    assert {r["path"]: r["policy"] for r in policy["layers"]}["custom"] == "float32"
+
+    listed = _cli("layers", str(tmp_path / "attention.keras"))
+    assert listed.returncode == EXIT_OK, listed.stderr
+    out = tmp_path / "tuned_attention"
+    tuned = _cli(
+        "tune",
+        str(tmp_path / "attention.keras"),
+        "--data",
+        str(tmp_path / "t.npz"),
+        "--budget",
+        "1%",
+        "--metric",
+        "accuracy",
+        "--target",
+        "mixed_bfloat16",
+        "--device",
+        "gpu",
+        "--trials",
+        "4",
+        "-o",
+        str(out),
+    )
+    assert tuned.returncode in (EXIT_OK, EXIT_ALL_FLOAT32), tuned.stderr
+    assert "Traceback" not in tuned.stderr and (out / "report.md").exists()

@@ -131,3 +131,76 @@ def test_layers_that_do_not_autocast_keep_their_inputs():
     sim = session.evaluate({"ln": "mixed_float16"})
     real = session.score_outputs(predict_batches(autoprec.apply_policy(m, {"ln": "mixed_float16"}), session.data))
     assert abs(sim.drop - real.drop) <= 2 / 512
+
+
+# Custom layers whose own arithmetic overflows float16 where their inputs, weights and outputs do not.
+@keras.saving.register_keras_serializable("autoprec_tests")
+class ExpNormalize(keras.layers.Layer):
+    """exp without subtracting the max, then normalise: inf / inf in float16 once a logit passes 11."""
+
+    def call(self, x):
+        e = keras.ops.exp(x)
+        return e / keras.ops.sum(e, axis=-1, keepdims=True)
+
+
+@keras.saving.register_keras_serializable("autoprec_tests")
+class RMSScale(keras.layers.Layer):
+    """x / sqrt(mean(x**2)): the sum of squares overflows float16 for |x| in the hundreds."""
+
+    def call(self, x):
+        return x / keras.ops.sqrt(keras.ops.mean(keras.ops.square(x), axis=-1, keepdims=True) + 1e-6)
+
+
+@keras.saving.register_keras_serializable("autoprec_tests")
+class ScaledSoftmax(keras.layers.Layer):
+    """A learnt projection to logits scaled past float16's range, then a softmax: the logits overflow."""
+
+    def __init__(self, units=10, scale=1e5, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.scale = units, scale
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1], self.units), initializer="glorot_uniform")
+
+    def call(self, x):
+        return keras.ops.softmax(keras.ops.matmul(x, self.w) * self.scale)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "scale": self.scale}
+
+
+def _custom_model(layer, scale):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16,))
+    h = keras.layers.Dense(32, name="d1")(inputs)
+    h = keras.layers.Rescaling(scale, name="scale")(h) if scale != 1 else h
+    h = layer(h)
+    return keras.Model(inputs, keras.layers.Dense(4, name="out")(h))
+
+
+@pytest.mark.parametrize(
+    "layer, scale",
+    [(ExpNormalize(name="custom"), 8.0), (RMSScale(name="custom"), 300.0), (ScaledSoftmax(name="custom"), 1.0)],
+    ids=["exp", "sum_of_squares", "softmax_large_logits"],
+)
+def test_custom_layers_run_their_real_policy_in_the_simulation(layer, scale):
+    """Where the engine cannot round inside a layer's call, it runs the real policy: simulated == real, NaNs included."""
+    model = _custom_model(layer, scale)
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype("float32")
+    data = EvalData.get((x, np.zeros(64, "int32")))
+    g = build_graph(model, sample=x[:8])
+    engine = SimEngine(model, g, formats=("mixed_float16",))
+    assignment = {"d1": "mixed_float16", "custom": "mixed_float16"}
+    engine.set_assignment(assignment)
+    sim = _forward_all(engine, data)
+    real = predict_batches(autoprec.apply_policy(model, g.resolve(assignment)), data)
+    float32 = predict_batches(model, data)
+    broken = ~np.isfinite(real) | (np.abs(real - float32) > 0.1)
+    assert broken.mean() > 0.5, "the planted overflow must show in the real float16 model"
+    np.testing.assert_array_equal(np.isfinite(sim), np.isfinite(real))
+    finite = np.isfinite(real)
+    assert np.max(np.abs(sim[finite] - real[finite]), initial=0.0) < 2e-2
+    # The custom layer in float32 and the rest in float16: finite, as the real model is.
+    engine.set_assignment({"d1": "mixed_float16", "custom": "float32"})
+    assert np.isfinite(_forward_all(engine, data)).all()
+    assert model.get_layer("custom").compute_dtype == "float32"  # the trace gave the layer its policy back

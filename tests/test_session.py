@@ -2,7 +2,9 @@
 
 import math
 
+import keras
 import numpy as np
+import pytest
 
 from autoprec.budget import Budget
 from autoprec.session import open_session
@@ -32,3 +34,14 @@ def test_an_evaluation_certainly_over_budget_stops_early_and_says_so(planted):
     full = session.evaluate(ruin)  # without a budget: every sample, and the drop the early stop bounded
     assert not full.rejected and full.samples == session.data.n
     assert full.nonfinite_outputs == 0 and math.isfinite(full.drop) and full.drop >= early.drop - 1e-9
+
+
+def test_labels_the_metric_cannot_read_are_a_data_error_with_the_shapes():
+    """Class ids scored by mse against two outputs failed inside TensorFlow with its own traceback."""
+    from autoprec.errors import DataError
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    with pytest.raises(DataError, match=r"'mean_squared_error'.*shape \[\(64,\)\].*\(64, 2\)"):
+        open_session(model, (x, np.zeros(64, "int32")), metric="mse", target="mixed_float16")

@@ -226,3 +226,53 @@ def test_mild_weightless_hazards_never_cost_a_weighted_layer_its_speed_up(target
                 row["reason"],
             )
         assert len(kept) <= 1, (seed, list(kept.index))
+
+
+@keras.saving.register_keras_serializable("autoprec_tests")
+class SoftmaxNoMax(L.Layer):
+    """A user's softmax written without subtracting the max: ``exp`` overflows float16 past 11."""
+
+    def call(self, x):
+        e = keras.ops.exp(x)
+        return e / keras.ops.sum(e, axis=-1, keepdims=True)
+
+
+def _custom_exp_model():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1024, 16)).astype("float32")
+    y = np.argmax(x[:, :4] + 0.5 * x[:, 4:8], axis=1).astype("int32")
+    i = keras.Input((16,))
+    h = L.Dense(64, activation="relu", name="d1")(i)
+    h = L.Dense(4, name="logits")(h)
+    h = SoftmaxNoMax(name="custom")(L.Rescaling(6.0, name="sharpen")(h))
+    model = keras.Model(i, L.Dense(4, activation="softmax", name="out")(h))
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x[:768], y[:768], epochs=30, batch_size=64, verbose=0)
+    return model, (x[768:], y[768:])
+
+
+@pytest.mark.slow
+def test_a_custom_layer_with_an_internal_exp_stays_float32_and_nothing_else_pays():
+    """Issue 25: the simulation runs the custom layer's real policy, so the NaN is seen and only that layer stays float32."""
+    model, (x, y) = _custom_exp_model()
+    logits = keras.Model(model.input, model.get_layer("sharpen").output).predict(x, verbose=0)
+    assert (np.abs(logits).max(axis=1) > 12).mean() > 0.05, "the planted hazard: exp past float16's range"
+    result = autoprec.tune(model, (x, y), budget="0.5%", target="mixed_float16", device="gpu", n_trials=12, verbose=0)
+    policy = dict(result.policy.items())
+    assert policy["custom"] == "float32"
+    assert policy["d1"] == "mixed_float16"
+    assert np.isfinite(result.model.predict(x, verbose=0)).all()
+    assert not result.verification["fallbacks"]  # simulated and real agree: verify has nothing to mend
+    assert result.drop <= result.allowed_drop + 1e-9
+
+
+def test_verify_returns_the_layer_where_nan_is_born_not_the_biggest():
+    """When the real model breaks, the fall-back returns the layer whose own outputs turn non-finite."""
+    from autoprec.verify.real import nonfinite_origins
+
+    model, (x, y) = _custom_exp_model()
+    sixteen = {"d1": "mixed_float16", "logits": "mixed_float16", "sharpen": "mixed_float16", "custom": "mixed_float16"}
+    real = autoprec.apply_policy(model, sixteen)
+    assert nonfinite_origins(real, x[:64]) == ["custom"]
+    assert nonfinite_origins(model, x[:64]) == []

@@ -437,6 +437,14 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float):
         resolve_loss(session.model, session.metric, session.data.y, session.baseline_outputs[0])
     )
     rnd = round_with(fmt.dtype)
+    index = engine.formats.index(fmt.name) + 1 if fmt.name in engine.formats else None
+
+    def in_16bit(op, call, args, kwargs):
+        # The engine's own 16-bit call: the real policy for a layer whose arithmetic it cannot round.
+        if index is None:
+            return call_rounded(op, call, rnd, args, kwargs)
+        return engine.call_16bit(op, call, index, args, kwargs)
+
     names: dict[str, list[str]] = {}  # the path of each row of each output, set while tracing
 
     def step(x, y):
@@ -456,7 +464,7 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float):
                     return None
                 taken.append((path, out))
                 if path in eligible and path not in own:
-                    r = keras.tree.flatten(call_rounded(op, call, rnd, args, kwargs))[0]
+                    r = keras.tree.flatten(in_16bit(op, call, args, kwargs))[0]
                     own[path] = ops.stack([ops.sum(ops.square(out)), ops.sum(ops.square(out - r))])
                 return watch(out)
 

@@ -101,6 +101,56 @@ def verify_eval(session: Any, names: dict[str, str]) -> tuple[Any, Any]:
     return real, session.score_outputs(predict_batches(real, session.data))
 
 
+def nonfinite_origins(model: Any, x: Any) -> list[str]:
+    """Keys of the layers of ``model`` whose outputs on ``x`` hold inf or NaN while their inputs do not, in order.
+
+    Where a real 16-bit model breaks, these are the layers where it broke:
+    returning one of them to float32 is the fall-back that can mend it.
+    Functional and Sequential models (nested ones included) are walked node
+    by node, eagerly; a subclassed model has no graph to walk and gives ``[]``.
+
+    >>> nonfinite_origins(real_model, x[:256])  # doctest: +SKIP
+    ['custom']
+    """
+    import keras
+    from keras.src.models.functional import operation_fn as keras_operation_fn
+
+    from autoprec.graph import container_names, graph_function, layer_key
+
+    containers = container_names(model)
+    found: list[str] = []
+
+    def finite(structure: Any) -> bool:
+        return all(
+            bool(np.isfinite(keras.ops.convert_to_numpy(t)).all())
+            for t in keras.tree.flatten(structure)
+            if "float" in str(getattr(t, "dtype", ""))
+        )
+
+    def walk(fn: Any, inputs: Any) -> Any:
+        def operation(op: Any) -> Callable:
+            call = keras_operation_fn(op, training=False)
+            inner = graph_function(op) if isinstance(op, keras.Model) else None
+
+            def run(*args: Any, **kwargs: Any) -> Any:
+                if inner is not None:
+                    return walk(inner, args[0])
+                out = call(*args, **kwargs)
+                if isinstance(op, keras.layers.Layer) and finite((args, kwargs)) and not finite(out):
+                    found.append(layer_key(op, containers))
+                return out
+
+            return run
+
+        return fn._run_through_graph(inputs, operation_fn=operation)
+
+    fn = graph_function(model)
+    if fn is None:
+        return []
+    walk(fn, x)
+    return found
+
+
 def predict_batches(model: Any, data: EvalData) -> Any:
     """The model's own predictions over all batches, concatenated (NumPy).
 
