@@ -135,3 +135,41 @@ def simulate(session, assignment):
     session.engine.set_assignment(assignment)
     outs = [session.engine.forward(x, y)[0] for x, y in session.data.batches()]
     return keras.tree.map_structure(lambda *p: np.concatenate(p), *outs)
+
+
+def kernel_share_16bit(model, exempt=()):
+    """Share of Dense/EinsumDense kernel parameters whose layer really computes in 16-bit (``exempt`` paths left out)."""
+    total = low = 0
+    for layer in model._flatten_layers(include_self=False):
+        if type(layer).__name__ in ("Dense", "EinsumDense") and getattr(layer, "kernel", None) is not None:
+            if any(layer.path.startswith(p) for p in exempt):
+                continue
+            n = int(np.prod(layer.kernel.shape))
+            total += n
+            low += n * (layer.compute_dtype in ("float16", "bfloat16"))
+    return low / total
+
+
+def layer_dtypes(model):
+    """``[(class, compute_dtype)]`` of every layer, sublayers included: what a reload must give back."""
+    return [(type(layer).__name__, layer.compute_dtype) for layer in model._flatten_layers(include_self=False)]
+
+
+def check_tuned(model, result, x, y, tmp_path, *, metric="accuracy", budget=0.005, exempt=()):
+    """What a user relies on from a tuned model: the real drop, the 16-bit share, the speed-up, the reload, the report."""
+    real = result.model.evaluate(x, y, verbose=0, return_dict=True)
+    baseline = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert baseline[metric] - real[metric] <= budget + 1e-6
+    assert result.drop <= result.allowed_drop + 1e-9
+    share = kernel_share_16bit(result.model, exempt)
+    assert share >= 0.9, f"only {share:.0%} of the matmul kernels compute in 16-bit"
+    assert result.speedup_estimate > 1.2
+    path = os.fspath(tmp_path / "tuned.keras")
+    result.model.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert layer_dtypes(reloaded) == layer_dtypes(result.model)
+    np.testing.assert_array_equal(
+        np.asarray(reloaded.predict(x, verbose=0), "float32"), np.asarray(result.model.predict(x, verbose=0), "float32")
+    )
+    result.save(tmp_path / "report")
+    return (tmp_path / "report" / "report.md").read_text()

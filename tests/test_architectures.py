@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import simulate
+from conftest import check_tuned, simulate
 
 import autoprec
 from autoprec.session import open_session
@@ -100,3 +100,56 @@ def test_tune_transformer_and_save(tmp_path):
     result.save(tmp_path)
     loaded = keras.models.load_model(tmp_path / "model.keras")
     assert loaded.get_layer("mha").compute_dtype == result.model.get_layer("mha").compute_dtype
+
+
+@keras.saving.register_keras_serializable("autoprec_tests")
+class ExpSoftmax(L.Layer):
+    """A user's softmax without the max subtracted: ``exp`` overflows float16 once a logit passes 11."""
+
+    def call(self, x):
+        e = keras.ops.exp(x)
+        return e / keras.ops.sum(e, axis=-1, keepdims=True)
+
+
+def _variable_length_attention(rng):
+    """Tokens of any length into MultiHeadAttention; the label is whether small tokens make up a quarter of the row."""
+    tokens = keras.Input((None,), dtype="int32")
+    e = L.Embedding(32, 32, name="embed")(tokens)
+    a = L.MultiHeadAttention(4, 8, name="mha")(e, e)
+    x = L.LayerNormalization(name="ln1")(L.Add(name="res1")([e, a]))
+    f = L.Dense(64, activation="relu", name="ffn1")(x)
+    x = L.LayerNormalization(name="ln2")(L.Add(name="res2")([x, L.Dense(32, name="ffn2")(f)]))
+    model = keras.Model(tokens, L.Dense(2, name="out")(L.GlobalAveragePooling1D(name="pool")(x)))
+    t = rng.integers(0, 32, size=(1536, 16)).astype("int32")
+    return model, t, ((t < 8).mean(axis=1) > 0.25).astype("int32")
+
+
+def _custom_exp(rng):
+    x = rng.normal(size=(1536, 16)).astype("float32")
+    y = np.argmax(x[:, :4] + 0.5 * x[:, 4:8], axis=1).astype("int32")
+    i = keras.Input((16,))
+    h = L.Dense(64, name="logits")(L.Dense(128, activation="relu", name="d1")(i))
+    h = ExpSoftmax(name="custom")(L.Rescaling(0.5, name="sharpen")(L.Dense(4, name="proj")(h)))
+    return keras.Model(i, L.Dense(4, name="out")(h)), x, y
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize(
+    "build", [_variable_length_attention, _custom_exp], ids=["attention_none_length", "custom_exp"]
+)
+def test_plain_keras_models_tune_emit_reload_and_report(build, target, tmp_path):
+    """Issue 25's zoo outside KerasHub: variable-length attention, and a custom layer with an internal exp."""
+    keras.utils.set_random_seed(0)
+    model, x, y = build(np.random.default_rng(0))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.fit(x[:1024], y[:1024], epochs=20, batch_size=64, verbose=0)
+    x, y = x[1024:], y[1024:]
+    result = autoprec.tune(model, (x, y), budget="0.5%", target=target, device="gpu", n_trials=10, seed=0, verbose=0)
+    report = check_tuned(model, result, x, y, tmp_path)
+    assert "## Inside the blocks" in report or build is _custom_exp
+    if build is _variable_length_attention:
+        sub = result.sublayers
+        assert {"mha/query", "mha/key", "mha/value", "mha/attention_output"} <= set(sub["path"]), set(sub["path"])
+    elif target == "mixed_float16":
+        assert dict(result.policy.items())["custom"] == "float32"  # the exp overflows float16, and only there

@@ -12,10 +12,9 @@ tuned for float16 and for bfloat16 under a 0.5% budget. What a user relies on:
 - the report lists the sublayers, pinned ones marked.
 """
 
-import os
-
 import numpy as np
 import pytest
+from conftest import check_tuned
 
 keras_hub = pytest.importorskip("keras_hub")
 import keras  # noqa: E402
@@ -108,46 +107,12 @@ def _trained(family):
     return _TRAINED[family]
 
 
-def _kernel_share_16bit(model):
-    """Share of Dense/EinsumDense kernel parameters whose layer really computes in 16-bit."""
-    total = low = 0
-    for layer in model._flatten_layers(include_self=False):
-        if type(layer).__name__ in ("Dense", "EinsumDense") and getattr(layer, "kernel", None) is not None:
-            n = int(np.prod(layer.kernel.shape))
-            total += n
-            low += n * (layer.compute_dtype in ("float16", "bfloat16"))
-    return low / total
-
-
-def _dtypes(model):
-    return [(type(layer).__name__, layer.compute_dtype) for layer in model._flatten_layers(include_self=False)]
-
-
 @pytest.mark.parametrize("target", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kerashub_models_tune_emit_reload_and_report(family, target, tmp_path):
     model, (x, y) = _trained(family)
     result = autoprec.tune(model, (x, y), budget="0.5%", target=target, device="gpu", n_trials=8, seed=0, verbose=0)
-
-    real = result.model.evaluate(x, y, verbose=0, return_dict=True)
-    baseline = model.evaluate(x, y, verbose=0, return_dict=True)
-    assert baseline["accuracy"] - real["accuracy"] <= 0.005 + 1e-6
-    assert result.drop <= result.allowed_drop + 1e-9
-
-    share = _kernel_share_16bit(result.model)
-    assert share >= 0.9, f"{family}: only {share:.0%} of the matmul kernels compute in 16-bit"
-    assert result.speedup_estimate > 1.2
-
-    path = os.fspath(tmp_path / "tuned.keras")
-    result.model.save(path)
-    reloaded = keras.saving.load_model(path)
-    assert _dtypes(reloaded) == _dtypes(result.model)
-    np.testing.assert_array_equal(
-        np.asarray(reloaded.predict(x, verbose=0), "float32"), np.asarray(result.model.predict(x, verbose=0), "float32")
-    )
-
-    result.save(tmp_path / "report")
-    report = (tmp_path / "report" / "report.md").read_text()
+    report = check_tuned(model, result, x, y, tmp_path)
     assert "## Inside the blocks" in report
     sub = result.sublayers
     assert len(sub) > 0 and set(sub["computes"]) & {target}
