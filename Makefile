@@ -51,12 +51,17 @@ $(JAX_VENV)/.installed: pyproject.toml
 	$(JAX_VENV)/bin/python -m pip install -q --upgrade pip
 	$(JAX_VENV)/bin/python -m pip install -q "jax[cpu]>=0.10" "keras>=3.15" "optuna>=5.0" "pandas>=3.1" "numpy>=2.4" \
 		"matplotlib>=3.11" "scikit-learn>=1.9" "pytest>=9.0" "pytest-xdist>=3.8" "hypothesis>=6.170"
+	# KerasHub without its TensorFlow-only dependency (tensorflow-text): what a JAX user's environment holds.
+	$(JAX_VENV)/bin/python -m pip install -q --no-deps "keras-hub>=0.32"
+	$(JAX_VENV)/bin/python -m pip install -q absl-py regex rich packaging "tokenizers>=0.20" sentencepiece
 	$(JAX_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
 test-jax: $(JAX_VENV)/.installed
 	@! $(JAX_VENV)/bin/python -c "import tensorflow" 2>/dev/null || (echo "TensorFlow is installed in $(JAX_VENV)"; exit 1)
 	KERAS_BACKEND=jax $(JAX_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow" $(JAX_CORE)
+	@echo "autoprec: the GPU benchmark's dry run, under JAX without TensorFlow (CPU figures at toy sizes)"
+	KERAS_BACKEND=jax $(JAX_VENV)/bin/python benchmarks/gpu.py --dry-run > /dev/null
 
 # The linter, the formatter (checking only) and the type checker, as configured in pyproject.toml.
 lint: $(VENV)/.installed

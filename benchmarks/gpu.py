@@ -1,17 +1,29 @@
-"""GPU benchmark, ready to run on a CUDA machine in one command (about 5 minutes on one GPU):
+"""GPU benchmark, ready for a CUDA machine: one command, under ten minutes on one GPU.
 
-    KERAS_BACKEND=jax python benchmarks/gpu.py --out gpu.md      # or KERAS_BACKEND=tensorflow
+    KERAS_BACKEND=jax python benchmarks/gpu.py --out reports/gpu.md     # or torch / tensorflow
+    KERAS_BACKEND=jax python benchmarks/gpu.py --dry-run                # small sizes: the code path on a CPU
 
-It measures, side by side in one run:
+For a convnet and a KerasHub GPT2 causal LM (built from a config, no download;
+a plain Keras transformer block where KerasHub is not installed), each trained
+briefly in float32 on a learnable synthetic task, it measures side by side in
+one run, interleaved step by step so that drift hits every variant alike:
 
-1. float32 vs all-``mixed_float16`` vs the ``tune``d policy training-step time,
-   interleaved, for a conv model and a transformer-block model;
-2. loss-scale behaviour on real float16 kernels: the LossScaleOptimizer's
-   scale history and skipped steps for the all-float16 model, and for a
-   model with a planted overflow region (which the tuned policy keeps in float32).
+- training-step time (median ms per ``train_on_batch``) for float32, Keras's
+  global ``mixed_float16`` and ``mixed_bfloat16`` (every layer that does not fix
+  its own dtype), and the policies ``autoprec.tune`` finds for float16 and for
+  bfloat16 (``device="gpu"``, a 1% budget);
+- each variant's validation accuracy after the same timed training steps from
+  the same float32 weights, and tune's own verified drop;
+- the device every figure came from (backend, device kind), on every row.
 
-Every model is first trained briefly in float32 on a learnable synthetic
-task, so that the accuracy budget means something.
+It needs JAX or PyTorch with CUDA, and Keras, Optuna, pandas, matplotlib, NumPy
+and autoprec; TensorFlow is not needed. To a machine without a package index they
+travel as wheels: ``python -m build --wheel`` here for autoprec, and ``pip download``
+for keras, optuna (with alembic, sqlalchemy, colorlog, tqdm, mako) and, for the
+KerasHub model, ``keras-hub`` installed with ``--no-deps`` plus tokenizers,
+sentencepiece, regex, rich and absl-py (KerasHub's tensorflow-text is not needed).
+``make test-jax`` runs ``--dry-run`` on every submission, so the script is known
+to work before a GPU is lent.
 """
 
 from __future__ import annotations
@@ -28,150 +40,217 @@ import numpy as np
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+VARIANTS = ("float32", "global mixed_float16", "global mixed_bfloat16", "tuned float16", "tuned bfloat16")
 
-def conv_model(keras):
+
+def device_line(keras) -> str:
+    """The backend and the device its arrays live on: the figure's provenance."""
+    backend = keras.backend.backend()
+    kind = "CPU"
+    if backend == "jax":
+        import jax
+
+        kind = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"
+    elif backend == "torch":
+        import torch
+
+        kind = f"cuda: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        kind = f"gpu: {gpus[0].name}" if gpus else "cpu"
+    return f"{backend} on {kind}"
+
+
+def conv_model(keras, size: int, widths: tuple[int, ...]):
     L = keras.layers
-    i = keras.Input((32, 32, 3))
+    i = keras.Input((size, size, 3))
     x = i
-    for k, f in enumerate((64, 128, 256)):
+    for k, f in enumerate(widths):
         x = L.Conv2D(f, 3, padding="same", name=f"conv{k}")(x)
         x = L.BatchNormalization(name=f"bn{k}")(x)
         x = L.ReLU(name=f"relu{k}")(x)
         x = L.MaxPooling2D(name=f"pool{k}")(x)
-    x = L.GlobalAveragePooling2D()(x)
-    x = L.Dense(256, activation="relu", name="fc")(x)
-    o = L.Dense(10, activation="softmax", name="out")(x)
-    return keras.Model(i, o, name="conv")
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    x = L.Dense(2 * widths[-1], activation="relu", name="fc")(x)
+    return keras.Model(i, L.Dense(10, name="out")(x), name="convnet")
 
 
-def transformer_model(keras, seq=128, d=256, heads=8):
+def image_task(rng, n: int, size: int):
+    """Noise plus one of ten fixed random patterns: the label is which pattern."""
+    patterns = np.random.default_rng(1).normal(size=(10, size, size, 3)).astype("float32")
+    y = rng.integers(0, 10, size=n).astype("int32")
+    return (rng.normal(size=(n, size, size, 3)).astype("float32") + 0.5 * patterns[y]), y
+
+
+def transformer(keras, *, vocab: int, seq: int, hidden: int, layers: int):
+    """KerasHub's GPT2 causal LM from a config, or a plain Keras block where KerasHub is absent."""
+    try:
+        import keras_hub
+    except ImportError:
+        keras_hub = None
+    if keras_hub is not None:
+        backbone = keras_hub.models.GPT2Backbone(
+            vocabulary_size=vocab,
+            num_layers=layers,
+            num_heads=max(hidden // 64, 2),
+            hidden_dim=hidden,
+            intermediate_dim=4 * hidden,
+            max_sequence_length=seq,
+        )
+        return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None), "KerasHub GPT2CausalLM"
     L = keras.layers
-    i = keras.Input((seq, d))
-    a = L.MultiHeadAttention(heads, d // heads, name="mha")(i, i)
-    x = L.LayerNormalization(name="ln1")(L.Add(name="res1")([i, a]))
-    f = L.Dense(4 * d, activation="gelu", name="ffn1")(x)
-    f = L.Dense(d, name="ffn2")(f)
-    x = L.LayerNormalization(name="ln2")(L.Add(name="res2")([x, f]))
-    x = L.GlobalAveragePooling1D()(x)
-    o = L.Dense(10, activation="softmax", name="out")(x)
-    return keras.Model(i, o, name="transformer_block")
+    tokens = keras.Input((seq,), dtype="int32", name="token_ids")
+    x = L.Embedding(vocab, hidden, name="embed")(tokens)
+    for k in range(layers):
+        a = L.MultiHeadAttention(max(hidden // 64, 2), 64, name=f"mha{k}")(x, x, use_causal_mask=True)
+        x = L.LayerNormalization(name=f"ln{k}a")(L.Add(name=f"res{k}a")([x, a]))
+        f = L.Dense(hidden, name=f"ffn{k}b")(L.Dense(4 * hidden, activation="gelu", name=f"ffn{k}a")(x))
+        x = L.LayerNormalization(name=f"ln{k}b")(L.Add(name=f"res{k}b")([x, f]))
+    return keras.Model(tokens, L.Dense(vocab, name="lm_head")(x), name="transformer"), "Keras transformer (no KerasHub)"
 
 
-def task(keras, model, shape, n, rng):
-    x = rng.normal(size=(2 * n, *shape)).astype("float32")
-    feats = x.mean(axis=tuple(range(1, x.ndim - 1)))[:, :8]
-    y = (feats @ rng.normal(size=(feats.shape[1], 10))).argmax(-1)
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(x[:n], y[:n], epochs=4, batch_size=128, verbose=0)
-    return (x[:n], y[:n]), (x[n:], y[n:])
+def token_task(rng, n: int, seq: int, vocab: int, hub: bool):
+    """Next token = previous token + 1 (mod vocab): learnable in a few hundred steps."""
+    s = (rng.integers(0, vocab, size=(n, 1)) + np.arange(seq + 1)) % vocab
+    x, y = s[:, :-1].astype("int32"), s[:, 1:].astype("int32")
+    return ({"token_ids": x, "padding_mask": np.ones_like(x)} if hub else x), y
 
 
-def timed(models, xb, yb, steps=30, warmup=5):
-    for _ in range(warmup):
-        for m in models.values():
-            m.train_on_batch(xb, yb)
-    times = {k: [] for k in models}
-    for _ in range(steps):  # interleaved: drift hits every variant alike
+def rows(data, lo: int, hi: int):
+    if isinstance(data, dict):
+        return {k: v[lo:hi] for k, v in data.items()}
+    return data[lo:hi]
+
+
+def variants(autoprec, model, val, *, trials: int):
+    """The five models, each compiled from the same float32 weights, and the two tune results."""
+    graph = autoprec.build_graph(model, sample=rows(val[0], 0, 2))
+    every = graph.all_paths()
+    out, results = {"float32": autoprec.apply_policy(model, {})}, {}
+    for fmt in ("mixed_float16", "mixed_bfloat16"):
+        # Keras's global policy: every layer in 16-bit, except those that fix their own dtype.
+        out[f"global {fmt}"] = autoprec.apply_policy(model, {p: fmt for p in every})
+    for fmt, label in (("mixed_float16", "tuned float16"), ("mixed_bfloat16", "tuned bfloat16")):
+        result = autoprec.tune(model, val, budget="1%", target=fmt, device="gpu", n_trials=trials, seed=0, verbose=0)
+        out[label], results[label] = result.model, result
+    return out, results
+
+
+def timed_training(models: dict, x, y, *, steps: int, batch: int, warmup: int) -> dict[str, float]:
+    """Median seconds per ``train_on_batch``, the variants interleaved step by step."""
+    n = len(y)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for step in range(warmup + steps):
+        lo = (step * batch) % max(n - batch, 1)
+        xb, yb = rows(x, lo, lo + batch), y[lo : lo + batch]
         for k, m in models.items():
-            t = time.perf_counter()
+            started = time.perf_counter()
             out = m.train_on_batch(xb, yb)
-            float(out[0] if isinstance(out, (list, tuple)) else out)  # wait for the device
-            times[k].append(time.perf_counter() - t)
+            float(np.asarray(out[0] if isinstance(out, (list, tuple)) else out))  # waits for the device
+            if step >= warmup:
+                times[k].append(time.perf_counter() - started)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def scale_history(keras, model, x, y, steps=200, batch=128):
-    scales, skipped, last = [], 0, None
-    for s in range(steps):
-        i = (s * batch) % (len(x) - batch)
-        model.train_on_batch(x[i : i + batch], y[i : i + batch])
-        scale = float(keras.ops.convert_to_numpy(model.optimizer.dynamic_scale))
-        if last is not None and scale < last:
-            skipped += 1
-        scales.append(scale)
-        last = scale
-    return scales, skipped
+def accuracy(model, x, y, batch: int = 64) -> float:
+    """Accuracy batch by batch (KerasHub's ``evaluate`` needs tf.data or grain for in-memory arrays)."""
+    hits = 0
+    for lo in range(0, len(y), batch):
+        pred = np.asarray(model.predict_on_batch(rows(x, lo, lo + batch)))
+        hits += int((pred.argmax(-1) == y[lo : lo + batch]).sum())
+    return hits / y.size
+
+
+def fit(model, x, y, *, epochs: int, batch: int) -> None:
+    """``fit`` step by step with ``train_on_batch``, for the same reason."""
+    for _ in range(epochs):
+        for lo in range(0, len(y) - batch + 1, batch):
+            model.train_on_batch(rows(x, lo, lo + batch), y[lo : lo + batch])
+
+
+def bench_model(keras, autoprec, name, model, train, val, *, trials, steps, batch, warmup, epochs, device):
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    fit(model, *train, epochs=epochs, batch=batch)
+    started = time.monotonic()
+    models, results = variants(autoprec, model, val, trials=trials)
+    tune_s = time.monotonic() - started
+    t = timed_training(models, *train, steps=steps, batch=batch, warmup=warmup)
+    lines = []
+    for k in VARIANTS:
+        result = results.get(k)
+        tuned = (
+            f"{result.n_16bit}/{len(result.units)} | {result.drop:.4f} | {result.speedup_estimate:.2f}x"
+            if result
+            else "- | - | -"
+        )
+        lines.append(
+            f"| {name} | {k} | {t[k] * 1e3:.2f} | {t['float32'] / t[k]:.2f}x | {accuracy(models[k], *val):.4f} | "
+            f"{tuned} | {device} |"
+        )
+        print(lines[-1], flush=True)
+    return lines, tune_s
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes: checks the code path on a CPU in a minute or two"
-    )
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--dry-run", action="store_true", help="small sizes: the whole code path on a CPU in minutes")
     args = parser.parse_args(argv)
     import keras
 
     import autoprec
-    from autoprec import backends, examples
 
+    device = device_line(keras)
+    dry = args.dry_run
+    trials = min(args.trials, 3) if dry else args.trials
+    steps, warmup, batch = (3, 1, 16) if dry else (40, 5, 64)
     lines = [
         f"# autoprec GPU benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
-        f"Command: `KERAS_BACKEND={keras.backend.backend()} python benchmarks/gpu.py`",
+        f"Command: `KERAS_BACKEND={keras.backend.backend()} python benchmarks/gpu.py{' --dry-run' if dry else ''}`",
         "",
-    ]
-    device = "CUDA GPU" if backends.is_cuda_gpu_available() else "NO GPU (numbers below are CPU numbers)"
-    if keras.backend.backend() == "jax":
-        import jax
-
-        device += f": {jax.devices()[0].device_kind}"
-    lines += [
-        f"Machine: {device}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"Keras {keras.__version__} ({keras.backend.backend()}), autoprec {autoprec.__version__}",
+        f"Device: {device}. Host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"Python {platform.python_version()}, Keras {keras.__version__}, autoprec {autoprec.__version__}.",
         "",
+        "Speed-up = float32 ms/step / the variant's ms/step, measured side by side in this run (interleaved). "
+        "Accuracy on held-out data after the same timed training steps from the same float32 weights.",
+        "",
+        "| model | variant | ms/step | speed-up vs float32 | val accuracy | tuned 16-bit units | tune's drop | "
+        "estimated speed-up | device |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    print("\n".join(lines), flush=True)
     rng = np.random.default_rng(0)
-    n, steps, scale_steps = (256, 5, 20) if args.quick else (2048, 30, 200)
-    if args.quick:
-        args.trials = min(args.trials, 5)
-    lines += [
-        "| model | float32 ms/step | all-float16 / float32 | tuned / float32 | tuned 16-bit units | verified drop |",
-        "|---|---|---|---|---|---|",
-    ]
-    for build, shape in ((conv_model, (32, 32, 3)), (transformer_model, (128, 256))):
-        keras.utils.set_random_seed(0)
-        model = build(keras)
-        (xt, yt), val = task(keras, model, shape, n, rng)
-        result = autoprec.tune(model, val, budget="1%", target="mixed_float16", n_trials=args.trials, verbose=0)
-        graph = autoprec.build_graph(model)
-        all16 = graph.resolve({u.path: "mixed_float16" for u in graph.units})
-        variants = {
-            "float32": autoprec.apply_policy(model, {}),
-            "all16": autoprec.apply_policy(model, all16),
-            "tuned": autoprec.apply_policy(model, result.policy),
-        }
-        t = timed(variants, xt[:256], yt[:256], steps=steps, warmup=2 if args.quick else 5)
-        lines.append(
-            f"| {model.name} | {t['float32'] * 1e3:.2f} | {t['all16'] / t['float32']:.2f}x | "
-            f"{t['tuned'] / t['float32']:.2f}x | {result.n_16bit}/{len(result.units)} | {result.drop:.4f} |"
-        )
-        print(lines[-1], flush=True)
-
-    lines += [
-        "",
-        "## Loss scale on real float16 kernels",
-        "",
-        "| model | policy | final scale | min scale | scale decreases (skipped steps) | final loss |",
-        "|---|---|---|---|---|---|",
-    ]
-    planted, (xt, yt), val, _ = examples.planted_mlp(width=64 if args.quick else 512, epochs=4)
-    result = autoprec.tune(planted, val, budget="0.5%", target="mixed_float16", n_trials=args.trials, verbose=0)
-    graph = autoprec.build_graph(planted)
-    for label, names in (
-        ("all float16", graph.resolve({u.path: "mixed_float16" for u in graph.units})),
-        ("tuned", dict(result.policy)),
-    ):
-        m = autoprec.apply_policy(planted, names)
-        scales, skipped = scale_history(keras, m, xt, yt, steps=scale_steps)
-        loss = float(m.evaluate(*val, verbose=0)[0])
-        lines.append(
-            f"| planted MLP (overflow d3->d4) | {label} | {scales[-1]:g} | {min(scales):g} | {skipped} | {loss:.4g} |"
-        )
-        print(lines[-1], flush=True)
+    keras.utils.set_random_seed(0)
+    size, widths, n_img = (16, (8, 16), 256) if dry else (64, (64, 128, 256), 4096)
+    x, y = image_task(rng, 2 * n_img, size)
+    model = conv_model(keras, size, widths)
+    out, tune_conv = bench_model(
+        keras, autoprec, "convnet", model, (x[:n_img], y[:n_img]), (x[n_img:], y[n_img:]),
+        trials=trials, steps=steps, batch=batch, warmup=warmup, epochs=8 if dry else 3, device=device,
+    )  # fmt: skip
+    lines += out
+    vocab, seq, hidden, depth, n_tok = (64, 16, 32, 2, 256) if dry else (1024, 128, 512, 6, 2048)
+    keras.utils.set_random_seed(0)
+    model, label = transformer(keras, vocab=vocab, seq=seq, hidden=hidden, layers=depth)
+    hub = label.startswith("KerasHub")
+    xt, yt = token_task(rng, n_tok, seq, vocab, hub)
+    xv, yv = token_task(rng, n_tok // 4, seq, vocab, hub)
+    out, tune_lm = bench_model(
+        keras, autoprec, label, model, (xt, yt), (xv, yv),
+        trials=trials, steps=steps, batch=batch // 2, warmup=warmup, epochs=6 if dry else 3, device=device,
+    )  # fmt: skip
+    lines += out
+    lines += ["", f"tune wall time (both targets): convnet {tune_conv:.0f} s, {label} {tune_lm:.0f} s."]
     text = "\n".join(lines) + "\n"
-    print(text)
+    print(lines[-1])
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
             fh.write(text)
