@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # what the lazy names resolve to (``X as X``: re-exported), f
     from autoprec.profiling.sensitivity import profile as profile
     from autoprec.result import TuneResult as TuneResult
     from autoprec.tuner import tune as tune
+    from autoprec.verify.measured import measure as measure
 
 # Public name -> module that defines it. Resolved on first access (PEP 562),
 # so that importing autoprec pulls in neither TensorFlow nor Optuna.
@@ -39,6 +40,7 @@ _EXPORTS = {
     "ModelGraph": "autoprec.graph",
     "profile": "autoprec.profiling.sensitivity",
     "tune": "autoprec.tuner",
+    "measure": "autoprec.verify.measured",
     "TuneOptions": "autoprec.options",
     "TuneResult": "autoprec.result",
     "AdaptivePrecision": "autoprec.adaptive",

@@ -94,6 +94,41 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_measure(args: argparse.Namespace) -> int:
+    """Time training steps of each policy against float32 here, and score their drop: the deployment check."""
+    from autoprec.files import check_model_file, check_parent
+
+    check_model_file(args.model)
+    _check_npz_path(args.data)
+    from autoprec.errors import DataError
+
+    for path in args.policy:
+        if not os.path.isfile(path):
+            raise DataError(
+                f"Expected a policy JSON file (policy.json from autoprec tune). Received {path!r}: no such file."
+            )
+    if args.output:
+        check_parent(args.output, what="measurement CSV")
+    from autoprec.verify.measured import measure
+
+    model = _load_model(args.model, unsafe=args.unsafe, imports=args.imports)
+    frame = measure(
+        model,
+        _load_npz(args.data),
+        list(args.policy),
+        steps=args.steps,
+        metric=args.metric,
+        budget=args.budget,
+        confidence=args.confidence,
+    )
+    print(f"Device: {frame.attrs['device']} ({args.steps} training steps per variant, interleaved)")
+    _print_frame(frame.drop(columns=["device"]))
+    if args.output:
+        frame.to_csv(args.output, index=False)
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     from autoprec.files import check_parent
     from autoprec.profiling.sensitivity import profile
@@ -350,6 +385,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_profile)
 
     _add_tune(sub.add_parser("tune", help="search per-layer precision under an accuracy budget"), model_arg, targets)
+
+    p = sub.add_parser(
+        "measure",
+        help="time training steps and score the drop of policies against float32 on this machine",
+        description="Confirm or re-rank policies (tuned elsewhere with the cost model) on the machine that will "
+        "train: measured step times, interleaved, and each policy's real drop. Every figure names this device.",
+    )
+    model_arg(p)
+    p.add_argument("--policy", action="append", required=True, help="a policy JSON from autoprec tune; repeatable")
+    p.add_argument("--data", required=True, help="DATA.npz with arrays x and y: scored, and the timed steps' batches")
+    p.add_argument("--budget", default=None, help="with one, say whether each policy's drop is within it (0.5%%)")
+    p.add_argument("--metric", default=None, help="the metric to score (default: the model's compiled one)")
+    p.add_argument("--confidence", type=float, default=None, help="judge the drop by its upper bound (e.g. 0.95)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per variant (default 20)")
+    p.add_argument("-o", "--output", help="write the table as CSV")
+    p.set_defaults(fn=_cmd_measure)
 
     p = sub.add_parser("report", help="regenerate report.md/report.html and plots from a saved result directory")
     p.add_argument("directory")

@@ -53,6 +53,7 @@ class TuneResult:
     verification: dict = field(default_factory=dict, repr=False)
     training: TrainCheck | None = field(default=None, repr=False)
     measured_speedup: float | None = None
+    measured_on: str | None = None  # the device the measured figures came from (backends.device_description)
     pretrain_steps: int = 0
     stats: dict = field(default_factory=dict, repr=False)
     objective: str = "speed"
@@ -160,7 +161,7 @@ class TuneResult:
             f"  budget: {self.formula}",
             f"  {self.metric_name}: float32 {self.baseline_metric:.6g} -> tuned {self.metric:.6g} ({verdict})",
             f"  estimated speed-up on a {self.device} (an estimate from the cost model): {self.speedup_estimate:.2f}x"
-            + (f"; measured on this machine: {self.measured_speedup:.2f}x" if self.measured_speedup else ""),
+            + (f"; measured on {self.measured_on}: {self.measured_speedup:.2f}x" if self.measured_speedup else ""),
             self.policy.summary(),
         ]
         if self.size_ratio > 1.0 + 1e-9 or self.objective == "size":
@@ -196,6 +197,7 @@ class TuneResult:
                 "objective": self.objective,
                 "size_ratio": self.size_ratio,
                 "measured_speedup": self.measured_speedup,
+                "measured_on": self.measured_on,
                 "pretrain_steps": self.pretrain_steps,
                 "verification": self.verification,
                 "training": self.training.to_dict() if self.training else None,

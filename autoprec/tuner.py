@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
+from autoprec import backends
 from autoprec.budget import BoundBudget, Budget
 from autoprec.data import TRAIN_BATCH_SIZE
 from autoprec.errors import (
@@ -1133,6 +1134,7 @@ def result_stage(
         verification=verification,
         training=verified.training,
         measured_speedup=verified.measured_speedup,
+        measured_on=None if verified.measured_speedup is None else backends.device_description(),
         pretrain_steps=pretrained,
         stats=stats,
         drop_bound=ev.bound,

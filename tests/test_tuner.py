@@ -210,6 +210,10 @@ def test_block_granularity_and_measured_cost(digits_cnn):
     assert result.stats["decision_keys"] < len(result.units)
     assert result.measured_speedup is not None and result.measured_speedup > 0
     assert result.trials["measured_speedup"].notna().any()
+    from autoprec.backends import device_description
+
+    assert result.measured_on == device_description()  # a measured figure names the machine it came from
+    assert result.measured_on in result.summary()
 
 
 def test_untrained_model_needs_training_data():

@@ -10,6 +10,7 @@ True
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -136,3 +137,46 @@ def cpu_has_fast_bf16() -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def device_description() -> str:
+    """Where this process computes, in words: the backend, the accelerator or the CPU and its bfloat16 kind.
+
+    Every measured figure (``cost="measured"``, ``autoprec measure``) carries it,
+    so that a step time is never read as another machine's.
+
+    >>> device_description()  # doctest: +SKIP
+    'jax on gpu: NVIDIA H200'
+    """
+    import platform
+
+    backend = name()
+    try:
+        if backend == "jax":
+            import jax
+
+            device = jax.devices()[0]
+            if device.platform != "cpu":
+                return f"jax on {device.platform}: {device.device_kind}"
+        elif backend == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                return f"torch on cuda: {torch.cuda.get_device_name(0)}"
+        elif backend == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            if gpus:
+                details = tf.config.experimental.get_device_details(gpus[0])
+                return f"tensorflow on gpu: {details.get('device_name', gpus[0].name)}"
+    except Exception:  # a broken driver: the figures are the CPU's, and say so
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    kind = "with AVX512_BF16/AMX" if cpu_has_fast_bf16() else "without fast bfloat16"
+    return f"{backend} on cpu: {cpu}, {os.cpu_count()} cores, {kind}"

@@ -231,7 +231,11 @@ def _headline(saved: Saved) -> list[tuple[str, str]]:
             f"Estimated speed-up on a {device}",
             f"{m['speedup_estimate']:.2f}x, an estimate of the cost model for a {device} "
             "(not a measurement on this machine)"
-            + (f"; measured here: {m['measured_speedup']:.2f}x" if m.get("measured_speedup") else ""),
+            + (
+                f"; measured on {m.get('measured_on') or 'the tuning machine'}: {m['measured_speedup']:.2f}x"
+                if m.get("measured_speedup")
+                else ""
+            ),
         ),
         (
             "16-bit decisions",
