@@ -44,7 +44,9 @@ test-other-cpu: $(VENV)/.installed
 
 # The JAX backend, in an environment without TensorFlow: the core that runs under every backend.
 JAX_VENV ?= .venv-jax
-JAX_CORE := tests/test_bounds.py tests/test_policy.py tests/test_budget.py tests/test_apply.py tests/test_search.py
+JAX_CORE := tests/test_bounds.py tests/test_policy.py tests/test_budget.py tests/test_apply.py tests/test_search.py \
+	tests/test_engine.py tests/test_measured.py \
+	tests/test_tuner.py::test_planted_regions_end_float32_and_the_rest_16bit
 
 $(JAX_VENV)/.installed: pyproject.toml
 	test -x $(JAX_VENV)/bin/python || $(PYTHON) -m venv $(JAX_VENV)

@@ -61,6 +61,14 @@ def round_to(tensor: Any, dtype: str) -> Any:
     return ops.cast(ops.cast(tensor, dtype), tensor.dtype)
 
 
+def _pad_rows(a: Any, rows: int) -> Any:
+    """``a`` with its last row repeated up to ``rows`` rows (a label or input of a smaller last batch)."""
+    a = np.asarray(a)
+    if a.ndim == 0 or len(a) >= rows:
+        return a
+    return np.concatenate([a, np.repeat(a[-1:], rows - len(a), axis=0)])
+
+
 def _is_float32_tensor(t: Any) -> bool:
     dtype = getattr(t, "dtype", None)
     return dtype is not None and "float32" in str(dtype)
@@ -128,6 +136,7 @@ class SimEngine:
         self._real = _real_policies(graph, self.formats)
         self.codes = np.zeros(len(graph.layers), np.int32)
         self.traces = 0
+        self._rows = 0  # the largest batch traced so far (see forward)
         self._forward = backends.compile_function(self._forward_impl)
 
     # Assignments ------------------------------------------------------------
@@ -158,8 +167,21 @@ class SimEngine:
 
     def forward(self, x: Any, y: Any) -> tuple[Any, np.ndarray | None]:
         """Outputs (NumPy) and the metric's per-sample values (or None) for one batch."""
+        import keras
+
+        n = len(keras.tree.flatten(x)[0])
+        padded = backends.traces_per_batch_size() and 0 < n < self._rows
+        if padded:  # a smaller last batch, padded with copies of its last row: no second trace
+            x, y = (t if t is None else keras.tree.map_structure(lambda a: _pad_rows(a, self._rows), t) for t in (x, y))
+        else:
+            self._rows = max(self._rows, n)
         outputs, values = self._forward(x, y, self.codes)
-        return to_numpy(outputs), (None if values is None else np.asarray(to_numpy(values), np.float64))
+        outputs = to_numpy(outputs)
+        values = None if values is None else np.asarray(to_numpy(values), np.float64)
+        if padded:
+            outputs = keras.tree.map_structure(lambda a: a[:n], outputs)
+            values = None if values is None else values[:n]
+        return outputs, values
 
     # Tracing ------------------------------------------------------------------
     def _forward_impl(self, x: Any, y: Any, codes: Any) -> tuple[Any, Any]:
@@ -417,12 +439,53 @@ def call_rounded(op: Any, call: Callable, rnd: Callable[[Any], Any], args: tuple
         for v in getattr(op, "variables", [])
         if getattr(v, "_autocast", True) and "float32" in str(v.dtype)
     ]
+    if _rounds_before_bias(op):
+        return _matmul_bias_activation(op, call, rnd, args, kwargs, mapping)
     if mapping:
         with keras.StatelessScope(state_mapping=mapping):
             out = call(*args, **kwargs)
     else:
         out = call(*args, **kwargs)
     return keras.tree.map_structure(rnd, out)
+
+
+_MATMUL_BIAS = {"Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D"}
+
+
+def _rounds_before_bias(op: Any) -> bool:
+    """A matmul or convolution layer that adds its bias as a separate 16-bit op (every backend does, measured).
+
+    A real 16-bit Dense rounds its matmul, then adds the rounded bias and
+    rounds again, then applies its activation. Where the matmul's output is
+    large (inputs near 2048, where float16 steps by 2), the two roundings move
+    the result by a whole step: the engine reproduces them. Quantized or LoRA
+    layers and channels-first convolutions keep the one rounding.
+    """
+    return (
+        type(op).__name__ in _MATMUL_BIAS
+        and getattr(op, "bias", None) is not None
+        and not getattr(op, "lora_enabled", False)
+        and getattr(op, "quantization_mode", None) is None
+        and getattr(op, "data_format", "channels_last") == "channels_last"
+    )
+
+
+def _matmul_bias_activation(op: Any, call: Callable, rnd: Callable, args: tuple, kwargs: dict, mapping: list) -> Any:
+    """``op``'s call as Keras runs it in 16-bit: round(matmul), round(+ bias), round(activation)."""
+    import keras
+    from keras import ops
+
+    bias = op.bias
+    linear = keras.activations.get("linear")
+    zero_bias = [(v, value) for v, value in mapping if v is not bias] + [(bias, ops.zeros_like(bias.value))]
+    activation, op.activation = op.activation, linear  # for the length of this trace only
+    try:
+        with keras.StatelessScope(state_mapping=zero_bias):
+            out = rnd(call(*args, **kwargs))
+    finally:
+        op.activation = activation
+    out = rnd(ops.add(out, rnd(bias.value)))
+    return rnd(activation(out)) if activation is not None and activation is not linear else out
 
 
 class RealEngine:

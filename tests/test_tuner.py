@@ -23,7 +23,8 @@ def other_flops_share(result, fragile):
 
 
 @pytest.mark.parametrize("target", ["mixed_float16", "mixed_bfloat16"])
-def test_planted_regions_end_float32_and_the_rest_16bit(planted, target):
+def test_planted_regions_end_float32_and_the_rest_16bit(planted, target, tmp_path):
+    """The planted hazards, on every backend (make test-jax runs it without TensorFlow)."""
     model, _, val, fragile = planted
     result = autoprec.tune(model, val, budget="0.5%", target=target, device="gpu", n_trials=30, verbose=0)
     decisions = result.sensitivity.set_index("path")["decision"]
@@ -40,6 +41,18 @@ def test_planted_regions_end_float32_and_the_rest_16bit(planted, target):
         assert why["d3"] == reasons.OVERFLOW
     assert repr(result).startswith("TuneResult(metric=") and "trials=" in repr(result)
     assert "verified with Keras policies" in result.summary()
+    x, y = val
+    # Fine-tuning at a small rate: Adam's first steps of 2e-3 move every weight by about 2e-3, which
+    # undoes the planted region's scaling (its layer after the overflow has weights near 1e-6) in any precision.
+    optimizer = result.model.optimizer
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (target == "mixed_float16")
+    getattr(optimizer, "inner_optimizer", optimizer).learning_rate.assign(1e-6)
+    history = result.model.fit(x, y, epochs=1, batch_size=64, verbose=0)  # trains, loss-scaled in float16
+    assert np.isfinite(history.history["loss"]).all()
+    result.model.save(tmp_path / "tuned.keras")
+    reloaded = keras.saving.load_model(tmp_path / "tuned.keras")
+    assert [layer.compute_dtype for layer in reloaded.layers] == [layer.compute_dtype for layer in result.model.layers]
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), result.model.predict(x, verbose=0))
 
 
 def test_cost_in_passes_is_reported_per_stage(planted, tmp_path, capsys):

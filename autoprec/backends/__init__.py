@@ -41,6 +41,15 @@ def compile_function(fn: Callable) -> Callable:
     return fn  # torch / numpy: eager, one "trace" per call is not counted as a retrace
 
 
+def traces_per_batch_size() -> bool:
+    """True where a compiled function traces again for every new batch size (``jax.jit``).
+
+    The engine then pads a smaller last batch to the traced size: one trace of a
+    large model costs seconds, and a padded batch costs only its extra rows.
+    """
+    return name() == "jax"
+
+
 class _GenericTFFunction:
     """A ``tf.function`` whose input signature is the first call's with the leading dimensions unknown."""
 
