@@ -79,7 +79,7 @@ def gradient_pass(forward: Callable, loss_fn: Callable, x: Any, y: Any, variable
     ``forward(x, watch)`` returns the predictions and calls ``t = watch(t)`` on
     every layer output it wants a gradient for, letting the returned tensor
     flow on. TensorFlow watches ``t`` on a tape; JAX adds a zero "tap" to it
-    and differentiates with respect to the taps. PyTorch is not supported.
+    and differentiates with respect to the taps; PyTorch differentiates the outputs with autograd.
     """
     backend = name()
     if backend == "tensorflow":
@@ -90,9 +90,14 @@ def gradient_pass(forward: Callable, loss_fn: Callable, x: Any, y: Any, variable
         from autoprec.backends import jax as jax_backend
 
         return jax_backend.gradient_pass(forward, loss_fn, x, y, variables)
+    if backend == "torch":
+        from autoprec.backends import torch as torch_backend
+
+        return torch_backend.gradient_pass(forward, loss_fn, x, y, variables)
     raise BackendError(
-        f"Gradient statistics at layer outputs need the TensorFlow or JAX backend. Received KERAS_BACKEND={backend!r}. "
-        "Use profile(..., method='ablation') for ablation only, or run with KERAS_BACKEND=tensorflow or jax."
+        f"Gradient statistics at layer outputs need the TensorFlow, JAX or PyTorch backend. Received "
+        f"KERAS_BACKEND={backend!r}. Use profile(..., method='ablation') for ablation only, or run with "
+        "KERAS_BACKEND=tensorflow, jax or torch."
     )
 
 
