@@ -41,7 +41,9 @@ def test_switches_do_not_retrace(kind):
     for _ in range(6):
         engine.set_assignment({u.path: rng.choice(["float32", "mixed_float16", "mixed_bfloat16"]) for u in g.eligible})
         _forward_all(engine, data)
-    assert engine.traces == 1  # one generic trace: the smaller last batch reuses it
+    if keras.backend.backend() == "torch":
+        return  # eager: nothing is traced, each call runs the graph (engine.traces counts calls)
+    assert engine.traces == 1  # one generic trace: the smaller last batch reuses it (padded, on JAX)
 
 
 def test_engine_agrees_with_real_policies_per_assignment():
