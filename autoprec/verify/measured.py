@@ -61,14 +61,15 @@ def measure(
         policies: a :class:`PrecisionPolicy`, a policy JSON path, a ``{path: policy}`` mapping, or a
             list of them, or a ``{label: policy}`` dict to name the rows.
         steps: timed training steps per variant (after two untimed warm-up steps).
-        metric, higher_is_better: the metric to score, as for ``tune`` (default: the compiled one).
+        metric: the metric to score, as for ``tune`` (default: the compiled one).
+        higher_is_better: the metric's direction, for a callable metric.
         budget: with one, ``within_budget`` says whether each policy's drop (its bound, with a
             ``confidence``) is within it.
         confidence: judge the drop by its one-sided upper bound at this confidence, as ``tune`` does.
         batch_size: evaluation and step batch size.
 
     Returns:
-        A DataFrame, one row per policy after a ``float32`` row, with :data:`COLUMNS`;
+        pandas.DataFrame: one row per policy after a ``float32`` row, with :data:`COLUMNS`;
         ``attrs["device"]`` names the machine, ``attrs["steps"]`` the steps timed.
 
     Raises:
