@@ -20,12 +20,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from autoprec.errors import ArgumentError, check_int
 from autoprec.formats import FLOAT32
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 COLUMNS = [
     "policy",
@@ -52,7 +55,7 @@ def measure(
     budget: Any = None,
     confidence: float | None = None,
     batch_size: int | str = "auto",
-):
+) -> pd.DataFrame:
     """Each policy's measured training-step speed-up and metric drop against float32, on this machine.
 
     Args:
@@ -69,7 +72,7 @@ def measure(
         batch_size: evaluation and step batch size.
 
     Returns:
-        pandas.DataFrame: one row per policy after a ``float32`` row, with :data:`COLUMNS`;
+        A DataFrame, one row per policy after a ``float32`` row, with :data:`COLUMNS`;
         ``attrs["device"]`` names the machine, ``attrs["steps"]`` the steps timed.
 
     Raises:
