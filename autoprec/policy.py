@@ -59,7 +59,7 @@ class PrecisionPolicy(Mapping):
         'mixed_bfloat16'
     """
 
-    __slots__ = ("_entries", "_target", "_layers")
+    __slots__ = ("_entries", "_target", "_layers", "_provenance")
 
     def __init__(
         self,
@@ -67,12 +67,14 @@ class PrecisionPolicy(Mapping):
         *,
         target: str | None = None,
         layers: Mapping[str, Mapping[str, Any]] | None = None,
+        provenance: Mapping[str, Any] | None = None,
     ) -> None:
         if target is not None and target not in TARGETS:
             raise PolicyError(f"Expected target to be one of {list(TARGETS)} or None. Received: {describe(target)}.")
         self._entries = _clean_entries(entries)
         self._target = target
         self._layers = {k: dict(v) for k, v in (layers or {}).items()}
+        self._provenance = _checked_provenance(provenance or {}, PolicyError)
 
     # Keras's get() idiom (keras.dtype_policies.get) on purpose: the constructor from any accepted input, which
     # hides Mapping.get; read an entry with policy[path] or `path in policy`.
@@ -110,17 +112,39 @@ class PrecisionPolicy(Mapping):
     # Keras conventions --------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
         """A plain, JSON-able dict; :meth:`from_config` rebuilds the policy from it."""
-        return {"entries": dict(self._entries), "target": self._target, "layers": self.layers}
+        return {
+            "entries": dict(self._entries),
+            "target": self._target,
+            "layers": self.layers,
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> PrecisionPolicy:
-        return cls(config["entries"], target=config.get("target"), layers=config.get("layers"))
+        return cls(
+            config["entries"],
+            target=config.get("target"),
+            layers=config.get("layers"),
+            provenance=config.get("provenance"),
+        )
 
     # Derived views ------------------------------------------------------------
     @property
     def target(self) -> str | None:
         """The 16-bit format this policy was tuned for."""
         return self._target
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """How the policy was judged, as ``tune`` recorded it; a copy.
+
+        The metric, its float32 baseline and tuned value, the drop with its
+        upper confidence bound and the confidence (where one was asked for),
+        the allowed drop and the budget's formula, the evaluation samples, the
+        held-out check's figures, and the device the speed-up is estimated (or
+        measured) for. Empty for a policy written by hand.
+        """
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._provenance.items()}
 
     @property
     def layers(self) -> dict[str, dict[str, Any]]:
@@ -171,7 +195,9 @@ class PrecisionPolicy(Mapping):
 
     def replace(self, updates: Mapping[str, str]) -> PrecisionPolicy:
         """A new policy with some entries changed (the original is immutable)."""
-        return PrecisionPolicy({**self._entries, **updates}, target=self._target, layers=self._layers)
+        return PrecisionPolicy(
+            {**self._entries, **updates}, target=self._target, layers=self._layers, provenance=self._provenance
+        )
 
     # Keras -------------------------------------------------------------------
     def to_keras(self, model: Any = None):
@@ -245,7 +271,11 @@ class PrecisionPolicy(Mapping):
     def from_json_dict(cls, doc: Any, *, source: str = "<dict>") -> PrecisionPolicy:
         """Validate a JSON document and build the policy from it."""
         entries, target, facts = _parse_document(doc, source)
-        return cls(entries, target=target, layers=facts)
+        provenance = doc.get("provenance", {})
+        try:
+            return cls(entries, target=target, layers=facts, provenance=provenance)
+        except PolicyError as exc:
+            raise SchemaError(f"Invalid policy file {source}: {exc}") from None
 
 
 def _low_precision_share(entries: Mapping[str, str], layers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
@@ -278,12 +308,15 @@ def _entries_of_map(policy_map: Any) -> dict[str, str]:
     return {key: policy_map[key].name for key in policy_map}
 
 
+_CONFIG_KEYS = {"entries", "target", "layers", "provenance"}  # get_config's keys (provenance since 0.1)
+
+
 def _from_any(cls: type[PrecisionPolicy], policy: Any) -> PrecisionPolicy:
     if isinstance(policy, PrecisionPolicy):
         return policy
     if isinstance(policy, (str, os.PathLike)):
         return cls.load(policy)
-    if isinstance(policy, Mapping) and set(policy) == {"entries", "target", "layers"}:
+    if isinstance(policy, Mapping) and {"entries", "target", "layers"} <= set(policy) <= _CONFIG_KEYS:
         return cls.from_config(policy)
     if isinstance(policy, Mapping) and not hasattr(policy, "default_policy"):
         return cls(policy)
@@ -325,6 +358,7 @@ def _document(policy: PrecisionPolicy) -> dict[str, Any]:
         "target": policy.target,
         "default_policy": FLOAT32,
         "layers": [{"path": path, "policy": name, **facts.get(path, {})} for path, name in policy.items()],
+        **({"provenance": policy.provenance} if policy.provenance else {}),
     }
 
 
@@ -374,6 +408,28 @@ def _parse_document(doc: Any, source: str) -> tuple[dict[str, str], str | None, 
         if entry:
             facts[path] = entry
     return entries, target, facts
+
+
+def _checked_provenance(provenance: Any, error: type[Exception]) -> dict[str, Any]:
+    """A provenance record: string keys, values that are JSON scalars (finite numbers) or objects of them."""
+
+    def scalar(value: Any) -> bool:
+        if isinstance(value, float):
+            return math.isfinite(value)
+        return value is None or isinstance(value, (str, bool, int))
+
+    if not isinstance(provenance, Mapping):
+        raise error(f"Expected 'provenance' to be an object. Received {describe(provenance)}.")
+    clean: dict[str, Any] = {}
+    for key, value in provenance.items():
+        inner = value.values() if isinstance(value, Mapping) else [value]
+        if not isinstance(key, str) or not all(scalar(v) for v in inner):
+            raise error(
+                f"Expected provenance.{key} to be a string, a finite number, true/false, null, or an object of "
+                f"those. Received {describe(value)}."
+            )
+        clean[key] = dict(value) if isinstance(value, Mapping) else value
+    return clean
 
 
 def _parse_facts(row: dict, i: int, fail) -> dict[str, Any]:

@@ -1114,8 +1114,28 @@ def result_stage(
     ev = verified.evaluation
     verification = _verification_facts(session, verified, opts, rule)
     stats = _run_stats(session, space, found, cost, opts, progress, seconds=seconds, decided=decided, trials=trials)
+    measured_on = None if verified.measured_speedup is None else backends.device_description()
+    provenance = {
+        "metric": session.metric.name,
+        "baseline": session.baseline,
+        "tuned": ev.metric,
+        "drop": ev.drop,
+        "drop_bound": ev.bound,
+        "confidence": session.confidence,
+        "allowed_drop": rule.allowed,
+        "budget": rule.formula(),
+        "samples": session.data.n,
+        "holdout": verification.get("holdout"),
+        "device": cost.device.name,
+        "speedup_estimate": cost.speedup(decided),
+        "measured_speedup": verified.measured_speedup,
+        "measured_on": measured_on,
+    }
+    policy = PrecisionPolicy(
+        names, target=opts.target, layers=session.graph.layer_facts(), provenance=_json_safe(provenance)
+    )
     result = TuneResult(
-        policy=PrecisionPolicy(names, target=opts.target, layers=session.graph.layer_facts()),
+        policy=policy,
         model=verified.model,
         sensitivity=decision_frame(frame, session, space, names, verified.fallbacks, cost=cost, target=opts.target),
         trials=trials,
@@ -1134,7 +1154,7 @@ def result_stage(
         verification=verification,
         training=verified.training,
         measured_speedup=verified.measured_speedup,
-        measured_on=None if verified.measured_speedup is None else backends.device_description(),
+        measured_on=measured_on,
         pretrain_steps=pretrained,
         stats=stats,
         drop_bound=ev.bound,
@@ -1143,6 +1163,23 @@ def result_stage(
     progress.say(result.summary())
     _warn_if_slower(result, cost, opts)
     return result
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with NaN and infinite numbers as None (JSON has no such number), one level of objects deep."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (float, np.floating)):
+            return float(value) if math.isfinite(value) else None
+        if isinstance(value, np.integer):
+            return int(value)
+        if isinstance(value, np.bool_):
+            return bool(value)
+        return value
+
+    return {k: clean(v) for k, v in record.items()}
 
 
 def _judged_trials(found: Found, space: DecisionSpace, cost: CostModel, rule: BoundBudget) -> Any:

@@ -87,6 +87,12 @@ def test_tune_reports_the_bound_and_checks_held_out_data(model_and_data, tmp_pat
     assert "drop_bound" in result.trials.columns
     result.save(tmp_path)
     assert "drop_bound" in (tmp_path / "trials.csv").read_text().splitlines()[0]
+    provenance = autoprec.PrecisionPolicy.load(tmp_path / "policy.json").provenance
+    assert provenance["confidence"] == 0.95 and provenance["drop_bound"] >= provenance["drop"]
+    assert provenance["holdout"]["samples"] == 450 and provenance["samples"] == 1500 - 450
+    report = (tmp_path / "report.md").read_text()
+    assert "## Trials" in report and "| 95% bound |" in report
+    assert "95% bound" in (tmp_path / "report.html").read_text()
 
 
 def test_confidence_none_judges_the_drop_and_bad_values_are_refused(model_and_data):

@@ -95,6 +95,9 @@ def test_missing_file(tmp_path):
         (lambda d: d["layers"][0].update(keras_path=3), "keras_path should be a string"),
         (lambda d: d.update(schema_version=True), "schema_version"),
         (lambda d: d.update(target="float16"), "target"),
+        (lambda d: d.update(provenance=[1]), "'provenance' to be an object"),
+        (lambda d: d.update(provenance={"drop": [0.1]}), "provenance.drop"),
+        (lambda d: d.update(provenance={"holdout": {"drop": {"deep": 1}}}), "provenance.holdout"),
     ],
 )
 def test_schema_violations(tmp_path, mutate, message):
@@ -104,6 +107,20 @@ def test_schema_violations(tmp_path, mutate, message):
     path.write_text(json.dumps(doc))
     with pytest.raises(SchemaError, match=message):
         PrecisionPolicy.load(path)
+
+
+def test_provenance_round_trips_and_stays_immutable(tmp_path):
+    provenance = {"metric": "accuracy", "drop": 0.0031, "drop_bound": 0.0046, "confidence": 0.95, "holdout": None}
+    policy = PrecisionPolicy({"a": "mixed_float16"}, target="mixed_float16", provenance=provenance)
+    policy.save(tmp_path / "p.json")
+    loaded = PrecisionPolicy.load(tmp_path / "p.json")
+    assert loaded.provenance == provenance
+    assert loaded.replace({"a": "float32"}).provenance == provenance
+    loaded.provenance["drop"] = 1.0  # a copy: the policy is unchanged
+    assert loaded.provenance["drop"] == 0.0031
+    with pytest.raises(PolicyError, match="provenance.drop"):
+        PrecisionPolicy({"a": "float32"}, provenance={"drop": float("nan")})
+    assert "provenance" not in PrecisionPolicy({"a": "float32"}).to_json_dict()  # a hand-written policy has none
 
 
 def _graph(*names, cls=keras.layers.Dense):

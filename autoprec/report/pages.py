@@ -380,6 +380,56 @@ def _adaptive_html(saved: Saved, images: dict[str, str]) -> list[str]:
     return parts
 
 
+_TRIAL_ROWS = 40  # the report lists this many trials; trials.csv holds them all
+
+
+def _trial_rows(saved: Saved) -> tuple[list[str], list[list[str]]]:
+    """The evaluated trials, best feasible first: header and cells (drop with its upper bound where judged by one)."""
+    trials = saved.trials
+    if trials is None or "drop" not in trials or not len(trials):
+        return [], []
+    conf = saved.meta.get("confidence")
+    size = saved.meta.get("objective") == "size" and "size_ratio" in trials
+    x = "size_ratio" if size else "speedup_estimate"
+    rows = trials[trials["drop"].notna()].copy()
+    if x not in rows:
+        return [], []
+    rows["_ok"] = rows["feasible"].map(lambda v: str(v).lower() == "true")
+    rows = rows.sort_values(["_ok", x], ascending=[False, False]).head(_TRIAL_ROWS)
+    header = ["trial", "size ratio" if size else "est. speed-up", "drop"]
+    header += [f"{conf:.0%} bound"] if conf else []
+    header += ["within budget"]
+    cells = []
+    for _, r in rows.iterrows():
+        drop = float(r["drop"])
+        row = [str(r["trial"]), f"{float(r[x]):.3f}x", f"{drop:.4g}" if drop < 1e8 else "non-finite"]
+        if conf:
+            bound = r.get("drop_bound")
+            row.append(f"{float(bound):.4g}" if bound is not None and bound == bound else "")
+        row.append("yes" if r["_ok"] else "no")
+        cells.append(row)
+    return header, cells
+
+
+def _trials_markdown(saved: Saved) -> list[str]:
+    header, cells = _trial_rows(saved)
+    if not cells:
+        return []
+    lines = ["", f"## Trials ({len(cells)} of {len(saved.trials)}, best within budget first)", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(_md(c) for c in row) + " |" for row in cells]
+
+
+def _trials_html(saved: Saved) -> list[str]:
+    header, cells = _trial_rows(saved)
+    if not cells:
+        return []
+    parts = [f"<h2>Trials ({len(cells)} of {len(saved.trials)}, best within budget first)</h2><table><thead><tr>"]
+    parts += ["".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr></thead><tbody>"]
+    parts += ["<tr>" + "".join(f"<td class='num'>{_esc(c)}</td>" for c in row) + "</tr>" for row in cells]
+    return [*parts, "</tbody></table>"]
+
+
 def render_markdown(saved: Saved, images: dict[str, str]) -> str:
     if saved.sensitivity is None:
         return "\n".join(["# autoprec report", *_adaptive_markdown(saved, images)]) + "\n"
@@ -414,6 +464,7 @@ def render_markdown(saved: Saved, images: dict[str, str]) -> str:
                 f"| `{html.escape(r['block'])}` | {indent}`{html.escape(r['path'])}` | {_md(r['class'])} | "
                 f"{_md(r['computes'])} | {_md(r['note'])} |"
             )
+    lines += _trials_markdown(saved)
     training = _training_lines(saved)
     if training:
         lines += ["", "## Training check", ""] + [_md(t) for t in training]
@@ -472,6 +523,7 @@ def render_html(saved: Saved, images: dict[str, str]) -> str:
                 f"{_esc(r['computes'])}</td><td>{_esc(r['note'])}</td></tr>"
             )
         parts.append("</tbody></table>")
+    parts += _trials_html(saved)
     training = _training_lines(saved)
     if training:
         parts.append("<h2>Training check</h2>" + "".join(f"<p>{_esc(t)}</p>" for t in training))

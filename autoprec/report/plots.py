@@ -111,6 +111,13 @@ def history_data(saved: Any) -> dict:
     return {"trial": xs, "best_speedup": ys}
 
 
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def tradeoff_data(saved: Any) -> dict:
     """Every evaluated trial: what the search optimised (speed-up or weight-size ratio) against drop, and the budget."""
     trials = _evaluated(saved.trials)
@@ -122,9 +129,12 @@ def tradeoff_data(saved: Any) -> dict:
     feasible = list(trials["feasible"])
     rejected = list(trials["rejected"]) if "rejected" in trials else [False] * len(trials)
     chosen_x = float(meta.get("size_ratio", 1.0)) if size else float(meta["speedup_estimate"])
+    bounds = list(trials["drop_bound"]) if "drop_bound" in trials else [math.nan] * len(trials)
     return {
         "speedup": [float(xs[i]) for i in keep],
         "drop": [drops[i] for i in keep],
+        "bound": [_number(bounds[i]) for i in keep],  # the drop's upper confidence bound (NaN: none asked for)
+        "confidence": meta.get("confidence"),
         "feasible": [_true(feasible[i]) for i in keep],
         "rejected": [_true(rejected[i]) for i in keep],
         "allowed": float(meta["budget"]["allowed"]),
@@ -316,12 +326,26 @@ def draw_tradeoff(data: dict, path: str) -> None:
         ("over budget, stopped early (drop at least)", "#e39c9e", lambda i: data["rejected"][i]),
         ("within budget", "#55a868", lambda i: data["feasible"][i]),
     )
+    bound = data.get("bound") or [math.nan] * len(data["speedup"])
     for label, color, member in groups:
         idx = [i for i in range(len(data["speedup"])) if member(i)]
         if idx:
             ax.scatter(
                 [data["speedup"][i] for i in idx], [max(data["drop"][i], 1e-6) for i in idx], c=color, s=14, label=label
             )
+            bounded = [i for i in idx if math.isfinite(bound[i])]
+            if bounded:  # a bar from the measured drop up to its upper confidence bound: what the budget judged
+                low = [max(data["drop"][i], 1e-6) for i in bounded]
+                high = [max(bound[i], 1e-6) for i in bounded]
+                ax.errorbar(
+                    [data["speedup"][i] for i in bounded],
+                    low,
+                    yerr=[[0.0] * len(bounded), [max(h - lo, 0.0) for h, lo in zip(high, low, strict=True)]],
+                    fmt="none",
+                    ecolor=color,
+                    elinewidth=0.8,
+                    capsize=2,
+                )
     ax.axhline(max(data["allowed"], 1e-6), color="black", linestyle="--", linewidth=1, label="budget")
     ax.scatter(
         [data["chosen"][0]],
@@ -335,7 +359,9 @@ def draw_tradeoff(data: dict, path: str) -> None:
     )
     ax.set_yscale("log")
     ax.set_xlabel(data.get("x_label", "estimated speed-up (x)"))
-    ax.set_ylabel(f"{data['metric']} drop (log; 0 shown at 1e-6)")
+    conf = data.get("confidence")
+    bars = f"; bars up to the {conf:.0%} upper bound" if conf and any(map(math.isfinite, bound)) else ""
+    ax.set_ylabel(f"{data['metric']} drop (log; 0 shown at 1e-6{bars})")
     ax.set_title(
         "Every trial: drop against speed-up"
         + (f" ({data['over_range']} with non-finite outputs not shown)" if data.get("over_range") else "")
