@@ -339,6 +339,24 @@ def _print_frame(frame: Any) -> None:
         print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
+def _add_measure(sub: Any, model_arg: Any) -> None:
+    p = sub.add_parser(
+        "measure",
+        help="time training steps and score the drop of policies against float32 on this machine",
+        description="Confirm or re-rank policies (tuned elsewhere with the cost model) on the machine that will "
+        "train: measured step times, interleaved, and each policy's real drop. Every figure names this device.",
+    )
+    model_arg(p)
+    p.add_argument("--policy", action="append", required=True, help="a policy JSON from autoprec tune; repeatable")
+    p.add_argument("--data", required=True, help="DATA.npz with arrays x and y: scored, and the timed steps' batches")
+    p.add_argument("--budget", default=None, help="with one, say whether each policy's drop is within it (0.5%%)")
+    p.add_argument("--metric", default=None, help="the metric to score (default: the model's compiled one)")
+    p.add_argument("--confidence", type=float, default=None, help="judge the drop by its upper bound (e.g. 0.95)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per variant (default 20)")
+    p.add_argument("-o", "--output", help="write the table as CSV")
+    p.set_defaults(fn=_cmd_measure)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from autoprec import __version__
 
@@ -386,21 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_tune(sub.add_parser("tune", help="search per-layer precision under an accuracy budget"), model_arg, targets)
 
-    p = sub.add_parser(
-        "measure",
-        help="time training steps and score the drop of policies against float32 on this machine",
-        description="Confirm or re-rank policies (tuned elsewhere with the cost model) on the machine that will "
-        "train: measured step times, interleaved, and each policy's real drop. Every figure names this device.",
-    )
-    model_arg(p)
-    p.add_argument("--policy", action="append", required=True, help="a policy JSON from autoprec tune; repeatable")
-    p.add_argument("--data", required=True, help="DATA.npz with arrays x and y: scored, and the timed steps' batches")
-    p.add_argument("--budget", default=None, help="with one, say whether each policy's drop is within it (0.5%%)")
-    p.add_argument("--metric", default=None, help="the metric to score (default: the model's compiled one)")
-    p.add_argument("--confidence", type=float, default=None, help="judge the drop by its upper bound (e.g. 0.95)")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps per variant (default 20)")
-    p.add_argument("-o", "--output", help="write the table as CSV")
-    p.set_defaults(fn=_cmd_measure)
+    _add_measure(sub, model_arg)
 
     p = sub.add_parser("report", help="regenerate report.md/report.html and plots from a saved result directory")
     p.add_argument("directory")

@@ -20,7 +20,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from autoprec.errors import ModelMismatchError, PolicyError, SchemaError, describe
@@ -74,7 +75,7 @@ class PrecisionPolicy(Mapping):
         self._entries = _clean_entries(entries)
         self._target = target
         self._layers = {k: dict(v) for k, v in (layers or {}).items()}
-        self._provenance = _checked_provenance(provenance or {}, PolicyError)
+        self._provenance = _checked_provenance(provenance or {}, PolicyError)  # PolicyError(message)
 
     # Keras's get() idiom (keras.dtype_policies.get) on purpose: the constructor from any accepted input, which
     # hides Mapping.get; read an entry with policy[path] or `path in policy`.
@@ -112,21 +113,14 @@ class PrecisionPolicy(Mapping):
     # Keras conventions --------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
         """A plain, JSON-able dict; :meth:`from_config` rebuilds the policy from it."""
-        return {
-            "entries": dict(self._entries),
-            "target": self._target,
-            "layers": self.layers,
-            "provenance": self.provenance,
-        }
+        return {"entries": dict(self._entries), "target": self._target, "layers": self.layers, **self._extra()}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> PrecisionPolicy:
-        return cls(
-            config["entries"],
-            target=config.get("target"),
-            layers=config.get("layers"),
-            provenance=config.get("provenance"),
-        )
+        return cls(config["entries"], **{k: config.get(k) for k in ("target", "layers", "provenance")})
+
+    def _extra(self) -> dict[str, Any]:
+        return {"provenance": self.provenance}
 
     # Derived views ------------------------------------------------------------
     @property
@@ -168,10 +162,7 @@ class PrecisionPolicy(Mapping):
 
     def counts(self) -> dict[str, int]:
         """Number of layers per policy name, in first-seen order."""
-        out: dict[str, int] = {}
-        for name in self._entries.values():
-            out[name] = out.get(name, 0) + 1
-        return out
+        return dict(Counter(self._entries.values()))
 
     def low_precision_share(self) -> dict[str, float]:
         """Share of parameters and FLOPs in 16-bit or quantized layers (NaN when unknown)."""
@@ -183,21 +174,11 @@ class PrecisionPolicy(Mapping):
         >>> print(PrecisionPolicy({"a": "float32"}).summary().splitlines()[0])
         PrecisionPolicy for 1 layer (target: none)
         """
-        share = self.low_precision_share()
-        lines = [
-            f"PrecisionPolicy for {len(self)} layer{'' if len(self) == 1 else 's'} (target: {self._target or 'none'})"
-        ]
-        lines += [f"  {name:<15} {n:>5} layers" for name, n in self.counts().items()]
-        for key, label in (("params", "parameters"), ("flops", "FLOPs")):
-            if not math.isnan(share[key]):
-                lines.append(f"  16-bit share of {label + ':':<11} {share[key]:.1%}")
-        return "\n".join(lines)
+        return _summary(self)
 
     def replace(self, updates: Mapping[str, str]) -> PrecisionPolicy:
         """A new policy with some entries changed (the original is immutable)."""
-        return PrecisionPolicy(
-            {**self._entries, **updates}, target=self._target, layers=self._layers, provenance=self._provenance
-        )
+        return PrecisionPolicy({**self._entries, **updates}, target=self._target, layers=self._layers, **self._extra())
 
     # Keras -------------------------------------------------------------------
     def to_keras(self, model: Any = None):
@@ -270,12 +251,19 @@ class PrecisionPolicy(Mapping):
     @classmethod
     def from_json_dict(cls, doc: Any, *, source: str = "<dict>") -> PrecisionPolicy:
         """Validate a JSON document and build the policy from it."""
-        entries, target, facts = _parse_document(doc, source)
-        provenance = doc.get("provenance", {})
-        try:
-            return cls(entries, target=target, layers=facts, provenance=provenance)
-        except PolicyError as exc:
-            raise SchemaError(f"Invalid policy file {source}: {exc}") from None
+        entries, target, facts, provenance = _parse_document(doc, source)
+        return cls(entries, target=target, layers=facts, provenance=provenance)
+
+
+def _summary(policy: PrecisionPolicy) -> str:
+    share = policy.low_precision_share()
+    n = len(policy)
+    lines = [f"PrecisionPolicy for {n} layer{'' if n == 1 else 's'} (target: {policy.target or 'none'})"]
+    lines += [f"  {name:<15} {k:>5} layers" for name, k in policy.counts().items()]
+    for key, label in (("params", "parameters"), ("flops", "FLOPs")):
+        if not math.isnan(share[key]):
+            lines.append(f"  16-bit share of {label + ':':<11} {share[key]:.1%}")
+    return "\n".join(lines)
 
 
 def _low_precision_share(entries: Mapping[str, str], layers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
@@ -362,7 +350,9 @@ def _document(policy: PrecisionPolicy) -> dict[str, Any]:
     }
 
 
-def _parse_document(doc: Any, source: str) -> tuple[dict[str, str], str | None, dict[str, dict[str, Any]]]:
+def _parse_document(
+    doc: Any, source: str
+) -> tuple[dict[str, str], str | None, dict[str, dict[str, Any]], dict[str, Any]]:
     def fail(msg: str) -> SchemaError:
         return SchemaError(f"Invalid policy file {source}: {msg}")
 
@@ -407,10 +397,10 @@ def _parse_document(doc: Any, source: str) -> tuple[dict[str, str], str | None, 
         entries[path] = name
         if entry:
             facts[path] = entry
-    return entries, target, facts
+    return entries, target, facts, _checked_provenance(doc.get("provenance", {}), fail)
 
 
-def _checked_provenance(provenance: Any, error: type[Exception]) -> dict[str, Any]:
+def _checked_provenance(provenance: Any, error: Callable[[str], Exception]) -> dict[str, Any]:
     """A provenance record: string keys, values that are JSON scalars (finite numbers) or objects of them."""
 
     def scalar(value: Any) -> bool:

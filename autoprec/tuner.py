@@ -961,20 +961,7 @@ def verify_stage(
     )
     training = None
     if opts.verify == "train":
-
-        def check_train(assignment: dict[str, str]) -> tuple[bool, str]:
-            nonlocal training
-            training = train_check(
-                session.model,
-                session.graph.resolve(space.expand(assignment)),
-                opts.train_data,
-                graph=session.graph,
-                steps=opts.steps,
-                metric=session.metric,
-                eval_data=session.data,
-            )
-            return training.passed, training.reason
-
+        check_train = _TrainCheck(session, space, opts)
         assignment, more, _ = fall_back(
             assignment,
             check_train,
@@ -984,6 +971,7 @@ def verify_stage(
             say=progress.say,
         )
         fallbacks += more
+        training = check_train.training
         if more:
             check_eval(assignment)
     measured = None
@@ -1000,6 +988,27 @@ def verify_stage(
         measured,
         check_eval.holdout,
     )
+
+
+class _TrainCheck:
+    """The verification's training check of one assignment; it keeps the last run's figures."""
+
+    def __init__(self, session: Session, space: DecisionSpace, opts: TuneOptions) -> None:
+        self.session, self.space, self.opts = session, space, opts
+        self.training: TrainCheck | None = None
+
+    def __call__(self, assignment: dict[str, str]) -> tuple[bool, str]:
+        s, opts = self.session, self.opts
+        self.training = train_check(
+            s.model,
+            s.graph.resolve(self.space.expand(assignment)),
+            opts.train_data,
+            graph=s.graph,
+            steps=opts.steps,
+            metric=s.metric,
+            eval_data=s.data,
+        )
+        return self.training.passed, self.training.reason
 
 
 class _EvalCheck:
@@ -1115,22 +1124,7 @@ def result_stage(
     verification = _verification_facts(session, verified, opts, rule)
     stats = _run_stats(session, space, found, cost, opts, progress, seconds=seconds, decided=decided, trials=trials)
     measured_on = None if verified.measured_speedup is None else backends.device_description()
-    provenance = {
-        "metric": session.metric.name,
-        "baseline": session.baseline,
-        "tuned": ev.metric,
-        "drop": ev.drop,
-        "drop_bound": ev.bound,
-        "confidence": session.confidence,
-        "allowed_drop": rule.allowed,
-        "budget": rule.formula(),
-        "samples": session.data.n,
-        "holdout": verification.get("holdout"),
-        "device": cost.device.name,
-        "speedup_estimate": cost.speedup(decided),
-        "measured_speedup": verified.measured_speedup,
-        "measured_on": measured_on,
-    }
+    provenance = _provenance(session, ev, rule, cost, decided, verification, verified, measured_on)
     policy = PrecisionPolicy(
         names, target=opts.target, layers=session.graph.layer_facts(), provenance=_json_safe(provenance)
     )
@@ -1163,6 +1157,35 @@ def result_stage(
     progress.say(result.summary())
     _warn_if_slower(result, cost, opts)
     return result
+
+
+def _provenance(
+    session: Session,
+    ev: Any,
+    rule: BoundBudget,
+    cost: CostModel,
+    decided: dict[str, str],
+    verification: dict[str, Any],
+    verified: Verified,
+    measured_on: str | None,
+) -> dict[str, Any]:
+    """How the policy was judged, for its JSON file: the metric, the drop and its bound, the data and the device."""
+    return {
+        "metric": session.metric.name,
+        "baseline": session.baseline,
+        "tuned": ev.metric,
+        "drop": ev.drop,
+        "drop_bound": ev.bound,
+        "confidence": session.confidence,
+        "allowed_drop": rule.allowed,
+        "budget": rule.formula(),
+        "samples": session.data.n,
+        "holdout": verification.get("holdout"),
+        "device": cost.device.name,
+        "speedup_estimate": cost.speedup(decided),
+        "measured_speedup": verified.measured_speedup,
+        "measured_on": measured_on,
+    }
 
 
 def _json_safe(record: dict[str, Any]) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -424,6 +424,20 @@ def statistics(
 _BLOCKS = {"": 3, "w": 2, "q": 0}  # statistics vectors in front of each kind of row (the rest is summed)
 
 
+def _sixteen_bit_call(engine: Any, fmt: Format) -> Callable:
+    """``(op, call, args, kwargs) -> outputs`` in ``fmt``: the engine's own 16-bit call (the real policy for a
+    layer whose arithmetic it cannot round), or the plain rounding for a format the engine was not built with."""
+    rnd = round_with(fmt.dtype)
+    index = engine.formats.index(fmt.name) + 1 if fmt.name in engine.formats else None
+
+    def in_16bit(op: Any, call: Callable, args: tuple, kwargs: dict) -> Any:
+        if index is None:
+            return call_rounded(op, call, rnd, args, kwargs)
+        return engine.call_16bit(op, call, index, args, kwargs)
+
+    return in_16bit
+
+
 def _stats_step(session: Session, fmt: Format, loss_scale: float):
     """The traced micro-batch step: one forward/backward pass, small statistics vectors out."""
     import keras
@@ -436,15 +450,7 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float):
     loss = _training_batch_loss(
         resolve_loss(session.model, session.metric, session.data.y, session.baseline_outputs[0])
     )
-    rnd = round_with(fmt.dtype)
-    index = engine.formats.index(fmt.name) + 1 if fmt.name in engine.formats else None
-
-    def in_16bit(op, call, args, kwargs):
-        # The engine's own 16-bit call: the real policy for a layer whose arithmetic it cannot round.
-        if index is None:
-            return call_rounded(op, call, rnd, args, kwargs)
-        return engine.call_16bit(op, call, index, args, kwargs)
-
+    in_16bit = _sixteen_bit_call(engine, fmt)
     names: dict[str, list[str]] = {}  # the path of each row of each output, set while tracing
 
     def step(x, y):
