@@ -138,10 +138,22 @@ class EvalData:
         >>> rest.n, held.n, sorted(set(rest.y) | set(held.y)) == list(range(10))
         (7, 3, True)
         """
-        rng = np.random.default_rng(seed)
-        held = np.zeros(self.n, dtype=bool)
-        held[rng.choice(self.n, size=int(round(fraction * self.n)), replace=False)] = True
+        held = self._mask(int(round(fraction * self.n)), seed)
         return self._subset(~held), self._subset(held)
+
+    def sample(self, k: int, *, seed: int = 0) -> EvalData:
+        """A seeded random ``k`` of the samples (all of them when ``k >= n``), in their order.
+
+        >>> part = EvalData.get((np.arange(10.0)[:, None], np.arange(10))).sample(4)
+        >>> part.n, len(set(part.y))
+        (4, 4)
+        """
+        return self if k >= self.n else self._subset(self._mask(k, seed))
+
+    def _mask(self, k: int, seed: int) -> np.ndarray:
+        chosen = np.zeros(self.n, dtype=bool)
+        chosen[np.random.default_rng(seed).choice(self.n, size=k, replace=False)] = True
+        return chosen
 
     def _subset(self, mask: np.ndarray) -> EvalData:
         source, what = self._source, self.what

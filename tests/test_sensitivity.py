@@ -8,6 +8,7 @@ from conftest import MODEL_BUILDERS, small_data, trained
 import autoprec
 from autoprec import testing
 from autoprec.errors import ArgumentError, DataError, MetricError, ModelError
+from autoprec.profiling.sensitivity import STATS_SAMPLES
 
 
 @pytest.mark.parametrize("target", ["mixed_float16", "mixed_bfloat16"])
@@ -216,10 +217,16 @@ def test_statistics_stream_in_micro_batches_and_aggregate_exactly(planted, monke
         return call
 
     monkeypatch.setattr(backends, "compile_function", recording)
-    small = autoprec.profile(model, val, method="fast", profile_batch_size=7, verbose=0).set_index("path")
+    sampled = autoprec.profile(model, val, method="fast", profile_batch_size=7, verbose=0)
+    assert sum(n for n in seen if n <= 7) == sampled.attrs["statistics_samples"] == STATS_SAMPLES < len(val[1])
+    seen.clear()
+    small = autoprec.profile(model, val, method="fast", profile_batch_size=7, stats_samples=None, verbose=0)
+    small = small.set_index("path")
     stats_calls = [n for n in seen if n <= 7]
     assert max(stats_calls) == 7 and sum(stats_calls) == len(val[1])
-    large = autoprec.profile(model, val, method="fast", profile_batch_size=512, verbose=0).set_index("path")
+    large = autoprec.profile(
+        model, val, method="fast", profile_batch_size=512, stats_samples=None, verbose=0
+    ).set_index("path")
     small = small.loc[large.index]
     # Another micro-batch is another summation order in the kernels: each value may move by float32 rounding
     # relative to the largest value it is computed beside (a loss gradient p - 1 of a confident sample is resolved to

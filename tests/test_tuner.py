@@ -434,3 +434,23 @@ def test_force_16bit_units_stay_16bit_with_their_reason(planted):
     assert result.policy["d6"] == "mixed_bfloat16"
     assert decisions.loc["d6", "reason"] == reasons.FORCED_16BIT
     assert result.policy["d7"] == "float32"  # the rest of the planted region still falls back
+
+
+def test_an_overflow_on_a_few_percent_of_the_samples_is_found(tmp_path):
+    """Issue 27: the statistics read a sample of the data; a hazard that only 4% of the inputs trigger still shows
+    there (with the reason), and the budget, judged on all the data, keeps the layers float32."""
+    from autoprec import testing
+
+    (x_train, y_train), (x_val, y_val) = testing.digits_data(flat=True)
+    model = testing.train(testing.mlp(depth=5), x_train, y_train, epochs=10)
+    # 96% of the validation samples stay under 65504 / 1.1 in d3; the top 4% overflow float16 (more than 0.5%)
+    testing.plant_overflow(model, "d3", "d4", x_val, peak=7.2e4, quantile=0.96)
+    result = autoprec.tune(model, (x_val, y_val), budget="0.5%", target="mixed_float16", device="gpu", verbose=0)
+    assert result.stats["statistics_samples"] == 256 < result.stats["samples"] == len(x_val)
+    frame = result.sensitivity.set_index("path")
+    assert frame.loc["d3", "act_overflow"] > 0 and frame.loc["d3", "reason"] == reasons.OVERFLOW
+    assert frame.loc["d3", "decision"] == frame.loc["d4", "decision"] == "float32"
+    assert other_flops_share(result, ["d3", "d4"]) >= 0.9
+    assert result.verification["feasible"] and result.drop <= 0.005
+    result.save(tmp_path)
+    assert "on 256 of " in (tmp_path / "report.md").read_text()

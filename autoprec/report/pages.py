@@ -273,6 +273,14 @@ def _run_rows(saved: Saved) -> list[tuple[str, str]]:
                 f"over the data, {stats.get('seconds', 0):.1f} s",
             )
         )
+    if stats.get("statistics_samples"):
+        rows.append(
+            (
+                "Statistics",
+                f"ranges, flush shares and scores on {stats['statistics_samples']} of {stats.get('samples', '?')} "
+                "evaluation samples (seeded); every metric and the budget on all of them",
+            )
+        )
     passes = stats.get("stage_passes") or {}
     if passes:
         rows.append(
