@@ -35,9 +35,12 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PYTEST) -m "not slow"
 
-# The tests whose outcome can depend on the kind of CPU: target="auto", device="this" and the examples and CLI
-# that use them. The rest of the suite reads no CPU flag.
-CPU_KIND_TESTS := tests/test_cost.py tests/test_tuner.py tests/test_fuzz.py tests/test_examples.py tests/test_cli.py
+# The tests whose outcome can depend on the kind of CPU: target="auto" (tune's default), device="this" and the
+# examples and CLI that use them (transformer.py names its target, keras_applications.py is slow). The rest of the
+# suite reads no CPU flag.
+CPU_KIND_TESTS := tests/test_cost.py tests/test_tuner.py tests/test_fuzz.py tests/test_cli.py \
+	"tests/test_examples.py::test_example_runs_in_fast_mode[quickstart.py]" \
+	"tests/test_examples.py::test_example_runs_in_fast_mode[precision_table.py]"
 
 test-other-cpu: $(VENV)/.installed
 	@kind=$(OTHER_CPU); echo "autoprec: the CPU-dependent tests again, as on a CPU with AUTOPREC_CPU_FAST_BF16=$$kind"; \

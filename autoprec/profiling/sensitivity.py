@@ -548,23 +548,43 @@ def _weight_rows(unit_vars: list, var_grads: list, y: Any, fmt: Format, loss_sca
     by_unit: dict[str, list] = {}
     for (path, _), g in zip(unit_vars, var_grads, strict=True):
         by_unit.setdefault(path, []).append(ops.reshape(ops.cast(g, "float32") * whole, (-1,)))
-    w, w_scaled = stats.table([ops.concatenate(parts) for parts in by_unit.values()], fmt, (1.0, loss_scale))
+    w, w_scaled = stats.table(
+        [ops.concatenate(parts) for parts in by_unit.values()], fmt, (1.0, loss_scale), batched=False
+    )
     return ops.concatenate([w, w_scaled], axis=1)
 
 
 def _node_rows(acts: list, grads: list, fmt: Format, loss_scale: float) -> Any:
-    """Rows ``[act stats, grad stats, scaled grad stats, score]`` for each node."""
+    """Rows ``[act stats, grad stats, scaled grad stats, score]`` for each node.
+
+    Small nodes share one flat vector, large ones are reduced each on its own
+    (:data:`autoprec.profiling.stats.EACH_ELEMENTS`): the trace stays short and the run fast.
+    """
     from keras import ops
 
-    (act,) = stats.table(acts, fmt)
-    grad, grad_scaled = stats.table(grads, fmt, (1.0, loss_scale))
-    scores = []
-    for a, g in zip(acts, grads, strict=True):
-        a, g = ops.cast(a, "float32"), ops.cast(g, "float32")
-        err = round_to(a, fmt.dtype) - a
-        contrib = ops.where(ops.isfinite(err), ops.square(g * err), ops.where(ops.abs(g) > 0, np.inf, 0.0))
-        scores.append(ops.sum(contrib))
-    return ops.concatenate([act, grad, grad_scaled, ops.reshape(ops.stack(scores), (-1, 1))], axis=1)
+    small = [i for i, a in enumerate(acts) if not stats.is_large(a)]
+    large = [i for i, a in enumerate(acts) if stats.is_large(a)]
+    parts = []
+    if small:
+        (act,), values, ids = stats.flat_table([acts[i] for i in small], fmt)
+        (grad, grad_scaled), flat_grads, _ = stats.flat_table([grads[i] for i in small], fmt, (1.0, loss_scale))
+        score = ops.segment_sum(_score_terms(values, flat_grads, fmt), ids, num_segments=len(small))
+        parts.append(ops.concatenate([act, grad, grad_scaled, ops.reshape(score, (-1, 1))], axis=1))
+    if large:
+        (act,) = stats.table([acts[i] for i in large], fmt)
+        grad, grad_scaled = stats.table([grads[i] for i in large], fmt, (1.0, loss_scale))
+        scores = [ops.sum(_score_terms(acts[i], grads[i], fmt)) for i in large]
+        parts.append(ops.concatenate([act, grad, grad_scaled, ops.reshape(ops.stack(scores), (-1, 1))], axis=1))
+    return stats.in_order(parts, small + large)
+
+
+def _score_terms(a: Any, g: Any, fmt: Format) -> Any:
+    """``(g * (round(a) - a))^2`` per value; infinite where rounding overflows under a nonzero gradient."""
+    from keras import ops
+
+    a, g = ops.cast(a, "float32"), ops.cast(g, "float32")
+    err = round_to(a, fmt.dtype) - a
+    return ops.where(ops.isfinite(err), ops.square(g * err), ops.where(ops.abs(g) > 0, np.inf, 0.0))
 
 
 def _columns(totals: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:

@@ -140,8 +140,7 @@ def tensor_stats(t: Any, fmt: Format, scale: float = 1.0) -> Any:
 
 def _rows(t: Any, fmt: Format, scales: tuple[float, ...]) -> list[Any]:
     """One statistics vector per scale, from whole-tensor reductions: a count of the values at or above each
-    bucket edge. On CPU this is 8x faster than bucketing every value and counting by segment (TensorFlow's
-    Bucketize and UnsortedSegmentSum kernels run on one thread), for the same number of traced operations."""
+    bucket edge (see ``EACH_ELEMENTS``)."""
     from keras import ops
 
     t = t if str(getattr(t, "dtype", "")).endswith("float32") else ops.cast(t, "float32")
@@ -166,18 +165,80 @@ def _rows(t: Any, fmt: Format, scales: tuple[float, ...]) -> list[Any]:
     return out
 
 
-def table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,)) -> list[Any]:
-    """Statistics of many tensors at once: one ``(k, WIDTH)`` array per scale.
+# Elements per sample from which a tensor's statistics are reduced on their own, not in a shared flat vector.
+# Whole-tensor reductions run 8x faster on CPU than bucketing each value and counting by segment (TensorFlow's
+# Bucketize and UnsortedSegmentSum kernels run on one thread), but each tensor adds a dozen traced operations:
+# on small tensors the trace is the cost, on large ones the run.
+EACH_ELEMENTS = 1 << 14
+
+
+def is_large(t: Any, *, batched: bool = True) -> bool:
+    """Whether ``t`` holds at least ``EACH_ELEMENTS`` per sample (in all, when not ``batched``), or a size not
+    known at trace time."""
+    dims = tuple(getattr(t, "shape", ()))[1 if batched else 0 :]
+    return any(d is None for d in dims) or math.prod(int(d) for d in dims) >= EACH_ELEMENTS
+
+
+def table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,), *, batched: bool = True) -> list[Any]:
+    """Statistics of many tensors at once: one ``(k, WIDTH)`` array per scale; ``batched``: the first axis
+    is the batch (a weight gradient has none).
 
     >>> from autoprec.formats import get
-    >>> (rows,) = table([np.array([1.0, 7e4], "float32"), np.zeros(3, "float32")], get("mixed_float16"))
+    >>> (rows,) = table([np.array([[1.0, 7e4]], "float32"), np.zeros((1, 3), "float32")], get("mixed_float16"))
     >>> np.asarray(rows)[:, :4].tolist()
     [[70000.0, 2.0, 2.0, 1.0], [0.0, 3.0, 0.0, 0.0]]
     """
+    large = [i for i, t in enumerate(tensors) if is_large(t, batched=batched)]
+    small = [i for i in range(len(tensors)) if i not in large]
+    blocks = []
+    if small:
+        blocks.append(flat_table([tensors[i] for i in small], fmt, scales)[0])
+    if large:
+        from keras import ops
+
+        each = [_rows(tensors[i], fmt, scales) for i in large]
+        blocks.append([ops.stack([rows[s] for rows in each]) for s in range(len(scales))])
+    return [in_order([b[s] for b in blocks], small + large) for s in range(len(scales))]
+
+
+def in_order(parts: list, order: list[int]) -> Any:
+    """The rows of ``parts`` stacked, then put back in the tensors' order (``order``: each row's tensor)."""
     from keras import ops
 
-    per_tensor = [_rows(t, fmt, scales) for t in tensors]
-    return [ops.stack([rows[i] for rows in per_tensor]) for i in range(len(scales))]
+    rows = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=0)
+    return rows if order == sorted(order) else ops.take(rows, np.argsort(order), axis=0)
+
+
+def flat_table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,)) -> tuple[Any, Any, Any]:
+    """:func:`table` for small tensors, plus the flat values and segment ids.
+
+    The tensors are flattened into one vector with a segment id per value, so
+    one bucketing pass and one count serve all of them: a traced step holds a
+    handful of operations instead of a dozen per tensor. Returns ``(rows per
+    scale, values, ids)`` so callers can reduce other per-value quantities by segment.
+    """
+    from keras import ops
+
+    k = len(tensors)
+    flats = [ops.reshape(ops.cast(t, "float32"), (-1,)) for t in tensors]
+    ids = ops.concatenate([ops.full(ops.shape(f), i, dtype="int32") for i, f in enumerate(flats)])
+    values = ops.concatenate(flats)
+    finite = ops.isfinite(values)
+    safe = ops.where(finite, ops.abs(values), 0.0)
+    absmax = ops.segment_max(safe, ids, num_segments=k)
+    rows = []
+    for scale in scales:
+        # bucket 0 zero, 1 flush, 2 subnormal, 3 fine, 4 overflow, 5 non-finite
+        bucket = ops.where(finite, ops.digitize(safe, _edges(fmt, scale)), 5)
+        counts = ops.reshape(
+            ops.segment_sum(ops.ones_like(safe), ids * 6 + ops.cast(bucket, "int32"), num_segments=6 * k), (k, 6)
+        )
+        size = ops.sum(counts, axis=1)
+        zero, flush, sub, over, nonfinite = counts[:, 0], counts[:, 1], counts[:, 2], counts[:, 4], counts[:, 5]
+        rows.append(
+            ops.stack([absmax * scale, size, size - zero - nonfinite, over, flush, flush + sub, nonfinite], axis=1)
+        )
+    return rows, values, ids
 
 
 def merge(a: np.ndarray | None, b: np.ndarray, *, blocks: int | None = None) -> np.ndarray:
