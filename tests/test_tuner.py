@@ -454,3 +454,14 @@ def test_an_overflow_on_a_few_percent_of_the_samples_is_found(tmp_path):
     assert result.verification["feasible"] and result.drop <= 0.005
     result.save(tmp_path)
     assert "on 256 of " in (tmp_path / "report.md").read_text()
+
+
+def test_statistics_read_two_training_batches_when_the_all_16bit_check_settles_the_answer():
+    """Issue 27: cheap decisive work first. When every layer in 16-bit meets the budget, the statistics only
+    describe the ranges (the report, a fall-back's order): they read 64 samples, the metric all of them."""
+    model = trained(MODEL_BUILDERS["sequential"]())
+    x, y = small_data(400)
+    result = autoprec.tune(model, (x, y), budget="5%", target="mixed_bfloat16", device="gpu", n_trials=3, verbose=0)
+    assert result.n_16bit == len(result.units) and len(result.trials) == 1
+    assert result.stats["statistics_samples"] == 64 and result.stats["samples"] == 400
+    assert result.sensitivity["act_absmax"].notna().any()
