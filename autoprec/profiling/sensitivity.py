@@ -565,10 +565,11 @@ def _node_rows(acts: list, grads: list, fmt: Format, loss_scale: float) -> Any:
     small = [i for i, a in enumerate(acts) if not stats.is_large(a)]
     large = [i for i, a in enumerate(acts) if stats.is_large(a)]
     parts = []
-    if small:
-        (act,), values, ids = stats.flat_table([acts[i] for i in small], fmt)
-        (grad, grad_scaled), flat_grads, _ = stats.flat_table([grads[i] for i in small], fmt, (1.0, loss_scale))
-        score = ops.segment_sum(_score_terms(values, flat_grads, fmt), ids, num_segments=len(small))
+    for c in range(0, len(small), stats.FLAT_CHUNK):  # in chunks: one flat copy of all at once doubles memory
+        chunk = small[c : c + stats.FLAT_CHUNK]
+        (act,), values, ids = stats.flat_table([acts[i] for i in chunk], fmt)
+        (grad, grad_scaled), flat_grads, _ = stats.flat_table([grads[i] for i in chunk], fmt, (1.0, loss_scale))
+        score = ops.segment_sum(_score_terms(values, flat_grads, fmt), ids, num_segments=len(chunk))
         parts.append(ops.concatenate([act, grad, grad_scaled, ops.reshape(score, (-1, 1))], axis=1))
     if large:
         (act,) = stats.table([acts[i] for i in large], fmt)

@@ -170,6 +170,7 @@ def _rows(t: Any, fmt: Format, scales: tuple[float, ...]) -> list[Any]:
 # Bucketize and UnsortedSegmentSum kernels run on one thread), but each tensor adds a dozen traced operations:
 # on small tensors the trace is the cost, on large ones the run.
 EACH_ELEMENTS = 1 << 14
+FLAT_CHUNK = 16  # small tensors per flat vector: one copy of all of them at once could double a step's memory
 
 
 def is_large(t: Any, *, batched: bool = True) -> bool:
@@ -190,9 +191,10 @@ def table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,), *, bat
     """
     large = [i for i, t in enumerate(tensors) if is_large(t, batched=batched)]
     small = [i for i in range(len(tensors)) if i not in large]
-    blocks = []
-    if small:
-        blocks.append(flat_table([tensors[i] for i in small], fmt, scales)[0])
+    blocks = [
+        flat_table([tensors[i] for i in small[c : c + FLAT_CHUNK]], fmt, scales)[0]
+        for c in range(0, len(small), FLAT_CHUNK)
+    ]
     if large:
         from keras import ops
 
