@@ -149,7 +149,14 @@ def profile(
         )
     try:
         return _profile(
-            session, method, (loss_scale, profile_batch_size, stats_samples), tolerance, max_ablation_passes, verbose
+            session,
+            method,
+            loss_scale=loss_scale,
+            profile_batch_size=profile_batch_size,
+            stats_samples=stats_samples,
+            tolerance=tolerance,
+            max_ablation_passes=max_ablation_passes,
+            verbose=verbose,
         )
     finally:
         if own_session:
@@ -159,7 +166,10 @@ def profile(
 def _profile(
     session: Session,
     method: str,
-    statistics_options: tuple[float, Any, int | None],
+    *,
+    loss_scale: float,
+    profile_batch_size: Any,
+    stats_samples: int | None,
     tolerance: float | None,
     max_ablation_passes: int | None,
     verbose: int,
@@ -169,7 +179,6 @@ def _profile(
     progress = Progress(verbose)
     fmt = get_format(session.target)
     rows = {info.path: _graph_row(info, session.graph.total_flops) for info in session.graph.layers}
-    loss_scale, profile_batch_size, stats_samples = statistics_options
     read = None
     if method in ("full", "fast"):
         if isinstance(session.engine, SimEngine) and backends.name() in ("tensorflow", "jax"):
@@ -562,21 +571,20 @@ def _node_rows(acts: list, grads: list, fmt: Format, loss_scale: float) -> Any:
     """
     from keras import ops
 
-    small = [i for i, a in enumerate(acts) if not stats.is_large(a)]
-    large = [i for i, a in enumerate(acts) if stats.is_large(a)]
-    parts = []
-    for c in range(0, len(small), stats.FLAT_CHUNK):  # in chunks: one flat copy of all at once doubles memory
-        chunk = small[c : c + stats.FLAT_CHUNK]
-        (act,), values, ids = stats.flat_table([acts[i] for i in chunk], fmt)
-        (grad, grad_scaled), flat_grads, _ = stats.flat_table([grads[i] for i in chunk], fmt, (1.0, loss_scale))
-        score = ops.segment_sum(_score_terms(values, flat_grads, fmt), ids, num_segments=len(chunk))
+    parts, order = [], []
+    for indices, flat in stats.groups(acts):
+        a, g = [acts[i] for i in indices], [grads[i] for i in indices]
+        if flat:
+            (act,), values, ids = stats.flat_table(a, fmt)
+            (grad, grad_scaled), flat_grads, _ = stats.flat_table(g, fmt, (1.0, loss_scale))
+            score = ops.segment_sum(_score_terms(values, flat_grads, fmt), ids, num_segments=len(indices))
+        else:
+            (act,) = stats.each_table(a, fmt)
+            grad, grad_scaled = stats.each_table(g, fmt, (1.0, loss_scale))
+            score = ops.stack([ops.sum(_score_terms(x, dx, fmt)) for x, dx in zip(a, g, strict=True)])
         parts.append(ops.concatenate([act, grad, grad_scaled, ops.reshape(score, (-1, 1))], axis=1))
-    if large:
-        (act,) = stats.table([acts[i] for i in large], fmt)
-        grad, grad_scaled = stats.table([grads[i] for i in large], fmt, (1.0, loss_scale))
-        scores = [ops.sum(_score_terms(acts[i], grads[i], fmt)) for i in large]
-        parts.append(ops.concatenate([act, grad, grad_scaled, ops.reshape(ops.stack(scores), (-1, 1))], axis=1))
-    return stats.in_order(parts, small + large)
+        order += indices
+    return stats.in_order(parts, order)
 
 
 def _score_terms(a: Any, g: Any, fmt: Format) -> Any:

@@ -180,6 +180,20 @@ def is_large(t: Any, *, batched: bool = True) -> bool:
     return any(d is None for d in dims) or math.prod(int(d) for d in dims) >= EACH_ELEMENTS
 
 
+def groups(tensors: list, *, batched: bool = True) -> list[tuple[list[int], bool]]:
+    """How the statistics of ``tensors`` are computed: ``(indices, flat)`` per group, chunks of ``FLAT_CHUNK``
+    small tensors sharing one flat vector (``flat``), then the large ones, each reduced on its own.
+
+    >>> groups([np.zeros((1, 4)), np.zeros((1, EACH_ELEMENTS)), np.zeros((1, 2))])
+    [([0, 2], True), ([1], False)]
+    """
+    large_ones = [is_large(t, batched=batched) for t in tensors]
+    small = [i for i, large in enumerate(large_ones) if not large]
+    large = [i for i, large in enumerate(large_ones) if large]
+    out = [(small[c : c + FLAT_CHUNK], True) for c in range(0, len(small), FLAT_CHUNK)]
+    return out + [(large, False)] if large else out
+
+
 def table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,), *, batched: bool = True) -> list[Any]:
     """Statistics of many tensors at once: one ``(k, WIDTH)`` array per scale; ``batched``: the first axis
     is the batch (a weight gradient has none).
@@ -189,18 +203,20 @@ def table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,), *, bat
     >>> np.asarray(rows)[:, :4].tolist()
     [[70000.0, 2.0, 2.0, 1.0], [0.0, 3.0, 0.0, 0.0]]
     """
-    large = [i for i, t in enumerate(tensors) if is_large(t, batched=batched)]
-    small = [i for i in range(len(tensors)) if i not in large]
-    blocks = [
-        flat_table([tensors[i] for i in small[c : c + FLAT_CHUNK]], fmt, scales)[0]
-        for c in range(0, len(small), FLAT_CHUNK)
-    ]
-    if large:
-        from keras import ops
+    parts, order = [], []
+    for indices, flat in groups(tensors, batched=batched):
+        chosen = [tensors[i] for i in indices]
+        parts.append(flat_table(chosen, fmt, scales)[0] if flat else each_table(chosen, fmt, scales))
+        order += indices
+    return [in_order([p[s] for p in parts], order) for s in range(len(scales))]
 
-        each = [_rows(tensors[i], fmt, scales) for i in large]
-        blocks.append([ops.stack([rows[s] for rows in each]) for s in range(len(scales))])
-    return [in_order([b[s] for b in blocks], small + large) for s in range(len(scales))]
+
+def each_table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,)) -> list[Any]:
+    """:func:`table` for large tensors: each reduced on its own (see ``EACH_ELEMENTS``)."""
+    from keras import ops
+
+    each = [_rows(t, fmt, scales) for t in tensors]
+    return [ops.stack([rows[s] for rows in each]) for s in range(len(scales))]
 
 
 def in_order(parts: list, order: list[int]) -> Any:
