@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-from common import table
+from common import in_fresh_process, table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("ResNet50", "Xception", "MobileNetV2", "DenseNet121", "ConvNeXtTiny")
@@ -121,18 +120,8 @@ def _worker(name: str, mode: str, n: int, out: str) -> None:
 
 def _measure(name: str, mode: str, n: int, workdir: str) -> dict:
     out = os.path.join(workdir, f"{name}-{mode}.json")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.path.dirname(HERE)}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", name, mode, str(n), out],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if proc.returncode != 0:
-        return {"model": name, "mode": mode, "error": proc.stderr.strip().splitlines()[-1][:200]}
-    with open(out, encoding="utf-8") as fh:
-        return json.load(fh)
+    record = in_fresh_process(os.path.abspath(__file__), [name, mode, str(n)], out, timeout=1800)
+    return {"model": name, "mode": mode, **record} if "error" in record else record
 
 
 def run(models=MODELS, n: int = 128) -> tuple[str, list[dict]]:

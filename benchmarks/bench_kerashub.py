@@ -14,16 +14,11 @@ Run: ``python benchmarks/bench_kerashub.py [--small]`` (``--small``: hidden 128,
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 
 import common
 import numpy as np
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -66,11 +61,11 @@ def main(argv: list[str] | None = None) -> str:
     started = time.monotonic()
     model.predict(x, verbose=0)
     predict_s = time.monotonic() - started
-    rss_predict = peak_rss_gb()
+    rss_predict = common.peak_rss_gb()
     started = time.monotonic()
     result = autoprec.tune(model, (x, y), budget="0.5%", target="mixed_bfloat16", device="gpu", seed=0, verbose=0)
     tune_s = time.monotonic() - started
-    rss_tune = peak_rss_gb()
+    rss_tune = common.peak_rss_gb()
     engine_pass = result.stats["pass_seconds"]
     per_stage = {k: v * engine_pass / predict_s for k, v in result.cost_in_passes.items()}
     lines = [

@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+
+from common import in_fresh_process, peak_rss_gb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("MobileNetV2", "ResNet50", "GPT2")
@@ -84,8 +85,6 @@ def _data(name: str, n: int, seed: int, size: int):
 
 def _worker(name: str, mode: str, n: int, size: int, out: str) -> None:
     """One measurement in this fresh process: 'train' (fit and save), 'predict' or 'tune'."""
-    import resource
-
     import keras
 
     path = os.path.join(os.path.dirname(out), f"{name}.keras")
@@ -126,20 +125,15 @@ def _worker(name: str, mode: str, n: int, size: int, out: str) -> None:
             feasible=result.feasible,
             statistics_samples=result.stats.get("statistics_samples"),
         )
-    record["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    record["peak_rss_gb"] = peak_rss_gb()
     with open(out, "w", encoding="utf-8") as fh:
         json.dump(record, fh)
 
 
 def _measure(name: str, mode: str, n: int, size: int, workdir: str) -> dict:
     out = os.path.join(workdir, f"{name}-{mode}.json")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.path.dirname(HERE)}
-    argv = [sys.executable, __file__, "--worker", name, mode, str(n), str(size), out]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        return {"model": name, "mode": mode, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    with open(out, encoding="utf-8") as fh:
-        return json.load(fh)
+    record = in_fresh_process(os.path.abspath(__file__), [name, mode, str(n), str(size)], out, timeout=3600)
+    return {"model": name, "mode": mode, **record} if "error" in record else record
 
 
 STAGES = ("open", "profile", "search", "split", "verify")

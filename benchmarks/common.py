@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -64,3 +67,22 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size in GiB (Linux reports ``ru_maxrss`` in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def in_fresh_process(script: str, args: list[str], out: str, *, timeout: int) -> dict:
+    """Run ``script --worker *args out`` in a fresh Python (its peak RSS is its own) and read the JSON it wrote
+    to ``out``; ``{"error": ...}`` with the last line of its stderr when it failed."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.path.dirname(os.path.dirname(script))}
+    argv = [sys.executable, script, "--worker", *args, out]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    with open(out, encoding="utf-8") as fh:
+        return json.load(fh)
