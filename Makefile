@@ -5,12 +5,16 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: demo test test-fast test-other-cpu test-jax test-torch bench install lint docs clean
+.PHONY: demo test test-fast test-other-cpu test-jax test-torch bench install venvs lint docs clean
+
+# --no-compile: byte-compiling every installed module (TensorFlow's included) is most of an install's CPU time
+# (the JAX environment: 35 s with it, 12 s without); Python compiles the modules a run imports, once.
+PIP_INSTALL := -m pip install -q --no-compile
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) $(PIP_INSTALL) --upgrade pip
+	$(PY) $(PIP_INSTALL) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,7 +29,11 @@ OTHER_CPU = $$(env -u AUTOPREC_CPU_FAST_BF16 $(PY) -c "from autoprec.backends im
 # Two workers, one test file each at a time: CI has 2 cores. The whole suite on this machine's kind of CPU,
 # then the fast core as on the other kind (AUTOPREC_CPU_FAST_BF16 forces the local device profile), so that
 # both kinds are covered whichever machine runs it.
-test: $(VENV)/.installed
+# The three environments at once (-j3): their downloads overlap, and the backends' never wait for the suite.
+venvs:
+	@$(MAKE) --no-print-directory -j3 -O $(VENV)/.installed $(JAX_VENV)/.installed $(TORCH_VENV)/.installed
+
+test: venvs
 	$(PYTEST)
 	$(MAKE) --no-print-directory test-other-cpu
 	$(MAKE) --no-print-directory test-jax
@@ -54,13 +62,13 @@ JAX_CORE := tests/test_bounds.py tests/test_policy.py tests/test_budget.py tests
 
 $(JAX_VENV)/.installed: pyproject.toml
 	test -x $(JAX_VENV)/bin/python || $(PYTHON) -m venv $(JAX_VENV)
-	$(JAX_VENV)/bin/python -m pip install -q --upgrade pip
-	$(JAX_VENV)/bin/python -m pip install -q "jax[cpu]>=0.10" "keras>=3.15" "optuna>=5.0" "pandas>=3.1" "numpy>=2.4" \
+	$(JAX_VENV)/bin/python $(PIP_INSTALL) --upgrade pip
+	$(JAX_VENV)/bin/python $(PIP_INSTALL) "jax[cpu]>=0.10" "keras>=3.15" "optuna>=5.0" "pandas>=3.1" "numpy>=2.4" \
 		"matplotlib>=3.11" "scikit-learn>=1.9" "pytest>=9.0" "pytest-xdist>=3.8" "hypothesis>=6.170"
 	# KerasHub without its TensorFlow-only dependency (tensorflow-text): what a JAX user's environment holds.
-	$(JAX_VENV)/bin/python -m pip install -q --no-deps "keras-hub>=0.32"
-	$(JAX_VENV)/bin/python -m pip install -q absl-py regex rich packaging "tokenizers>=0.20" sentencepiece
-	$(JAX_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(JAX_VENV)/bin/python $(PIP_INSTALL) --no-deps "keras-hub>=0.32"
+	$(JAX_VENV)/bin/python $(PIP_INSTALL) absl-py regex rich packaging "tokenizers>=0.20" sentencepiece
+	$(JAX_VENV)/bin/python $(PIP_INSTALL) --no-deps -e .
 	touch $@
 
 test-jax: $(JAX_VENV)/.installed
@@ -79,10 +87,10 @@ TORCH_CORE := tests/test_bounds.py tests/test_policy.py tests/test_budget.py tes
 
 $(TORCH_VENV)/.installed: pyproject.toml
 	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
-	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
-	$(TORCH_VENV)/bin/python -m pip install -q "torch==2.13.0" "keras>=3.15" "optuna>=5.0" "pandas>=3.1" "numpy>=2.4" \
+	$(TORCH_VENV)/bin/python $(PIP_INSTALL) --upgrade pip
+	$(TORCH_VENV)/bin/python $(PIP_INSTALL) "torch==2.13.0" "keras>=3.15" "optuna>=5.0" "pandas>=3.1" "numpy>=2.4" \
 		"matplotlib>=3.11" "scikit-learn>=1.9" "pytest>=9.0" "pytest-xdist>=3.8" "hypothesis>=6.170"
-	$(TORCH_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(TORCH_VENV)/bin/python $(PIP_INSTALL) --no-deps -e .
 	touch $@
 
 test-torch: $(TORCH_VENV)/.installed

@@ -24,6 +24,7 @@ class Progress:
         self.verbose = verbose
         self.seconds: dict[str, float] = {}
         self.stage_seconds: dict[str, float] = {}  # whole pipeline stages, as tune's StageClock timed them
+        self.stage_peak_rss_gb: dict[str, float] = {}  # the process's peak RSS after each of them
 
     def say(self, message: str) -> None:
         """One line of progress, printed when verbose."""

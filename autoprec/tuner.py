@@ -288,6 +288,7 @@ def run(model: Any, data: Any, opts: TuneOptions) -> TuneResult | WorkerResult:
     space, found = clock.run("split", split_stage, session, space, found, cost, opts, progress)
     verified = clock.run("verify", verify_stage, session, space, frame, found, cost, opts, progress)
     progress.stage_seconds = clock.seconds
+    progress.stage_peak_rss_gb = clock.peak_rss_gb
     costs = stage_passes(clock.seconds, session.pass_seconds)
     if costs:
         progress.say(
@@ -309,10 +310,16 @@ def run(model: Any, data: Any, opts: TuneOptions) -> TuneResult | WorkerResult:
 
 
 class StageClock:
-    """Wall seconds per pipeline stage, for the cost in passes (:func:`stage_passes`)."""
+    """Wall seconds per pipeline stage, for the cost in passes (:func:`stage_passes`), and the peak RSS after each.
+
+    The process's peak resident set only grows, so the first stage whose
+    figure jumps is the one that holds the memory (NaN where the platform
+    has no ``resource`` module).
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_rss_gb: dict[str, float] = {"start": peak_rss_gb()}
 
     def run(self, name: str, stage: Any, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
@@ -320,6 +327,19 @@ class StageClock:
             return stage(*args, **kwargs)
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
+            self.peak_rss_gb[name] = peak_rss_gb()
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size so far, in GiB (NaN where it cannot be read)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import sys
+
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)  # macOS reports bytes, Linux KiB
 
 
 def stage_passes(seconds: dict[str, float], pass_seconds: float) -> dict[str, float]:
@@ -1276,6 +1296,7 @@ def _run_stats(
         "stage_seconds": dict(progress.seconds),
         "pass_seconds": session.pass_seconds,
         "stage_passes": stage_passes(progress.stage_seconds, session.pass_seconds),
+        "stage_peak_rss_gb": dict(progress.stage_peak_rss_gb),
         "study_name": found.study.study_name,
         "quantized_speed": dict(cost.quantized_speed),
         "weight_bytes": cost.weight_bytes(decided),

@@ -28,11 +28,11 @@ CHECKS = {
         ["policy set after building: dense1 computes in float32", "| float64 |", "| mixed_float16 |", "| autoprec ("],
         ["precision_table.md"],
     ),
-    "keras_applications.py": (["MobileNetV2", "decisions (blocks", "Report:"], ["keras_applications/report.md"]),
+    "keras_applications.py": (["MobileNet:", "decisions (blocks", "Report:"], ["keras_applications/report.md"]),
     "transformer.py": (["embed              float32", "block1_ff1"], ["transformer/report.md"]),
     "cli.sh": (["== 5.", "wrote tuned.keras"], ["cli/run/report.md", "cli/tuned.keras", "cli/profile.csv"]),
 }
-SLOW = {"keras_applications.py", "cli.sh"}  # over 30 s on 2 cores: MobileNetV2's graph; six processes importing Keras
+SLOW = {"keras_applications.py", "cli.sh"}  # over 30 s on 2 cores: MobileNet's graph; six processes importing Keras
 
 
 def _scripts() -> list[str]:
