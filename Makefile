@@ -5,11 +5,12 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: demo test test-fast test-other-cpu test-jax test-torch bench install venvs lint docs clean
+.PHONY: demo test test-fast test-cpu-kind test-jax test-torch bench install venvs lint docs clean
 
-# --no-compile: byte-compiling every installed module (TensorFlow's included) is most of an install's CPU time
-# (the JAX environment: 35 s with it, 12 s without); Python compiles the modules a run imports, once.
-PIP_INSTALL := -m pip install -q --no-compile
+# Byte-compiled at install (pip's default), although that is most of an install's CPU time (the JAX environment:
+# 35 s, 12 s without): with PYTHONDONTWRITEBYTECODE set, as on CI, every process would compile what it imports
+# (measured: the TensorFlow suite took 17:06 instead of 15:13, its subprocess tests twice as long).
+PIP_INSTALL := -m pip install -q
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,19 +24,17 @@ demo: $(VENV)/.installed
 	$(PY) -m autoprec demo --output reports/demo
 
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
-# The other kind of CPU than this one: 0 (no fast bf16) on a CPU with AVX512_BF16/AMX, else 1.
-OTHER_CPU = $$(env -u AUTOPREC_CPU_FAST_BF16 $(PY) -c "from autoprec.backends import cpu_has_fast_bf16 as f; print(0 if f() else 1)")
 
-# Two workers, one test file each at a time: CI has 2 cores. The whole suite on this machine's kind of CPU,
-# then the fast core as on the other kind (AUTOPREC_CPU_FAST_BF16 forces the local device profile), so that
-# both kinds are covered whichever machine runs it.
 # The three environments at once (-j3): their downloads overlap, and the backends' never wait for the suite.
 venvs:
 	@$(MAKE) --no-print-directory -j3 -O $(VENV)/.installed $(JAX_VENV)/.installed $(TORCH_VENV)/.installed
 
+# Two workers, one test file each at a time: CI has 2 cores. The whole suite under TensorFlow, then the core
+# under JAX and under torch. Tests whose outcome can depend on the kind of CPU (target="auto", device="this")
+# are marked cpu_kind and run twice in the suite, as on this kind and as on the other (tests/conftest.py; it
+# fails a test that reaches them unmarked), so both kinds are covered whichever machine runs it.
 test: venvs
 	$(PYTEST)
-	$(MAKE) --no-print-directory test-other-cpu
 	$(MAKE) --no-print-directory test-jax
 	$(MAKE) --no-print-directory test-torch
 
@@ -43,21 +42,15 @@ test: venvs
 test-fast: $(VENV)/.installed
 	$(PYTEST) -m "not slow"
 
-# The tests whose outcome can depend on the kind of CPU: target="auto" (tune's default), device="this" and the
-# examples and CLI that use them (transformer.py names its target, keras_applications.py is slow). The rest of the
-# suite reads no CPU flag.
-CPU_KIND_TESTS := tests/test_cost.py tests/test_tuner.py tests/test_fuzz.py tests/test_cli.py \
-	"tests/test_examples.py::test_example_runs_in_fast_mode[quickstart.py]" \
-	"tests/test_examples.py::test_example_runs_in_fast_mode[precision_table.py]"
-
-test-other-cpu: $(VENV)/.installed
-	@kind=$(OTHER_CPU); echo "autoprec: the CPU-dependent tests again, as on a CPU with AUTOPREC_CPU_FAST_BF16=$$kind"; \
-	AUTOPREC_CPU_FAST_BF16=$$kind $(PYTEST) -m "not slow" $(CPU_KIND_TESTS)
+# Only the tests that depend on the kind of CPU, both kinds.
+test-cpu-kind: $(VENV)/.installed
+	$(PYTEST) -m cpu_kind tests
 
 # The JAX backend, in an environment without TensorFlow: the core that runs under every backend.
 JAX_VENV ?= .venv-jax
-JAX_CORE := tests/test_bounds.py tests/test_policy.py tests/test_budget.py tests/test_apply.py tests/test_search.py \
-	tests/test_engine.py tests/test_measured.py \
+# With the GPU benchmark's dry run (benchmarks/gpu.py at toy sizes), in the same two workers.
+JAX_CORE := tests/test_gpu_benchmark.py tests/test_bounds.py tests/test_policy.py tests/test_apply.py \
+	tests/test_search.py tests/test_engine.py tests/test_measured.py \
 	tests/test_tuner.py::test_planted_regions_end_float32_and_the_rest_16bit
 
 $(JAX_VENV)/.installed: pyproject.toml
@@ -73,16 +66,15 @@ $(JAX_VENV)/.installed: pyproject.toml
 
 test-jax: $(JAX_VENV)/.installed
 	@! $(JAX_VENV)/bin/python -c "import tensorflow" 2>/dev/null || (echo "TensorFlow is installed in $(JAX_VENV)"; exit 1)
-	KERAS_BACKEND=jax $(JAX_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow" $(JAX_CORE)
-	@echo "autoprec: the GPU benchmark's dry run, under JAX without TensorFlow (CPU figures at toy sizes)"
-	KERAS_BACKEND=jax $(JAX_VENV)/bin/python benchmarks/gpu.py --dry-run > /dev/null
+	KERAS_BACKEND=jax $(JAX_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow or gpu_benchmark" $(JAX_CORE)
 
-# The PyTorch backend (CPU build), without TensorFlow: the core that holds there. The planted-hazard tune runs
-# for bfloat16 only: trained under torch's own random streams, the planted float16 offset region (d6) costs
-# 0.0037 of accuracy on its own there (0.015 under TensorFlow), inside the 0.5% budget, so keeping it 16-bit is right.
+# The PyTorch backend (CPU build), without TensorFlow: the core that holds there, where the backend does the work
+# (policies, apply/save/load, the engine, measured steps, a tune end to end). The bounds and the search read
+# per-sample values the engine returns, the same numbers on every backend: JAX and TensorFlow run them. The
+# planted-hazard tune runs for bfloat16 only: trained under torch's own random streams, the planted float16
+# offset region (d6) costs 0.0037 of accuracy on its own there (0.015 under TensorFlow), inside the 0.5% budget, so keeping it 16-bit is right.
 TORCH_VENV ?= .venv-torch
-TORCH_CORE := tests/test_bounds.py tests/test_policy.py tests/test_budget.py tests/test_apply.py tests/test_search.py \
-	tests/test_engine.py tests/test_measured.py \
+TORCH_CORE := tests/test_policy.py tests/test_apply.py tests/test_engine.py tests/test_measured.py \
 	"tests/test_tuner.py::test_planted_regions_end_float32_and_the_rest_16bit[mixed_bfloat16]"
 
 $(TORCH_VENV)/.installed: pyproject.toml

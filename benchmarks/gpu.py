@@ -22,8 +22,8 @@ travel as wheels: ``python -m build --wheel`` here for autoprec, and ``pip downl
 for keras, optuna (with alembic, sqlalchemy, colorlog, tqdm, mako) and, for the
 KerasHub model, ``keras-hub`` installed with ``--no-deps`` plus tokenizers,
 sentencepiece, regex, rich and absl-py (KerasHub's tensorflow-text is not needed).
-``make test-jax`` runs ``--dry-run`` on every submission, so the script is known
-to work before a GPU is lent.
+``make test-jax`` runs ``--dry-run`` on every submission
+(tests/test_gpu_benchmark.py), so the script is known to work before a GPU is lent.
 """
 
 from __future__ import annotations
@@ -209,8 +209,8 @@ def main(argv=None) -> int:
 
     device = device_line(keras)
     dry = args.dry_run
-    trials = min(args.trials, 3) if dry else args.trials
-    steps, warmup, batch = (3, 1, 16) if dry else (40, 5, 64)
+    trials = min(args.trials, 2) if dry else args.trials
+    steps, warmup, batch = (2, 1, 16) if dry else (40, 5, 64)
     lines = [
         f"# autoprec GPU benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",

@@ -20,6 +20,48 @@ import pytest
 collect_ignore = ["tune_worker.py"]
 
 
+# Where autoprec lets this machine's kind of CPU decide: the local device profile, which target="auto" (tune's
+# default) and device="this" charge. (target="auto" itself picks bfloat16 on any CPU.) A test that reaches it
+# must be marked cpu_kind; it then runs twice, as on this kind of CPU and as on the other (AUTOPREC_CPU_FAST_BF16
+# forces the profile), so both kinds are covered whichever machine runs it. A slow one runs on this kind only.
+CPU_KIND_READERS = frozenset({"local_device"})
+
+
+def pytest_generate_tests(metafunc):
+    definition = metafunc.definition
+    if definition.get_closest_marker("cpu_kind") is not None and definition.get_closest_marker("slow") is None:
+        metafunc.fixturenames.append("_cpu")
+        metafunc.parametrize("_cpu", ["this_cpu", "other_cpu"])
+
+
+@pytest.fixture(autouse=True)
+def _cpu_kind(request, monkeypatch):
+    import sys
+
+    from autoprec import backends
+
+    if getattr(request.node, "callspec", None) and request.node.callspec.params.get("_cpu") == "other_cpu":
+        monkeypatch.delenv(backends.FAST_BF16_ENV, raising=False)
+        monkeypatch.setenv(backends.FAST_BF16_ENV, "0" if backends.cpu_has_fast_bf16() else "1")
+    real, consulted, outer = backends.cpu_has_fast_bf16, [], os.environ.get(backends.FAST_BF16_ENV)
+
+    def recording() -> bool:
+        # A test that sets AUTOPREC_CPU_FAST_BF16 itself has chosen the kind: running it again would change nothing.
+        chosen = os.environ.get(backends.FAST_BF16_ENV) != outer
+        if not chosen and sys._getframe(1).f_code.co_name in CPU_KIND_READERS:
+            consulted.append(sys._getframe(1).f_code.co_name)
+        return real()
+
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", recording)
+    yield
+    if consulted and request.node.get_closest_marker("cpu_kind") is None:
+        pytest.fail(
+            f"{request.node.nodeid} let the CPU's kind decide (the local device profile: target='auto' or "
+            "device='this') "
+            "but is not marked @pytest.mark.cpu_kind; mark it, so that it also runs as on the other kind of CPU"
+        )
+
+
 @pytest.fixture(autouse=True)
 def _clean_keras_state():
     policy = keras.config.dtype_policy()

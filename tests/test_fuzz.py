@@ -109,6 +109,7 @@ def tiny():
     return trained(MODEL_BUILDERS["sequential"](), n=256)
 
 
+@pytest.mark.cpu_kind  # target="auto" charges this CPU's kind
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     budgets,

@@ -388,6 +388,7 @@ def test_untrained_model_judged_by_its_loss_is_refused_too():
         )
 
 
+@pytest.mark.cpu_kind
 def test_auto_target_says_why(capsys):
     model = trained(MODEL_BUILDERS["sequential"]())
     result = autoprec.tune(model, small_data(), budget="5%", target="auto", n_trials=3, verbose=1)
