@@ -72,7 +72,8 @@ test-jax: $(JAX_VENV)/.installed
 # (policies, apply/save/load, the engine, measured steps, a tune end to end). The bounds and the search read
 # per-sample values the engine returns, the same numbers on every backend: JAX and TensorFlow run them. The
 # planted-hazard tune runs for bfloat16 only: trained under torch's own random streams, the planted float16
-# offset region (d6) costs 0.0037 of accuracy on its own there (0.015 under TensorFlow), inside the 0.5% budget, so keeping it 16-bit is right.
+# offset region (d6) costs 0.0037 of accuracy on its own there (0.015 under TensorFlow), inside the 0.5%
+# budget, so keeping it 16-bit is right.
 TORCH_VENV ?= .venv-torch
 TORCH_CORE := tests/test_policy.py tests/test_apply.py tests/test_engine.py tests/test_measured.py \
 	"tests/test_tuner.py::test_planted_regions_end_float32_and_the_rest_16bit[mixed_bfloat16]"

@@ -319,7 +319,7 @@ class StageClock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self.peak_rss_gb: dict[str, float] = {"start": peak_rss_gb()}
+        self.peak_rss_gb: dict[str, float] = {"start": round(backends.peak_rss_gb(), 3)}
 
     def run(self, name: str, stage: Any, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
@@ -327,19 +327,7 @@ class StageClock:
             return stage(*args, **kwargs)
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
-            self.peak_rss_gb[name] = peak_rss_gb()
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident set size so far, in GiB (NaN where it cannot be read)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return math.nan
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    import sys
-
-    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)  # macOS reports bytes, Linux KiB
+            self.peak_rss_gb[name] = round(backends.peak_rss_gb(), 3)
 
 
 def stage_passes(seconds: dict[str, float], pass_seconds: float) -> dict[str, float]:

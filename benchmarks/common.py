@@ -70,10 +70,10 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident set size in GiB (Linux reports ``ru_maxrss`` in KiB)."""
-    import resource
+    """This process's peak resident set size in GiB: autoprec's own reading, the one tune's stage figures use."""
+    from autoprec.backends import peak_rss_gb as peak
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak()
 
 
 def in_fresh_process(script: str, args: list[str], out: str, *, timeout: int) -> dict:

@@ -41,7 +41,6 @@ def _cpu_kind(request, monkeypatch):
     from autoprec import backends
 
     if getattr(request.node, "callspec", None) and request.node.callspec.params.get("_cpu") == "other_cpu":
-        monkeypatch.delenv(backends.FAST_BF16_ENV, raising=False)
         monkeypatch.setenv(backends.FAST_BF16_ENV, "0" if backends.cpu_has_fast_bf16() else "1")
     real, consulted, outer = backends.cpu_has_fast_bf16, [], os.environ.get(backends.FAST_BF16_ENV)
 
@@ -57,8 +56,8 @@ def _cpu_kind(request, monkeypatch):
     if consulted and request.node.get_closest_marker("cpu_kind") is None:
         pytest.fail(
             f"{request.node.nodeid} let the CPU's kind decide (the local device profile: target='auto' or "
-            "device='this') "
-            "but is not marked @pytest.mark.cpu_kind; mark it, so that it also runs as on the other kind of CPU"
+            "device='this') but is not marked @pytest.mark.cpu_kind; mark it, so that it also runs as on the "
+            "other kind of CPU"
         )
 
 

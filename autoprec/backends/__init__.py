@@ -153,6 +153,22 @@ def cpu_has_fast_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident set size so far, in GiB (NaN where it cannot be read, as on Windows).
+
+    >>> peak_rss_gb() > 0  # doctest: +SKIP
+    True
+    """
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)  # macOS reports bytes, Linux KiB
+
+
 def device_description() -> str:
     """Where this process computes, in words: the backend, the accelerator or the CPU and its bfloat16 kind.
 
