@@ -25,6 +25,22 @@ def digits_mlp():
 
 
 @pytest.fixture(scope="module")
+def with_int4(digits_mlp):
+    """One size-optimised tune with int8 and int4 candidates, shared by the tests that read its result and its report
+    (each tune costs about 15 s on 2 cores)."""
+    model, _, val = digits_mlp
+    return autoprec.tune(
+        model,
+        val,
+        budget="1%",
+        target="mixed_bfloat16",
+        candidates=("float32", "mixed_bfloat16", "int8", "int4"),
+        n_trials=30,
+        verbose=0,
+    )
+
+
+@pytest.fixture(scope="module")
 def digits_transformer():
     """Rows of the 8x8 image as a sequence of 8 tokens: Dense embedding, attention, LayerNorm, a Dense FFN."""
     (x_train, y_train), (x_val, y_val) = testing.digits_data()
@@ -94,7 +110,7 @@ def test_simulated_and_real_quantized_metrics_agree(digits_mlp, fmt):
 
 
 @pytest.mark.slow
-def test_tune_for_size_with_int8(digits_mlp, tmp_path):
+def test_tune_for_size_with_int8(digits_mlp, with_int4, tmp_path):
     model, _, val = digits_mlp
     result = autoprec.tune(
         model,
@@ -122,15 +138,6 @@ def test_tune_for_size_with_int8(digits_mlp, tmp_path):
     result.model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), result.model.predict(x, verbose=0))
-    with_int4 = autoprec.tune(
-        model,
-        val,
-        budget="1%",
-        target="mixed_bfloat16",
-        candidates=("float32", "mixed_bfloat16", "int8", "int4"),
-        n_trials=30,
-        verbose=0,
-    )
     assert with_int4.objective == "size"  # integer candidates: size unless speed is asked for
     assert with_int4.feasible and with_int4.size_ratio > result.size_ratio
 
@@ -182,20 +189,11 @@ def test_speed_objective_uses_a_measured_factor(digits_mlp):
 
 
 @pytest.mark.slow
-def test_report_shows_integer_formats_and_the_size_tradeoff(digits_mlp, tmp_path):
+def test_report_shows_integer_formats_and_the_size_tradeoff(with_int4, tmp_path):
     from autoprec.report import pages as report
     from autoprec.report import plots
 
-    model, _, val = digits_mlp
-    result = autoprec.tune(
-        model,
-        val,
-        budget="1%",
-        target="mixed_bfloat16",
-        candidates=("float32", "mixed_bfloat16", "int8", "int4"),
-        n_trials=12,
-        verbose=0,
-    )
+    result = with_int4
     result.save(tmp_path / "run")
     saved = report.load_saved(tmp_path / "run")
     trade = plots.tradeoff_data(saved)
