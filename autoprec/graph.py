@@ -39,7 +39,7 @@ from typing import Any
 from autoprec.decisions import Reason
 from autoprec.errors import PathCollisionError, PolicyError, UnsupportedModelError, describe
 from autoprec.formats import FLOAT32, LOW_PRECISION, split
-from autoprec.profiling.flops import composite_flops, layer_flops, sample_elements, weights_of
+from autoprec.profiling.flops import composite_flops, inner_bytes, layer_flops, sample_elements, weights_of
 
 FUNCTIONAL = "functional"
 SEQUENTIAL = "sequential"
@@ -105,6 +105,7 @@ class LayerInfo:
     sublayer_classes: tuple[str, ...] = ()
     sublayer_keras_paths: tuple[str, ...] = ()
     quantizable: bool = False  # Keras can quantize it (Dense, EinsumDense, Embedding): int8/int4/float8 candidates
+    inner_bytes: float = 0.0  # per sample, the activations inside a block (a gradient tape holds them too)
     layer: Any = field(default=None, compare=False, repr=False)
 
     @property
@@ -546,6 +547,7 @@ def _info(order: int, rec: dict[str, Any], pinned: str | None) -> LayerInfo:
         params=rec["params"],
         flops=float(rec["flops"]),
         output_bytes=float(rec["bytes"]),
+        inner_bytes=float(rec["inner_bytes"]),
         order=order,
         role=rec["role"],
         pinned=pinned,
@@ -725,9 +727,11 @@ class _Walker:
             else inner + sum(map(sample_elements, out_shapes))
         )
         nbytes = 4.0 * sum(sample_elements(s) for s in out_shapes)
+        held = inner_bytes(layer, self.real_shapes) if inner is not None else 0.0
         if existing is not None:  # a shared layer called at several nodes: costs add up
             existing["flops"] += flops
             existing["bytes"] += nbytes
+            existing["inner_bytes"] += held
             existing["producers"] += list(producers)
             return existing
         is_layer = _is_layer(layer)
@@ -742,6 +746,7 @@ class _Walker:
             "params": int(sum(math.prod(v.shape) for v in weights_of(layer))),
             "flops": flops,
             "bytes": nbytes,
+            "inner_bytes": held,
             "producers": list(producers),
             "containers": parents,
             "policy": getattr(policy, "name", FLOAT32),

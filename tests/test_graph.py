@@ -193,3 +193,19 @@ def test_variable_length_attention_is_costed_from_the_sample():
     attention = 2 * seq * seq * 2 * (8 + 8)
     assert graph["mha"].flops == pytest.approx(projections + attention, rel=0.01)
     assert graph["ff"].flops == pytest.approx(2 * seq * 16 * 16 + seq * 16, rel=0.1)
+
+
+def test_activations_inside_a_block_are_counted_for_the_gradient_tape():
+    """Issue 27: a block's own output is a small part of what a tape holds; micro-batches are sized from the rest."""
+    tokens = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(50, 16, name="embed")(tokens)
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, name="mha")(h, h)
+    out = keras.layers.Dense(3, name="out")(keras.layers.GlobalAveragePooling1D(name="pool")(h))
+    model = keras.Model(tokens, out)
+    seq = 12
+    graph = build_graph(model, sample=np.zeros((2, seq), "int32"))
+    # query, key, value (seq x 2 heads x 8) and the output projection (seq x 16), float32; then the fused
+    # attention's scores and their softmax (2 heads x seq x seq each), which no Softmax sublayer records
+    assert graph["mha"].inner_bytes == pytest.approx(4 * (3 * seq * 16 + seq * 16) + 2 * 4 * 2 * seq * seq)
+    assert graph["mha"].inner_bytes > 5 * graph["mha"].output_bytes
+    assert graph["embed"].inner_bytes == 0.0 and graph["out"].inner_bytes == 0.0  # leaves hold only their output

@@ -163,16 +163,54 @@ def composite_flops(layer: Any, shapes: Mapping[int, tuple[Sequence, Sequence]])
     return total + 4.0 * scores * head_dim(layer)
 
 
-def _attention_core(layer: Any, shapes: Mapping[int, tuple[Sequence, Sequence]]) -> float:
-    """Scores and weighted sum of a Keras attention layer, from its projections' real output shapes."""
-    outs = {}
+def inner_bytes(layer: Any, shapes: Mapping[int, tuple[Sequence, Sequence]]) -> float:
+    """Bytes per sample of the float32 activations computed inside a layer that calls sublayers (0 for a leaf).
+
+    A gradient tape holds them until the backward pass, though only the
+    layer's own output is a node of the graph: in a transformer block the
+    projections, the attention scores and the feed-forward's wide hidden
+    layer are ten to twenty times its output. Counted from the sublayers'
+    recorded calls, recursively; an attention layer whose ``Softmax`` was
+    not called (Keras's fused path) adds its scores and their softmax.
+
+    >>> import keras
+    >>> inner_bytes(keras.layers.Dense(2), {})
+    0.0
+    """
+    total, softmax = 0.0, False
+    for sub in layer._flatten_layers(include_self=False, recursive=False):
+        if id(sub) in shapes:
+            total += 4.0 * sum(map(sample_elements, shapes[id(sub)][1])) + inner_bytes(sub, shapes)
+            softmax = softmax or type(sub).__name__ == "Softmax"
+    if _is_attention(layer) and not softmax:
+        total += 2 * 4.0 * _attention_scores(layer, shapes)
+    return total
+
+
+def _attention_scores(layer: Any, shapes: Mapping[int, tuple[Sequence, Sequence]]) -> float:
+    """Score elements per sample (``query steps * key steps * heads``) of a Keras attention layer, 0 if unknown."""
+    outs = _projections(layer, shapes)
+    return 0.0 if outs is None else float(outs[0][1] * outs[1][1] * outs[0][2])
+
+
+def _projections(layer: Any, shapes: Mapping[int, tuple[Sequence, Sequence]]) -> list[tuple] | None:
+    """The real output shapes ``(batch, steps, heads, dim)`` of an attention layer's query, key and value."""
+    outs = []
     for name in ("_query_dense", "_key_dense", "_value_dense"):
         sub = getattr(layer, name, None)
         recorded = shapes.get(id(sub)) if sub is not None else None
         if not recorded or not recorded[1] or len(recorded[1][0]) < 4:
-            return 0.0
-        outs[name] = tuple(recorded[1][0])  # (batch, steps, heads, dim)
-    (_, tq, heads, dk), (_, tk, _, _), (_, _, _, dv) = outs.values()
+            return None
+        outs.append(tuple(recorded[1][0]))
+    return outs
+
+
+def _attention_core(layer: Any, shapes: Mapping[int, tuple[Sequence, Sequence]]) -> float:
+    """Scores and weighted sum of a Keras attention layer, from its projections' real output shapes."""
+    outs = _projections(layer, shapes)
+    if outs is None:
+        return 0.0
+    (_, tq, heads, dk), (_, tk, _, _), (_, _, _, dv) = outs
     return 2.0 * tq * tk * heads * (dk + dv)
 
 
