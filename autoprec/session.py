@@ -109,9 +109,9 @@ class Session:
         ``harm_above``, as soon as the harm is (it only grows along the pass).
         Complete passes are cached, so the profile and the search share them.
         """
-        # Keyed by what every node computes in, not by how the assignment spells it: the profile's all-16-bit
-        # check names every eligible layer, the search only its decisions (weightless layers follow their
-        # producers), and the two are one pass (on MobileNetV2 at 224x224 the second cost 1.3 predict passes).
+        # Keyed by what every node computes in, not by how the assignment spells it: a layer named at the policy
+        # it would follow anyway is the same pass (on MobileNetV2 at 224x224 a second all-16-bit pass, spelled
+        # differently, cost 1.3 predict passes).
         key = tuple(sorted(self.graph.resolve_nodes(assignment).items()))
         cached = self._cache.get(key)
         if cached is not None:

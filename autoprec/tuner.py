@@ -661,7 +661,15 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
     progress.say(f"autoprec: target {opts.target}; budget {opts.budget}: {rule.formula()}")
     all_fit = False
     if opts.target in opts.choices:  # with quantized candidates alone, the 16-bit target only ranks: rank fully
-        everything = {i.path: opts.target for i in session.graph.eligible}
+        # Spelled as the search's first trial will be (decisions named, followers following their producers), so
+        # that the search reuses it from the session's cache: naming every eligible node instead would put a
+        # follower of a pinned and a 16-bit producer (GPT2's embeddings_add) in 16-bit, a different assignment.
+        graph = session.graph
+        everything = {
+            p: opts.target
+            for p in [i.path for i in graph.units] + sorted(graph.forced)
+            if p in graph and graph[p].eligible
+        }
         all_fit = rule.feasible(session.evaluate(everything, budget=opts.budget).judged)
     method = ("fast" if all_fit else "full") if gradients else "ablation"
     frame = profile(
