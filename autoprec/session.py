@@ -92,6 +92,7 @@ class Session:
     pass_seconds: float = 0.0  # one warm float32 pass over the whole data: the unit of tune's cost
     confidence: float | None = None  # judge drops by their upper bound at this confidence (autoprec.verify.bounds)
     holdout: Any = None  # a Session over held-out data (autoprec.verify.holdout), scored at verification only
+    resolution: dict[str, Any] = field(default_factory=dict)  # what the data resolves under the bound (tuner)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @functools.cached_property

@@ -552,6 +552,38 @@ def _check_resolution(session: Session, budget: Budget) -> None:
         )
 
 
+def _say_what_resolves(session: Session, ev: Any, rule: BoundBudget) -> None:
+    """The smallest drop these samples tell from zero, from the all-16-bit candidate's bound (a loss, an AUC).
+
+    For right-or-wrong metrics :func:`_check_resolution` knows it before any
+    pass. For other metrics the bound's margin depends on how much the
+    per-sample values move, which only a candidate shows: the all-16-bit one
+    moves them most. The margin shrinks as one over the root of the samples,
+    which gives the samples that would bring it under the budget.
+    """
+    if session.confidence is None or session.binary_values or ev.rejected or math.isnan(ev.bound):
+        return
+    margin, allowed, n = float(ev.bound - ev.drop), float(rule.allowed), session.data.n
+    if not (margin > 0 and allowed > 0 and math.isfinite(margin)):
+        return
+    need = max(n, math.ceil(n * (margin / allowed) ** 2))
+    session.resolution = {"resolvable_drop": margin, "samples": n, "samples_needed": need}
+    if margin >= allowed:
+        logger.warning(
+            "autoprec: at %.0f%% confidence, %d evaluation samples tell a drop in %s from zero only above %.4g "
+            "(the margin of the all-16-bit candidate's bound), and the budget allows %.4g: a candidate passes only "
+            "if it moves the per-sample values less. About %d samples would resolve the budget; pass more data, a "
+            "budget of at least %.4g, or confidence=None to judge the measured drop itself.",
+            100 * session.confidence,
+            n,
+            session.metric.name,
+            margin,
+            allowed,
+            need,
+            margin,
+        )
+
+
 def _holdout_facts(session: Session, ev: Any, opts: TuneOptions) -> dict[str, Any] | None:
     """The held-out check's figures for the result and the report, or None without a held-out part."""
     held = session.holdout
@@ -670,7 +702,9 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
             for p in [i.path for i in graph.units] + sorted(graph.forced)
             if p in graph and graph[p].eligible
         }
-        all_fit = rule.feasible(session.evaluate(everything, budget=opts.budget).judged)
+        check = session.evaluate(everything, budget=opts.budget)
+        all_fit = rule.feasible(check.judged)
+        _say_what_resolves(session, check, rule)
     method = ("fast" if all_fit else "full") if gradients else "ablation"
     frame = profile(
         session.model,
@@ -1297,6 +1331,7 @@ def _run_stats(
         "quantized_speed": dict(cost.quantized_speed),
         "weight_bytes": cost.weight_bytes(decided),
         "rejected_early": int(trials["rejected"].fillna(False).astype(bool).sum()) if "rejected" in trials else 0,
+        "resolution": dict(session.resolution),
     }
 
 

@@ -111,3 +111,24 @@ def test_the_resolution_check_names_the_samples_needed(model_and_data):
     model, (x, y) = model_and_data
     with pytest.raises(DataError, match=r"at least \d+ evaluation samples to resolve a drop of 0.002 .* at 95%"):
         autoprec.tune(model, (x[:500], y[:500]), budget="0.2%", target="mixed_bfloat16", confidence=0.95, verbose=0)
+
+
+def test_what_a_loss_can_resolve_is_said_before_the_search(model_and_data, caplog, tmp_path):
+    """Issue 26: for a loss the bound's margin depends on the spread, known once the all-16-bit candidate ran."""
+    model, (x, y) = model_and_data
+    with caplog.at_level("WARNING", logger="autoprec"):
+        result = autoprec.tune(
+            model, (x, y), budget=1e-6, metric="sparse_categorical_crossentropy", target="mixed_bfloat16", device="gpu", n_trials=4,
+            confidence=0.95, verbose=0,
+        )  # fmt: skip
+    resolution = result.stats["resolution"]
+    assert resolution["samples"] == 1500 and resolution["resolvable_drop"] > 1e-6
+    assert resolution["samples_needed"] > 1500
+    # the margin shrinks as one over the root of n: the samples named bring it down to the budget
+    margin_there = resolution["resolvable_drop"] * math.sqrt(1500 / resolution["samples_needed"])
+    assert margin_there == pytest.approx(1e-6, rel=0.01)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"About {resolution['samples_needed']} samples would resolve the budget" in said
+    assert "confidence=None" in said
+    result.save(tmp_path)
+    assert f"the budget needs about {resolution['samples_needed']}" in (tmp_path / "report.md").read_text()

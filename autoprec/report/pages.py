@@ -281,6 +281,16 @@ def _run_rows(saved: Saved) -> list[tuple[str, str]]:
                 "evaluation samples (seeded); every metric and the budget on all of them",
             )
         )
+    resolution = stats.get("resolution") or {}
+    if resolution.get("resolvable_drop") is not None:
+        rows.append(
+            (
+                "Resolution",
+                f"on {resolution.get('samples', '?')} samples the bound tells a drop from zero above "
+                f"{float(resolution['resolvable_drop']):.4g} (the all-16-bit candidate's margin); the budget needs "
+                f"about {resolution.get('samples_needed', '?')}",
+            )
+        )
     passes = stats.get("stage_passes") or {}
     if passes:
         rows.append(
