@@ -214,7 +214,14 @@ def _plant_weightless(model: Any) -> None:
 
 
 def mild_weightless_mlp(
-    *, seed: int = 0, width: int = 64, blocks: int = 4, offset: float = 64.0, n: int = 6000, epochs: int = 12
+    *,
+    seed: int = 0,
+    width: int = 64,
+    blocks: int = 4,
+    offset: float = 64.0,
+    n: int = 6000,
+    epochs: int = 12,
+    n_val: int | None = None,
 ):
     """A trained MLP for a synthetic 10-class task with mild 16-bit hazards in weightless blocks.
 
@@ -226,15 +233,19 @@ def mild_weightless_mlp(
     loses a little accuracy, with no overflow and no flush.
 
     Returns ``(model, (x_train, y_train), (x_val, y_val), fragile)`` with
-    ``fragile`` the weightless layers that round the offset signal.
+    ``fragile`` the weightless layers that round the offset signal; ``n``
+    training and ``n_val`` (default ``n``) validation samples from one
+    distribution, so a large ``n_val`` gives splits to tune on and a large
+    held-out part to check the budget on.
     """
     import keras
     from keras import layers
 
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(10, 32)) * 0.5  # overlapping classes: many borderline samples
-    labels = rng.integers(0, 10, size=2 * n)
-    x = (centres[labels] + rng.normal(size=(2 * n, 32))).astype("float32")
+    total = n + (n if n_val is None else int(n_val))
+    labels = rng.integers(0, 10, size=total)
+    x = (centres[labels] + rng.normal(size=(total, 32))).astype("float32")
     y = labels.astype("int32")
     keras.utils.set_random_seed(seed)
     x_in = keras.Input((32,), name="x")

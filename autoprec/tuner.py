@@ -727,6 +727,8 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
 # ---------------------------------------------------------------------------
 # Stage: search
 
+RUNNERS_UP = 3  # feasible candidates after the best that the verification may take instead of falling back
+
 
 @dataclass(frozen=True)
 class Found:
@@ -738,6 +740,7 @@ class Found:
     evaluations: int
     cache_hits: int
     measured: dict[int, float] = field(default_factory=dict)
+    runners_up: tuple[dict[str, str], ...] = ()  # the next feasible assignments, best first, for the verification
 
 
 def search_stage(
@@ -780,7 +783,11 @@ def search_stage(
     finally:
         optuna.logging.set_verbosity(verbosity)
     best = _say_outcome(best, space, cost, opts, progress)
-    found = Found(study, dict(best.assignment) if best else {}, best is not None, search.evaluations, search.cache_hits)
+    runners = tuple(dict(o.assignment) for o in search.ranked()[1 : RUNNERS_UP + 1] if o.speedup > 1.0) if best else ()
+    found = Found(
+        study, dict(best.assignment) if best else {}, best is not None, search.evaluations, search.cache_hits,
+        runners_up=runners,
+    )  # fmt: skip
     if opts.cost == "measured" and not opts.search_only:
         found = _measure_candidates(session, space, search, found)
     return found
@@ -852,7 +859,7 @@ def _measure_candidates(session: Session, space: DecisionSpace, search: Any, fou
     speeds = measure_speedups(session, [space.expand(o.assignment) for o in candidates])
     winner = int(np.argmax(speeds))
     by_trial = {o.trial: s for o, s in zip(candidates, speeds, strict=True) if o.trial is not None}
-    return Found(found.study, dict(candidates[winner].assignment), True, found.evaluations, found.cache_hits, by_trial)
+    return dataclasses.replace(found, assignment=dict(candidates[winner].assignment), feasible=True, measured=by_trial)
 
 
 def measure_speedups(session: Session, assignments: list[dict[str, str]], *, steps: int = 10) -> list[float]:
@@ -989,6 +996,7 @@ class Verified:
     discrepancies: list
     measured_speedup: float | None
     holdout: Any = None  # the winner's Evaluation on the held-out data, when there is any
+    runner_up: dict = field(default_factory=dict)  # runner-ups the verification tried instead of falling back
 
 
 def verify_stage(
@@ -1003,15 +1011,17 @@ def verify_stage(
     """Real Keras policies on this device, then (on request) a short training run; fall back decision by decision."""
     bar = progress.stage("verify", total=None, unit="check")
     check_eval = _EvalCheck(session, space, opts)
-    pick = _sensitive_first(space, found.assignment)
+    start, first, runner_up = _verified_start(session, space, found, check_eval, opts, progress)
+    pick = _sensitive_first(space, start)
     limit = opts.max_fallbacks
     assignment, fallbacks, _ = fall_back(
-        dict(found.assignment),
+        start,
         check_eval,
         _nonfinite_first(session, space, check_eval, pick),
         kind="verify",
         limit=limit,
         say=progress.say,
+        checked=first,
     )
     training = None
     if opts.verify == "train":
@@ -1041,7 +1051,47 @@ def verify_stage(
         check_eval.checks,
         measured,
         check_eval.holdout,
+        runner_up,
     )
+
+
+def _verified_start(
+    session: Session, space: DecisionSpace, found: Found, check: _EvalCheck, opts: TuneOptions, progress: Progress
+) -> tuple[dict[str, str], tuple[bool, str], dict[str, Any]]:
+    """The search's best; or, where real policies tip it over the budget, the best runner-up with room to spare.
+
+    The best sits at the edge of the budget by construction (it is the fastest
+    candidate that passed), so a difference of a few samples between the
+    simulated and the real arithmetic tips it over. Returning its most
+    sensitive decision to float32 then costs far more speed than the next
+    candidate whose simulated judgement clears the budget by that difference
+    (measured: ``benchmarks/bench_holdout.py``). Returns where the fall-back
+    starts, that start's check result, and what was tried.
+    """
+    best = dict(found.assignment)
+    first = check(best)
+    facts: dict[str, Any] = {"tried": 0, "chosen": False}
+    if first[0] or not found.runners_up:
+        return best, first, facts
+    rule = session.rule(opts.budget)
+    gap = check.evaluation.judged - session.evaluate(space.expand(best)).judged
+    if not (math.isfinite(gap) and gap > 0):  # not a near miss of the simulation: the fall-back's business
+        return best, first, facts
+    kept = check.model, check.evaluation, check.holdout  # the best's check, restored if no runner-up passes
+    for candidate in found.runners_up:
+        if not rule.feasible(session.evaluate(space.expand(candidate)).judged + gap):
+            continue
+        facts["tried"] += 1
+        result = check(candidate)
+        if result[0]:
+            facts["chosen"] = True
+            progress.say(
+                f"autoprec: verify check failed ({first[1]}); taking the search's next best candidate, which "
+                f"clears the budget by the {gap:.4g} that the real arithmetic added."
+            )
+            return dict(candidate), result, facts
+    check.model, check.evaluation, check.holdout = kept  # none passed: the fall-back starts from the best
+    return best, first, facts
 
 
 class _TrainCheck:
@@ -1283,6 +1333,7 @@ def _verification_facts(session: Session, verified: Verified, opts: TuneOptions,
     feasible = rule.feasible(ev.judged)
     return {
         "fallbacks": [{"key": f.key, "check": f.check, "detail": f.detail} for f in verified.fallbacks],
+        "runner_up": dict(verified.runner_up),
         "checks": verified.discrepancies,
         "real_drop": ev.drop,
         "real_drop_bound": None if math.isnan(ev.bound) else ev.bound,

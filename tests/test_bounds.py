@@ -132,3 +132,36 @@ def test_what_a_loss_can_resolve_is_said_before_the_search(model_and_data, caplo
     assert "confidence=None" in said
     result.save(tmp_path)
     assert f"the budget needs about {resolution['samples_needed']}" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_budget_holds_on_held_out_data_over_20_seeds():
+    """Issue 26: tuned on 20 small splits of a borderline task, measured on 40,000 samples tune never saw.
+
+    The point estimate over-ran the budget in 13 of 20 runs here (benchmarks/bench_holdout.py); judged by the
+    95% bound, at most 5% of the runs may, and the bound must not cost most of the 16-bit share.
+    """
+    from autoprec import testing
+
+    seeds, split, held = 20, 2000, 40000
+    model, _, (xv, yv), _ = testing.mild_weightless_mlp(seed=0, n_val=seeds * split + held)
+    xh, yh = xv[seeds * split :], yv[seeds * split :]
+
+    def right(m):
+        return np.argmax(m.predict(xh, batch_size=8192, verbose=0), axis=-1) == yh
+
+    base = right(model).mean()
+    over, shares = 0, []
+    dense = [f"d{i}" for i in range(1, 7)]
+    flops = {p: model.get_layer(p).kernel.shape[0] * model.get_layer(p).kernel.shape[1] for p in dense}
+    for s in range(seeds):
+        data = (xv[s * split : (s + 1) * split], yv[s * split : (s + 1) * split])
+        result = autoprec.tune(
+            model, data, budget=0.005, target="mixed_bfloat16", device="gpu", confidence=0.95, seed=s, verbose=0
+        )
+        assert result.feasible and result.drop_bound <= 0.005
+        over += int(base - right(result.model).mean() > 0.005)
+        low = sum(f for p, f in flops.items() if result.model.get_layer(p).compute_dtype != "float32")
+        shares.append(low / sum(flops.values()))
+    assert over <= 1, over  # <= 5% of 20 runs
+    assert np.mean(shares) >= 0.75, shares  # measured 0.85 (the point estimate's 0.93)

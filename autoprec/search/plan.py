@@ -492,6 +492,12 @@ class Search(_SharedStudy):
             return None
         return max(feasible, key=lambda op: (round(op[0].speedup, 9), -op[0].drop, -op[1]))[0]
 
+    def ranked(self) -> list[Outcome]:
+        """The plan's feasible outcomes, best first (by :meth:`best`'s order)."""
+        feasible = [(o, self._position[k]) for k, o in self.cache.items() if o.feasible and k in self._position]
+        feasible.sort(key=lambda op: (round(op[0].speedup, 9), -op[0].drop, -op[1]), reverse=True)
+        return [o for o, _ in feasible]
+
     def best_speedup(self) -> float:
         best = self.best()
         return best.speedup if best else 1.0

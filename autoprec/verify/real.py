@@ -69,14 +69,18 @@ def fall_back(
     kind: str,
     limit: int,
     say: Callable[[str], None] = lambda message: None,
+    checked: tuple[bool, str] | None = None,
 ) -> tuple[dict[str, str], list[Fallback], bool]:
     """While ``check(assignment)`` fails, return ``pick(assignment)`` to float32, at most ``limit`` times.
 
-    Returns the final assignment, the fallbacks made, and whether the last check passed.
+    ``checked`` is the result of a check of ``assignment`` already made (the
+    first check is then not repeated). Returns the final assignment, the
+    fallbacks made, and whether the last check passed.
     """
     fallbacks: list[Fallback] = []
     while True:
-        passed, detail = check(assignment)
+        passed, detail = checked if checked is not None else check(assignment)
+        checked = None
         if passed or len(fallbacks) >= limit:
             return assignment, fallbacks, passed
         key = pick(assignment)

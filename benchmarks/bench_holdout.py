@@ -1,0 +1,122 @@
+"""Does the budget hold on data tune never saw? The violation rate over seeds, point estimate against the bound.
+
+The borderline task of issue 26: ``autoprec.testing.mild_weightless_mlp``, a
+10-class task with overlapping classes (many borderline samples) and an MLP
+with four mildly 16-bit-sensitive weightless blocks, trained once in float32.
+Each seed tunes on its own 2,000-sample split (``budget=0.005``,
+``target="mixed_bfloat16"``, ``device="gpu"``), once judged by the measured
+drop (``confidence=None``) and once by its 95% upper bound
+(``confidence=0.95``; ``--confidences`` adds others); each tuned model is then measured on one 40,000-sample
+held-out split from the same distribution. A run violates the budget when its
+held-out drop exceeds it. The 16-bit share is that of the Dense layers'
+matmul FLOPs, read from each tuned model's real compute dtypes.
+
+    python benchmarks/bench_holdout.py [--seeds 20] [--split 2000] [--held 40000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from common import machine, table
+
+BUDGET = 0.005
+
+
+def accuracy(model, x, y):
+    """Per-sample right (1) or wrong (0)."""
+    import numpy as np
+
+    return (np.argmax(model.predict(x, batch_size=4096, verbose=0), axis=-1) == y).astype("float64")
+
+
+def matmul_share(model, graph) -> float:
+    """The Dense layers' FLOPs in 16-bit over all Dense FLOPs, by each layer's real compute dtype."""
+    import keras
+
+    dense = [i for i in graph.layers if isinstance(i.layer, keras.layers.Dense)]
+    low = sum(i.flops for i in dense if model.get_layer(i.path).compute_dtype != "float32")
+    return low / sum(i.flops for i in dense)
+
+
+def run(seeds: int, split: int, held: int, trials: int, confidences: list) -> tuple[list[list], list[list]]:
+    import numpy as np
+
+    import autoprec
+    from autoprec import testing
+
+    model, _, (xv, yv), _ = testing.mild_weightless_mlp(seed=0, n=6000, n_val=seeds * split + held)
+    xh, yh = xv[seeds * split :], yv[seeds * split :]
+    base = accuracy(model, xh, yh)
+    graph = autoprec.build_graph(model)
+    per_run, summary = [], []
+    for confidence in confidences:
+        held_drops, reported, shares, secs = [], [], [], []
+        for s in range(seeds):
+            x, y = xv[s * split : (s + 1) * split], yv[s * split : (s + 1) * split]
+            started = time.monotonic()
+            result = autoprec.tune(
+                model, (x, y), budget=BUDGET, target="mixed_bfloat16", device="gpu", n_trials=trials,
+                confidence=confidence, holdout=None, seed=s, verbose=0,
+            )  # fmt: skip
+            secs.append(time.monotonic() - started)
+            drop = float(base.mean() - accuracy(result.model, xh, yh).mean())
+            held_drops.append(drop)
+            reported.append(result.drop)
+            shares.append(matmul_share(result.model, graph))
+            bound = "" if confidence is None else f"{result.drop_bound:.4f}"
+            per_run.append([str(confidence), s, f"{result.drop:.4f}", bound, f"{drop:.4f}", f"{shares[-1]:.3f}"])
+            print(" | ".join(map(str, per_run[-1])), flush=True)
+        drops = np.array(held_drops)
+        summary.append(
+            [
+                "None (point estimate)" if confidence is None else f"{confidence:.2f}",
+                seeds,
+                int((drops > BUDGET).sum()),
+                f"{(drops > BUDGET).mean():.0%}",
+                f"{drops.mean():.4f}",
+                f"{drops.max():.4f}",
+                f"{np.mean(reported):.4f}",
+                f"{100 * np.mean(shares):.1f}%",
+                f"{np.mean(secs):.1f}",
+            ]
+        )
+    return summary, per_run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--split", type=int, default=2000)
+    parser.add_argument("--held", type=int, default=40000)
+    parser.add_argument("--trials", type=int, default=60, help="tune's n_trials (default: tune's own, 60)")
+    parser.add_argument("--confidences", nargs="+", default=["none", "0.95"], help="'none': the point estimate")
+    args = parser.parse_args(argv)
+    confidences = [None if c.lower() == "none" else float(c) for c in args.confidences]
+    print(f"Machine: {machine()}")
+    summary, per_run = run(args.seeds, args.split, args.held, args.trials, confidences)
+    print(
+        table(
+            [
+                "confidence",
+                "seeds",
+                "held-out drop > budget",
+                "violation rate",
+                "mean held-out drop",
+                "max held-out drop",
+                "mean drop tune reported",
+                "16-bit share of matmul FLOPs",
+                "tune s",
+            ],
+            summary,
+        )  # fmt: skip
+    )
+    print()
+    print(table(["confidence", "seed", "tune's drop", "tune's bound", "held-out drop", "16-bit matmul share"], per_run))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
