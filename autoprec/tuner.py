@@ -1079,7 +1079,7 @@ def _verified_start(
         return best, first, facts
     kept = check.model, check.evaluation, check.holdout  # the best's check, restored if no runner-up passes
     for candidate in found.runners_up:
-        if not rule.feasible(session.evaluate(space.expand(candidate)).judged + gap):
+        if candidate == best or not rule.feasible(session.evaluate(space.expand(candidate)).judged + gap):
             continue
         facts["tried"] += 1
         result = check(candidate)
