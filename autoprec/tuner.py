@@ -573,7 +573,7 @@ def _say_what_resolves(session: Session, ev: Any, rule: BoundBudget) -> None:
             "autoprec: at %.0f%% confidence, %d evaluation samples tell a drop in %s from zero only above %.4g "
             "(the margin of the all-16-bit candidate's bound), and the budget allows %.4g: a candidate passes only "
             "if it moves the per-sample values less. About %d samples would resolve the budget; pass more data, a "
-            "budget of at least %.4g, or confidence=None to judge the measured drop itself.",
+            "budget of at least %.4g (absolute), or confidence=None to judge the measured drop itself.",
             100 * session.confidence,
             n,
             session.metric.name,
@@ -977,7 +977,9 @@ def split_stage(
         split={**getattr(space, "split", {}), **splits},
     )
     assignment.update({f: FLOAT32 for f in own})
-    return space, dataclasses.replace(found, assignment=assignment)
+    # The search's runner-ups are spelled in the old space: the new keys would read as float32 there, a different
+    # assignment from the one the search ranked.
+    return space, dataclasses.replace(found, assignment=assignment, runners_up=())
 
 
 # ---------------------------------------------------------------------------
@@ -1071,18 +1073,22 @@ def _verified_start(
     best = dict(found.assignment)
     first = check(best)
     facts: dict[str, Any] = {"tried": 0, "chosen": False}
-    if first[0] or not found.runners_up:
+    if first[0] or not found.runners_up or opts.max_fallbacks == 0:  # 0: the result is the search's best, as is
         return best, first, facts
     rule = session.rule(opts.budget)
+    if rule.feasible(check.evaluation.judged):  # it failed on the held-out part: no runner-up was judged there
+        return best, first, facts
     gap = check.evaluation.judged - session.evaluate(space.expand(best)).judged
     if not (math.isfinite(gap) and gap > 0):  # not a near miss of the simulation: the fall-back's business
         return best, first, facts
+    facts["gap"] = gap
     kept = check.model, check.evaluation, check.holdout  # the best's check, restored if no runner-up passes
     for candidate in found.runners_up:
         if candidate == best or not rule.feasible(session.evaluate(space.expand(candidate)).judged + gap):
             continue
         facts["tried"] += 1
         result = check(candidate)
+        check.checks[-1]["kind"] = "runner-up"
         if result[0]:
             facts["chosen"] = True
             progress.say(

@@ -164,4 +164,5 @@ def test_the_budget_holds_on_held_out_data_over_20_seeds():
         low = sum(f for p, f in flops.items() if result.model.get_layer(p).compute_dtype != "float32")
         shares.append(low / sum(flops.values()))
     assert over <= 1, over  # <= 5% of 20 runs
-    assert np.mean(shares) >= 0.75, shares  # measured 0.85 (the point estimate's 0.93)
+    # measured 0.848 (0.795 before the verification took runner-ups; the point estimate's 0.934)
+    assert np.mean(shares) >= 0.8, shares

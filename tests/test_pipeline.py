@@ -385,3 +385,57 @@ def test_budget_owns_feasibility():
     assert budget.feasible(baseline=-2.0, drop=0.02) and not budget.feasible(baseline=-2.0, drop=0.021)
     assert Budget.drop(baseline=0.9, value=0.8, higher_is_better=True) == pytest.approx(0.1)
     assert Budget.drop(baseline=0.9, value=0.8, higher_is_better=False) == pytest.approx(-0.1)
+
+
+def _runner_up_case(real: dict, simulated: dict, *, max_fallbacks: int = 3):
+    """A verification start over named assignments: ``real`` and ``simulated`` map a name to its judged drop."""
+    from types import SimpleNamespace
+
+    allowed = 0.005
+    rule = SimpleNamespace(feasible=lambda d: d <= allowed)
+    session = SimpleNamespace(rule=lambda budget: rule, evaluate=lambda a: SimpleNamespace(judged=simulated[a["name"]]))
+
+    class Check:
+        def __init__(self):
+            self.checks, self.model, self.evaluation, self.holdout = [], None, None, None
+
+        def __call__(self, assignment):
+            self.model, self.evaluation = (
+                f"model of {assignment['name']}",
+                SimpleNamespace(judged=real[assignment["name"]]),
+            )
+            self.checks.append({"real_drop": real[assignment["name"]]})
+            return rule.feasible(real[assignment["name"]]), f"real {real[assignment['name']]}"
+
+    names = [n for n in simulated if n != "best"]
+    found = tuner.Found(None, {"name": "best"}, True, 0, 0, runners_up=tuple({"name": n} for n in names))
+    opts = SimpleNamespace(budget=None, max_fallbacks=max_fallbacks)
+    said = []
+    check = Check()
+    space = SimpleNamespace(expand=lambda a: a)
+    start = tuner._verified_start(session, space, found, check, opts, SimpleNamespace(say=said.append))
+    return start, check, said
+
+
+def test_verification_takes_the_runner_up_that_clears_the_budget_by_the_simulations_miss():
+    """Issue 26: the search's best sits at the edge of the budget; real arithmetic two samples worse tipped it over."""
+    simulated = {"best": 0.0045, "tight": 0.0044, "roomy": 0.003, "roomier": 0.001}
+    real = {"best": 0.0055, "tight": 0.0054, "roomy": 0.0038, "roomier": 0.002}
+    (start, first, facts), check, said = _runner_up_case(real, simulated)
+    # the gap is 0.001: "tight" (0.0044 + 0.001 > 0.005) is not tried, "roomy" is, and passes
+    assert (
+        start == {"name": "roomy"} and first[0] and facts == {"tried": 1, "chosen": True, "gap": pytest.approx(0.001)}
+    )
+    assert check.model == "model of roomy" and [c.get("kind") for c in check.checks] == [None, "runner-up"]
+    assert "next best candidate" in said[0]
+
+
+def test_a_runner_up_that_fails_too_leaves_the_best_to_the_fall_back():
+    simulated = {"best": 0.0045, "roomy": 0.003}
+    real = {"best": 0.0055, "roomy": 0.0056}
+    (start, first, facts), check, _ = _runner_up_case(real, simulated)
+    assert start == {"name": "best"} and not first[0] and facts["tried"] == 1 and not facts["chosen"]
+    assert check.model == "model of best" and check.evaluation.judged == 0.0055  # the best's check, restored
+    # max_fallbacks=0 asks for the search's best as it is: no runner-up either
+    (start, first, facts), check, _ = _runner_up_case(real, {"best": 0.0045, "roomy": 0.001}, max_fallbacks=0)
+    assert start == {"name": "best"} and facts["tried"] == 0 and len(check.checks) == 1

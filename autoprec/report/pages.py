@@ -282,7 +282,9 @@ def _run_rows(saved: Saved) -> list[tuple[str, str]]:
             )
         )
     resolution = stats.get("resolution") or {}
-    if resolution.get("resolvable_drop") is not None:
+    if resolution.get("resolvable_drop") is not None and resolution.get("samples_needed", 0) > resolution.get(
+        "samples", 0
+    ):
         rows.append(
             (
                 "Resolution",
