@@ -487,13 +487,11 @@ class Search(_SharedStudy):
         Only the plan's candidates count, never a trial another worker has
         already finished for a later round, so every worker decides alike.
         """
-        feasible = [(o, self._position[k]) for k, o in self.cache.items() if o.feasible and k in self._position]
-        if not feasible:
-            return None
-        return max(feasible, key=lambda op: (round(op[0].speedup, 9), -op[0].drop, -op[1]))[0]
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
 
     def ranked(self) -> list[Outcome]:
-        """The plan's feasible outcomes, best first (by :meth:`best`'s order)."""
+        """The plan's feasible outcomes, best first: highest speed-up, then lower drop, then earlier in the plan."""
         feasible = [(o, self._position[k]) for k, o in self.cache.items() if o.feasible and k in self._position]
         feasible.sort(key=lambda op: (round(op[0].speedup, 9), -op[0].drop, -op[1]), reverse=True)
         return [o for o, _ in feasible]
