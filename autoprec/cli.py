@@ -197,7 +197,7 @@ def _tune_options(args: argparse.Namespace, train: Any) -> dict[str, Any]:
         max_fallbacks=args.max_fallbacks,
         batch_size=args.batch_size,
         nonfinite_inputs=args.nonfinite_inputs,
-        confidence=None if args.confidence in ("none", "None") else _float(args.confidence, "--confidence"),
+        confidence=_confidence(args.confidence),
         holdout=args.holdout if args.holdout == "auto" else _holdout(args.holdout),  # "none" -> None
     )
     if args.candidates:
@@ -214,6 +214,12 @@ def _float(text: str, flag: str) -> float:
         return float(text)
     except ValueError:
         raise ArgumentError(f"Expected {flag} as a number (e.g. 0.95) or none. Received: {text!r}.") from None
+
+
+def _confidence(text: str) -> float | str | None:
+    if text.lower() in ("none", "auto"):
+        return None if text.lower() == "none" else "auto"
+    return _float(text, "--confidence")
 
 
 def _holdout(text: str) -> float | None:
@@ -522,13 +528,15 @@ def _add_tune_search(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--confidence",
-        default="none",
-        help="judge the budget by the drop's upper bound at this confidence (e.g. 0.95); none (default): the drop",
+        default="auto",
+        help="judge the budget by the drop's upper bound at this confidence (e.g. 0.95); none: the drop itself; "
+        "auto (default): 0.95 where the data can resolve the budget at it",
     )
     p.add_argument(
         "--holdout",
         default="none",
-        help="fraction of the data the search never sees, checked at verification; auto, or none (default)",
+        help="fraction of the data the search never sees, checked at verification; auto (a fifth from 5,000 "
+        "samples on), or none (default)",
     )
     p.add_argument(
         "--max-fallbacks",

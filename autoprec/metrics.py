@@ -425,3 +425,22 @@ def _inferred_loss(y: Any, y_pred: Any):
     if pred.shape[-1] > 1 and probabilities:
         return keras.losses.CategoricalCrossentropy()
     return keras.losses.MeanSquaredError()
+
+
+def units_per_sample(y: Any) -> int:
+    """How many values a per-sample metric averages over in one sample: 1, or the tokens of a sequence label.
+
+    Keras's accuracy and losses on a ``(batch, steps, classes)`` output average
+    over every step: integer labels ``(batch, steps)`` hold ``steps`` of them,
+    one-hot labels ``(batch, steps, classes)`` too.
+
+    >>> units_per_sample(np.zeros((8, 128), "int32")), units_per_sample(np.zeros((8, 10), "float32"))
+    (128, 1)
+    """
+    import keras
+
+    first = np.asarray(keras.tree.flatten(y)[0]) if keras.tree.flatten(y) else np.zeros((0,))
+    if first.ndim <= 1:
+        return 1
+    dims = first.shape[1:] if np.issubdtype(first.dtype, np.integer) else first.shape[1:-1]
+    return int(np.prod(dims)) if len(dims) else 1

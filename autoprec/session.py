@@ -96,10 +96,26 @@ class Session:
     _cache: dict = field(default_factory=dict, repr=False)
 
     @functools.cached_property
+    def units_per_sample(self) -> int:
+        """What one sample's metric value averages over: 1, or the tokens of a sequence label."""
+        from autoprec.metrics import units_per_sample
+
+        return units_per_sample(self.data.y)
+
+    @functools.cached_property
     def binary_values(self) -> bool:
-        """Each sample is right (1) or wrong (0) in the float32 baseline: accuracy-like metrics."""
+        """Each sample (or each token of a sequence) is right or wrong in the float32 baseline: accuracy-like metrics.
+
+        A per-token accuracy's value per sequence is a count of right tokens over
+        :attr:`units_per_sample`.
+        """
         v = self.baseline_values
-        return v is not None and bool(np.all((v == 0) | (v == 1)))
+        if v is None:
+            return False
+        counts = v * self.units_per_sample
+        return bool(
+            np.all((counts >= 0) & (counts <= self.units_per_sample) & (np.abs(counts - np.rint(counts)) < 1e-6))
+        )
 
     def evaluate(
         self, assignment: Mapping[str, str], *, budget: Budget | None = None, harm_above: float | None = None
@@ -176,6 +192,7 @@ class Session:
             higher_is_better=self.metric.higher_is_better,
             binary=self.binary_values,
             confidence=self.confidence,
+            units=self.units_per_sample,
         )
 
     def bootstrap_bound(self, outputs: Any, value: float) -> float:

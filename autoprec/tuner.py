@@ -51,7 +51,8 @@ from autoprec.result import TuneResult
 from autoprec.search.cost import CostModel, Device, resolve_device, slower_note
 from autoprec.search.space import DecisionSpace, build_space
 from autoprec.session import Session, open_session
-from autoprec.verify.bounds import no_change_bound
+from autoprec.verify.bounds import AUTO as AUTO_CONFIDENCE
+from autoprec.verify.bounds import DEFAULT_CONFIDENCE, auto_confidence, no_change_bound
 from autoprec.verify.holdout import held_session, split_holdout
 from autoprec.verify.real import TrainCheck, fall_back, nonfinite_origins, predict_batches, train_check, verify_eval
 
@@ -91,7 +92,7 @@ def tune(
     steps: int = ...,
     pretrain_steps: int | None = ...,
     max_fallbacks: int = ...,
-    confidence: float | None = ...,
+    confidence: float | str | None = ...,
     holdout: Any = ...,
     calibration_data: Any = ...,
     batch_size: int | str = ...,
@@ -127,7 +128,7 @@ def tune(
     steps: int = ...,
     pretrain_steps: int | None = ...,
     max_fallbacks: int = ...,
-    confidence: float | None = ...,
+    confidence: float | str | None = ...,
     holdout: Any = ...,
     calibration_data: Any = ...,
     batch_size: int | str = ...,
@@ -164,7 +165,7 @@ def tune(
     steps: int = 50,
     pretrain_steps: int | None = None,
     max_fallbacks: int = 8,
-    confidence: float | None = None,
+    confidence: float | str | None = "auto",
     holdout: Any = None,
     calibration_data: Any = None,
     batch_size: int | str = "auto",
@@ -219,9 +220,12 @@ def tune(
         max_fallbacks: decisions the verification may return to float32.
         confidence: e.g. 0.95: the budget judges the drop's one-sided upper
             confidence bound, paired over the same samples (:mod:`autoprec.verify.bounds`);
-            None judges the measured drop.
+            None judges the measured drop; ``"auto"`` (the default) is 0.95 wherever the
+            data can resolve the budget at it, else the measured drop, with a warning
+            naming the samples needed.
         holdout: data the search never sees, on which the winner must also hold:
-            ``"auto"``, a fraction, separate ``(x, y)`` data, or None (:mod:`autoprec.verify.holdout`).
+            ``"auto"`` (a fifth from 5,000 samples on), a fraction, separate ``(x, y)``
+            data, or None (the default; :mod:`autoprec.verify.holdout`).
         calibration_data: inputs whose ranges set float8 scales (default: ``data``).
         batch_size: evaluation batch size; ``"auto"`` fits memory.
         profile_batch_size: the profile's micro-batch size; ``"auto"`` fits memory.
@@ -445,7 +449,7 @@ def open_run(model: Any, data: Any, opts: TuneOptions, progress: Progress) -> tu
     _check_train_labels(session, opts)
     at_chance = at_chance_level(session)
     if not (at_chance or opts.pretrain_steps):
-        _check_resolution(session, opts.budget)
+        _check_resolution(session, opts.budget, opts.confidence)
         session.holdout = held_session(session, held) if held is not None else None
         return session, 0
     if opts.train_data is None:
@@ -472,7 +476,7 @@ def open_run(model: Any, data: Any, opts: TuneOptions, progress: Progress) -> tu
         logger.warning(
             "autoprec: still at chance level after %d pretraining steps; pass a larger pretrain_steps.", steps
         )
-    _check_resolution(session, opts.budget)
+    _check_resolution(session, opts.budget, opts.confidence)
     session.holdout = held_session(session, held) if held is not None else None
     return session, steps
 
@@ -489,7 +493,8 @@ def _session(model: Any, data: Any, opts: TuneOptions) -> Session:
         keep_float32=opts.keep_float32,
         force_16bit=opts.force_16bit,
         nonfinite_inputs=opts.nonfinite_inputs,
-        confidence=opts.confidence,
+        # "auto" is settled by _check_resolution, once the data's size is known.
+        confidence=DEFAULT_CONFIDENCE if isinstance(opts.confidence, str) else opts.confidence,
     )
 
 
@@ -523,15 +528,30 @@ def _check_train_labels(session: Session, opts: TuneOptions) -> None:
     check_labels(session.model, fix(train.y) if fix else train.y, like, what="train_data")
 
 
-def _check_resolution(session: Session, budget: Budget) -> None:
-    """Refuse a budget the data is too small to resolve, or one that allows any result."""
+def _check_resolution(session: Session, budget: Budget, confidence: float | str | None) -> None:
+    """Refuse a budget the data is too small to resolve, or one that allows any result; settle confidence="auto"."""
     metric, n = session.metric, session.data.n
     bounded = metric.bounds is not None and metric.bounds[0] >= 0
     rule = session.rule(budget)
     rule.check_meaningful(bounded_below=bounded)
     allowed = rule.allowed
-    per = units_per_sample(session.data.y)
+    per = session.units_per_sample
     units, what = n * per, ("sample" if per == 1 else "token")
+    if confidence == AUTO_CONFIDENCE:
+        session.confidence, need = auto_confidence(units, allowed, binary=session.binary_values)
+        if session.confidence is None:
+            logger.warning(
+                "autoprec: %d evaluation %ss are too few to bound a drop of %.4g in %s at %.0f%% confidence with room "
+                "for a 16-bit candidate to change a prediction, so the budget judges the measured drop itself, which "
+                "may not hold on unseen data. Pass at least %d samples for the default 95%% bound (or "
+                "confidence=None to judge the measured drop without this warning).",
+                units,
+                what,
+                allowed,
+                metric.name,
+                100 * DEFAULT_CONFIDENCE,
+                math.ceil(need / per),
+            )
     if session.confidence is not None and session.binary_values and 0 < allowed:
         # The bound on a candidate that flips no sample is about z / n: below that budget nothing in 16-bit can pass.
         smallest = no_change_bound(units, session.confidence)
@@ -605,25 +625,6 @@ def _drop_text(ev: Any, session: Session) -> str:
     if session.confidence is None or math.isnan(ev.bound):
         return f"{ev.drop:.4g}"
     return f"{ev.drop:.4g} ({session.confidence:.0%} bound {ev.bound:.4g})"
-
-
-def units_per_sample(y: Any) -> int:
-    """How many values a per-sample metric averages over in one sample: 1, or the tokens of a sequence label.
-
-    Keras's accuracy and losses on a ``(batch, steps, classes)`` output average
-    over every step: integer labels ``(batch, steps)`` hold ``steps`` of them,
-    one-hot labels ``(batch, steps, classes)`` too.
-
-    >>> units_per_sample(np.zeros((8, 128), "int32")), units_per_sample(np.zeros((8, 10), "float32"))
-    (128, 1)
-    """
-    import keras
-
-    first = np.asarray(keras.tree.flatten(y)[0]) if keras.tree.flatten(y) else np.zeros((0,))
-    if first.ndim <= 1:
-        return 1
-    dims = first.shape[1:] if np.issubdtype(first.dtype, np.integer) else first.shape[1:-1]
-    return int(np.prod(dims)) if len(dims) else 1
 
 
 def at_chance_level(session: Session) -> bool:
@@ -818,7 +819,7 @@ def _open_study(
             "metric": session.metric.name,
             "ranked_by": ranked_by,
         },
-        budget=str(opts.budget) + (f" at {opts.confidence:.0%} confidence" if opts.confidence else ""),
+        budget=str(opts.budget) + (f" at {session.confidence:.0%} confidence" if session.confidence else ""),
     )
     return study, order
 

@@ -107,6 +107,38 @@ def test_confidence_none_judges_the_drop_and_bad_values_are_refused(model_and_da
         autoprec.tune(model, (x, y), holdout=0.9)
 
 
+def test_the_default_confidence_is_the_bound_where_the_data_resolves_the_budget(model_and_data, caplog):
+    """confidence="auto" (the default): 0.95 where a candidate may flip a few samples within the budget, else the
+    measured drop, with a warning naming the samples a bound would need."""
+    model, (x, y) = model_and_data
+    enough = autoprec.tune(model, (x, y), budget="2%", target="mixed_bfloat16", device="gpu", n_trials=4, verbose=0)
+    assert len(y) >= 250 and enough.confidence == 0.95 and enough.drop_bound >= enough.drop
+    with caplog.at_level("WARNING", logger="autoprec"):
+        few = autoprec.tune(
+            model, (x[:200], y[:200]), budget="0.5%", target="mixed_bfloat16", device="gpu", n_trials=4, verbose=0
+        )
+    assert few.confidence is None and math.isnan(few.drop_bound)
+    assert "200 evaluation samples are too few" in caplog.text and "at least 858 samples" in caplog.text
+
+
+def test_a_per_token_accuracy_is_bounded_over_tokens_and_over_sequences():
+    """A language model's accuracy averages over tokens: a sequence's value is a count of right tokens."""
+    base = np.ones(256)
+    few = base.copy()
+    few[:2] = 15 / 16  # two of 4,096 tokens flipped: the tokens' bound, near the no-change bound over 4,096
+    assert (
+        no_change_bound(4096, 0.95)
+        < paired_upper_bound(base, few, higher_is_better=True, binary=True, confidence=0.95, units=16)
+        < 2 * no_change_bound(256, 0.95) / 8
+    )
+    clustered = base.copy()
+    clustered[:12] = 0.0  # 192 tokens, all in 12 sequences: the sequences' spread, wider than independent tokens
+    as_tokens = paired_upper_bound(base, clustered, higher_is_better=True, binary=True, confidence=0.95, units=1 * 1)
+    tokens_alone = 192 / 4096 + 1.645 * math.sqrt(192) / 4096
+    bound = paired_upper_bound(base, clustered, higher_is_better=True, binary=True, confidence=0.95, units=16)
+    assert bound > tokens_alone and bound == pytest.approx(as_tokens, rel=0.2)
+
+
 def test_the_resolution_check_names_the_samples_needed(model_and_data):
     model, (x, y) = model_and_data
     with pytest.raises(DataError, match=r"at least \d+ evaluation samples to resolve a drop of 0.002 .* at 95%"):

@@ -209,3 +209,24 @@ def test_activations_inside_a_block_are_counted_for_the_gradient_tape():
     assert graph["mha"].inner_bytes == pytest.approx(4 * (3 * seq * 16 + seq * 16) + 2 * 4 * 2 * seq * seq)
     assert graph["mha"].inner_bytes > 5 * graph["mha"].output_bytes
     assert graph["embed"].inner_bytes == 0.0 and graph["out"].inner_bytes == 0.0  # leaves hold only their output
+
+
+@pytest.mark.parametrize("kind", ["TransformerEncoder", "TransformerDecoder"])
+def test_a_kerashub_transformer_block_is_costed_like_the_analytic_count(kind):
+    """Issue 25: the FLOPs of a transformer block, counted from its sublayers' real calls, match the textbook count.
+
+    Per sample, with ``s`` tokens, width ``d`` and feed-forward width ``f``: the query, key, value and output
+    projections are ``4 * 2*s*d*d``, the scores and the weighted sum ``2 * 2*s*s*d`` (all heads together), the
+    feed-forward ``2 * 2*s*d*f``. Biases, norms and the softmax add a few percent at most.
+    """
+    keras_hub = pytest.importorskip("keras_hub")
+    d, f, heads = 32, 128, 4
+    tokens = keras.Input((None,), dtype="int32")  # the length is resolved from the sample
+    h = keras.layers.Embedding(50, d, name="embed")(tokens)
+    h = getattr(keras_hub.layers, kind)(intermediate_dim=f, num_heads=heads, name="block")(h)
+    model = keras.Model(tokens, keras.layers.Dense(3, name="out")(h))
+    for s in (8, 24):
+        graph = build_graph(model, sample=np.zeros((2, s), "int32"))
+        matmuls = 4 * 2 * s * d * d + 2 * 2 * s * s * d + 2 * 2 * s * d * f
+        assert matmuls <= graph["block"].flops <= 1.05 * matmuls, (s, graph["block"].flops, matmuls)
+        assert graph["out"].flops == pytest.approx(2 * s * d * 3, rel=0.05)

@@ -37,25 +37,54 @@ from typing import Any
 import numpy as np
 
 DEFAULT_CONFIDENCE = 0.95
+AUTO = "auto"
 BOOTSTRAP_ROUNDS = 200
+# "auto" judges by the bound where a candidate may still flip a few predictions within the budget: where the bound
+# of one that flips none takes at most this share of it. Below that, a bound would leave 16-bit nothing to spend.
+AUTO_ROOM = 0.5
 
 
-def check_confidence(value: Any) -> float | None:
-    """``None`` (judge the point estimate) or a confidence strictly between 0.5 and 1.
+def check_confidence(value: Any) -> float | str | None:
+    """``"auto"``, ``None`` (judge the point estimate) or a confidence strictly between 0.5 and 1.
 
-    >>> check_confidence(0.95), check_confidence(None)
-    (0.95, None)
+    >>> check_confidence(0.95), check_confidence(None), check_confidence("auto")
+    (0.95, None, 'auto')
     """
     from autoprec.errors import ArgumentError, describe
 
-    if value is None:
-        return None
+    if value is None or value == AUTO:
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.5 < float(value) < 1.0:
         raise ArgumentError(
-            f"Expected confidence as a number between 0.5 and 1 (e.g. 0.95), or None to judge the measured drop "
-            f"itself. Received: confidence={describe(value)}."
+            f"Expected confidence as a number between 0.5 and 1 (e.g. 0.95), 'auto', or None to judge the measured "
+            f"drop itself. Received: confidence={describe(value)}."
         )
     return float(value)
+
+
+def auto_confidence(units: int, allowed: float, *, binary: bool) -> tuple[float | None, int]:
+    """What ``confidence="auto"`` judges by on ``units`` samples for a budget ``allowed``, and the units it would need.
+
+    :data:`DEFAULT_CONFIDENCE` wherever the data can resolve the budget at it.
+    For a right-or-wrong metric that is known before any candidate: the bound
+    of a candidate that changes nothing must leave room under the budget
+    (:data:`AUTO_ROOM`); below that the point estimate (``None``), since at
+    95% no candidate that changes a prediction could pass. Other metrics'
+    bounds depend on how much a candidate moves the values, so they keep the
+    bound (tune says afterwards what the data resolved).
+
+    >>> auto_confidence(2000, 0.005, binary=True)
+    (0.95, 2000)
+    >>> auto_confidence(500, 0.005, binary=True)
+    (None, 858)
+    """
+    if not binary or allowed <= 0:
+        return DEFAULT_CONFIDENCE, units
+    # no_change_bound(n) is about (z + 0.5) / n: solve for the n that leaves the room.
+    need = math.ceil((NormalDist().inv_cdf(DEFAULT_CONFIDENCE) + 0.5) / (AUTO_ROOM * allowed))
+    while no_change_bound(need, DEFAULT_CONFIDENCE) > AUTO_ROOM * allowed:
+        need += max(1, need // 100)
+    return (DEFAULT_CONFIDENCE if units >= need else None), max(units, need)
 
 
 def paired_differences(base: np.ndarray, cand: np.ndarray, *, higher_is_better: bool) -> np.ndarray:
@@ -65,22 +94,46 @@ def paired_differences(base: np.ndarray, cand: np.ndarray, *, higher_is_better: 
 
 
 def paired_upper_bound(
-    base: np.ndarray, cand: np.ndarray, *, higher_is_better: bool, binary: bool, confidence: float
+    base: np.ndarray,
+    cand: np.ndarray,
+    *,
+    higher_is_better: bool,
+    binary: bool,
+    confidence: float,
+    units: int = 1,
 ) -> float:
-    """One-sided upper bound on the mean drop at ``confidence`` (``inf`` for non-finite values)."""
+    """One-sided upper bound on the mean drop at ``confidence`` (``inf`` for non-finite values).
+
+    ``units`` is what one sample's value averages over: the tokens of a
+    sequence for a per-token accuracy (values in steps of ``1 / units``).
+    Tokens of one sequence are not independent, so the bound is the larger of
+    two: Student's bound over sequences, which holds whatever the tokens'
+    correlation but says nothing where few tokens changed (no spread, no
+    width), and the proportions bound over the net changed tokens, which is
+    right where few did.
+
+    >>> base = np.ones(256); cand = base.copy(); cand[:2] = 15 / 16   # 2 of 4,096 tokens flipped
+    >>> round(paired_upper_bound(base, cand, higher_is_better=True, binary=True, confidence=0.95, units=16), 4)
+    0.0013
+    """
     d = paired_differences(base, cand, higher_is_better=higher_is_better)
     n = len(d)
     if n == 0:
         return math.nan
     if not np.all(np.isfinite(d)):
         return math.inf
-    if binary:
+    if binary and units == 1:
         return _paired_proportions_upper(int(np.count_nonzero(d > 0)), int(np.count_nonzero(d < 0)), n, confidence)
     mean = float(d.mean())
     if n < 2:
         return math.inf
     sd = float(d.std(ddof=1))
-    return mean + t_quantile(confidence, n - 1) * sd / math.sqrt(n)
+    student = mean + t_quantile(confidence, n - 1) * sd / math.sqrt(n)
+    if not binary:
+        return student
+    tokens = np.rint(d * units)  # net tokens worse (+) or better (-) in each sequence
+    worse, better = int(tokens[tokens > 0].sum()), int(-tokens[tokens < 0].sum())
+    return max(student, _paired_proportions_upper(worse, better, n * units, confidence))
 
 
 def no_change_bound(n: int, confidence: float) -> float:
