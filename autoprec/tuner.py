@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -537,6 +538,12 @@ def _check_resolution(session: Session, budget: Budget, confidence: float | str 
     allowed = rule.allowed
     per = session.units_per_sample
     units, what = n * per, ("sample" if per == 1 else "token")
+    if metric.bounds == (0.0, 1.0) and 0 < allowed < 1.0 / units:  # first: no confidence would help
+        raise DataError(
+            f"Expected at least {_samples(1.0 / allowed / per)} evaluation samples to resolve a drop of {allowed:.4g} "
+            f"in {metric.name}: one {what} is 1/{units} = {1.0 / units:.4g} of it here, so any change would exceed "
+            f"the budget. Pass more data, or a budget of at least {1.0 / units:.4g} (or 0 to allow no change at all)."
+        )
     if confidence == AUTO_CONFIDENCE:
         session.confidence, need = auto_confidence(units, allowed, binary=session.binary_values)
         if session.confidence is None:
@@ -550,26 +557,24 @@ def _check_resolution(session: Session, budget: Budget, confidence: float | str 
                 allowed,
                 metric.name,
                 100 * DEFAULT_CONFIDENCE,
-                math.ceil(need / per),
+                _samples(need / per),
             )
     if session.confidence is not None and session.binary_values and 0 < allowed:
         # The bound on a candidate that flips no sample is about z / n: below that budget nothing in 16-bit can pass.
         smallest = no_change_bound(units, session.confidence)
         if allowed < smallest:
-            need = math.ceil((NormalDist().inv_cdf(session.confidence) + 0.5) / allowed / per)
+            need = _samples((NormalDist().inv_cdf(session.confidence) + 0.5) / allowed / per)
             raise DataError(
                 f"Expected at least {need} evaluation samples to resolve a drop of {allowed:.4g} in {metric.name} "
                 f"at {session.confidence:.0%} confidence: on {units} {what}s, even a candidate that changes no "
                 f"prediction has an upper bound of {smallest:.4g}. Pass more data, a budget of at least "
                 f"{smallest:.4g}, or confidence=None to judge the measured drop itself."
             )
-    if metric.bounds == (0.0, 1.0) and 0 < allowed < 1.0 / units:
-        need = math.ceil(1.0 / allowed / per)
-        raise DataError(
-            f"Expected at least {need} evaluation samples to resolve a drop of {allowed:.4g} in {metric.name}: "
-            f"one {what} is 1/{units} = {1.0 / units:.4g} of it here, so any change would exceed the budget. "
-            f"Pass more data, or a budget of at least {1.0 / units:.4g} (or 0 to allow no change at all)."
-        )
+
+
+def _samples(estimate: float) -> int:
+    """A sample count from a real-valued estimate, whole and finite for a budget as small as 1e-300."""
+    return math.ceil(min(estimate, float(sys.maxsize)))
 
 
 def _say_what_resolves(session: Session, ev: Any, rule: BoundBudget) -> None:
@@ -586,7 +591,7 @@ def _say_what_resolves(session: Session, ev: Any, rule: BoundBudget) -> None:
     margin, allowed, n = float(ev.bound - ev.drop), float(rule.allowed), session.data.n
     if not (margin > 0 and allowed > 0 and math.isfinite(margin)):
         return
-    need = max(n, math.ceil(n * (margin / allowed) ** 2))
+    need = max(n, _samples(n * (margin / allowed) ** 2))
     session.resolution = {"resolvable_drop": margin, "samples": n, "samples_needed": need}
     if margin >= allowed:
         logger.warning(

@@ -30,6 +30,7 @@ few samples it searched on.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from statistics import NormalDist
 from typing import Any
@@ -81,7 +82,10 @@ def auto_confidence(units: int, allowed: float, *, binary: bool) -> tuple[float 
     if not binary or allowed <= 0:
         return DEFAULT_CONFIDENCE, units
     # no_change_bound(n) is about (z + 0.5) / n: solve for the n that leaves the room.
-    need = math.ceil((NormalDist().inv_cdf(DEFAULT_CONFIDENCE) + 0.5) / (AUTO_ROOM * allowed))
+    estimate = (NormalDist().inv_cdf(DEFAULT_CONFIDENCE) + 0.5) / (AUTO_ROOM * allowed)
+    if not estimate < sys.maxsize:  # a budget of 1e-300 asks for more samples than an int counts
+        return None, sys.maxsize
+    need = math.ceil(estimate)
     while no_change_bound(need, DEFAULT_CONFIDENCE) > AUTO_ROOM * allowed:
         need += max(1, need // 100)
     return (DEFAULT_CONFIDENCE if units >= need else None), max(units, need)
