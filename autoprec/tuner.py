@@ -24,7 +24,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -937,12 +937,64 @@ def split_stage(
     each such producer that the cost model says would pay, one evaluation
     tries the split; a split within budget makes its followers decisions of
     their own (float32) and the producer 16-bit.
+
+    The search's best may hold producers in 16-bit whose joined followers
+    carry such a hazard too: their drop fills the budget the splits need (a
+    bound's margin leaves little). So where keeping those followers float32
+    lowers the judged drop (one evaluation), the splits are also tried from
+    there, and the faster outcome is taken where it beats the best.
     """
     if not found.feasible or opts.objective != "speed" or opts.target not in opts.choices:
         return space, found
-    assignment = dict(found.assignment)
-    splits: dict[str, list[str]] = {}
-    best = cost.speedup(space.expand(assignment))
+    starts = [{}]
+    room = _followers_made_room(session, space, found.assignment, opts)
+    if room:
+        starts.append(room)
+    best = cost.speedup(space.expand(found.assignment))
+    outcome = None
+    for splits in starts:
+        tried = _split_greedily(session, space, dict(found.assignment), dict(splits), cost, opts)
+        if tried[2] > best + 1e-9:
+            outcome, best = tried, tried[2]
+    if outcome is None:
+        return space, found
+    assignment, splits, _, said = outcome
+    for line in said:
+        progress.say(line)
+    own = {f: (f,) for fs in splits.values() for f in fs}
+    searched = space
+    if own:
+        space = dataclasses.replace(
+            space,
+            groups={**space.groups, **own},
+            order=(*space.order, *own),
+            own=space.own | set(own),
+            options={**space.options, **{f: tuple(c for c in space.choices if c not in QUANTIZED_MODES) for f in own}},
+            split={**getattr(space, "split", {}), **splits},
+        )
+        assignment.update({f: FLOAT32 for f in own})
+    # The search's best before the split is now the first runner-up. Every runner-up is spelled in the old space,
+    # where the new keys followed their producers; named as they resolved there, they compute exactly as ranked.
+    runners = []
+    for candidate in (found.assignment, *found.runners_up):
+        nodes = session.graph.resolve_nodes(searched.expand(candidate))
+        runners.append({**candidate, **{f: nodes[f] for f in own}})
+    return space, dataclasses.replace(found, assignment=assignment, runners_up=tuple(runners[:RUNNERS_UP]))
+
+
+def _split_greedily(
+    session: Session,
+    space: DecisionSpace,
+    assignment: dict[str, str],
+    splits: dict[str, list[str]],
+    cost: CostModel,
+    opts: TuneOptions,
+) -> tuple[dict[str, str], dict[str, list[str]], float, list[str]]:
+    """Each float32 producer in 16-bit with its followers float32, least sensitive first, where it pays and fits.
+
+    Returns the assignment, the followers split off per producer, the estimated speed-up and what to say.
+    """
+    best, said = cost.speedup(_with_splits(space, assignment, splits)), []
     for key in space.order[::-1]:  # least sensitive first: the likeliest to fit
         if assignment.get(key, FLOAT32) != FLOAT32 or opts.target not in space.choices_of(key):
             continue
@@ -951,11 +1003,7 @@ def split_stage(
         if not (keys or followers):
             continue
         moved = {**assignment, key: opts.target, **{k: FLOAT32 for k in keys}}
-        trial = {
-            **space.expand(moved),
-            **{f: FLOAT32 for f in followers},
-            **{f: FLOAT32 for fs in splits.values() for f in fs},
-        }
+        trial = _with_splits(space, moved, {**splits, key: followers})
         speed = cost.speedup(trial)
         if speed <= best + 1e-9:
             continue
@@ -965,27 +1013,47 @@ def split_stage(
         assignment, best = moved, speed
         if followers:
             splits[key] = followers
-        progress.say(
+        said.append(
             f"autoprec: {key!r} computes in {opts.target} with {', '.join(map(repr, [*keys, *followers]))} "
             f"after it in float32 (estimated {speed:.3f}x, drop {evaluation.drop:.4g})."
         )
-    if assignment == found.assignment:
-        return space, found
-    if not splits:
-        return space, dataclasses.replace(found, assignment=assignment)
-    own = {f: (f,) for fs in splits.values() for f in fs}
-    space = dataclasses.replace(
-        space,
-        groups={**space.groups, **own},
-        order=(*space.order, *own),
-        own=space.own | set(own),
-        options={**space.options, **{f: tuple(c for c in space.choices if c not in QUANTIZED_MODES) for f in own}},
-        split={**getattr(space, "split", {}), **splits},
+    return assignment, splits, best, said
+
+
+def _with_splits(space: DecisionSpace, assignment: Mapping[str, str], splits: Mapping[str, list[str]]) -> dict:
+    """The layer policies of ``assignment`` with the followers split off so far in float32."""
+    return {**space.expand(assignment), **{f: FLOAT32 for fs in splits.values() for f in fs}}
+
+
+def _followers_made_room(
+    session: Session, space: DecisionSpace, assignment: dict[str, str], opts: TuneOptions
+) -> dict[str, list[str]]:
+    """The joined followers of the best's 16-bit producers, where keeping them float32 lowers the judged drop.
+
+    Only worth an evaluation where a float32 producer could then be split.
+    """
+    graph = session.graph
+    lowered = {
+        key: joined
+        for key in space.keys
+        if assignment.get(key, FLOAT32) != FLOAT32
+        for joined in [followers_of(graph, space, key)[1]]
+        if joined
+    }
+    could_split = any(
+        assignment.get(k, FLOAT32) == FLOAT32
+        and opts.target in space.choices_of(k)
+        and any(followers_of(graph, space, k))
+        for k in space.keys
     )
-    assignment.update({f: FLOAT32 for f in own})
-    # The search's runner-ups are spelled in the old space: the new keys would read as float32 there, a different
-    # assignment from the one the search ranked.
-    return space, dataclasses.replace(found, assignment=assignment, runners_up=())
+    if not (lowered and could_split):
+        return {}
+    rule = session.rule(opts.budget)
+    before = session.evaluate(space.expand(assignment), budget=opts.budget)  # the search's best: in the cache
+    after = session.evaluate(_with_splits(space, assignment, lowered), budget=opts.budget)
+    if after.rejected or not rule.feasible(after.judged) or not after.judged < before.judged:
+        return {}
+    return lowered
 
 
 # ---------------------------------------------------------------------------

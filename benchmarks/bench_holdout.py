@@ -41,13 +41,15 @@ def matmul_share(model, graph) -> float:
     return low / sum(i.flops for i in dense)
 
 
-def run(seeds: int, split: int, held: int, trials: int, confidences: list) -> tuple[list[list], list[list]]:
+def run(
+    seeds: int, split: int, held: int, trials: int, confidences: list, width: int = 64, offset: float = 64.0
+) -> tuple[list[list], list[list]]:
     import numpy as np
 
     import autoprec
     from autoprec import testing
 
-    model, _, (xv, yv), _ = testing.mild_weightless_mlp(seed=0, n=6000, n_val=seeds * split + held)
+    model, _, (xv, yv), _ = testing.mild_weightless_mlp(seed=0, width=width, offset=offset, n=6000, n_val=seeds * split + held)
     xh, yh = xv[seeds * split :], yv[seeds * split :]
     base = accuracy(model, xh, yh)
     graph = autoprec.build_graph(model)
@@ -92,11 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", type=int, default=2000)
     parser.add_argument("--held", type=int, default=40000)
     parser.add_argument("--trials", type=int, default=60, help="tune's n_trials (default: tune's own, 60)")
+    parser.add_argument("--width", type=int, default=64, help="the MLP's width (its Dense layers' units)")
+    parser.add_argument("--offset", type=float, default=64.0, help="what each weightless block adds and takes away")
     parser.add_argument("--confidences", nargs="+", default=["none", "0.95"], help="'none': the point estimate")
     args = parser.parse_args(argv)
     confidences = [None if c.lower() == "none" else float(c) for c in args.confidences]
     print(f"Machine: {machine()}")
-    summary, per_run = run(args.seeds, args.split, args.held, args.trials, confidences)
+    summary, per_run = run(args.seeds, args.split, args.held, args.trials, confidences, args.width, args.offset)
     print(
         table(
             [
