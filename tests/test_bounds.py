@@ -170,13 +170,15 @@ def test_what_a_loss_can_resolve_is_said_before_the_search(model_and_data, caplo
 def test_the_budget_holds_on_held_out_data_over_20_seeds():
     """Issue 26: tuned on 20 small splits of a borderline task, measured on 40,000 samples tune never saw.
 
-    The point estimate over-ran the budget in 13 of 20 runs here (benchmarks/bench_holdout.py); judged by the
-    95% bound, at most 5% of the runs may, and the bound must not cost most of the 16-bit share.
+    The point estimate over-ran the budget in 3 of 20 runs here, with 98.8% of the matmul FLOPs in 16-bit
+    (benchmarks/bench_holdout.py, reports/benchmarks.md section 11); judged by the 95% bound, at most 5% of the
+    runs may, and the share must stay within 5 points of the point estimate's.
     """
     from autoprec import testing
 
     seeds, split, held = 20, 2000, 40000
-    model, _, (xv, yv), _ = testing.mild_weightless_mlp(seed=0, n_val=seeds * split + held)
+    # 256 wide: the matmuls, not the casts around a float32 island, are where the time goes (the benchmark's task)
+    model, _, (xv, yv), _ = testing.mild_weightless_mlp(seed=0, width=256, offset=128.0, n_val=seeds * split + held)
     xh, yh = xv[seeds * split :], yv[seeds * split :]
 
     def right(m):
@@ -193,5 +195,5 @@ def test_the_budget_holds_on_held_out_data_over_20_seeds():
         over += int(base - right(result.model).mean() > 0.005)
         shares.append(kernel_share_16bit(result.model))
     assert over <= 1, over  # <= 5% of 20 runs
-    # measured 0.848 (0.795 before the verification took runner-ups; the point estimate's 0.934)
-    assert np.mean(shares) >= 0.8, shares
+    # measured 0.962 (the Dense kernels' share; the point estimate's 0.988, minus 5 points: 0.938)
+    assert np.mean(shares) >= 0.938, shares
