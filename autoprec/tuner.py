@@ -679,8 +679,7 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
     for nothing: it is skipped (the verification still checks the winner).
     """
     from autoprec import backends
-    from autoprec.data import TRAIN_BATCH_SIZE
-    from autoprec.profiling.sensitivity import STATS_SAMPLES, profile
+    from autoprec.profiling.sensitivity import STATS_SAMPLES, profile, settled_samples
 
     gradients = backends.name() in ("tensorflow", "jax") and session.graph.kind != SUBCLASSED
     from autoprec.metrics import single
@@ -719,8 +718,8 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
         method=method,
         profile_batch_size=opts.profile_batch_size,
         # Settled by the all-16-bit check, the statistics only describe the ranges for the report and order a
-        # fall-back: two training batches do; a search they rank reads STATS_SAMPLES.
-        stats_samples=2 * TRAIN_BATCH_SIZE if all_fit else STATS_SAMPLES,
+        # fall-back: up to two training batches do; a search they rank reads STATS_SAMPLES.
+        stats_samples=settled_samples(session.graph) if all_fit else STATS_SAMPLES,
         tolerance=ablation_tolerance(session, opts.budget),
         max_ablation_passes=len(session.graph.eligible) + 8,
         verbose=opts.verbose,

@@ -1,4 +1,4 @@
-"""The session: per-sample metric values from the traced pass, and evaluations that stop early."""
+"""The session: per-sample metric values with each batch of the traced pass, and evaluations that stop early."""
 
 import math
 
@@ -10,13 +10,15 @@ from autoprec.budget import Budget
 from autoprec.session import open_session
 
 
-def test_per_sample_values_come_from_the_traced_pass(planted):
+def test_per_sample_values_come_with_each_batch_of_the_one_traced_pass(planted):
     model, _, val, _ = planted
     session = open_session(model, val, target="mixed_float16", batch_size=64)
     x, y = next(iter(session.data.batches()))
     _, values = session.engine.forward(x, y)
-    assert values is not None and values.shape == (len(x),)  # computed in the graph, not over whole arrays afterwards
-    assert session.engine.traces <= 2  # one before the metric was known, one with it
+    assert values is not None and values.shape == (len(x),)  # per batch, not over whole arrays afterwards
+    if keras.backend.backend() in ("tensorflow", "jax"):
+        # one trace of the model: knowing the metric (from the baseline's outputs) traces it no more
+        assert session.engine.traces == 1
     assert abs(float(np.mean(session.baseline_values)) - session.baseline) < 1e-9
 
 

@@ -75,6 +75,12 @@ PROFILE_MEMORY = 256 << 20  # bytes of activations, gradients and rounding error
 # occurs on 1.2% of them with 95% probability (1 - 0.988^256), and one on 3% with 99.96%. Rarer ones that move
 # the metric still show in the all-16-bit evaluation, the ablation and the verification, which read all the data.
 STATS_SAMPLES = 256
+# Where the all-16-bit check already settles the answer, the statistics only describe the ranges (the report, a
+# fall-back's order): two training batches of samples where a sample's tape is small, fewer where it is large, down
+# to SETTLED_SAMPLES_FLOOR. One statistics step on a 224x224 MobileNetV2 sample (its tape about 260 MB) cost 0.55 s
+# here, 48 of model.predict's samples: 64 of them were 8 predict passes over 512 images.
+SETTLED_TAPE_BYTES = 1 << 30
+SETTLED_SAMPLES_FLOOR = 8
 
 
 def profile(
@@ -427,12 +433,10 @@ def statistics(
 
     graph = session.graph
     if batch_size == "auto":
-        # The tape holds every output and the activations inside blocks; the step adds its gradient and rounding
-        # error. Down to one sample: at 224x224 one MobileNetV2 sample is about 260 MB here, and a floor of 8
-        # held 2 GB over model.predict's peak.
-        per_sample = 3.0 * sum(i.output_bytes + i.inner_bytes for i in graph.layers) or 4.0
+        # Down to one sample: at 224x224 one MobileNetV2 sample is about 260 MB here, and a floor of 8 held 2 GB
+        # over model.predict's peak.
         batch_size = auto_batch_size(
-            graph, budget_bytes=PROFILE_MEMORY, cap=PROFILE_BATCH_CAP, per_sample=per_sample, floor=1
+            graph, budget_bytes=PROFILE_MEMORY, cap=PROFILE_BATCH_CAP, per_sample=tape_bytes(graph), floor=1
         )
     data = session.data if samples is None else session.data.sample(int(samples), seed=0)
     data = data.rebatch(int(batch_size))
@@ -454,6 +458,29 @@ def statistics(
     if bar:
         bar.done(n_batches)
     return _columns(totals)
+
+
+def tape_bytes(graph: ModelGraph) -> float:
+    """Bytes one sample holds in a statistics step: every output and the activations inside blocks, which the
+    tape keeps, and their gradient and rounding error."""
+    return 3.0 * sum(i.output_bytes + i.inner_bytes for i in graph.layers) or 4.0
+
+
+def settled_samples(graph: ModelGraph) -> int:
+    """How many samples the statistics read once the all-16-bit check has settled the answer.
+
+    Two training batches (64) where they hold at most :data:`SETTLED_TAPE_BYTES`
+    of tape, fewer where a sample is large, never under :data:`SETTLED_SAMPLES_FLOOR`.
+
+    >>> import keras
+    >>> from autoprec.graph import build_graph
+    >>> settled_samples(build_graph(keras.Sequential([keras.Input((16,)), keras.layers.Dense(4)])))
+    64
+    >>> settled_samples(build_graph(keras.Sequential([keras.Input((1024, 1024, 32)), keras.layers.Conv2D(32, 3)])))
+    8
+    """
+    fit = int(SETTLED_TAPE_BYTES // tape_bytes(graph))
+    return max(SETTLED_SAMPLES_FLOOR, min(2 * TRAIN_BATCH_SIZE, fit))
 
 
 _BLOCKS = {"": 3, "w": 2, "q": 0}  # statistics vectors in front of each kind of row (the rest is summed)
