@@ -207,8 +207,8 @@ def test_statistics_stream_in_micro_batches_and_aggregate_exactly(planted, monke
     seen = []
     original = backends.compile_function
 
-    def recording(fn):
-        compiled = original(fn)
+    def recording(fn, **options):
+        compiled = original(fn, **options)
 
         def call(*args):
             seen.append(len(args[-1]))  # the labels of the micro-batch, outside the trace

@@ -23,17 +23,20 @@ def name() -> str:
     return keras.backend.backend()
 
 
-def compile_function(fn: Callable) -> Callable:
+def compile_function(fn: Callable, *, optimize: bool = True) -> Callable:
     """Trace ``fn`` once: ``tf.function`` on TensorFlow, ``jax.jit`` on JAX.
 
     Arguments that change between calls (the precision codes) must be passed
     as tensors, never closed over, so that changing them never retraces. On
     TensorFlow the first call fixes a signature whose leading dimensions are
-    unknown, so a smaller last batch reuses the same trace.
+    unknown, so a smaller last batch reuses the same trace. ``optimize=False``
+    skips TensorFlow's graph optimizer (grappler) for a large graph that runs
+    a few times: the statistics step of MobileNetV2 at 224x224 spent 8 s
+    (1.5 predict passes) in it, more than its runs gained.
     """
     backend = name()
     if backend == "tensorflow":
-        return _GenericTFFunction(fn)
+        return _GenericTFFunction(fn, optimize=optimize)
     if backend == "jax":
         import jax
 
@@ -53,9 +56,10 @@ def traces_per_batch_size() -> bool:
 class _GenericTFFunction:
     """A ``tf.function`` whose input signature is the first call's with the leading dimensions unknown."""
 
-    def __init__(self, fn: Callable) -> None:
+    def __init__(self, fn: Callable, *, optimize: bool = True) -> None:
         self._fn = fn
         self._compiled: Callable | None = None
+        self._optimize = optimize
 
     def __call__(self, *args: Any) -> Any:
         if self._compiled is None:
@@ -70,6 +74,13 @@ class _GenericTFFunction:
             # autograph=False: the traced code has no Python control flow on tensors, and
             # converting Keras and autoprec code costs seconds of tracing on large graphs.
             self._compiled = tf.function(self._fn, input_signature=signature, autograph=False)
+        if not self._optimize:
+            # Every call: TensorFlow instantiates (and optimizes) a function again for each configuration it
+            # is called under.
+            from autoprec.backends.tensorflow import without_graph_optimizer
+
+            with without_graph_optimizer():
+                return self._compiled(*args)
         return self._compiled(*args)
 
 

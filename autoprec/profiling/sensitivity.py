@@ -441,7 +441,7 @@ def statistics(
     data = session.data if samples is None else session.data.sample(int(samples), seed=0)
     data = data.rebatch(int(batch_size))
     fn, names = _stats_step(session, fmt, loss_scale)
-    step = backends.compile_function(fn)
+    step = backends.compile_function(fn, optimize=False)  # a large graph, run a few micro-batches
     totals: dict[str, np.ndarray] = {}
     n_batches = -(-data.n // data.batch_size)
     bar = progress.stage("statistics", total=n_batches, unit="micro-batch") if progress else None
