@@ -167,10 +167,10 @@ class SimEngine:
         Per-sample values let an evaluation stop early batch by batch.
         """
         self.metric = metric
-        if metric.per_sample is None:
-            self._values = None
-        else:
-            self._values = backends.compile_function(lambda y, out: metric.per_sample(*metric.select(y, out)))
+        per_sample = metric.per_sample
+        self._values = None
+        if per_sample is not None:
+            self._values = backends.compile_function(lambda y, out: per_sample(*metric.select(y, out)))
 
     def forward(self, x: Any, y: Any) -> tuple[Any, np.ndarray | None]:
         """Outputs (NumPy) and the metric's per-sample values (or None) for one batch."""

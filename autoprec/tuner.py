@@ -939,26 +939,28 @@ def split_stage(
 
     The search's best may hold producers in 16-bit whose joined followers
     carry such a hazard too: their drop fills the budget the splits need (a
-    bound's margin leaves little). So where keeping those followers float32
-    lowers the judged drop (one evaluation), the splits are also tried from
-    there, and the faster outcome is taken where it beats the best.
+    bound's margin leaves little). So where a split missed the budget and
+    keeping those followers float32 lowers the judged drop (one evaluation),
+    the splits are tried again from there; the faster outcome is taken where
+    it beats the best.
     """
     if not found.feasible or opts.objective != "speed" or opts.target not in opts.choices:
         return space, found
-    starts = [{}]
-    room = _followers_made_room(session, space, found.assignment, opts)
-    if room:
-        starts.append(room)
     best = cost.speedup(space.expand(found.assignment))
     outcome = None
-    for splits in starts:
-        tried = _split_greedily(session, space, dict(found.assignment), dict(splits), cost, opts)
-        if tried[2] > best + 1e-9:
-            outcome, best = tried, tried[2]
+    tried = _split_greedily(session, space, dict(found.assignment), {}, cost, opts)
+    if tried.speed > best + 1e-9:
+        outcome, best = tried, tried.speed
+    # Room for the splits that missed the budget (only they can gain from it).
+    room = _followers_made_room(session, space, found.assignment, opts) if tried.missed else {}
+    if room:
+        again = _split_greedily(session, space, dict(found.assignment), room, cost, opts)
+        if again.speed > best + 1e-9:
+            outcome, best = again, again.speed
     if outcome is None:
         return space, found
-    assignment, splits, _, said = outcome
-    for line in said:
+    assignment, splits = outcome.assignment, outcome.splits
+    for line in outcome.said:
         progress.say(line)
     own = {f: (f,) for fs in splits.values() for f in fs}
     searched = space
@@ -981,6 +983,18 @@ def split_stage(
     return space, dataclasses.replace(found, assignment=assignment, runners_up=tuple(runners[:RUNNERS_UP]))
 
 
+@dataclass
+class _Splits:
+    """One greedy pass of the split stage: where it ended, the followers split off per producer, its estimated
+    speed-up, what to say, and how many splits it evaluated that missed the budget."""
+
+    assignment: dict[str, str]
+    splits: dict[str, list[str]]
+    speed: float = 0.0
+    said: list[str] = field(default_factory=list)
+    missed: int = 0
+
+
 def _split_greedily(
     session: Session,
     space: DecisionSpace,
@@ -988,35 +1002,33 @@ def _split_greedily(
     splits: dict[str, list[str]],
     cost: CostModel,
     opts: TuneOptions,
-) -> tuple[dict[str, str], dict[str, list[str]], float, list[str]]:
-    """Each float32 producer in 16-bit with its followers float32, least sensitive first, where it pays and fits.
-
-    Returns the assignment, the followers split off per producer, the estimated speed-up and what to say.
-    """
-    best, said = cost.speedup(_with_splits(space, assignment, splits)), []
+) -> _Splits:
+    """Each float32 producer in 16-bit with its followers float32, least sensitive first, where it pays and fits."""
+    out = _Splits(assignment, splits, cost.speedup(_with_splits(space, assignment, splits)))
     for key in space.order[::-1]:  # least sensitive first: the likeliest to fit
-        if assignment.get(key, FLOAT32) != FLOAT32 or opts.target not in space.choices_of(key):
+        if out.assignment.get(key, FLOAT32) != FLOAT32 or opts.target not in space.choices_of(key):
             continue
         keys, followers = followers_of(session.graph, space, key)
-        keys = [k for k in keys if assignment.get(k, FLOAT32) != FLOAT32]
+        keys = [k for k in keys if out.assignment.get(k, FLOAT32) != FLOAT32]
         if not (keys or followers):
             continue
-        moved = {**assignment, key: opts.target, **{k: FLOAT32 for k in keys}}
-        trial = _with_splits(space, moved, {**splits, key: followers})
+        moved = {**out.assignment, key: opts.target, **{k: FLOAT32 for k in keys}}
+        trial = _with_splits(space, moved, {**out.splits, key: followers})
         speed = cost.speedup(trial)
-        if speed <= best + 1e-9:
+        if speed <= out.speed + 1e-9:
             continue
         evaluation = session.evaluate(trial, budget=opts.budget)
         if evaluation.rejected or not session.rule(opts.budget).feasible(evaluation.judged):
+            out.missed += 1
             continue
-        assignment, best = moved, speed
+        out.assignment, out.speed = moved, speed
         if followers:
-            splits[key] = followers
-        said.append(
+            out.splits[key] = followers
+        out.said.append(
             f"autoprec: {key!r} computes in {opts.target} with {', '.join(map(repr, [*keys, *followers]))} "
             f"after it in float32 (estimated {speed:.3f}x, drop {evaluation.drop:.4g})."
         )
-    return assignment, splits, best, said
+    return out
 
 
 def _with_splits(space: DecisionSpace, assignment: Mapping[str, str], splits: Mapping[str, list[str]]) -> dict:
@@ -1027,25 +1039,15 @@ def _with_splits(space: DecisionSpace, assignment: Mapping[str, str], splits: Ma
 def _followers_made_room(
     session: Session, space: DecisionSpace, assignment: dict[str, str], opts: TuneOptions
 ) -> dict[str, list[str]]:
-    """The joined followers of the best's 16-bit producers, where keeping them float32 lowers the judged drop.
-
-    Only worth an evaluation where a float32 producer could then be split.
-    """
-    graph = session.graph
+    """The joined followers of the best's 16-bit producers, where keeping them float32 lowers the judged drop."""
     lowered = {
         key: joined
         for key in space.keys
         if assignment.get(key, FLOAT32) != FLOAT32
-        for joined in [followers_of(graph, space, key)[1]]
+        for joined in [followers_of(session.graph, space, key)[1]]
         if joined
     }
-    could_split = any(
-        assignment.get(k, FLOAT32) == FLOAT32
-        and opts.target in space.choices_of(k)
-        and any(followers_of(graph, space, k))
-        for k in space.keys
-    )
-    if not (lowered and could_split):
+    if not lowered:
         return {}
     rule = session.rule(opts.budget)
     before = session.evaluate(space.expand(assignment), budget=opts.budget)  # the search's best: in the cache

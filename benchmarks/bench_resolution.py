@@ -57,6 +57,35 @@ def tokens(n: int, seed: int, seq: int = 128, vocab: int = 2048):
     )
 
 
+HAZARD = "+overflow"  # a model name with this suffix: the trained model with a planted float16 overflow
+
+
+def plant_stem_overflow(model, x, *, peak: float = 1e6) -> float:
+    """Scale the first convolution so that its largest output on ``x`` is ``peak`` (float16 overflows), and its
+    BatchNormalization's moving mean, variance and epsilon to match: the float32 function is unchanged.
+
+    Returns the factor. The all-16-bit assignment then goes non-finite, so the search must work.
+    """
+    import keras
+    import numpy as np
+
+    conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+    bn = next(
+        layer
+        for layer in model.layers[model.layers.index(conv) + 1 :]
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
+    largest = float(np.abs(keras.Model(model.inputs, conv.output).predict(x, verbose=0)).max())
+    factor = peak / max(largest, 1e-12)
+    conv.kernel.assign(conv.kernel * factor)
+    if conv.use_bias:
+        conv.bias.assign(conv.bias * factor)
+    bn.moving_mean.assign(bn.moving_mean * factor)
+    bn.moving_variance.assign(bn.moving_variance * factor**2)
+    bn.epsilon = bn.epsilon * factor**2
+    return factor
+
+
 def _build(name: str, size: int):
     import keras
 
@@ -88,15 +117,19 @@ def _worker(name: str, mode: str, n: int, size: int, out: str) -> None:
     import keras
 
     path = os.path.join(os.path.dirname(out), f"{name}.keras")
-    x, y = _data(name, n, 1, size)
+    base = name.removesuffix(HAZARD)
+    x, y = _data(base, n, 1, size)
     record: dict = {"model": name, "mode": mode}
     if mode == "train":
         keras.utils.set_random_seed(0)
-        model = _build(name, size)
-        count, epochs = TRAIN.get(name, (512, 2))
+        model = _build(base, size)
+        count, epochs = TRAIN.get(base, (512, 2))
         t = time.perf_counter()
-        model.fit(*_data(name, count, 0, size), epochs=epochs, batch_size=32 if name != "GPT2" else 16, verbose=0)
+        model.fit(*_data(base, count, 0, size), epochs=epochs, batch_size=32 if base != "GPT2" else 16, verbose=0)
         record.update(fit_s=time.perf_counter() - t, accuracy=float(model.evaluate(x, y, verbose=0)[1]))
+        if name.endswith(HAZARD):
+            record["planted_factor"] = plant_stem_overflow(model, x)
+            record["accuracy_planted"] = float(model.evaluate(x, y, verbose=0)[1])
         record["parameters"] = model.count_params()
         model.save(path)
     elif mode == "predict":
@@ -114,7 +147,7 @@ def _worker(name: str, mode: str, n: int, size: int, out: str) -> None:
         model = keras.models.load_model(path)
         options = (
             {"budget": "0.5%", "target": "mixed_bfloat16", "device": "gpu"}
-            if name == "GPT2"
+            if base == "GPT2"
             else {"budget": "2% relative", "metric": "accuracy"}
         )
         t = time.perf_counter()
