@@ -13,6 +13,11 @@ data against ``tune`` on the same data. Stage costs are autoprec's own
 accounting (``TuneResult.cost_in_passes``, in warm engine passes) converted
 to warm ``model.predict`` passes.
 
+A model name ending in ``+overflow`` (``MobileNetV2+overflow``) is that model,
+trained the same way, with a float16 overflow planted in its stem
+(:func:`plant_stem_overflow`): the all-16-bit assignment goes non-finite, so
+the search must work.
+
     python benchmarks/bench_resolution.py [--models MobileNetV2 ResNet50 GPT2] [--n 512] [--size 224]
 """
 
