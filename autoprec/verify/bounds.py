@@ -53,7 +53,7 @@ def check_confidence(value: Any) -> float | str | None:
     """
     from autoprec.errors import ArgumentError, describe
 
-    if value is None or value == AUTO:
+    if value is None or (isinstance(value, str) and value == AUTO):
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.5 < float(value) < 1.0:
         raise ArgumentError(
