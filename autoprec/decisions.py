@@ -19,7 +19,17 @@ from typing import Any
 
 from autoprec.formats import FLOAT32, MIXED_FLOAT16
 from autoprec.formats import get as get_format
-from autoprec.profiling.stats import ACT_ABSMAX, ACT_FLUSH, ACT_OVERFLOW, Hazard, hazard, hazards, number
+from autoprec.profiling.stats import (
+    ACT_ABSMAX,
+    ACT_FLUSH,
+    ACT_OVERFLOW,
+    ALONE_STOPPED,
+    Hazard,
+    hazard,
+    hazards,
+    number,
+    tested_alone,
+)
 
 
 class Reason(enum.StrEnum):
@@ -127,8 +137,11 @@ def _facts(row: Mapping[str, Any], fmt: Any, metric: str, higher_is_better: bool
     facts = []
     drop = number(row, "metric_drop")
     if drop > 0:
-        alone = "alone" if row.get("ablation", "alone") == "alone" else "in its group"
-        facts.append(f"{alone} in {fmt.short} it {_drop_words(drop, metric, higher_is_better)}")
+        alone = "alone" if tested_alone(row) or "ablation" not in row else "in its group"
+        # Stopped once it certainly broke the budget, its drop is a lower bound.
+        least = " at least" if row.get("ablation") == ALONE_STOPPED and math.isfinite(drop) else ""
+        words = _drop_words(drop, metric, higher_is_better).replace(" by ", f" by{least} ", 1)
+        facts.append(f"{alone} in {fmt.short} it {words}")
     absmax, overflow = number(row, ACT_ABSMAX), number(row, ACT_OVERFLOW)
     if overflow > 0:
         reach = f"its output reaches {absmax:.2g} > {fmt.max_finite:g}" if absmax == absmax else "its outputs overflow"

@@ -276,6 +276,8 @@ def run(model: Any, data: Any, opts: TuneOptions) -> TuneResult | WorkerResult:
         choices=opts.choices,
         tolerance=ablation_tolerance(session, opts.budget),
         objective=opts.objective,
+        # The ablation measured layers alone in the target format: only there does it rule a choice out.
+        allowed=session.rule(opts.budget).allowed if opts.target in opts.choices else None,
     )
     device, device_why = resolve_device(opts.device, target=opts.target, target_why=opts.target_why)
     progress.say(f"autoprec: cost model for a {device.name} ({device_why}).")
@@ -718,10 +720,12 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
         method=method,
         profile_batch_size=opts.profile_batch_size,
         # Settled by the all-16-bit check, the statistics only describe the ranges for the report and order a
-        # fall-back: up to two training batches do; a search they rank reads STATS_SAMPLES.
+        # fall-back: up to two training batches do; a search they rank reads STATS_SAMPLES for the activation
+        # peaks, and the gradients fewer where a sample's tape is large (sensitivity.gradient_samples_for).
         stats_samples=settled_samples(session.graph) if all_fit else STATS_SAMPLES,
         tolerance=ablation_tolerance(session, opts.budget),
         max_ablation_passes=len(session.graph.eligible) + 8,
+        budget=opts.budget,  # a layer alone that breaks it is stopped early, and ruled out of the search
         verbose=opts.verbose,
         session=session,
     )
@@ -769,11 +773,11 @@ def search_stage(
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar replaces Optuna's per-trial log
     try:
-        study, order = _open_study(session, space, opts, ranked_by)
+        study, order, ruled = _open_study(session, space, opts, ranked_by)
         bar = progress.stage("search", total=opts.n_trials, unit="trial")
         rule = session.rule(opts.budget)
         search = Search(
-            dataclasses.replace(space.search_space(), order=order),
+            dataclasses.replace(space.search_space(), order=order, ruled_out=ruled),
             lambda a: session.evaluate(space.expand(a), budget=opts.budget),
             objective(cost, space, opts.objective),
             rule.feasible,
@@ -800,8 +804,8 @@ def search_stage(
 
 def _open_study(
     session: Session, space: DecisionSpace, opts: TuneOptions, ranked_by: str
-) -> tuple[Any, tuple[str, ...]]:
-    """The study (opened, resumed or shared) and the decision order it searches in."""
+) -> tuple[Any, tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """The study (opened, resumed or shared), the decision order it searches in, and the choices it rules out."""
     from autoprec.search.plan import make_sampler
     from autoprec.search.study import fail_orphans, name_objective, open_study, record_or_check
 
@@ -822,20 +826,32 @@ def _open_study(
             "fingerprint": session.fingerprint(),
             "metric": session.metric.name,
             "ranked_by": ranked_by,
+            "ruled_out": {k: list(v) for k, v in space.ruled_out.items()},
         },
         budget=str(opts.budget) + (f" at {session.confidence:.0%} confidence" if session.confidence else ""),
     )
-    return study, order
+    # Every worker rules out what the study's first worker did, as it follows that worker's order.
+    ruled = {k: tuple(v) for k, v in study.user_attrs.get("ruled_out", {}).items() if k in space.groups}
+    return study, order, ruled
 
 
 def _say_outcome(best: Any, space: DecisionSpace, cost: CostModel, opts: TuneOptions, progress: Progress) -> Any:
     """Say why the result is all float32 where it is; a best slower than float32 becomes None (all float32)."""
-    if best is not None and opts.objective == "speed" and best.speedup < 1.0:
-        # Within budget, but slower than float32 by the cost model: float32 itself is the faster answer.
-        progress.say(
-            f"autoprec: the best assignment within budget is estimated at {best.speedup:.2f}x float32 on the "
-            f"{cost.device.name} profile; float32 is faster, so the result is all float32."
-        )
+    if best is not None and opts.objective == "speed" and best.speedup <= 1.0 + 1e-9:
+        # Within budget, but no faster than float32 by the cost model (or float32 itself, which a search may
+        # evaluate): float32 is the answer, and the user is told why.
+        slower = slower_note(cost.device, opts.target)
+        if any(v != FLOAT32 for v in best.assignment.values()):
+            what = (
+                f"the best assignment within budget is estimated at {best.speedup:.2f}x float32 on the "
+                f"{cost.device.name} profile; float32 is faster, so the result is all float32"
+            )
+        else:
+            what = (
+                "no assignment with a layer in 16-bit both met the budget and was estimated faster than float32 on "
+                f"the {cost.device.name} profile; the result is all float32"
+            )
+        progress.say(f"autoprec: {what}" + (f": {slower}." if slower else "."))
         best = None
     elif best is None and not space.keys:
         progress.say(
@@ -1308,7 +1324,11 @@ def result_stage(
     ev = verified.evaluation
     verification = _verification_facts(session, verified, opts, rule)
     stats = _run_stats(session, space, found, cost, opts, progress, seconds=seconds, decided=decided, trials=trials)
-    stats.update(statistics_samples=frame.attrs.get("statistics_samples"), samples=session.data.n)
+    stats.update(
+        statistics_samples=frame.attrs.get("statistics_samples"),
+        gradient_samples=frame.attrs.get("gradient_samples"),
+        samples=session.data.n,
+    )
     measured_on = None if verified.measured_speedup is None else backends.device_description()
     provenance = _provenance(session, ev, rule, cost, decided, verification, verified, measured_on)
     policy = PrecisionPolicy(

@@ -166,7 +166,11 @@ def run(n_trials: int = 60) -> tuple[str, list[dict]]:
         cost = CostModel(session.graph, device=device)
         budget = Budget.get(budget)
         opt, opt_evals = exhaustive(session, cost, eligible, target, budget)
-        result = autoprec.tune(model, val, budget=budget, target=target, n_trials=n_trials, verbose=0, device=device)
+        # Judged by the measured drop, as the optimum and the baselines are: this compares searches, not the bound
+        # (tune's default judges the 95% upper bound where the data allows it, a stricter rule than theirs).
+        result = autoprec.tune(
+            model, val, budget=budget, target=target, n_trials=n_trials, verbose=0, device=device, confidence=None
+        )
         half, half_evals = halving(session, cost, eligible, target, budget)
         pre, pre_evals = prefix_bisect(session, cost, eligible, target, budget)
         tuned = result.speedup_estimate

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import optuna
 import pytest
-from conftest import MODEL_BUILDERS, small_data, trained
+from conftest import MODEL_BUILDERS, THREE_WAY, small_data, trained
 from pgserver import REQUIRE, PostgresServer, Unavailable
 from test_search import DROP, KEYS, estimate, outcome
 
@@ -227,7 +227,9 @@ def test_three_worker_processes_one_killed_mid_trial(planted, pg_url, tmp_path):
         time.sleep(0.2)  # poll(), not wait() in turn: a killed worker must be reaped, or it looks alive
     codes = [p.poll() for p in procs]
     assert codes[:2] == [0, 0] and codes[2] == -9, [p.stderr.read().decode()[-2000:] for p in procs]
-    reference = autoprec.tune(model, val, budget="0.5%", target="mixed_float16", n_trials=n_trials, seed=0, verbose=0)
+    reference = autoprec.tune(
+        model, val, budget="0.5%", target="mixed_float16", candidates=THREE_WAY, n_trials=n_trials, seed=0, verbose=0
+    )
 
     study = optuna.load_study(study_name="s", storage=open_storage(pg_url))
     complete = evaluated_trials(study)

@@ -6,6 +6,7 @@ import urllib.request
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
+from conftest import THREE_WAY
 
 import autoprec
 
@@ -29,7 +30,15 @@ def test_optuna_dashboard_shows_only_feasible_trials_as_best_with_a_named_object
     model, _, val, _ = planted
     url = f"sqlite:///{tmp_path / 'study.db'}"
     result = autoprec.tune(
-        model, val, budget="0.5%", target="mixed_float16", n_trials=12, storage=url, study_name="dash", verbose=0
+        model,
+        val,
+        budget="0.5%",
+        target="mixed_float16",
+        candidates=THREE_WAY,
+        n_trials=12,
+        storage=url,
+        study_name="dash",
+        verbose=0,
     )
     first = result.trials.sort_values("trial").iloc[0]
     assert first["phase"] == "all_16bit" and not first["feasible"]  # an infeasible trial with the highest estimate

@@ -9,6 +9,9 @@ makes each evaluation S seconds longer (a bigger model, for the scheduling).
 ``--barrier DIR --workers N`` holds the search until N workers are ready, so
 that they search together, and prints the CPU and wall seconds of the search.
 Prints ``done`` and the study's trial count.
+
+It tunes for float16 with the three-way choice ``conftest.THREE_WAY``, so that on the planted
+MLP the search has work to share, kill and resume.
 """
 
 import argparse
@@ -22,6 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
 import numpy as np
+from conftest import THREE_WAY
 
 import autoprec
 from autoprec.search import plan as search
@@ -75,6 +79,7 @@ result = autoprec.tune(
     data,
     budget=args.budget,
     target="mixed_float16",
+    candidates=THREE_WAY,
     n_trials=args.n_trials,
     seed=0,
     storage=args.storage,

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("autoprec")
 
 METHODS = ("full", "fast", "ablation")
+
 RISK_SCORE_RATIO = 10.0  # a weightless layer whose score is 10x every neighbour's decides on its own
 PROFILE_MEMORY = 256 << 20  # bytes of activations, gradients and rounding errors one micro-batch may hold
 # Samples the range statistics and the score stream over. Ranges and flush shares are shares of elements, which
@@ -81,6 +82,11 @@ STATS_SAMPLES = 256
 # here, 48 of model.predict's samples: 64 of them were 8 predict passes over 512 images.
 SETTLED_TAPE_BYTES = 1 << 30
 SETTLED_SAMPLES_FLOOR = 8
+# Where the search must work, the gradients and the score (means over many elements) read as many of the sampled
+# ones as hold this much tape; the activation peaks still read all of them, in a forward pass. On MobileNetV2 at
+# 224x224 (260 MB of tape a sample) the statistics on 256 samples were 17.6 of tune's 42 predict passes; on 16,
+# with the peaks on 256, about 6.
+GRADIENT_TAPE_BYTES = 4 << 30
 
 
 def profile(
@@ -95,8 +101,10 @@ def profile(
     profile_batch_size: int | str = "auto",
     loss_scale: float = DEFAULT_LOSS_SCALE,
     stats_samples: int | None = STATS_SAMPLES,
+    gradient_samples: int | str | None = "auto",
     tolerance: float | None = None,
     max_ablation_passes: int | None = None,
+    budget: Any = None,
     verbose: int = 1,
     session: Session | None = None,
 ) -> pd.DataFrame:
@@ -117,9 +125,18 @@ def profile(
         stats_samples: how many samples (seeded, at random) the statistics and
             the score read (default 256, see ``STATS_SAMPLES``); ``None`` reads
             all. The metric, the ablation and the budget always use all the data.
+        gradient_samples: how many of those the gradients and the score read;
+            ``"auto"`` (:func:`gradient_samples_for`: all of them, fewer where a
+            sample's tape is large), ``None``: all of them. Where they are fewer,
+            the activation peaks read all of them in a forward pass.
         tolerance: the largest group drop cleared without splitting; default 0
             for bounded metrics (accuracy) and 0.1% of the baseline otherwise.
         max_ablation_passes: cap on ablation passes (default: what full bisection may need, 2 per layer).
+        budget: an accuracy budget (``"0.5%"``, a :class:`autoprec.Budget`): a layer
+            tested alone stops being measured once it certainly breaks it (its
+            ``metric_drop`` is then a certain lower bound, and ``ablation``
+            ``"alone, stopped over the budget"``). Default: every layer
+            tested alone is measured on all the data.
         verbose: 0 silences the progress bars.
         session: an open session (``tune`` passes its own).
 
@@ -141,6 +158,14 @@ def profile(
         from autoprec.errors import check_int
 
         check_int("stats_samples", stats_samples, 1)
+    if budget is not None:
+        from autoprec.budget import Budget
+
+        budget = Budget.get(budget)
+    if gradient_samples is not None and gradient_samples != "auto":
+        from autoprec.errors import check_int
+
+        check_int("gradient_samples", gradient_samples, 1)
     own_session = session is None
     if session is None:
         from autoprec.formats import resolve_target
@@ -160,8 +185,10 @@ def profile(
             loss_scale=loss_scale,
             profile_batch_size=profile_batch_size,
             stats_samples=stats_samples,
+            gradient_samples=gradient_samples,
             tolerance=tolerance,
             max_ablation_passes=max_ablation_passes,
+            budget=budget,
             verbose=verbose,
         )
     finally:
@@ -176,8 +203,10 @@ def _profile(
     loss_scale: float,
     profile_batch_size: Any,
     stats_samples: int | None,
+    gradient_samples: int | str | None,
     tolerance: float | None,
     max_ablation_passes: int | None,
+    budget: Any,
     verbose: int,
 ):
     import pandas as pd
@@ -185,12 +214,22 @@ def _profile(
     progress = Progress(verbose)
     fmt = get_format(session.target)
     rows = {info.path: _graph_row(info, session.graph.total_flops) for info in session.graph.layers}
-    read = None
+    read = differentiated = None
     if method in ("full", "fast"):
         if isinstance(session.engine, SimEngine) and backends.name() in ("tensorflow", "jax"):
             read = session.data.n if stats_samples is None else min(int(stats_samples), session.data.n)
+            if gradient_samples == "auto":
+                differentiated = gradient_samples_for(session.graph, read)
+            else:
+                differentiated = read if gradient_samples is None else min(int(gradient_samples), read)
             for path, columns in statistics(
-                session, fmt, loss_scale=loss_scale, batch_size=profile_batch_size, samples=read, progress=progress
+                session,
+                fmt,
+                loss_scale=loss_scale,
+                batch_size=profile_batch_size,
+                samples=read,
+                gradient_samples=differentiated,
+                progress=progress,
             ).items():
                 rows[path].update(columns)
         else:
@@ -199,7 +238,13 @@ def _profile(
         tol = default_tolerance(session) if tolerance is None else float(tolerance)
         ranked, alone = prior_order(alone_prior(session.graph, rows))
         for path, result in ablation(
-            session, ranked, tolerance=tol, max_passes=max_ablation_passes, alone=alone, progress=progress
+            session,
+            ranked,
+            tolerance=tol,
+            max_passes=max_ablation_passes,
+            alone=alone,
+            budget=budget,
+            progress=progress,
         ).items():
             rows[path].update(result)
         for row in rows.values():  # the columns exist even when every layer was cleared with its group
@@ -220,6 +265,7 @@ def _profile(
         seconds=dict(progress.seconds),
         method=method,
         statistics_samples=read,
+        gradient_samples=differentiated,
         samples=session.data.n,
     )
     return frame
@@ -327,7 +373,7 @@ def own_risk(frame, graph: ModelGraph, *, tolerance: float) -> set[str]:
             continue
         r = rows.get(info.path, {})
         drop = _num(r.get("metric_drop"))
-        risky = stats.hazard(r) is not None or (r.get("ablation") == "alone" and drop > tolerance)
+        risky = stats.hazard(r) is not None or (stats.tested_alone(r) and drop > tolerance)
         neighbours = [scores.get(p, 0.0) for p in (*info.producers, *consumers.get(info.path, ())) if p in graph]
         mine = scores.get(info.path, 0.0)
         if not risky and neighbours and mine > 0:
@@ -352,11 +398,14 @@ def ablation(
     tolerance: float,
     max_passes: int | None = None,
     alone: Sequence[str] = (),
+    budget: Any = None,
     progress: Progress | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Group-tested ablation of ``ranked`` (most suspicious first); see the module docstring.
 
-    ``alone`` are tested one by one at once (the suspects of the one-pass measures).
+    ``alone`` are tested one by one at once (the suspects of the one-pass measures). With ``budget`` (a
+    :class:`autoprec.Budget`), a layer alone stops once it certainly breaks it: a planted overflow is told
+    apart on its first batch, not after a whole pass.
     Returns per path: ``metric_drop``, ``output_error`` and ``nonfinite_outputs``
     of the layer alone (``ablation="alone"``), or ``group_drop`` and
     ``ablation="cleared in a group of K"`` for layers cleared with their group (their own
@@ -380,19 +429,21 @@ def ablation(
         single = len(group) == 1
         # A group is only asked whether its harm (losses, gains ignored, so that members
         # cannot hide each other) is over the tolerance: the pass stops once it is.
-        ev = session.evaluate(
-            {**everything, **{p: session.target for p in group}}, harm_above=None if single else tolerance
-        )
+        assignment = {**everything, **{p: session.target for p in group}}
+        if single:
+            ev = session.evaluate(assignment, budget=budget)
+        else:
+            ev = session.evaluate(assignment, harm_above=tolerance)
         passes += 1
         if bar:
             bar.update(passes)
         if single:
             out[group[0]] = {
                 "metric": ev.metric,
-                "metric_drop": ev.drop,
+                "metric_drop": ev.drop,  # a certain lower bound when stopped early
                 "output_error": ev.output_error,
                 stats.NONFINITE_OUTPUTS: ev.nonfinite_outputs,
-                "ablation": "alone",
+                "ablation": stats.ALONE_STOPPED if ev.rejected else "alone",
             }
         elif ev.rejected or not math.isfinite(ev.harm) or ev.harm > tolerance:
             middle = len(group) // 2
@@ -425,20 +476,32 @@ def statistics(
     loss_scale: float = DEFAULT_LOSS_SCALE,
     batch_size: int | str = "auto",
     samples: int | None = None,
+    gradient_samples: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, dict[str, float]]:
     """Activation, output-gradient and weight-gradient statistics, score and SQNR, streamed in micro-batches
-    over ``samples`` of the data (a seeded random subset; all of it by default)."""
+    over ``samples`` of the data (a seeded random subset; all of it by default).
+
+    With ``gradient_samples`` fewer than that, the step reads ``gradient_samples`` of them, and the activation
+    peaks (largest magnitude, overflow and non-finite counts) are read on all ``samples`` in a forward pass
+    (:func:`_ranges`, no tape).
+    """
     import keras
 
     graph = session.graph
+    data = session.data if samples is None else session.data.sample(int(samples), seed=0)
+    forward = None
+    if gradient_samples is not None and int(gradient_samples) < data.n:
+        # An overflow that only some inputs cause needs many samples, which only a forward pass affords at high
+        # resolution; gradient shares and the score are means over many elements and settle on a few samples.
+        forward = _ranges(session, fmt, data, progress)
+        data = data.sample(int(gradient_samples), seed=0)
     if batch_size == "auto":
         # Down to one sample: at 224x224 one MobileNetV2 sample is about 260 MB here, and a floor of 8 held 2 GB
         # over model.predict's peak.
         batch_size = auto_batch_size(
             graph, budget_bytes=PROFILE_MEMORY, cap=PROFILE_BATCH_CAP, per_sample=tape_bytes(graph), floor=1
         )
-    data = session.data if samples is None else session.data.sample(int(samples), seed=0)
     data = data.rebatch(int(batch_size))
     fn, names = _stats_step(session, fmt, loss_scale)
     step = backends.compile_function(fn, optimize=False)  # a large graph, run a few micro-batches
@@ -457,7 +520,56 @@ def statistics(
             bar.update(i + 1)
     if bar:
         bar.done(n_batches)
-    return _columns(totals)
+    out = _columns(totals)
+    for path, v in (forward or {}).items():  # the peaks, read on more samples than the gradients
+        peaks = stats.columns(v, stats.ACT)
+        row = out.setdefault(path, {})
+        row[stats.ACT_ABSMAX] = max(peaks[stats.ACT_ABSMAX], row.get(stats.ACT_ABSMAX, 0.0))
+        row[stats.ACT_OVERFLOW] = peaks[stats.ACT_OVERFLOW]
+        row[stats.ACT_NONFINITE] = max(peaks[stats.ACT_NONFINITE], row.get(stats.ACT_NONFINITE, 0))
+    return out
+
+
+def _ranges(session: Session, fmt: Format, data: Any, progress: Progress | None) -> dict[str, np.ndarray]:
+    """Each node's activation peaks (:func:`autoprec.profiling.stats.peak_row`: largest magnitude, overflow and
+    non-finite counts) from a forward pass over ``data`` at the evaluation batch size.
+
+    An overflow that only a few inputs cause is what needs many samples, and only its peak is news: the shares
+    of values that flush settle on the gradient statistics' fewer samples.
+    """
+    import keras
+    from keras import ops
+
+    engine = session.engine
+    names: list[str] = []
+
+    def scan(x):
+        taken: list[tuple[str, Any]] = []
+
+        def hook(path, op, call, args, kwargs, out):
+            if not isinstance(out, (list, tuple, dict)) and "float" in str(getattr(out, "dtype", "")):
+                taken.append((path, out))
+            return None
+
+        engine.run(x, None, hook)
+        names[:] = [p for p, _ in taken]
+        return ops.stack([stats.peak_row(a, fmt) for _, a in taken]) if taken else None
+
+    step = backends.compile_function(scan, optimize=False)  # as the statistics step: a large graph, run a few times
+    totals: dict[str, np.ndarray] = {}
+    n_batches = -(-data.n // data.batch_size)
+    bar = progress.stage("ranges", total=n_batches, unit="batch") if progress else None
+    session.passes += 1
+    for i, (x, _) in enumerate(data.batches()):
+        value = step(x)
+        if value is not None:
+            for path, row in zip(names, np.asarray(keras.ops.convert_to_numpy(value), np.float64), strict=True):
+                totals[path] = stats.merge(totals.get(path), row, blocks=1)
+        if bar:
+            bar.update(i + 1)
+    if bar:
+        bar.done(n_batches)
+    return totals
 
 
 def tape_bytes(graph: ModelGraph) -> float:
@@ -481,6 +593,22 @@ def settled_samples(graph: ModelGraph) -> int:
     """
     fit = int(SETTLED_TAPE_BYTES // tape_bytes(graph))
     return max(SETTLED_SAMPLES_FLOOR, min(2 * TRAIN_BATCH_SIZE, fit))
+
+
+def gradient_samples_for(graph: ModelGraph, samples: int) -> int:
+    """How many of ``samples`` the gradient statistics and the score read: those that hold at most
+    :data:`GRADIENT_TAPE_BYTES` of tape, never under :data:`SETTLED_SAMPLES_FLOOR`.
+
+    >>> import keras
+    >>> from autoprec.graph import build_graph
+    >>> gradient_samples_for(build_graph(keras.Sequential([keras.Input((16,)), keras.layers.Dense(4)])), 256)
+    256
+    >>> big = keras.Sequential([keras.Input((512, 512, 32)), keras.layers.Conv2D(32, 3)])
+    >>> gradient_samples_for(build_graph(big), 256)
+    43
+    """
+    fit = int(GRADIENT_TAPE_BYTES // tape_bytes(graph))
+    return min(int(samples), max(SETTLED_SAMPLES_FLOOR, fit))
 
 
 _BLOCKS = {"": 3, "w": 2, "q": 0}  # statistics vectors in front of each kind of row (the rest is summed)

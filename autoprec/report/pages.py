@@ -274,11 +274,17 @@ def _run_rows(saved: Saved) -> list[tuple[str, str]]:
             )
         )
     if stats.get("statistics_samples"):
+        read, grads = stats["statistics_samples"], stats.get("gradient_samples") or stats["statistics_samples"]
+        what = (
+            f"ranges, flush shares and scores on {read}"
+            if grads >= read
+            else f"activation ranges on {read}, gradients and scores on {grads}"
+        )
         rows.append(
             (
                 "Statistics",
-                f"ranges, flush shares and scores on {stats['statistics_samples']} of {stats.get('samples', '?')} "
-                "evaluation samples (seeded); every metric and the budget on all of them",
+                f"{what} of {stats.get('samples', '?')} evaluation samples (seeded); every metric and the budget on "
+                "all of them",
             )
         )
     resolution = stats.get("resolution") or {}

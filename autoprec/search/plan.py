@@ -17,8 +17,11 @@ feasible trials as best. A non-finite drop is stored as no number at all
 Phases, each skipping any candidate whose *estimate* cannot beat the best
 feasible one found so far (so most candidates cost nothing):
 
-1. ``all_16bit``: every decision in the target format. If feasible, no
-   assignment can be faster; stop.
+1. ``all_16bit``: every decision in the target format, except the choices
+   ``Space.ruled_out`` holds: a layer that alone broke the budget in the
+   profile's ablation never takes that format in any candidate (float32,
+   or another 16-bit format where it has one). If feasible and nothing
+   was ruled out, no assignment can be faster; stop.
 2. ``fallback``: return the most sensitive decisions (profile order) to
    float32, bisecting on how many.
 3. ``segment``: bridge short float32 gaps into contiguous float32 segments,
@@ -89,13 +92,35 @@ class Space:
     order: tuple[str, ...]
     options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per-key choices, where they differ
     top: Mapping[str, str] = field(default_factory=dict)  # per key, its choice in the all-out assignment
+    # Per key, the choices that broke the budget with that key alone in them (the profile's ablation): the drop
+    # only grows as more layers compute in 16-bit, so no assignment with one of them can be feasible.
+    ruled_out: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def choices_of(self, key: str) -> tuple[str, ...]:
         return tuple(self.options.get(key, self.choices))
 
+    def allows(self, key: str, choice: str) -> bool:
+        """Whether ``choice`` may still be feasible for ``key`` (float32 always is)."""
+        return choice == FLOAT32 or choice not in self.ruled_out.get(key, ())
+
+    def repair(self, assignment: Mapping[str, str]) -> dict[str, str]:
+        """``assignment`` with every ruled-out choice replaced by the key's last choice still allowed (float32
+        where no other is: with ``("float32", "mixed_bfloat16", "mixed_float16")`` and float16 ruled out, bfloat16).
+
+        >>> Space(("a", "b"), ("float32", "bf16", "f16"), "f16", ("a", "b"), ruled_out={"a": ("f16",)}).repair(
+        ...     {"a": "f16", "b": "f16"})
+        {'a': 'bf16', 'b': 'f16'}
+        """
+        return {k: (c if self.allows(k, c) else self._instead(k)) for k, c in assignment.items()}
+
+    def _instead(self, key: str) -> str:
+        allowed = [c for c in self.choices_of(key) if c != FLOAT32 and self.allows(key, c)]
+        return allowed[-1] if allowed else FLOAT32
+
     def all_target(self) -> dict[str, str]:
-        """Every decision as far as it goes: the target, or a key's ``top`` choice (int4 for size)."""
-        return {k: self.top.get(k, self.target) for k in self.keys}
+        """Every decision as far as it may go: the target, or a key's ``top`` choice (int4 for size); where that
+        choice is ruled out, the key's last choice still allowed (:meth:`repair`)."""
+        return self.repair({k: self.top.get(k, self.target) for k in self.keys})
 
     def key_of(self, assignment: Mapping[str, str]) -> tuple[str, ...]:
         return tuple(assignment.get(k, FLOAT32) for k in self.keys)
@@ -639,7 +664,9 @@ class Search(_SharedStudy):
         if not self.space.keys:  # every layer pinned: there is nothing to decide, and no trial to run
             return None
         self.refresh()
-        upper = self.estimate(self.space.all_target())
+        # Everything in the target is the fastest assignment there is; with choices ruled out, a float32 layer
+        # that bridges two ruled-out ones may save the casts between them, so the phases go on.
+        upper = math.inf if self.space.ruled_out else self.estimate(self.space.all_target())
         for phase in PHASES:
             if phase(self) is False or self.best_speedup() >= upper - 1e-12:
                 break
@@ -657,10 +684,13 @@ class Search(_SharedStudy):
 
 def _phase_all(search: Search) -> bool:
     outcome = search.consider(search.space.all_target(), "all_16bit", prune=False)
-    return outcome is not None and not outcome.feasible
+    # Feasible, it is the fastest unless choices were ruled out (see Search.run): then bridging may still win.
+    return outcome is not None and (not outcome.feasible or bool(search.space.ruled_out))
 
 
 def _phase_fallback(search: Search) -> bool:
+    if search.best() is not None:  # the first trial met the budget: nothing to fall back from
+        return True
     lo, hi = 0, len(search.space.order)
     while lo < hi:
         mid = (lo + hi) // 2
@@ -690,8 +720,13 @@ def _phase_segments(search: Search) -> bool:
 def _moves(search: Search, best: Outcome) -> list[dict[str, str]]:
     """Single flips and float32/16-bit swaps around ``best`` whose estimate beats it, most promising first."""
     space = search.space
-    moves = [{**best.assignment, k: c} for k in space.keys for c in space.choices_of(k) if c != best.assignment[k]]
-    low = [k for k in space.keys if best.assignment[k] == FLOAT32]
+    moves = [
+        {**best.assignment, k: c}
+        for k in space.keys
+        for c in space.choices_of(k)
+        if c != best.assignment[k] and space.allows(k, c)
+    ]
+    low = [k for k in space.keys if best.assignment[k] == FLOAT32 and space.allows(k, space.target)]
     high = [k for k in space.keys if best.assignment[k] != FLOAT32]
     moves += [{**best.assignment, a: space.target, b: FLOAT32} for a in low for b in high]
     scored = [(search.estimate(m), m) for m in moves]  # once each: an estimate walks the whole graph
@@ -733,7 +768,8 @@ def _propose(search: Search, first: int, count: int) -> list[dict[str, str]]:
     distributions, proposals = search.distributions(), []
     for number in range(first, first + count):
         scratch.sampler = replayable._tpe(number)  # the earlier proposals of the round stay running: its liars
-        proposals.append(dict(scratch.ask(distributions).params))
+        # A proposal with a ruled-out choice is taken repaired (Space.repair): the same in every worker.
+        proposals.append(search.space.repair(scratch.ask(distributions).params))
     return proposals
 
 

@@ -22,6 +22,7 @@ it (``int8_from_mixed_bfloat16``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 from autoprec.formats import FLOAT32, QUANTIZED_MODES, quantized_name
 from autoprec.graph import ModelGraph
 from autoprec.profiling.sensitivity import own_risk
+from autoprec.profiling.stats import NONFINITE_OUTPUTS, number, tested_alone
 from autoprec.search.plan import Space
 
 GRANULARITIES = ("layer", "block")
@@ -48,6 +50,7 @@ class DecisionSpace:
     quantized: Mapping[str, str] = field(default_factory=dict)  # mode -> Keras policy name
     top: Mapping[str, str] = field(default_factory=dict)  # per key, the choice of "everything as far as it goes"
     split: Mapping[str, list[str]] = field(default_factory=dict)  # producer key -> followers split off in float32
+    ruled_out: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # key -> choices that alone broke the budget
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -94,6 +97,7 @@ class DecisionSpace:
             self.order,
             options={k: v for k, v in self.options.items() if v != self.choices},
             top=dict(self.top),
+            ruled_out=dict(self.ruled_out),
         )
 
 
@@ -106,8 +110,14 @@ def build_space(
     choices: Sequence[str],
     tolerance: float,
     objective: str = "speed",
+    allowed: float | None = None,
 ) -> DecisionSpace:
-    """The decision space for ``graph`` from its profile ``frame`` (ranked most sensitive first)."""
+    """The decision space for ``graph`` from its profile ``frame`` (ranked most sensitive first).
+
+    ``allowed`` (the largest drop the budget allows) rules out the target for
+    every key one of whose layers lost more alone in the profile's ablation
+    (:func:`ruled_out`).
+    """
     forced = tuple(p for p in graph.forced if p in graph and graph[p].eligible)
     own = own_risk(frame, graph, tolerance=tolerance) - set(forced)
     decided = [i.path for i in graph.eligible if (i.is_unit or i.path in own) and i.path not in forced]
@@ -126,17 +136,51 @@ def build_space(
     # The choice each key takes when everything goes as far as it can: the smallest format for size.
     smallest = [m for m in ("int4", "int8") if m in modes]
     top = {k: smallest[0] for k in keys if objective == "size" and smallest and smallest[0] in options[k]}
+    target = target if target in choices else floats[-1]
     return DecisionSpace(
         {k: groups[k] for k in keys},
         choices=tuple(choices),
-        target=target if target in choices else floats[-1],
+        target=target,
         order=ordered,
         forced=forced,
         own=frozenset(own),
         options=options,
         quantized={m: quantized_name(m, target if target in choices else FLOAT32) for m in modes},
         top=top,
+        ruled_out={} if allowed is None else ruled_out(frame, {k: groups[k] for k in keys}, target, allowed),
     )
+
+
+def alone_drop(row: Mapping[str, Any]) -> float:
+    """The drop a layer the ablation measured alone caused (a certain lower bound where it was stopped over the
+    budget; infinite where the outputs went non-finite), NaN where it was not measured alone.
+
+    >>> alone_drop({"ablation": "alone", "metric_drop": 0.01}), alone_drop({})
+    (0.01, nan)
+    """
+    if not tested_alone(row):
+        return math.nan
+    if number(row, NONFINITE_OUTPUTS, 0.0) > 0:
+        return math.inf
+    return number(row, "metric_drop")
+
+
+def ruled_out(
+    frame: Any, groups: Mapping[str, tuple[str, ...]], target: str, allowed: float
+) -> dict[str, tuple[str, ...]]:
+    """Keys whose target is ruled out: one of their layers, alone in the target format (every other layer
+    float32), lost more than the budget allows in the ablation.
+
+    Its measured drop itself, not an upper bound on it: rounding more layers only adds error (the fall-back's
+    bisection rests on the same fact), so no assignment with that layer in the target can meet the budget, and
+    the search never spends a trial on one.
+    """
+    rows = {r["path"]: r for r in frame.to_dict("records")} if "ablation" in frame else {}
+    out = {}
+    for key, paths in groups.items():
+        if any(alone_drop(rows.get(p, {})) > allowed for p in paths):
+            out[key] = (target,)
+    return out
 
 
 def _blocks(graph: ModelGraph, paths: list[str]) -> dict[str, tuple[str, ...]]:

@@ -511,6 +511,10 @@ def record_or_check(study: Any, facts: dict[str, Any], *, budget: str) -> tuple[
             stored = facts.get("order", ())
             study.set_user_attr("order", list(stored))
             study.set_user_attr("ranked_by", facts.get("ranked_by"))
+            if "ruled_out" in facts:  # the ruling follows the ablation that made the order
+                study.set_user_attr("ruled_out", facts["ruled_out"])
+        elif "ruled_out" in facts and "ruled_out" not in attrs:  # a study made before the search ruled choices out
+            study.set_user_attr("ruled_out", facts["ruled_out"])
         return tuple(stored)
 
 
