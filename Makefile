@@ -62,7 +62,8 @@ JAX_VENV ?= .venv-jax
 # core is where the backend does the work: the bounds and the search read the per-sample values the engine returns,
 # the same numbers on every backend, so they run under TensorFlow only.
 JAX_CORE := tests/test_gpu_benchmark.py tests/test_policy.py tests/test_apply.py tests/test_engine.py \
-	tests/test_measured.py tests/test_tuner.py::test_planted_regions_end_float32_and_the_rest_16bit
+	tests/test_measured.py tests/test_tuner.py::test_planted_regions_end_float32_and_the_rest_16bit \
+	tests/test_sensitivity.py::test_a_rare_overflow_is_found_when_the_gradients_read_fewer_samples
 
 $(JAX_VENV)/.installed: pyproject.toml
 	test -x $(JAX_VENV)/bin/python || $(PYTHON) -m venv $(JAX_VENV)

@@ -211,6 +211,8 @@ def _from_arrays(data: tuple | list, batch_size: int, what: str, arity: tuple, n
             f"Expected {what} as an (x, y) tuple of arrays. Received a {type(data).__name__} of "
             f"{len(data)} elements. Pass (x_val, y_val)."
         )
+    if len(data) == 3:
+        _check_weights(data[2], f"{what}[2] (sample_weight)")
     x = to_arrays(data[0], f"{what}[0] (x)", parts=arity[0])
     y = to_arrays(data[1], f"{what}[1] (y)", parts=arity[1], labels=True)
     n = _length(x, f"{what}[0] (x)")
@@ -224,6 +226,36 @@ def _from_arrays(data: tuple | list, batch_size: int, what: str, arity: tuple, n
     if keep is not None:
         x, y, n = _take(x, keep), _take(y, keep), int(keep.sum())
     return EvalData(lambda: iter([(x, y)]), n=n, y=y, batch_size=batch_size, sample=_slice(x, 0, 2), what=what)
+
+
+def _check_weights(weights: Any, what: str) -> None:
+    """Accept sample weights that weigh every sample (or token) alike; refuse the rest with a clear error.
+
+    The metric, the budget's bound and the early stop count every sample and every token of a sequence equally:
+    weights that differ (a padding mask over sequences of different lengths) would be ignored, and the metric
+    would silently differ from Keras's ``evaluate`` with them.
+
+    >>> _check_weights(np.ones((2, 3)), "data[2]")
+    >>> _check_weights(np.array([[1, 1, 0]]), "data[2]")
+    Traceback (most recent call last):
+    ...
+    autoprec.errors.DataError: Expected sample weights that are all equal ...
+    """
+    if weights is None:
+        return
+    import keras
+
+    parts = [np.asarray(keras.ops.convert_to_numpy(w), np.float64).ravel() for w in keras.tree.flatten(weights)]
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    if values.size and (np.all(values == values[0]) and values[0] > 0):
+        return
+    zeros = int(np.count_nonzero(values == 0))
+    raise DataError(
+        f"Expected sample weights that are all equal and positive in {what}: autoprec weighs every sample and "
+        f"every token of a sequence alike. Received weights from {values.min():g} to {values.max():g} "
+        f"({zeros} of {values.size} zero, as a padding mask has). Pass (x, y) pairs whose samples all count: "
+        "sequences of one length (pack or bucket them), or only the unpadded evaluation samples."
+    )
 
 
 def _take(value: Any, mask: np.ndarray) -> Any:
@@ -297,6 +329,8 @@ def _read_batches(data: Any, what: str, arity: tuple) -> Iterator[tuple[Any, Any
                 f"Expected {what} to yield (x, y) batches. Received batch {i} as {describe(item)}. "
                 "Map the dataset to (features, labels) pairs first."
             )
+        if len(item) == 3:
+            _check_weights(item[2], f"{what} batch {i} sample_weight")
         x = to_arrays(item[0], f"{what} batch {i} x", parts=arity[0])
         y = to_arrays(item[1], f"{what} batch {i} y", parts=arity[1], labels=True)
         if _length(x, "x") != _length(y, "y"):

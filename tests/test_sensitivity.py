@@ -259,3 +259,25 @@ def test_weightless_layers_rank_among_units(planted_weightless):
     assert kinds["exp"] == "decision" and kinds["up"] == "decision"  # risk of their own
     assert kinds["relu2"] in ("joined", "decision") and kinds["d1"] == "decision" and kinds["out"] == "pinned"
     assert (frame.set_index("path").loc[["exp", "up"], "act_overflow"] > 0).all()
+
+
+def test_a_rare_overflow_is_found_when_the_gradients_read_fewer_samples():
+    """Issue 27: where a sample's tape is large the gradients read few samples; the activation peaks still read
+    all 256 in a forward scan, so an overflow that 4% of the inputs cause is found, with the share a full
+    statistics pass over the same samples counts."""
+    from autoprec import testing
+
+    (x_train, y_train), (x_val, y_val) = testing.digits_data(flat=True)
+    model = testing.train(testing.mlp(depth=5), x_train, y_train, epochs=10)
+    testing.plant_overflow(model, "d3", "d4", x_val, peak=7.2e4, quantile=0.96)
+    few = autoprec.profile(model, (x_val, y_val), target="mixed_float16", method="fast", gradient_samples=8, verbose=0)
+    assert few.attrs["statistics_samples"] == STATS_SAMPLES and few.attrs["gradient_samples"] == 8
+    full = autoprec.profile(
+        model, (x_val, y_val), target="mixed_float16", method="fast", gradient_samples=None, verbose=0
+    )
+    assert full.attrs["gradient_samples"] == STATS_SAMPLES
+    few, full = few.set_index("path"), full.set_index("path")
+    assert few.loc["d3", "act_overflow"] > 0 and few.loc["d3", "act_absmax"] > 65504
+    assert few.loc["d3", "act_overflow"] == pytest.approx(full.loc["d3", "act_overflow"])
+    assert few.loc["d3", "act_absmax"] == pytest.approx(full.loc["d3", "act_absmax"], rel=1e-6)
+    assert few.loc["d3", ["grad_flush", "score"]].notna().all()  # the gradients are still measured

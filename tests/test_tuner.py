@@ -105,6 +105,28 @@ def test_three_way_candidates_put_overflow_layers_in_bfloat16(planted):
     assert (ruled.loc[["d3", "d4"], "metric_drop"] > 0.005).all()  # ruled out of float16 by the ablation
 
 
+def test_layers_that_alone_break_the_budget_are_ruled_out_of_the_search(planted, tmp_path):
+    """Issue 27: a layer whose ablation alone (every other layer float32) loses more than the budget is ruled out
+    of float16 for the whole search: the first trial already meets the budget, and the study records the ruling."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    model, _, val, fragile = planted
+    journal = str(tmp_path / "j.log")
+    result = autoprec.tune(
+        model, val, budget="0.5%", target="mixed_float16", storage=journal, study_name="r", verbose=0
+    )
+    study = optuna.load_study(study_name="r", storage=optuna.storages.JournalStorage(JournalFileBackend(journal)))
+    ruled = set(study.user_attrs["ruled_out"])
+    frame = result.sensitivity.set_index("path")
+    assert set(fragile["mixed_float16"]) <= ruled
+    assert all(frame.loc[p, "metric_drop"] > 0.005 and frame.loc[p, "ablation"].startswith("alone") for p in ruled)
+    first = result.trials.sort_values("trial").iloc[0]
+    assert first["phase"] == "all_16bit" and first["feasible"] and result.stats["evaluations"] <= 3
+    assert all(result.policy[p] == "float32" for p in ruled)
+    assert result.verification["feasible"] and other_flops_share(result, sorted(ruled)) >= 0.9
+
+
 def test_same_seed_same_policy(planted):
     model, _, val, _ = planted
     a = autoprec.tune(model, val, budget="1%", target="mixed_float16", n_trials=20, seed=3, verbose=0)

@@ -68,7 +68,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("autoprec")
 
 METHODS = ("full", "fast", "ablation")
-
 RISK_SCORE_RATIO = 10.0  # a weightless layer whose score is 10x every neighbour's decides on its own
 PROFILE_MEMORY = 256 << 20  # bytes of activations, gradients and rounding errors one micro-batch may hold
 # Samples the range statistics and the score stream over. Ranges and flush shares are shares of elements, which
@@ -310,11 +309,10 @@ def rank(frame):
 
 
 def _flagged(row: dict[str, Any]) -> bool:
-    """The statistics alone show a hazard: overflowing or non-finite outputs."""
-    return stats.hazard(row) is stats.Hazard.OVERFLOW
-
-
-OUTLIER = 100.0  # a layer whose prior is 100x the median is tested alone straight away
+    """The statistics alone show a hazard: overflowing or non-finite outputs, or a layer whose own call in 16-bit
+    gives non-finite values where float32 does not (an overflow inside an author-written ``call``, such as a
+    KerasHub block's attention, which its float32 output cannot show)."""
+    return stats.hazard(row) is stats.Hazard.OVERFLOW or _num(row.get("sqnr_db")) == -math.inf
 
 
 def alone_prior(graph: ModelGraph, rows: dict[str, dict[str, Any]]) -> dict[str, tuple[bool, float]]:
@@ -328,22 +326,27 @@ def alone_prior(graph: ModelGraph, rows: dict[str, dict[str, Any]]) -> dict[str,
     for info in graph.eligible:
         own = rows.get(info.path, {})
         inputs = [rows.get(p, {}) for p in info.producers]
-        hazard = _flagged(own) or any(_flagged(r) for r in inputs)
+        # Its inputs are its producers' float32 outputs rounded: it inherits their overflow, not what overflows
+        # inside their calls.
+        hazard = _flagged(own) or any(stats.hazard(r) is stats.Hazard.OVERFLOW for r in inputs)
         score = sum(_num(r.get("score")) for r in (own, *inputs))
         out[info.path] = (hazard, score if math.isfinite(score) else math.inf)
     return out
 
 
 def prior_order(prior: dict[str, tuple[bool, float]]) -> tuple[list[str], list[str]]:
-    """All paths ranked by the prior (hazards first, then by score), and those to test alone at once.
+    """All paths ranked by the prior (hazards first, then by score), and those to test alone at once: the
+    hazards, and the layers whose score is infinite (rounding overflows where the gradient is nonzero).
 
-    Tested alone: the hazards, and the layers whose score is an outlier
-    (``OUTLIER`` times the median, where most layers sit).
+    A large but finite score is only an estimate: GPT2's embeddings score 100 times the median and lose
+    nothing alone, and each test alone is a whole pass on a metric like a loss, which never stops early. Such
+    layers lead the group instead, so that a group that fails splits them off first.
+
+    >>> prior_order({"a": (False, 1.0), "b": (True, 0.5), "c": (False, float("inf")), "d": (False, 900.0)})
+    (['b', 'c', 'd', 'a'], ['b', 'c'])
     """
     ranked = sorted(prior, key=lambda p: (0 if prior[p][0] else 1, -prior[p][1]))
-    scores = [s for _, s in prior.values() if s > 0]
-    median = float(np.median(scores)) if scores else 0.0
-    alone = [p for p in ranked if prior[p][0] or (median > 0 and prior[p][1] > OUTLIER * median)]
+    alone = [p for p in ranked if prior[p][0] or prior[p][1] == math.inf]
     return ranked, alone
 
 

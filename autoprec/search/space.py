@@ -136,18 +136,18 @@ def build_space(
     # The choice each key takes when everything goes as far as it can: the smallest format for size.
     smallest = [m for m in ("int4", "int8") if m in modes]
     top = {k: smallest[0] for k in keys if objective == "size" and smallest and smallest[0] in options[k]}
-    target = target if target in choices else floats[-1]
+    searched = target if target in choices else floats[-1]
     return DecisionSpace(
         {k: groups[k] for k in keys},
         choices=tuple(choices),
-        target=target,
+        target=searched,
         order=ordered,
         forced=forced,
         own=frozenset(own),
         options=options,
         quantized={m: quantized_name(m, target if target in choices else FLOAT32) for m in modes},
         top=top,
-        ruled_out={} if allowed is None else ruled_out(frame, {k: groups[k] for k in keys}, target, allowed),
+        ruled_out={} if allowed is None else ruled_out(frame, {k: groups[k] for k in keys}, searched, allowed),
     )
 
 
