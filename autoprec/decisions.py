@@ -24,6 +24,7 @@ from autoprec.profiling.stats import (
     ACT_FLUSH,
     ACT_OVERFLOW,
     ALONE_STOPPED,
+    NONFINITE_OUTPUTS,
     Hazard,
     hazard,
     hazards,
@@ -136,10 +137,11 @@ def _facts(row: Mapping[str, Any], fmt: Any, metric: str, higher_is_better: bool
     """The measured hazards of one layer, in words (empty when none)."""
     facts = []
     drop = number(row, "metric_drop")
-    if drop > 0:
+    # An infinite drop with non-finite outputs is said by the hazard below, in words.
+    if drop > 0 and (math.isfinite(drop) or number(row, NONFINITE_OUTPUTS, 0.0) == 0):
         alone = "alone" if tested_alone(row) or "ablation" not in row else "in its group"
         # Stopped once it certainly broke the budget, its drop is a lower bound.
-        least = " at least" if row.get("ablation") == ALONE_STOPPED and math.isfinite(drop) else ""
+        least = " at least" if row.get("ablation") == ALONE_STOPPED else ""
         words = _drop_words(drop, metric, higher_is_better).replace(" by ", f" by{least} ", 1)
         facts.append(f"{alone} in {fmt.short} it {words}")
     absmax, overflow = number(row, ACT_ABSMAX), number(row, ACT_OVERFLOW)

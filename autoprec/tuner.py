@@ -1324,11 +1324,7 @@ def result_stage(
     ev = verified.evaluation
     verification = _verification_facts(session, verified, opts, rule)
     stats = _run_stats(session, space, found, cost, opts, progress, seconds=seconds, decided=decided, trials=trials)
-    stats.update(
-        statistics_samples=frame.attrs.get("statistics_samples"),
-        gradient_samples=frame.attrs.get("gradient_samples"),
-        samples=session.data.n,
-    )
+    stats.update({k: frame.attrs.get(k) for k in ("statistics_samples", "gradient_samples")}, samples=session.data.n)
     measured_on = None if verified.measured_speedup is None else backends.device_description()
     provenance = _provenance(session, ev, rule, cost, decided, verification, verified, measured_on)
     policy = PrecisionPolicy(

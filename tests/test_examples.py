@@ -102,15 +102,18 @@ def _rows(path: pathlib.Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def test_committed_demo_report_shows_a_real_search():
+def test_committed_demo_report_shows_the_hazards_found_and_ruled_out():
+    """The profile finds both planted hazards, each breaking the budget alone, and rules them out of float16: the
+    search's first trial then meets the budget (issue 27: it took 5 or more, most over the budget)."""
     demo = ROOT / "reports" / "demo"
     trials = [t for t in _rows(demo / "trials.csv") if t["evaluated"] == "True"]
-    assert len(trials) >= 5
-    assert any(t["feasible"] == "False" for t in trials) and any(t["feasible"] == "True" for t in trials)
+    assert trials and trials[0]["phase"] == "all_16bit" and trials[0]["feasible"] == "True"
     layers = _rows(demo / "sensitivity.csv")
     kept = {r["path"]: r["reason"] for r in layers if r["kind"] == "decision" and r["decision"] == "float32"}
     assert {"conv1", "attn_logits"} <= set(kept), kept
     assert kept["conv1"] == "OVERFLOW"
+    alone = {r["path"]: float(r["metric_drop"]) for r in layers if r["ablation"].startswith("alone")}
+    assert alone["conv1"] > 0.005 and alone["attn_logits"] > 0.005  # each breaks the 0.5% budget alone
     report = (demo / "report.md").read_text(encoding="utf-8")
     assert "Estimated speed-up on a gpu" in report and "an estimate" in report
     assert "65504" in report  # the overflow, in words
@@ -137,9 +140,9 @@ def test_demo_tunes_a_model_where_the_answer_is_not_trivial(tmp_path):
     from autoprec.demo import run_demo
 
     result = run_demo(tmp_path / "demo", n_trials=15, epochs=4, verbose=0)
-    trials = result.trials[result.trials["evaluated"]]
-    assert len(trials) >= 5 and not trials["feasible"].all()
-    assert result.feasible
+    frame = result.sensitivity.set_index("path")
+    assert (frame.loc[["conv1", "attn_logits"], "metric_drop"] > 0.005).all()  # found alone, ruled out of float16
+    assert result.feasible and result.trials[result.trials["evaluated"]]["feasible"].iloc[0]
     decisions = result.units.set_index("path")["decision"]
     assert decisions["conv1"] == "float32" and decisions["attn_logits"] == "float32"
     assert decisions["conv2"] == "mixed_float16"  # most of the FLOPs still go to float16

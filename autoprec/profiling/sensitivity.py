@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("autoprec")
 
 METHODS = ("full", "fast", "ablation")
+NONFINITE = stats.NONFINITE_OUTPUTS
 RISK_SCORE_RATIO = 10.0  # a weightless layer whose score is 10x every neighbour's decides on its own
 PROFILE_MEMORY = 256 << 20  # bytes of activations, gradients and rounding errors one micro-batch may hold
 # Samples the range statistics and the score stream over. Ranges and flush shares are shares of elements, which
@@ -147,24 +148,7 @@ def profile(
     Example:
         >>> frame = profile(model, (x, y), target="mixed_bfloat16", method="fast")  # doctest: +SKIP
     """
-
-    from autoprec.errors import check_choice
-
-    check_choice("method", method, METHODS)
-    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not loss_scale >= 1:
-        raise ArgumentError(f"Expected loss_scale to be a number >= 1. Received: loss_scale={describe(loss_scale)}.")
-    if stats_samples is not None:
-        from autoprec.errors import check_int
-
-        check_int("stats_samples", stats_samples, 1)
-    if budget is not None:
-        from autoprec.budget import Budget
-
-        budget = Budget.get(budget)
-    if gradient_samples is not None and gradient_samples != "auto":
-        from autoprec.errors import check_int
-
-        check_int("gradient_samples", gradient_samples, 1)
+    budget = _checked(method, loss_scale, stats_samples, gradient_samples, budget)
     own_session = session is None
     if session is None:
         from autoprec.formats import resolve_target
@@ -195,6 +179,21 @@ def profile(
             session.close()  # a subclassed model gets its own policies back
 
 
+def _checked(method: str, loss_scale: Any, stats_samples: Any, gradient_samples: Any, budget: Any) -> Any:
+    """Validate :func:`profile`'s options; return the budget as a :class:`autoprec.Budget` (or None)."""
+    from autoprec.budget import Budget
+    from autoprec.errors import check_choice, check_int
+
+    check_choice("method", method, METHODS)
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not loss_scale >= 1:
+        raise ArgumentError(f"Expected loss_scale to be a number >= 1. Received: loss_scale={describe(loss_scale)}.")
+    if stats_samples is not None:
+        check_int("stats_samples", stats_samples, 1)
+    if gradient_samples is not None and gradient_samples != "auto":
+        check_int("gradient_samples", gradient_samples, 1)
+    return None if budget is None else Budget.get(budget)
+
+
 def _profile(
     session: Session,
     method: str,
@@ -216,39 +215,26 @@ def _profile(
     read = differentiated = None
     if method in ("full", "fast"):
         if isinstance(session.engine, SimEngine) and backends.name() in ("tensorflow", "jax"):
-            read = session.data.n if stats_samples is None else min(int(stats_samples), session.data.n)
-            if gradient_samples == "auto":
-                differentiated = gradient_samples_for(session.graph, read)
-            else:
-                differentiated = read if gradient_samples is None else min(int(gradient_samples), read)
-            for path, columns in statistics(
-                session,
-                fmt,
-                loss_scale=loss_scale,
-                batch_size=profile_batch_size,
-                samples=read,
-                gradient_samples=differentiated,
-                progress=progress,
-            ).items():
+            read, differentiated = _sample_counts(session, stats_samples, gradient_samples)
+            found = statistics(
+                session, fmt, loss_scale=loss_scale, batch_size=profile_batch_size, samples=read,
+                gradient_samples=differentiated, progress=progress,
+            )  # fmt: skip
+            for path, columns in found.items():
                 rows[path].update(columns)
         else:
             logger.info("autoprec: range statistics need a graph and TensorFlow or JAX; only ablation is measured.")
     if method in ("full", "ablation"):
         tol = default_tolerance(session) if tolerance is None else float(tolerance)
         ranked, alone = prior_order(alone_prior(session.graph, rows))
-        for path, result in ablation(
-            session,
-            ranked,
-            tolerance=tol,
-            max_passes=max_ablation_passes,
-            alone=alone,
-            budget=budget,
+        tested = ablation(
+            session, ranked, tolerance=tol, max_passes=max_ablation_passes, alone=alone, budget=budget,
             progress=progress,
-        ).items():
+        )  # fmt: skip
+        for path, result in tested.items():
             rows[path].update(result)
         for row in rows.values():  # the columns exist even when every layer was cleared with its group
-            for column in ("metric_drop", "output_error", stats.NONFINITE_OUTPUTS, "group_drop"):
-                row.setdefault(column, math.nan)
+            row.update({c: row.get(c, math.nan) for c in ("metric_drop", "output_error", NONFINITE, "group_drop")})
     frame = rank(pd.DataFrame(list(rows.values())))
     frame["kind"] = kinds(
         frame, session.graph, tolerance=default_tolerance(session) if tolerance is None else tolerance
@@ -268,6 +254,14 @@ def _profile(
         samples=session.data.n,
     )
     return frame
+
+
+def _sample_counts(session: Session, stats_samples: int | None, gradient_samples: int | str | None) -> tuple:
+    """How many samples the statistics read, and how many of those the gradients read (see :func:`profile`)."""
+    read = session.data.n if stats_samples is None else min(int(stats_samples), session.data.n)
+    if gradient_samples == "auto":
+        return read, gradient_samples_for(session.graph, read)
+    return read, read if gradient_samples is None else min(int(gradient_samples), read)
 
 
 def default_tolerance(session: Session) -> float:
@@ -433,21 +427,12 @@ def ablation(
         # A group is only asked whether its harm (losses, gains ignored, so that members
         # cannot hide each other) is over the tolerance: the pass stops once it is.
         assignment = {**everything, **{p: session.target for p in group}}
-        if single:
-            ev = session.evaluate(assignment, budget=budget)
-        else:
-            ev = session.evaluate(assignment, harm_above=tolerance)
+        ev = session.evaluate(assignment, **({"budget": budget} if single else {"harm_above": tolerance}))
         passes += 1
         if bar:
             bar.update(passes)
         if single:
-            out[group[0]] = {
-                "metric": ev.metric,
-                "metric_drop": ev.drop,  # a certain lower bound when stopped early
-                "output_error": ev.output_error,
-                stats.NONFINITE_OUTPUTS: ev.nonfinite_outputs,
-                "ablation": stats.ALONE_STOPPED if ev.rejected else "alone",
-            }
+            out[group[0]] = _alone_row(ev)
         elif ev.rejected or not math.isfinite(ev.harm) or ev.harm > tolerance:
             middle = len(group) // 2
             queue.extend([group[:middle], group[middle:]])
@@ -466,6 +451,17 @@ def ablation(
     if bar:
         bar.done(passes)
     return out
+
+
+def _alone_row(ev: Any) -> dict[str, Any]:
+    """The ablation's columns for a layer measured alone (its drop a certain lower bound when stopped early)."""
+    return {
+        "metric": ev.metric,
+        "metric_drop": ev.drop,
+        "output_error": ev.output_error,
+        stats.NONFINITE_OUTPUTS: ev.nonfinite_outputs,
+        "ablation": stats.ALONE_STOPPED if ev.rejected else "alone",
+    }
 
 
 # ---------------------------------------------------------------------------

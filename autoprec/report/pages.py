@@ -274,19 +274,7 @@ def _run_rows(saved: Saved) -> list[tuple[str, str]]:
             )
         )
     if stats.get("statistics_samples"):
-        read, grads = stats["statistics_samples"], stats.get("gradient_samples") or stats["statistics_samples"]
-        what = (
-            f"ranges, flush shares and scores on {read}"
-            if grads >= read
-            else f"activation ranges on {read}, gradients and scores on {grads}"
-        )
-        rows.append(
-            (
-                "Statistics",
-                f"{what} of {stats.get('samples', '?')} evaluation samples (seeded); every metric and the budget on "
-                "all of them",
-            )
-        )
+        rows.append(("Statistics", _statistics_text(stats)))
     resolution = stats.get("resolution") or {}
     if resolution.get("resolvable_drop") is not None and resolution.get("samples_needed", 0) > resolution.get(
         "samples", 0
@@ -309,6 +297,22 @@ def _run_rows(saved: Saved) -> list[tuple[str, str]]:
             )
         )
     return rows
+
+
+def _statistics_text(stats: dict[str, Any]) -> str:
+    """What the statistics read: the samples of the ranges and, where fewer, of the gradients.
+
+    >>> _statistics_text({"statistics_samples": 256, "gradient_samples": 16, "samples": 512})
+    'activation peaks on 256, gradients and scores on 16 of 512 evaluation samples (seeded); every metric...'
+    """
+    read = stats["statistics_samples"]
+    grads = stats.get("gradient_samples") or read
+    what = f"ranges, flush shares and scores on {read}" if grads >= read else (
+        f"activation peaks on {read}, gradients and scores on {grads}"
+    )  # fmt: skip
+    return (
+        f"{what} of {stats.get('samples', '?')} evaluation samples (seeded); every metric and the budget on all of them"
+    )
 
 
 def _esc(value: Any) -> str:

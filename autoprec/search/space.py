@@ -176,7 +176,7 @@ def ruled_out(
     the search never spends a trial on one.
     """
     rows = {r["path"]: r for r in frame.to_dict("records")} if "ablation" in frame else {}
-    out = {}
+    out: dict[str, tuple[str, ...]] = {}
     for key, paths in groups.items():
         if any(alone_drop(rows.get(p, {})) > allowed for p in paths):
             out[key] = (target,)
