@@ -159,31 +159,12 @@ def test_resume_after_exception(planted, tmp_path, monkeypatch):
             seen.append(key)
         return original(self, key, assignment)
 
+    options = dict(budget="0.5%", target="mixed_float16", candidates=THREE_WAY, n_trials=25, verbose=0)
     monkeypatch.setattr(search.Search, "_measure", flaky)
     with pytest.raises(Interrupt):
-        autoprec.tune(
-            model,
-            val,
-            budget="0.5%",
-            target="mixed_float16",
-            candidates=THREE_WAY,
-            n_trials=25,
-            storage=storage,
-            study_name="s",
-            verbose=0,
-        )
+        autoprec.tune(model, val, storage=storage, study_name="s", **options)
     monkeypatch.setattr(search.Search, "_measure", original)
-    resumed = autoprec.tune(
-        model,
-        val,
-        budget="0.5%",
-        target="mixed_float16",
-        candidates=THREE_WAY,
-        n_trials=25,
-        storage=storage,
-        study_name="s",
-        verbose=0,
-    )
+    resumed = autoprec.tune(model, val, storage=storage, study_name="s", **options)
     complete = resumed.trials[resumed.trials["evaluated"]]
     evaluated = complete[~complete["cached"].astype(bool)]
     study = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(JournalFileBackend(storage)))
