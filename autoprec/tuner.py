@@ -807,12 +807,13 @@ def _open_study(
 ) -> tuple[Any, tuple[str, ...], dict[str, tuple[str, ...]]]:
     """The study (opened, resumed or shared), the decision order it searches in, and the choices it rules out."""
     from autoprec.search.plan import make_sampler
-    from autoprec.search.study import fail_orphans, name_objective, open_study, record_or_check
+    from autoprec.search.study import agreed_ruling, fail_orphans, name_objective, open_study, record_or_check
 
     name = opts.study_name or (
         f"autoprec-{getattr(session.model, 'name', 'model')}-{opts.target}-"
         f"{opts.budget.max_drop:g}{'rel' if opts.budget.relative else ''}-seed{opts.seed}"
     )
+    budget = str(opts.budget) + (f" at {session.confidence:.0%} confidence" if session.confidence else "")
     study = open_study(name, opts.storage, make_sampler(opts.seed))
     name_objective(study, opts.objective)
     fail_orphans(study)
@@ -826,13 +827,11 @@ def _open_study(
             "fingerprint": session.fingerprint(),
             "metric": session.metric.name,
             "ranked_by": ranked_by,
-            "ruled_out": {k: list(v) for k, v in space.ruled_out.items()},
         },
-        budget=str(opts.budget) + (f" at {session.confidence:.0%} confidence" if session.confidence else ""),
+        budget=budget,
     )
-    # Every worker rules out what the study's first worker did, as it follows that worker's order.
-    ruled = {k: tuple(v) for k, v in study.user_attrs.get("ruled_out", {}).items() if k in space.groups}
-    return study, order, ruled
+    ruled = agreed_ruling(study, dict(space.ruled_out), budget=budget)
+    return study, order, {k: v for k, v in ruled.items() if k in space.groups}
 
 
 def _say_outcome(best: Any, space: DecisionSpace, cost: CostModel, opts: TuneOptions, progress: Progress) -> Any:

@@ -117,7 +117,8 @@ def test_layers_that_alone_break_the_budget_are_ruled_out_of_the_search(planted,
         model, val, budget="0.5%", target="mixed_float16", storage=journal, study_name="r", verbose=0
     )
     study = optuna.load_study(study_name="r", storage=optuna.storages.JournalStorage(JournalFileBackend(journal)))
-    ruled = set(study.user_attrs["ruled_out"])
+    ruled = set(study.user_attrs["ruled_out"]["keys"])
+    assert study.user_attrs["ruled_out"]["budget"].startswith("0.005")  # ruled under this budget, and for it only
     frame = result.sensitivity.set_index("path")
     assert set(fragile["mixed_float16"]) <= ruled
     assert all(frame.loc[p, "metric_drop"] > 0.005 and frame.loc[p, "ablation"].startswith("alone") for p in ruled)
@@ -125,6 +126,27 @@ def test_layers_that_alone_break_the_budget_are_ruled_out_of_the_search(planted,
     assert first["phase"] == "all_16bit" and first["feasible"] and result.stats["evaluations"] <= 3
     assert all(result.policy[p] == "float32" for p in ruled)
     assert result.verification["feasible"] and other_flops_share(result, sorted(ruled)) >= 0.9
+
+
+def test_a_study_resumed_under_a_looser_budget_rules_again(planted, tmp_path):
+    """A ruling holds for the budget it was made under: resumed under 5%, layers that lose 1-2 points alone are
+    searched again, and only those that lose more than 5% stay ruled out."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    model, _, val, _ = planted
+    journal = str(tmp_path / "j.log")
+    storage = optuna.storages.JournalStorage(JournalFileBackend(journal))
+    rulings = []
+    for budget in ("0.5%", "5%"):
+        result = autoprec.tune(
+            model, val, budget=budget, target="mixed_float16", storage=journal, study_name="b", n_trials=8, verbose=0
+        )
+        rulings.append(optuna.load_study(study_name="b", storage=storage).user_attrs["ruled_out"])
+    frame = result.sensitivity.set_index("path")
+    tight, loose = (set(r["keys"]) for r in rulings)
+    assert loose < tight and all(frame.loc[p, "metric_drop"] > 0.05 for p in loose)
+    assert rulings[1]["budget"].startswith("0.05") and result.feasible
 
 
 def test_same_seed_same_policy(planted):

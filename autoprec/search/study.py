@@ -511,11 +511,20 @@ def record_or_check(study: Any, facts: dict[str, Any], *, budget: str) -> tuple[
             stored = facts.get("order", ())
             study.set_user_attr("order", list(stored))
             study.set_user_attr("ranked_by", facts.get("ranked_by"))
-            if "ruled_out" in facts:  # the ruling follows the ablation that made the order
-                study.set_user_attr("ruled_out", facts["ruled_out"])
-        elif "ruled_out" in facts and "ruled_out" not in attrs:  # a study made before the search ruled choices out
-            study.set_user_attr("ruled_out", facts["ruled_out"])
         return tuple(stored)
+
+
+def agreed_ruling(study: Any, ruled_out: dict[str, tuple[str, ...]], *, budget: str) -> dict[str, tuple[str, ...]]:
+    """The choices the study's search rules out (``plan.Space.ruled_out``): those the first worker under the same
+    budget recorded, so that every worker proposes the same candidates; under another budget, this run's own
+    (a looser budget may allow what a tighter one ruled out), recorded for the workers that follow.
+    """
+    with study_lock(study):
+        stored = study.user_attrs.get("ruled_out")
+        if isinstance(stored, dict) and stored.get("budget") == budget:
+            return {k: tuple(v) for k, v in stored.get("keys", {}).items()}
+        study.set_user_attr("ruled_out", {"budget": budget, "keys": {k: list(v) for k, v in ruled_out.items()}})
+        return dict(ruled_out)
 
 
 def _check_same_search(study: Any, attrs: dict[str, Any], facts: dict[str, Any]) -> None:
