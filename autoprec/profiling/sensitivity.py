@@ -546,7 +546,7 @@ def _ranges(session: Session, fmt: Format, data: Any, progress: Progress | None)
         taken: list[tuple[str, Any]] = []
 
         def hook(path, op, call, args, kwargs, out):
-            if not isinstance(out, (list, tuple, dict)) and "float" in str(getattr(out, "dtype", "")):
+            if _watched(out):
                 taken.append((path, out))
             return None
 
@@ -627,6 +627,12 @@ def _sixteen_bit_call(engine: Any, fmt: Format) -> Callable:
     return in_16bit
 
 
+def _watched(out: Any) -> bool:
+    """Whether a node's statistics are taken: a single floating output (a layer that also returns states, e.g.
+    ``LSTM(return_state=True)``, is not watched)."""
+    return not isinstance(out, (list, tuple, dict)) and "float" in str(getattr(out, "dtype", ""))
+
+
 def _stats_step(session: Session, fmt: Format, loss_scale: float):
     """The traced micro-batch step: one forward/backward pass, small statistics vectors out."""
     import keras
@@ -653,9 +659,7 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float):
             own.clear()
 
             def hook(path, op, call, args, kwargs, out):
-                # Only a node with a single floating output is watched (a layer
-                # returning states as well, e.g. LSTM(return_state=True), is not).
-                if isinstance(out, (list, tuple, dict)) or "float" not in str(getattr(out, "dtype", "")):
+                if not _watched(out):
                     return None
                 taken.append((path, out))
                 if path in eligible and path not in own:
