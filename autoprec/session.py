@@ -94,6 +94,9 @@ class Session:
     holdout: Any = None  # a Session over held-out data (autoprec.verify.holdout), scored at verification only
     resolution: dict[str, Any] = field(default_factory=dict)  # what the data resolves under the bound (tuner)
     _cache: dict = field(default_factory=dict, repr=False)
+    # Checks with real policies: (model, Evaluation) by assignment, the last complete one; by (assignment, budget)
+    # with no model, those stopped over a budget.
+    _real: dict = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def units_per_sample(self) -> int:
@@ -126,13 +129,13 @@ class Session:
         ``harm_above``, as soon as the harm is (it only grows along the pass).
         Complete passes are cached, so the profile and the search share them.
         """
-        # Keyed by what every node computes in, not by how the assignment spells it: a layer named at the policy
-        # it would follow anyway is the same pass (on MobileNetV2 at 224x224 a second all-16-bit pass, spelled
-        # differently, cost 1.3 predict passes).
-        key = tuple(sorted(self.graph.resolve_nodes(assignment).items()))
+        key = self._key(assignment)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
+        stopped = self._real.get((key, budget))
+        if stopped is not None:  # real policies broke this budget: no simulated pass can make it feasible
+            return stopped[1]
         if harm_above is not None and not self.binary_values:
             # Harm is max(drop, 0) here: the certain bound on the drop stops the pass early.
             budget, harm_above = Budget(harm_above), None
@@ -142,6 +145,39 @@ class Session:
         if not result.rejected:
             self._cache[key] = result
         return result
+
+    def _key(self, assignment: Mapping[str, str]) -> tuple:
+        # Keyed by what every node computes in, not by how the assignment spells it: a layer named at the policy
+        # it would follow anyway is the same pass (on MobileNetV2 at 224x224 a second all-16-bit pass, spelled
+        # differently, cost 1.3 predict passes).
+        return tuple(sorted(self.graph.resolve_nodes(assignment).items()))
+
+    def score_batches(
+        self, assignment: Mapping[str, str], model: Any, forward: Any, *, budget: Budget | None = None
+    ) -> Evaluation:
+        """Score ``model``, a copy of the model that computes ``assignment`` with real Keras policies, from
+        ``forward(x, y) -> (outputs, per-sample values or None)`` batch by batch, stopping as :meth:`evaluate`
+        does.
+
+        A complete pass is cached as ``assignment``'s evaluation, so that the search reads the real figures,
+        and the model is kept for the verification (:meth:`real_model`): the same policies, checked on the
+        same data, need no second pass. A pass stopped over ``budget`` answers :meth:`evaluate` under that
+        budget.
+        """
+        self.passes += 1
+        result = _Pass(self, budget, forward=forward).run()
+        key = self._key(assignment)
+        if result.rejected:  # stopped over ``budget``: the search under that budget reads it, nothing else
+            self._real[(key, budget)] = (None, result)
+        else:
+            self._cache[key] = result
+            self._real = {k: v for k, v in self._real.items() if v[0] is None}
+            self._real[key] = (model, result)  # one copy of the model at most
+        return result
+
+    def real_model(self, assignment: Mapping[str, str]) -> tuple[Any, Evaluation] | None:
+        """The model and evaluation of :meth:`score_batches` for ``assignment``, where that was its last check."""
+        return self._real.get(self._key(assignment))
 
     def close(self) -> None:
         """Give the model back as it was (the real-policy engine restores each layer's policy)."""
@@ -256,8 +292,11 @@ def _evaluation(
 class _Pass:
     """One pass over the data for the engine's current assignment, with the certain-bound early stop."""
 
-    def __init__(self, session: Session, budget: Budget | None, harm_above: float | None = None) -> None:
+    def __init__(
+        self, session: Session, budget: Budget | None, harm_above: float | None = None, *, forward: Any = None
+    ) -> None:
         self.s, self.budget, self.harm_above = session, budget, harm_above
+        self.forward = forward or session.engine.forward  # (x, y) -> (outputs, per-sample values or None)
         metric = session.metric
         self.bound = None
         if budget is not None and session.baseline_values is not None and metric.bounds is not None:
@@ -272,7 +311,7 @@ class _Pass:
         values, outputs, num, den, nonfinite, seen = [], [], 0.0, 0.0, 0, 0
         self.dsum = self.hsum = 0.0
         for (x, y), base in zip(s.data.batches(), s.baseline_outputs, strict=True):
-            out, vals = s.engine.forward(x, y)
+            out, vals = self.forward(x, y)
             flat, bflat = _flat(out), _flat(base)
             bad = int(sum(np.size(o) - np.count_nonzero(np.isfinite(o)) for o in flat))
             nonfinite += bad

@@ -55,7 +55,15 @@ from autoprec.session import Session, open_session
 from autoprec.verify.bounds import AUTO as AUTO_CONFIDENCE
 from autoprec.verify.bounds import DEFAULT_CONFIDENCE, auto_confidence, no_change_bound
 from autoprec.verify.holdout import held_session, split_holdout
-from autoprec.verify.real import TrainCheck, fall_back, nonfinite_origins, predict_batches, train_check, verify_eval
+from autoprec.verify.real import (
+    TrainCheck,
+    fall_back,
+    nonfinite_origins,
+    predict_batches,
+    real_check,
+    train_check,
+    verify_eval,
+)
 
 if TYPE_CHECKING:
     from autoprec.search.plan import WorkerResult
@@ -709,7 +717,13 @@ def profile_stage(session: Session, opts: TuneOptions, progress: Progress):
             for p in [i.path for i in graph.units] + sorted(graph.forced)
             if p in graph and graph[p].eligible
         }
-        check = session.evaluate(everything, budget=opts.budget)
+        # With real policies where the model has a graph (a subclassed model's engine sets them already): where
+        # this check settles the answer, the verification reuses it, and tune scores its answer once.
+        check = (
+            real_check(session, everything, budget=opts.budget)
+            if graph.kind != SUBCLASSED
+            else session.evaluate(everything, budget=opts.budget)
+        )
         all_fit = rule.feasible(check.judged)
         _say_what_resolves(session, check, rule)
     method = ("fast" if all_fit else "full") if gradients else "ablation"
@@ -1226,12 +1240,13 @@ class _EvalCheck:
 
     def __call__(self, assignment: dict[str, str]) -> tuple[bool, str]:
         session, expanded = self.session, self.space.expand(assignment)
-        self.model, real = verify_eval(session, session.graph.resolve(expanded))
+        reused = session.real_model(expanded)  # checked with real policies already, on the same data
+        self.model, real = reused or verify_eval(session, session.graph.resolve(expanded))
         self.evaluation = real
-        simulated = session.evaluate(expanded)
         self.checks.append(
             {
-                "simulated_drop": simulated.drop,
+                # None: no simulated pass of it was run (the search read the real check's figures)
+                "simulated_drop": None if reused else session.evaluate(expanded).drop,
                 "real_drop": real.drop,
                 "n_16bit": sum(v != FLOAT32 for v in assignment.values()),
             }

@@ -13,7 +13,11 @@ from autoprec.verify.real import judge_training
 
 
 def _failing_verification(monkeypatch, times):
-    """Make the real-policy check report a large drop for its first ``times`` calls."""
+    """Make the verification's real-policy check report a large drop for its first ``times`` calls.
+
+    The verification then checks every candidate itself: it does not take over tune's first check (every layer
+    in 16-bit, with real policies), which passed.
+    """
     from autoprec import session as session_module
 
     original = session_module.Session.score_outputs
@@ -27,6 +31,7 @@ def _failing_verification(monkeypatch, times):
         return result
 
     monkeypatch.setattr(session_module.Session, "score_outputs", score)
+    monkeypatch.setattr(session_module.Session, "real_model", lambda self, assignment: None)
     return calls
 
 

@@ -518,3 +518,42 @@ def test_statistics_read_two_training_batches_when_the_all_16bit_check_settles_t
     assert result.n_16bit == len(result.units) and len(result.trials) == 1
     assert result.stats["statistics_samples"] == 64 and result.stats["samples"] == 400
     assert result.sensitivity["act_absmax"].notna().any()
+
+
+def test_a_settled_tune_scores_its_answer_once_with_real_policies():
+    """Issue 27: tune's first check, every layer in 16-bit, runs with real Keras policies. Where it settles the
+    answer the search reads its figures and the verification takes it over: the answer is scored once, not once
+    simulated and once real."""
+    model = trained(MODEL_BUILDERS["sequential"]())
+    x, y = small_data(400)
+    result = autoprec.tune(model, (x, y), budget="5%", target="mixed_bfloat16", device="gpu", n_trials=3, verbose=0)
+    assert result.n_16bit == len(result.units) and len(result.trials) == 1
+    (check,) = result.verification["checks"]
+    assert check["simulated_drop"] is None  # no simulated pass of the answer was run
+    assert result.trials["drop"].iloc[0] == pytest.approx(result.verification["real_drop"], abs=1e-12)
+    # The model returned is the one checked: its own predictions give the verified metric.
+    accuracy = float(np.mean(np.argmax(result.model.predict(x, verbose=0), axis=-1) == y))
+    assert accuracy == pytest.approx(result.metric, abs=1e-9)
+
+
+def test_the_search_reads_the_real_policies_of_the_first_check(monkeypatch):
+    """Where real arithmetic breaks the budget that simulated rounding would meet, the first candidate counts as
+    infeasible in the search too, and tune answers with what passes."""
+    from autoprec import session as session_module
+
+    real = session_module.Session.score_batches
+
+    def worse(self, assignment, model, forward, *, budget=None):  # as if the real 16-bit arithmetic lost accuracy
+        def forward_worse(x, y):
+            out, values = forward(x, y)
+            return out, None if values is None else np.zeros_like(values)
+
+        return real(self, assignment, model, forward_worse, budget=budget)
+
+    monkeypatch.setattr(session_module.Session, "score_batches", worse)
+    model = trained(MODEL_BUILDERS["sequential"]())
+    x, y = small_data(400)
+    result = autoprec.tune(model, (x, y), budget="5%", target="mixed_bfloat16", device="gpu", n_trials=8, verbose=0)
+    assert not result.trials["feasible"].iloc[0]
+    assert result.n_16bit < len(result.units)
+    assert result.verification["checks"][0]["simulated_drop"] is not None  # checked anew, not taken over

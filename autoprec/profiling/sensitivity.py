@@ -537,7 +537,6 @@ def _ranges(session: Session, fmt: Format, data: Any, progress: Progress | None)
     of values that flush settle on the gradient statistics' fewer samples.
     """
     import keras
-    from keras import ops
 
     engine = session.engine
     names: list[str] = []
@@ -552,7 +551,7 @@ def _ranges(session: Session, fmt: Format, data: Any, progress: Progress | None)
 
         engine.run(x, None, hook)
         names[:] = [p for p, _ in taken]
-        return ops.stack([stats.peak_row(a, fmt) for _, a in taken]) if taken else None
+        return stats.peak_table([a for _, a in taken], fmt) if taken else None
 
     step = backends.compile_function(scan, optimize=False)  # as the statistics step: a large graph, run a few times
     totals: dict[str, np.ndarray] = {}
@@ -728,25 +727,38 @@ def _weight_rows(unit_vars: list, var_grads: list, y: Any, fmt: Format, loss_sca
 def _node_rows(acts: list, grads: list, fmt: Format, loss_scale: float) -> Any:
     """Rows ``[act stats, grad stats, scaled grad stats, score]`` for each node.
 
-    Small nodes share one flat vector, large ones are reduced each on its own
-    (:data:`autoprec.profiling.stats.EACH_ELEMENTS`): the trace stays short and the run fast.
+    Small nodes share one flat vector, large ones of one shape are reduced as the rows of one matrix
+    (:data:`autoprec.profiling.stats.EACH_ELEMENTS`, :func:`autoprec.profiling.stats.stacks`): the trace stays
+    short and the run fast.
     """
-    from keras import ops
-
     parts, order = [], []
     for indices, flat in stats.groups(acts):
-        a, g = [acts[i] for i in indices], [grads[i] for i in indices]
-        if flat:
-            (act,), values, ids = stats.flat_table(a, fmt)
-            (grad, grad_scaled), flat_grads, _ = stats.flat_table(g, fmt, (1.0, loss_scale))
-            score = ops.segment_sum(_score_terms(values, flat_grads, fmt), ids, num_segments=len(indices))
-        else:
-            (act,) = stats.each_table(a, fmt)
-            grad, grad_scaled = stats.each_table(g, fmt, (1.0, loss_scale))
-            score = ops.stack([ops.sum(_score_terms(x, dx, fmt)) for x, dx in zip(a, g, strict=True)])
-        parts.append(ops.concatenate([act, grad, grad_scaled, ops.reshape(score, (-1, 1))], axis=1))
-        order += indices
+        for chunk in [indices] if flat else stats.stacks([acts[i] for i in indices]):
+            chunk = [indices[j] for j in chunk] if not flat else chunk
+            parts.append(_chunk_rows([acts[i] for i in chunk], [grads[i] for i in chunk], fmt, loss_scale, flat))
+            order += chunk
     return stats.in_order(parts, order)
+
+
+def _chunk_rows(a: list, g: list, fmt: Format, loss_scale: float, flat: bool) -> Any:
+    """:func:`_node_rows` for one flat group of small nodes, or one chunk of large ones of one shape."""
+    from keras import ops
+
+    k = len(a)
+    if flat:
+        (act,), values, ids = stats.flat_table(a, fmt)
+        (grad, grad_scaled), flat_grads, _ = stats.flat_table(g, fmt, (1.0, loss_scale))
+        score = ops.segment_sum(_score_terms(values, flat_grads, fmt), ids, num_segments=k)
+    elif k == 1:
+        (act,) = stats.each_table(a, fmt)
+        grad, grad_scaled = stats.each_table(g, fmt, (1.0, loss_scale))
+        score = ops.reshape(ops.sum(_score_terms(a[0], g[0], fmt)), (1,))
+    else:
+        (m, ids), (dm, _) = stats.matrix(a), stats.matrix(g)
+        (act,) = stats.matrix_table(m, ids, k, fmt)
+        grad, grad_scaled = stats.matrix_table(dm, ids, k, fmt, (1.0, loss_scale))
+        score = ops.segment_sum(ops.sum(_score_terms(m, dm, fmt), axis=1), ids, num_segments=k)
+    return ops.concatenate([act, grad, grad_scaled, ops.reshape(score, (-1, 1))], axis=1)
 
 
 def _score_terms(a: Any, g: Any, fmt: Format) -> Any:

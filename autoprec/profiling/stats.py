@@ -151,22 +151,24 @@ def tensor_stats(t: Any, fmt: Format, scale: float = 1.0) -> Any:
     return _rows(t, fmt, (scale,))[0]
 
 
-def _rows(t: Any, fmt: Format, scales: tuple[float, ...]) -> list[Any]:
+def _rows(t: Any, fmt: Format, scales: tuple[float, ...], *, axis: int | None = None) -> list[Any]:
     """One statistics vector per scale, from whole-tensor reductions: a count of the values at or above each
-    bucket edge (see ``EACH_ELEMENTS``)."""
+    bucket edge (see ``EACH_ELEMENTS``). With ``axis=1``, ``t`` is a matrix and each row gets its own vector:
+    one ``(rows, WIDTH)`` array per scale."""
     from keras import ops
 
     t = t if str(getattr(t, "dtype", "")).endswith("float32") else ops.cast(t, "float32")
     finite = ops.isfinite(t)
     safe = ops.where(finite, ops.abs(t), 0.0)
-    size = ops.cast(ops.size(t), "float32")
-    nonfinite = size - ops.sum(ops.cast(finite, "float32"))
-    absmax = ops.max(safe, initial=0.0)
+    absmax = ops.max(safe, axis=axis, initial=0.0)
+    # A matrix's rows all hold its known width; a whole tensor's size is read at run time.
+    size = absmax * 0.0 + float(t.shape[1]) if axis is not None else ops.cast(ops.size(t), "float32")
+    nonfinite = size - ops.sum(ops.cast(finite, "float32"), axis=axis)
     at_least: dict[float, Any] = {}  # edges repeat (bfloat16's lower edges are all float32's smallest normal)
 
     def count(edge: float) -> Any:
         if edge not in at_least:
-            at_least[edge] = ops.sum(ops.cast(safe >= edge, "float32"))
+            at_least[edge] = ops.sum(ops.cast(safe >= edge, "float32"), axis=axis)
         return at_least[edge]
 
     out = []
@@ -174,14 +176,15 @@ def _rows(t: Any, fmt: Format, scales: tuple[float, ...]) -> list[Any]:
         # Edges [tiny, subnormal, normal, past max]: >= tiny is nonzero; below the subnormal it flushes;
         # below the normal it is subnormal (or flushes); past the largest finite value it overflows.
         tiny, sub, normal, top = (count(e) for e in _edges(fmt, scale))
-        out.append(ops.stack([absmax * scale, size, tiny, top, tiny - sub, tiny - normal, nonfinite]))
+        out.append(ops.stack([absmax * scale, size, tiny, top, tiny - sub, tiny - normal, nonfinite], axis=-1))
     return out
 
 
-def peak_row(t: Any, fmt: Format) -> Any:
+def peak_row(t: Any, fmt: Format, *, axis: int | None = None) -> Any:
     """The statistics vector of ``t`` where only its peak is news: the largest magnitude and the size, and the
     overflow and non-finite counts, counted only where some value overflows or is not finite (a branch seldom
-    taken). The counts of nonzero, flushed and subnormal values are left 0.
+    taken). The counts of nonzero, flushed and subnormal values are left 0. With ``axis=1``, ``t`` is a matrix
+    and each row gets its own vector, ``(rows, WIDTH)``.
 
     Four operations over the tensor instead of a dozen: a forward scan of many samples reads it for every node.
 
@@ -190,27 +193,56 @@ def peak_row(t: Any, fmt: Format) -> Any:
     [70000.0, 3.0, 0.0, 1.0, 0.0, 0.0, 0.0]
     >>> [float(v) for v in peak_row(np.array([[1.0, 2.0]], "float32"), get("mixed_float16"))]
     [2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    >>> np.asarray(peak_row(np.array([[1.0, 2.0], [7e4, 3.0]], "float32"), get("mixed_float16"), axis=1)).tolist()
+    [[2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0], [70000.0, 2.0, 0.0, 1.0, 0.0, 0.0, 0.0]]
     """
     from keras import ops
 
     t = t if str(getattr(t, "dtype", "")).endswith("float32") else ops.cast(t, "float32")
     a = ops.abs(t)
     top = _edges(fmt, 1.0)[3]
-    size = ops.cast(ops.size(t), "float32")
-    zero = ops.zeros((), "float32")
+
+    def row(peak: Any, over: Any, nonfinite: Any) -> Any:
+        size = peak * 0.0 + float(t.shape[1]) if axis is not None else ops.cast(ops.size(t), "float32")
+        zero = peak * 0.0
+        return ops.stack([peak, size, zero, over, zero, zero, nonfinite], axis=-1)
 
     def counted() -> Any:
         finite = ops.isfinite(t)
         safe = ops.where(finite, a, 0.0)
-        nonfinite = size - ops.sum(ops.cast(finite, "float32"))
-        over = ops.sum(ops.cast(safe >= top, "float32"))
-        return ops.stack([ops.max(safe, initial=0.0), size, zero, over, zero, zero, nonfinite])
+        nonfinite = ops.sum(ops.cast(ops.logical_not(finite), "float32"), axis=axis)
+        over = ops.sum(ops.cast(safe >= top, "float32"), axis=axis)
+        return row(ops.max(safe, axis=axis, initial=0.0), over, nonfinite)
 
     def peak() -> Any:
-        return ops.stack([ops.max(a, initial=0.0), size, zero, zero, zero, zero, zero])
+        m = ops.max(a, axis=axis, initial=0.0)
+        return row(m, m * 0.0, m * 0.0)
 
     # `a < top` is False for NaN and inf as well as for an overflow: one comparison tells every case apart.
     return ops.cond(ops.all(a < top), peak, counted)
+
+
+def peak_table(tensors: list, fmt: Format) -> Any:
+    """:func:`peak_row` of each of ``tensors``, ``(k, WIDTH)``: those of one shape as the rows of one matrix
+    (:func:`stacks`), so that a scan of every node stays a short trace.
+
+    >>> from autoprec.formats import get
+    >>> rows = peak_table([np.array([[1.0, 7e4]], "float32"), np.array([[3.0, 1.0]], "float32")], get("mixed_float16"))
+    >>> np.asarray(rows)[:, [0, 3]].tolist()
+    [[70000.0, 1.0], [3.0, 0.0]]
+    """
+    from keras import ops
+
+    parts, order = [], []
+    for indices in stacks(tensors):
+        chosen = [tensors[i] for i in indices]
+        if len(chosen) == 1:
+            parts.append(ops.expand_dims(peak_row(chosen[0], fmt), 0))
+        else:
+            m, ids = matrix(chosen)
+            parts.append(merge_rows(peak_row(m, fmt, axis=1), ids, len(chosen)))
+        order += indices
+    return in_order(parts, order)
 
 
 # Elements per sample from which a tensor's statistics are reduced on their own, not in a shared flat vector.
@@ -254,17 +286,106 @@ def table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,), *, bat
     parts, order = [], []
     for indices, flat in groups(tensors, batched=batched):
         chosen = [tensors[i] for i in indices]
-        parts.append(flat_table(chosen, fmt, scales)[0] if flat else each_table(chosen, fmt, scales))
+        parts.append(flat_table(chosen, fmt, scales)[0] if flat else each_table(chosen, fmt, scales, batched=batched))
         order += indices
     return [in_order([p[s] for p in parts], order) for s in range(len(scales))]
 
 
-def each_table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,)) -> list[Any]:
-    """:func:`table` for large tensors: each reduced on its own (see ``EACH_ELEMENTS``)."""
+def each_table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,), *, batched: bool = True) -> list[Any]:
+    """:func:`table` for large tensors: each reduced on its own (see ``EACH_ELEMENTS``), those of one shape as
+    the rows of one matrix (:func:`stacks`).
+
+    >>> from autoprec.formats import get
+    >>> big = [np.full((2, EACH_ELEMENTS), v, "float32") for v in (1.0, 7e4, 3.0)]
+    >>> (rows,) = each_table(big, get("mixed_float16"))
+    >>> np.asarray(rows)[:, :4].tolist() == [[1.0, 2 * EACH_ELEMENTS, 2 * EACH_ELEMENTS, 0.0],
+    ...                                      [7e4, 2 * EACH_ELEMENTS, 2 * EACH_ELEMENTS, 2 * EACH_ELEMENTS],
+    ...                                      [3.0, 2 * EACH_ELEMENTS, 2 * EACH_ELEMENTS, 0.0]]
+    True
+    """
     from keras import ops
 
-    each = [_rows(t, fmt, scales) for t in tensors]
-    return [ops.stack([rows[s] for rows in each]) for s in range(len(scales))]
+    parts, order = [], []
+    for indices in stacks(tensors, batched=batched):
+        chosen = [tensors[i] for i in indices]
+        if len(chosen) == 1:
+            parts.append([ops.expand_dims(r, 0) for r in _rows(chosen[0], fmt, scales)])
+        else:
+            m, ids = matrix(chosen, batched=batched)
+            parts.append(matrix_table(m, ids, len(chosen), fmt, scales))
+        order += indices
+    return [in_order([p[s] for p in parts], order) for s in range(len(scales))]
+
+
+# Large tensors of one shape are reduced as the rows of one matrix, in chunks of at most this many elements
+# per sample. Each tensor then adds a reshape to the traced step instead of a dozen reductions: on MobileNetV2 at
+# 224x224 the statistics step's trace took 7 s of its 14. A chunk is a copy, small beside the step's tape.
+STACK_ELEMENTS = 1 << 22
+
+
+def _per_sample(t: Any, batched: bool) -> int | None:
+    dims = tuple(getattr(t, "shape", ()))[1 if batched else 0 :]
+    return None if any(d is None for d in dims) else math.prod(int(d) for d in dims)
+
+
+def stacks(tensors: list, *, batched: bool = True) -> list[list[int]]:
+    """Which of ``tensors`` are reduced together: those of one known shape past the batch axis (the whole shape
+    when not ``batched``), in chunks of at most ``STACK_ELEMENTS`` per sample; a tensor of unknown shape alone.
+
+    >>> stacks([np.zeros((1, 4)), np.zeros((1, 3)), np.zeros((2, 4))])
+    [[0, 2], [1]]
+    """
+    keyed: dict[Any, list[list[int]]] = {}
+    for i, t in enumerate(tensors):
+        n = _per_sample(t, batched)
+        key = (tuple(t.shape[1:]) if batched else tuple(t.shape)) if n is not None else ("alone", i)
+        chunks = keyed.setdefault(key, [[]])
+        if chunks[-1] and (n is None or n * (len(chunks[-1]) + 1) > max(n, STACK_ELEMENTS)):
+            chunks.append([])
+        chunks[-1].append(i)
+    return [c for chunks in keyed.values() for c in chunks]
+
+
+def matrix(tensors: list, *, batched: bool = True) -> tuple[Any, Any]:
+    """``tensors`` of one shape as the rows of one float32 matrix, one row per sample (one per tensor when not
+    ``batched``), and each row's tensor index.
+
+    >>> m, ids = matrix([np.ones((2, 3)), np.zeros((1, 3))])
+    >>> np.asarray(m).shape, np.asarray(ids).tolist()
+    ((3, 3), [0, 0, 1])
+    """
+    from keras import ops
+
+    rows, ids = [], []
+    for j, t in enumerate(tensors):
+        m = ops.reshape(ops.cast(t, "float32"), (-1, _per_sample(t, batched)) if batched else (1, -1))
+        rows.append(m)
+        ids.append(ops.full((ops.shape(m)[0],), j, dtype="int32"))
+    return ops.concatenate(rows, axis=0), ops.concatenate(ids, axis=0)
+
+
+def matrix_table(m: Any, ids: Any, k: int, fmt: Format, scales: tuple[float, ...] = (1.0,)) -> list[Any]:
+    """The statistics of the ``k`` tensors whose rows :func:`matrix` gathered in ``m``: one ``(k, WIDTH)`` array
+    per scale. Each row is reduced, then a tensor's rows merged: the largest ``absmax``, the sum of the counts
+    (as :func:`merge`).
+
+    >>> from autoprec.formats import get
+    >>> (rows,) = matrix_table(*matrix([np.array([[1.0, 7e4], [2.0, 0.0]], "float32")]), 1, get("mixed_float16"))
+    >>> np.asarray(rows)[:, :4].tolist()
+    [[70000.0, 4.0, 3.0, 1.0]]
+    """
+
+    return [merge_rows(rows, ids, k) for rows in _rows(m, fmt, scales, axis=1)]
+
+
+def merge_rows(rows: Any, ids: Any, k: int) -> Any:
+    """Statistics vectors ``(n, WIDTH)`` merged into ``k`` by ``ids`` (as :func:`merge`: the largest ``absmax``,
+    the sum of the counts)."""
+    from keras import ops
+
+    peak = ops.segment_max(rows[:, 0], ids, num_segments=k)
+    counts = ops.segment_sum(rows[:, 1:], ids, num_segments=k)
+    return ops.concatenate([ops.expand_dims(peak, 1), counts], axis=1)
 
 
 def in_order(parts: list, order: list[int]) -> Any:
