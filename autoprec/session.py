@@ -23,6 +23,7 @@ its bound.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import logging
 import math
@@ -130,12 +131,12 @@ class Session:
         Complete passes are cached, so the profile and the search share them.
         """
         key = self._key(assignment)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
         stopped = self._real.get((key, budget))
         if stopped is not None:  # real policies broke this budget: no simulated pass can make it feasible
             return stopped[1]
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         if harm_above is not None and not self.binary_values:
             # Harm is max(drop, 0) here: the certain bound on the drop stops the pass early.
             budget, harm_above = Budget(harm_above), None
@@ -161,19 +162,27 @@ class Session:
 
         A complete pass is cached as ``assignment``'s evaluation, so that the search reads the real figures,
         and the model is kept for the verification (:meth:`real_model`): the same policies, checked on the
-        same data, need no second pass. A pass stopped over ``budget`` answers :meth:`evaluate` under that
-        budget.
+        same data, need no second pass (where it meets ``budget``: one that misses cannot win). A pass stopped
+        over ``budget`` answers :meth:`evaluate` under that budget, before any simulated figures.
         """
         self.passes += 1
         result = _Pass(self, budget, forward=forward).run()
         key = self._key(assignment)
         if result.rejected:  # stopped over ``budget``: the search under that budget reads it, nothing else
             self._real[(key, budget)] = (None, result)
-        else:
-            self._cache[key] = result
-            self._real = {k: v for k, v in self._real.items() if v[0] is None}
-            self._real[key] = (model, result)  # one copy of the model at most
+            return result
+        self._cache[key] = result
+        self.release_real_model()
+        if budget is None or self.rule(budget).feasible(result.judged):  # else it cannot win: let it go
+            self._real[key] = (model, result)
         return result
+
+    def release_real_model(self) -> None:
+        """Let go of the model kept by :meth:`score_batches` (the verification has moved on from it)."""
+        kept = {k: v for k, v in self._real.items() if v[0] is None}
+        if len(kept) < len(self._real):
+            self._real = kept
+            gc.collect()  # a Keras model's layers hold reference cycles: free its memory now
 
     def real_model(self, assignment: Mapping[str, str]) -> tuple[Any, Evaluation] | None:
         """The model and evaluation of :meth:`score_batches` for ``assignment``, where that was its last check."""

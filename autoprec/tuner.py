@@ -1241,6 +1241,8 @@ class _EvalCheck:
     def __call__(self, assignment: dict[str, str]) -> tuple[bool, str]:
         session, expanded = self.session, self.space.expand(assignment)
         reused = session.real_model(expanded)  # checked with real policies already, on the same data
+        if reused is None:
+            session.release_real_model()  # moved on to another candidate: one real model held at a time
         self.model, real = reused or verify_eval(session, session.graph.resolve(expanded))
         self.evaluation = real
         self.checks.append(

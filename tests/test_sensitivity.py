@@ -281,3 +281,34 @@ def test_a_rare_overflow_is_found_when_the_gradients_read_fewer_samples():
     assert few.loc["d3", "act_overflow"] == pytest.approx(full.loc["d3", "act_overflow"])
     assert few.loc["d3", "act_absmax"] == pytest.approx(full.loc["d3", "act_absmax"], rel=1e-6)
     assert few.loc["d3", ["grad_flush", "score"]].notna().all()  # the gradients are still measured
+
+
+@pytest.mark.parametrize("target", ["mixed_float16", "mixed_bfloat16"])
+def test_tensors_of_one_shape_reduced_as_one_matrix_give_each_tensor_its_own_statistics(monkeypatch, target):
+    """The statistics step and the forward peak scan reduce same-shaped tensors as the rows of one matrix, in
+    chunks: every tensor must still get exactly the statistics it gets alone (overflow, flush, NaN and inf
+    counted per tensor, the peak its own), in the tensors' order."""
+    from autoprec.formats import get
+    from autoprec.profiling import stats
+
+    monkeypatch.setattr(stats, "EACH_ELEMENTS", 4)  # every tensor here counts as large
+    monkeypatch.setattr(stats, "STACK_ELEMENTS", 24)  # chunks of at most two (4, 3)-shaped samples
+    rng = np.random.default_rng(0)
+    fmt = get(target)
+    shapes = [(3, 4, 3), (3, 5), (3, 4, 3), (3, 4, 3), (3, 5), (3, 4, 3), (3, 2, 3)]
+    tensors = []
+    for i, shape in enumerate(shapes):
+        t = rng.normal(size=shape) * 10.0 ** rng.integers(-44, 6, size=shape)
+        if i == 2:
+            t.flat[[1, 5]] = [np.nan, -np.inf]
+        if i == 3:
+            t.flat[0] = 3.4e38 if target == "mixed_bfloat16" else 7e4  # past the format's largest finite value
+        tensors.append(t.astype("float32"))
+    scales = (1.0, 1024.0)
+    together = [np.asarray(r) for r in stats.table(tensors, fmt, scales)]
+    for s, scale in enumerate(scales):
+        alone = np.stack([np.asarray(stats.tensor_stats(t, fmt, scale)) for t in tensors])
+        np.testing.assert_allclose(together[s], alone, rtol=1e-6)
+    peaks = np.asarray(stats.peak_table(tensors, fmt))
+    np.testing.assert_allclose(peaks, np.stack([np.asarray(stats.peak_row(t, fmt)) for t in tensors]), rtol=1e-6)
+    assert peaks[3, 3] >= 1 and peaks[2, 6] == 2  # the overflow and the non-finite values, in their own rows

@@ -502,7 +502,7 @@ def statistics(
             graph, budget_bytes=PROFILE_MEMORY, cap=PROFILE_BATCH_CAP, per_sample=tape_bytes(graph), floor=1
         )
     data = data.rebatch(int(batch_size))
-    fn, names = _stats_step(session, fmt, loss_scale)
+    fn, names = _stats_step(session, fmt, loss_scale, rows=data.batch_size)
     step = backends.compile_function(fn, optimize=False)  # a large graph, run a few micro-batches
     totals: dict[str, np.ndarray] = {}
     n_batches = -(-data.n // data.batch_size)
@@ -551,7 +551,7 @@ def _ranges(session: Session, fmt: Format, data: Any, progress: Progress | None)
 
         engine.run(x, None, hook)
         names[:] = [p for p, _ in taken]
-        return stats.peak_table([a for _, a in taken], fmt) if taken else None
+        return stats.peak_table([a for _, a in taken], fmt, rows=data.batch_size) if taken else None
 
     step = backends.compile_function(scan, optimize=False)  # as the statistics step: a large graph, run a few times
     totals: dict[str, np.ndarray] = {}
@@ -632,8 +632,8 @@ def _watched(out: Any) -> bool:
     return not isinstance(out, (list, tuple, dict)) and "float" in str(getattr(out, "dtype", ""))
 
 
-def _stats_step(session: Session, fmt: Format, loss_scale: float):
-    """The traced micro-batch step: one forward/backward pass, small statistics vectors out."""
+def _stats_step(session: Session, fmt: Format, loss_scale: float, *, rows: int):
+    """The traced micro-batch step of ``rows`` samples: one forward/backward pass, small statistics vectors out."""
     import keras
     from keras import ops
 
@@ -671,7 +671,7 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float):
         _, _, out_grads, var_grads = backends.gradient_pass(forward, loss, x, y, variables)
         out: dict[str, Any] = {}
         if taken:
-            out["nodes"] = _node_rows([a for _, a in taken], list(out_grads), fmt, loss_scale)
+            out["nodes"] = _node_rows([a for _, a in taken], list(out_grads), fmt, loss_scale, rows)
         by_unit = _weight_rows(unit_vars, var_grads, y, fmt, loss_scale)
         if by_unit is not None:
             out["weights"] = by_unit
@@ -724,7 +724,7 @@ def _weight_rows(unit_vars: list, var_grads: list, y: Any, fmt: Format, loss_sca
     return ops.concatenate([w, w_scaled], axis=1)
 
 
-def _node_rows(acts: list, grads: list, fmt: Format, loss_scale: float) -> Any:
+def _node_rows(acts: list, grads: list, fmt: Format, loss_scale: float, rows: int = 1) -> Any:
     """Rows ``[act stats, grad stats, scaled grad stats, score]`` for each node.
 
     Small nodes share one flat vector, large ones of one shape are reduced as the rows of one matrix
@@ -733,7 +733,7 @@ def _node_rows(acts: list, grads: list, fmt: Format, loss_scale: float) -> Any:
     """
     parts, order = [], []
     for indices, flat in stats.groups(acts):
-        for chunk in [indices] if flat else stats.stacks([acts[i] for i in indices]):
+        for chunk in [indices] if flat else stats.stacks([acts[i] for i in indices], rows=rows):
             chunk = [indices[j] for j in chunk] if not flat else chunk
             parts.append(_chunk_rows([acts[i] for i in chunk], [grads[i] for i in chunk], fmt, loss_scale, flat))
             order += chunk
@@ -754,7 +754,7 @@ def _chunk_rows(a: list, g: list, fmt: Format, loss_scale: float, flat: bool) ->
         grad, grad_scaled = stats.each_table(g, fmt, (1.0, loss_scale))
         score = ops.reshape(ops.sum(_score_terms(a[0], g[0], fmt)), (1,))
     else:
-        (m, ids), (dm, _) = stats.matrix(a), stats.matrix(g)
+        (m, ids), (dm, _) = stats.matrix(a), stats.matrix(g, like=a)
         (act,) = stats.matrix_table(m, ids, k, fmt)
         grad, grad_scaled = stats.matrix_table(dm, ids, k, fmt, (1.0, loss_scale))
         score = ops.segment_sum(ops.sum(_score_terms(m, dm, fmt), axis=1), ids, num_segments=k)

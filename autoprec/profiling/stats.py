@@ -222,9 +222,12 @@ def peak_row(t: Any, fmt: Format, *, axis: int | None = None) -> Any:
     return ops.cond(ops.all(a < top), peak, counted)
 
 
-def peak_table(tensors: list, fmt: Format) -> Any:
+PEAK_SPAN = 16  # nodes apart, at most, that one matrix of the forward peak scan gathers (see stacks)
+
+
+def peak_table(tensors: list, fmt: Format, *, rows: int = 1) -> Any:
     """:func:`peak_row` of each of ``tensors``, ``(k, WIDTH)``: those of one shape as the rows of one matrix
-    (:func:`stacks`), so that a scan of every node stays a short trace.
+    (:func:`stacks`; ``rows``: samples per tensor), so that a scan of every node stays a short trace.
 
     >>> from autoprec.formats import get
     >>> rows = peak_table([np.array([[1.0, 7e4]], "float32"), np.array([[3.0, 1.0]], "float32")], get("mixed_float16"))
@@ -234,7 +237,7 @@ def peak_table(tensors: list, fmt: Format) -> Any:
     from keras import ops
 
     parts, order = [], []
-    for indices in stacks(tensors):
+    for indices in stacks(tensors, rows=rows, span=PEAK_SPAN):
         chosen = [tensors[i] for i in indices]
         if len(chosen) == 1:
             parts.append(ops.expand_dims(peak_row(chosen[0], fmt), 0))
@@ -317,9 +320,10 @@ def each_table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,), *
     return [in_order([p[s] for p in parts], order) for s in range(len(scales))]
 
 
-# Large tensors of one shape are reduced as the rows of one matrix, in chunks of at most this many elements
-# per sample. Each tensor then adds a reshape to the traced step instead of a dozen reductions: on MobileNetV2 at
-# 224x224 the statistics step's trace took 7 s of its 14. A chunk is a copy, small beside the step's tape.
+# Large tensors of one shape are reduced as the rows of one matrix, in chunks of at most this many elements in
+# all. Each tensor then adds a reshape to the traced step instead of a dozen reductions: on MobileNetV2 at 224x224
+# the statistics step's trace took 7 s of its 14. A chunk is a copy, 16 MB at most, and what its reductions hold
+# besides: sized per sample, a GPT2 decoder's micro-batch of 16 sequences held 0.5 GB more.
 STACK_ELEMENTS = 1 << 22
 
 
@@ -328,27 +332,34 @@ def _per_sample(t: Any, batched: bool) -> int | None:
     return None if any(d is None for d in dims) else math.prod(int(d) for d in dims)
 
 
-def stacks(tensors: list, *, batched: bool = True) -> list[list[int]]:
+def stacks(tensors: list, *, batched: bool = True, rows: int = 1, span: int | None = None) -> list[list[int]]:
     """Which of ``tensors`` are reduced together: those of one known shape past the batch axis (the whole shape
-    when not ``batched``), in chunks of at most ``STACK_ELEMENTS`` per sample; a tensor of unknown shape alone.
+    when not ``batched``), in chunks of at most ``STACK_ELEMENTS`` in all, a tensor holding ``rows`` samples; a
+    tensor of unknown or empty shape alone. With ``span``, a chunk's tensors lie at most ``span`` places apart
+    in ``tensors``: a forward pass frees a tensor once read, and a chunk keeps its members until the last one
+    exists.
 
     >>> stacks([np.zeros((1, 4)), np.zeros((1, 3)), np.zeros((2, 4))])
     [[0, 2], [1]]
+    >>> stacks([np.zeros((1, 4)), np.zeros((1, 3)), np.zeros((2, 4))], span=1)
+    [[0], [2], [1]]
     """
     keyed: dict[Any, list[list[int]]] = {}
     for i, t in enumerate(tensors):
         n = _per_sample(t, batched)
-        key = (tuple(t.shape[1:]) if batched else tuple(t.shape)) if n is not None else ("alone", i)
+        key = (tuple(t.shape[1:]) if batched else tuple(t.shape)) if n else ("alone", i)
         chunks = keyed.setdefault(key, [[]])
-        if chunks[-1] and (n is None or n * (len(chunks[-1]) + 1) > max(n, STACK_ELEMENTS)):
+        last, size = chunks[-1], (n or 0) * (rows if batched else 1)
+        if last and (size * (len(last) + 1) > max(size, STACK_ELEMENTS) or (span is not None and i - last[0] > span)):
             chunks.append([])
         chunks[-1].append(i)
     return [c for chunks in keyed.values() for c in chunks]
 
 
-def matrix(tensors: list, *, batched: bool = True) -> tuple[Any, Any]:
+def matrix(tensors: list, *, batched: bool = True, like: list | None = None) -> tuple[Any, Any]:
     """``tensors`` of one shape as the rows of one float32 matrix, one row per sample (one per tensor when not
-    ``batched``), and each row's tensor index.
+    ``batched``), and each row's tensor index. ``like``: tensors of the same shapes whose static shapes are
+    known (a gradient's may be less known than its activation's).
 
     >>> m, ids = matrix([np.ones((2, 3)), np.zeros((1, 3))])
     >>> np.asarray(m).shape, np.asarray(ids).tolist()
@@ -357,8 +368,8 @@ def matrix(tensors: list, *, batched: bool = True) -> tuple[Any, Any]:
     from keras import ops
 
     rows, ids = [], []
-    for j, t in enumerate(tensors):
-        m = ops.reshape(ops.cast(t, "float32"), (-1, _per_sample(t, batched)) if batched else (1, -1))
+    for j, (t, shaped) in enumerate(zip(tensors, like or tensors, strict=True)):
+        m = ops.reshape(ops.cast(t, "float32"), (-1, _per_sample(shaped, batched)) if batched else (1, -1))
         rows.append(m)
         ids.append(ops.full((ops.shape(m)[0],), j, dtype="int32"))
     return ops.concatenate(rows, axis=0), ops.concatenate(ids, axis=0)

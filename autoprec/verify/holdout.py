@@ -121,4 +121,5 @@ def held_session(session: Any, held: EvalData) -> Any:
         baseline_values=values,
         holdout=None,
         _cache={},
+        _real={},
     )
