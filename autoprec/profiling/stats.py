@@ -323,7 +323,7 @@ def each_table(tensors: list, fmt: Format, scales: tuple[float, ...] = (1.0,), *
 # Large tensors of one shape are reduced as the rows of one matrix, in chunks of at most this many elements in
 # all. Each tensor then adds a reshape to the traced step instead of a dozen reductions: on MobileNetV2 at 224x224
 # the statistics step's trace took 7 s of its 14. A chunk is a copy, 16 MB at most, and what its reductions hold
-# besides: sized per sample, a GPT2 decoder's micro-batch of 16 sequences held 0.5 GB more.
+# besides: sized per sample, a GPT2 decoder's micro-batches held 0.5 GB more.
 STACK_ELEMENTS = 1 << 22
 
 
