@@ -519,14 +519,7 @@ class RealEngine:
         self.metric = metric
 
     def forward(self, x: Any, y: Any) -> tuple[Any, np.ndarray | None]:
-        import keras
-
-        with quiet_retracing():
-            outputs = self.model.predict_on_batch(x)
-        outputs = keras.tree.map_structure(lambda a: np.asarray(a, np.float32), outputs)
-        if self.metric is None or self.metric.per_sample is None:
-            return outputs, None
-        return outputs, self.metric.values(*self.metric.select(y, outputs))
+        return predicted(self.model, self.metric, x, y)
 
     def close(self) -> None:
         for layer in self.model._flatten_layers(include_self=False):
@@ -540,6 +533,33 @@ class RealEngine:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def predicted(model: Any, metric: Metric | None, x: Any, y: Any) -> tuple[Any, np.ndarray | None]:
+    """A real model's own float32 outputs for the batch ``x`` and ``metric``'s per-sample values (or None): an
+    engine's ``forward`` where real Keras policies compute."""
+    import keras
+
+    with quiet_retracing():
+        outputs = predict_on(model, x)
+    outputs = keras.tree.map_structure(lambda a: np.asarray(a, np.float32), outputs)
+    if metric is None or metric.per_sample is None:
+        return outputs, None
+    return outputs, metric.values(*metric.select(y, outputs))
+
+
+def predict_on(model: Any, x: Any) -> Any:
+    """The model's predictions of one batch.
+
+    A model built in a ``tf.distribute`` strategy predicts through ``predict``: there Keras 3.15's
+    ``predict_on_batch`` hands every replica the whole batch and returns all their outputs, stacked (twice the
+    rows on two replicas).
+    """
+    import keras
+
+    if getattr(model, "_distribute_strategy", None) is not None:
+        return model.predict(x, batch_size=len(keras.tree.flatten(x)[0]), verbose=0)
+    return model.predict_on_batch(x)
 
 
 def make_engine(model: Any, graph: ModelGraph, *, formats: tuple[str, ...], metric: Metric | None = None):

@@ -28,7 +28,7 @@ import numpy as np
 
 from autoprec.apply import apply_policy, strategy_scope
 from autoprec.data import TRAIN_BATCH_SIZE, EvalData
-from autoprec.engine import quiet_retracing
+from autoprec.engine import predict_on, predicted, quiet_retracing
 from autoprec.errors import ArgumentError, DataError, UnsupportedModelError, check_int
 from autoprec.formats import DEFAULT_LOSS_SCALE, FLOAT32, split
 from autoprec.graph import SUBCLASSED, ModelGraph
@@ -110,19 +110,9 @@ def real_check(session: Any, assignment: dict[str, str], *, budget: Any = None) 
     0.0
     """
     real = _real_model(session, session.graph.resolve(assignment))
-    metric = session.metric
-
-    def forward(x: Any, y: Any) -> tuple[Any, Any]:
-        import keras
-
-        out = keras.tree.map_structure(lambda a: np.asarray(a, np.float32), _predict(real, x))
-        values = None if metric.per_sample is None else metric.values(*metric.select(y, out))
-        return out, values
-
-    with quiet_retracing():
-        result = session.score_batches(assignment, real, forward, budget=budget)
+    result = session.score_batches(assignment, real, functools.partial(predicted, real, session.metric), budget=budget)
     if session.real_model(assignment) is None:  # not kept: free the copy now (its layers hold cycles), not at
-        del real, forward  # the collector's leisure; a GPT2 decoder's copy held 0.26 GB through the statistics
+        del real  # the collector's leisure; a GPT2 decoder's copy held 0.26 GB through the statistics
         gc.collect()
     return result
 
@@ -190,27 +180,12 @@ def nonfinite_origins(model: Any, x: Any) -> list[str]:
 
 
 def predict_batches(model: Any, data: EvalData) -> Any:
-    """The model's own predictions over all batches, concatenated (NumPy).
-
-    A model built in a ``tf.distribute`` strategy predicts through
-    ``predict``: there Keras 3.15's ``predict_on_batch`` hands every replica
-    the whole batch and returns all their outputs, stacked (twice the rows
-    on two replicas).
-    """
+    """The model's own predictions over all batches (:func:`autoprec.engine.predict_on`), concatenated (NumPy)."""
     import keras
 
     with quiet_retracing():
-        outs = [_predict(model, x) for x, _ in data.batches()]
+        outs = [predict_on(model, x) for x, _ in data.batches()]
     return keras.tree.map_structure(lambda *parts: np.concatenate(parts), *outs)
-
-
-def _predict(model: Any, x: Any) -> Any:
-    """The model's predictions of one batch (see :func:`predict_batches` on ``tf.distribute``)."""
-    import keras
-
-    if getattr(model, "_distribute_strategy", None) is not None:
-        return model.predict(x, batch_size=len(keras.tree.flatten(x)[0]), verbose=0)
-    return model.predict_on_batch(x)
 
 
 def _rows(batch: Any, lo: int, hi: int) -> Any:
