@@ -56,6 +56,7 @@ class Reason(enum.StrEnum):
     # Layers that are not decisions of their own.
     JOINED = "JOINED"  # a weightless layer that takes its producers' precision
     MOVES_DATA = "MOVES_DATA"  # pure data movement (reshape, dropout...): follows its input
+    SUBLAYERS_DECIDED = "SUBLAYERS_DECIDED"  # a block whose sublayers are decisions of their own
 
 
 def _text(row: Mapping[str, Any], key: str) -> str:
@@ -86,7 +87,7 @@ def reason_for(
         row: the layer's profile facts (``act_overflow``, ``metric_drop``...).
         decision: the policy name it ended with.
         pinned: its pin reason, if pinned.
-        role: ``"weighted"``, ``"compute"``, ``"movement"`` or ``"op"`` (see ``graph``).
+        role: ``"weighted"``, ``"compute"``, ``"movement"``, ``"op"`` or ``"block"`` (see ``graph``).
         own_decision: whether the search decided it (a weightless layer may join its producer).
         forced: listed in ``force_16bit``.
         fallback: ``"verify"`` or ``"train"`` when a check returned it to float32.
@@ -102,6 +103,8 @@ def reason_for(
     if pinned:
         return Reason(pinned)
     if not own_decision:
+        if role == "block":
+            return Reason.SUBLAYERS_DECIDED
         return Reason.MOVES_DATA if role in ("movement", "op") else Reason.JOINED
     if decision != FLOAT32:
         return Reason.FORCED_16BIT if forced else Reason.LOW_PRECISION_OK
@@ -170,6 +173,10 @@ _PINNED_WORDS = {
     Reason.PINNED_DTYPE: "not a float32 layer to begin with; left as it was",
     Reason.JOINED: "no weights and no hazard of its own; it takes the precision of the layers that feed it",
     Reason.MOVES_DATA: "moves data without computing; it follows its input",
+    Reason.SUBLAYERS_DECIDED: (
+        "its sublayers are decided one by one (the rows listed just before it); its own ops between them compute "
+        "in the 16-bit format they all share, else in float32"
+    ),
 }
 
 

@@ -50,7 +50,16 @@ from autoprec import backends
 from autoprec.apply import set_policies_in_place
 from autoprec.errors import PolicyError, UnsupportedModelError
 from autoprec.formats import FLOAT32, LOW_PRECISION, compute_dtype, is_quantized, split
-from autoprec.graph import MOVEMENT, SUBCLASSED, ModelGraph, _is_model, graph_function, resolved_policy
+from autoprec.graph import (
+    MOVEMENT,
+    SUBCLASSED,
+    ModelGraph,
+    _is_model,
+    calls_replaced,
+    emitted_policies,
+    graph_function,
+    opaque,
+)
 from autoprec.metrics import Metric
 
 
@@ -134,6 +143,10 @@ class SimEngine:
         self._dtypes = [compute_dtype(split(f)[1]) for f in self.formats]
         self._twins = _quantized_twins(graph, self.formats)
         self._real = _real_policies(graph, self.formats)
+        # The sublayers decided inside blocks (graph.BLOCK), and the ones whose whole Keras call runs as it is.
+        self._inner = {block: [(graph[p].layer, p) for p in paths] for block, paths in graph.inner.items()}
+        self._keys = {id(layer): path for pairs in self._inner.values() for layer, path in pairs}
+        self._bypass: set[int] = set()
         self.codes = np.zeros(len(graph.layers), np.int32)
         self.traces = 0
         self._rows = 0  # the largest batch traced so far (see forward)
@@ -215,14 +228,16 @@ class SimEngine:
             info = self.graph[path]
             rounds = codes is not None and info.role != MOVEMENT and info.pinned is None
             twins = self._twins.get(path, {})
+            inner = self._inner.get(path)
+            plain = self._with_sublayers(call, inner, codes, hook) if inner else call
 
             def simulated(*args, **kwargs):
                 if rounds:
                     # One switch per node, around the whole call: a branch per format is cheaper
                     # to run than a switch per input, weight and output (measured: 30% per trial).
-                    out = self._switch_call(op, call, codes[self._index[path]], twins, args, kwargs)
+                    out = self._switch_call(op, call, codes[self._index[path]], twins, args, kwargs, plain)
                 else:
-                    out = call(*args, **kwargs)
+                    out = plain(*args, **kwargs)
                 if hook is not None:
                     replaced = hook(path, op, call, args, kwargs, out)
                     if replaced is not None:  # e.g. the output plus a zero "tap" to differentiate at
@@ -233,8 +248,63 @@ class SimEngine:
 
         return fn._run_through_graph(x, operation_fn=operation)
 
-    def _switch_call(self, op: Any, call: Callable, code: Any, twins: dict[int, Any], args: tuple, kwargs: dict) -> Any:
-        """The layer in the format ``code`` selects: rounded float formats, or its quantized twin."""
+    def _with_sublayers(self, call: Callable, inner: list, codes: Any, hook: Callable | None) -> Callable:
+        """A block's ``call`` whose decided sublayers each compute as ``codes`` says (and show ``hook`` their outputs).
+
+        Each sublayer's ``call`` is replaced on the instance for the length of
+        the block's call (a trace), as :func:`autoprec.graph.build_graph`
+        records calls. The 16-bit outputs come back in float32, so the block's
+        own ops between its sublayers compute in float32 here; where they all
+        share one 16-bit format the block runs its real policies instead (its
+        other branches), and the verification has real policies throughout.
+        """
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            calls = [(sub, self._sublayer_call(sub, path, codes, hook)) for sub, path in inner]
+            with calls_replaced(calls):
+                return call(*args, **kwargs)
+
+        return run
+
+    def _sublayer_call(self, sub: Any, path: str, codes: Any, hook: Callable | None) -> Callable:
+        original = sub.call
+        rounds = codes is not None and self.graph[path].pinned is None
+        twins = self._twins.get(path, {})
+
+        def whole(*args: Any, **kwargs: Any) -> Any:  # the sublayer's whole Keras call, its policy's casts included
+            self._bypass.add(id(sub))
+            try:
+                return sub(*args, **kwargs)
+            finally:
+                self._bypass.discard(id(sub))
+
+        def replaced(*args: Any, **kwargs: Any) -> Any:
+            if id(sub) in self._bypass:
+                return original(*args, **kwargs)
+            if rounds:
+                out = self._switch_call(sub, whole, codes[self._index[path]], twins, args, kwargs, original)
+            else:
+                out = original(*args, **kwargs)
+            if hook is not None:
+                tapped = hook(path, sub, whole, args, kwargs, out)
+                if tapped is not None:
+                    out = tapped
+            return out
+
+        return replaced
+
+    def _switch_call(
+        self,
+        op: Any,
+        call: Callable,
+        code: Any,
+        twins: dict[int, Any],
+        args: tuple,
+        kwargs: dict,
+        plain: Callable | None = None,
+    ) -> Any:
+        """The layer in the format ``code`` selects: as it is (``plain``, else ``call``), rounded float formats, or its
+        quantized twin."""
         import keras
         from keras import ops
         from keras.src.models.functional import operation_fn as keras_operation_fn
@@ -250,7 +320,8 @@ class SimEngine:
         def sixteen_bit_branch(index: int) -> Callable[[], Any]:
             return lambda: self.call_16bit(op, call, index, args, kwargs)
 
-        branches: list[Callable[[], Any]] = [lambda: call(*args, **kwargs)]
+        first = plain or call
+        branches: list[Callable[[], Any]] = [lambda: first(*args, **kwargs)]
         for index in range(1, len(self.formats) + 1):
             branches.append(twin_branch(twins[index]) if index in twins else sixteen_bit_branch(index))
         return ops.switch(code, branches)
@@ -261,7 +332,7 @@ class SimEngine:
         Rounded inputs, weights and outputs for a Keras layer; the real policy
         for a layer whose own ``call`` the rounding cannot see into.
         """
-        real = self._real.get(self.graph.key(op)) if _is_layer_op(op) else None
+        real = self._real.get(self._keys.get(id(op)) or self.graph.key(op)) if _is_layer_op(op) else None
         if real is None:
             return call_rounded(op, call, round_with(self._dtypes[index - 1]), args, kwargs)
         with policies_set(real[index]):
@@ -309,18 +380,6 @@ def _quantized_twins(graph: ModelGraph, formats: tuple[str, ...]) -> dict[str, d
     }
 
 
-def opaque(layer: Any) -> bool:
-    """True where a layer's arithmetic is its author's: its ``call`` is not Keras's own, or it is a ``Lambda``.
-
-    >>> import keras
-    >>> opaque(keras.layers.Dense(2)), opaque(keras.layers.Lambda(lambda t: t))
-    (False, True)
-    """
-    call = getattr(type(layer), "call", None)
-    module = getattr(call, "__module__", None) or ""
-    return type(layer).__name__ == "Lambda" or not module.startswith("keras.")
-
-
 def _is_layer_op(op: Any) -> bool:
     import keras
 
@@ -339,33 +398,6 @@ def _real_policies(graph: ModelGraph, formats: tuple[str, ...]) -> dict[str, dic
             if not is_quantized(fmt)
         }
     return out
-
-
-def emitted_policies(layer: Any, name: str) -> list[tuple[Any, Any]]:
-    """``[(layer or sublayer, policy)]`` as a copy of ``layer`` built with ``dtype=name`` has them.
-
-    The copy is built from the layer's config (as the emitted model is) and
-    dropped at once; only the policies are kept. A sublayer that fixes its own
-    dtype (KerasHub's attention softmax) keeps it. A layer that cannot be
-    rebuilt from its config gives every one of its layers ``name``.
-    """
-    import keras
-
-    policy = keras.dtype_policies.get(name)
-    own = [layer, *layer._flatten_layers(include_self=False)]
-    if len(own) == 1:
-        return [(layer, policy)]
-    try:
-        copy = type(layer).from_config({**layer.get_config(), "dtype": name})
-        build = layer.get_build_config()
-        if build:
-            copy.build_from_config(build)
-        theirs = [copy, *copy._flatten_layers(include_self=False)]
-    except Exception:  # a config that does not round-trip: the emitted model could not be built this way either
-        theirs = []
-    if len(theirs) != len(own):
-        return [(mine, policy) for mine in own]
-    return [(mine, keras.dtype_policies.get(resolved_policy(c))) for mine, c in zip(own, theirs, strict=True)]
 
 
 class policies_set:

@@ -18,6 +18,13 @@ Roles:
   cropping, padding, max pooling): it always follows its input.
 - ``op``: a ``keras.ops`` call on symbolic tensors. It is not a layer and has
   no policy: it computes in its inputs' dtype.
+- ``block``: a layer whose author-written ``call`` runs sublayers (a KerasHub
+  transformer block). Where the evaluation sample shows which sublayers it
+  calls, each that computes is a node of its own, listed just before the
+  block in call order (``LayerInfo.block`` names the block): the attention
+  projections, the softmax, the norms, the feed-forward layers. The block
+  itself is not a decision: it computes in the sublayers' precision where
+  they all agree, else in float32 (the ops between them).
 
 >>> import keras
 >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="h"),
@@ -29,10 +36,11 @@ Roles:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +53,7 @@ FUNCTIONAL = "functional"
 SEQUENTIAL = "sequential"
 SUBCLASSED = "subclassed"
 
-WEIGHTED, COMPUTE, MOVEMENT, OP = "weighted", "compute", "movement", "op"
+WEIGHTED, COMPUTE, MOVEMENT, OP, BLOCK = "weighted", "compute", "movement", "op", "block"
 
 _ATTENTION = {"MultiHeadAttention", "GroupedQueryAttention", "Attention", "AdditiveAttention"}
 _SOFTMAX_LIKE = {"softmax", "sigmoid", "log_softmax"}
@@ -106,6 +114,7 @@ class LayerInfo:
     sublayer_keras_paths: tuple[str, ...] = ()
     quantizable: bool = False  # Keras can quantize it (Dense, EinsumDense, Embedding): int8/int4/float8 candidates
     inner_bytes: float = 0.0  # per sample, the activations inside a block (a gradient tape holds them too)
+    block: str | None = None  # for a sublayer decided inside a block: the block's path
     layer: Any = field(default=None, compare=False, repr=False)
 
     @property
@@ -169,6 +178,15 @@ class ModelGraph:
                 out.setdefault(p, []).append(info.path)
         return out
 
+    @functools.cached_property
+    def inner(self) -> dict[str, tuple[str, ...]]:
+        """``{block path: the paths of the sublayers decided inside it, in call order}`` (see ``BLOCK``)."""
+        out: dict[str, list[str]] = {}
+        for info in self.layers:
+            if info.block is not None:
+                out.setdefault(info.block, []).append(info.path)
+        return {block: tuple(paths) for block, paths in out.items()}
+
     @property
     def units(self) -> tuple[LayerInfo, ...]:
         """Weighted layers that are not pinned, in execution order."""
@@ -188,16 +206,21 @@ class ModelGraph:
 
         A node named in ``assignment`` takes that policy; a pinned one float32
         (a ``PINNED_DTYPE`` layer keeps its own); a weighted layer not named
-        float32; any other node follows its producers: their common 16-bit
+        float32; a block the 16-bit policy all its decided sublayers share,
+        else float32; any other node follows its producers: their common 16-bit
         policy, else float32, as Keras's autocast and type promotion would have
         it (a node fed only by the model's inputs stays float32).
         """
         out: dict[str, str] = {}
-        for info in self.layers:  # execution order: producers come first
+        for info in self.layers:  # execution order: producers come first, a block's sublayers before it
             if info.pinned == Reason.PINNED_DTYPE:
                 name = info.policy
             elif info.pinned is not None:
                 name = FLOAT32
+            elif info.role == BLOCK:
+                shared = {out[p] for p in self.inner.get(info.path, ()) if self[p].pinned is None}
+                name = shared.pop() if len(shared) == 1 else FLOAT32
+                name = name if name in LOW_PRECISION else FLOAT32
             elif info.path in assignment:
                 name = assignment[info.path]
             elif info.role == WEIGHTED:
@@ -381,6 +404,52 @@ def _sublayer_rows(parent: Any, block: str, block_policy: str, containers: froze
         _sublayer_rows(sub, block, block_policy, containers, rows)
 
 
+def opaque(layer: Any) -> bool:
+    """True where a layer's arithmetic is its author's: its ``call`` is not Keras's own, or it is a ``Lambda``.
+
+    >>> import keras
+    >>> opaque(keras.layers.Dense(2)), opaque(keras.layers.Lambda(lambda t: t))
+    (False, True)
+    """
+    call = getattr(type(layer), "call", None)
+    module = getattr(call, "__module__", None) or ""
+    return type(layer).__name__ == "Lambda" or not module.startswith("keras.")
+
+
+def emitted_policies(layer: Any, name: str) -> list[tuple[Any, Any]]:
+    """``[(layer or sublayer, policy)]`` as a copy of ``layer`` built with ``dtype=name`` has them.
+
+    The copy is built from the layer's config (as the emitted model is) and
+    dropped at once; only the policies are kept. A sublayer that fixes its own
+    dtype (KerasHub's attention softmax) keeps it. One built without a dtype
+    (a user's block that does not hand its own on) takes ``name``, as
+    :func:`autoprec.apply.apply_policy` sets it: the copy is built under
+    ``name`` as the global policy. A layer that cannot be rebuilt from its
+    config gives every one of its layers ``name``.
+    """
+    import keras
+
+    policy = keras.dtype_policies.get(name)
+    own = [layer, *layer._flatten_layers(include_self=False)]
+    if len(own) == 1:
+        return [(layer, policy)]
+    before = keras.config.dtype_policy()
+    try:
+        keras.config.set_dtype_policy(name)
+        copy = type(layer).from_config({**layer.get_config(), "dtype": name})
+        build = layer.get_build_config()
+        if build:
+            copy.build_from_config(build)
+        theirs = [copy, *copy._flatten_layers(include_self=False)]
+    except Exception:  # a config that does not round-trip: the emitted model could not be built this way either
+        theirs = []
+    finally:
+        keras.config.set_dtype_policy(before)
+    if len(theirs) != len(own):
+        return [(mine, policy) for mine in own]
+    return [(mine, keras.dtype_policies.get(resolved_policy(c))) for mine, c in zip(own, theirs, strict=True)]
+
+
 def resolved_policy(layer: Any) -> str:
     """The name of the policy ``layer`` computes in (a ``DTypePolicyMap`` resolved at its path).
 
@@ -521,12 +590,16 @@ def build_graph(
         fn = graph_function(model)
         leaves = list(_functional_leaves(fn))
         inner = _inner_layers(leaves)
+        order: list = []
         if sample is not None and (inner or _has_unknown_dims(fn)):
             # Variable-length inputs (keras.Input((None,))) hold None where the cost lives, and a block's
             # sublayers have no symbolic shapes at all: one eager call on the sample gives each its real ones.
-            walker.use_calls(_record_calls(model, leaves + inner, sample)[0])
+            calls, order, walker.block_args = _record_calls(model, leaves + inner, sample)
+            walker.use_calls(calls)
         walker.walk_functional(fn, parents=(), input_map={})
         walker.outputs = [p for t in fn.outputs for p in walker.producers_of(t)]
+        if order:
+            walker.expand_blocks(order)
     _check_collisions(walker.records)
     pins, forced = _pins(walker, keep_float32, force_16bit)
     layers = tuple(_info(order, rec, pins.get(rec["path"])) for order, rec in enumerate(walker.records))
@@ -552,7 +625,7 @@ def _info(order: int, rec: dict[str, Any], pinned: str | None) -> LayerInfo:
         role=rec["role"],
         pinned=pinned,
         producers=tuple(dict.fromkeys(rec["producers"])),
-        parent=rec["containers"][-1] if rec["containers"] else None,
+        parent=rec.get("block") or (rec["containers"][-1] if rec["containers"] else None),
         policy=rec["policy"],
         keras_path=rec["keras_path"],
         containers=rec["containers"],
@@ -560,6 +633,7 @@ def _info(order: int, rec: dict[str, Any], pinned: str | None) -> LayerInfo:
         sublayer_classes=tuple(s[1] for s in rec["sublayers"]),
         sublayer_keras_paths=tuple(s[2] for s in rec["sublayers"]),
         quantizable=rec["quantizable"],
+        block=rec.get("block"),
         layer=rec["layer"],
     )
 
@@ -593,6 +667,11 @@ def _pins(walker: _Walker, keep_float32: Iterable[str], force_16bit: Iterable[st
             pins[path] = str(Reason.PINNED_DTYPE)
         elif path in auto:
             pins[path] = str(auto[path])
+    for rec in walker.records:
+        # A block's sublayers share its pin (keep_float32 on a block, a block that produces an output).
+        block = rec.get("block")
+        if block in pins and rec["path"] not in pins and pins[block] != Reason.PINNED_DTYPE:
+            pins[rec["path"]] = pins[block]
     return pins, forced
 
 
@@ -648,6 +727,7 @@ class _Walker:
         self.real_shapes: dict[int, tuple[list, list]] = {}  # id(layer) -> shapes of its first real call
         self.real_calls: dict[int, list[tuple[list, list]]] = {}
         self.nodes_seen: dict[int, int] = {}
+        self.block_args: dict[int, tuple[tuple, dict]] = {}  # id(block) -> the arguments of its first real call
 
     def producers_of(self, tensor: Any) -> tuple[str, ...]:
         return self.tensor_producers.get(id(tensor), ())
@@ -686,7 +766,9 @@ class _Walker:
 
     def walk_subclassed(self, model: Any, sample: Any) -> None:
         leaves = list(_subclassed_leaves(model))
-        calls, order = _record_calls(model, leaves + _inner_layers(leaves), sample) if sample is not None else ({}, [])
+        calls, order, _ = (
+            _record_calls(model, leaves + _inner_layers(leaves), sample) if sample is not None else ({}, [], {})
+        )
         self.use_calls(calls)
         leaf_ids = {id(layer) for layer in leaves}
         order = [layer for layer in order if id(layer) in leaf_ids]
@@ -705,6 +787,65 @@ class _Walker:
         """Shapes of real calls, per layer in call order: a shared layer's n-th node is its n-th call."""
         self.real_calls = calls
         self.real_shapes = {key: seen[0] for key, seen in calls.items()}
+
+    def expand_blocks(self, order: list) -> None:
+        """Put the sublayers decided inside each block (:func:`_decided_inside`) just before it, in call order."""
+        position = {id(layer): i for i, layer in enumerate(order)}
+        records: list[dict[str, Any]] = []
+        for rec in self.records:
+            if rec["role"] == WEIGHTED and _is_layer(rec["layer"]):
+                subs = _decided_inside(rec["layer"], position)
+                if subs and _mixes(rec["layer"], subs, self.block_args.get(id(rec["layer"]))):
+                    records.extend(self._inner_records(rec, subs))
+            records.append(rec)
+        self.records = records
+
+    def _inner_records(self, rec: dict[str, Any], subs: list) -> list[dict[str, Any]]:
+        """Records of ``subs`` (decided inside the block of ``rec``), costed from their recorded calls; the block
+        keeps the rest: the ops between them and the sublayers they do not cover."""
+        block, out, covered = rec["path"], [], set()
+        producers = list(rec["producers"])
+        for sub in subs:
+            key = sublayer_key(sub, block, self.containers)
+            flops = nbytes = held = 0.0
+            composite = composite_flops(sub, self.real_shapes)
+            for ins, outs in self.real_calls[id(sub)]:
+                ins, outs = ([(None, *tuple(sh)[1:]) for sh in shapes] for shapes in (ins, outs))
+                flops += layer_flops(sub, ins, outs) if composite is None else composite
+                nbytes += 4.0 * sum(map(sample_elements, outs))
+                held += inner_bytes(sub, self.real_shapes) if composite is not None else 0.0
+            descendants = [
+                (sublayer_key(s, block, self.containers), type(s).__name__, getattr(s, "path", None) or "")
+                for s in sub._flatten_layers(include_self=False)
+            ]
+            covered.update([key, *(d[0] for d in descendants)])
+            out.append(
+                {
+                    **{k: rec[k] for k in ("containers",)},
+                    "path": key,
+                    "block": block,
+                    "class": type(sub).__name__,
+                    "role": _role(sub),
+                    "params": int(sum(math.prod(v.shape) for v in weights_of(sub))),
+                    "flops": flops,
+                    "bytes": nbytes,
+                    "inner_bytes": held,
+                    "producers": producers,
+                    "policy": resolved_policy(sub),
+                    "keras_path": getattr(sub, "path", None) or "",
+                    "sublayers": descendants,
+                    "layer": sub,
+                    "activation": _activation_name(sub),
+                    "quantizable": _quantizable(sub),
+                }
+            )
+            producers = [key]  # a weightless sublayer takes the precision of the one called before it
+        if out:
+            rec["role"] = BLOCK
+            rec["flops"] = max(0.0, rec["flops"] - sum(r["flops"] for r in out))
+            rec["inner_bytes"] = max(0.0, rec["inner_bytes"] - sum(r["bytes"] + r["inner_bytes"] for r in out))
+            rec["sublayers"] = [s for s in rec["sublayers"] if s[0] not in covered]
+        return out
 
     def _record(
         self, layer: Any, parents: tuple[str, ...], in_shapes: list, out_shapes: list, producers: tuple
@@ -780,8 +921,11 @@ def _has_unknown_dims(fn: Any) -> bool:
     return any(_unknown(t.shape) for t in keras.tree.flatten(fn.inputs))
 
 
-def _record_calls(model: Any, leaves: list, sample: Any) -> tuple[dict[int, list[tuple[list, list]]], list]:
-    """Run ``model`` once on ``sample`` and record each leaf's call order and the shapes of each of its calls.
+def _record_calls(
+    model: Any, leaves: list, sample: Any
+) -> tuple[dict[int, list[tuple[list, list]]], list, dict[int, tuple[tuple, dict]]]:
+    """Run ``model`` once on ``sample`` and record each leaf's call order and the shapes of each of its calls, and
+    the arguments of the first call of each author-written layer with sublayers (see :func:`_mixes`).
 
     Each leaf's ``call`` is wrapped on the instance for one eager call and
     restored in ``finally``.
@@ -790,32 +934,113 @@ def _record_calls(model: Any, leaves: list, sample: Any) -> tuple[dict[int, list
 
     shapes: dict[int, list[tuple[list, list]]] = {}
     order: list[Any] = []
-    originals = {}
-    try:
-        for layer in leaves:
-            originals[id(layer)] = layer.__dict__.get("call")
+    arguments: dict[int, tuple[tuple, dict]] = {}
 
-            def recorder(*args, __layer=layer, __call=layer.call, **kwargs):
-                out = __call(*args, **kwargs)
-                if id(__layer) not in shapes:
-                    order.append(__layer)
-                shapes.setdefault(id(__layer), []).append(
-                    (
-                        [t.shape for t in keras.tree.flatten(args) if hasattr(t, "shape")],
-                        [t.shape for t in keras.tree.flatten(out) if hasattr(t, "shape")],
-                    )
+    def recorder(layer: Any) -> Callable:
+        original = layer.call
+        block = opaque(layer) and bool(layer._flatten_layers(include_self=False, recursive=False))
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            if id(layer) not in shapes:
+                order.append(layer)
+                if block:
+                    arguments[id(layer)] = (args, kwargs)
+            shapes.setdefault(id(layer), []).append(
+                (
+                    [t.shape for t in keras.tree.flatten(args) if hasattr(t, "shape")],
+                    [t.shape for t in keras.tree.flatten(out) if hasattr(t, "shape")],
                 )
-                return out
+            )
+            return out
 
-            object.__setattr__(layer, "call", recorder)
+        return record
+
+    with calls_replaced([(layer, recorder(layer)) for layer in leaves]):
         model(sample, training=False)
+    return shapes, order, arguments
+
+
+def _decided_inside(layer: Any, position: Mapping[int, int]) -> list:
+    """The sublayers of an author-written block that are decisions of their own, in call order (see ``BLOCK``).
+
+    Each called sublayer that computes, found through author-written sublayers
+    without weights of their own (KerasHub's attention layer); a sublayer of
+    Keras's own with sublayers (``MultiHeadAttention``) is one. Left to the
+    block: sublayers that fix their own dtype (they stay float32 in a 16-bit
+    copy, as KerasHub's attention softmax), data movement, sublayers never
+    called, and sublayers without a ``path`` (a weightless one with Keras's
+    default ``build``): a ``DTypePolicyMap`` cannot address them, so they take
+    their parent's policy, in a reloaded model too. None where the layer is
+    Keras's own or holds weights of its own.
+    """
+    if not opaque(layer) or _own_weights(layer):
+        return []
+    fixed = {id(sub) for sub, policy in emitted_policies(layer, "mixed_float16")[1:] if policy.compute_dtype == FLOAT32}
+    found: list = []
+
+    def visit(parent: Any) -> None:
+        for sub in parent._flatten_layers(include_self=False, recursive=False):
+            if id(sub) in fixed:
+                continue
+            if opaque(sub) and sub._flatten_layers(include_self=False, recursive=False) and not _own_weights(sub):
+                visit(sub)
+            elif id(sub) in position and _role(sub) != MOVEMENT and getattr(sub, "path", None):
+                found.append(sub)
+
+    visit(layer)
+    return sorted(found, key=lambda sub: position[id(sub)])
+
+
+def _mixes(layer: Any, subs: list, arguments: tuple[tuple, dict] | None) -> bool:
+    """Whether ``layer`` runs with the sublayers ``subs`` in different precisions, tried on its recorded call.
+
+    Its author's ops between them must accept a float16 and a float32 tensor
+    together: ``keras.ops`` promote, but TensorFlow's own ``x + y`` fails.
+    The sublayers alternate float16 and float32, both ways round, and the
+    layer itself stays float32, as it computes where its sublayers differ.
+    Where either call fails, the layer is one decision, as before.
+    """
+    import keras
+
+    if arguments is None:
+        return False
+    args, kwargs = arguments
+    saved = [(sub, sub._dtype_policy) for sub in subs]
+    try:
+        for first in (0, 1):
+            for i, sub in enumerate(subs):
+                sub._dtype_policy = keras.dtype_policies.get("mixed_float16" if (i + first) % 2 else FLOAT32)
+            layer(*args, **kwargs)
+    except Exception:  # any error the author's code raises on mixed dtypes
+        return False
     finally:
-        for layer in leaves:
-            if originals.get(id(layer)) is None:
+        for sub, policy in saved:
+            sub._dtype_policy = policy
+    return True
+
+
+def _own_weights(layer: Any) -> bool:
+    """Whether ``layer`` holds float weights outside its sublayers."""
+    mine = {id(v) for v in layer.weights if "float" in str(v.dtype)}
+    theirs = {id(v) for sub in layer._flatten_layers(include_self=False) for v in sub.weights}
+    return bool(mine - theirs)
+
+
+@contextlib.contextmanager
+def calls_replaced(calls: list[tuple[Any, Callable]]) -> Iterator[None]:
+    """Replace each layer's ``call`` on the instance with its function for a call or a trace; then restore it."""
+    saved = [(layer, layer.__dict__.get("call")) for layer, _ in calls]
+    try:
+        for layer, fn in calls:
+            object.__setattr__(layer, "call", fn)
+        yield
+    finally:
+        for layer, old in saved:
+            if old is None:
                 layer.__dict__.pop("call", None)
             else:
-                object.__setattr__(layer, "call", originals[id(layer)])
-    return shapes, order
+                object.__setattr__(layer, "call", old)
 
 
 def _inner_layers(leaves: list) -> list:

@@ -1280,13 +1280,18 @@ def _nonfinite_first(session: Session, space: DecisionSpace, check: _EvalCheck, 
     small layer overflows: returning the layer where inf or NaN is born mends
     the model at the least cost. The real model of the failed check is walked
     batch by batch until a batch shows the origin (only when a check fails).
+    Where it is born in a block's own ops between its sublayers, the block's
+    16-bit sublayers are candidates in call order: the first feeds those ops
+    (an attention query in float32 makes its scores float32).
     """
+    inner = session.graph.inner
 
     def pick(assignment: dict[str, str]) -> str | None:
         live = {path: k for k in space.order if assignment.get(k, FLOAT32) != FLOAT32 for path in space.groups[k]}
         if check.model is not None and check.evaluation is not None and check.evaluation.nonfinite_outputs:
             for x, _ in session.data.batches():
-                origins = [live[p] for p in nonfinite_origins(check.model, x) if p in live]
+                found = [q for p in nonfinite_origins(check.model, x) for q in (p, *inner.get(p, ()))]
+                origins = [live[p] for p in found if p in live]
                 if origins:
                     return origins[0]
         return fallback(assignment)

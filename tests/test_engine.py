@@ -206,3 +206,74 @@ def test_custom_layers_run_their_real_policy_in_the_simulation(layer, scale):
     engine.set_assignment({"d1": "mixed_float16", "custom": "float32"})
     assert np.isfinite(_forward_all(engine, data)).all()
     assert model.get_layer("custom").compute_dtype == "float32"  # the trace gave the layer its policy back
+
+
+@keras.saving.register_keras_serializable("autoprec_tests")
+class ResidualMLP(keras.layers.Layer):
+    """A user's block: ``x + down(up(norm(x)))``, its weights all in its sublayers. With ``strict``, the sum is
+    the backend's own ``x + y``, which TensorFlow refuses for a float16 and a float32 tensor."""
+
+    def __init__(self, width=32, strict=False, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.strict = width, strict
+        self.norm = keras.layers.LayerNormalization(name="norm")
+        self.up = keras.layers.Dense(2 * width, activation="relu", name="up")
+        self.down = keras.layers.Dense(width, name="down")
+
+    def build(self, shape):
+        self.norm.build(shape)
+        self.up.build(shape)
+        self.down.build((*shape[:-1], 2 * self.width))
+
+    def call(self, x):
+        h = self.down(self.up(self.norm(x)))
+        return x + h if self.strict else keras.ops.add(x, h)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "strict": self.strict}
+
+
+@pytest.mark.parametrize("target", ["mixed_float16", "mixed_bfloat16"])
+def test_sublayers_inside_a_block_are_decisions_the_engine_runs_as_the_real_model(target):
+    """Issue 25: each sublayer of an author-written block is a node; any mix inside the block simulates what the
+    model with those policies computes, and the block's sublayers get their own calls back after the trace."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16,))
+    h = keras.layers.Dense(32, name="d1")(inputs)
+    h = ResidualMLP(name="block")(h)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="out")(h))
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype("float32") * 4
+    data = EvalData.get((x, np.zeros(64, "int32")))
+    g = build_graph(model, sample=x[:8])
+    assert g.inner == {"block": ("block/norm", "block/up", "block/down")}
+    assert g["block"].role == "block" and not g["block"].eligible
+    assert [g[p].role for p in g.inner["block"]] == ["weighted"] * 3
+    assert g["block/up"].flops == pytest.approx(2 * 32 * 64 + 64, rel=0.05)  # its own matmul, not the block's
+    engine = SimEngine(model, g, formats=(target,))
+    inner = list(g.inner["block"])
+    for chosen in ([], inner, ["block/up"], ["block/norm", "block/down"], ["d1", "block/up", "block/down"]):
+        assignment = {p: target for p in chosen}
+        names = g.resolve(assignment)
+        assert names["block"] == (target if set(inner) <= set(chosen) else "float32")
+        engine.set_assignment(assignment)
+        sim = _forward_all(engine, data)
+        tuned = autoprec.apply_policy(model, names)
+        assert {p: tuned.get_layer("block").__getattribute__(p.split("/")[1]).compute_dtype for p in inner} == {
+            p: "float32" if p not in chosen else keras.dtype_policies.get(target).compute_dtype for p in inner
+        }
+        real = predict_batches(tuned, data)
+        assert np.max(np.abs(sim - real)) < 3e-2 * np.max(np.abs(real)), chosen
+    assert all("call" not in layer.__dict__ for layer in model.get_layer("block")._flatten_layers())
+
+
+def test_a_block_whose_own_ops_cannot_mix_precisions_stays_one_decision():
+    """A block whose author adds with TensorFlow's ``x + y`` fails on a float16 and a float32 tensor: autoprec tries
+    the mix on the recorded call and keeps the block whole rather than emit a model that cannot run."""
+    inputs = keras.Input((16,))
+    h = ResidualMLP(strict=True, name="block")(keras.layers.Dense(32, name="d1")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(4, name="out")(h))
+    x = np.random.default_rng(0).normal(size=(8, 16)).astype("float32")
+    g = build_graph(model, sample=x)
+    if keras.backend.backend() == "tensorflow":
+        assert g.inner == {} and g["block"].role == "weighted" and g["block"].eligible
+    assert all(layer.compute_dtype == "float32" for layer in model.get_layer("block")._flatten_layers())

@@ -56,7 +56,7 @@ from autoprec.engine import SimEngine, call_rounded, round_to, round_with
 from autoprec.errors import ArgumentError, describe
 from autoprec.formats import DEFAULT_LOSS_SCALE, FLOAT32, MIXED_FLOAT16, Format
 from autoprec.formats import get as get_format
-from autoprec.graph import COMPUTE, MOVEMENT, OP, WEIGHTED, ModelGraph
+from autoprec.graph import BLOCK, COMPUTE, MOVEMENT, OP, WEIGHTED, ModelGraph
 from autoprec.metrics import resolve_loss
 from autoprec.profiling import stats
 from autoprec.progress import Progress
@@ -355,7 +355,7 @@ def kinds(frame, graph: ModelGraph, *, tolerance: float) -> list[str]:
         elif info.role == WEIGHTED or row.path in own:
             out.append("decision")
         else:
-            out.append({COMPUTE: "joined", MOVEMENT: "movement", OP: "op"}[info.role])
+            out.append({COMPUTE: "joined", MOVEMENT: "movement", OP: "op", BLOCK: "block"}[info.role])
     return out
 
 
@@ -638,7 +638,9 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float, *, rows: int):
     from keras import ops
 
     engine, graph = session.engine, session.graph
-    eligible = {i.path for i in graph.eligible}
+    # A block's own check too: where its real 16-bit call goes non-finite, the ops between its sublayers may
+    # overflow, which the sublayers' own checks cannot show (see search.space: its sublayers are decided together).
+    eligible = {i.path for i in graph.eligible} | set(graph.inner)
     unit_vars = [(u.path, v) for u in graph.units for v in u.layer.trainable_variables]
     variables = [v for _, v in unit_vars]
     loss = _training_batch_loss(

@@ -30,7 +30,7 @@ from typing import Any
 from autoprec.formats import FLOAT32, QUANTIZED_MODES, quantized_name
 from autoprec.graph import ModelGraph
 from autoprec.profiling.sensitivity import own_risk
-from autoprec.profiling.stats import NONFINITE_OUTPUTS, number, tested_alone
+from autoprec.profiling.stats import NONFINITE_OUTPUTS, Hazard, hazard, number, tested_alone
 from autoprec.search.plan import Space
 
 GRANULARITIES = ("layer", "block")
@@ -126,6 +126,7 @@ def build_space(
         groups.update({p: (p,) for p in decided if p in own})
     else:
         groups = {p: (p,) for p in decided}
+    groups = _overflowing_blocks_together(graph, frame, groups)
     rank = {p: i for i, p in enumerate(frame["path"])}
     position = {i.path: i.order for i in graph.layers}
     keys = sorted(groups, key=lambda k: position[groups[k][0]])  # execution order
@@ -180,6 +181,31 @@ def ruled_out(
     for key, paths in groups.items():
         if any(alone_drop(rows.get(p, {})) > allowed for p in paths):
             out[key] = (target,)
+    return out
+
+
+def _overflowing_blocks_together(
+    graph: ModelGraph, frame: Any, groups: dict[str, tuple[str, ...]]
+) -> dict[str, tuple[str, ...]]:
+    """One decision, keyed by the block, for the sublayers of a block whose own call in 16-bit goes non-finite where
+    float32 does not, though no sublayer's does.
+
+    Such an overflow may lie in the block's own ops between its sublayers (attention scores of 16-bit queries
+    and keys), which the engine computes in float32 where the sublayers differ: only the block all in 16-bit or
+    all in float32 is simulated with its real arithmetic.
+    """
+    rows = {r["path"]: r for r in frame.to_dict("records")}
+
+    def breaks(path: str) -> bool:  # its own call in 16-bit goes non-finite, or its float32 output overflows
+        row = rows.get(path, {})
+        return number(row, "sqnr_db", 0.0) == -math.inf or hazard(row) is Hazard.OVERFLOW
+
+    out = dict(groups)
+    for block, paths in graph.inner.items():
+        members = [k for k in groups if set(groups[k]) & set(paths)]
+        if members and breaks(block) and not any(breaks(p) for p in paths):
+            out = {k: v for k, v in out.items() if k not in members}
+            out[block] = tuple(p for k in members for p in groups[k])
     return out
 
 
