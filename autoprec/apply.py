@@ -259,9 +259,10 @@ def _rebuild_with_maps(model: Any, floats: dict[str, str]) -> Any:
 
     by_key = keyed_layers(model)
     named = {by_key[key].path: name for key, name in floats.items() if key in by_key and by_key[key].path}
+    pathless = [name for key, name in floats.items() if key not in by_key or not by_key[key].path]
     # A layer that is never built (a block's Dropout, a rotary embedding) has no path, and Keras gives it the
-    # map's default: the policy most layers take, so that it matches the blocks it sits in.
-    counts = Counter(named.values())
+    # map's default: the policy most of them take (their blocks'), else the one most layers take.
+    counts = Counter(pathless or named.values())
     default = max(counts, key=lambda name: (counts[name], name != FLOAT32)) if counts else FLOAT32
     policy_map = keras.dtype_policies.DTypePolicyMap(default_policy=default)
     for path, name in named.items():

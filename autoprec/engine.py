@@ -41,7 +41,7 @@ per assignment (and restores the model afterwards).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -147,6 +147,9 @@ class SimEngine:
         self._inner = {block: [(graph[p].layer, p) for p in paths] for block, paths in graph.inner.items()}
         self._keys = {id(layer): path for pairs in self._inner.values() for layer, path in pairs}
         self._bypass: set[int] = set()
+        # A block whose sublayers differ: it and the sublayers it keeps compute in one of these 16-bit formats.
+        self._floats = tuple(dict.fromkeys(split(f)[1] for f in self.formats if split(f)[1] in LOW_PRECISION))
+        self._kept = {block: _kept_policies(graph, block, self._floats) for block in graph.inner}
         self.codes = np.zeros(len(graph.layers), np.int32)
         self.traces = 0
         self._rows = 0  # the largest batch traced so far (see forward)
@@ -168,7 +171,12 @@ class SimEngine:
                 )
         names = self.graph.resolve_nodes(assignment)
         code = {FLOAT32: 0, **{f: i + 1 for i, f in enumerate(self.formats)}}
-        self.codes = np.array([code.get(names[info.path], 0) for info in self.graph.layers], np.int32)
+        codes = [code.get(names[info.path], 0) for info in self.graph.layers]
+        for block in self._inner:
+            name, mixed = self.graph.block_state(names, block)
+            if mixed:  # the branches after the formats' own: the block with its sublayers each switched
+                codes[self._index[block]] = len(self.formats) + 1 + self._floats.index(name)
+        self.codes = np.array(codes, np.int32)
 
     def use_metric(self, metric: Metric) -> None:
         """Return ``metric``'s per-sample values with each batch's outputs from now on.
@@ -235,7 +243,10 @@ class SimEngine:
                 if rounds:
                     # One switch per node, around the whole call: a branch per format is cheaper
                     # to run than a switch per input, weight and output (measured: 30% per trial).
-                    out = self._switch_call(op, call, codes[self._index[path]], twins, args, kwargs, plain)
+                    mixed = [self._mixed_branch(path, plain, j, args, kwargs) for j in range(len(self._floats))]
+                    out = self._switch_call(
+                        op, call, codes[self._index[path]], twins, args, kwargs, mixed if inner else ()
+                    )
                 else:
                     out = plain(*args, **kwargs)
                 if hook is not None:
@@ -248,15 +259,27 @@ class SimEngine:
 
         return fn._run_through_graph(x, operation_fn=operation)
 
+    def _mixed_branch(self, block: str, call: Callable, j: int, args: tuple, kwargs: dict) -> Callable[[], Any]:
+        """The branch of a block whose sublayers differ: the block and the sublayers it keeps in ``self._floats[j]``
+        (their real policies), each decided sublayer switched as its code says."""
+
+        def run() -> Any:
+            with policies_set(self._kept[block][j]):
+                return _floats_to_float32(call(*args, **kwargs))
+
+        return run
+
     def _with_sublayers(self, call: Callable, inner: list, codes: Any, hook: Callable | None) -> Callable:
         """A block's ``call`` whose decided sublayers each compute as ``codes`` says (and show ``hook`` their outputs).
 
         Each sublayer's ``call`` is replaced on the instance for the length of
         the block's call (a trace), as :func:`autoprec.graph.build_graph`
-        records calls. The 16-bit outputs come back in float32, so the block's
-        own ops between its sublayers compute in float32 here; where they all
-        share one 16-bit format the block runs its real policies instead (its
-        other branches), and the verification has real policies throughout.
+        records calls. Their 16-bit outputs come back in float32, so the
+        block's own ops that read them compute in float32 here where Keras
+        would compute those reading two 16-bit tensors in 16-bit (a cast to
+        the block's own dtype is as Keras has it). Where every sublayer shares
+        one format the block runs its real policies instead (its other
+        branches), and the verification has real policies throughout.
         """
 
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -282,7 +305,7 @@ class SimEngine:
             if id(sub) in self._bypass:
                 return original(*args, **kwargs)
             if rounds:
-                out = self._switch_call(sub, whole, codes[self._index[path]], twins, args, kwargs, original)
+                out = self._switch_call(sub, whole, codes[self._index[path]], twins, args, kwargs)
             else:
                 out = original(*args, **kwargs)
             if hook is not None:
@@ -301,10 +324,10 @@ class SimEngine:
         twins: dict[int, Any],
         args: tuple,
         kwargs: dict,
-        plain: Callable | None = None,
+        more: Sequence[Callable[[], Any]] = (),
     ) -> Any:
-        """The layer in the format ``code`` selects: as it is (``plain``, else ``call``), rounded float formats, or its
-        quantized twin."""
+        """The layer in the format ``code`` selects: as it is, rounded float formats, or its quantized twin; codes
+        past the formats select the branches ``more``."""
         import keras
         from keras import ops
         from keras.src.models.functional import operation_fn as keras_operation_fn
@@ -320,11 +343,10 @@ class SimEngine:
         def sixteen_bit_branch(index: int) -> Callable[[], Any]:
             return lambda: self.call_16bit(op, call, index, args, kwargs)
 
-        first = plain or call
-        branches: list[Callable[[], Any]] = [lambda: first(*args, **kwargs)]
+        branches: list[Callable[[], Any]] = [lambda: call(*args, **kwargs)]
         for index in range(1, len(self.formats) + 1):
             branches.append(twin_branch(twins[index]) if index in twins else sixteen_bit_branch(index))
-        return ops.switch(code, branches)
+        return ops.switch(code, [*branches, *more])
 
     def call_16bit(self, op: Any, call: Callable, index: int, args: tuple, kwargs: dict) -> Any:
         """``op`` called as it computes in ``self.formats[index - 1]``, its outputs in float32.
@@ -398,6 +420,18 @@ def _real_policies(graph: ModelGraph, formats: tuple[str, ...]) -> dict[str, dic
             if not is_quantized(fmt)
         }
     return out
+
+
+def _kept_policies(graph: ModelGraph, block: str, floats: tuple[str, ...]) -> list[list[tuple[Any, Any]]]:
+    """Per 16-bit format, the real policies of a block and the sublayers it keeps (not those decided inside it,
+    nor theirs): what they compute in where its decided sublayers differ (``ModelGraph.block_state``)."""
+    decided = {
+        id(layer)
+        for path in graph.inner[block]
+        for layer in (graph[path].layer, *graph[path].layer._flatten_layers(include_self=False))
+    }
+    layer = graph[block].layer
+    return [[(mine, p) for mine, p in emitted_policies(layer, name) if id(mine) not in decided] for name in floats]
 
 
 class policies_set:

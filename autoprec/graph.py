@@ -22,9 +22,11 @@ Roles:
   transformer block). Where the evaluation sample shows which sublayers it
   calls, each that computes is a node of its own, listed just before the
   block in call order (``LayerInfo.block`` names the block): the attention
-  projections, the softmax, the norms, the feed-forward layers. The block
-  itself is not a decision: it computes in the sublayers' precision where
-  they all agree, else in float32 (the ops between them).
+  projections, the norms, the feed-forward layers. The block itself is not a
+  decision: with every decided sublayer in float32 it is float32; else the
+  block and the sublayers it keeps (its attention layer, a softmax without a
+  ``path``) compute in the 16-bit format, and only the float32 sublayers do
+  not (see :meth:`ModelGraph.block_state`).
 
 >>> import keras
 >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="h"),
@@ -206,8 +208,7 @@ class ModelGraph:
 
         A node named in ``assignment`` takes that policy; a pinned one float32
         (a ``PINNED_DTYPE`` layer keeps its own); a weighted layer not named
-        float32; a block the 16-bit policy all its decided sublayers share,
-        else float32; any other node follows its producers: their common 16-bit
+        float32; a block as :meth:`block_state` says; any other node follows its producers: their common 16-bit
         policy, else float32, as Keras's autocast and type promotion would have
         it (a node fed only by the model's inputs stays float32).
         """
@@ -218,9 +219,7 @@ class ModelGraph:
             elif info.pinned is not None:
                 name = FLOAT32
             elif info.role == BLOCK:
-                shared = {out[p] for p in self.inner.get(info.path, ()) if self[p].pinned is None}
-                name = shared.pop() if len(shared) == 1 else FLOAT32
-                name = name if name in LOW_PRECISION else FLOAT32
+                name = self.block_state(out, info.path)[0]
             elif info.path in assignment:
                 name = assignment[info.path]
             elif info.role == WEIGHTED:
@@ -232,6 +231,27 @@ class ModelGraph:
                 name = name if name in LOW_PRECISION else FLOAT32
             out[info.path] = name
         return out
+
+    def block_state(self, names: Mapping[str, str], block: str) -> tuple[str, bool]:
+        """The policy a block computes in, and whether its decided sublayers differ, from their ``names``.
+
+        Float32 where every decided sublayer is float32; else the 16-bit
+        format most of its 16-bit sublayers use, so that the sublayers it
+        keeps compute in it too: a sublayer without a ``path`` takes a
+        ``DTypePolicyMap``'s default after a reload, which is the 16-bit
+        format wherever most of the model computes in it.
+
+        >>> import keras
+        >>> g = build_graph(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="d")]))
+        >>> g.block_state({}, "d")
+        ('float32', False)
+        """
+        mine = [names.get(p, FLOAT32) for p in self.inner.get(block, ()) if self[p].pinned is None]
+        low = [split(n)[1] for n in mine if split(n)[1] in LOW_PRECISION]
+        if not low:
+            return FLOAT32, False
+        name = max(dict.fromkeys(low), key=low.count)
+        return name, len(set(mine)) > 1 or mine[0] != name
 
     def resolve(self, assignment: Mapping[str, str]) -> dict[str, str]:
         """Policy name per covered path (layers and their sublayers) from a choice per decision.
@@ -878,7 +898,7 @@ class _Walker:
         is_layer = _is_layer(layer)
         # Raw Keras operations in a functional graph (`x * y`, `ops.exp`) have no
         # dtype policy: they compute in their inputs' dtype, so they follow.
-        policy = layer.dtype_policy if is_layer else None
+        policy = resolved_policy(layer) if is_layer else FLOAT32  # a DTypePolicyMap resolved at the layer's path
         key = layer_key(layer, self.containers)
         rec = {
             "path": key,
@@ -890,7 +910,7 @@ class _Walker:
             "inner_bytes": held,
             "producers": list(producers),
             "containers": parents,
-            "policy": getattr(policy, "name", FLOAT32),
+            "policy": policy,
             "keras_path": (getattr(layer, "path", None) or "") if is_layer else "",
             "sublayers": [
                 (sublayer_key(s, key, self.containers), type(s).__name__, getattr(s, "path", None) or "")
@@ -998,7 +1018,8 @@ def _mixes(layer: Any, subs: list, arguments: tuple[tuple, dict] | None) -> bool
     Its author's ops between them must accept a float16 and a float32 tensor
     together: ``keras.ops`` promote, but TensorFlow's own ``x + y`` fails.
     The sublayers alternate float16 and float32, both ways round, and the
-    layer itself stays float32, as it computes where its sublayers differ.
+    layer itself and its other sublayers compute in float16, as they do where
+    its sublayers differ (:meth:`ModelGraph.block_state`).
     Where either call fails, the layer is one decision, as before.
     """
     import keras
@@ -1006,11 +1027,16 @@ def _mixes(layer: Any, subs: list, arguments: tuple[tuple, dict] | None) -> bool
     if arguments is None:
         return False
     args, kwargs = arguments
-    saved = [(sub, sub._dtype_policy) for sub in subs]
+    everything = [layer, *layer._flatten_layers(include_self=False)]
+    saved = [(sub, sub._dtype_policy) for sub in everything]
+    base = dict(emitted_policies(layer, "mixed_float16"))  # the block and the sublayers it keeps in float16
     try:
         for first in (0, 1):
+            for sub in everything:
+                sub._dtype_policy = base.get(sub, sub._dtype_policy)
             for i, sub in enumerate(subs):
-                sub._dtype_policy = keras.dtype_policies.get("mixed_float16" if (i + first) % 2 else FLOAT32)
+                for part in (sub, *sub._flatten_layers(include_self=False)):
+                    part._dtype_policy = keras.dtype_policies.get("mixed_float16" if (i + first) % 2 else FLOAT32)
             layer(*args, **kwargs)
     except Exception:  # any error the author's code raises on mixed dtypes
         return False

@@ -120,3 +120,39 @@ def test_kerashub_models_tune_emit_reload_and_report(family, target, tmp_path):
         pinned = sub[sub["class"] == "Softmax"]
         assert len(pinned) and pinned["pinned"].all() and (pinned["computes"] == "float32").all()
         assert "pinned: the layer fixes its own dtype" in report
+
+
+def test_a_hazard_inside_a_block_keeps_only_its_sublayers_in_float32(tmp_path):
+    """Decisions inside blocks: a float16 overflow planted in the first block's attention values (their output
+    projection scaled back, so the float32 model is unchanged) costs two sublayers, not the block.
+
+    The value projection overflows, and the output projection reads the overflowing sum: both stay float32; the
+    query, key, norms and feed-forward layers of that block, and every other block, compute in float16. The
+    simulated drop of the mixed block is the real one, and the tuned model reloads as it is.
+    """
+    from autoprec.apply import copy_with_policies
+    from autoprec.graph import resolved_policy
+
+    trained, (x, y) = _trained("gpt2")
+    model = copy_with_policies(trained, {})  # the cached model stays as the other tests know it
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    attention = model.backbone.get_layer("transformer_layer_0")._self_attention_layer
+    value, output = attention._value_dense, attention._output_dense
+    value.kernel.assign(value.kernel.numpy() * 1e7)
+    value.bias.assign(value.bias.numpy() * 1e7)
+    output.kernel.assign(output.kernel.numpy() / 1e7)
+    result = autoprec.tune(model, (x, y), budget="0.5%", target="mixed_float16", device="gpu", seed=0, verbose=0)
+    computes = {
+        layer.path: resolved_policy(layer)
+        for layer in result.model._flatten_layers()
+        if getattr(layer, "path", None) and type(layer).__name__ in ("EinsumDense", "Dense", "LayerNormalization")
+    }
+    kept = {p for p, name in computes.items() if name == "float32"}
+    assert kept == {value.path, output.path}, kept
+    real = result.model.evaluate(x, y, verbose=0, return_dict=True)["accuracy"]
+    assert model.evaluate(x, y, verbose=0, return_dict=True)["accuracy"] - real <= 0.005
+    check = result.verification["checks"][-1]
+    if check["simulated_drop"] is not None:
+        assert abs(check["simulated_drop"] - check["real_drop"]) <= 2 / (len(x) * 16)
+    report = check_tuned(model, result, x, y, tmp_path, exempt=(value.path, output.path))
+    assert "transformer_layer_0/self_attention/value" in report
