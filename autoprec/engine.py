@@ -123,33 +123,13 @@ class SimEngine:
     def __init__(
         self, model: Any, graph: ModelGraph, *, formats: tuple[str, ...], metric: Metric | None = None
     ) -> None:
-        if graph.kind == SUBCLASSED:
-            raise UnsupportedModelError("SimEngine needs a Functional or Sequential model; use RealEngine.")
-        unknown = [f for f in formats if f not in LOW_PRECISION and not is_quantized(f)]
-        if unknown:
-            raise PolicyError(
-                f"Expected formats among {list(LOW_PRECISION)} or quantized policy names. Received {unknown}."
-            )
-        not_f32 = [
-            i.path for i in graph.layers if i.is_layer and i.pinned is None and i.layer.compute_dtype != "float32"
-        ]
-        if not_f32:
-            raise UnsupportedModelError(
-                f"Expected a float32 model to tune. Received layers already computing in 16-bit: {not_f32[:5]}. "
-                "Apply an all-float32 policy first (autoprec.apply_policy)."
-            )
+        _check_simulable(graph, formats)
         self.model, self.graph, self.formats, self.metric = model, graph, tuple(formats), metric
         self._index = {info.path: i for i, info in enumerate(graph.layers)}
         self._dtypes = [compute_dtype(split(f)[1]) for f in self.formats]
         self._twins = _quantized_twins(graph, self.formats)
         self._real = _real_policies(graph, self.formats)
-        # The sublayers decided inside blocks (graph.BLOCK), and the ones whose whole Keras call runs as it is.
-        self._inner = {block: [(graph[p].layer, p) for p in paths] for block, paths in graph.inner.items()}
-        self._keys = {id(layer): path for pairs in self._inner.values() for layer, path in pairs}
-        self._bypass: set[int] = set()
-        # A block whose sublayers differ: it and the sublayers it keeps compute in one of these 16-bit formats.
-        self._floats = tuple(dict.fromkeys(split(f)[1] for f in self.formats if split(f)[1] in LOW_PRECISION))
-        self._kept = {block: _kept_policies(graph, block, self._floats) for block in graph.inner}
+        self._blocks = _Blocks(self)
         self.codes = np.zeros(len(graph.layers), np.int32)
         self.traces = 0
         self._rows = 0  # the largest batch traced so far (see forward)
@@ -172,10 +152,7 @@ class SimEngine:
         names = self.graph.resolve_nodes(assignment)
         code = {FLOAT32: 0, **{f: i + 1 for i, f in enumerate(self.formats)}}
         codes = [code.get(names[info.path], 0) for info in self.graph.layers]
-        for block in self._inner:
-            name, mixed = self.graph.block_state(names, block)
-            if mixed:  # the branches after the formats' own: the block with its sublayers each switched
-                codes[self._index[block]] = len(self.formats) + 1 + self._floats.index(name)
+        self._blocks.set_codes(names, codes)
         self.codes = np.array(codes, np.int32)
 
     def use_metric(self, metric: Metric) -> None:
@@ -236,17 +213,15 @@ class SimEngine:
             info = self.graph[path]
             rounds = codes is not None and info.role != MOVEMENT and info.pinned is None
             twins = self._twins.get(path, {})
-            inner = self._inner.get(path)
-            plain = self._with_sublayers(call, inner, codes, hook) if inner else call
+            blocks = self._blocks
+            plain = blocks.with_sublayers(call, path, codes, hook) if path in blocks.inner else call
 
             def simulated(*args, **kwargs):
                 if rounds:
                     # One switch per node, around the whole call: a branch per format is cheaper
                     # to run than a switch per input, weight and output (measured: 30% per trial).
-                    mixed = [self._mixed_branch(path, plain, j, args, kwargs) for j in range(len(self._floats))]
-                    out = self._switch_call(
-                        op, call, codes[self._index[path]], twins, args, kwargs, mixed if inner else ()
-                    )
+                    more = blocks.mixed(path, plain, args, kwargs)
+                    out = self._switch_call(op, call, codes[self._index[path]], twins, args, kwargs, more)
                 else:
                     out = plain(*args, **kwargs)
                 if hook is not None:
@@ -258,63 +233,6 @@ class SimEngine:
             return simulated
 
         return fn._run_through_graph(x, operation_fn=operation)
-
-    def _mixed_branch(self, block: str, call: Callable, j: int, args: tuple, kwargs: dict) -> Callable[[], Any]:
-        """The branch of a block whose sublayers differ: the block and the sublayers it keeps in ``self._floats[j]``
-        (their real policies), each decided sublayer switched as its code says."""
-
-        def run() -> Any:
-            with policies_set(self._kept[block][j]):
-                return _floats_to_float32(call(*args, **kwargs))
-
-        return run
-
-    def _with_sublayers(self, call: Callable, inner: list, codes: Any, hook: Callable | None) -> Callable:
-        """A block's ``call`` whose decided sublayers each compute as ``codes`` says (and show ``hook`` their outputs).
-
-        Each sublayer's ``call`` is replaced on the instance for the length of
-        the block's call (a trace), as :func:`autoprec.graph.build_graph`
-        records calls. Their 16-bit outputs come back in float32, so the
-        block's own ops that read them compute in float32 here where Keras
-        would compute those reading two 16-bit tensors in 16-bit (a cast to
-        the block's own dtype is as Keras has it). Where every sublayer shares
-        one format the block runs its real policies instead (its other
-        branches), and the verification has real policies throughout.
-        """
-
-        def run(*args: Any, **kwargs: Any) -> Any:
-            calls = [(sub, self._sublayer_call(sub, path, codes, hook)) for sub, path in inner]
-            with calls_replaced(calls):
-                return call(*args, **kwargs)
-
-        return run
-
-    def _sublayer_call(self, sub: Any, path: str, codes: Any, hook: Callable | None) -> Callable:
-        original = sub.call
-        rounds = codes is not None and self.graph[path].pinned is None
-        twins = self._twins.get(path, {})
-
-        def whole(*args: Any, **kwargs: Any) -> Any:  # the sublayer's whole Keras call, its policy's casts included
-            self._bypass.add(id(sub))
-            try:
-                return sub(*args, **kwargs)
-            finally:
-                self._bypass.discard(id(sub))
-
-        def replaced(*args: Any, **kwargs: Any) -> Any:
-            if id(sub) in self._bypass:
-                return original(*args, **kwargs)
-            if rounds:
-                out = self._switch_call(sub, whole, codes[self._index[path]], twins, args, kwargs)
-            else:
-                out = original(*args, **kwargs)
-            if hook is not None:
-                tapped = hook(path, sub, whole, args, kwargs, out)
-                if tapped is not None:
-                    out = tapped
-            return out
-
-        return replaced
 
     def _switch_call(
         self,
@@ -354,7 +272,7 @@ class SimEngine:
         Rounded inputs, weights and outputs for a Keras layer; the real policy
         for a layer whose own ``call`` the rounding cannot see into.
         """
-        real = self._real.get(self._keys.get(id(op)) or self.graph.key(op)) if _is_layer_op(op) else None
+        real = self._real.get(self._blocks.keys.get(id(op)) or self.graph.key(op)) if _is_layer_op(op) else None
         if real is None:
             return call_rounded(op, call, round_with(self._dtypes[index - 1]), args, kwargs)
         with policies_set(real[index]):
@@ -386,6 +304,110 @@ class SimEngine:
         for path, layers in float8.items():
             for layer in layers:
                 calibrate_float8(layer, amax.get(path, 0.0))
+
+
+def _check_simulable(graph: ModelGraph, formats: tuple[str, ...]) -> None:
+    if graph.kind == SUBCLASSED:
+        raise UnsupportedModelError("SimEngine needs a Functional or Sequential model; use RealEngine.")
+    unknown = [f for f in formats if f not in LOW_PRECISION and not is_quantized(f)]
+    if unknown:
+        raise PolicyError(
+            f"Expected formats among {list(LOW_PRECISION)} or quantized policy names. Received {unknown}."
+        )
+    not_f32 = [i.path for i in graph.layers if i.is_layer and i.pinned is None and i.layer.compute_dtype != "float32"]
+    if not_f32:
+        raise UnsupportedModelError(
+            f"Expected a float32 model to tune. Received layers already computing in 16-bit: {not_f32[:5]}. "
+            "Apply an all-float32 policy first (autoprec.apply_policy)."
+        )
+
+
+class _Blocks:
+    """The sublayers decided inside blocks (``graph.BLOCK``), switched inside their block's call.
+
+    ``keys`` maps each such sublayer to its path (one without a ``path`` of
+    its own is keyed under its block). A block whose sublayers differ has a
+    branch per 16-bit format after the formats' own (:meth:`mixed`).
+    """
+
+    def __init__(self, engine: SimEngine) -> None:
+        graph = engine.graph
+        self.engine = engine
+        self.inner = {block: [(graph[p].layer, p) for p in paths] for block, paths in graph.inner.items()}
+        self.keys = {id(layer): path for pairs in self.inner.values() for layer, path in pairs}
+        self.bypass: set[int] = set()  # sublayers whose whole Keras call runs as it is, for one call
+        # A block whose sublayers differ: it and the sublayers it keeps compute in one of these 16-bit formats.
+        self.floats = tuple(dict.fromkeys(split(f)[1] for f in engine.formats if split(f)[1] in LOW_PRECISION))
+        self.kept = {block: _kept_policies(graph, block, self.floats) for block in graph.inner}
+
+    def set_codes(self, names: Mapping[str, str], codes: list[int]) -> None:
+        """Give each block whose sublayers differ the code of its branch (after the formats' own)."""
+        engine = self.engine
+        for block in self.inner:
+            name, mixed = engine.graph.block_state(names, block)
+            if mixed:
+                codes[engine._index[block]] = len(engine.formats) + 1 + self.floats.index(name)
+
+    def mixed(self, block: str, call: Callable, args: tuple, kwargs: dict) -> list[Callable[[], Any]]:
+        """The branches of a block whose sublayers differ, one per 16-bit format (none for another node): the
+        block and the sublayers it keeps in that format (their real policies), each decided sublayer switched as
+        its code says (``call`` is :meth:`with_sublayers`)."""
+
+        def branch(kept: list[tuple[Any, Any]]) -> Callable[[], Any]:
+            def run() -> Any:
+                with policies_set(kept):
+                    return _floats_to_float32(call(*args, **kwargs))
+
+            return run
+
+        return [branch(kept) for kept in self.kept.get(block, [])]
+
+    def with_sublayers(self, call: Callable, block: str, codes: Any, hook: Callable | None) -> Callable:
+        """A block's ``call`` whose decided sublayers each compute as ``codes`` says (and show ``hook`` their outputs).
+
+        Each sublayer's ``call`` is replaced on the instance for the length of
+        the block's call (a trace), as :func:`autoprec.graph.build_graph`
+        records calls. Their 16-bit outputs come back in float32, so the
+        block's own ops that read them compute in float32 here where Keras
+        would compute those reading two 16-bit tensors in 16-bit (a cast to
+        the block's own dtype is as Keras has it). Where every sublayer shares
+        one format the block runs its real policies instead (its other
+        branches), and the verification has real policies throughout.
+        """
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            calls = [(sub, self._sublayer_call(sub, path, codes, hook)) for sub, path in self.inner[block]]
+            with calls_replaced(calls):
+                return call(*args, **kwargs)
+
+        return run
+
+    def _sublayer_call(self, sub: Any, path: str, codes: Any, hook: Callable | None) -> Callable:
+        engine, original = self.engine, sub.call
+        rounds = codes is not None and engine.graph[path].pinned is None
+        twins = engine._twins.get(path, {})
+
+        def whole(*args: Any, **kwargs: Any) -> Any:  # the sublayer's whole Keras call, its policy's casts included
+            self.bypass.add(id(sub))
+            try:
+                return sub(*args, **kwargs)
+            finally:
+                self.bypass.discard(id(sub))
+
+        def replaced(*args: Any, **kwargs: Any) -> Any:
+            if id(sub) in self.bypass:
+                return original(*args, **kwargs)
+            if rounds:
+                out = engine._switch_call(sub, whole, codes[engine._index[path]], twins, args, kwargs)
+            else:
+                out = original(*args, **kwargs)
+            if hook is not None:
+                tapped = hook(path, sub, whole, args, kwargs, out)
+                if tapped is not None:
+                    out = tapped
+            return out
+
+        return replaced
 
 
 def _quantized_twins(graph: ModelGraph, formats: tuple[str, ...]) -> dict[str, dict[int, Any]]:

@@ -246,12 +246,7 @@ class ModelGraph:
         >>> g.block_state({}, "d")
         ('float32', False)
         """
-        mine = [names.get(p, FLOAT32) for p in self.inner.get(block, ()) if self[p].pinned is None]
-        low = [split(n)[1] for n in mine if split(n)[1] in LOW_PRECISION]
-        if not low:
-            return FLOAT32, False
-        name = max(dict.fromkeys(low), key=low.count)
-        return name, len(set(mine)) > 1 or mine[0] != name
+        return _block_state([names.get(p, FLOAT32) for p in self.inner.get(block, ()) if self[p].pinned is None])
 
     def resolve(self, assignment: Mapping[str, str]) -> dict[str, str]:
         """Policy name per covered path (layers and their sublayers) from a choice per decision.
@@ -349,26 +344,38 @@ class ModelGraph:
 
     def to_frame(self):
         """A pandas DataFrame with one row per leaf node."""
-        import pandas as pd
+        return _graph_frame(self)
 
-        total = self.total_flops or 1.0
-        return pd.DataFrame(
-            [
-                {
-                    "path": i.path,
-                    "class": i.class_name,
-                    "role": i.role,
-                    "params": i.params,
-                    "flops": i.flops,
-                    "flops_share": i.flops / total,
-                    "output_bytes": i.output_bytes,
-                    "decision_unit": i.is_unit,
-                    "pinned": i.pinned or "",
-                    "policy": i.policy,
-                }
-                for i in self.layers
-            ]
-        )
+
+def _block_state(mine: list[str]) -> tuple[str, bool]:
+    low = [split(n)[1] for n in mine if split(n)[1] in LOW_PRECISION]
+    if not low:
+        return FLOAT32, False
+    name = max(dict.fromkeys(low), key=low.count)
+    return name, len(set(mine)) > 1 or mine[0] != name
+
+
+def _graph_frame(graph: ModelGraph):
+    import pandas as pd
+
+    total = graph.total_flops or 1.0
+    return pd.DataFrame(
+        [
+            {
+                "path": i.path,
+                "class": i.class_name,
+                "role": i.role,
+                "params": i.params,
+                "flops": i.flops,
+                "flops_share": i.flops / total,
+                "output_bytes": i.output_bytes,
+                "decision_unit": i.is_unit,
+                "pinned": i.pinned or "",
+                "policy": i.policy,
+            }
+            for i in graph.layers
+        ]
+    )
 
 
 def sublayer_key(sublayer: Any, parent_key: str, containers: Iterable[str] = ()) -> str:
@@ -815,8 +822,8 @@ class _Walker:
         for rec in self.records:
             if rec["role"] == WEIGHTED and _is_layer(rec["layer"]):
                 subs = _decided_inside(rec["layer"], position)
-                if subs and _mixes(rec["layer"], subs, self.block_args.get(id(rec["layer"]))):
-                    records.extend(self._inner_records(rec, subs))
+                subs = _mixing(rec["layer"], subs, self.block_args.get(id(rec["layer"]))) if subs else []
+                records.extend(self._inner_records(rec, subs))
             records.append(rec)
         self.records = records
 
@@ -1012,38 +1019,56 @@ def _decided_inside(layer: Any, position: Mapping[int, int]) -> list:
     return sorted(found, key=lambda sub: position[id(sub)])
 
 
-def _mixes(layer: Any, subs: list, arguments: tuple[tuple, dict] | None) -> bool:
-    """Whether ``layer`` runs with the sublayers ``subs`` in different precisions, tried on its recorded call.
+def _mixing(layer: Any, subs: list, arguments: tuple[tuple, dict] | None) -> list:
+    """Those of the sublayers ``subs`` that ``layer`` runs with in float32 among 16-bit ones, tried on its recorded
+    call: the ones that may be decisions of their own ([] where none may).
 
     Its author's ops between them must accept a float16 and a float32 tensor
-    together: ``keras.ops`` promote, but TensorFlow's own ``x + y`` fails.
-    The sublayers alternate float16 and float32, both ways round, and the
-    layer itself and its other sublayers compute in float16, as they do where
-    its sublayers differ (:meth:`ModelGraph.block_state`).
-    Where either call fails, the layer is one decision, as before.
+    together: ``keras.ops`` promote, but TensorFlow's own ``x + y`` fails
+    (KerasHub's post-norm blocks add a norm's output so). The layer and
+    everything in it compute in float16, as they do where its sublayers differ
+    (:meth:`ModelGraph.block_state`), but one sublayer in float32, each in
+    turn; then all that passed in float32 at once. A sublayer that fails
+    stays with its block. Blocks of one class and config are tried once.
     """
+    if arguments is None:
+        return []
+    try:
+        config = repr(sorted((k, v) for k, v in layer.get_config().items() if k not in ("name", "dtype")))
+    except Exception:  # a layer without a usable config: tried each time
+        config = str(id(layer))
+    structure = (type(layer), config, tuple(type(s).__name__ for s in layer._flatten_layers(include_self=False)))
+    if structure not in _MIXING:
+        passed = [i for i, sub in enumerate(subs) if _runs_mixed(layer, [sub], arguments)]
+        together = len(passed) > 1 and not _runs_mixed(layer, [subs[i] for i in passed], arguments)
+        _MIXING[structure] = () if together else tuple(passed)
+    return [subs[i] for i in _MIXING[structure]]
+
+
+def _runs_mixed(layer: Any, in_float32: list, arguments: tuple[tuple, dict]) -> bool:
+    """Whether ``layer`` runs its recorded call with ``in_float32`` in float32 and everything else in float16."""
     import keras
 
-    if arguments is None:
-        return False
     args, kwargs = arguments
     everything = [layer, *layer._flatten_layers(include_self=False)]
     saved = [(sub, sub._dtype_policy) for sub in everything]
-    base = dict(emitted_policies(layer, "mixed_float16"))  # the block and the sublayers it keeps in float16
+    base = dict(emitted_policies(layer, "mixed_float16"))  # the block and what it keeps in float16
     try:
-        for first in (0, 1):
-            for sub in everything:
-                sub._dtype_policy = base.get(sub, sub._dtype_policy)
-            for i, sub in enumerate(subs):
-                for part in (sub, *sub._flatten_layers(include_self=False)):
-                    part._dtype_policy = keras.dtype_policies.get("mixed_float16" if (i + first) % 2 else FLOAT32)
-            layer(*args, **kwargs)
+        for sub in everything:
+            sub._dtype_policy = base.get(sub, sub._dtype_policy)
+        for sub in in_float32:
+            for part in (sub, *sub._flatten_layers(include_self=False)):
+                part._dtype_policy = keras.dtype_policies.get(FLOAT32)
+        layer(*args, **kwargs)
     except Exception:  # any error the author's code raises on mixed dtypes
         return False
     finally:
         for sub, policy in saved:
             sub._dtype_policy = policy
     return True
+
+
+_MIXING: dict[tuple, tuple[int, ...]] = {}  # per block class, config and structure: see _mixing
 
 
 def _own_weights(layer: Any) -> bool:

@@ -254,7 +254,8 @@ def test_sublayers_inside_a_block_are_decisions_the_engine_runs_as_the_real_mode
     for chosen in ([], inner, ["block/up"], ["block/norm", "block/down"], ["d1", "block/up", "block/down"]):
         assignment = {p: target for p in chosen}
         names = g.resolve(assignment)
-        assert names["block"] == (target if set(inner) <= set(chosen) else "float32")
+        # The block (its own ops) computes in float32 with every sublayer in float32, else in the 16-bit format.
+        assert names["block"] == (target if set(inner) & set(chosen) else "float32")
         engine.set_assignment(assignment)
         sim = _forward_all(engine, data)
         tuned = autoprec.apply_policy(model, names)
@@ -266,14 +267,21 @@ def test_sublayers_inside_a_block_are_decisions_the_engine_runs_as_the_real_mode
     assert all("call" not in layer.__dict__ for layer in model.get_layer("block")._flatten_layers())
 
 
-def test_a_block_whose_own_ops_cannot_mix_precisions_stays_one_decision():
+def test_a_sublayer_whose_output_the_block_cannot_mix_stays_with_its_block():
     """A block whose author adds with TensorFlow's ``x + y`` fails on a float16 and a float32 tensor: autoprec tries
-    the mix on the recorded call and keeps the block whole rather than emit a model that cannot run."""
+    each sublayer in float32 on the recorded call, and the one whose output meets that sum (``down``) is no
+    decision of its own but computes with its block, so no emitted model mixes what the block cannot run."""
     inputs = keras.Input((16,))
     h = ResidualMLP(strict=True, name="block")(keras.layers.Dense(32, name="d1")(inputs))
     model = keras.Model(inputs, keras.layers.Dense(4, name="out")(h))
-    x = np.random.default_rng(0).normal(size=(8, 16)).astype("float32")
-    g = build_graph(model, sample=x)
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype("float32")
+    data = EvalData.get((x, np.zeros(64, "int32")))
+    g = build_graph(model, sample=x[:8])
     if keras.backend.backend() == "tensorflow":
-        assert g.inner == {} and g["block"].role == "weighted" and g["block"].eligible
-    assert all(layer.compute_dtype == "float32" for layer in model.get_layer("block")._flatten_layers())
+        assert g.inner == {"block": ("block/norm", "block/up")} and "block/down" in g["block"].sublayers
+    engine = SimEngine(model, g, formats=("mixed_float16",))
+    for chosen in (["block/up"], ["block/norm"], ["d1", "block/norm", "block/up"]):
+        names = g.resolve({p: "mixed_float16" for p in chosen})
+        engine.set_assignment({p: "mixed_float16" for p in chosen})
+        real = predict_batches(autoprec.apply_policy(model, names), data)  # runs: down computes with its block
+        assert np.max(np.abs(_forward_all(engine, data) - real)) < 3e-2 * np.max(np.abs(real)), chosen
