@@ -273,11 +273,19 @@ class SimEngine:
         for a layer whose own ``call`` the rounding cannot see into.
         """
         real = self._real.get(self._blocks.keys.get(id(op)) or self.graph.key(op)) if _is_layer_op(op) else None
-        if real is None:
+        # A quantized format's branch of a layer Keras cannot quantize is traced but never taken (its choices are
+        # the float ones): it runs the float part's real policy.
+        policies = None if real is None else real.get(index, real.get(self._float_index(index)))
+        if policies is None:
             return call_rounded(op, call, round_with(self._dtypes[index - 1]), args, kwargs)
-        with policies_set(real[index]):
+        with policies_set(policies):
             out = call(*args, **kwargs)
         return _floats_to_float32(out)
+
+    def _float_index(self, index: int) -> int:
+        """The code of the float format that format ``index`` computes in (itself for a float format)."""
+        base = split(self.formats[index - 1])[1]
+        return self.formats.index(base) + 1 if base in self.formats else index
 
     def calibrate(self, batches: Any) -> None:
         """Set the float8 twins' scales from the largest inputs each layer sees on ``batches``."""

@@ -246,7 +246,8 @@ class ModelGraph:
         >>> g.block_state({}, "d")
         ('float32', False)
         """
-        return _block_state([names.get(p, FLOAT32) for p in self.inner.get(block, ()) if self[p].pinned is None])
+        # A pinned sublayer is float32 whatever ``names`` says: the block runs the mixed branch around it.
+        return _block_state([FLOAT32 if self[p].pinned else names.get(p, FLOAT32) for p in self.inner.get(block, ())])
 
     def resolve(self, assignment: Mapping[str, str]) -> dict[str, str]:
         """Policy name per covered path (layers and their sublayers) from a choice per decision.
@@ -530,7 +531,17 @@ def keyed_layers(model: Any) -> dict[str, Any]:
     ['d']
     """
     containers = container_names(model)
-    return {layer_key(layer, containers): layer for layer in leaf_layers(model)}
+    fn = graph_function(model)
+    out: dict[str, Any] = {}
+    for unit in dict.fromkeys(_functional_leaves(fn) if fn is not None else _subclassed_leaves(model)):
+        # A sublayer without a path is keyed under the layer the graph walks (see sublayer_key), as policies name it.
+        key = layer_key(unit, containers)
+        out[key] = unit
+        for sub in unit._flatten_layers(include_self=False):
+            out.setdefault(sublayer_key(sub, key, containers), sub)
+    for layer in leaf_layers(model):
+        out.setdefault(layer_key(layer, containers), layer)
+    return out
 
 
 def leaf_layers(model: Any) -> list[Any]:
@@ -670,6 +681,13 @@ def _pins(walker: _Walker, keep_float32: Iterable[str], force_16bit: Iterable[st
     paths = [r["path"] for r in walker.records]
     user = set(match_paths(keep_float32, paths, what="keep_float32"))
     forced = set(match_paths(force_16bit, paths, what="force_16bit"))
+    within: dict[str, list[str]] = {}
+    for rec in walker.records:
+        if rec.get("block"):
+            within.setdefault(rec["block"], []).append(rec["path"])
+    # A block named by either list means the sublayers decided inside it.
+    user |= {p for block in list(user) for p in within.get(block, ())}
+    forced |= {p for block in list(forced) for p in within.get(block, ())}
     clash = sorted(user & forced)
     if clash:
         raise PolicyError(
@@ -870,6 +888,7 @@ class _Walker:
         if out:
             rec["role"] = BLOCK
             rec["flops"] = max(0.0, rec["flops"] - sum(r["flops"] for r in out))
+            rec["params"] = max(0, rec["params"] - sum(r["params"] for r in out))  # the weights are theirs
             rec["inner_bytes"] = max(0.0, rec["inner_bytes"] - sum(r["bytes"] + r["inner_bytes"] for r in out))
             rec["sublayers"] = [s for s in rec["sublayers"] if s[0] not in covered]
         return out
@@ -1016,7 +1035,8 @@ def _decided_inside(layer: Any, position: Mapping[int, int]) -> list:
                 found.append(sub)
 
     visit(layer)
-    return sorted(found, key=lambda sub: position[id(sub)])
+    unique = {id(sub): sub for sub in found}  # a sublayer two parents hold is one node
+    return sorted(unique.values(), key=lambda sub: position[id(sub)])
 
 
 def _mixing(layer: Any, subs: list, arguments: tuple[tuple, dict] | None) -> list:
@@ -1033,16 +1053,17 @@ def _mixing(layer: Any, subs: list, arguments: tuple[tuple, dict] | None) -> lis
     """
     if arguments is None:
         return []
+    relative = [sub.path.removeprefix(layer.path or "") for sub in subs]  # the same in every block of a model
     try:
         config = repr(sorted((k, v) for k, v in layer.get_config().items() if k not in ("name", "dtype")))
     except Exception:  # a layer without a usable config: tried each time
         config = str(id(layer))
-    structure = (type(layer), config, tuple(type(s).__name__ for s in layer._flatten_layers(include_self=False)))
+    structure = (type(layer), config, tuple(relative))
     if structure not in _MIXING:
         passed = [i for i, sub in enumerate(subs) if _runs_mixed(layer, [sub], arguments)]
         together = len(passed) > 1 and not _runs_mixed(layer, [subs[i] for i in passed], arguments)
-        _MIXING[structure] = () if together else tuple(passed)
-    return [subs[i] for i in _MIXING[structure]]
+        _MIXING[structure] = frozenset() if together else frozenset(relative[i] for i in passed)
+    return [sub for sub, name in zip(subs, relative, strict=True) if name in _MIXING[structure]]
 
 
 def _runs_mixed(layer: Any, in_float32: list, arguments: tuple[tuple, dict]) -> bool:
@@ -1068,7 +1089,29 @@ def _runs_mixed(layer: Any, in_float32: list, arguments: tuple[tuple, dict]) -> 
     return True
 
 
-_MIXING: dict[tuple, tuple[int, ...]] = {}  # per block class, config and structure: see _mixing
+# Per block class, config and called sublayers (paths below the block): those that may differ (see _mixing).
+_MIXING: dict[tuple, frozenset[str]] = {}
+
+
+def inside(layer: Any) -> list:
+    """The sublayers of ``layer`` reached through author-written parents only: the layers of Keras's own (an RNN,
+    an attention layer) are reached, not what they hold (a cell that runs inside a scan).
+
+    >>> import keras
+    >>> inside(keras.layers.Dense(2))
+    []
+    """
+    out: list = []
+
+    def visit(parent: Any) -> None:
+        for sub in parent._flatten_layers(include_self=False, recursive=False):
+            out.append(sub)
+            if opaque(sub):
+                visit(sub)
+
+    if opaque(layer):
+        visit(layer)
+    return out
 
 
 def _own_weights(layer: Any) -> bool:

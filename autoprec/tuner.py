@@ -44,7 +44,7 @@ from autoprec.formats import (
     FLOAT32,
     QUANTIZED_MODES,
 )
-from autoprec.graph import MOVEMENT, SUBCLASSED
+from autoprec.graph import BLOCK, MOVEMENT, SUBCLASSED
 from autoprec.options import TuneOptions
 from autoprec.profiling.stats import hazard, hazard_share
 from autoprec.progress import Progress
@@ -942,8 +942,8 @@ def followers_of(graph: Any, space: DecisionSpace, key: str) -> tuple[list[str],
             continue
         seen.add(path)
         info = graph[path]
-        if info.is_unit or info.pinned is not None:
-            continue  # the next weighted (or pinned) layer ends the stretch
+        if info.is_unit or info.pinned is not None or info.role == BLOCK:
+            continue  # the next weighted (or pinned) layer, or a block of decided sublayers, ends the stretch
         if info.is_layer and info.eligible and info.role != MOVEMENT:
             owner = decided.get(path)
             if owner is None:

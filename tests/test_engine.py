@@ -265,6 +265,14 @@ def test_sublayers_inside_a_block_are_decisions_the_engine_runs_as_the_real_mode
         real = predict_batches(tuned, data)
         assert np.max(np.abs(sim - real)) < 3e-2 * np.max(np.abs(real)), chosen
     assert all("call" not in layer.__dict__ for layer in model.get_layer("block")._flatten_layers())
+    # A sublayer pinned by keep_float32 (or a block named there): the others in 16-bit run around it.
+    pinned = build_graph(model, sample=x[:8], keep_float32=["block/up"])
+    assert build_graph(model, sample=x[:8], keep_float32=["block"])["block/up"].pinned == "PINNED_USER"
+    engine = SimEngine(model, pinned, formats=(target,))
+    assignment = {"block/norm": target, "block/down": target}
+    engine.set_assignment(assignment)
+    real = predict_batches(autoprec.apply_policy(model, pinned.resolve(assignment)), data)
+    assert np.max(np.abs(_forward_all(engine, data) - real)) < 3e-2 * np.max(np.abs(real))
 
 
 def test_a_sublayer_whose_output_the_block_cannot_mix_stays_with_its_block():
@@ -285,3 +293,20 @@ def test_a_sublayer_whose_output_the_block_cannot_mix_stays_with_its_block():
         engine.set_assignment({p: "mixed_float16" for p in chosen})
         real = predict_batches(autoprec.apply_policy(model, names), data)  # runs: down computes with its block
         assert np.max(np.abs(_forward_all(engine, data) - real)) < 3e-2 * np.max(np.abs(real)), chosen
+
+
+def test_quantized_sublayers_inside_a_block():
+    """A block's Dense sublayers may take a quantized format (the block itself never does): the engine traces the
+    block's quantized branch with its float part, and the mix matches the model apply_policy emits."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16,))
+    h = ResidualMLP(name="block")(keras.layers.Dense(32, name="d1")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(4, name="out")(h))
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype("float32")
+    data = EvalData.get((x, np.zeros(64, "int32")))
+    g = build_graph(model, sample=x[:8])
+    engine = SimEngine(model, g, formats=("mixed_bfloat16", "int8_from_mixed_bfloat16"))
+    assignment = {"block/up": "int8_from_mixed_bfloat16", "block/norm": "mixed_bfloat16"}
+    engine.set_assignment(assignment)
+    real = predict_batches(autoprec.apply_policy(model, g.resolve(assignment)), data)
+    assert np.max(np.abs(_forward_all(engine, data) - real)) < 5e-2 * np.max(np.abs(real))

@@ -205,7 +205,8 @@ def _overflowing_blocks_together(
         members = [k for k in groups if set(groups[k]) & set(paths)]
         if members and breaks(block) and not any(breaks(p) for p in paths):
             out = {k: v for k, v in out.items() if k not in members}
-            out[block] = tuple(p for k in members for p in groups[k])
+            key = block if block not in out else f"{block} (block)"  # a name-prefix group may share its name
+            out[key] = tuple(p for k in members for p in groups[k])
     return out
 
 

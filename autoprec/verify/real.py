@@ -136,9 +136,9 @@ def nonfinite_origins(model: Any, x: Any) -> list[str]:
     returning one of them to float32 is the fall-back that can mend it.
     Functional and Sequential models (nested ones included) are walked node
     by node, eagerly; a subclassed model has no graph to walk and gives ``[]``.
-    Inside a layer with sublayers (a transformer block) each sublayer is
-    checked too, and comes before the block (keyed under it, as
-    :func:`autoprec.graph.sublayer_key` keys it).
+    Inside an author-written layer with sublayers (a transformer block) each
+    sublayer is checked too (:func:`autoprec.graph.inside`), and comes before
+    the block (keyed under it, as :func:`autoprec.graph.sublayer_key` keys it).
 
     >>> nonfinite_origins(real_model, x[:256])  # doctest: +SKIP
     ['custom']
@@ -146,7 +146,7 @@ def nonfinite_origins(model: Any, x: Any) -> list[str]:
     import keras
     from keras.src.models.functional import operation_fn as keras_operation_fn
 
-    from autoprec.graph import calls_replaced, container_names, graph_function, layer_key, sublayer_key
+    from autoprec.graph import calls_replaced, container_names, graph_function, inside, layer_key, sublayer_key
 
     containers = container_names(model)
     found: list[str] = []
@@ -178,7 +178,7 @@ def nonfinite_origins(model: Any, x: Any) -> list[str]:
                 if not isinstance(op, keras.layers.Layer):
                     return call(*args, **kwargs)
                 key = layer_key(op, containers)
-                subs = op._flatten_layers(include_self=False)
+                subs = inside(op)
                 with calls_replaced([(sub, checked(sub.call, sublayer_key(sub, key, containers))) for sub in subs]):
                     out = call(*args, **kwargs)
                 if finite((args, kwargs)) and not finite(out):
