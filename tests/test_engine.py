@@ -259,7 +259,7 @@ def test_sublayers_inside_a_block_are_decisions_the_engine_runs_as_the_real_mode
         engine.set_assignment(assignment)
         sim = _forward_all(engine, data)
         tuned = autoprec.apply_policy(model, names)
-        assert {p: tuned.get_layer("block").__getattribute__(p.split("/")[1]).compute_dtype for p in inner} == {
+        assert {p: getattr(tuned.get_layer("block"), p.split("/")[1]).compute_dtype for p in inner} == {
             p: "float32" if p not in chosen else keras.dtype_policies.get(target).compute_dtype for p in inner
         }
         real = predict_batches(tuned, data)
