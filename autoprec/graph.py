@@ -833,6 +833,13 @@ class _Walker:
         self.real_calls = calls
         self.real_shapes = {key: seen[0] for key, seen in calls.items()}
 
+    def _keyed_sublayers(self, layer: Any, block: str) -> list[tuple[str, str, str]]:
+        """``[(key, class, Keras path)]`` of every sublayer of ``layer``, keyed under ``block`` (see sublayer_key)."""
+        return [
+            (sublayer_key(s, block, self.containers), type(s).__name__, getattr(s, "path", None) or "")
+            for s in layer._flatten_layers(include_self=False)
+        ]
+
     def expand_blocks(self, order: list) -> None:
         """Put the sublayers decided inside each block (:func:`_decided_inside`) just before it, in call order."""
         position = {id(layer): i for i, layer in enumerate(order)}
@@ -859,31 +866,10 @@ class _Walker:
                 flops += layer_flops(sub, ins, outs) if composite is None else composite
                 nbytes += 4.0 * sum(map(sample_elements, outs))
                 held += inner_bytes(sub, self.real_shapes) if composite is not None else 0.0
-            descendants = [
-                (sublayer_key(s, block, self.containers), type(s).__name__, getattr(s, "path", None) or "")
-                for s in sub._flatten_layers(include_self=False)
-            ]
+            descendants = self._keyed_sublayers(sub, block)
             covered.update([key, *(d[0] for d in descendants)])
-            out.append(
-                {
-                    **{k: rec[k] for k in ("containers",)},
-                    "path": key,
-                    "block": block,
-                    "class": type(sub).__name__,
-                    "role": _role(sub),
-                    "params": int(sum(math.prod(v.shape) for v in weights_of(sub))),
-                    "flops": flops,
-                    "bytes": nbytes,
-                    "inner_bytes": held,
-                    "producers": producers,
-                    "policy": resolved_policy(sub),
-                    "keras_path": getattr(sub, "path", None) or "",
-                    "sublayers": descendants,
-                    "layer": sub,
-                    "activation": _activation_name(sub),
-                    "quantizable": _quantizable(sub),
-                }
-            )
+            record = _new_record(sub, key, rec["containers"], producers, (flops, nbytes, held), descendants)
+            out.append({**record, "block": block})
             producers = [key]  # a weightless sublayer takes the precision of the one called before it
         if out:
             rec["role"] = BLOCK
@@ -921,36 +907,39 @@ class _Walker:
             existing["inner_bytes"] += held
             existing["producers"] += list(producers)
             return existing
-        is_layer = _is_layer(layer)
-        # Raw Keras operations in a functional graph (`x * y`, `ops.exp`) have no
-        # dtype policy: they compute in their inputs' dtype, so they follow.
-        policy = resolved_policy(layer) if is_layer else FLOAT32  # a DTypePolicyMap resolved at the layer's path
         key = layer_key(layer, self.containers)
-        rec = {
-            "path": key,
-            "class": type(layer).__name__,
-            "role": _role(layer),
-            "params": int(sum(math.prod(v.shape) for v in weights_of(layer))),
-            "flops": flops,
-            "bytes": nbytes,
-            "inner_bytes": held,
-            "producers": list(producers),
-            "containers": parents,
-            "policy": policy,
-            "keras_path": (getattr(layer, "path", None) or "") if is_layer else "",
-            "sublayers": [
-                (sublayer_key(s, key, self.containers), type(s).__name__, getattr(s, "path", None) or "")
-                for s in layer._flatten_layers(include_self=False)
-            ]
-            if is_layer
-            else [],
-            "layer": layer,
-            "activation": _activation_name(layer),
-            "quantizable": is_layer and _quantizable(layer),
-        }
+        sublayers = self._keyed_sublayers(layer, key) if _is_layer(layer) else []
+        rec = _new_record(layer, key, parents, list(producers), (flops, nbytes, held), sublayers)
         self.by_id[id(layer)] = rec
         self.records.append(rec)
         return rec
+
+
+def _new_record(
+    layer: Any, key: str, containers: tuple, producers: list, cost: tuple[float, float, float], sublayers: list
+) -> dict[str, Any]:
+    """A node's record: ``cost`` is its FLOPs, output bytes and inner bytes per sample."""
+    is_layer = _is_layer(layer)
+    flops, nbytes, held = cost
+    return {
+        "path": key,
+        "class": type(layer).__name__,
+        "role": _role(layer),
+        "params": int(sum(math.prod(v.shape) for v in weights_of(layer))),
+        "flops": flops,
+        "bytes": nbytes,
+        "inner_bytes": held,
+        "producers": producers,
+        "containers": containers,
+        # Raw Keras operations in a functional graph (`x * y`, `ops.exp`) have no dtype policy: they compute in
+        # their inputs' dtype, so they follow. A DTypePolicyMap is resolved at the layer's path.
+        "policy": resolved_policy(layer) if is_layer else FLOAT32,
+        "keras_path": (getattr(layer, "path", None) or "") if is_layer else "",
+        "sublayers": sublayers,
+        "layer": layer,
+        "activation": _activation_name(layer),
+        "quantizable": is_layer and _quantizable(layer),
+    }
 
 
 def _unknown(shape: Any) -> bool:
