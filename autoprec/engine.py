@@ -59,6 +59,7 @@ from autoprec.graph import (
     emitted_policies,
     graph_function,
     opaque,
+    policies_set,
 )
 from autoprec.metrics import Metric
 
@@ -346,7 +347,7 @@ class _Blocks:
         self.bypass: set[int] = set()  # sublayers whose whole Keras call runs as it is, for one call
         # A block whose sublayers differ: it and the sublayers it keeps compute in one of these 16-bit formats.
         self.floats = tuple(dict.fromkeys(split(f)[1] for f in engine.formats if split(f)[1] in LOW_PRECISION))
-        self.kept = {block: _kept_policies(graph, block, self.floats) for block in graph.inner}
+        self.kept = {block: _kept_policies(engine, block, self.floats) for block in graph.inner}
 
     def set_codes(self, names: Mapping[str, str], codes: list[int]) -> None:
         """Give each block whose sublayers differ the code of its branch (after the formats' own)."""
@@ -452,38 +453,22 @@ def _real_policies(graph: ModelGraph, formats: tuple[str, ...]) -> dict[str, dic
     return out
 
 
-def _kept_policies(graph: ModelGraph, block: str, floats: tuple[str, ...]) -> list[list[tuple[Any, Any]]]:
+def _kept_policies(engine: SimEngine, block: str, floats: tuple[str, ...]) -> list[list[tuple[Any, Any]]]:
     """Per 16-bit format, the real policies of a block and the sublayers it keeps (not those decided inside it,
-    nor theirs): what they compute in where its decided sublayers differ (``ModelGraph.block_state``)."""
+    nor theirs): what they compute in where its decided sublayers differ (``ModelGraph.block_state``). Read from
+    the block's own real policies where the engine has them for that format."""
+    graph, real = engine.graph, engine._real.get(block, {})
     decided = {
         id(layer)
         for path in graph.inner[block]
         for layer in (graph[path].layer, *graph[path].layer._flatten_layers(include_self=False))
     }
-    layer = graph[block].layer
-    return [[(mine, p) for mine, p in emitted_policies(layer, name) if id(mine) not in decided] for name in floats]
-
-
-class policies_set:
-    """Give layers the policies ``[(layer, policy)]`` for a block (a trace), then their own back.
-
-    The policy object is swapped directly: the ``dtype_policy`` setter would
-    edit a ``DTypePolicyMap`` the layer shares with its model.
-    """
-
-    def __init__(self, policies: list[tuple[Any, Any]]) -> None:
-        self.policies = policies
-        self.saved: list[tuple[Any, Any]] = []
-
-    def __enter__(self) -> policies_set:
-        self.saved = [(layer, layer._dtype_policy) for layer, _ in self.policies]
-        for layer, policy in self.policies:
-            layer._dtype_policy = policy
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for layer, policy in self.saved:
-            layer._dtype_policy = policy
+    out = []
+    for name in floats:
+        policies = real.get(engine.formats.index(name) + 1) if name in engine.formats else None
+        policies = policies if policies is not None else emitted_policies(graph[block].layer, name)
+        out.append([(mine, p) for mine, p in policies if id(mine) not in decided])
+    return out
 
 
 def _floats_to_float32(structure: Any) -> Any:

@@ -1049,32 +1049,24 @@ def _mixing(layer: Any, subs: list, arguments: tuple[tuple, dict] | None) -> lis
         config = str(id(layer))
     structure = (type(layer), config, tuple(relative))
     if structure not in _MIXING:
-        passed = [i for i, sub in enumerate(subs) if _runs_mixed(layer, [sub], arguments)]
-        together = len(passed) > 1 and not _runs_mixed(layer, [subs[i] for i in passed], arguments)
+        base = emitted_policies(layer, "mixed_float16")  # the block and everything in it in float16
+        passed = [i for i, sub in enumerate(subs) if _runs_mixed(layer, base, [sub], arguments)]
+        together = len(passed) > 1 and not _runs_mixed(layer, base, [subs[i] for i in passed], arguments)
         _MIXING[structure] = frozenset() if together else frozenset(relative[i] for i in passed)
     return [sub for sub, name in zip(subs, relative, strict=True) if name in _MIXING[structure]]
 
 
-def _runs_mixed(layer: Any, in_float32: list, arguments: tuple[tuple, dict]) -> bool:
-    """Whether ``layer`` runs its recorded call with ``in_float32`` in float32 and everything else in float16."""
+def _runs_mixed(layer: Any, base: list[tuple[Any, Any]], in_float32: list, arguments: tuple[tuple, dict]) -> bool:
+    """Whether ``layer`` runs its recorded call with ``in_float32`` in float32 and the rest as ``base`` has it."""
     import keras
 
-    args, kwargs = arguments
-    everything = [layer, *layer._flatten_layers(include_self=False)]
-    saved = [(sub, sub._dtype_policy) for sub in everything]
-    base = dict(emitted_policies(layer, "mixed_float16"))  # the block and what it keeps in float16
+    float32 = keras.dtype_policies.get(FLOAT32)
+    parts = [(part, float32) for sub in in_float32 for part in (sub, *sub._flatten_layers(include_self=False))]
     try:
-        for sub in everything:
-            sub._dtype_policy = base.get(sub, sub._dtype_policy)
-        for sub in in_float32:
-            for part in (sub, *sub._flatten_layers(include_self=False)):
-                part._dtype_policy = keras.dtype_policies.get(FLOAT32)
-        layer(*args, **kwargs)
+        with policies_set(base + parts):
+            layer(*arguments[0], **arguments[1])
     except Exception:  # any error the author's code raises on mixed dtypes
         return False
-    finally:
-        for sub, policy in saved:
-            sub._dtype_policy = policy
     return True
 
 
@@ -1101,6 +1093,28 @@ def inside(layer: Any) -> list:
     if opaque(layer):
         visit(layer)
     return out
+
+
+class policies_set:
+    """Give layers the policies ``[(layer, policy)]`` for a block (a trace), then their own back.
+
+    The policy object is swapped directly: the ``dtype_policy`` setter would
+    edit a ``DTypePolicyMap`` the layer shares with its model.
+    """
+
+    def __init__(self, policies: list[tuple[Any, Any]]) -> None:
+        self.policies = policies
+        self.saved: list[tuple[Any, Any]] = []
+
+    def __enter__(self) -> policies_set:
+        self.saved = [(layer, layer._dtype_policy) for layer, _ in self.policies]
+        for layer, policy in self.policies:
+            layer._dtype_policy = policy
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for layer, policy in reversed(self.saved):  # a layer named twice gets its own back last
+            layer._dtype_policy = policy
 
 
 def _own_weights(layer: Any) -> bool:
