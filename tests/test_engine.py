@@ -310,3 +310,22 @@ def test_quantized_sublayers_inside_a_block():
     engine.set_assignment(assignment)
     real = predict_batches(autoprec.apply_policy(model, g.resolve(assignment)), data)
     assert np.max(np.abs(_forward_all(engine, data) - real)) < 5e-2 * np.max(np.abs(real))
+
+
+def test_the_nonfinite_walk_names_the_sublayer_inside_a_block_before_the_block():
+    """Verify's fall-back returns the sublayer where inf is born, not the whole block around it."""
+    from autoprec.verify.real import nonfinite_origins
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16,))
+    h = ResidualMLP(name="block")(keras.layers.Dense(32, name="d1")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(4, name="out")(h))
+    up = model.get_layer("block").up
+    up.kernel.assign(up.kernel.numpy() * 1e6)  # its outputs pass 65504 in float16
+    x = np.random.default_rng(0).normal(size=(16, 16)).astype("float32")
+    g = build_graph(model, sample=x[:8])
+    real = autoprec.apply_policy(model, g.resolve({p: "mixed_float16" for p in ("d1", *g.inner["block"])}))
+    origins = nonfinite_origins(real, x)
+    assert origins[:2] == ["block/up", "block"], origins
+    assert nonfinite_origins(model, x) == []
+    assert all("call" not in layer.__dict__ for layer in real.get_layer("block")._flatten_layers())

@@ -180,10 +180,7 @@ def nonfinite_origins(model: Any, x: Any) -> list[str]:
                 key = layer_key(op, containers)
                 subs = inside(op)
                 with calls_replaced([(sub, checked(sub.call, sublayer_key(sub, key, containers))) for sub in subs]):
-                    out = call(*args, **kwargs)
-                if finite((args, kwargs)) and not finite(out):
-                    found.append(key)
-                return out
+                    return checked(call, key)(*args, **kwargs)  # after its sublayers: they are the nearer origin
 
             return run
 
