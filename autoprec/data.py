@@ -12,7 +12,11 @@ user already holds:
   same order each time (a shuffling dataset is refused with the fix).
 
 The labels are kept (they are small); ``y`` may be a list or dict with one
-array per model output.
+array per model output. So are sample weights, the third element of
+``(x, y, sample_weight)`` (a padding mask over tokens, say): they weigh the
+metric as Keras's ``evaluate`` weighs its weighted metrics, and are kept
+scaled to a mean of one, so that the metric stays the mean of the
+per-sample values (see :attr:`EvalData.weights`).
 
 >>> import numpy as np
 >>> data = EvalData.get((np.zeros((10, 3)), np.zeros(10)), batch_size=4)
@@ -46,6 +50,11 @@ class EvalData:
 
     Build it with :meth:`get`. ``batches()`` yields the batches in the same
     order on every call; ``n`` is the number of samples and ``y`` all labels.
+
+    ``weights`` is None where every sample and token counts alike, else the
+    sample weights (a structure like ``y``'s, or one array for every output),
+    divided by their mean: Keras's weighted mean ``sum(w * v) / sum(w)`` is
+    then the plain mean over samples of ``mean(w * v)`` within each sample.
     """
 
     def __init__(
@@ -57,8 +66,10 @@ class EvalData:
         batch_size: int,
         sample: Any,
         what: str,
+        weights: Any = None,
     ) -> None:
         self._source, self.n, self.y, self.batch_size, self._sample, self.what = source, n, y, batch_size, sample, what
+        self.weights = weights
 
     @classmethod
     def get(
@@ -75,8 +86,9 @@ class EvalData:
 
         Args:
             data: ``(x, y)`` arrays, a ``tf.data.Dataset`` yielding ``(x, y)``,
-                or a ``keras.utils.PyDataset``. A third element (sample
-                weights) is ignored. An ``EvalData`` is re-batched.
+                or a ``keras.utils.PyDataset``. A third element holds sample
+                weights: one per sample, or one per token (a padding mask),
+                as Keras's ``evaluate`` takes them. An ``EvalData`` is re-batched.
             batch_size: the largest batch a pass holds (bigger batches are split).
             what: the argument's name, for error messages.
             model: the model, so that ``x`` and ``y`` are read with its number
@@ -106,17 +118,37 @@ class EvalData:
 
     def batches(self) -> Iterator[tuple[Any, Any]]:
         """The ``(x, y)`` batches, each at most ``batch_size`` samples, in a fixed order."""
+        for x, y, _ in self.weighted_batches():
+            yield x, y
+
+    def weighted_batches(self) -> Iterator[tuple[Any, Any, Any]]:
+        """The ``(x, y, weights)`` batches: :meth:`batches` with each batch's rows of :attr:`weights` (or None).
+
+        >>> data = EvalData.get((np.zeros((3, 2)), np.zeros(3), np.array([1.0, 1.0, 4.0])), batch_size=2)
+        >>> [w.tolist() for _, _, w in data.weighted_batches()]
+        [[0.5, 0.5], [2.0]]
+        """
+        offset = 0
         for x, y in self._source():
             n = _length(x, self.what)
-            if n <= self.batch_size:
-                yield x, y
-                continue
             for i in range(0, n, self.batch_size):
-                yield _slice(x, i, i + self.batch_size), _slice(y, i, i + self.batch_size)
+                size = min(self.batch_size, n - i)
+                part = (x, y) if size == n else (_slice(x, i, i + size), _slice(y, i, i + size))
+                w = None if self.weights is None else _slice(self.weights, offset, offset + size)
+                offset += size
+                yield part[0], part[1], w
 
     def rebatch(self, batch_size: int) -> EvalData:
         """The same data read in batches of at most ``batch_size`` (no copy)."""
-        return EvalData(self._source, n=self.n, y=self.y, batch_size=batch_size, sample=self._sample, what=self.what)
+        return self._like(self._source, batch_size=batch_size)
+
+    def with_weights(self, weights: Any) -> EvalData:
+        """The same data with these sample weights (one row per sample; scaled here to a mean of one)."""
+        return self._like(self._source, weights=normalized_weights(weights, self.y, self.what))
+
+    def _like(self, source: Callable, **changes: Any) -> EvalData:
+        fields = {"n": self.n, "y": self.y, "batch_size": self.batch_size, "sample": self._sample, "what": self.what}
+        return EvalData(source, **{**fields, "weights": self.weights, **changes})
 
     def map_labels(self, fix: Callable[[Any], Any]) -> EvalData:
         """The same data with ``fix`` applied to the labels of every batch (and to ``y``); no copy of ``x``."""
@@ -126,7 +158,7 @@ class EvalData:
             for x, y in source():
                 yield x, fix(y)
 
-        return EvalData(fixed, n=self.n, y=fix(self.y), batch_size=self.batch_size, sample=self._sample, what=self.what)
+        return self._like(fixed, y=fix(self.y))
 
     def split(self, fraction: float, *, seed: int = 0) -> tuple[EvalData, EvalData]:
         """A seeded random ``fraction`` of the samples held out: ``(the rest, the held-out part)``.
@@ -176,9 +208,9 @@ class EvalData:
                 cache.append(pieces)
 
         sample = _slice(next(iter(part()))[0], 0, 2)
-        return EvalData(
-            part, n=int(mask.sum()), y=_take(self.y, mask), batch_size=self.batch_size, sample=sample, what=what
-        )
+        y = _take(self.y, mask)
+        weights = None if self.weights is None else normalized_weights(_take(self.weights, mask), y, what)
+        return self._like(part, n=int(mask.sum()), y=y, sample=sample, weights=weights)
 
     def x_sample(self, k: int = 2) -> Any:
         """The first ``k`` inputs."""
@@ -211,10 +243,9 @@ def _from_arrays(data: tuple | list, batch_size: int, what: str, arity: tuple, n
             f"Expected {what} as an (x, y) tuple of arrays. Received a {type(data).__name__} of "
             f"{len(data)} elements. Pass (x_val, y_val)."
         )
-    if len(data) == 3:
-        _check_weights(data[2], f"{what}[2] (sample_weight)")
     x = to_arrays(data[0], f"{what}[0] (x)", parts=arity[0])
     y = to_arrays(data[1], f"{what}[1] (y)", parts=arity[1], labels=True)
+    w = _weight_arrays(data[2], f"{what}[2] (sample_weight)", arity) if len(data) == 3 else None
     n = _length(x, f"{what}[0] (x)")
     if n == 0:
         raise DataError(f"Expected {what} to hold at least one sample. Received an empty x.")
@@ -225,37 +256,75 @@ def _from_arrays(data: tuple | list, batch_size: int, what: str, arity: tuple, n
     keep = _finite_rows(x, y, what, nonfinite, offset=0)
     if keep is not None:
         x, y, n = _take(x, keep), _take(y, keep), int(keep.sum())
-    return EvalData(lambda: iter([(x, y)]), n=n, y=y, batch_size=batch_size, sample=_slice(x, 0, 2), what=what)
+        w = None if w is None else _take(w, keep)
+    weights = normalized_weights(w, y, f"{what}[2] (sample_weight)")
+    return EvalData(
+        lambda: iter([(x, y)]), n=n, y=y, batch_size=batch_size, sample=_slice(x, 0, 2), what=what, weights=weights
+    )
 
 
-def _check_weights(weights: Any, what: str) -> None:
-    """Accept sample weights that weigh every sample (or token) alike; refuse the rest with a clear error.
+def _weight_arrays(weights: Any, what: str, arity: tuple) -> Any:
+    """Sample weights as arrays: one array, or one per model output like the labels (None stays None)."""
+    if weights is None:
+        return None
+    return to_arrays(weights, what, parts=arity[1], labels=True)
 
-    The metric, the budget's bound and the early stop count every sample and every token of a sequence equally:
-    weights that differ (a padding mask over sequences of different lengths) would be ignored, and the metric
-    would silently differ from Keras's ``evaluate`` with them.
 
-    >>> _check_weights(np.ones((2, 3)), "data[2]")
-    >>> _check_weights(np.array([[1, 1, 0]]), "data[2]")
+def normalized_weights(weights: Any, y: Any, what: str) -> Any:
+    """Sample weights checked against the labels and divided by their mean; None where all are equal.
+
+    Each array holds one weight per sample, ``(n,)``, or one per token of a
+    sequence label, ``(n, steps)`` (a padding mask), as Keras's ``evaluate``
+    takes them. Equal weights change no mean, so they are dropped.
+
+    >>> normalized_weights(np.array([[1, 1, 0], [1, 0, 0]]), np.zeros((2, 3), "int32"), "w").tolist()
+    [[2.0, 2.0, 0.0], [2.0, 0.0, 0.0]]
+    >>> normalized_weights(np.full(4, 3.0), np.zeros(4), "w") is None
+    True
+    >>> normalized_weights(np.array([1.0, -1.0]), np.zeros(2), "w")
     Traceback (most recent call last):
     ...
-    autoprec.errors.DataError: Expected sample weights that are all equal ...
+    autoprec.errors.DataError: Expected sample weights that are finite and non-negative ...
     """
-    if weights is None:
-        return
     import keras
 
-    parts = [np.asarray(keras.ops.convert_to_numpy(w), np.float64).ravel() for w in keras.tree.flatten(weights)]
-    values = np.concatenate(parts) if parts else np.zeros(0)
-    if values.size and (np.all(values == values[0]) and values[0] > 0):
-        return
-    zeros = int(np.count_nonzero(values == 0))
-    raise DataError(
-        f"Expected sample weights that are all equal and positive in {what}: autoprec weighs every sample and "
-        f"every token of a sequence alike. Received weights from {values.min():g} to {values.max():g} "
-        f"({zeros} of {values.size} zero, as a padding mask has). Pass (x, y) pairs whose samples all count: "
-        "sequences of one length (pack or bucket them), or only the unpadded evaluation samples."
+    if weights is None:
+        return None
+    leaves = keras.tree.flatten(weights)
+    labels = keras.tree.flatten(y)
+    n = len(labels[0]) if labels else 0
+    for leaf in leaves:
+        _check_weight_leaf(leaf, labels, n, what)
+    if all(leaf.size == 0 or np.all(leaf == leaf.flat[0]) for leaf in leaves):
+        return None
+    return keras.tree.map_structure(lambda a: (a / a.mean(dtype=np.float64)).astype(np.float32), weights)
+
+
+def _check_weight_leaf(leaf: np.ndarray, labels: list, n: int, what: str) -> None:
+    if leaf.ndim == 0 or len(leaf) != n:
+        raise DataError(
+            f"Expected one sample weight per sample in {what}: {n} rows. Received an array of shape {leaf.shape}."
+        )
+    if not np.all(np.isfinite(leaf)) or leaf.min(initial=0.0) < 0:
+        raise DataError(
+            f"Expected sample weights that are finite and non-negative in {what}. Received values from "
+            f"{np.nanmin(leaf):g} to {np.nanmax(leaf):g}. Pass 1 for a sample or token that counts, 0 for padding."
+        )
+    if leaf.size and not leaf.any():
+        raise DataError(
+            f"Expected some sample weight above zero in {what}. Received all {leaf.size} zero: nothing would "
+            "count in the metric. Pass 1 for each sample or token that counts."
+        )
+    shapes = [lab.shape for lab in labels]
+    fits = any(
+        lab.shape[: leaf.ndim] == leaf.shape or (leaf.shape[-1] == 1 and lab.shape[: leaf.ndim - 1] == leaf.shape[:-1])
+        for lab in labels
     )
+    if leaf.ndim > 1 and not fits:
+        raise DataError(
+            f"Expected sample weights of shape (n,) or the labels' leading shape (one per token) in {what}. "
+            f"Received weights of shape {leaf.shape} for labels of shape {shapes[0] if len(shapes) == 1 else shapes}."
+        )
 
 
 def _take(value: Any, mask: np.ndarray) -> Any:
@@ -266,16 +335,17 @@ def _take(value: Any, mask: np.ndarray) -> Any:
 
 def _from_batches(data: Any, batch_size: int, what: str, arity: tuple, nonfinite: str, cache_bytes: int) -> EvalData:
     """A dataset: read it once to check it; keep it in memory when small, else re-read it each pass."""
-    kept, labels, nbytes, total, sample = [], [], 0, 0, None
-    for i, (x, y) in enumerate(_read_batches(data, what, arity)):
+    kept, labels, weights, nbytes, total, sample = [], [], [], 0, 0, None
+    for i, (x, y, w) in enumerate(_read_batches(data, what, arity)):
         keep = _finite_rows(x, y, f"{what} batch {i}", nonfinite, offset=total)
         total += _length(x, "x")
         if keep is not None:
-            x, y = _take(x, keep), _take(y, keep)
+            x, y, w = _take(x, keep), _take(y, keep), (None if w is None else _take(w, keep))
         if _length(y, "y") == 0:
             continue
         sample = x if sample is None else sample
         labels.append(y)
+        weights.append(w)
         nbytes += _nbytes(x)
         if nbytes <= cache_bytes:
             kept.append((x, y))
@@ -283,15 +353,30 @@ def _from_batches(data: Any, batch_size: int, what: str, arity: tuple, nonfinite
         raise DataError(f"Expected {what} to hold at least one sample. Received an empty dataset.")
     y_all = _concat(labels)
     n = _length(y_all, "y")
+    w_all = _all_weights(weights, what)
+    fields = {"n": n, "y": y_all, "batch_size": batch_size, "sample": _slice(sample, 0, 2), "what": what}
+    fields["weights"] = normalized_weights(w_all, y_all, f"{what}'s sample weights")
     if len(kept) == len(labels):
-        return EvalData(lambda: iter(kept), n=n, y=y_all, batch_size=batch_size, sample=_slice(sample, 0, 2), what=what)
+        return EvalData(lambda: iter(kept), **fields)
     logger.info(
         "autoprec: %s holds %.2g GB of inputs, more than cache_bytes; it is read again on every pass.",
         what,
         nbytes / 1e9,
     )
-    source = _StreamingSource(data, what, arity, nonfinite, labels)
-    return EvalData(source, n=n, y=y_all, batch_size=batch_size, sample=_slice(sample, 0, 2), what=what)
+    return EvalData(_StreamingSource(data, what, arity, nonfinite, labels), **fields)
+
+
+def _all_weights(weights: list, what: str) -> Any:
+    """The batches' sample weights as one structure; None where no batch has any."""
+    given = sum(w is not None for w in weights)
+    if given == 0:
+        return None
+    if given < len(weights):
+        raise DataError(
+            f"Expected sample weights in every batch of {what}, or in none. Received them in {given} of "
+            f"{len(weights)} batches. Yield (x, y, sample_weight) from every batch."
+        )
+    return _concat(weights)
 
 
 class _StreamingSource:
@@ -304,7 +389,7 @@ class _StreamingSource:
         import keras
 
         expected = iter(self.labels)
-        for i, (x, y) in enumerate(_read_batches(self.data, self.what, self.arity)):
+        for i, (x, y, _) in enumerate(_read_batches(self.data, self.what, self.arity)):
             keep = _finite_rows(x, y, f"{self.what} batch {i}", "drop", offset=0, quiet=True)
             if keep is not None:
                 x, y = _take(x, keep), _take(y, keep)
@@ -322,23 +407,23 @@ class _StreamingSource:
             yield x, y
 
 
-def _read_batches(data: Any, what: str, arity: tuple) -> Iterator[tuple[Any, Any]]:
+def _read_batches(data: Any, what: str, arity: tuple) -> Iterator[tuple[Any, Any, Any]]:
     for i, item in enumerate(_iterate(data, what)):
         if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
             raise DataError(
                 f"Expected {what} to yield (x, y) batches. Received batch {i} as {describe(item)}. "
                 "Map the dataset to (features, labels) pairs first."
             )
-        if len(item) == 3:
-            _check_weights(item[2], f"{what} batch {i} sample_weight")
         x = to_arrays(item[0], f"{what} batch {i} x", parts=arity[0])
         y = to_arrays(item[1], f"{what} batch {i} y", parts=arity[1], labels=True)
-        if _length(x, "x") != _length(y, "y"):
+        w = _weight_arrays(item[2], f"{what} batch {i} sample_weight", arity) if len(item) == 3 else None
+        lengths = [_length(x, "x"), _length(y, "y")] + ([] if w is None else [_length(w, "sample_weight")])
+        if len(set(lengths)) != 1:
             raise DataError(
-                f"Expected x and y of equal length in each batch. Received batch {i} with "
-                f"{_length(x, 'x')} and {_length(y, 'y')}."
+                f"Expected x, y (and sample weights) of equal length in each batch. Received batch {i} with "
+                f"{' and '.join(map(str, lengths))}."
             )
-        yield x, y
+        yield x, y, w
 
 
 def _iterate(data: Any, what: str):

@@ -167,22 +167,30 @@ class SimEngine:
         """
         self.metric = metric
         per_sample = metric.per_sample
-        self._values = None
+        self._values = self._weighted_values = None
         if per_sample is not None:
             self._values = backends.compile_function(lambda y, out: per_sample(*metric.select(y, out)))
+            self._weighted_values = backends.compile_function(
+                lambda y, out, w: per_sample(*metric.select(y, out), metric.weights_of(w))
+            )
 
-    def forward(self, x: Any, y: Any) -> tuple[Any, np.ndarray | None]:
-        """Outputs (NumPy) and the metric's per-sample values (or None) for one batch."""
+    def forward(self, x: Any, y: Any, w: Any = None) -> tuple[Any, np.ndarray | None]:
+        """Outputs (NumPy) and the metric's per-sample values (or None) for one batch, weighted by ``w``."""
         import keras
 
         n = len(keras.tree.flatten(x)[0])
         padded = backends.traces_per_batch_size() and 0 < n < self._rows
         if padded:  # a smaller last batch, padded with copies of its last row: no second trace
-            x, y = (t if t is None else keras.tree.map_structure(lambda a: _pad_rows(a, self._rows), t) for t in (x, y))
+            x, y, w = (
+                t if t is None else keras.tree.map_structure(lambda a: _pad_rows(a, self._rows), t) for t in (x, y, w)
+            )
         else:
             self._rows = max(self._rows, n)
         outputs = self._forward(x, self.codes)
-        values = None if self._values is None else np.asarray(to_numpy(self._values(y, outputs)), np.float64)
+        values = None
+        if self._values is not None:
+            values = self._values(y, outputs) if w is None else self._weighted_values(y, outputs, w)
+            values = np.asarray(to_numpy(values), np.float64)
         outputs = to_numpy(outputs)
         if padded:
             outputs = keras.tree.map_structure(lambda a: a[:n], outputs)
@@ -599,8 +607,8 @@ class RealEngine:
         """Return ``metric``'s per-sample values with the outputs from now on."""
         self.metric = metric
 
-    def forward(self, x: Any, y: Any) -> tuple[Any, np.ndarray | None]:
-        return predicted(self.model, self.metric, x, y)
+    def forward(self, x: Any, y: Any, w: Any = None) -> tuple[Any, np.ndarray | None]:
+        return predicted(self.model, self.metric, x, y, w)
 
     def close(self) -> None:
         for layer in self.model._flatten_layers(include_self=False):
@@ -616,9 +624,9 @@ class RealEngine:
         self.close()
 
 
-def predicted(model: Any, metric: Metric | None, x: Any, y: Any) -> tuple[Any, np.ndarray | None]:
-    """A real model's own float32 outputs for the batch ``x`` and ``metric``'s per-sample values (or None): an
-    engine's ``forward`` where real Keras policies compute."""
+def predicted(model: Any, metric: Metric | None, x: Any, y: Any, w: Any = None) -> tuple[Any, np.ndarray | None]:
+    """A real model's own float32 outputs for the batch ``x`` and ``metric``'s per-sample values (or None),
+    weighted by ``w``: an engine's ``forward`` where real Keras policies compute."""
     import keras
 
     with quiet_retracing():
@@ -626,7 +634,20 @@ def predicted(model: Any, metric: Metric | None, x: Any, y: Any) -> tuple[Any, n
     outputs = keras.tree.map_structure(lambda a: np.asarray(a, np.float32), outputs)
     if metric is None or metric.per_sample is None:
         return outputs, None
-    return outputs, metric.values(*metric.select(y, outputs))
+    return outputs, metric.values(*metric.select(y, outputs), metric.weights_of(w))
+
+
+def output_masks(model: Any, x: Any) -> list[np.ndarray | None]:
+    """The Keras mask of each of the model's outputs on the batch ``x`` (None where an output has none).
+
+    Keras computes masks only as a model is called, not in ``predict``: this is one eager call.
+    """
+    import keras
+    from keras.src.backend.common.masking import get_keras_mask
+
+    outputs = keras.tree.flatten(model(x, training=False))
+    masks = [get_keras_mask(t) for t in outputs]
+    return [None if m is None else np.asarray(keras.ops.convert_to_numpy(m)) for m in masks]
 
 
 def predict_on(model: Any, x: Any) -> Any:

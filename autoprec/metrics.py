@@ -35,12 +35,17 @@ class Metric:
     Attributes:
         name: its name in reports.
         higher_is_better: the direction of improvement.
-        fn: ``(y_true, y_pred) -> float`` over all samples (NumPy in).
-        per_sample: ``(y_true, y_pred) -> (batch,)`` in Keras ops, whose mean is
-            the metric; None when the metric is not a mean (AUC, a callable).
+        fn: ``(y_true, y_pred) -> float`` over all samples (NumPy in); one that
+            ``weighs`` also takes ``sample_weight``.
+        per_sample: ``(y_true, y_pred, sample_weight=None) -> (batch,)`` in Keras
+            ops, whose mean is the metric; None when the metric is not a mean
+            (AUC, a callable). Weights scaled to a mean of one (as
+            :class:`~autoprec.data.EvalData` keeps them) keep it so: the mean
+            is then Keras's weighted mean.
         bounds: the range of one per-sample value, when known.
         output: the index of the model output it reads (None: the only output,
             or all outputs for a callable).
+        weighs: ``fn`` takes sample weights (a plain callable does not).
     """
 
     name: str
@@ -49,6 +54,7 @@ class Metric:
     per_sample: Callable[[Any, Any], Any] | None = None
     bounds: tuple[float, float] | None = None
     output: int | str | None = None
+    weighs: bool = True
 
     @classmethod
     def get(
@@ -72,25 +78,42 @@ class Metric:
             return y_true, single(y_pred)
         return _pick(y_true, self.output), _pick(y_pred, self.output)
 
-    def compute(self, y_true: Any, y_pred: Any) -> float:
-        """The metric over whole arrays."""
+    def weights_of(self, sample_weight: Any) -> Any:
+        """The sample weights of the output this metric reads: its own where there is one per output, else all.
+
+        >>> m = Metric("acc", True, None, output=1)
+        >>> m.weights_of([np.ones(2), np.zeros(2)]).tolist(), m.weights_of(np.ones(2)).tolist()
+        ([0.0, 0.0], [1.0, 1.0])
+        """
+        if sample_weight is None or not isinstance(sample_weight, (list, tuple, Mapping)):
+            return sample_weight
+        if self.output is None:
+            return single(sample_weight)
+        return _pick(sample_weight, self.output)
+
+    def compute(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> float:
+        """The metric over whole arrays, weighted by ``sample_weight`` (all of it; this metric's part is read)."""
         yt, yp = self.select(y_true, y_pred)
+        w = self.weights_of(sample_weight)
         try:
             if self.per_sample is not None:
-                return float(np.mean(self.values(yt, yp)))
-            return float(self.fn(yt, yp))
+                return float(np.mean(self.values(yt, yp, w)))
+            return float(self.fn(yt, yp) if w is None else self.fn(yt, yp, w))
         except (ValueError, TypeError) as exc:
             raise MetricError(
                 f"Metric {self.name!r} could not be computed on these labels and outputs: {exc}"
             ) from None
 
-    def values(self, y_true: Any, y_pred: Any) -> np.ndarray:
-        """Per-sample values (NumPy) of an already selected output."""
+    def values(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> np.ndarray:
+        """Per-sample values (NumPy) of an already selected output and its weights."""
         import keras
 
         if self.per_sample is None:  # callers ask only a metric that is a mean (AUC or a callable is not)
             raise TypeError(f"Expected a metric with per-sample values. Received {self.name!r}, which has none.")
-        return np.asarray(keras.ops.convert_to_numpy(self.per_sample(y_true, y_pred)), dtype=np.float64)
+        out = (
+            self.per_sample(y_true, y_pred) if sample_weight is None else self.per_sample(y_true, y_pred, sample_weight)
+        )
+        return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)
 
 
 def single(y_pred: Any) -> Any:
@@ -136,7 +159,7 @@ def _resolve(metric: Any, model: Any, y: Any, y_pred: Any, higher_is_better: boo
                 f"Expected higher_is_better=True or False with a callable metric. Received metric={describe(metric)} "
                 "without it; autoprec cannot tell whether a larger value is better."
             )
-        return Metric(getattr(metric, "__name__", "metric"), bool(higher_is_better), metric)
+        return Metric(getattr(metric, "__name__", "metric"), bool(higher_is_better), metric, weighs=False)
     raise MetricError(
         f"Expected metric to be None, a Keras metric name or instance, a Keras loss, or a callable. "
         f"Received: {describe(metric)}."
@@ -170,16 +193,25 @@ def _per_output(metric: Any, model: Any, y: Any, y_pred: Any, higher_is_better: 
         resolved.per_sample,
         resolved.bounds,
         output=index,
+        weighs=resolved.weighs,
     )
 
 
 def _per_sample(fn: Callable, **kwargs: Any) -> Callable:
-    """Per-sample values of an element-wise metric function: mean over every axis but the batch."""
+    """Per-sample values of an element-wise metric function: mean over every axis but the batch.
 
-    def values(y_true: Any, y_pred: Any) -> Any:
+    With weights, Keras's own reduction (that of its ``Mean`` metrics): ``mean(w * v)`` within each sample, the
+    weights broadcast to the values as ``evaluate`` broadcasts them.
+    """
+
+    def values(y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         from keras import ops
 
         out = ops.cast(fn(y_true, y_pred, **kwargs), "float32")
+        if sample_weight is not None:
+            from keras.src.metrics.reduction_metrics import reduce_to_samplewise_values
+
+            return reduce_to_samplewise_values(out, sample_weight, reduce_fn=ops.mean, dtype="float32")[0]
         return ops.mean(ops.reshape(out, (ops.shape(out)[0], -1)), axis=1) if len(out.shape) > 1 else out
 
     return values
@@ -194,9 +226,9 @@ def _keras_metric(metric: Any, higher_is_better: bool | None) -> Metric:
 
     config, cls = metric.get_config(), metric.__class__
 
-    def whole(yt: Any, yp: Any) -> float:
+    def whole(yt: Any, yp: Any, sample_weight: Any = None) -> float:
         m = cls.from_config(config)
-        m.update_state(yt, yp)
+        m.update_state(yt, yp, sample_weight=sample_weight)
         return float(keras.ops.convert_to_numpy(m.result()))
 
     direction = getattr(metric, "_direction", None)
@@ -270,7 +302,7 @@ def _named_metric(name: str, y: Any, y_pred: Any, higher_is_better: bool | None)
     return Metric(
         name,
         hib,
-        lambda yt, yp: float(np.mean(keras.ops.convert_to_numpy(per_sample(yt, yp)))),
+        lambda yt, yp, w=None: float(np.mean(keras.ops.convert_to_numpy(per_sample(yt, yp, w)))),
         per_sample,
         _loss_bounds(name),
     )
@@ -427,20 +459,41 @@ def _inferred_loss(y: Any, y_pred: Any):
     return keras.losses.MeanSquaredError()
 
 
-def units_per_sample(y: Any) -> int:
+def units_per_sample(y: Any, weights: Any = None) -> float:
     """How many values a per-sample metric averages over in one sample: 1, or the tokens of a sequence label.
 
     Keras's accuracy and losses on a ``(batch, steps, classes)`` output average
     over every step: integer labels ``(batch, steps)`` hold ``steps`` of them,
-    one-hot labels ``(batch, steps, classes)`` too.
+    one-hot labels ``(batch, steps, classes)`` too. Under sample weights
+    (the metric's own, see :meth:`Metric.weights_of`) only those weighed above
+    zero count, on average over the samples: a padding mask's real tokens.
 
     >>> units_per_sample(np.zeros((8, 128), "int32")), units_per_sample(np.zeros((8, 10), "float32"))
-    (128, 1)
+    (128.0, 1.0)
+    >>> units_per_sample(np.zeros((2, 4), "int32"), np.array([[1, 1, 1, 0], [1, 1, 0, 0]]))
+    2.5
     """
     import keras
 
     first = np.asarray(keras.tree.flatten(y)[0]) if keras.tree.flatten(y) else np.zeros((0,))
-    if first.ndim <= 1:
-        return 1
-    dims = first.shape[1:] if np.issubdtype(first.dtype, np.integer) else first.shape[1:-1]
-    return int(np.prod(dims)) if len(dims) else 1
+    dims = () if first.ndim <= 1 else first.shape[1:] if np.issubdtype(first.dtype, np.integer) else first.shape[1:-1]
+    steps = float(np.prod(dims)) if len(dims) else 1.0
+    if weights is None:
+        return steps
+    w = np.asarray(weights)
+    return float(steps * np.count_nonzero(w) / max(w.size, 1))
+
+
+def sample_scales(weights: Any, n: int) -> np.ndarray:
+    """Each sample's share of the metric against an unweighted sample: the mean of its weights (ones without).
+
+    A per-sample value then lies within ``scale`` times the metric's range (see
+    :attr:`Metric.bounds`).
+
+    >>> sample_scales(np.array([[2.0, 2.0], [0.0, 0.0]]), 2).tolist(), sample_scales(None, 2).tolist()
+    ([2.0, 0.0], [1.0, 1.0])
+    """
+    if weights is None:
+        return np.ones(n)
+    w = np.asarray(weights, np.float64)
+    return w.reshape(len(w), -1).mean(axis=1)

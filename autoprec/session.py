@@ -36,8 +36,8 @@ import numpy as np
 from autoprec.apply import clone_with_policies
 from autoprec.budget import BoundBudget, Budget
 from autoprec.data import DEFAULT_BATCH_SIZE, EvalData
-from autoprec.engine import make_engine
-from autoprec.errors import DataError, ModelError, UnsupportedModelError
+from autoprec.engine import make_engine, output_masks
+from autoprec.errors import DataError, MetricError, ModelError, UnsupportedModelError
 from autoprec.formats import split
 from autoprec.graph import SUBCLASSED, ModelGraph, build_graph
 from autoprec.metrics import Metric, check_labels, label_reshaper, single
@@ -100,26 +100,32 @@ class Session:
     _real: dict = field(default_factory=dict, repr=False)
 
     @functools.cached_property
-    def units_per_sample(self) -> int:
-        """What one sample's metric value averages over: 1, or the tokens of a sequence label."""
+    def units_per_sample(self) -> float:
+        """What one sample's metric value averages over: 1, or the tokens of a sequence label (those weighed above
+        zero, on average, under sample weights such as a padding mask)."""
         from autoprec.metrics import units_per_sample
 
-        return units_per_sample(self.data.y)
+        return units_per_sample(self.data.y, self.metric.weights_of(self.data.weights))
+
+    @functools.cached_property
+    def sample_scales(self) -> np.ndarray:
+        """Each sample's weight in the metric (ones without sample weights; their mean is one)."""
+        from autoprec.metrics import sample_scales
+
+        return sample_scales(self.metric.weights_of(self.data.weights), self.data.n)
 
     @functools.cached_property
     def binary_values(self) -> bool:
         """Each sample (or each token of a sequence) is right or wrong in the float32 baseline: accuracy-like metrics.
 
         A per-token accuracy's value per sequence is a count of right tokens over
-        :attr:`units_per_sample`.
+        :attr:`units_per_sample`; under a 0/1 padding mask, a count of right real tokens.
         """
         v = self.baseline_values
         if v is None:
             return False
-        counts = v * self.units_per_sample
-        return bool(
-            np.all((counts >= 0) & (counts <= self.units_per_sample) & (np.abs(counts - np.rint(counts)) < 1e-6))
-        )
+        counts, most = v * self.units_per_sample, self.units_per_sample * self.sample_scales
+        return bool(np.all((counts >= 0) & (counts <= most + 1e-6) & (np.abs(counts - np.rint(counts)) < 1e-6)))
 
     def evaluate(
         self, assignment: Mapping[str, str], *, budget: Budget | None = None, harm_above: float | None = None
@@ -217,9 +223,11 @@ class Session:
             den += sum(float(np.sum(np.square(q, dtype=np.float64))) for q in b)
             offset += n
         nonfinite = int(sum(np.size(o) - np.count_nonzero(np.isfinite(o)) for o in flat))
-        value = self.metric.compute(self.data.y, outputs)
+        weights = self.data.weights
+        value = self.metric.compute(self.data.y, outputs, weights)
         if self.metric.per_sample is not None and self.baseline_values is not None:
-            bound = self.bound_of(self.metric.values(*self.metric.select(self.data.y, outputs)), value)
+            values = self.metric.values(*self.metric.select(self.data.y, outputs), self.metric.weights_of(weights))
+            bound = self.bound_of(values, value)
             return _evaluation(self, value, nonfinite, num, den, self.data.n, bound=bound)
         return _evaluation(self, value, nonfinite, num, den, self.data.n, bound=self.bootstrap_bound(outputs, value))
 
@@ -253,8 +261,8 @@ class Session:
         sign = 1.0 if self.metric.higher_is_better else -1.0
 
         def drop_on(idx: np.ndarray) -> float:
-            y = take(self.data.y, idx)
-            return sign * (self.metric.compute(y, take(base, idx)) - self.metric.compute(y, take(outputs, idx)))
+            y, w = take(self.data.y, idx), None if self.data.weights is None else take(self.data.weights, idx)
+            return sign * (self.metric.compute(y, take(base, idx), w) - self.metric.compute(y, take(outputs, idx), w))
 
         point = Budget.drop(baseline=self.baseline, value=value, higher_is_better=self.metric.higher_is_better)
         return bootstrap_upper_bound(drop_on, self.data.n, confidence=self.confidence, point=point)
@@ -305,13 +313,13 @@ class _Pass:
         self, session: Session, budget: Budget | None, harm_above: float | None = None, *, forward: Any = None
     ) -> None:
         self.s, self.budget, self.harm_above = session, budget, harm_above
-        self.forward = forward or session.engine.forward  # (x, y) -> (outputs, per-sample values or None)
+        self.forward = forward or session.engine.forward  # (x, y, w) -> (outputs, per-sample values or None)
         metric = session.metric
         self.bound = None
         if budget is not None and session.baseline_values is not None and metric.bounds is not None:
             lo, hi = metric.bounds
-            b = session.baseline_values
-            best = (b - hi) if metric.higher_is_better else (lo - b)  # the most a remaining sample can win back
+            b, scale = session.baseline_values, session.sample_scales  # a weighted sample's range is scaled
+            best = (b - hi * scale) if metric.higher_is_better else (lo * scale - b)  # the most it can win back
             if np.all(np.isfinite(best)):
                 self.bound = np.concatenate([np.cumsum(best[::-1])[::-1], [0.0]])  # suffix sums
 
@@ -319,8 +327,8 @@ class _Pass:
         s = self.s
         values, outputs, num, den, nonfinite, seen = [], [], 0.0, 0.0, 0, 0
         self.dsum = self.hsum = 0.0
-        for (x, y), base in zip(s.data.batches(), s.baseline_outputs, strict=True):
-            out, vals = self.forward(x, y)
+        for (x, y, w), base in zip(s.data.weighted_batches(), s.baseline_outputs, strict=True):
+            out, vals = self.forward(x, y, w)
             flat, bflat = _flat(out), _flat(base)
             bad = int(sum(np.size(o) - np.count_nonzero(np.isfinite(o)) for o in flat))
             nonfinite += bad
@@ -349,7 +357,7 @@ class _Pass:
         import keras
 
         full = keras.tree.map_structure(lambda *p: np.concatenate(p), *outputs)
-        value = s.metric.compute(s.data.y, full)
+        value = s.metric.compute(s.data.y, full, s.data.weights)
         return _evaluation(s, value, nonfinite, num, den, seen, bound=s.bootstrap_bound(full, value))
 
     def _certain_drop(self, vals: np.ndarray | None, start: int, seen: int, bad: int) -> float | None:
@@ -408,6 +416,7 @@ def open_session(
     model, graph = _float32_graph(model, ev, keep_float32=keep_float32, force_16bit=force_16bit)
     if batch_size == "auto":
         ev = ev.rebatch(auto_batch_size(graph, budget_bytes=EVAL_MEMORY, cap=1024))
+    ev = with_output_masks(model, ev)
     formats = tuple(formats or (target,))
     if graph.kind == SUBCLASSED and any(split(f)[0] for f in formats):
         raise UnsupportedModelError(
@@ -420,6 +429,12 @@ def open_session(
     _check_outputs(engine, ev, outputs)
     ev, full = _checked_labels(model, ev, outputs, metric)
     resolved = Metric.get(metric, model=model, y=ev.y, y_pred=full, higher_is_better=higher_is_better)
+    if ev.weights is not None and not resolved.weighs:
+        raise MetricError(
+            f"Expected a Keras metric or loss with sample weights (a padding mask, or the model's own output mask). "
+            f"Received the callable metric {resolved.name!r}, which takes no weights. Pass metric='accuracy' (or "
+            "another Keras metric), or data without weights and a callable that weighs the samples itself."
+        )
     engine.use_metric(resolved)
     if hasattr(engine, "calibrate"):
         engine.calibrate(ev.batches())  # float8 twins: scales from this data, as the emitted model gets them
@@ -443,8 +458,8 @@ def _baseline(metric: Metric, ev: EvalData, full: Any) -> tuple[np.ndarray | Non
 
     y, pred = metric.select(ev.y, full)
     try:
-        values = metric.values(y, pred) if metric.per_sample is not None else None
-        return values, float(np.mean(values)) if values is not None else metric.compute(ev.y, full)
+        values = metric.values(y, pred, metric.weights_of(ev.weights)) if metric.per_sample is not None else None
+        return values, float(np.mean(values)) if values is not None else metric.compute(ev.y, full, ev.weights)
     except MetricError:
         raise
     except Exception as exc:
@@ -509,17 +524,58 @@ def _warm_pass_seconds(engine: Any, ev: EvalData) -> float:
 
     import keras
 
-    for x, y in ev.batches():
+    for x, y, w in ev.weighted_batches():
         seconds = []
         for _ in range(2):
             started = time.monotonic()
-            engine.forward(x, y)
+            engine.forward(x, y, w)
             seconds.append(time.monotonic() - started)
         return min(seconds) / max(len(keras.tree.flatten(x)[0]), 1) * ev.n
     return 0.0
 
 
 EVAL_MEMORY = 256 << 20  # bytes of activations one evaluation batch may hold
+
+
+def with_output_masks(model: Any, ev: EvalData) -> EvalData:
+    """``ev`` with the Keras masks of the model's outputs folded into its sample weights, where it has any.
+
+    A model whose ``Embedding(mask_zero=True)`` mask reaches its outputs has
+    its padding left out of Keras's own ``evaluate`` (its metrics weigh by
+    the mask); the metric here must leave it out too. A model without masked
+    outputs costs one call on two samples; one with them, one eager pass.
+    """
+    import keras
+
+    if all(m is None for m in output_masks(model, ev.x_sample(2))):
+        return ev
+    parts = [output_masks(model, x) for x, _ in ev.batches()]
+    masks = [None if p[0] is None else np.concatenate(p) for p in zip(*parts, strict=True)]
+    labels = keras.tree.flatten(ev.y)
+    given = ev.weights
+    if given is not None and isinstance(given, (list, tuple, dict)):
+        given = keras.tree.flatten(given)
+    combined = []
+    for i, mask in enumerate(masks):
+        w = given[i] if isinstance(given, list) else given
+        combined.append(_masked(w, mask, len(labels[min(i, len(labels) - 1)])))
+    weights = combined[0] if len(combined) == 1 else keras.tree.pack_sequence_as(ev.y, combined)
+    return ev.with_weights(weights)
+
+
+def _masked(weights: Any, mask: np.ndarray | None, n: int) -> np.ndarray:
+    """Sample weights times an output's mask, their ranks aligned as Keras aligns them (ones where neither)."""
+    if mask is None:
+        return np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
+    mask = mask.astype(np.float32)
+    if weights is None:
+        return mask
+    w = np.asarray(weights, np.float32)
+    while w.ndim < mask.ndim:
+        w = w[..., None]
+    while mask.ndim < w.ndim:
+        mask = mask[..., None]
+    return w * mask
 
 
 def auto_batch_size(

@@ -45,6 +45,7 @@ from autoprec.formats import (
     QUANTIZED_MODES,
 )
 from autoprec.graph import BLOCK, MOVEMENT, SUBCLASSED
+from autoprec.metrics import units_per_sample
 from autoprec.options import TuneOptions
 from autoprec.profiling.stats import hazard, hazard_share
 from autoprec.progress import Progress
@@ -546,8 +547,8 @@ def _check_resolution(session: Session, budget: Budget, confidence: float | str 
     rule = session.rule(budget)
     rule.check_meaningful(bounded_below=bounded)
     allowed = rule.allowed
-    per = session.units_per_sample
-    units, what = n * per, ("sample" if per == 1 else "token")
+    per = session.units_per_sample  # under a padding mask, the real tokens only
+    units, what = max(1, round(n * per)), ("token" if units_per_sample(session.data.y) > 1 else "sample")
     if metric.bounds == (0.0, 1.0) and 0 < allowed < 1.0 / units:  # first: no confidence would help
         raise DataError(
             f"Expected at least {_samples(1.0 / allowed / per)} evaluation samples to resolve a drop of {allowed:.4g} "

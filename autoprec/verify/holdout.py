@@ -98,9 +98,10 @@ def held_session(session: Any, held: EvalData) -> Any:
 
     import keras
 
+    from autoprec.session import with_output_masks
     from autoprec.verify.real import predict_batches
 
-    held = held.rebatch(session.data.batch_size)
+    held = with_output_masks(session.model, held.rebatch(session.data.batch_size))
     full = predict_batches(session.model, held)
     offsets = np.cumsum([0] + [len(keras.tree.flatten(x)[0]) for x, _ in held.batches()])
     outputs = [
@@ -108,10 +109,10 @@ def held_session(session: Any, held: EvalData) -> Any:
     ]
     metric = session.metric
     if metric.per_sample is not None:
-        values = metric.values(*metric.select(held.y, full))
+        values = metric.values(*metric.select(held.y, full), metric.weights_of(held.weights))
         baseline = float(np.mean(values))
     else:
-        values, baseline = None, metric.compute(held.y, full)
+        values, baseline = None, metric.compute(held.y, full, held.weights)
     return dataclasses.replace(
         session,
         data=held,

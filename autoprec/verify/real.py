@@ -336,8 +336,8 @@ def train_check(
     tuned_losses, scales = train_steps(tuned, batches, record_scale=True)
     f32_metric = tuned_metric = math.nan
     if eval_data is not None and metric is not None:
-        f32_metric = metric.compute(eval_data.y, predict_batches(reference, eval_data))
-        tuned_metric = metric.compute(eval_data.y, predict_batches(tuned, eval_data))
+        f32_metric = metric.compute(eval_data.y, predict_batches(reference, eval_data), eval_data.weights)
+        tuned_metric = metric.compute(eval_data.y, predict_batches(tuned, eval_data), eval_data.weights)
     passed, reason = judge_training(f32_losses, tuned_losses, scales, steps=steps, progress_ratio=progress_ratio)
     skipped = sum(1 for a, b in itertools.pairwise([DEFAULT_LOSS_SCALE, *scales]) if b < a)
     nonfinite = sum(1 for v in tuned_losses if not math.isfinite(v))
