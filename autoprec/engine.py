@@ -136,6 +136,7 @@ class SimEngine:
         self._rows = 0  # the largest batch traced so far (see forward)
         self._forward = backends.compile_function(self._forward_impl)
         self._values: Callable | None = None
+        self._weighted_values: Callable | None = None
         if metric is not None:
             self.use_metric(metric)
 
@@ -167,7 +168,8 @@ class SimEngine:
         """
         self.metric = metric
         per_sample = metric.per_sample
-        self._values = self._weighted_values = None
+        self._values = None
+        self._weighted_values = None
         if per_sample is not None:
             self._values = backends.compile_function(lambda y, out: per_sample(*metric.select(y, out)))
             self._weighted_values = backends.compile_function(
@@ -188,7 +190,7 @@ class SimEngine:
             self._rows = max(self._rows, n)
         outputs = self._forward(x, self.codes)
         values = None
-        if self._values is not None:
+        if self._values is not None and self._weighted_values is not None:
             values = self._values(y, outputs) if w is None else self._weighted_values(y, outputs, w)
             values = np.asarray(to_numpy(values), np.float64)
         outputs = to_numpy(outputs)

@@ -50,8 +50,8 @@ class Metric:
 
     name: str
     higher_is_better: bool
-    fn: Callable[[Any, Any], float]
-    per_sample: Callable[[Any, Any], Any] | None = None
+    fn: Callable[..., float]
+    per_sample: Callable[..., Any] | None = None
     bounds: tuple[float, float] | None = None
     output: int | str | None = None
     weighs: bool = True
@@ -299,10 +299,14 @@ def _named_metric(name: str, y: Any, y_pred: Any, higher_is_better: bool | None)
         )
     hib = higher_is_better if higher_is_better is not None else _name_says_up(name)
     per_sample = _per_sample(fn)
+
+    def whole(yt: Any, yp: Any, w: Any = None) -> float:
+        return float(np.mean(keras.ops.convert_to_numpy(per_sample(yt, yp, w))))
+
     return Metric(
         name,
         hib,
-        lambda yt, yp, w=None: float(np.mean(keras.ops.convert_to_numpy(per_sample(yt, yp, w)))),
+        whole,
         per_sample,
         _loss_bounds(name),
     )

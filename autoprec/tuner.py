@@ -542,13 +542,14 @@ def _check_train_labels(session: Session, opts: TuneOptions) -> None:
 
 def _check_resolution(session: Session, budget: Budget, confidence: float | str | None) -> None:
     """Refuse a budget the data is too small to resolve, or one that allows any result; settle confidence="auto"."""
-    metric, n = session.metric, session.data.n
+    metric = session.metric
     bounded = metric.bounds is not None and metric.bounds[0] >= 0
     rule = session.rule(budget)
     rule.check_meaningful(bounded_below=bounded)
     allowed = rule.allowed
     per = session.units_per_sample  # under a padding mask, the real tokens only
-    units, what = max(1, round(n * per)), ("token" if units_per_sample(session.data.y) > 1 else "sample")
+    counted = _counted(session)
+    units, what = counted["counted"], counted["unit"]
     if metric.bounds == (0.0, 1.0) and 0 < allowed < 1.0 / units:  # first: no confidence would help
         raise DataError(
             f"Expected at least {_samples(1.0 / allowed / per)} evaluation samples to resolve a drop of {allowed:.4g} "
@@ -618,6 +619,14 @@ def _say_what_resolves(session: Session, ev: Any, rule: BoundBudget) -> None:
             need,
             margin,
         )
+
+
+def _counted(session: Session) -> dict[str, Any]:
+    """What the metric averages over: ``counted`` samples or tokens (``unit``), ``weighted`` by the data's sample
+    weights or the model's output mask (only the tokens weighed above zero count)."""
+    tokens = units_per_sample(session.data.y) > 1
+    counted = max(1, round(session.data.n * session.units_per_sample))
+    return {"counted": counted, "unit": "token" if tokens else "sample", "weighted": session.data.weights is not None}
 
 
 def _holdout_facts(session: Session, ev: Any, opts: TuneOptions) -> dict[str, Any] | None:
@@ -1458,6 +1467,7 @@ def _verification_facts(session: Session, verified: Verified, opts: TuneOptions,
         "real_drop_bound": None if math.isnan(ev.bound) else ev.bound,
         "confidence": session.confidence,
         "samples": session.data.n,
+        **_counted(session),
         "holdout": _holdout_facts(session, verified.holdout, opts),
         "feasible": feasible,
         "why": ""

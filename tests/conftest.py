@@ -148,6 +148,29 @@ def trained(model, n=96, epochs=30):
     return model
 
 
+def padded_sequences(n=192, steps=12, vocab=20, seed=0):
+    """Token ids padded with 0 after a random length, per-token labels, and the padding mask (float32).
+
+    A real token's label is a function of it (learnable); a padding token's is noise, as nothing should learn it.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, steps + 1, size=n)
+    mask = (np.arange(steps)[None] < lengths[:, None]).astype("float32")
+    x = (rng.integers(1, vocab, size=(n, steps)) * mask).astype("int32")
+    y = np.where(mask > 0, (3 * x + 1) % vocab, rng.integers(0, vocab, size=(n, steps))).astype("int32")
+    return x, y, mask
+
+
+def token_model(*, mask_zero, vocab=20, seed=0):
+    keras.utils.set_random_seed(seed)
+    i = keras.Input((None,), dtype="int32")
+    h = keras.layers.Dense(32, activation="relu")(keras.layers.Embedding(vocab, 16, mask_zero=mask_zero)(i))
+    model = keras.Model(i, keras.layers.Dense(vocab, activation="softmax")(h))
+    weighted = ["accuracy", "sparse_categorical_crossentropy"]  # Keras's weighted means (its loss divides by the size)
+    model.compile("adam", "sparse_categorical_crossentropy", weighted_metrics=weighted)
+    return model
+
+
 MODEL_BUILDERS = {
     "functional": functional_model,
     "sequential": sequential_model,

@@ -329,3 +329,26 @@ def test_the_nonfinite_walk_names_the_sublayer_inside_a_block_before_the_block()
     assert origins[:2] == ["block/up", "block"], origins
     assert nonfinite_origins(model, x) == []
     assert all("call" not in layer.__dict__ for layer in real.get_layer("block")._flatten_layers())
+
+
+@pytest.mark.parametrize("engine_kind", ["sim", "real"])
+def test_weighted_per_sample_values_come_from_the_traced_pass_on_every_backend(engine_kind):
+    """Per-token weights (a padding mask) reach the engine batch by batch, the smaller last batch too (padded to
+    the traced size under JAX): the mean of the values is Keras's weighted metric, on each backend."""
+    rng = np.random.default_rng(0)
+    n, steps, vocab = 70, 6, 9
+    x = rng.integers(1, vocab, size=(n, steps)).astype("int32")
+    mask = (np.arange(steps)[None] < rng.integers(2, steps + 1, size=n)[:, None]).astype("float32")
+    y = (x * 7 % vocab).astype("int32")
+    i = keras.Input((steps,), dtype="int32")
+    out = keras.layers.Dense(vocab, activation="softmax")(keras.layers.Embedding(vocab, 8)(i))
+    model = keras.Model(i, out)
+    model.compile("adam", "sparse_categorical_crossentropy", weighted_metrics=["accuracy"])
+    model.fit(x, y, sample_weight=mask, epochs=5, verbose=0)
+    session = open_session(model, (x, y, mask), target="mixed_float16", metric="accuracy", batch_size=32)
+    engine = session.engine if engine_kind == "sim" else RealEngine(model, session.graph, formats=("mixed_float16",))
+    engine.use_metric(session.metric)
+    values = np.concatenate([engine.forward(x_, y_, w)[1] for x_, y_, w in session.data.weighted_batches()])
+    keras_says = model.evaluate(x, y, sample_weight=mask, verbose=0, return_dict=True)["accuracy"]
+    assert values.shape == (n,) and float(values.mean()) == pytest.approx(keras_says, rel=1e-5)
+    assert session.baseline == pytest.approx(keras_says, rel=1e-5)

@@ -724,20 +724,3 @@ def test_ctrl_c_during_tune_exits_130_with_the_resume_hint(planted, tmp_path):
     assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
     assert "interrupted; resume with the same --storage" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
-
-
-def test_sample_weights_that_differ_are_refused_equal_ones_are_accepted():
-    """Issue 25: a padding mask passed as sample weights would be ignored, and the metric would silently differ
-    from Keras's evaluate with it: it is refused with what to do. Weights that are all one change nothing."""
-    import tensorflow as tf
-
-    model = trained(MODEL_BUILDERS["sequential"]())
-    x, y = small_data(64)
-    mask = np.ones(len(y), "float32")
-    mask[::4] = 0.0
-    for data in ((x, y, mask), tf.data.Dataset.from_tensor_slices((x, y, mask)).batch(16)):
-        with pytest.raises(DataError, match="all equal and positive"):
-            autoprec.profile(model, data, method="ablation", verbose=0)
-    plain = autoprec.profile(model, (x, y), method="ablation", verbose=0)
-    ones = autoprec.profile(model, (x, y, np.ones(len(y), "float32")), method="ablation", verbose=0)
-    assert ones.attrs["baseline_metric"] == plain.attrs["baseline_metric"]

@@ -5,6 +5,7 @@ import math
 import keras
 import numpy as np
 import pytest
+from conftest import padded_sequences, token_model
 
 from autoprec.budget import Budget
 from autoprec.session import open_session
@@ -47,3 +48,89 @@ def test_labels_the_metric_cannot_read_are_a_data_error_with_the_shapes():
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     with pytest.raises(DataError, match=r"'mean_squared_error'.*shape \[\(64,\)\].*\(64, 2\)"):
         open_session(model, (x, np.zeros(64, "int32")), metric="mse", target="mixed_float16")
+
+
+@pytest.mark.parametrize("source", ["arrays", "dataset"])
+def test_a_padding_mask_weighs_the_metric_as_keras_evaluate_does(source):
+    """Issue 25: a language model's padding must not count. The metric, the tokens the resolution counts and the
+    right-or-wrong test all follow the padding mask passed as sample weights, as Keras's evaluate does."""
+    import tensorflow as tf
+
+    x, y, mask = padded_sequences()
+    model = token_model(mask_zero=False)
+    model.fit(x, y, sample_weight=mask, epochs=3, verbose=0)
+    data = (x, y, mask) if source == "arrays" else tf.data.Dataset.from_tensor_slices((x, y, mask)).batch(50)
+    for metric in ("accuracy", "sparse_categorical_crossentropy"):
+        session = open_session(model, data, target="mixed_float16", metric=metric, batch_size=64)
+        keras_says = model.evaluate(x, y, sample_weight=mask, verbose=0, return_dict=True)
+        assert session.baseline == pytest.approx(keras_says[metric], rel=1e-5)
+        assert session.units_per_sample == pytest.approx(mask.sum() / len(x))  # the real tokens, not 12 a sequence
+    assert session.data.weights is not None and abs(float(session.data.weights.mean()) - 1.0) < 1e-6
+    accuracy = open_session(model, data, target="mixed_float16", metric="accuracy", batch_size=64)
+    assert accuracy.binary_values  # counts of right real tokens
+    unweighted = open_session(model, (x, y), target="mixed_float16", metric="accuracy", batch_size=64)
+    assert abs(unweighted.baseline - accuracy.baseline) > 0.05  # the padding would have counted
+
+
+def test_a_model_whose_outputs_carry_a_mask_is_measured_without_its_padding():
+    """An Embedding(mask_zero=True) mask that reaches the outputs leaves the padding out of Keras's metrics; it
+    must leave it out here too, alone and together with sample weights."""
+    x, y, mask = padded_sequences(seed=1)
+    model = token_model(mask_zero=True, seed=1)
+    model.fit(x, y, epochs=3, verbose=0)
+    session = open_session(model, (x, y), target="mixed_float16", metric="accuracy", batch_size=64)
+    assert session.baseline == pytest.approx(model.evaluate(x, y, verbose=0, return_dict=True)["accuracy"], rel=1e-5)
+    assert session.units_per_sample == pytest.approx(mask.sum() / len(x))
+    weights = np.random.default_rng(1).integers(0, 3, size=x.shape).astype("float32")  # one per token
+    both = open_session(model, (x, y, weights), target="mixed_float16", metric="accuracy", batch_size=64)
+    keras_says = model.evaluate(x, y, sample_weight=weights, verbose=0, return_dict=True)["accuracy"]
+    assert both.baseline == pytest.approx(keras_says, rel=1e-5)
+
+
+def test_the_early_stop_under_weights_never_stops_a_pass_the_full_pass_would_keep(planted):
+    """Weighted samples are worth more or less than one: the most a sample left can win back scales with its
+    weight, so the certain-drop bound still lies under the drop of the whole pass."""
+    model, _, (x, y), fragile = planted
+    weights = np.random.default_rng(0).choice([0.0, 1.0, 3.0], size=len(y)).astype("float32")
+    session = open_session(model, (x, y, weights), target="mixed_bfloat16", batch_size=32)
+    assert np.all(session.baseline_values <= session.sample_scales + 1e-6) and np.all(session.baseline_values >= 0)
+    ruin = {p: "mixed_bfloat16" for p in fragile["mixed_bfloat16"]}
+    early = session.evaluate(ruin, budget=Budget.get("0.5%"))
+    session._cache.clear()
+    full = session.evaluate(ruin)
+    assert early.rejected and early.samples < session.data.n
+    assert full.drop >= early.drop - 1e-9
+    keras_model = keras.models.clone_model(model)
+    keras_model.set_weights(model.get_weights())
+    keras_model.compile(loss="sparse_categorical_crossentropy", weighted_metrics=["accuracy"])
+    keras_says = keras_model.evaluate(x, y, sample_weight=weights, verbose=0, return_dict=True)["accuracy"]
+    assert session.baseline == pytest.approx(keras_says, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("weights", "error", "message"),
+    [
+        (lambda n: -np.ones(n), "DataError", "finite and non-negative"),
+        (lambda n: np.zeros(n), "DataError", "some sample weight above zero"),
+        (lambda n: np.ones((n, 5)), "DataError", r"shape \(n,\) or the labels' leading shape"),
+        (lambda n: np.ones(n - 1), "DataError", "one sample weight per sample"),
+    ],
+)
+def test_sample_weights_that_cannot_weigh_the_metric_are_refused(planted, weights, error, message):
+    import autoprec.errors as errors
+
+    model, _, (x, y), _ = planted
+    with pytest.raises(getattr(errors, error), match=message):
+        open_session(model, (x, y, weights(len(y))), target="mixed_float16")
+
+
+def test_equal_weights_change_nothing_and_a_callable_metric_refuses_weights(planted):
+    from autoprec.errors import MetricError
+
+    model, _, (x, y), _ = planted
+    plain = open_session(model, (x, y), target="mixed_float16")
+    threes = open_session(model, (x, y, np.full(len(y), 3.0)), target="mixed_float16")
+    assert threes.data.weights is None and threes.baseline == plain.baseline
+    halves = np.where(np.arange(len(y)) % 2 == 0, 1.0, 0.0)
+    with pytest.raises(MetricError, match="takes no weights"):
+        open_session(model, (x, y, halves), target="mixed_float16", metric=lambda t, p: 0.0, higher_is_better=True)

@@ -557,3 +557,29 @@ def test_the_search_reads_the_real_policies_of_the_first_check(monkeypatch):
     assert not result.trials["feasible"].iloc[0]
     assert result.n_16bit < len(result.units)
     assert result.verification["checks"][0]["simulated_drop"] is not None  # checked anew, not taken over
+
+
+def test_a_padded_sequence_model_is_tuned_on_its_real_tokens(tmp_path):
+    """Issue 25: under a padding mask (sample weights), the budget's resolution counts the real tokens only, the
+    verified metric is Keras's weighted one on the tuned model, and the report says what the metric counted."""
+    from conftest import padded_sequences, token_model
+
+    x, y, mask = padded_sequences(n=64, seed=2)
+    model = token_model(mask_zero=False, seed=2)
+    model.fit(x, y, sample_weight=mask, epochs=40, batch_size=16, verbose=0)
+    real = int(mask.sum())
+    # 1/real tokens is more than 0.0015 of accuracy; 1/all tokens (768) would be less.
+    with pytest.raises(DataError, match=f"one token is 1/{real} "):
+        autoprec.tune(model, (x, y, mask), budget=0.0015, target="mixed_bfloat16", metric="accuracy", verbose=0)
+    result = autoprec.tune(
+        model, (x, y, mask), budget="2%", target="mixed_bfloat16", metric="accuracy", confidence=None, verbose=0
+    )
+    facts = result.verification
+    assert (facts["counted"], facts["unit"], facts["weighted"]) == (real, "token", True)
+    result.model.compile(loss="sparse_categorical_crossentropy", weighted_metrics=["accuracy"])
+    keras_says = result.model.evaluate(x, y, sample_weight=mask, verbose=0, return_dict=True)["accuracy"]
+    assert result.metric == pytest.approx(keras_says, abs=1e-5)
+    assert result.drop <= 0.02 and result.n_16bit >= 1
+    result.save(tmp_path / "run")
+    page = (tmp_path / "run" / "report.md").read_text()
+    assert f"the metric averages over the {real} tokens weighed above zero" in page

@@ -259,6 +259,15 @@ def _run_rows(saved: Saved) -> list[tuple[str, str]]:
     if m.get("pretrain_steps"):
         rows.append(("Pretraining", f"float32 copy trained {m['pretrain_steps']} steps before the search"))
     verification = m.get("verification") or {}
+    if verification.get("unit") == "token" or verification.get("weighted"):
+        weighed = " weighed above zero (sample weights or the model's output mask)" if verification["weighted"] else ""
+        rows.append(
+            (
+                "Evaluation data",
+                f"{verification.get('samples', '?')} samples; the metric averages over the "
+                f"{verification.get('counted', '?')} {verification['unit']}s{weighed}",
+            )
+        )
     if verification.get("fallbacks"):
         rows.append(("Fallbacks", ", ".join(f"{f['key']} ({f['check']})" for f in verification["fallbacks"])))
     if not m.get("feasible", True):

@@ -104,12 +104,13 @@ def paired_upper_bound(
     higher_is_better: bool,
     binary: bool,
     confidence: float,
-    units: int = 1,
+    units: float = 1,
 ) -> float:
     """One-sided upper bound on the mean drop at ``confidence`` (``inf`` for non-finite values).
 
     ``units`` is what one sample's value averages over: the tokens of a
-    sequence for a per-token accuracy (values in steps of ``1 / units``).
+    sequence for a per-token accuracy (values in steps of ``1 / units``);
+    under a padding mask, the real tokens of a sequence on average.
     Tokens of one sequence are not independent, so the bound is the larger of
     two: Student's bound over sequences, which holds whatever the tokens'
     correlation but says nothing where few tokens changed (no spread, no
@@ -137,7 +138,7 @@ def paired_upper_bound(
         return student
     tokens = np.rint(d * units)  # net tokens worse (+) or better (-) in each sequence
     worse, better = int(tokens[tokens > 0].sum()), int(-tokens[tokens < 0].sum())
-    return max(student, _paired_proportions_upper(worse, better, n * units, confidence))
+    return max(student, _paired_proportions_upper(worse, better, max(1, round(n * units)), confidence))
 
 
 def no_change_bound(n: int, confidence: float) -> float:
