@@ -53,18 +53,37 @@ def _load_npz(path: str) -> tuple:
         )
     try:
         with np.load(path, allow_pickle=False) as archive:  # never unpickle an untrusted file
-            if "x" not in archive or "y" not in archive:
+            x, y = _npz_part(archive, "x"), _npz_part(archive, "y")
+            if x is None or y is None:
                 raise DataError(
                     f"Expected the NumPy .npz file {path!r} to hold arrays named 'x' and 'y' "
-                    f"(np.savez(path, x=x, y=y)). Received arrays {sorted(archive.files)}."
+                    f"(np.savez(path, x=x, y=y)), or one per named input as 'x/<input name>'. Received arrays "
+                    f"{sorted(archive.files)}."
                 )
-            return archive["x"], archive["y"]
+            weights = _npz_part(archive, "sample_weight")
+            return (x, y) if weights is None else (x, y, weights)
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(
             f"Expected a readable NumPy .npz file with arrays 'x' and 'y'. Received {path!r}: {exc}."
         ) from None
+
+
+def _npz_part(archive: Any, name: str) -> Any:
+    """The array ``name`` of an .npz archive, or a dict of the arrays ``name/<key>`` (a model's named inputs or
+    outputs), or None.
+
+    >>> import io, numpy as np
+    >>> buffer = io.BytesIO(); np.savez(buffer, **{"x/token_ids": np.zeros(2), "y": np.ones(2)}); _ = buffer.seek(0)
+    >>> archive = np.load(buffer)
+    >>> sorted(_npz_part(archive, "x")), _npz_part(archive, "sample_weight") is None
+    (['token_ids'], True)
+    """
+    if name in archive.files:
+        return archive[name]
+    named = {key[len(name) + 1 :]: archive[key] for key in archive.files if key.startswith(name + "/")}
+    return named or None
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
@@ -400,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     targets = [*TARGETS, "auto"]
     p = sub.add_parser("profile", help="per-layer sensitivity to 16-bit")
     model_arg(p)
-    p.add_argument("--data", required=True, help="DATA.npz with arrays x and y (evaluation data)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="DATA.npz with arrays x (or x/<input name>) and y, optionally sample_weight (evaluation data)",
+    )
     p.add_argument("--target", default="mixed_float16", choices=targets)
     p.add_argument("--method", default="full", choices=["full", "fast", "ablation"])
     p.add_argument("-o", "--output", help="write the table as CSV")
@@ -437,7 +460,11 @@ def _add_tune_choices(p: argparse.ArgumentParser, targets: list[str]) -> None:
     """What the policy may hold and what it is judged on: formats, metric, pins."""
     from autoprec.formats import LOW_PRECISION, QUANTIZED_MODES
 
-    p.add_argument("--data", required=True, help="DATA.npz with arrays x and y (evaluation data)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="DATA.npz with arrays x (or x/<input name>) and y, optionally sample_weight (evaluation data)",
+    )
     p.add_argument("--budget", required=True, help="largest allowed metric drop: 0.5%%, 0.005, or '1%% relative'")
     p.add_argument(
         "--target",

@@ -548,6 +548,7 @@ def with_output_masks(model: Any, ev: EvalData) -> EvalData:
     import keras
 
     if all(m is None for m in output_masks(model, ev.x_sample(2))):
+        _hint_padding(ev)
         return ev
     parts = [output_masks(model, x) for x, _ in ev.batches()]
     masks = [None if p[0] is None else np.concatenate(p) for p in zip(*parts, strict=True)]
@@ -561,6 +562,25 @@ def with_output_masks(model: Any, ev: EvalData) -> EvalData:
         combined.append(_masked(w, mask, len(labels[min(i, len(labels) - 1)])))
     weights = combined[0] if len(combined) == 1 else keras.tree.pack_sequence_as(ev.y, combined)
     return ev.with_weights(weights)
+
+
+def _hint_padding(ev: EvalData) -> None:
+    """Warn where a padding-mask input has padding, the labels are per token and no weights leave it out."""
+    from autoprec.metrics import units_per_sample
+
+    if ev.weights is not None or units_per_sample(ev.y) <= 1:
+        return
+    x = next(iter(ev.batches()))[0]
+    masks = {k: v for k, v in x.items() if "padding_mask" in str(k)} if isinstance(x, dict) else {}
+    padded = [k for k, v in masks.items() if np.asarray(v).size and not np.asarray(v).all()]
+    if padded:
+        logger.warning(
+            "autoprec: the input %r has padding, and every token counts in the metric, padding included, as in "
+            "Keras's evaluate without sample weights. Pass (x, y, x[%r]) to count only the real tokens, as "
+            "KerasHub's preprocessors do with sample_weight.",
+            padded[0],
+            padded[0],
+        )
 
 
 def _masked(weights: Any, mask: np.ndarray | None, n: int) -> np.ndarray:

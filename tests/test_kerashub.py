@@ -156,3 +156,38 @@ def test_a_hazard_inside_a_block_keeps_only_its_sublayers_in_float32(tmp_path):
         assert abs(check["simulated_drop"] - check["real_drop"]) <= 2 / (len(x) * 16)
     report = check_tuned(model, result, x, y, tmp_path, exempt=(value.path, output.path))
     assert "transformer_layer_0/self_attention/value" in report
+
+
+def test_a_padded_language_model_is_tuned_from_the_shell_on_its_real_tokens(tmp_path):
+    """A KerasHub causal LM on sequences of different lengths, from a ``.keras`` file and an .npz holding its
+    named inputs and the padding mask as ``sample_weight`` (what KerasHub's preprocessor yields): the metric and
+    the budget count the real tokens, as Keras's weighted evaluate does on the tuned model."""
+    import json
+
+    from autoprec.cli import EXIT_OK, main
+
+    trained, (x, y) = _trained("gpt2")
+    rng = np.random.default_rng(5)
+    mask = (np.arange(SEQ)[None] < rng.integers(4, SEQ + 1, size=len(y))[:, None]).astype("int32")
+    x = {"token_ids": x["token_ids"] * mask, "padding_mask": mask}
+    y = np.where(mask > 0, y, rng.integers(0, VOCAB, size=y.shape)).astype("int32")  # the padding's labels: noise
+    trained.save(tmp_path / "lm.keras")
+    np.savez(tmp_path / "val.npz", **{f"x/{k}": v for k, v in x.items()}, y=y, sample_weight=mask)
+    out = tmp_path / "run"
+    argv = ["tune", str(tmp_path / "lm.keras"), "--data", str(tmp_path / "val.npz"), "--budget", "0.5%"]
+    assert main([*argv, "--target", "mixed_float16", "--seed", "0", "-o", str(out), "--verbose", "0"]) == EXIT_OK
+    verification = json.loads((out / "result.json").read_text())["verification"]
+    assert (verification["counted"], verification["unit"], verification["weighted"]) == (int(mask.sum()), "token", True)
+    tuned = keras.saving.load_model(out / "model.keras")
+    tuned.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), weighted_metrics=["accuracy"])
+    trained_copy = keras.saving.load_model(tmp_path / "lm.keras")
+    trained_copy.compile(
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), weighted_metrics=["accuracy"]
+    )
+    real, base = (
+        m.evaluate(x, y, sample_weight=mask, verbose=0, return_dict=True)["accuracy"] for m in (tuned, trained_copy)
+    )
+    assert base - real <= 0.005 + 1e-6
+    assert (
+        f"the metric averages over the {int(mask.sum())} tokens weighed above zero" in (out / "report.md").read_text()
+    )

@@ -134,3 +134,19 @@ def test_equal_weights_change_nothing_and_a_callable_metric_refuses_weights(plan
     halves = np.where(np.arange(len(y)) % 2 == 0, 1.0, 0.0)
     with pytest.raises(MetricError, match="takes no weights"):
         open_session(model, (x, y, halves), target="mixed_float16", metric=lambda t, p: 0.0, higher_is_better=True)
+
+
+def test_a_padding_mask_input_without_weights_gets_a_hint(caplog):
+    """A KerasHub-style ``padding_mask`` input with padding, per-token labels and no weights: every token counts,
+    as in Keras's evaluate without weights, and the warning says how to count only the real ones."""
+    inputs = {n: keras.Input((None,), dtype="int32", name=n) for n in ("token_ids", "padding_mask")}
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Embedding(10, 8)(inputs["token_ids"])))
+    x = {"token_ids": np.ones((8, 5), "int32"), "padding_mask": np.array([[1, 1, 1, 0, 0]] * 8, "int32")}
+    y = np.ones((8, 5), "int32")
+    with caplog.at_level("WARNING", logger="autoprec"):
+        assert open_session(model, (x, y), target="mixed_float16", metric="accuracy").units_per_sample == 5
+    assert "Pass (x, y, x['padding_mask'])" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="autoprec"):
+        weighted = open_session(model, (x, y, x["padding_mask"]), target="mixed_float16", metric="accuracy")
+    assert weighted.units_per_sample == 3 and "padding_mask" not in caplog.text
