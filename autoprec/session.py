@@ -268,11 +268,13 @@ class Session:
         return bootstrap_upper_bound(drop_on, self.data.n, confidence=self.confidence, point=point)
 
     def fingerprint(self) -> str:
-        """A short hash of the labels, the first inputs and the sample count: what a stored study was judged on."""
+        """A short hash of the labels, the first inputs, the sample weights (where any) and the sample count: what a
+        stored study was judged on."""
         import keras
 
         h = hashlib.sha1(str(self.data.n).encode())
-        for a in keras.tree.flatten(self.data.y) + keras.tree.flatten(self.data.x_sample(2)):
+        weights = [] if self.data.weights is None else keras.tree.flatten(self.data.weights)
+        for a in keras.tree.flatten(self.data.y) + keras.tree.flatten(self.data.x_sample(2)) + weights:
             h.update(np.ascontiguousarray(a).tobytes())
         h.update(self.metric.name.encode())
         return h.hexdigest()[:16]
