@@ -321,7 +321,8 @@ class _Pass:
         if budget is not None and session.baseline_values is not None and metric.bounds is not None:
             lo, hi = metric.bounds
             b, scale = session.baseline_values, session.sample_scales  # a weighted sample's range is scaled
-            best = (b - hi * scale) if metric.higher_is_better else (lo * scale - b)  # the most it can win back
+            with np.errstate(invalid="ignore"):  # an unbounded range times a weight of 0: no bound, below
+                best = (b - hi * scale) if metric.higher_is_better else (lo * scale - b)  # the most it can win back
             if np.all(np.isfinite(best)):
                 self.bound = np.concatenate([np.cumsum(best[::-1])[::-1], [0.0]])  # suffix sums
 

@@ -667,11 +667,7 @@ def at_chance_level(session: Session) -> bool:
         return False
     y = np.asarray(y)
     n_out = np.asarray(pred).shape[-1]
-    classes = (
-        y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 and y.shape[-1] == n_out else y.reshape(len(y), -1)[:, 0].round()
-    )
-    _, counts = np.unique(classes, return_counts=True)
-    freqs = counts / len(y)
+    freqs = _class_frequencies(y, n_out, session.metric.weights_of(session.data.weights))
     if "acc" in name and session.metric.higher_is_better:
         return session.baseline <= max(freqs.max(), 1.0 / max(n_out, 2)) + max(0.02, 2.0 / len(y))
     if "crossentropy" in name and not session.metric.higher_is_better and n_out > 1:
@@ -680,6 +676,25 @@ def at_chance_level(session: Session) -> bool:
         variance = float(np.mean(np.var(y.astype("float64"), axis=0)))
         return variance > 0 and session.baseline >= 0.98 * variance
     return False
+
+
+def _class_frequencies(y: np.ndarray, n_out: int, weights: Any) -> np.ndarray:
+    """The labels' class frequencies; under sample weights, of every token, each counted by its weight (a padding
+    mask's padding not at all: it would make its filler label look like the most common class).
+
+    >>> _class_frequencies(np.array([[1, 0, 0], [2, 2, 0]]), 5, np.array([[1, 0, 0], [1, 1, 0]])).tolist()
+    [0.3333333333333333, 0.6666666666666666]
+    """
+    one_hot = y.ndim > 1 and y.shape[-1] > 1 and y.shape[-1] == n_out
+    if weights is None:
+        classes = y.argmax(-1) if one_hot else y.reshape(len(y), -1)[:, 0].round()
+        return np.unique(classes, return_counts=True)[1] / len(y)
+    classes = (y.argmax(-1) if one_hot else y).reshape(len(y), -1).round()
+    w = np.asarray(weights, np.float64).reshape(len(y), -1)
+    w = np.broadcast_to(w if w.shape[1] in (1, classes.shape[1]) else w.mean(axis=1, keepdims=True), classes.shape)
+    kinds, index = np.unique(classes, return_inverse=True)
+    totals = np.bincount(index.ravel(), weights=w.ravel(), minlength=len(kinds))
+    return totals[totals > 0] / totals.sum()
 
 
 # ---------------------------------------------------------------------------
