@@ -171,7 +171,15 @@ class EvalData:
         (7, 3, True)
         """
         held = self._mask(int(round(fraction * self.n)), seed)
-        return self._subset(~held), self._subset(held)
+        parts = self._subset(~held), self._subset(held)
+        for part, name in zip(parts, ("searched", "held-out"), strict=True):
+            if part.weights is not None and not any(np.any(w) for w in _leaves(part.weights)):
+                raise DataError(
+                    f"Expected samples weighed above zero in both parts of {self.what} split for a held-out check. "
+                    f"Received a {name} part of {part.n} samples whose sample weights are all zero. Pass more "
+                    "samples that count, or a separate holdout=(x, y, sample_weight)."
+                )
+        return parts
 
     def sample(self, k: int, *, seed: int = 0) -> EvalData:
         """A seeded random ``k`` of the samples (all of them when ``k >= n``), in their order.
@@ -209,7 +217,9 @@ class EvalData:
 
         sample = _slice(next(iter(part()))[0], 0, 2)
         y = _take(self.y, mask)
-        weights = None if self.weights is None else normalized_weights(_take(self.weights, mask), y, what)
+        weights = None if self.weights is None else _take(self.weights, mask)
+        if weights is not None and any(np.any(w) for w in _leaves(weights)):  # all zero: kept so, for split to say
+            weights = normalized_weights(weights, y, what)
         return self._like(part, n=int(mask.sum()), y=y, sample=sample, weights=weights)
 
     def x_sample(self, k: int = 2) -> Any:
@@ -252,6 +262,11 @@ def _from_arrays(data: tuple | list, batch_size: int, what: str, arity: tuple, n
     if _length(y, f"{what}[1] (y)") != n:
         raise DataError(
             f"Expected x and y with the same number of samples. Received: x has {n}, y has {_length(y, 'y')}."
+        )
+    if w is not None and _length(w, f"{what}[2] (sample_weight)") != n:
+        raise DataError(
+            f"Expected one sample weight per sample in {what}[2] (sample_weight): {n} rows, as x has. Received "
+            f"{_length(w, 'sample_weight')}."
         )
     keep = _finite_rows(x, y, what, nonfinite, offset=0)
     if keep is not None:
@@ -506,6 +521,12 @@ def _length(x: Any, what: str) -> int:
             f"Expected all arrays in {what} to have the same number of samples. Received lengths {sorted(lengths)}."
         )
     return lengths.pop()
+
+
+def _leaves(value: Any) -> list:
+    import keras
+
+    return keras.tree.flatten(value)
 
 
 def _nbytes(x: Any) -> int:

@@ -89,7 +89,17 @@ class Metric:
             return sample_weight
         if self.output is None:
             return single(sample_weight)
+        if isinstance(self.output, str) and not isinstance(sample_weight, Mapping):
+            raise DataError(
+                f"Expected sample weights keyed by output name, as the model's outputs are, to find those of "
+                f"{self.output!r}. Received a {type(sample_weight).__name__} of {len(sample_weight)}. Pass "
+                f"{{{self.output!r}: weights, ...}}, or one array for every output."
+            )
         return _pick(sample_weight, self.output)
+
+    def labels_of(self, y_true: Any) -> Any:
+        """The labels of the output this metric reads (all of them for a callable over every output)."""
+        return single(y_true) if self.output is None else _pick(y_true, self.output)
 
     def compute(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> float:
         """The metric over whole arrays, weighted by ``sample_weight`` (all of it; this metric's part is read)."""
@@ -247,11 +257,15 @@ def _keras_metric(metric: Any, higher_is_better: bool | None) -> Metric:
 def _compiled_metric(model: Any) -> Any:
     config = getattr(getattr(model, "_compile_config", None), "config", None) or {}
     flat: list[Any] = []
-    metrics = config.get("metrics")
-    for value in (
-        metrics.values() if isinstance(metrics, dict) else metrics if isinstance(metrics, (list, tuple)) else [metrics]
-    ):
-        flat.extend(value if isinstance(value, (list, tuple)) else [value])
+    for metrics in (config.get("metrics"), config.get("weighted_metrics")):  # a model may have only weighted ones
+        for value in (
+            metrics.values()
+            if isinstance(metrics, dict)
+            else metrics
+            if isinstance(metrics, (list, tuple))
+            else [metrics]
+        ):
+            flat.extend(value if isinstance(value, (list, tuple)) else [value])
     flat = [m for m in flat if m is not None]
     if flat:
         return flat[0]

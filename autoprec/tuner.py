@@ -624,7 +624,7 @@ def _say_what_resolves(session: Session, ev: Any, rule: BoundBudget) -> None:
 def _counted(session: Session) -> dict[str, Any]:
     """What the metric averages over: ``counted`` samples or tokens (``unit``), ``weighted`` by the data's sample
     weights or the model's output mask (only the tokens weighed above zero count)."""
-    tokens = units_per_sample(session.data.y) > 1
+    tokens = units_per_sample(session.metric.labels_of(session.data.y)) > 1
     counted = max(1, round(session.data.n * session.units_per_sample))
     return {"counted": counted, "unit": "token" if tokens else "sample", "weighted": session.data.weights is not None}
 

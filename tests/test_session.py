@@ -150,3 +150,51 @@ def test_a_padding_mask_input_without_weights_gets_a_hint(caplog):
     with caplog.at_level("WARNING", logger="autoprec"):
         weighted = open_session(model, (x, y, x["padding_mask"]), target="mixed_float16", metric="accuracy")
     assert weighted.units_per_sample == 3 and "padding_mask" not in caplog.text
+
+
+def test_right_or_wrong_counts_hold_over_long_sequences_of_any_length():
+    """float32 means of 0/1 tokens (weighted or not) are whole counts only to float32 precision: over 2,000 tokens
+    (not a power of two) a per-token accuracy is still right-or-wrong, so its bound counts the changed tokens."""
+    x, y, mask = padded_sequences(n=32, steps=2000, seed=3)
+    model = token_model(mask_zero=False, seed=3)
+    for data in ((x, y), (x, y, mask)):
+        session = open_session(model, data, target="mixed_float16", metric="accuracy")
+        assert session.binary_values, data[2:]
+
+
+def test_output_masks_follow_each_output_by_its_name():
+    """Two outputs, listed [tokens, cls] (not in the sorted order of a dict's keys): the per-token output's
+    Embedding mask weighs its metric, the pooled output has none, as in Keras's evaluate."""
+    x, y, mask = padded_sequences(n=128, seed=4)
+    keras.utils.set_random_seed(4)
+    i = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(20, 16, mask_zero=True)(i)
+    tokens = keras.layers.Dense(20, activation="softmax", name="tokens")(h)
+    cls = keras.layers.Dense(2, activation="softmax", name="cls")(keras.layers.GlobalAveragePooling1D()(h))
+    model = keras.Model(i, [tokens, cls])
+    labels = {"tokens": y, "cls": (x[:, 0] > 10).astype("int32")}
+    model.compile(
+        "adam", ["sparse_categorical_crossentropy"] * 2, metrics={"tokens": ["accuracy"], "cls": ["accuracy"]}
+    )
+    model.fit(x, labels, epochs=3, verbose=0)
+    keras_says = model.evaluate(x, labels, verbose=0, return_dict=True)
+    for name in ("tokens", "cls"):
+        session = open_session(model, (x, labels), target="mixed_float16", metric={name: "accuracy"})
+        assert session.baseline == pytest.approx(keras_says[f"{name}_accuracy"], rel=1e-5), name
+    assert session.units_per_sample == 1  # cls: one label per sequence, not the tokens of the other output
+
+
+def test_weights_of_the_wrong_length_or_a_split_without_weight_are_data_errors():
+    from autoprec.data import EvalData
+    from autoprec.errors import DataError
+
+    x = np.ones((10, 2), "float32")
+    x[0, 0] = np.nan
+    with pytest.raises(DataError, match="one sample weight per sample"):
+        EvalData.get((x, np.zeros(10), np.ones(9)), nonfinite="drop")
+    weights = np.zeros(10)
+    weights[:2] = 1.0
+    data = EvalData.get((np.ones((10, 2)), np.zeros(10), weights))
+    with pytest.raises(DataError, match="held-out part of 5 samples whose sample weights are all zero|searched part"):
+        for seed in range(20):  # some seed puts both weighted samples on one side
+            data.split(0.5, seed=seed)
