@@ -70,6 +70,9 @@ def _load_npz(path: str) -> tuple:
         ) from None
 
 
+_DATA_HELP = "DATA.npz with arrays x (or x/<input name>) and y, optionally sample_weight (evaluation data)"
+
+
 def _npz_part(archive: Any, name: str) -> Any:
     """The array ``name`` of an .npz archive, or a dict of the arrays ``name/<key>`` (a model's named inputs or
     outputs), or None.
@@ -419,11 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     targets = [*TARGETS, "auto"]
     p = sub.add_parser("profile", help="per-layer sensitivity to 16-bit")
     model_arg(p)
-    p.add_argument(
-        "--data",
-        required=True,
-        help="DATA.npz with arrays x (or x/<input name>) and y, optionally sample_weight (evaluation data)",
-    )
+    p.add_argument("--data", required=True, help=_DATA_HELP)
     p.add_argument("--target", default="mixed_float16", choices=targets)
     p.add_argument("--method", default="full", choices=["full", "fast", "ablation"])
     p.add_argument("-o", "--output", help="write the table as CSV")
@@ -460,11 +459,7 @@ def _add_tune_choices(p: argparse.ArgumentParser, targets: list[str]) -> None:
     """What the policy may hold and what it is judged on: formats, metric, pins."""
     from autoprec.formats import LOW_PRECISION, QUANTIZED_MODES
 
-    p.add_argument(
-        "--data",
-        required=True,
-        help="DATA.npz with arrays x (or x/<input name>) and y, optionally sample_weight (evaluation data)",
-    )
+    p.add_argument("--data", required=True, help=_DATA_HELP)
     p.add_argument("--budget", required=True, help="largest allowed metric drop: 0.5%%, 0.005, or '1%% relative'")
     p.add_argument(
         "--target",

@@ -109,6 +109,22 @@ class quiet_retracing:
         self._logger.setLevel(self._level)
 
 
+class _PerSample:
+    """A metric's per-sample values (NumPy) of a batch's outputs, weighted or not: a small compiled function each."""
+
+    def __init__(self, metric: Metric) -> None:
+        per_sample = metric.per_sample
+        assert per_sample is not None  # callers build one only for a metric that is a mean
+        self._plain = backends.compile_function(lambda y, out: per_sample(*metric.select(y, out)))
+        self._weighted = backends.compile_function(
+            lambda y, out, w: per_sample(*metric.select(y, out), metric.weights_of(w))
+        )
+
+    def __call__(self, y: Any, outputs: Any, w: Any) -> np.ndarray:
+        values = self._plain(y, outputs) if w is None else self._weighted(y, outputs, w)
+        return np.asarray(to_numpy(values), np.float64)
+
+
 class SimEngine:
     """Simulated-precision evaluation of a Functional/Sequential model.
 
@@ -135,8 +151,7 @@ class SimEngine:
         self.traces = 0
         self._rows = 0  # the largest batch traced so far (see forward)
         self._forward = backends.compile_function(self._forward_impl)
-        self._values: Callable | None = None
-        self._weighted_values: Callable | None = None
+        self._values: _PerSample | None = None
         if metric is not None:
             self.use_metric(metric)
 
@@ -167,14 +182,7 @@ class SimEngine:
         Per-sample values let an evaluation stop early batch by batch.
         """
         self.metric = metric
-        per_sample = metric.per_sample
-        self._values = None
-        self._weighted_values = None
-        if per_sample is not None:
-            self._values = backends.compile_function(lambda y, out: per_sample(*metric.select(y, out)))
-            self._weighted_values = backends.compile_function(
-                lambda y, out, w: per_sample(*metric.select(y, out), metric.weights_of(w))
-            )
+        self._values = None if metric.per_sample is None else _PerSample(metric)
 
     def forward(self, x: Any, y: Any, w: Any = None) -> tuple[Any, np.ndarray | None]:
         """Outputs (NumPy) and the metric's per-sample values (or None) for one batch, weighted by ``w``."""
@@ -189,10 +197,7 @@ class SimEngine:
         else:
             self._rows = max(self._rows, n)
         outputs = self._forward(x, self.codes)
-        values = None
-        if self._values is not None and self._weighted_values is not None:
-            values = self._values(y, outputs) if w is None else self._weighted_values(y, outputs, w)
-            values = np.asarray(to_numpy(values), np.float64)
+        values = None if self._values is None else self._values(y, outputs, w)
         outputs = to_numpy(outputs)
         if padded:
             outputs = keras.tree.map_structure(lambda a: a[:n], outputs)

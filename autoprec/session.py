@@ -121,14 +121,8 @@ class Session:
         A per-token accuracy's value per sequence is a count of right tokens over
         :attr:`units_per_sample`; under a 0/1 padding mask, a count of right real tokens.
         """
-        v = self.baseline_values
-        if v is None:
-            return False
-        counts, most = v * self.units_per_sample, self.units_per_sample * self.sample_scales
-        # float32 means of 0/1 values (and weights scaled to a mean of one) are whole counts only to float32's
-        # precision, relative to the count: about 1e-5 over 2,048 tokens.
-        slack = 1e-5 * np.maximum(most, 1.0)
-        return bool(np.all((counts >= -slack) & (counts <= most + slack) & (np.abs(counts - np.rint(counts)) < slack)))
+        v, units = self.baseline_values, self.units_per_sample
+        return v is not None and _whole_counts(v * units, units * self.sample_scales)
 
     def evaluate(
         self, assignment: Mapping[str, str], *, budget: Budget | None = None, harm_above: float | None = None
@@ -281,6 +275,16 @@ class Session:
             h.update(np.ascontiguousarray(a).tobytes())
         h.update(self.metric.name.encode())
         return h.hexdigest()[:16]
+
+
+def _whole_counts(counts: np.ndarray, most: np.ndarray) -> bool:
+    """Every count is a whole number from 0 to its ``most``.
+
+    float32 means of 0/1 values (and weights scaled to a mean of one) are whole
+    counts only to float32's precision, relative to the count: about 1e-5 over 2,048 tokens.
+    """
+    slack = 1e-5 * np.maximum(most, 1.0)
+    return bool(np.all((counts >= -slack) & (counts <= most + slack) & (np.abs(counts - np.rint(counts)) < slack)))
 
 
 def _evaluation(

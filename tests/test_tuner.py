@@ -544,8 +544,8 @@ def test_the_search_reads_the_real_policies_of_the_first_check(monkeypatch):
     real = session_module.Session.score_batches
 
     def worse(self, assignment, model, forward, *, budget=None):  # as if the real 16-bit arithmetic lost accuracy
-        def forward_worse(x, y):
-            out, values = forward(x, y)
+        def forward_worse(x, y, w=None):
+            out, values = forward(x, y, w)
             return out, None if values is None else np.zeros_like(values)
 
         return real(self, assignment, model, forward_worse, budget=budget)
