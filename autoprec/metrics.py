@@ -437,31 +437,48 @@ def _loss_names(model: Any) -> Any:
     return getattr(loss, "name", None)
 
 
-def resolve_loss(model: Any, metric: Metric, y: Any, y_pred: Any) -> Callable[[Any, Any], Any]:
+def resolve_loss(model: Any, metric: Metric, y: Any, y_pred: Any) -> Callable[..., Any]:
     """The batch-mean loss gradients are taken of: the compiled one, else one inferred from labels and outputs.
 
     A model compiled with one loss per output sums them with their weights;
     an uncompiled multi-output model is differentiated through the metric's output.
+    The loss takes the batch's sample weights as a third argument (see :func:`_batch_mean`).
     """
     import keras
-    from keras import ops
 
     config = getattr(getattr(model, "_compile_config", None), "config", None) or {}
     loss, weights = config.get("loss"), config.get("loss_weights")
     if isinstance(loss, (list, tuple, dict)):
         keys = list(loss) if isinstance(loss, dict) else list(range(len(loss)))
         fns = {k: keras.losses.get(loss[k]) for k in keys if loss[k] is not None}
-        w = {k: (weights[k] if isinstance(weights, (dict, list, tuple)) else 1.0) for k in fns}
-        return lambda yt, yp: sum(w[k] * ops.mean(fns[k](_pick(yt, k), _pick(yp, k))) for k in fns)
+        lw = {k: (weights[k] if isinstance(weights, (dict, list, tuple)) else 1.0) for k in fns}
+        return lambda yt, yp, w=None: sum(
+            lw[k] * _batch_mean(fns[k], _pick(yt, k), _pick(yp, k), _pick(w, k) if _is_multi(w) else w) for k in fns
+        )
     if loss is not None:
         fn = keras.losses.get(loss) if isinstance(loss, str) else loss
         if not _is_multi(y_pred):
-            return lambda yt, yp: ops.mean(fn(single(yt), single(yp)))
+            return lambda yt, yp, w=None: _batch_mean(fn, single(yt), single(yp), metric.weights_of(w))
     yt, yp = metric.select(y, y_pred) if _is_multi(y_pred) else (y, single(y_pred))
-    fn = _inferred_loss(yt, yp)
+    inferred = _inferred_loss(yt, yp)
     if metric.output is None:
-        return lambda t, p: ops.mean(fn(t, single(p)))
-    return lambda t, p: ops.mean(fn(*metric.select(t, p)))
+        return lambda t, p, w=None: _batch_mean(inferred, t, single(p), metric.weights_of(w))
+    return lambda t, p, w=None: _batch_mean(inferred, *metric.select(t, p), metric.weights_of(w))
+
+
+def _batch_mean(fn: Callable, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+    """A loss's mean over a batch; under sample weights, Keras's weighted one: ``mean(w * loss)`` within each
+    sample, then over the samples (weights kept at a mean of one, as :class:`~autoprec.data.EvalData` has them, so
+    that a weighted loss is on the scale of an unweighted one)."""
+    import keras
+    from keras import ops
+
+    if sample_weight is None:
+        return ops.mean(fn(y_true, y_pred))
+    from keras.src.metrics.reduction_metrics import reduce_to_samplewise_values
+
+    values = fn.call(y_true, y_pred) if isinstance(fn, keras.losses.Loss) else fn(y_true, y_pred)
+    return ops.mean(reduce_to_samplewise_values(values, sample_weight, reduce_fn=ops.mean, dtype="float32")[0])
 
 
 def _inferred_loss(y: Any, y_pred: Any):

@@ -312,3 +312,20 @@ def test_tensors_of_one_shape_reduced_as_one_matrix_give_each_tensor_its_own_sta
     peaks = np.asarray(stats.peak_table(tensors, fmt))
     np.testing.assert_allclose(peaks, np.stack([np.asarray(stats.peak_row(t, fmt)) for t in tensors]), rtol=1e-6)
     assert peaks[3, 3] >= 1 and peaks[2, 6] == 2  # the overflow and the non-finite values, in their own rows
+
+
+def test_padding_weighed_zero_moves_no_gradient_statistic():
+    """The gradients are those of the loss training weighs: under a padding mask, a padded position's huge
+    error (its label is filler) must not make a layer's gradients look like they overflow."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((10, 4))
+    h = keras.layers.Dense(8, activation="relu", name="h")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(h))
+    model.compile(loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 10, 4)).astype("float32")
+    mask = (np.arange(10)[None] < rng.integers(3, 8, size=64)[:, None]).astype("float32")
+    y = np.where(mask[..., None] > 0, 0.0, 1e4).astype("float32")  # filler labels far off on the padding
+    plain = autoprec.profile(model, (x, y), method="fast", verbose=0).set_index("path")
+    masked = autoprec.profile(model, (x, y, mask), method="fast", verbose=0).set_index("path")
+    assert plain.loc["h", "grad_absmax"] > 100 * masked.loc["h", "grad_absmax"] > 0

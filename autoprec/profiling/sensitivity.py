@@ -508,8 +508,8 @@ def statistics(
     n_batches = -(-data.n // data.batch_size)
     bar = progress.stage("statistics", total=n_batches, unit="micro-batch") if progress else None
     session.passes += 1
-    for i, (x, y) in enumerate(data.batches()):
-        for kind, value in step(x, y).items():
+    for i, (x, y, w) in enumerate(data.weighted_batches()):
+        for kind, value in (step(x, y) if w is None else step(x, y, w)).items():
             rows = np.asarray(keras.ops.convert_to_numpy(value), np.float64)
             suffix = {"nodes": "", "weights": "\x00w", "own": "\x00q"}[kind]
             for path, row in zip(names[kind], rows, strict=True):
@@ -649,7 +649,7 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float, *, rows: int):
     in_16bit = _sixteen_bit_call(engine, fmt)
     names: dict[str, list[str]] = {}  # the path of each row of each output, set while tracing
 
-    def step(x, y):
+    def step(x, y, w=None):  # w: the batch's sample weights, where the data has them (the loss weighs by them)
         taken: list[tuple[str, Any]] = []
         own: dict[str, Any] = {}
 
@@ -670,7 +670,8 @@ def _stats_step(session: Session, fmt: Format, loss_scale: float, *, rows: int):
 
             return engine.run(inputs, None, hook)
 
-        _, _, out_grads, var_grads = backends.gradient_pass(forward, loss, x, y, variables)
+        weighted = loss if w is None else (lambda y_true, y_pred: loss(y_true, y_pred, w))
+        _, _, out_grads, var_grads = backends.gradient_pass(forward, weighted, x, y, variables)
         out: dict[str, Any] = {}
         if taken:
             out["nodes"] = _node_rows([a for _, a in taken], list(out_grads), fmt, loss_scale, rows)
@@ -698,9 +699,9 @@ def _training_batch_loss(mean_loss: Any) -> Any:
     import keras
     from keras import ops
 
-    def loss(y_true: Any, y_pred: Any) -> Any:
+    def loss(y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         m = ops.cast(ops.shape(keras.tree.flatten(y_true)[0])[0], "float32")
-        return mean_loss(y_true, y_pred) * m / TRAIN_BATCH_SIZE
+        return mean_loss(y_true, y_pred, sample_weight) * m / TRAIN_BATCH_SIZE
 
     return loss
 
