@@ -583,3 +583,23 @@ def test_a_padded_sequence_model_is_tuned_on_its_real_tokens(tmp_path):
     result.save(tmp_path / "run")
     page = (tmp_path / "run" / "report.md").read_text()
     assert f"the metric averages over the {real} tokens weighed above zero" in page
+
+
+def test_training_batches_carry_the_sample_weights_row_by_row():
+    """The training check and pretraining train as fit would on (x, y, sample_weight): each batch keeps its rows'
+    weights, the topped-up last batch too, and a step weighs its loss by them."""
+    from autoprec.verify.real import cycle_batches, train_steps
+
+    x = np.arange(10, dtype="float32")[:, None]
+    weights = np.where(np.arange(10) % 3 == 0, 0.0, 1.0)
+    batches = cycle_batches((x, np.zeros(10, "float32"), weights), steps=4, batch_size=4)
+    assert [len(b) for b in batches] == [3] * 4
+    for bx, _, bw in batches:
+        expected = weights[bx[:, 0].astype(int)]
+        np.testing.assert_allclose(bw, expected / weights.mean())
+    inputs = keras.Input((1,))
+    model = keras.Model(inputs, keras.layers.Dense(1, kernel_initializer="ones", bias_initializer="zeros")(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    zero_only = [(x[[0, 3]], np.zeros(2, "float32"), np.zeros(2, "float32"))]  # both rows weighed zero
+    losses, _ = train_steps(model, zero_only)
+    assert losses == [0.0]

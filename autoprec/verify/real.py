@@ -214,7 +214,8 @@ def cycle_batches(train_data: Any, steps: int, batch_size: int, *, model: Any = 
 
     A short last batch is topped up from the start of the data, so that every
     step has one shape: ``fit`` fixes its input signature from the first
-    batches it sees.
+    batches it sees. Sample weights in ``train_data`` (a padding mask) come
+    with each batch, ``(x, y, sample_weight)``, as ``fit`` weighs its loss by them.
     """
     import keras
 
@@ -222,9 +223,9 @@ def cycle_batches(train_data: Any, steps: int, batch_size: int, *, model: Any = 
     batches: list = []
     held, parts = 0, []
     while len(batches) < steps:
-        for batch in data.batches():
-            parts.append(batch)
-            held += len(keras.tree.flatten(batch[0])[0])
+        for x, y, w in data.weighted_batches():
+            parts.append((x, y) if w is None else (x, y, w))
+            held += len(keras.tree.flatten(x)[0])
             while held >= batch_size and len(batches) < steps:
                 whole = keras.tree.map_structure(lambda *a: np.concatenate(a), *parts)
                 batches.append(_rows(whole, 0, batch_size))
