@@ -17,7 +17,10 @@ A model name ending in ``+overflow`` (``MobileNetV2+overflow``, ``GPT2+overflow`
 is that model, trained the same way, with a float16 overflow planted in its stem
 (:func:`plant_stem_overflow`) or in its first block's attention
 (:func:`plant_attention_overflow`), tuned for float16: the all-16-bit assignment
-goes non-finite, so the search must work.
+goes non-finite, so the search must work. ``GPT2+padding`` is the GPT2 decoder
+evaluated on sequences of 16 to 128 real tokens (:func:`pad`), the padding mask
+passed as sample weights, as KerasHub's preprocessor yields it: what weighing
+the metric by it costs.
 
     python benchmarks/bench_resolution.py [--models MobileNetV2 ResNet50 GPT2] [--n 512] [--size 224]
 """
@@ -64,6 +67,18 @@ def tokens(n: int, seed: int, seq: int = 128, vocab: int = 2048):
 
 
 HAZARD = "+overflow"  # a model name with this suffix: the trained model with a planted float16 overflow
+PADDING = "+padding"  # ...: evaluated on padded sequences, the padding mask as sample weights
+
+
+def pad(x: dict, y, seed: int):
+    """Sequences cut to 16-128 real tokens: ids and mask 0 after, the padding's labels noise; ``(x, y, mask)``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n, seq = y.shape
+    mask = (np.arange(seq)[None] < rng.integers(16, seq + 1, size=n)[:, None]).astype("int32")
+    noise = rng.integers(0, int(y.max()) + 1, size=y.shape)
+    return {"token_ids": x["token_ids"] * mask, "padding_mask": mask}, np.where(mask > 0, y, noise), mask
 
 
 def plant_stem_overflow(model, x, *, peak: float = 1e6) -> float:
@@ -134,13 +149,26 @@ def _data(name: str, n: int, seed: int, size: int):
     return tokens(n, seed) if name == "GPT2" else images(n, seed, size)
 
 
+def _accuracy(model, x, y, weights) -> float:
+    """Keras's accuracy, over the tokens weighed above zero where there are sample weights (the real tokens)."""
+    import numpy as np
+
+    if weights is None:
+        return float(model.evaluate(x, y, verbose=0)[1])
+    right = np.asarray(model.predict(x, verbose=0)).argmax(-1) == y
+    return float((right * weights).sum() / weights.sum())
+
+
 def _worker(name: str, mode: str, n: int, size: int, out: str) -> None:
     """One measurement in this fresh process: 'train' (fit and save), 'predict' or 'tune'."""
     import keras
 
     path = os.path.join(os.path.dirname(out), f"{name}.keras")
-    base = name.removesuffix(HAZARD)
+    base = name.removesuffix(HAZARD).removesuffix(PADDING)
     x, y = _data(base, n, 1, size)
+    weights = None
+    if name.endswith(PADDING):
+        x, y, weights = pad(x, y, 1)
     record: dict = {"model": name, "mode": mode}
     if mode == "train":
         keras.utils.set_random_seed(0)
@@ -148,7 +176,7 @@ def _worker(name: str, mode: str, n: int, size: int, out: str) -> None:
         count, epochs = TRAIN.get(base, (512, 2))
         t = time.perf_counter()
         model.fit(*_data(base, count, 0, size), epochs=epochs, batch_size=32 if base != "GPT2" else 16, verbose=0)
-        record.update(fit_s=time.perf_counter() - t, accuracy=float(model.evaluate(x, y, verbose=0)[1]))
+        record.update(fit_s=time.perf_counter() - t, accuracy=_accuracy(model, x, y, weights))
         if name.endswith(HAZARD):
             record["planted_factor"] = (
                 plant_attention_overflow(model) if base == "GPT2" else plant_stem_overflow(model, x)
@@ -180,7 +208,8 @@ def _worker(name: str, mode: str, n: int, size: int, out: str) -> None:
             else {"budget": "2% relative", "metric": "accuracy"}
         )
         t = time.perf_counter()
-        result = autoprec.tune(model, (x, y), seed=0, verbose=0, **options)
+        data = (x, y) if weights is None else (x, y, weights)
+        result = autoprec.tune(model, data, seed=0, verbose=0, **options)
         record["seconds"] = time.perf_counter() - t
         record.update(
             result=repr(result),
