@@ -679,18 +679,17 @@ def at_chance_level(session: Session) -> bool:
 
 
 def _class_frequencies(y: np.ndarray, n_out: int, weights: Any) -> np.ndarray:
-    """The labels' class frequencies; under sample weights, of every token, each counted by its weight (a padding
-    mask's padding not at all: it would make its filler label look like the most common class).
+    """The labels' class frequencies over every token of a sequence label (its first token alone, as this read
+    before, gives 128 sequences of a 2,048-token vocabulary a most common class of 2/128, and a language model
+    above chance looks at chance); under sample weights, each token counted by its weight (a padding mask's
+    padding not at all: its filler label would look like the most common class).
 
     >>> _class_frequencies(np.array([[1, 0, 0], [2, 2, 0]]), 5, np.array([[1, 0, 0], [1, 1, 0]])).tolist()
     [0.3333333333333333, 0.6666666666666666]
     """
     one_hot = y.ndim > 1 and y.shape[-1] > 1 and y.shape[-1] == n_out
-    if weights is None:
-        classes = y.argmax(-1) if one_hot else y.reshape(len(y), -1)[:, 0].round()
-        return np.unique(classes, return_counts=True)[1] / len(y)
     classes = (y.argmax(-1) if one_hot else y).reshape(len(y), -1).round()
-    w = np.asarray(weights, np.float64).reshape(len(y), -1)
+    w = np.ones((len(y), 1)) if weights is None else np.asarray(weights, np.float64).reshape(len(y), -1)
     w = np.broadcast_to(w if w.shape[1] in (1, classes.shape[1]) else w.mean(axis=1, keepdims=True), classes.shape)
     kinds, index = np.unique(classes, return_inverse=True)
     totals = np.bincount(index.ravel(), weights=w.ravel(), minlength=len(kinds))

@@ -603,3 +603,13 @@ def test_training_batches_carry_the_sample_weights_row_by_row():
     zero_only = [(x[[0, 3]], np.zeros(2, "float32"), np.zeros(2, "float32"))]  # both rows weighed zero
     losses, _ = train_steps(model, zero_only)
     assert losses == [0.0]
+
+
+def test_chance_level_of_sequence_labels_counts_every_token():
+    """128 sequences over a 2,048-token vocabulary: the most common class is one token's share of 16,384, not
+    one sequence's (a first-token count made a language model at 3% accuracy look untrained)."""
+    from autoprec.tuner import _class_frequencies
+
+    y = np.random.default_rng(0).integers(0, 2048, size=(128, 128))
+    assert _class_frequencies(y, 2048, None).max() < 0.002
+    assert _class_frequencies(np.array([0, 0, 1, 2]), 3, None).tolist() == [0.5, 0.25, 0.25]
