@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -461,21 +462,41 @@ def emitted_policies(layer: Any, name: str) -> list[tuple[Any, Any]]:
     own = [layer, *layer._flatten_layers(include_self=False)]
     if len(own) == 1:
         return [(layer, policy)]
+    config, build = layer.get_config(), layer.get_build_config()
+    try:  # the blocks of a model are mostly alike: one copy per class, config and policy (a GPT2 decoder: one)
+        alike = {k: v for k, v in config.items() if k != "name"}  # a block's name changes no dtype
+        key = json.dumps([type(layer).__module__, type(layer).__qualname__, alike, build, name], sort_keys=True)
+    except (TypeError, ValueError):  # a config JSON cannot hold: built every time
+        key = None
+    names = _EMITTED.get(key) if key is not None else None
+    if names is None:
+        names = _emitted_names(type(layer), config, build, name)
+        if key is not None:
+            _EMITTED[key] = names
+    if len(names) != len(own):
+        return [(mine, policy) for mine in own]
+    return [(mine, keras.dtype_policies.get(n)) for mine, n in zip(own, names, strict=True)]
+
+
+_EMITTED: dict[str, list[str]] = {}  # emitted_policies' names, by the layer's class, config, build and policy
+
+
+def _emitted_names(cls: Any, config: dict, build: Any, name: str) -> list[str]:
+    """The policy names of a copy of a ``cls`` layer built from ``config`` under ``name``, itself first; [] where
+    it cannot be built."""
+    import keras
+
     before = keras.config.dtype_policy()
     try:
         keras.config.set_dtype_policy(name)
-        copy = type(layer).from_config({**layer.get_config(), "dtype": name})
-        build = layer.get_build_config()
+        copy = cls.from_config({**config, "dtype": name})
         if build:
             copy.build_from_config(build)
-        theirs = [copy, *copy._flatten_layers(include_self=False)]
+        return [resolved_policy(c) for c in (copy, *copy._flatten_layers(include_self=False))]
     except Exception:  # a config that does not round-trip: the emitted model could not be built this way either
-        theirs = []
+        return []
     finally:
         keras.config.set_dtype_policy(before)
-    if len(theirs) != len(own):
-        return [(mine, policy) for mine in own]
-    return [(mine, keras.dtype_policies.get(resolved_policy(c))) for mine, c in zip(own, theirs, strict=True)]
 
 
 def resolved_policy(layer: Any) -> str:
