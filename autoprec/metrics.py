@@ -120,9 +120,7 @@ class Metric:
 
         if self.per_sample is None:  # callers ask only a metric that is a mean (AUC or a callable is not)
             raise TypeError(f"Expected a metric with per-sample values. Received {self.name!r}, which has none.")
-        out = (
-            self.per_sample(y_true, y_pred) if sample_weight is None else self.per_sample(y_true, y_pred, sample_weight)
-        )
+        out = self.per_sample(y_true, y_pred, sample_weight)  # every per_sample takes None for no weights
         return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)
 
 
